@@ -1,0 +1,64 @@
+"""The ``vocabtrim`` command: flags → one config object per command → the stage functions.
+
+Each command lives in ``vocabtrim/commands/<name>.py`` with ``add_arguments(parser)`` and
+``main(args) -> int``. A ``UserError`` anywhere becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from vocabtrim.errors import UserError
+
+COMMANDS = {
+    "calibrate": ("vocabtrim.commands.calibrate", "count token ids over a corpus on a Ray actor pool"),
+    "build-head": ("vocabtrim.commands.build_head", "keep the top-K ids and write the trimmed drafter head"),
+    "generate": ("vocabtrim.commands.generate", "batched speculative decoding over Parquet prompts on Ray"),
+    "demo": ("vocabtrim.commands.demo", "calibrate, build a head and generate on the bundled model"),
+    "sweep": ("vocabtrim.commands.sweep", "K sweep and calibration-source ablation, with a report"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vocabtrim", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("VOCABTRIM_LOG", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # command not built yet
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING), format="%(message)s")
+    try:
+        code = args._main(args)
+    except UserError as exc:
+        print(f"vocabtrim {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"vocabtrim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

