@@ -102,3 +102,15 @@ def make_pair_dirs(root: Path, *, target_layers: int = 3, drafter_layers: int = 
     target = make_model(v, layers=target_layers, seed=0)
     drafter = make_model(v, layers=drafter_layers, seed=1)
     return save_model(target, tokenizer, Path(root) / "target"), save_model(drafter, tokenizer, Path(root) / "drafter")
+
+
+def noisy_copy(model, scale: float = 0.3, seed: int = 7):
+    """A drafter that agrees with ``model`` often but not always: its weights plus relative noise."""
+    import copy
+
+    drafter = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
+    return drafter

@@ -1,0 +1,114 @@
+"""The rejection sampler and logits processing, as pure tensor functions."""
+
+import pytest
+import torch
+from stats import chi_square_pvalue
+
+from vocabtrim.errors import UserError
+from vocabtrim.sampling import (
+    SamplingParams,
+    first_rejection,
+    logits_to_probs,
+    row_seed,
+    sample_from_probs,
+    verify_greedy,
+    verify_sampled,
+)
+
+# Each distribution check below uses a fixed seed, so it is deterministic; the threshold 1e-4 is the
+# false-alarm rate it would have over fresh seeds (one run in 10,000 of a correct sampler fails).
+ALPHA = 1e-4
+
+
+def test_top_k_and_top_p_keep_exactly_the_expected_ids():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.allclose(p, torch.tensor([[5 / 7, 2 / 7, 0, 0, 0]]))
+    # top-p 0.8: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 is needed too; 0.1 and 0.05 are dropped.
+    p = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85)
+    # top-p smaller than the top token's mass keeps the top token alone.
+    p = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.1))
+    assert p[0, 0] == 1 and p[0, 1:].sum() == 0
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([[1.0, 0.0]])
+    hot, cold = (logits_to_probs(logits, SamplingParams(temperature=t))[0, 0] for t in (2.0, 0.5))
+    assert cold > torch.softmax(logits, -1)[0, 0] > hot
+
+
+def test_bad_sampling_params_are_user_errors():
+    for kwargs in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}):
+        with pytest.raises(UserError):
+            SamplingParams(**kwargs)
+
+
+def test_sampling_never_returns_a_zero_probability_id():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0]]).expand(6, -1)
+    u = torch.tensor([0.0, 1e-12, 0.3, 0.2999999, 0.9999999, 1.0 - 1e-16])
+    out = sample_from_probs(probs, u)
+    assert set(out.tolist()) <= {1, 3}
+    assert out.tolist()[:2] == [1, 1] and out[-1] == 3
+
+
+def test_first_rejection_counts_leading_accepts():
+    accept = torch.tensor([[True, True, False, True], [False, True, True, True], [True] * 4])
+    assert first_rejection(accept).tolist() == [2, 0, 4]
+
+
+def test_row_seed_is_stable_and_distinct():
+    assert row_seed(0, "a") == row_seed(0, "a")
+    assert len({row_seed(0, "a"), row_seed(1, "a"), row_seed(0, "b")}) == 3
+
+
+def test_verify_greedy_accepts_while_equal_to_argmax():
+    logits = torch.full((1, 4, 6), -5.0)
+    for pos, tok in enumerate([3, 1, 4, 0]):
+        logits[0, pos, tok] = 5.0
+    v = verify_greedy(torch.tensor([[3, 1, 5]]), logits)
+    assert v.accepted.tolist() == [2] and v.next_token.tolist() == [4]  # recovered = target argmax
+    v = verify_greedy(torch.tensor([[3, 1, 4]]), logits)
+    assert v.accepted.tolist() == [3] and v.next_token.tolist() == [0]  # bonus token
+
+
+def _one_step_output_distribution(p, q, n, support=None, seed=0):
+    """Run one gamma=1 verification for n independent rows; return counts of the emitted token.
+
+    The emitted token is the draft if accepted, else the recovered token: its law must be p.
+    """
+    g = torch.Generator().manual_seed(seed)
+    v = p.shape[-1]
+    kq = q.shape[-1]
+    draft_idx = sample_from_probs(q.expand(n, -1), torch.rand(n, generator=g))
+    draft = draft_idx if support is None else support[draft_idx]
+    verdict = verify_sampled(
+        draft[:, None],
+        q.expand(n, 1, kq),
+        p.expand(n, 2, v),
+        torch.rand(n, 1, generator=g),
+        torch.rand(n, generator=g),
+        support,
+    )
+    emitted = torch.where(verdict.accepted == 1, draft, verdict.next_token)
+    return torch.bincount(emitted, minlength=v)
+
+
+def test_one_step_emits_exactly_p_with_full_and_trimmed_drafter():
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.0, 0.2])
+    q_full = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.15, 0.05])  # puts mass where p has none (id 4)
+    counts = _one_step_output_distribution(p[None], q_full[None], 200_000)
+    assert counts[4] == 0
+    assert chi_square_pvalue(counts, p) > ALPHA
+    support = torch.tensor([1, 2, 4])  # trimmed head: q is zero outside these ids
+    q_trim = torch.tensor([0.2, 0.5, 0.3])
+    counts = _one_step_output_distribution(p[None], q_trim[None], 200_000, support)
+    assert chi_square_pvalue(counts, p) > ALPHA
+
+
+def test_the_check_has_power_against_a_wrong_distribution():
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.0, 0.2])
+    counts = _one_step_output_distribution(p[None], p[None], 200_000)
+    wrong = torch.tensor([0.06, 0.39, 0.1, 0.25, 0.0, 0.2])
+    assert chi_square_pvalue(counts, p) > ALPHA
+    assert chi_square_pvalue(counts, wrong) < ALPHA

@@ -1,0 +1,169 @@
+"""Logits processing and the lossless rejection sampler: pure tensor functions.
+
+Words (as in Leviathan et al. 2023 and Chen et al. 2023, and vLLM's rejection sampler):
+- ``q``: the drafter's distribution at a draft position (after temperature / top-k / top-p);
+  with a trimmed head it lives on the K kept ids and is zero everywhere else.
+- ``p``: the target's distribution at the same position, same processing.
+- accepted: draft token x is accepted with probability min(1, p(x) / q(x)).
+- recovered: at the first rejected position the token is drawn from the residual
+  normalize(max(0, p − q)) over the FULL vocabulary.
+- bonus: when all gamma drafts are accepted, one more token is drawn from the target's p at
+  position gamma.
+These rules make the output distribution exactly the target's, whatever q is. At temperature 0
+(greedy) a draft is accepted while it equals the target's argmax, and the recovered/bonus token is
+the target's argmax.
+
+All randomness enters as uniforms in [0, 1) drawn by the caller from per-row generators, so a
+row's samples never depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        from vocabtrim.errors import UserError
+
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """A 63-bit seed for one row, from the run's seed and the row's id (stable across runs and machines)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p; returns float32 probabilities.
+
+    logits: [..., V] (any float dtype). Returns [..., V] float32 summing to 1 over the last axis,
+    exactly zero on filtered ids. Requires params.temperature > 0.
+    """
+    x = logits.float() / params.temperature
+    v = x.shape[-1]
+    if 0 < params.top_k < v:
+        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        sorted_p = torch.softmax(sorted_x, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        drop_sorted = mass_before >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling that never returns a zero-probability id.
+
+    probs: [N, V] non-negative (need not be normalised); u: [N] uniforms in [0, 1). Returns [N] int64.
+    """
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    total = cdf[:, -1:]
+    x = u.double().unsqueeze(-1) * total
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    # u * total can round up to total: fall back to the last id with positive mass.
+    last_positive = (probs.shape[-1] - 1) - torch.argmax((probs.flip(-1) > 0).int(), dim=-1)
+    return torch.minimum(idx, last_positive)
+
+
+@dataclass
+class Verdict:
+    """The outcome of verifying one step's drafts, per row.
+
+    accepted:   [B] int64, number of leading drafts accepted (0..gamma).
+    next_token: [B] int64, the recovered token (rejection) or bonus token (all accepted).
+    """
+
+    accepted: torch.Tensor
+    next_token: torch.Tensor
+
+
+def first_rejection(accept: torch.Tensor) -> torch.Tensor:
+    """accept: [B, G] bool → [B] int64, the number of leading True values."""
+    return torch.cumprod(accept.to(torch.int64), dim=-1).sum(-1)
+
+
+def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
+    """Temperature 0: accept while the draft equals the target's argmax.
+
+    draft_tokens: [B, G] full-vocabulary ids; target_logits: [B, G + 1, V].
+    """
+    target_argmax = target_logits.argmax(dim=-1)  # [B, G+1]
+    g = draft_tokens.shape[1]
+    accepted = first_rejection(draft_tokens == target_argmax[:, :g])
+    next_token = target_argmax.gather(1, accepted.unsqueeze(1)).squeeze(1)
+    return Verdict(accepted=accepted, next_token=next_token)
+
+
+def verify_sampled(
+    draft_tokens: torch.Tensor,
+    draft_q: torch.Tensor,
+    target_p: torch.Tensor,
+    u_accept: torch.Tensor,
+    u_recover: torch.Tensor,
+    draft_support: torch.Tensor | None = None,
+) -> Verdict:
+    """Lossless rejection sampling for one step of a batch.
+
+    draft_tokens: [B, G] int64 full-vocabulary ids proposed by the drafter.
+    draft_q:      [B, G, Kq] the drafter's distributions the drafts were drawn from; Kq = V for a
+                  full head, or K for a trimmed head whose ids are ``draft_support``.
+    target_p:     [B, G + 1, V] the target's distributions at the same positions (+ the bonus one).
+    u_accept:     [B, G] uniforms; draft i is accepted iff u < p(x) / q(x).
+    u_recover:    [B] uniforms for the recovered or bonus token.
+    draft_support: [K] int64 sorted full-vocabulary ids of a trimmed head, or None.
+    """
+    b, g = draft_tokens.shape
+    v = target_p.shape[-1]
+    p_x = target_p[:, :g].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, G]
+    if draft_support is None:
+        q_x = draft_q.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    else:
+        q_idx = torch.searchsorted(draft_support, draft_tokens)  # ids were drawn from the support
+        q_x = draft_q.gather(-1, q_idx.unsqueeze(-1)).squeeze(-1)
+    accept = u_accept * q_x < p_x  # u < p/q without dividing; q_x > 0 for a drawn token
+    accepted = first_rejection(accept)  # [B]
+
+    rows = torch.arange(b, device=draft_tokens.device)
+    p_at = target_p[rows, accepted]  # [B, V]: p at the first rejected position, or the bonus position
+    rejected = accepted < g
+    q_at = torch.zeros_like(p_at)
+    if bool(rejected.any()):
+        q_pos = accepted.clamp(max=g - 1)
+        q_rows = draft_q[rows, q_pos].to(p_at.dtype)  # [B, Kq]
+        if draft_support is None:
+            q_at = q_rows
+        else:
+            q_at = q_at.scatter(-1, draft_support.unsqueeze(0).expand(b, -1), q_rows)
+        q_at = q_at * rejected.unsqueeze(-1).to(q_at.dtype)  # bonus rows sample from p itself
+    residual = (p_at - q_at).clamp(min=0)
+    # Rounding can leave an all-zero residual (p == q): sample from p then, as the limit does.
+    empty = residual.sum(-1) <= 0
+    if bool(empty.any()):
+        residual = torch.where(empty.unsqueeze(-1), p_at, residual)
+    next_token = sample_from_probs(residual.reshape(b, v), u_recover)
+    return Verdict(accepted=accepted, next_token=next_token)
