@@ -1,0 +1,186 @@
+"""Prompt files and rows: finding files, up-front file checks, stable ids, row validation, the shipped prompts."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tiny import make_tokenizer
+
+from vocabtrim.errors import UserError
+from vocabtrim.prompts import (
+    check_prompt_file,
+    encode_prompt,
+    find_prompt_files,
+    inspect_prompt_files,
+    read_chunks,
+    stable_id,
+)
+
+DATA = Path(__file__).resolve().parent.parent / "vocabtrim" / "data"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def write(path: Path, **columns) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_files_folders_and_globs(tmp_path):
+    a = write(tmp_path / "d" / "a.parquet", prompt=["x"])
+    b = write(tmp_path / "d" / "sub" / "b.parquet", prompt=["y"])
+    write(tmp_path / "d" / ".hidden" / "h.parquet", prompt=["z"])
+    write(tmp_path / "d" / "_tmp.parquet", prompt=["z"])
+    c = write(tmp_path / "c.parquet", prompt=["w"])
+
+    assert find_prompt_files([str(tmp_path / "d")]) == [(a, "a.parquet"), (b, "sub/b.parquet")]
+    assert find_prompt_files([str(c)]) == [(c, "c.parquet")]
+    assert find_prompt_files([str(tmp_path / "d" / "[ab].parquet")]) == [(a, "a.parquet")]
+    assert find_prompt_files([str(tmp_path / "d" / "**" / "b.parquet")]) == [(b, "b.parquet")]
+    # the same file named twice counts once
+    assert find_prompt_files([str(c), str(tmp_path / "c*.parquet")]) == [(c, "c.parquet")]
+
+
+def test_missing_inputs_and_name_clashes_are_refused(tmp_path):
+    with pytest.raises(UserError, match="no such prompt file"):
+        find_prompt_files([str(tmp_path / "nope.parquet")])
+    with pytest.raises(UserError, match="matches no files"):
+        find_prompt_files([str(tmp_path / "*.parquet")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no .parquet"):
+        find_prompt_files([str(tmp_path / "empty")])
+    a1 = write(tmp_path / "x" / "a.parquet", prompt=["1"])
+    a2 = write(tmp_path / "y" / "a.parquet", prompt=["2"])
+    with pytest.raises(UserError, match="would both write a.parquet"):
+        find_prompt_files([str(a1), str(a2)])
+
+
+def test_bad_files_refused_in_one_line(tmp_path):
+    text = tmp_path / "notes.parquet"
+    text.write_text("this is not parquet\n")
+    with pytest.raises(UserError, match="not a readable Parquet file") as e:
+        check_prompt_file(text, "notes.parquet", "prompt", "id")
+    assert "\n" not in str(e.value)
+    f = write(tmp_path / "f.parquet", text=["hello"])
+    with pytest.raises(UserError, match=r"no prompt column 'prompt' \(columns: text\)"):
+        inspect_prompt_files([str(f)], "prompt", "id")
+
+
+def test_file_facts(tmp_path):
+    f = write(tmp_path / "f.parquet", id=pa.array([7, 8, 9], pa.int64()), prompt=["a", "b", "c"])
+    info = check_prompt_file(f, "f.parquet", "prompt", "id")
+    assert (info.num_rows, info.id_type, info.prompt_type) == (3, pa.int64(), pa.string())
+    assert check_prompt_file(f, "f.parquet", "prompt", "other").id_type is None
+
+
+def test_chunks_cover_every_row_once_with_stable_ids(tmp_path):
+    f = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(10)]}), f, row_group_size=3)
+    info = check_prompt_file(f, "sub/f.parquet", "prompt", "id")
+    chunks = list(read_chunks(info, "prompt", "id", rows_per_chunk=4))
+    assert [c.start for c in chunks] == sorted(c.start for c in chunks)
+    assert sum(len(c.prompts) for c in chunks) == 10
+    keys = [k for c in chunks for k in c.keys]
+    assert keys == [stable_id("sub/f.parquet", i) for i in range(10)] == [f"sub/f.parquet:{i}" for i in range(10)]
+    assert [v for c in chunks for v in c.ids.to_pylist()] == keys
+    assert [p for c in chunks for p in c.prompts] == [f"p{i}" for i in range(10)]
+
+
+def test_id_column_is_carried_and_null_ids_get_stable_keys(tmp_path):
+    f = write(tmp_path / "f.parquet", id=pa.array([10, None, 12], pa.int64()), prompt=["a", "b", "c"])
+    info = check_prompt_file(f, "f.parquet", "prompt", "id")
+    (chunk,) = read_chunks(info, "prompt", "id", rows_per_chunk=100)
+    assert chunk.ids.type == pa.int64() and chunk.ids.to_pylist() == [10, None, 12]
+    assert chunk.keys == ["10", "f.parquet:1", "12"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "prompt is null"),
+        ("", "prompt is empty"),
+        ("   \n", "prompt is empty"),
+        (42, "got int"),
+        ({"role": "user", "content": "hi"}, "got dict"),
+        (b"bytes", "got bytes"),
+        ([], "empty message list"),
+        (["hello"], "message 1 is a str"),
+        ([{"content": "hi"}], "message 1 has no role"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant"}], "message 2 has no content"),
+        ([{"role": "user", "content": 5}], "message 1 has a int content"),
+        ([{"role": "user", "content": "  "}], "every message has empty content"),
+    ],
+)
+def test_bad_rows_get_a_reason(tok, value, message):
+    ids, problem = encode_prompt(value, tok, 200)
+    assert ids is None and message in problem and "\n" not in problem
+
+
+def test_strings_are_tokenized_as_they_are(tok):
+    ids, problem = encode_prompt("the quick brown fox", tok, 200)
+    assert problem is None and ids == tok("the quick brown fox")["input_ids"]
+
+
+def test_messages_get_the_chat_template_with_generation_prompt(tok):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids, problem = encode_prompt(messages, tok, 200)
+    assert problem is None
+    assert ids == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_too_long_for_the_context(tok):
+    text = "the quick brown fox " * 20
+    n = len(tok(text)["input_ids"])
+    assert encode_prompt(text, tok, n)[1] is None
+    ids, problem = encode_prompt(text, tok, n - 1)
+    assert ids is None and f"prompt has {n} tokens" in problem
+
+
+def test_messages_without_a_chat_template(tmp_path):
+    bare = make_tokenizer()
+    bare.chat_template = None
+    ids, problem = encode_prompt([{"role": "user", "content": "hi"}], bare, 100)
+    assert ids is None and "no chat template" in problem
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompts that ship with the package
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shipped_prompts_are_varied_valid_and_reproducible(tok, tmp_path):
+    import importlib.util
+
+    table = pq.read_table(DATA / "prompts.parquet")
+    assert table.num_rows >= 300
+    rows = table.to_pylist()
+    assert len({r["id"] for r in rows}) == len(rows)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"instruction", "question", "code", "chat"}
+    assert any(len(r["messages"]) > 2 for r in rows if r["kind"] == "chat")
+    for r in rows:
+        assert encode_prompt(r["prompt"], tok, 10_000)[1] is None
+        assert encode_prompt(r["messages"], tok, 10_000)[1] is None
+        assert r["prompt"] == r["messages"][-1]["content"]
+
+    spec = importlib.util.spec_from_file_location("make_prompts", DATA / "make_prompts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write(tmp_path / "again.parquet")
+    assert pq.read_table(tmp_path / "again.parquet").equals(table)
