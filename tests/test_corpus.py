@@ -1,0 +1,145 @@
+"""Corpus files → shards with stable ids; every row read exactly once; bad input refused in one line."""
+
+import json
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vocabtrim import corpus
+from vocabtrim.errors import UserError
+
+LINES = [f"row {i}: " + "word " * (i % 7) + ("ünïcödé" if i % 5 == 0 else "") for i in range(200)]
+
+
+def read_all(shards, column="text", batch_rows=7):
+    """(file name, key, text) for every row of every shard, in shard order."""
+    out = []
+    for s in shards:
+        for batch in corpus.iter_shard(s, column, batch_rows):
+            assert len(batch.texts) == len(batch.keys) <= batch_rows
+            out.extend((s.name, k, t) for k, t in zip(batch.keys, batch.texts))
+    return out
+
+
+@pytest.fixture
+def files(tmp_path):
+    pq.write_table(pa.table({"text": LINES, "n": list(range(200))}), tmp_path / "a.parquet", row_group_size=30)
+    with open(tmp_path / "b.jsonl", "w", encoding="utf-8") as f:
+        for line in LINES:
+            f.write(json.dumps({"text": line, "x": 1}) + "\n")
+    with open(tmp_path / "c.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(LINES))  # no final line break
+    return tmp_path
+
+
+@pytest.mark.parametrize("shard_bytes", [1, 17, 100, 1000, 1 << 20])
+def test_every_row_is_read_exactly_once_whatever_the_shard_size(files, shard_bytes):
+    shards = corpus.make_shards([str(files)], "text", shard_bytes)
+    rows = read_all(shards)
+    by_file = {}
+    for name, key, text in rows:
+        by_file.setdefault(name, []).append((key, text))
+    assert [t for _, t in by_file["a.parquet"]] == LINES
+    assert [k for k, _ in by_file["a.parquet"]] == list(range(200))  # parquet keys: row numbers
+    assert [t for _, t in by_file["b.jsonl"]] == LINES
+    assert "".join(t for _, t in by_file["c.txt"]) == "\n".join(LINES)  # text rows keep their line breaks
+    offsets = [k for k, _ in by_file["c.txt"]]
+    assert offsets == sorted(offsets) and offsets[0] == 0  # text keys: byte offsets of line starts
+    assert len({s.shard_id for s in shards}) == len(shards)
+
+
+def test_crlf_blank_lines_and_jsonl_rows_without_text(tmp_path):
+    (tmp_path / "w.txt").write_bytes(b"one\r\ntwo\r\n\r\nthree")
+    rows = read_all(corpus.make_shards([str(tmp_path / "w.txt")], shard_bytes=4))
+    assert [t for _, _, t in rows] == ["one\r\n", "two\r\n", "\r\n", "three"]
+    (tmp_path / "r.jsonl").write_text('{"text": "a"}\n\n{"text": null}\n{"other": 1}\n{"text": 5}\n{"text": "b"}\n')
+    rows = read_all(corpus.make_shards([str(tmp_path / "r.jsonl")], shard_bytes=8))
+    assert [t for _, _, t in rows] == ["a", None, None, None, None, "b"]  # unusable rows come back as None
+
+
+def test_large_row_groups_are_cut_into_row_slices(tmp_path):
+    pq.write_table(pa.table({"text": LINES}), tmp_path / "big.parquet", row_group_size=200)
+    shards = corpus.make_shards([str(tmp_path / "big.parquet")], shard_bytes=500)
+    assert len(shards) > 3 and all(s.row_group == 0 for s in shards)
+    assert sum(s.rows for s in shards) == 200
+    assert [t for _, _, t in read_all(shards, batch_rows=13)] == LINES
+
+
+def test_same_corpus_same_ids_and_a_changed_file_gets_new_ones(files):
+    first = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
+    again = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
+    assert [s.shard_id for s in first] == [s.shard_id for s in again]
+    time.sleep(0.01)
+    with open(files / "c.txt", "a") as f:
+        f.write("\nmore")
+    changed = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
+    a_ids = {s.shard_id for s in first if s.kind == "parquet"}
+    assert a_ids == {s.shard_id for s in changed if s.kind == "parquet"}
+    assert not {s.shard_id for s in first if s.kind == "txt"} & {s.shard_id for s in changed if s.kind == "txt"}
+
+
+def test_folders_globs_and_dedup(files):
+    (files / "sub").mkdir()
+    (files / "sub" / "d.txt").write_text("x\n")
+    (files / "notes.md").write_text("ignored in folders\n")
+    found = corpus.expand_paths([str(files), str(files / "*.parquet")])
+    names = [os.path.basename(p) for p in found]
+    assert names == ["a.parquet", "b.jsonl", "c.txt", "d.txt"]
+
+
+def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": LINES}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": LINES[:50]})}).save_to_disk(str(tmp_path / "dd"))
+    shards = corpus.make_shards([str(tmp_path / "ds")], shard_bytes=400)
+    assert len(shards) > 1 and all(s.kind == "arrow" for s in shards)
+    assert [t for _, _, t in read_all(shards)] == LINES
+    assert [t for _, _, t in read_all(corpus.make_shards([str(tmp_path / "dd")]))] == LINES[:50]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "f.parquet"), "no column 'text'.*--text-column"),
+        (lambda d: pq.write_table(pa.table({"text": [1, 2]}), d / "f.parquet"), "column 'text' is int64, not text"),
+        (lambda d: (d / "f.parquet").write_bytes(b"PAR1 garbage"), "cannot read Parquet file"),
+        (lambda d: (d / "f.jsonl").write_text('{"body": "x"}\n'), "no key 'text'.*--text-column"),
+        (lambda d: (d / "f.jsonl").write_text("not json\n"), "not JSON"),
+        (lambda d: (d / "f.txt").write_bytes(b"\x00\x01\x02binary"), "not a text file"),
+        (lambda d: (d / "f.txt").write_bytes(b"caf\xe9 latin-1 text"), "not UTF-8"),
+        (lambda d: (d / "f.csv").write_text("a,b\n"), "unsupported corpus file"),
+    ],
+)
+def test_bad_files_are_refused_in_one_line(tmp_path, make, match):
+    make(tmp_path)
+    (path,) = [p for p in tmp_path.iterdir()]
+    with pytest.raises(UserError, match=match) as info:
+        corpus.make_shards([str(path)])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_paths_and_empty_globs_are_refused(tmp_path):
+    with pytest.raises(UserError, match="no such corpus file or folder"):
+        corpus.expand_paths([str(tmp_path / "nope.parquet")])
+    with pytest.raises(UserError, match="no files match"):
+        corpus.expand_paths([str(tmp_path / "*.jsonl")])
+    with pytest.raises(UserError, match="no .parquet, .jsonl or .txt files"):
+        corpus.expand_paths([str(tmp_path)])
+
+
+def test_a_bad_json_line_mid_file_names_its_offset(tmp_path):
+    (tmp_path / "f.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    (shard,) = corpus.make_shards([str(tmp_path / "f.jsonl")])
+    with pytest.raises(UserError, match="line at byte 15 is not valid JSON"):
+        read_all([shard])
+
+
+def test_an_empty_file_has_no_shards_and_known_rows_are_summed(tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    assert corpus.make_shards([str(tmp_path / "e.txt")]) == []
+    shards = corpus.make_shards([str(tmp_path / "e.parquet")])
+    assert corpus.file_rows(shards) == 0

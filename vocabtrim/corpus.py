@@ -1,0 +1,425 @@
+"""Corpus files, folders and globs → shards with stable ids, and the readers that stream a shard's rows.
+
+Supported inputs (``--corpus``):
+- ``.parquet`` files: the text column is read through pyarrow, one row group at a time (a large row
+  group is cut into row slices); never a whole file into one list.
+- ``.jsonl`` files: one JSON object per line; the text column is a key of each object.
+- ``.txt`` files: one row per line, the line break kept (so newline tokens are counted).
+- folders (searched recursively for the three kinds above), glob patterns, and folders written by
+  Hugging Face ``datasets`` ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``; its Arrow files are
+  memory-mapped).
+
+A shard is a stable piece of one file: a Parquet row group (or a row slice of one), a byte range of a
+JSONL/text file (it owns the lines that *start* inside the range), or a row range of an Arrow file.
+Its id is built from the file's identity (resolved path, size, modification time) and the range, so
+the same corpus always gives the same shard ids, and a changed file gives new ones.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from vocabtrim.errors import UserError
+
+SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt", ".arrow": "arrow"}
+FOLDER_SUFFIXES = (".parquet", ".jsonl", ".txt")  # what a plain folder is searched for
+DEFAULT_SHARD_BYTES = 16 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a range of one file.
+
+    kind:  "parquet" | "jsonl" | "txt" | "arrow".
+    start, stop: rows [start, stop) of the file for parquet and arrow (absolute row numbers),
+                 bytes [start, stop) for jsonl and txt.
+    row_group: the Parquet row group holding the rows (-1 for the other kinds).
+    rows:  the number of rows, where known before reading (parquet, arrow), else None.
+    """
+
+    shard_id: str
+    path: str
+    kind: str
+    start: int
+    stop: int
+    row_group: int = -1
+    rows: int | None = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Rows read from a shard: ``texts[i]`` is a string, or None where the row has no usable text.
+
+    keys[i] is the row's stable position in its file: the row number (parquet, arrow) or the byte
+    offset where its line starts (jsonl, txt).
+    """
+
+    texts: list
+    keys: list
+
+
+def _file_key(path: str) -> str:
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:10]
+
+
+def _safe_stem(path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:40].strip("._") or "file"
+    return stem
+
+
+def _shard_id(path: str, tag: str) -> str:
+    return f"{_safe_stem(path)}-{_file_key(path)}-{tag}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+# ---------------------------------------------------------------------------------------------
+
+
+def _datasets_arrow_files(folder: Path) -> list[Path] | None:
+    """The Arrow files of a ``datasets`` ``save_to_disk`` folder, or None if ``folder`` is not one."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        files: list[Path] = []
+        for split in splits:
+            files.extend(_datasets_arrow_files(folder / split) or [])
+        return files
+    state = folder / "state.json"
+    if state.is_file() and (folder / "dataset_info.json").is_file():
+        try:
+            data_files = json.loads(state.read_text())["_data_files"]
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"{state} is not a readable datasets state file: {exc}") from exc
+        return [folder / f["filename"] for f in data_files]
+    return None
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    arrow = _datasets_arrow_files(folder)
+    if arrow is not None:
+        return arrow
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        sub = Path(root)
+        arrow = _datasets_arrow_files(sub) if sub != folder else None
+        if arrow is not None:
+            found.extend(arrow)
+            dirs[:] = []
+            continue
+        found.extend(sub / f for f in sorted(files) if f.endswith(FOLDER_SUFFIXES) and not f.startswith("."))
+    return found
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files named by ``paths`` (files, folders, globs), deduplicated, in a stable order.
+
+    Raises UserError for a path that does not exist, a glob that matches nothing, a file of an
+    unsupported kind, or no files at all.
+    """
+    if not paths:
+        raise UserError("no corpus given: pass --corpus PATH (files, folders or globs of .parquet, .jsonl, .txt)")
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(p: Path, named: bool) -> None:
+        if p.suffix not in SUFFIXES:
+            if named:
+                raise UserError(f"{p}: unsupported corpus file (use .parquet, .jsonl or .txt)")
+            return
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(str(p))
+
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if any(ch in raw for ch in "*?["):
+            matches = sorted(globlib.glob(str(p), recursive=True))
+            if not matches:
+                raise UserError(f"no files match {raw}")
+            for m in matches:
+                mp = Path(m)
+                for f in (_folder_files(mp) if mp.is_dir() else [mp]):
+                    add(f, named=False)
+        elif p.is_dir():
+            for f in _folder_files(p):
+                add(f, named=False)
+        elif p.is_file():
+            add(p, named=True)
+        else:
+            raise UserError(f"no such corpus file or folder: {raw}")
+    if not out:
+        raise UserError(f"no .parquet, .jsonl or .txt files found in {' '.join(paths)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking files and cutting them into shards
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_text_type(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
+
+
+def _check_text_field(schema, path: str, text_column: str) -> int:
+    if text_column not in schema.names:
+        raise UserError(
+            f"{path}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
+        )
+    field = schema.field(text_column)
+    if not _is_text_type(field.type):
+        raise UserError(f"{path}: column {text_column!r} is {field.type}, not text; pass --text-column")
+    return schema.get_field_index(text_column)
+
+
+def _parquet_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise UserError(f"cannot read Parquet file {path}: {_first_line(exc)}") from exc
+    with pf:
+        _check_text_field(pf.schema_arrow, path, text_column)
+        md = pf.metadata
+        leaf = next(i for i in range(md.num_columns) if md.schema.column(i).path == text_column)
+        shards: list[Shard] = []
+        first = 0
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            n = rg.num_rows
+            size = rg.column(leaf).total_uncompressed_size
+            pieces = max(1, min(n, math.ceil(size / shard_bytes))) if n else 0
+            step = math.ceil(n / pieces) if pieces else 0
+            for s in range(first, first + n, step or 1):
+                e = min(s + step, first + n)
+                tag = f"rg{g:05d}" if pieces == 1 else f"rg{g:05d}-r{s}-{e}"
+                shards.append(Shard(_shard_id(path, tag), path, "parquet", s, e, g, e - s))
+            first += n
+    return shards
+
+
+def _check_jsonl(path: str, text_column: str) -> None:
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise UserError(f"{path}: the first line is not JSON ({_first_line(exc)}); expected one JSON object per line") from exc
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: the first line is not a JSON object; expected one object per line")
+            if text_column not in row:
+                keys = ", ".join(list(row)[:10])
+                raise UserError(f"{path}: no key {text_column!r} in the first row (keys: {keys}); pass --text-column")
+            return
+
+
+def _check_text(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
+        raise UserError(f"{path}: not a text file (it holds NUL bytes)")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # a multi-byte character cut at the end of the sample is fine
+            raise UserError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from exc
+
+
+def _byte_shards(path: str, kind: str, shard_bytes: int) -> list[Shard]:
+    size = os.path.getsize(path)
+    return [
+        Shard(_shard_id(path, f"b{s}-{min(s + shard_bytes, size)}"), path, kind, s, min(s + shard_bytes, size))
+        for s in range(0, size, shard_bytes)
+    ]
+
+
+def _open_arrow(path: str):
+    """A memory-mapped Arrow table (``datasets`` writes IPC streams; plain IPC files work too)."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path, "r")
+    try:
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _arrow_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard]:
+    try:
+        table = _open_arrow(path)
+    except Exception as exc:
+        raise UserError(f"cannot read Arrow file {path}: {_first_line(exc)}") from exc
+    _check_text_field(table.schema, path, text_column)
+    n = table.num_rows
+    if n == 0:
+        return []
+    pieces = max(1, min(n, math.ceil(table.column(text_column).nbytes / shard_bytes)))
+    step = math.ceil(n / pieces)
+    return [
+        Shard(_shard_id(path, f"r{s}-{min(s + step, n)}"), path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s)
+        for s in range(0, n, step)
+    ]
+
+
+def make_shards(paths: list[str], text_column: str = "text", shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Shard]:
+    """Check every file (readable, has the text column) and cut the corpus into shards.
+
+    The result depends only on the files and ``shard_bytes``: same corpus, same shard ids, same order.
+    Raises UserError (one line) for a missing or unreadable file or a missing text column.
+    """
+    if shard_bytes < 1:
+        raise ValueError("shard_bytes must be positive")
+    shards: list[Shard] = []
+    for path in expand_paths(paths):
+        kind = SUFFIXES[Path(path).suffix]
+        if not os.access(path, os.R_OK):
+            raise UserError(f"cannot read {path}: permission denied")
+        try:
+            if kind == "parquet":
+                shards.extend(_parquet_shards(path, text_column, shard_bytes))
+            elif kind == "arrow":
+                shards.extend(_arrow_shards(path, text_column, shard_bytes))
+            elif kind == "jsonl":
+                _check_jsonl(path, text_column)
+                shards.extend(_byte_shards(path, kind, shard_bytes))
+            else:
+                _check_text(path)
+                shards.extend(_byte_shards(path, kind, shard_bytes))
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or _first_line(exc)}") from exc
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one shard
+# ---------------------------------------------------------------------------------------------
+
+
+def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(shard.path) as pf:
+        md = pf.metadata
+        group_first = sum(md.row_group(g).num_rows for g in range(shard.row_group))
+        lo, hi = shard.start - group_first, shard.stop - group_first  # rows within the row group
+        pos = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[shard.row_group], columns=[text_column]):
+            n = batch.num_rows
+            a, b = max(lo, pos), min(hi, pos + n)
+            if a < b:
+                texts = batch.column(0).slice(a - pos, b - a).to_pylist()
+                yield RowBatch(texts, list(range(group_first + a, group_first + b)))
+            pos += n
+            if pos >= hi:
+                break
+
+
+def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
+    column = _open_arrow(shard.path).column(text_column)
+    for s in range(shard.start, shard.stop, batch_rows):
+        e = min(s + batch_rows, shard.stop)
+        yield RowBatch(column.slice(s, e - s).to_pylist(), list(range(s, e)))
+
+
+def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) for every line that starts in [start, stop) (line break included)."""
+    with open(shard.path, "rb") as f:
+        pos = shard.start
+        if pos > 0:
+            f.seek(pos - 1)
+            if f.read(1) != b"\n":  # mid-line: that line belongs to the previous shard
+                pos += len(f.readline())
+        else:
+            f.seek(0)
+        while pos < shard.stop:
+            line = f.readline()
+            if not line:
+                break
+            yield pos, line
+            pos += len(line)
+
+
+def _jsonl_text(shard: Shard, offset: int, line: bytes, text_column: str):
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise UserError(f"{shard.path}: the line at byte {offset} is not valid JSON ({_first_line(exc)})") from exc
+    value = row.get(text_column) if isinstance(row, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _iter_bytes(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
+    texts: list = []
+    keys: list = []
+    for offset, line in _iter_lines(shard):
+        if shard.kind == "jsonl":
+            texts.append(_jsonl_text(shard, offset, line, text_column))
+        else:
+            texts.append(line.decode("utf-8", errors="replace"))
+        keys.append(offset)
+        if len(texts) >= batch_rows:
+            yield RowBatch(texts, keys)
+            texts, keys = [], []
+    if texts:
+        yield RowBatch(texts, keys)
+
+
+def iter_shard(shard: Shard, text_column: str = "text", batch_rows: int = 1024) -> Iterator[RowBatch]:
+    """Stream a shard's rows in batches of at most ``batch_rows``; memory stays O(batch_rows)."""
+    if batch_rows < 1:
+        raise ValueError("batch_rows must be positive")
+    try:
+        if shard.kind == "parquet":
+            yield from _iter_parquet(shard, text_column, batch_rows)
+        elif shard.kind == "arrow":
+            yield from _iter_arrow(shard, text_column, batch_rows)
+        else:
+            yield from _iter_bytes(shard, text_column, batch_rows)
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot read {shard.path}: {exc.strerror or _first_line(exc)}") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("pyarrow"):
+            raise UserError(f"cannot read {shard.path} (shard {shard.shard_id}): {_first_line(exc)}") from exc
+        raise
+
+
+def file_rows(shards: list[Shard]) -> int | None:
+    """Rows known before reading (parquet, arrow), or None when some shard is a byte range."""
+    if any(s.rows is None for s in shards):
+        return None
+    return sum(s.rows for s in shards)
