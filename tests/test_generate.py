@@ -1,0 +1,292 @@
+"""``vocabtrim generate`` end to end on a local Ray with tiny models: rows one to one, ids, column types,
+bad rows and bad files, greedy identity with the target alone, determinism, resume after a kill."""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tiny import make_model, make_tokenizer, save_model
+
+from vocabtrim import cli
+from vocabtrim.errors import UserError
+from vocabtrim.generate import GenerateConfig, generate_chunk, run_generate
+
+RESULT_SCHEMA = [
+    ("completion", pa.string()),
+    ("completion_tokens", pa.int64()),
+    ("draft_proposed", pa.int64()),
+    ("draft_accepted", pa.int64()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+]
+LONG = "the quick brown fox jumps over the lazy dog " * 40  # > 256 positions of the tiny models
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vt", dir="/tmp"))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """a.parquet: int64 ids, string prompts with bad rows; sub/b.parquet: no id column, message lists;
+    c.parquet: a prompt column of the wrong type."""
+    root = tmp_path_factory.mktemp("prompts")
+    a = [
+        "the quick brown fox",
+        None,
+        "What is the capital of France?",
+        "",
+        "def add(a, b):",
+        LONG,
+        "speculative decoding drafts tokens",
+        "1 2 3 4 5",
+        "ray actors count tokens",
+    ]
+    pq.write_table(pa.table({"id": pa.array(range(100, 100 + len(a)), pa.int64()), "prompt": a}), root / "a.parquet")
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    b = [
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what is a drafter"}],
+        [{"role": "user", "content": None}],
+        [],
+        None,
+        [{"role": "user", "content": "the lazy dog"}],
+    ]
+    (root / "sub").mkdir()
+    pq.write_table(pa.table({"prompt": pa.array(b, msgs), "other": list(range(len(b)))}), root / "sub" / "b.parquet")
+    pq.write_table(pa.table({"id": ["c0", "c1"], "prompt": [1, 2]}), root / "c.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(tiny_pair_dirs, inputs, tmp_path_factory):
+    target, drafter = tiny_pair_dirs
+    return GenerateConfig(
+        target=target,
+        drafter=drafter,
+        prompts=[str(inputs)],
+        out=str(tmp_path_factory.mktemp("out") / "first"),
+        max_new_tokens=12,
+        temperature=1.0,
+        seed=3,
+        gamma=3,
+        batch_size=4,
+        workers=1,
+        progress=False,
+        rows_per_task=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, base):
+    """One run through the CLI (flags → config → run); other tests compare against it."""
+    argv = ["generate", "--target", base.target, "--drafter", base.drafter, "--prompts", *base.prompts,
+            "--max-new-tokens", "12", "--seed", "3", "--gamma", "3", "--batch-size", "4", "--no-progress", "--out", base.out]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(argv) == 0
+    return json.loads((Path(base.out) / "summary.json").read_text()), printed.getvalue()
+
+
+def read(out, name) -> pa.Table:
+    return pq.read_table(Path(out) / name)
+
+
+def results(out) -> dict:
+    return {name: read(out, name).to_pylist() for name in ("a.parquet", "sub/b.parquet", "c.parquet")}
+
+
+def test_rows_one_to_one_ids_and_types(first_run, base, inputs):
+    out = Path(base.out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == ["a.parquet", "c.parquet", "sub/b.parquet"]
+
+    a = read(out, "a.parquet")
+    assert a.schema.remove_metadata() == pa.schema([("id", pa.int64()), *RESULT_SCHEMA])
+    assert a.column("id").to_pylist() == pq.read_table(inputs / "a.parquet").column("id").to_pylist()
+    b = read(out, "sub/b.parquet")
+    assert b.schema.remove_metadata() == pa.schema([("id", pa.string()), *RESULT_SCHEMA])
+    assert b.column("id").to_pylist() == [f"sub/b.parquet:{i}" for i in range(6)]
+
+    rows = a.to_pylist() + b.to_pylist()
+    errors = {r["id"]: r["error"] for r in rows if r["finish_reason"] == "error"}
+    assert set(errors) == {101, 103, 105, "sub/b.parquet:2", "sub/b.parquet:3", "sub/b.parquet:4"}
+    assert "null" in errors[101] and "empty" in errors[103] and "context" in errors[105]
+    assert "no content" in errors["sub/b.parquet:2"] and "empty message list" in errors["sub/b.parquet:3"]
+    for r in rows:
+        if r["finish_reason"] == "error":
+            assert r["completion"] is None and r["completion_tokens"] == 0 and r["error"]
+        else:
+            assert r["finish_reason"] in ("stop", "length") and r["error"] is None
+            assert isinstance(r["completion"], str)
+            assert 1 <= r["completion_tokens"] <= 12
+            assert (r["completion_tokens"] == 12) == (r["finish_reason"] == "length") or r["finish_reason"] == "stop"
+            assert 0 <= r["draft_accepted"] <= r["draft_proposed"] and r["draft_proposed"] % 3 == 0
+    c = read(out, "c.parquet").to_pylist()
+    assert [r["finish_reason"] for r in c] == ["error", "error"] and "got int" in c[0]["error"]
+
+    s, printed = first_run
+    assert s["rows"] == 9 + 6 + 2 and s["errored_rows"] == 6 + 2
+    assert s["generated_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert s["draft_proposed"] == sum(r["draft_proposed"] for r in rows) > 0
+    assert s["acceptance_rate"] == pytest.approx(s["draft_accepted"] / s["draft_proposed"])
+    hist = s["accepted_length_histogram"]
+    assert len(hist) == 4 and sum(j * n for j, n in enumerate(hist)) == s["draft_accepted"]
+    assert sum(hist) == s["target_passes"] and s["tokens_per_target_pass"] >= 1
+    assert len(s["per_position_acceptance"]) == 3
+    assert s["settings"]["temperature"] == 1.0 and s["settings"]["gamma"] == 3
+    assert s["files"] == 3 and s["files_generated"] == 3 and s["wall_seconds"] > 0
+    assert "acceptance rate" in printed and "17 (8 errors)" in printed
+
+
+def test_rerun_with_the_same_settings_does_nothing_again(first_run, base):
+    before = {p: p.stat().st_mtime_ns for p in Path(base.out).rglob("*.parquet")}
+    summary = run_generate(replace(base, batch_size=2, workers=2))  # not settings: rows do not depend on them
+    assert summary["files_resumed"] == 3 and summary["files_generated"] == 0
+    assert summary["rows"] == first_run[0]["rows"] and summary["generated_tokens"] == first_run[0]["generated_tokens"]
+    assert {p: p.stat().st_mtime_ns for p in Path(base.out).rglob("*.parquet")} == before
+
+
+@pytest.mark.parametrize("flag, value, what", [("--temperature", "0.5", "temperature"), ("--seed", "4", "seed")])
+def test_other_settings_into_the_same_out_are_refused(first_run, base, capsys, flag, value, what):
+    argv = ["generate", "--target", base.target, "--drafter", base.drafter, "--prompts", *base.prompts,
+            "--max-new-tokens", "12", "--seed", "3", "--gamma", "3", "--no-progress", "--out", base.out]
+    i = argv.index(flag) + 1 if flag in argv else None
+    argv = argv[:i] + [value] + argv[i + 1 :] if i else argv + [flag, value]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "other settings" in err and what in err
+
+
+def test_same_row_same_completion_for_any_batch_size_and_workers(first_run, base, tmp_path):
+    expected = results(base.out)
+    for batch_size, workers in [(1, 1), (4, 2)]:
+        out = tmp_path / f"b{batch_size}w{workers}"
+        run_generate(replace(base, out=str(out), batch_size=batch_size, workers=workers, rows_per_task=3))
+        assert results(out) == expected, (batch_size, workers)
+
+
+def test_greedy_equals_target_alone(ray_local, base, tmp_path):
+    greedy = replace(base, temperature=0.0, out=str(tmp_path / "spec"))
+    s_spec = run_generate(greedy)
+    s_alone = run_generate(replace(greedy, no_draft=True, out=str(tmp_path / "alone")))
+    spec, alone = results(tmp_path / "spec"), results(tmp_path / "alone")
+    for name in spec:
+        for r_spec, r_alone in zip(spec[name], alone[name], strict=True):
+            for col in ("id", "completion", "completion_tokens", "finish_reason", "error"):
+                assert r_spec[col] == r_alone[col], (name, col)
+            assert r_alone["draft_proposed"] == 0
+    assert s_alone["acceptance_rate"] is None and s_alone["tokens_per_target_pass"] == 1.0
+    assert s_spec["draft_proposed"] > 0 and s_alone["settings"]["drafter"] is None
+
+
+def test_resume_after_the_driver_is_killed(ray_local, tiny_pair_dirs, tmp_path):
+    """Kill the driver once the first output exists; the rerun writes the rest; every row exactly once."""
+    target, drafter = tiny_pair_dirs
+    names = [f"part-{i}.parquet" for i in range(5)]
+    for i, name in enumerate(names):
+        prompts = [f"the quick brown fox {i} {j}" for j in range(4)]
+        pq.write_table(pa.table({"id": [f"{i}-{j}" for j in range(4)], "prompt": prompts}), tmp_path / name)
+    out = tmp_path / "out"
+    argv = ["generate", "--target", target, "--drafter", drafter, "--prompts", str(tmp_path / "part-*.parquet"),
+            "--max-new-tokens", "24", "--batch-size", "1", "--no-progress", "--out", str(out),
+            "--address", ray_local.get_runtime_context().gcs_address]
+    driver = subprocess.Popen([sys.executable, "-m", "vocabtrim.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(out.glob("part-*.parquet")):
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    driver.stderr.close()
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 1 <= len(done_before) < len(names)
+
+    summary = run_generate(GenerateConfig(target=target, drafter=drafter, prompts=[str(tmp_path / "part-*.parquet")],
+                                          max_new_tokens=24, batch_size=4, progress=False, out=str(out)))
+    assert summary["files_resumed"] == len(done_before) and summary["files_generated"] == len(names) - len(done_before)
+    assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before  # never written twice
+    ids = [i for n in names for i in read(out, n).column("id").to_pylist()]
+    assert sorted(ids) == sorted(f"{i}-{j}" for i in range(5) for j in range(4))  # every row exactly once
+    assert summary["rows"] == 20 and summary["errored_rows"] == 0
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
+    target, drafter = tiny_pair_dirs
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    pq.write_table(pa.table({"text": ["hi"]}), tmp_path / "text.parquet")
+    other_tok = make_tokenizer(280)
+    other = save_model(make_model(len(other_tok), layers=1), other_tok, tmp_path / "other")
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), good)
+    capsys.readouterr()
+    cases = [
+        (["--drafter", drafter, "--prompts", str(tmp_path / "notes.parquet")], "not a readable Parquet file"),
+        (["--drafter", drafter, "--prompts", str(tmp_path / "text.parquet")], "no prompt column 'prompt'"),
+        (["--drafter", drafter, "--prompts", str(tmp_path / "missing.parquet")], "no such prompt file"),
+        (["--drafter", other, "--prompts", str(good)], "tokenizers differ"),
+        (["--prompts", str(good)], "no drafter"),
+        (["--no-draft", "--head", str(tmp_path), "--prompts", str(good)], "--head needs a drafter"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        assert cli.main(["generate", "--target", target, *extra, "--out", str(out)]) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (message, err)
+        assert not out.exists()  # refused before anything was written
+
+
+def test_a_failing_row_does_not_take_its_batch_down(tiny_pair_dirs):
+    """The engine raising on a batch: the batch is retried row by row and only the bad row errors."""
+    from vocabtrim.models import load_pair
+    from vocabtrim.sampling import SamplingParams
+    from vocabtrim.speculative import SpeculativeEngine
+
+    pair = load_pair(*tiny_pair_dirs, dtype="float32", device="cpu")
+    engine = SpeculativeEngine(pair.target, pair.drafter, gamma=2, sampling=SamplingParams(temperature=0.0),
+                               eos_token_ids=[2], max_new_tokens=5)
+    poison = pair.tokenizer("1 2 3")["input_ids"]
+
+    class Failing:
+        gamma, last_stats = engine.gamma, None
+
+        def generate(self, prompts, seeds):
+            if poison in prompts:
+                raise RuntimeError("device fault")
+            outs = engine.generate(prompts, seeds)
+            self.last_stats = engine.last_stats
+            return outs
+
+    prompts = ["the quick brown fox", "1 2 3", "def add(a, b):", None]
+    got = generate_chunk(Failing(), pair.tokenizer, prompts, ["a", "b", "c", "d"], seed=0, batch_size=4, max_prompt_tokens=100)
+    cols = got["columns"]
+    assert cols["finish_reason"][1] == "error" and "device fault" in cols["error"][1]
+    assert cols["finish_reason"][3] == "error" and "null" in cols["error"][3]
+    assert [cols["finish_reason"][i] in ("stop", "length") for i in (0, 2)] == [True, True]
+    alone = generate_chunk(engine, pair.tokenizer, prompts[:1], ["a"], seed=0, batch_size=1, max_prompt_tokens=100)
+    assert alone["columns"]["completion"][0] == cols["completion"][0]
+
+
+def test_settings_refuse_before_ray(base, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1]}), out / "stray.parquet")
+    with pytest.raises(UserError, match="no settings.json"):
+        run_generate(replace(base, out=str(out)))
