@@ -1,13 +1,32 @@
 """The trimmed drafter head: the drafter's LM-head rows for the kept token ids.
 
-(The builder issue extends this module: choosing ids, saving, exports.)
+- ``select_ids``: which ids to keep (top-K, or the smallest K reaching a coverage), special tokens always in.
+- ``build_head``: histogram + drafter → ``HEAD_DIR/head.safetensors``, ``manifest.json``, ``coverage.png``
+  and the optional exports (``sglang``: a token map for SGLang's ``--speculative-token-map``;
+  ``eagle``: the ``d2t``/``t2d`` tensors EAGLE-3 checkpoints hold).
+- ``load_head``: read a head back, refusing one built for another drafter or tokenizer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
+
+from vocabtrim.errors import UserError
+from vocabtrim.histogram import atomic_write
+
+HEAD_FILE = "head.safetensors"
+MANIFEST_FILE = "manifest.json"
+PLOT_FILE = "coverage.png"
+SGLANG_FILE = "sglang_token_map.pt"
+EAGLE_FILE = "eagle_d2t.safetensors"
+EXPORTS = ("sglang", "eagle")
+MANIFEST_KIND = "vocabtrim-head"
 
 
 @dataclass
@@ -43,3 +62,358 @@ def head_from_ids(model, token_ids) -> TrimmedHead:
     bias = getattr(head, "bias", None)
     bias = None if bias is None else bias.detach()[ids.to(bias.device)].clone()
     return TrimmedHead(token_ids=ids, weight=weight, bias=bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the kept ids
+# ---------------------------------------------------------------------------------------------
+
+
+def special_token_ids(tokenizer, model=None) -> list[int]:
+    """Ids a drafter must always be able to propose: EOS (tokenizer and generation config), padding,
+    BOS, UNK, and every special / added-special token (chat-template markers such as ``<|im_end|>``)."""
+    ids: set[int] = set()
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            ids.add(int(value))
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None)
+    for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(i))
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(gen, attr, None)
+        if value is not None:
+            ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return sorted(ids)
+
+
+@dataclass
+class Selection:
+    """The kept ids: ``token_ids`` int64 [K] ascending; ``k_frequent`` of them chosen by frequency,
+    the rest special tokens; ``coverage`` = share of the histogram's tokens on the kept ids."""
+
+    token_ids: np.ndarray
+    k_frequent: int
+    coverage: float
+    special_ids: list[int] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def select_ids(
+    counts: np.ndarray,
+    *,
+    top_k: int | None = None,
+    coverage: float | None = None,
+    special_ids=(),
+    vocab_size: int,
+) -> Selection:
+    """Choose the kept ids from a histogram (int64 [≤ vocab_size]).
+
+    top_k: exactly K ids in all: the special ids, then the most frequent others (ties: smaller id first;
+           ids never seen fill up, smallest first, when the histogram has fewer than K non-zero ids).
+    coverage: the smallest K whose most frequent ids cover ``coverage`` of the counted tokens,
+              plus any special ids not among them.
+    """
+    from vocabtrim import histogram
+
+    if (top_k is None) == (coverage is None):
+        raise UserError("pass exactly one of --top-k K or --coverage C")
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.shape[0] > vocab_size:
+        extra = int(np.flatnonzero(counts[vocab_size:])[0] + vocab_size) if counts[vocab_size:].any() else None
+        if extra is not None:
+            raise UserError(f"the histogram counts token id {extra}, outside the drafter's vocabulary of {vocab_size}")
+        counts = counts[:vocab_size]
+    counts = np.concatenate([counts, np.zeros(vocab_size - counts.shape[0], dtype=np.int64)])
+    total = int(counts.sum())
+    if total == 0:
+        raise UserError("the histogram is empty (no tokens were counted): calibrate on a corpus with text")
+    special = sorted({int(i) for i in special_ids if 0 <= int(i) < vocab_size})
+    ranked = histogram.ranked_ids(counts)
+    if top_k is not None:
+        if top_k < 1 or top_k > vocab_size:
+            raise UserError(f"--top-k must be between 1 and the drafter's vocabulary size {vocab_size}, got {top_k}")
+        if top_k < len(special):
+            raise UserError(f"--top-k {top_k} is smaller than the {len(special)} special tokens that are always kept")
+        others = ranked[~np.isin(ranked, special)][: top_k - len(special)]
+        k_frequent = int(np.count_nonzero(counts[others]))
+        ids = np.union1d(others, np.asarray(special, dtype=np.int64))
+    else:
+        if not 0 < coverage <= 1:
+            raise UserError(f"--coverage must be in (0, 1], got {coverage}")
+        cumulative = np.cumsum(counts[ranked]) / total
+        k_frequent = min(int(np.searchsorted(cumulative, coverage, side="left")) + 1, int(np.count_nonzero(counts)))
+        ids = np.union1d(ranked[:k_frequent], np.asarray(special, dtype=np.int64))
+    ids = ids.astype(np.int64)
+    return Selection(ids, k_frequent, histogram.coverage_of(counts, ids), special)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints of the drafter the head is for
+# ---------------------------------------------------------------------------------------------
+
+
+ARCHITECTURE_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
+)
+
+
+def drafter_architecture(model) -> dict:
+    """The drafter's shape, as recorded in a head's manifest and checked when the head is loaded."""
+    cfg = model.config
+    return {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS if getattr(cfg, k, None) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and saving
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildHeadConfig:
+    """Everything ``vocabtrim build-head`` needs."""
+
+    histogram: str  # a calibration folder (or its histogram.parquet)
+    drafter: str
+    out: str
+    drafter_layers: int | None = None
+    top_k: int | None = None
+    coverage: float | None = None
+    export: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+def save_head(head: TrimmedHead, folder: str | os.PathLike, manifest: dict) -> None:
+    """Write ``head.safetensors`` (token_ids int64 [K], weight [K, hidden], bias [K] if any) and ``manifest.json``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"token_ids": head.token_ids.to(torch.int64).contiguous().cpu(), "weight": head.weight.contiguous().cpu()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.contiguous().cpu()
+    meta = {k: str(manifest[k]) for k in ("tokenizer_fingerprint", "drafter_fingerprint", "k", "vocab_size") if k in manifest}
+    atomic_write(folder / HEAD_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(folder / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+
+
+def export_sglang(token_ids: torch.Tensor, path: Path) -> None:
+    """The kept ids as SGLang's ``--speculative-token-map`` reads them:
+    ``torch.tensor(torch.load(path, weights_only=True), dtype=torch.int32)`` (a list of ints)."""
+    ids = [int(i) for i in token_ids.tolist()]
+    atomic_write(path, lambda tmp: torch.save(ids, tmp))
+
+
+def export_eagle(token_ids: torch.Tensor, vocab_size: int, path: Path) -> None:
+    """EAGLE-3's id maps: ``d2t`` int64 [K] with ``d2t[i] = token_ids[i] - i`` (draft id i → target id
+    ``i + d2t[i]``) and ``t2d`` bool [V] marking the kept target ids."""
+    from safetensors.torch import save_file
+
+    ids = token_ids.to(torch.int64)
+    d2t = ids - torch.arange(ids.shape[0], dtype=torch.int64)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    atomic_write(path, lambda tmp: save_file({"d2t": d2t, "t2d": t2d}, tmp))
+
+
+def plot_coverage(counts: np.ndarray, k: int, coverage: float, path: Path, title: str = "") -> None:
+    """Coverage against K (log-scaled K axis), the chosen K marked; written as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from vocabtrim import histogram
+
+    curve = histogram.coverage_curve(counts)
+    ks = np.arange(1, curve.shape[0] + 1)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(ks, curve, color="tab:blue", lw=1.6, label="top-K coverage")
+    ax.axvline(k, color="tab:red", ls="--", lw=1)
+    ax.axhline(coverage, color="tab:red", ls=":", lw=0.8)
+    ax.plot([k], [coverage], "o", color="tab:red", label=f"chosen K = {k:,} ({coverage:.2%})")
+    ax.set_xscale("log")
+    ax.set_xlim(1, max(2, curve.shape[0]))
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("K (kept token ids, log scale)")
+    ax.set_ylabel("share of counted tokens covered")
+    ax.set_title(title or "Coverage of the calibration histogram")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _histogram_paths(where: str) -> tuple[Path, Path]:
+    p = Path(where)
+    folder = p.parent if p.suffix == ".parquet" else p
+    if not folder.is_dir():
+        raise UserError(f"no calibration folder at {where}: run `vocabtrim calibrate --out {where}` first")
+    return folder, folder / "histogram.parquet"
+
+
+def _check_build_config(config: BuildHeadConfig) -> None:
+    if (config.top_k is None) == (config.coverage is None):
+        raise UserError("pass exactly one of --top-k K or --coverage C")
+    if config.coverage is not None and not 0 < config.coverage <= 1:
+        raise UserError(f"--coverage must be in (0, 1], got {config.coverage}")
+    if config.top_k is not None and config.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {config.top_k}")
+    unknown = [e for e in config.export if e not in EXPORTS]
+    if unknown:
+        raise UserError(f"unknown --export {unknown[0]!r}: use {', '.join(EXPORTS)}")
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise UserError(f"--out {config.out} is a file: pass a folder")
+
+
+def build_head(config: BuildHeadConfig) -> dict:
+    """Histogram + drafter → the trimmed head folder; returns its manifest."""
+    from vocabtrim import histogram
+    from vocabtrim.calibrate import read_manifest
+    from vocabtrim.models import head_rows_fingerprint, load_drafter, load_tokenizer, logits_width, tokenizer_fingerprint
+
+    _check_build_config(config)
+    folder, hist_path = _histogram_paths(config.histogram)
+    calibration = read_manifest(folder)
+    tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if calibration["tokenizer_fingerprint"] != fingerprint:
+        raise UserError(
+            f"the histogram in {folder} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
+            f"drafter {fingerprint}): calibrate with this drafter"
+        )
+    counts = histogram.load(str(hist_path))
+    model, _ = load_drafter(config.drafter, config.drafter_layers, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)
+    vocab = logits_width(model)
+    selection = select_ids(
+        counts, top_k=config.top_k, coverage=config.coverage,
+        special_ids=special_token_ids(tokenizer, model), vocab_size=vocab,
+    )
+    head = head_from_ids(model, selection.token_ids)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "kind": MANIFEST_KIND,
+        "version": 1,
+        "k": selection.k,
+        "k_frequent": selection.k_frequent,
+        "vocab_size": vocab,
+        "hidden_size": int(head.weight.shape[1]),
+        "has_bias": head.bias is not None,
+        "dtype": str(head.weight.dtype).removeprefix("torch."),
+        "top_k": config.top_k,
+        "coverage_target": config.coverage,
+        "coverage": selection.coverage,
+        "special_ids": selection.special_ids,
+        "tokenizer_fingerprint": fingerprint,
+        "drafter_fingerprint": head_rows_fingerprint(model),
+        "drafter_architecture": drafter_architecture(model),
+        "drafter": config.drafter,
+        "drafter_layers": config.drafter_layers,
+        "histogram": str(hist_path),
+        "histogram_fingerprint": histogram.fingerprint(counts),
+        "calibration_source": calibration.get("source"),
+        "calibration_tokens": int(counts.sum()),
+        "exports": {},
+    }
+    if "sglang" in config.export:
+        export_sglang(head.token_ids, out / SGLANG_FILE)
+        manifest["exports"]["sglang"] = SGLANG_FILE
+    if "eagle" in config.export:
+        export_eagle(head.token_ids, vocab, out / EAGLE_FILE)
+        manifest["exports"]["eagle"] = EAGLE_FILE
+    plot_coverage(
+        np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)]),
+        selection.k, selection.coverage, out / PLOT_FILE,
+        title=f"{Path(config.drafter).name}: {calibration.get('source')} histogram, {int(counts.sum()):,} tokens",
+    )
+    manifest["plot"] = PLOT_FILE
+    save_head(head, out, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_head_manifest(head_dir: str | os.PathLike) -> dict:
+    path = Path(head_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"{head_dir} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`") from exc
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("kind") != MANIFEST_KIND:
+        raise UserError(f"{path} is not a trimmed-head manifest")
+    return manifest
+
+
+def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -> TrimmedHead:
+    """Read a head written by ``build_head`` and check that it belongs to this drafter and tokenizer.
+
+    Refused, in one UserError line: another tokenizer (fingerprint), another vocabulary size or
+    architecture, rows that are not this drafter's LM-head rows (compared at the drafter's precision,
+    so a float32-built head loads into a bfloat16 drafter), ids out of range or unsorted.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    manifest = read_head_manifest(head_dir)
+    try:
+        tensors = load_file(str(Path(head_dir) / HEAD_FILE))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {Path(head_dir) / HEAD_FILE}: {exc}") from exc
+    ids, weight, bias = tensors.get("token_ids"), tensors.get("weight"), tensors.get("bias")
+    if ids is None or weight is None or ids.dtype != torch.int64 or ids.dim() != 1 or weight.dim() != 2:
+        raise UserError(f"{head_dir}/{HEAD_FILE} is not a trimmed head (needs token_ids int64 [K] and weight [K, hidden])")
+    k = ids.shape[0]
+    if weight.shape[0] != k or (bias is not None and bias.shape != (k,)) or k != manifest.get("k"):
+        raise UserError(f"{head_dir}: token_ids, weight, bias and the manifest disagree on K")
+    if k == 0 or (k > 1 and not bool((ids[1:] > ids[:-1]).all())) or int(ids[0]) < 0:
+        raise UserError(f"{head_dir}: token_ids must be non-empty, sorted and unique")
+    if tokenizer is not None:
+        from vocabtrim.models import tokenizer_fingerprint
+
+        fp = tokenizer_fingerprint(tokenizer)
+        if manifest.get("tokenizer_fingerprint") != fp:
+            raise UserError(
+                f"head {head_dir} was built for another tokenizer ({manifest.get('tokenizer_fingerprint')}, this one is {fp}): "
+                "rebuild it with `vocabtrim build-head` for this drafter"
+            )
+    if drafter_model is not None:
+        _check_drafter(head_dir, manifest, ids, weight, bias, drafter_model)
+    return TrimmedHead(token_ids=ids, weight=weight, bias=bias)
+
+
+def _check_drafter(head_dir, manifest: dict, ids, weight, bias, drafter) -> None:
+    from vocabtrim.models import logits_width
+
+    vocab = logits_width(drafter)
+    rebuild = "rebuild it with `vocabtrim build-head` for this drafter"
+    if manifest.get("vocab_size") != vocab or int(ids[-1]) >= vocab:
+        raise UserError(f"head {head_dir} was built for a vocabulary of {manifest.get('vocab_size')}, this drafter has {vocab}: {rebuild}")
+    lm_head = drafter.get_output_embeddings()
+    if weight.shape[1] != lm_head.weight.shape[1]:
+        raise UserError(f"head {head_dir} has hidden size {weight.shape[1]}, this drafter {lm_head.weight.shape[1]}: {rebuild}")
+    built_for, this = manifest.get("drafter_architecture") or {}, drafter_architecture(drafter)
+    for key in ARCHITECTURE_KEYS:
+        if built_for.get(key) != this.get(key):
+            raise UserError(f"head {head_dir} was built for another drafter ({key} {built_for.get(key)}, this drafter {this.get(key)}): {rebuild}")
+    rows = lm_head.weight.detach()[ids.to(lm_head.weight.device)]
+    same = torch.equal(weight.to(device=rows.device, dtype=rows.dtype), rows)
+    drafter_bias = getattr(lm_head, "bias", None)
+    if (bias is None) != (drafter_bias is None):
+        same = False
+    elif bias is not None:
+        same = same and torch.equal(bias.to(drafter_bias.device, drafter_bias.dtype), drafter_bias.detach()[ids.to(drafter_bias.device)])
+    if not same:
+        raise UserError(f"head {head_dir} was built for another drafter: its rows differ from this drafter's LM head; {rebuild}")

@@ -1,0 +1,274 @@
+"""Distributed calibration on a local Ray: exact counts, faults, duplicates, resume, generated sources, errors."""
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tiny import TRAINING_TEXT, make_tokenizer, save_model, make_model
+from vocabtrim import corpus, histogram
+from vocabtrim.calibrate import (
+    CalibrateConfig,
+    CounterPool,
+    CounterSpec,
+    Ledger,
+    ShardCount,
+    count_shards,
+    run_calibrate,
+)
+from vocabtrim.cli import main as cli
+from vocabtrim.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="vt", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny model folder and a corpus of Parquet + JSONL + text files, cut into 24+ shards."""
+    root = tmp_path_factory.mktemp("calib")
+    tok = make_tokenizer()
+    model_dir = save_model(make_model(len(tok), layers=1, seed=5), tok, root / "model")
+    rng = np.random.default_rng(0)
+    rows = [" ".join(rng.choice(TRAINING_TEXT, 2)) + f" #{i}" for i in range(1800)]
+    files = root / "corpus"
+    files.mkdir()
+    pq.write_table(pa.table({"text": rows[:600]}), files / "a.parquet", row_group_size=50)
+    with open(files / "b.jsonl", "w") as f:
+        for r in rows[600:1200]:
+            f.write(json.dumps({"text": r}) + "\n")
+    with open(files / "c.txt", "w") as f:
+        f.writelines(r.replace("\n", " ") + "\n" for r in rows[1200:])
+    return {"root": root, "model": model_dir, "tok": tok, "corpus": str(files)}
+
+
+def single_process_count(data) -> np.ndarray:
+    """The reference: read each file plainly and count with the tokenizer, no shards, no Ray."""
+    tok, files = data["tok"], Path(data["corpus"])
+    texts = pq.read_table(files / "a.parquet").column("text").to_pylist()
+    texts += [json.loads(line)["text"] for line in open(files / "b.jsonl")]
+    texts += open(files / "c.txt").readlines()
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return np.bincount(np.concatenate([np.asarray(i) for i in ids]), minlength=len(tok))
+
+
+SHARD_BYTES = 4000
+
+
+def config(data, out, **kw) -> CalibrateConfig:
+    kw.setdefault("workers", 3)
+    kw.setdefault("cpus_per_worker", 0.4)
+    kw.setdefault("shard_bytes", SHARD_BYTES)
+    kw.setdefault("show_progress", False)
+    return CalibrateConfig(drafter=data["model"], corpus=[data["corpus"]], out=str(out), **kw)
+
+
+def written(out) -> np.ndarray:
+    return histogram.load(str(Path(out) / "histogram.parquet"), 300)
+
+
+def test_three_actors_give_exactly_the_single_process_histogram(ray_local, data, tmp_path):
+    m = run_calibrate(config(data, tmp_path / "out"))
+    expected = single_process_count(data)
+    assert m["shards"] >= 20 and m["shards_counted"] == m["shards"]
+    assert np.array_equal(written(tmp_path / "out"), expected)
+    assert m["total_tokens"] == int(expected.sum()) and m["rows"] == 1800
+    assert m["tokens_per_second"] > 0 and m["histogram_fingerprint"] == histogram.fingerprint(expected)
+    assert {Path(f["path"]).name for f in m["files"]} == {"a.parquet", "b.jsonl", "c.txt"}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir() if p.suffix == ".npz") == sorted(
+        f"{s.shard_id}.npz" for s in corpus.make_shards([data["corpus"]], "text", SHARD_BYTES)
+    )
+
+
+def test_an_actor_killed_mid_run_is_replaced_and_the_histogram_is_still_exact(ray_local, data, tmp_path):
+    seen = []
+
+    def kill_one(result, pool):
+        seen.append(result.shard_id)
+        if len(seen) == 3:
+            ray_local.kill(pool.actors[1], no_restart=False)
+
+    m = run_calibrate(config(data, tmp_path / "out"), on_recorded=kill_one)
+    assert len(seen) == m["shards"] and m["actor_replacements"] >= 1
+    assert np.array_equal(written(tmp_path / "out"), single_process_count(data))
+
+
+def test_a_worker_process_killed_with_sigkill_is_survived_exactly(ray_local, data, tmp_path):
+    killed = []
+
+    def sigkill_one(result, pool):
+        if not killed:
+            pid = ray_local.get(pool.actors[0].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    m = run_calibrate(config(data, tmp_path / "out"), on_recorded=sigkill_one)
+    assert killed and m["actor_replacements"] >= 1
+    assert np.array_equal(written(tmp_path / "out"), single_process_count(data))
+
+
+def test_a_shard_delivered_twice_is_summed_once(ray_local, data, tmp_path):
+    shards = corpus.make_shards([data["corpus"]], "text", SHARD_BYTES)
+    spec = CounterSpec(source="corpus", tokenizer=data["model"], tokenizer_json=data["tok"]._tokenizer.to_str())
+    ledger = Ledger(tmp_path / "shards")
+    with CounterPool(spec, 2, cpus_per_worker=0.4) as pool:
+        stats = count_shards(pool, shards + shards[:5], ledger)  # five shards counted twice
+    assert stats.duplicate_deliveries == 5 and stats.shards == len(shards)
+    counts, entries = ledger.reduce([s.shard_id for s in shards + shards[:5]], 300)
+    assert len(entries) == len(shards)
+    assert np.array_equal(counts, single_process_count(data))
+
+
+def test_the_ledger_keeps_one_entry_per_shard_id(tmp_path):
+    ledger = Ledger(tmp_path)
+    one = ShardCount("s-1", "f", np.array([3]), np.array([2]), rows=1, skipped_rows=0, tokens=2)
+    assert ledger.record(one) is True
+    assert ledger.record(ShardCount("s-1", "f", np.array([3]), np.array([99]), 1, 0, 99)) is False
+    counts, _ = ledger.reduce(["s-1", "s-1"], 5)
+    assert counts.tolist() == [0, 0, 0, 2, 0]
+    assert [p.name for p in tmp_path.iterdir()] == ["s-1.npz"]  # no temporary files left
+
+
+def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, data, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_five(result, pool):
+        if len(list((tmp_path / "out" / "shards").glob("*.npz"))) >= 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_calibrate(config(data, tmp_path / "out"), on_recorded=stop_after_five)
+    assert not (tmp_path / "out" / "histogram.parquet").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
+    assert len(before) == 5
+    m = run_calibrate(config(data, tmp_path / "out", workers=2))
+    assert m["shards_resumed"] == 5 and m["shards_counted"] == m["shards"] - 5
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
+    assert all(after[name] == t for name, t in before.items())  # finished shards were not rewritten
+    assert np.array_equal(written(tmp_path / "out"), single_process_count(data))
+    again = run_calibrate(config(data, tmp_path / "out"))  # everything done: no Ray work at all
+    assert again["shards_counted"] == 0 and again["total_tokens"] == m["total_tokens"]
+
+
+def test_a_rerun_with_other_settings_is_refused(ray_local, data, tmp_path):
+    run_calibrate(config(data, tmp_path / "out"))
+    with pytest.raises(UserError, match="other settings \\(source: 'corpus' now 'drafter'\\)"):
+        run_calibrate(config(data, tmp_path / "out", source="drafter"))
+
+
+def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path):
+    from vocabtrim.models import load_model
+    from vocabtrim.sampling import SamplingParams, row_seed
+    from vocabtrim.speculative import SpeculativeEngine
+
+    prompts = [t.split("\n")[0] for t in TRAINING_TEXT[:8]] * 3
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"text": prompts}), path, row_group_size=5)
+    cfg = CalibrateConfig(
+        drafter=data["model"], corpus=[str(path)], out=str(tmp_path / "out"), source="drafter",
+        max_new_tokens=6, temperature=1.0, seed=11, workers=2, cpus_per_worker=0.4, batch_size=3, show_progress=False,
+    )
+    m = run_calibrate(cfg)
+
+    tok = data["tok"]
+    model = load_model(data["model"], device="cpu")
+    engine = SpeculativeEngine(model, None, sampling=SamplingParams(temperature=1.0), eos_token_ids=[tok.eos_token_id], max_new_tokens=6)
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
+    outs = engine.generate(ids, [row_seed(11, f"prompts.parquet:{i}") for i in range(len(prompts))])
+    expected = np.bincount(np.concatenate([np.asarray(o.token_ids, dtype=np.int64) for o in outs]), minlength=len(tok))
+    assert np.array_equal(written(tmp_path / "out"), expected)
+    assert m["total_tokens"] == sum(len(o.token_ids) for o in outs) <= 6 * len(prompts)
+    assert m["source"] == "drafter" and m["rows"] == len(prompts) and m["shards"] == 5
+
+
+def test_a_corpus_with_no_tokens_is_refused(ray_local, data, tmp_path):
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": null}\n')
+    cfg = CalibrateConfig(drafter=data["model"], corpus=[str(tmp_path / "blank.jsonl")], out=str(tmp_path / "o"), cpus_per_worker=0.4, show_progress=False)
+    with pytest.raises(UserError, match="gave no tokens"):
+        run_calibrate(cfg)
+
+
+# These fail before Ray starts: no ray_local fixture needed.
+
+
+@pytest.mark.parametrize(
+    "setup, extra, match",
+    [
+        (lambda d: pq.write_table(pa.table({"text": pa.array([], pa.string())}), d / "e.parquet"), [], "the corpus is empty"),
+        (lambda d: (d / "e.txt").write_text(""), [], "the corpus is empty"),
+        (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "e.parquet"), [], "no column 'text'"),
+        (lambda d: (d / "e.jsonl").write_text('{"body": "x"}\n'), [], "no key 'text'"),
+        (lambda d: (d / "e.parquet").write_bytes(b"\x00garbage"), [], "cannot read Parquet file"),
+        (lambda d: (d / "e.txt").write_text("x\n"), ["--source", "target"], "--source target needs --target"),
+        (lambda d: (d / "e.txt").write_text("x\n"), ["--workers", "0"], "--workers must be >= 1"),
+    ],
+)
+def test_cli_refuses_bad_input_with_exit_2_and_one_line(data, tmp_path, capsys, setup, extra, match):
+    (tmp_path / "in").mkdir()
+    setup(tmp_path / "in")
+    code = cli(["calibrate", "--drafter", data["model"], "--corpus", str(tmp_path / "in"), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_cli_refuses_an_unreadable_file(data, tmp_path, capsys):
+    path = tmp_path / "locked.txt"
+    path.write_text("x\n")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: use a folder we cannot list instead
+        path = tmp_path / "missing.jsonl"
+    code = cli(["calibrate", "--drafter", data["model"], "--corpus", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and ("cannot read" in err or "no such corpus file" in err)
+
+
+@pytest.mark.bundled
+def test_bundled_model_end_to_end_calibrate_and_build_head(ray_local, tmp_path, capsys):
+    """Both commands on SmolLM2-135M over the shipped prompts; the head loads into its drafter."""
+    from importlib.resources import files
+
+    from vocabtrim.head import load_head
+    from vocabtrim.models import load_drafter
+
+    prompts = str(files("vocabtrim") / "data" / "prompts.parquet")
+    calib, head = tmp_path / "calib", tmp_path / "head"
+    assert cli(["calibrate", "--drafter", "smollm2-135m", "--corpus", prompts, "--text-column", "prompt",
+                "--workers", "2", "--cpus-per-worker", "0.4", "--no-progress", "--out", str(calib)]) == 0
+    m = json.loads((calib / "manifest.json").read_text())
+    assert m["vocab_size"] == 49152 and m["rows"] == 320 and m["total_tokens"] > 1000
+    assert cli(["build-head", "--histogram", str(calib), "--drafter", "smollm2-135m", "--drafter-layers", "4",
+                "--top-k", "512", "--export", "sglang,eagle", "--out", str(head)]) == 0
+    assert "kept K=512" in capsys.readouterr().out
+    drafter, tok = load_drafter("smollm2-135m", 4)
+    trimmed = load_head(str(head), drafter_model=drafter, tokenizer=tok)
+    assert trimmed.k == 512 and {1, 2} <= set(trimmed.token_ids.tolist())
+    # tied embeddings: the head holds copies of the rows
+    assert torch_equal_rows(trimmed, drafter)
+    other, _ = load_drafter("smollm2-135m", 8)
+    with pytest.raises(UserError, match="another drafter \\(num_hidden_layers 4, this drafter 8\\)"):
+        load_head(str(head), drafter_model=other, tokenizer=tok)
+
+
+def torch_equal_rows(trimmed, drafter) -> bool:
+    import torch
+
+    emb = drafter.get_input_embeddings().weight.detach()
+    return torch.equal(trimmed.weight, emb[trimmed.token_ids]) and trimmed.weight.data_ptr() != emb.data_ptr()

@@ -1,0 +1,680 @@
+"""The Ray side of calibration: a pool of counting actors, the shard ledger, and the reducer.
+
+Flow (``run_calibrate``):
+1. On the driver, before Ray starts: check the flags, load the tokenizer, cut the corpus into shards
+   with stable ids (``vocabtrim.corpus``), and claim ``DIR/shards/`` for these settings.
+2. Shards with no ledger entry go to a pool of ``ShardCounter`` actors (``--workers``), at most
+   ``depth`` calls in flight per actor (backpressure: a million shards never means a million pending
+   calls). Each actor loads the tokenizer, and for generated sources the model, once.
+3. Each finished shard's partial histogram is written by the driver to ``DIR/shards/<shard_id>.npz``
+   (temporary file + ``os.replace``: a ledger entry is complete or absent). An actor that dies (killed,
+   crashed, its node lost) is replaced and the shards it held are counted again; a shard delivered
+   twice is recorded once (the second delivery finds its entry and is dropped).
+4. The reducer reads exactly one ledger entry per shard id of this corpus and sums them: an id is
+   summed once whatever retries or duplicate deliveries happened. A rerun skips shards already in
+   the ledger. Output: ``DIR/histogram.parquet`` and ``DIR/manifest.json``.
+
+Sources: ``corpus`` counts the corpus's own tokens (batched fast-tokenizer encode, no special tokens
+added); ``drafter`` / ``target`` treat each row as a prompt (wrapped as a user message in the chat
+template when the tokenizer has one), generate ``max_new_tokens`` at ``temperature`` with the row's
+own seed (``row_seed(seed, "<file name>:<row key>")``), and count only the generated tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vocabtrim import corpus, histogram
+from vocabtrim.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("corpus", "drafter", "target")
+MANIFEST_KIND = "vocabtrim-histogram"
+GENERATED_SHARD_BYTES = 64 << 10
+DEFAULT_BATCH = {"corpus": 1024, "drafter": 16, "target": 16}
+
+
+@dataclass
+class CalibrateConfig:
+    """Everything ``vocabtrim calibrate`` needs (one field per flag, plus Python-only knobs)."""
+
+    drafter: str
+    corpus: list[str]
+    out: str
+    drafter_layers: int | None = None
+    text_column: str = "text"
+    source: str = "corpus"
+    target: str | None = None
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    batch_size: int | None = None  # rows per encode / generate call; None: 1024 for corpus, 16 generated
+    address: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    shard_bytes: int | None = None  # None: 16 MiB for corpus, 64 KiB for generated sources
+    depth: int = 2  # calls in flight per actor
+    show_progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard's counts and the ledger
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardCount:
+    """The partial histogram of one shard, sparse: ``ids`` int64 [N] ascending, ``counts`` int64 [N]."""
+
+    shard_id: str
+    path: str
+    ids: np.ndarray
+    counts: np.ndarray
+    rows: int
+    skipped_rows: int
+    tokens: int
+
+
+class Ledger:
+    """``DIR/shards/``: one file per finished shard id, written atomically; the reducer's only input."""
+
+    RUN_FILE = "_run.json"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, shard_id: str) -> Path:
+        return self.folder / f"{shard_id}.npz"
+
+    def done(self, shard_id: str) -> bool:
+        return self.path(shard_id).is_file()
+
+    def claim(self, run_key: dict) -> None:
+        """Bind the ledger to one set of settings; refuse to mix counts made with other settings."""
+        run_file = self.folder / self.RUN_FILE
+        if run_file.is_file():
+            old = json.loads(run_file.read_text())
+            for key in [*run_key, *(k for k in old if k not in run_key)]:
+                if old.get(key) != run_key.get(key):
+                    raise UserError(
+                        f"{self.folder.parent} holds counts made with other settings ({key}: {old.get(key)!r} now "
+                        f"{run_key.get(key)!r}): use another --out, or delete {self.folder}"
+                    )
+            return
+        histogram.atomic_write(run_file, json.dumps(run_key, indent=1, sort_keys=True).encode())
+
+    def record(self, result: ShardCount) -> bool:
+        """Write ``result`` under its shard id; False (nothing written) if that id is already recorded."""
+        target = self.path(result.shard_id)
+        if target.is_file():
+            return False
+        meta = {k: getattr(result, k) for k in ("shard_id", "path", "rows", "skipped_rows", "tokens")}
+        buf = io.BytesIO()
+        np.savez_compressed(buf, ids=result.ids.astype(np.int64), counts=result.counts.astype(np.int64), meta=np.array(json.dumps(meta)))
+        histogram.atomic_write(target, buf.getvalue())
+        return True
+
+    def read(self, shard_id: str) -> ShardCount:
+        path = self.path(shard_id)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                ids, counts = data["ids"], data["counts"]
+        except Exception as exc:
+            raise UserError(f"ledger entry {path} is unreadable ({exc}): delete it and rerun to count that shard again") from exc
+        if meta["shard_id"] != shard_id:
+            raise UserError(f"ledger entry {path} belongs to shard {meta['shard_id']}: delete it and rerun")
+        return ShardCount(ids=ids, counts=counts, **meta)
+
+    def reduce(self, shard_ids: list[str], vocab_size: int) -> tuple[np.ndarray, list[ShardCount]]:
+        """Sum exactly one entry per shard id (each id once, however often it was recorded).
+
+        Returns (counts int64 [≥ vocab_size], per-shard entries without their arrays).
+        """
+        total = np.zeros(vocab_size, dtype=np.int64)
+        entries = []
+        for shard_id in dict.fromkeys(shard_ids):  # unique, in order
+            entry = self.read(shard_id)
+            part = histogram.from_sparse(entry.ids, entry.counts, 0)
+            total = histogram.add_into(total, part)
+            entry.ids = entry.counts = None
+            entries.append(entry)
+        return total, entries
+
+
+# ---------------------------------------------------------------------------------------------
+# The counting actor (plain class: usable without Ray too)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CounterSpec:
+    """What a counting actor needs to build itself."""
+
+    source: str
+    tokenizer: str  # model name whose tokenizer counts (the drafter)
+    tokenizer_json: object = None  # the fast tokenizer serialized (str, or a Ray ObjectRef to one): corpus counting needs no transformers
+    model: str | None = None  # model that generates (generated sources)
+    model_layers: int | None = None  # --drafter-layers for source drafter
+    text_column: str = "text"
+    batch_rows: int = 1024
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    threads: int = 1
+    use_gpu: bool = False
+
+
+def build_prompt(tokenizer, text: str, limit: int) -> list[int]:
+    """Token ids of ``text`` as a prompt: a user message in the chat template when the tokenizer has one.
+
+    A prompt longer than ``limit`` tokens keeps the start of the user text (the template around it
+    stays whole) and, failing that, its last ``limit`` tokens.
+    """
+
+    def encode(t: str) -> list[int]:
+        return tokenizer(t, add_special_tokens=False)["input_ids"]
+
+    def wrap(t: str) -> str:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+        return t
+
+    ids = encode(wrap(text))
+    if len(ids) > limit:
+        content = encode(text)
+        budget = max(1, len(content) - (len(ids) - limit))
+        ids = encode(wrap(tokenizer.decode(content[:budget])))
+        ids = ids[-limit:]
+    return ids
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """The token ids that end generation: the tokenizer's EOS and the model's generation config EOS."""
+    found = set()
+    if tokenizer.eos_token_id is not None:
+        found.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is not None:
+        found.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return sorted(found)
+
+
+def _limit_threads(threads: int, torch_too: bool) -> None:
+    """One tokenizer (and torch) thread pool of ``threads`` per actor; set before the first encode."""
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    if torch_too:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class ShardCounter:
+    """Counts the tokens of one shard at a time: ``count(shard) -> ShardCount``."""
+
+    def __init__(self, spec: CounterSpec):
+        _limit_threads(spec.threads, torch_too=spec.source != "corpus")
+        self.spec = spec
+        self.engine = None
+        if spec.source == "corpus" and spec.tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            data = spec.tokenizer_json
+            if not isinstance(data, str):
+                import ray
+
+                data = ray.get(data)
+            self.tokenizer = None
+            self._fast = Tokenizer.from_str(data)
+            self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
+            return
+        from vocabtrim.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(spec.tokenizer, spec.trust_remote_code)
+        self.vocab_size = len(self.tokenizer)
+        self._fast = getattr(self.tokenizer, "_tokenizer", None)
+        if spec.source != "corpus":
+            self._load_engine()
+
+    def _load_engine(self) -> None:
+        import torch
+
+        from vocabtrim.models import load_drafter, load_model, logits_width
+        from vocabtrim.sampling import SamplingParams
+        from vocabtrim.speculative import SpeculativeEngine
+
+        spec = self.spec
+        device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if spec.model_layers is not None:
+            model, _ = load_drafter(spec.model, spec.model_layers, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
+        else:
+            model = load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
+        self.vocab_size = max(self.vocab_size, logits_width(model))
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 30
+        self.prompt_limit = max(1, context - spec.max_new_tokens)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.engine = SpeculativeEngine(
+            model,
+            None,
+            sampling=SamplingParams(temperature=spec.temperature),
+            eos_token_ids=eos_ids(self.tokenizer, model),
+            max_new_tokens=spec.max_new_tokens,
+            pad_token_id=pad,
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, no special tokens added (the fast Rust path when there is one)."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def generate(self, texts: list[str], row_ids: list[str]) -> list[list[int]]:
+        """Generated token ids (only the generated ones) for each prompt text."""
+        from vocabtrim.sampling import row_seed
+
+        prompts = [build_prompt(self.tokenizer, t, self.prompt_limit) for t in texts]
+        seeds = [row_seed(self.spec.seed, r) for r in row_ids]
+        return [list(out.token_ids) for out in self.engine.generate(prompts, seeds)]
+
+    def count(self, shard: corpus.Shard) -> ShardCount:
+        spec = self.spec
+        total = np.zeros(self.vocab_size, dtype=np.int64)
+        rows = skipped = tokens = 0
+        for batch in corpus.iter_shard(shard, spec.text_column, spec.batch_rows):
+            if self.engine is None:
+                texts = [t for t in batch.texts if isinstance(t, str)]
+                ids = self.encode(texts)
+            else:
+                keep = [i for i, t in enumerate(batch.texts) if isinstance(t, str) and t.strip()]
+                texts = [batch.texts[i] for i in keep]
+                ids = self.generate(texts, [f"{shard.name}:{batch.keys[i]}"for i in keep]) if keep else []
+            rows += len(texts)
+            skipped += len(batch.texts) - len(texts)
+            part = histogram.count_ids(ids, self.vocab_size)
+            tokens += int(part.sum())
+            total = histogram.add_into(total, part)
+        ids_, counts = histogram.to_sparse(total)
+        return ShardCount(shard.shard_id, shard.path, ids_, counts, rows, skipped, tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The actor pool and the driver loop
+# ---------------------------------------------------------------------------------------------
+
+
+class CounterPool:
+    """``workers`` ShardCounter actors; ``replace`` swaps a dead one for a fresh one.
+
+    Restarts are the driver's job (``count_shards`` replaces a dead actor and resubmits the shards it
+    held) rather than Ray's ``max_restarts``: the actors' constructor argument references the
+    tokenizer in the object store, which Ray's own restart cannot guarantee to find again.
+    Pass ``max_restarts``/``max_task_retries`` to add Ray's in-place restarts on top.
+    """
+
+    def __init__(
+        self,
+        spec: CounterSpec,
+        workers: int,
+        *,
+        cpus_per_worker: float,
+        gpus_per_worker: float = 0.0,
+        max_restarts: int = 0,
+        max_task_retries: int = 0,
+    ):
+        import ray
+
+        self._cls = ray.remote(ShardCounter)
+        self._options = dict(
+            num_cpus=cpus_per_worker,
+            num_gpus=gpus_per_worker,
+            max_restarts=max_restarts,
+            max_task_retries=max_task_retries,
+        )
+        if isinstance(spec.tokenizer_json, str):
+            # Shared once through the object store (a nested ref keeps the actor's own arguments small).
+            spec = replace(spec, tokenizer_json=ray.put(spec.tokenizer_json))
+        self.spec = spec
+        self.actors = [self._start() for _ in range(workers)]
+
+    def _start(self):
+        return self._cls.options(**self._options).remote(self.spec)
+
+    def wait_ready(self) -> None:
+        """Block until every actor has built itself (its tokenizer and model are loaded)."""
+        import ray
+
+        try:
+            ray.get([a.pid.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            raise _user_error_in(exc) or RuntimeError(f"a counting actor failed to start: {exc}") from exc
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def replace(self, actor) -> None:
+        """Swap a dead actor for a fresh one (no-op if it was already replaced)."""
+        import ray
+
+        for i, a in enumerate(self.actors):
+            if a._actor_id == actor._actor_id:
+                ray.kill(a, no_restart=True)
+                self.actors[i] = self._start()
+                return
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+
+    def __enter__(self) -> "CounterPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _user_error_in(exc) -> UserError | None:
+    """The UserError an actor raised (Ray wraps it in a RayTaskError), as a plain UserError; else None."""
+    for e in (getattr(exc, "cause", None), getattr(getattr(exc, "cause", None), "cause", None)):
+        if isinstance(e, UserError):
+            return UserError(str(e))
+    return None
+
+
+@dataclass
+class CountStats:
+    shards: int = 0
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    actor_replacements: int = 0
+    duplicate_deliveries: int = 0
+
+
+def count_shards(
+    pool: CounterPool,
+    shards: list[corpus.Shard],
+    ledger: Ledger,
+    *,
+    progress=None,
+    on_recorded: Callable[[ShardCount, CounterPool], None] | None = None,
+    depth: int = 2,
+    max_attempts: int = 3,
+) -> CountStats:
+    """Count ``shards`` on ``pool``, recording each result in ``ledger`` as it arrives.
+
+    At most ``depth`` calls per actor are in flight. A call lost with its actor is resubmitted, up to
+    ``max_attempts`` times per shard, and a dead actor is replaced. A UserError raised while reading
+    a shard ends the run as a UserError.
+    """
+    import ray
+
+    queue = deque(shards)
+    attempts: dict[str, int] = {}
+    inflight: dict = {}  # ObjectRef -> (actor, shard)
+    load: dict = {}  # actor id -> calls in flight
+    stats = CountStats()
+    start = time.perf_counter()
+    while queue or inflight:
+        for actor in sorted(pool.actors, key=lambda a: load.get(a._actor_id, 0)):
+            while queue and load.get(actor._actor_id, 0) < depth:
+                shard = queue.popleft()
+                inflight[actor.count.remote(shard)] = (actor, shard)
+                load[actor._actor_id] = load.get(actor._actor_id, 0) + 1
+        (ref,), _ = ray.wait(list(inflight), num_returns=1)
+        actor, shard = inflight.pop(ref)
+        load[actor._actor_id] -= 1
+        try:
+            result: ShardCount = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise (_user_error_in(exc) or exc) from None
+        except ray.exceptions.RayActorError as exc:
+            attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
+            if attempts[shard.shard_id] >= max_attempts:
+                raise RuntimeError(f"shard {shard.shard_id} failed {max_attempts} times: {exc}") from exc
+            log.warning("shard %s lost with its actor; counting it again", shard.shard_id)
+            if isinstance(exc, ray.exceptions.ActorDiedError):
+                pool.replace(actor)
+                stats.actor_replacements += 1
+            queue.appendleft(shard)
+            continue
+        if not ledger.record(result):
+            stats.duplicate_deliveries += 1
+            continue
+        stats.shards += 1
+        stats.rows += result.rows
+        stats.tokens += result.tokens
+        if progress is not None:
+            progress.update(1)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.set_postfix(tokens=f"{stats.tokens:,}", tok_s=f"{stats.tokens / elapsed:,.0f}", refresh=False)
+        if on_recorded is not None:
+            on_recorded(result, pool)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    tokenizer_fingerprint: str
+    vocab_size: int
+    shards: list
+    spec: CounterSpec
+    run_key: dict
+    generator: str | None = None  # the model that generates, for generated sources
+
+
+def _check_config(config: CalibrateConfig) -> None:
+    if config.source not in SOURCES:
+        raise UserError(f"--source must be one of {', '.join(SOURCES)}, got {config.source!r}")
+    if config.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {config.workers}")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.gpus_per_worker < 0:
+        raise UserError(f"--gpus-per-worker must be >= 0, got {config.gpus_per_worker}")
+    if config.cpus_per_worker is not None and config.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker must be > 0, got {config.cpus_per_worker}")
+    if config.source != "corpus":
+        if config.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+        if not config.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0, got {config.temperature}")
+    if config.drafter_layers is not None and config.drafter_layers < 1:
+        raise UserError(f"--drafter-layers must be >= 1, got {config.drafter_layers}")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {config.out} is a file: pass a folder")
+
+
+def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
+    """(model name, layers) of the model that generates, for generated sources."""
+    if config.source == "drafter":
+        return config.drafter, config.drafter_layers
+    if config.source == "target":
+        target = config.target or (config.drafter if config.drafter_layers is not None else None)
+        if target is None:
+            raise UserError("--source target needs --target MODEL (or --drafter-layers, whose target is the full --drafter)")
+        return target, None
+    return None, None
+
+
+def plan(config: CalibrateConfig) -> _Plan:
+    """Everything decided before Ray starts: checks, tokenizer, shards, the ledger's run key."""
+    from vocabtrim.models import check_pair, load_tokenizer, resolve_model, tokenizer_fingerprint
+
+    _check_config(config)
+    generator, layers = _generator(config)
+    tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
+    if generator is not None and generator != config.drafter:
+        check_pair(load_tokenizer(generator, config.trust_remote_code), tokenizer)
+    if generator is not None:
+        resolve_model(generator)  # a GGUF model converts once here, not in every actor
+    shard_bytes = config.shard_bytes or (corpus.DEFAULT_SHARD_BYTES if config.source == "corpus" else GENERATED_SHARD_BYTES)
+    shards = corpus.make_shards(config.corpus, config.text_column, shard_bytes)
+    if not shards or corpus.file_rows(shards) == 0:
+        raise UserError(f"the corpus is empty: no rows in {' '.join(config.corpus)}")
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    run_key = {"version": 1, "tokenizer_fingerprint": fingerprint, "source": config.source, "text_column": config.text_column}
+    if generator is not None:
+        run_key.update(
+            model=generator, model_layers=layers, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, seed=config.seed, dtype=config.dtype,
+        )
+    fast = getattr(tokenizer, "_tokenizer", None)
+    spec = CounterSpec(
+        source=config.source,
+        tokenizer=config.drafter,
+        tokenizer_json=fast.to_str() if fast is not None and config.source == "corpus" else None,
+        model=generator,
+        model_layers=layers,
+        text_column=config.text_column,
+        batch_rows=config.batch_size or DEFAULT_BATCH[config.source],
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=config.seed,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        use_gpu=config.gpus_per_worker > 0,
+    )
+    return _Plan(fingerprint, len(tokenizer), shards, spec, run_key, generator)
+
+
+def _progress_bar(config: CalibrateConfig, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="shard", desc="calibrate", dynamic_ncols=True,
+        disable=not (config.show_progress and sys.stderr.isatty()),
+    )
+
+
+def _file_summary(entries: list[ShardCount]) -> list[dict]:
+    files: dict[str, dict] = {}
+    for e in entries:
+        f = files.setdefault(e.path, {"path": e.path, "shards": 0, "rows": 0, "skipped_rows": 0, "tokens": 0})
+        f["shards"] += 1
+        f["rows"] += e.rows
+        f["skipped_rows"] += e.skipped_rows
+        f["tokens"] += e.tokens
+    return list(files.values())
+
+
+def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
+    """Count the corpus into ``config.out`` (resuming from its ledger) and return the manifest."""
+    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray
+
+    wall = time.perf_counter()
+    p = plan(config)
+    out = Path(config.out)
+    ledger = Ledger(out / "shards")
+    ledger.claim(p.run_key)
+    todo = [s for s in p.shards if not ledger.done(s.shard_id)]
+    stats = CountStats()
+    startup = 0.0
+    cpus = config.cpus_per_worker
+    if todo:
+        init_ray(config.address)
+        cpus = cpus or default_cpus_per_worker(config.workers)
+        check_resources(config.workers, config.gpus_per_worker, cpus)
+        spec = CounterSpec(**{**asdict(p.spec), "threads": max(1, int(cpus))})
+        t0 = time.perf_counter()
+        with CounterPool(spec, min(config.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=config.gpus_per_worker) as pool:
+            pool.wait_ready()
+            startup = time.perf_counter() - t0
+            bar = _progress_bar(config, len(p.shards), len(p.shards) - len(todo))
+            try:
+                stats = count_shards(pool, todo, ledger, progress=bar, on_recorded=on_recorded, depth=config.depth)
+            finally:
+                bar.close()
+    counts, entries = ledger.reduce([s.shard_id for s in p.shards], p.vocab_size)
+    total = int(counts.sum())
+    if total == 0:
+        raise UserError(f"the corpus gave no tokens: every row of {' '.join(config.corpus)} is empty or has no {config.text_column!r} text")
+    histogram.save(counts, str(out / "histogram.parquet"))
+    wall = time.perf_counter() - wall
+    manifest = {
+        "kind": MANIFEST_KIND,
+        "version": 1,
+        "tokenizer_fingerprint": p.tokenizer_fingerprint,
+        "vocab_size": p.vocab_size,
+        "histogram_fingerprint": histogram.fingerprint(counts),
+        "source": config.source,
+        "drafter": config.drafter,
+        "drafter_layers": config.drafter_layers,
+        "generator": p.generator,
+        "max_new_tokens": config.max_new_tokens if p.generator else None,
+        "temperature": config.temperature if p.generator else None,
+        "seed": config.seed if p.generator else None,
+        "text_column": config.text_column,
+        "total_tokens": total,
+        "distinct_tokens": int(np.count_nonzero(counts)),
+        "rows": sum(e.rows for e in entries),
+        "skipped_rows": sum(e.skipped_rows for e in entries),
+        "shards": len(p.shards),
+        "shards_counted": stats.shards,
+        "shards_resumed": len(p.shards) - len(todo),
+        "files": _file_summary(entries),
+        "workers": config.workers,
+        "cpus_per_worker": cpus,
+        "gpus_per_worker": config.gpus_per_worker,
+        "tokens_counted": stats.tokens,
+        "startup_seconds": round(startup, 3),
+        "counting_seconds": round(stats.seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(stats.tokens / stats.seconds, 1) if stats.seconds > 0 else None,
+        "tokens_per_second_end_to_end": round(stats.tokens / wall, 1) if wall > 0 else None,
+        "actor_replacements": stats.actor_replacements,
+        "duplicate_deliveries": stats.duplicate_deliveries,
+    }
+    histogram.atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a calibration folder (UserError if it is not one)."""
+    path = Path(folder) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"no calibration in {folder} (no manifest.json): run `vocabtrim calibrate --out {folder}` first") from exc
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("kind") != MANIFEST_KIND:
+        raise UserError(f"{path} is not a calibration manifest")
+    return manifest

@@ -1,0 +1,45 @@
+"""``vocabtrim build-head``: flags → ``BuildHeadConfig`` → ``build_head``, then a one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+
+from vocabtrim.commands.common import add_model_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--histogram", required=True, metavar="DIR", help="a folder written by `vocabtrim calibrate`")
+    add_model_arguments(parser, target=False, drafter_required=True)
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--top-k", type=int, default=None, metavar="K", help="keep K ids (special tokens included)")
+    size.add_argument("--coverage", type=float, default=None, metavar="C", help="keep the fewest ids covering C of the counted tokens, C in (0, 1]")
+    parser.add_argument("--export", default="", metavar="sglang,eagle", help="also write an SGLang token map and/or EAGLE-3 d2t/t2d")
+    parser.add_argument("--out", required=True, metavar="HEAD_DIR", help="output folder")
+
+
+def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
+    from vocabtrim.head import BuildHeadConfig
+
+    return BuildHeadConfig(
+        histogram=args.histogram,
+        drafter=args.drafter,
+        drafter_layers=args.drafter_layers,
+        top_k=args.top_k,
+        coverage=args.coverage,
+        export=[e.strip() for e in args.export.split(",") if e.strip()],
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        out=args.out,
+    )
+
+
+def main(args) -> int:
+    from vocabtrim.head import build_head
+
+    m = build_head(config_from_args(args))
+    files = ", ".join(["head.safetensors", "manifest.json", m["plot"], *m["exports"].values()])
+    print(
+        f"kept K={m['k']:,} of {m['vocab_size']:,} ids ({m['k_frequent']:,} by frequency + special tokens), "
+        f"coverage {m['coverage']:.2%}\nwrote {args.out}/: {files}"
+    )
+    return 0
