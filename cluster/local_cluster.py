@@ -48,10 +48,15 @@ class LocalCluster:
     head_pid: int
     worker_pids: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # RAY_AUTH_MODE etc. the nodes run with
+    node_ids: dict[str, str] = field(default_factory=dict)  # str(pid) -> Ray node id
 
     @property
     def node_pids(self) -> list[int]:
         return [self.head_pid, *self.worker_pids]
+
+    def pid_of(self, node_id: str) -> int | None:
+        """The `ray start` pid of the node with this Ray node id (None: not one of ours)."""
+        return next((int(pid) for pid, nid in self.node_ids.items() if nid == node_id), None)
 
     def save(self) -> None:
         Path(self.state_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -75,6 +80,8 @@ def _ray_executable() -> str:
 def _node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # a node must not try to join some other cluster
+    # job entry points (`python jobs/...`) run with this Python environment, activated or not
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if "RAY_AUTH_MODE" not in env:
         env["RAY_AUTH_MODE"] = "token"
     if env["RAY_AUTH_MODE"] == "token" and not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
@@ -111,11 +118,16 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> int:
     return proc.pid
 
 
-def _alive_nodes(dashboard_url: str) -> int:
+def alive_node_ids(dashboard_url: str) -> set[str]:
+    """Ray node ids of the cluster's alive nodes, from the dashboard."""
     with urllib.request.urlopen(f"{dashboard_url}/nodes?view=summary", timeout=5) as r:
         data = json.load(r)
-    nodes = data.get("data", {}).get("summary", [])
-    return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
+    nodes = [n.get("raylet", {}) for n in data.get("data", {}).get("summary", [])]
+    return {n["nodeId"] for n in nodes if n.get("state") == "ALIVE"}
+
+
+def _alive_nodes(dashboard_url: str) -> int:
+    return len(alive_node_ids(dashboard_url))
 
 
 def _wait(predicate, timeout: float, what: str, pids: list[int]) -> None:
@@ -169,6 +181,8 @@ def start(
     cluster.save()
     try:
         _wait(lambda: _alive_nodes(dashboard_url) >= 1, timeout, "the head node", [head_pid])
+        cluster.node_ids[str(head_pid)] = next(iter(alive_node_ids(dashboard_url)))
+        cluster.save()
         for i in range(workers):  # one at a time: nodes started together time out on a small machine
             add_worker(cluster, cpus=cpus_per_worker, gpus=gpus_per_worker, resources=worker_resources,
                        object_store_memory=object_store_memory, wait=True, name=f"worker{i}", timeout=timeout)
@@ -182,7 +196,7 @@ def add_worker(cluster: LocalCluster, *, cpus: float = 2, gpus: int = 0, resourc
                object_store_memory: int = 200_000_000, wait: bool = True, name: str | None = None,
                timeout: float = 60) -> int:
     """Start one more worker node (its own `ray start`); return its pid."""
-    before = _alive_nodes(cluster.dashboard_url) if wait else 0
+    before = alive_node_ids(cluster.dashboard_url) if wait else set()
     name = name or f"worker{len(cluster.worker_pids)}"
     args = [_ray_executable(), "start", f"--address={cluster.gcs_address}", "--node-ip-address=127.0.0.1",
             *_common_node_args(cluster.temp_dir, cpus, gpus, object_store_memory, resources)]
@@ -190,7 +204,11 @@ def add_worker(cluster: LocalCluster, *, cpus: float = 2, gpus: int = 0, resourc
     cluster.worker_pids.append(pid)
     cluster.save()
     if wait:
-        _wait(lambda: _alive_nodes(cluster.dashboard_url) > before, timeout, f"worker node {name}", [pid])
+        _wait(lambda: alive_node_ids(cluster.dashboard_url) - before, timeout, f"worker node {name}", [pid])
+        new = alive_node_ids(cluster.dashboard_url) - before
+        if len(new) == 1:
+            cluster.node_ids[str(pid)] = new.pop()
+            cluster.save()
     return pid
 
 
@@ -243,10 +261,11 @@ def kill_node(cluster: LocalCluster, pid: int, *, grace: float = 0.0) -> None:
     _terminate(_tree(pid), grace)
     if pid in cluster.worker_pids:
         cluster.worker_pids.remove(pid)
+        cluster.node_ids.pop(str(pid), None)
         cluster.save()
 
 
-def stop(cluster: LocalCluster, *, grace: float = 5.0) -> None:
+def stop(cluster: LocalCluster, *, grace: float = 3.0) -> None:
     """End every process of this cluster: the nodes, their children, and orphans marked with its temp dir."""
     procs = []
     for pid in cluster.node_pids:
