@@ -190,7 +190,7 @@ def _job_commands_in_docs():
         for block in re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), flags=re.S):
             text = re.sub(r"\\\n\s*", " ", block)
             for line in text.splitlines():
-                m = re.search(r"python (jobs/\w+\.py)(.*)", line)
+                m = re.search(r"python ((?:/home/ray/vocabtrim/)?jobs/\w+\.py)(.*)", line)
                 if m:
                     words = shlex.split(m.group(2).split(" #")[0].split(" | ")[0], comments=False)
                     yield doc.name, ["python", m.group(1), *words]
