@@ -118,9 +118,21 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> int:
     return proc.pid
 
 
+def _auth_headers() -> dict[str, str]:
+    """The header Ray's own clients send when token auth is on (the token itself is never saved here)."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.exists() else None
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def alive_node_ids(dashboard_url: str) -> set[str]:
     """Ray node ids of the cluster's alive nodes, from the dashboard."""
-    with urllib.request.urlopen(f"{dashboard_url}/nodes?view=summary", timeout=5) as r:
+    request = urllib.request.Request(f"{dashboard_url}/nodes?view=summary", headers=_auth_headers())
+    with urllib.request.urlopen(request, timeout=5) as r:
         data = json.load(r)
     nodes = [n.get("raylet", {}) for n in data.get("data", {}).get("summary", [])]
     return {n["nodeId"] for n in nodes if n.get("state") == "ALIVE"}
