@@ -68,6 +68,13 @@ def test_large_row_groups_are_cut_into_row_slices(tmp_path):
     assert [t for _, _, t in read_all(shards, batch_rows=13)] == LINES
 
 
+def test_shard_rows_caps_the_rows_of_parquet_and_arrow_shards(tmp_path):
+    pq.write_table(pa.table({"text": LINES}), tmp_path / "p.parquet", row_group_size=200)
+    shards = corpus.make_shards([str(tmp_path / "p.parquet")], shard_rows=64)
+    assert [s.rows for s in shards] == [50, 50, 50, 50]
+    assert [t for _, _, t in read_all(shards)] == LINES
+
+
 def test_same_corpus_same_ids_and_a_changed_file_gets_new_ones(files):
     first = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
     again = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)

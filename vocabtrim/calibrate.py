@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("corpus", "drafter", "target")
 MANIFEST_KIND = "vocabtrim-histogram"
-GENERATED_SHARD_BYTES = 64 << 10
+GENERATED_SHARD_BYTES = 16 << 10
+GENERATED_SHARD_ROWS = 32
 DEFAULT_BATCH = {"corpus": 1024, "drafter": 16, "target": 16}
 
 
@@ -67,7 +68,8 @@ class CalibrateConfig:
     address: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
-    shard_bytes: int | None = None  # None: 16 MiB for corpus, 64 KiB for generated sources
+    shard_bytes: int | None = None  # None: 16 MiB for corpus, 16 KiB for generated sources
+    shard_rows: int | None = None  # None: no limit for corpus, 32 rows for generated sources (Parquet, Arrow)
     depth: int = 2  # calls in flight per actor
     show_progress: bool = True
 
@@ -310,7 +312,7 @@ class ShardCounter:
             else:
                 keep = [i for i, t in enumerate(batch.texts) if isinstance(t, str) and t.strip()]
                 texts = [batch.texts[i] for i in keep]
-                ids = self.generate(texts, [f"{shard.name}:{batch.keys[i]}"for i in keep]) if keep else []
+                ids = self.generate(texts, [f"{shard.name}:{batch.keys[i]}" for i in keep]) if keep else []
             rows += len(texts)
             skipped += len(batch.texts) - len(texts)
             part = histogram.count_ids(ids, self.vocab_size)
@@ -545,8 +547,10 @@ def plan(config: CalibrateConfig) -> _Plan:
         check_pair(load_tokenizer(generator, config.trust_remote_code), tokenizer)
     if generator is not None:
         resolve_model(generator)  # a GGUF model converts once here, not in every actor
-    shard_bytes = config.shard_bytes or (corpus.DEFAULT_SHARD_BYTES if config.source == "corpus" else GENERATED_SHARD_BYTES)
-    shards = corpus.make_shards(config.corpus, config.text_column, shard_bytes)
+    generated = config.source != "corpus"
+    shard_bytes = config.shard_bytes or (GENERATED_SHARD_BYTES if generated else corpus.DEFAULT_SHARD_BYTES)
+    shard_rows = config.shard_rows or (GENERATED_SHARD_ROWS if generated else None)
+    shards = corpus.make_shards(config.corpus, config.text_column, shard_bytes, shard_rows)
     if not shards or corpus.file_rows(shards) == 0:
         raise UserError(f"the corpus is empty: no rows in {' '.join(config.corpus)}")
     fingerprint = tokenizer_fingerprint(tokenizer)

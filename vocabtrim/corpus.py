@@ -200,7 +200,17 @@ def _check_text_field(schema, path: str, text_column: str) -> int:
     return schema.get_field_index(text_column)
 
 
-def _parquet_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard]:
+def _pieces(rows: int, nbytes: int, shard_bytes: int, shard_rows: int | None) -> int:
+    """How many row slices a block of ``rows`` rows and ``nbytes`` bytes of text is cut into."""
+    if rows == 0:
+        return 0
+    pieces = math.ceil(nbytes / shard_bytes)
+    if shard_rows:
+        pieces = max(pieces, math.ceil(rows / shard_rows))
+    return max(1, min(rows, pieces))
+
+
+def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
     import pyarrow.parquet as pq
 
     try:
@@ -216,8 +226,7 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
             n = rg.num_rows
-            size = rg.column(leaf).total_uncompressed_size
-            pieces = max(1, min(n, math.ceil(size / shard_bytes))) if n else 0
+            pieces = _pieces(n, rg.column(leaf).total_uncompressed_size, shard_bytes, shard_rows)
             step = math.ceil(n / pieces) if pieces else 0
             for s in range(first, first + n, step or 1):
                 e = min(s + step, first + n)
@@ -275,7 +284,7 @@ def _open_arrow(path: str):
         return pa.ipc.open_file(source).read_all()
 
 
-def _arrow_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard]:
+def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
     try:
         table = _open_arrow(path)
     except Exception as exc:
@@ -284,7 +293,7 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard]:
     n = table.num_rows
     if n == 0:
         return []
-    pieces = max(1, min(n, math.ceil(table.column(text_column).nbytes / shard_bytes)))
+    pieces = _pieces(n, table.column(text_column).nbytes, shard_bytes, shard_rows)
     step = math.ceil(n / pieces)
     return [
         Shard(_shard_id(path, f"r{s}-{min(s + step, n)}"), path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s)
@@ -292,10 +301,14 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int) -> list[Shard]:
     ]
 
 
-def make_shards(paths: list[str], text_column: str = "text", shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Shard]:
+def make_shards(
+    paths: list[str], text_column: str = "text", shard_bytes: int = DEFAULT_SHARD_BYTES, shard_rows: int | None = None
+) -> list[Shard]:
     """Check every file (readable, has the text column) and cut the corpus into shards.
 
-    The result depends only on the files and ``shard_bytes``: same corpus, same shard ids, same order.
+    A shard holds about ``shard_bytes`` of text and, for Parquet and Arrow files, at most
+    ``shard_rows`` rows when given (generated sources: a row costs a whole generation, not its bytes).
+    The result depends only on the files and these sizes: same corpus, same shard ids, same order.
     Raises UserError (one line) for a missing or unreadable file or a missing text column.
     """
     if shard_bytes < 1:
@@ -307,9 +320,9 @@ def make_shards(paths: list[str], text_column: str = "text", shard_bytes: int = 
             raise UserError(f"cannot read {path}: permission denied")
         try:
             if kind == "parquet":
-                shards.extend(_parquet_shards(path, text_column, shard_bytes))
+                shards.extend(_parquet_shards(path, text_column, shard_bytes, shard_rows))
             elif kind == "arrow":
-                shards.extend(_arrow_shards(path, text_column, shard_bytes))
+                shards.extend(_arrow_shards(path, text_column, shard_bytes, shard_rows))
             elif kind == "jsonl":
                 _check_jsonl(path, text_column)
                 shards.extend(_byte_shards(path, kind, shard_bytes))
