@@ -368,8 +368,10 @@ class CounterPool:
         """Block until every actor has built itself (its tokenizer and model are loaded)."""
         import ray
 
+        from vocabtrim.ray_utils import wait_ready
+
         try:
-            ray.get([a.pid.remote() for a in self.actors])
+            wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors")
         except ray.exceptions.RayActorError as exc:
             raise _user_error_in(exc) or RuntimeError(f"a counting actor failed to start: {exc}") from exc
 

@@ -332,7 +332,10 @@ def build_head(config: BuildHeadConfig) -> dict:
     plot_coverage(
         np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)]),
         selection.k, selection.coverage, out / PLOT_FILE,
-        title=f"{Path(config.drafter).name}: {calibration.get('source')} histogram, {int(counts.sum()):,} tokens",
+        title=(
+            f"{Path(config.drafter).name}{f', {config.drafter_layers} layers' if config.drafter_layers else ''}: "
+            f"source {calibration.get('source')}, {int(counts.sum()):,} tokens"
+        ),
     )
     manifest["plot"] = PLOT_FILE
     save_head(head, out, manifest)
