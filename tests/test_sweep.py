@@ -1,0 +1,186 @@
+"""``vocabtrim sweep`` on tiny models: every output file with its columns, MBSU as defined, a failed
+cell recorded without stopping the sweep, and a rerun that reuses finished cells and retries the failed one."""
+
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tiny import TRAINING_TEXT
+
+from vocabtrim import calibrate, cli, generate
+from vocabtrim.errors import UserError
+from vocabtrim.sweep import (
+    PLOTS,
+    SweepConfig,
+    mbsu,
+    param_ratio,
+    parse_k,
+    parse_sources,
+    plan_cells,
+    run_sweep,
+)
+
+REQUIRED_COLUMNS = [
+    "cell", "kind", "source", "k", "acceptance_rate", "tokens_per_target_pass", "per_position_acceptance",
+    "drafter_step_ms", "tokens_per_second", "speedup", "param_ratio", "mbsu", "status", "error",
+]
+FAILING_CELL = "corpus-k32"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vt", dir="/tmp"))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(tiny_pair_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-inputs")
+    pq.write_table(pa.table({"text": sorted(set(TRAINING_TEXT))}), root / "corpus.parquet")
+    prompts = ["the quick brown fox", "a small drafter proposes", "What is the capital of France?",
+               "def add(a, b):", "ray actors count tokens", "Write a haiku about the sea."]
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts}), root / "eval.parquet")
+    target, drafter = tiny_pair_dirs
+    return SweepConfig(
+        target=target, drafter=drafter, corpus=[str(root / "corpus.parquet")], prompts=[str(root / "eval.parquet")],
+        out=str(tmp_path_factory.mktemp("sweep") / "out"), k=[32, 128, None], sources=["corpus", "target"],
+        calib_max_new_tokens=8, max_new_tokens=8, temperature=1.0, gamma=3, batch_size=8, progress=False,
+    )
+
+
+class Calls:
+    """Wraps a stage function: counts calls per output folder, and fails for chosen folders."""
+
+    def __init__(self, fn, fail_for=()):
+        self.fn, self.fail_for, self.outs = fn, tuple(fail_for), []
+
+    def __call__(self, cfg):
+        self.outs.append(Path(cfg.out).name)
+        if Path(cfg.out).name in self.fail_for:
+            raise RuntimeError("injected failure")
+        return self.fn(cfg)
+
+
+@pytest.fixture(scope="module")
+def first(ray_local, config):
+    """The sweep with generation failing for one cell."""
+    with pytest.MonkeyPatch.context() as mp:
+        gen = Calls(generate.run_generate, fail_for=[FAILING_CELL])
+        mp.setattr(generate, "run_generate", gen)
+        result = run_sweep(config)
+    return result, gen
+
+
+@pytest.fixture(scope="module")
+def second(first, config):
+    """The same sweep again, nothing failing."""
+    with pytest.MonkeyPatch.context() as mp:
+        gen, cal = Calls(generate.run_generate), Calls(calibrate.run_calibrate)
+        mp.setattr(generate, "run_generate", gen)
+        mp.setattr(calibrate, "run_calibrate", cal)
+        result = run_sweep(config)
+    return result, gen, cal
+
+
+def test_mbsu_on_a_known_case():
+    # τ = 2.4 tokens per target pass, a drafter 1/10 of the target, γ = 4: 2.4 / (0.4 + 1).
+    assert mbsu(2.4, 0.1, 4) == pytest.approx(2.4 / 1.4)
+    assert mbsu(1.0, 0.0, 0) == 1.0  # the target alone
+    # c counts the drafter body plus K rows of the head: (1000 + 10 × 8) / 10000.
+    assert param_ratio(1000, 10, 8, 10_000) == pytest.approx(0.108)
+    assert param_ratio(1000, 10, 8, 10_000, head_bias=True) == pytest.approx(0.109)
+
+
+def test_every_file_and_column(first, config):
+    result, _ = first
+    out = Path(config.out)
+    for name in ["results.parquet", "report.md", *PLOTS.values()]:
+        assert (out / name).is_file(), name
+    for png in PLOTS.values():
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 300_000
+    table = pq.read_table(out / "results.parquet")
+    assert set(REQUIRED_COLUMNS) <= set(table.column_names)
+    cells = table.column("cell").to_pylist()
+    assert cells == ["target", "full", "corpus-k32", "corpus-k128", "target-k32", "target-k128"]
+    report = (out / "report.md").read_text()
+    for heading in ("## Acceptance rate", "## MBSU", "## Measured speedup", "## Coverage", "## All cells"):
+        assert heading in report
+    for png in PLOTS.values():
+        assert f"]({png})" in report
+
+
+def test_metrics_of_the_rows(first, config, tiny_pair_dirs):
+    from vocabtrim.models import load_model
+
+    rows = {r["cell"]: r for r in first[0]["rows"]}
+    target, drafter = (load_model(p, device="cpu") for p in tiny_pair_dirs)
+    target_params = sum(p.numel() for p in target.parameters())
+    head = drafter.get_output_embeddings().weight
+    body = sum(p.numel() for n, p in drafter.named_parameters() if not n.startswith("lm_head"))
+    vocab, hidden = head.shape
+    assert rows["target"]["speedup"] == 1.0 and rows["target"]["mbsu"] == 1.0
+    assert rows["full"]["k"] == vocab
+    for name in ("full", "target-k32", "target-k128", "corpus-k128"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["param_ratio"] == pytest.approx((body + r["k"] * hidden) / target_params)
+        assert r["mbsu"] == pytest.approx(r["tokens_per_target_pass"] / (r["param_ratio"] * 3 + 1))
+        assert r["speedup"] == pytest.approx(r["tokens_per_second"] / rows["target"]["tokens_per_second"])
+        assert len(r["per_position_acceptance"]) == 3 and sum(r["accepted_length_histogram"]) > 0
+        assert 0 <= r["acceptance_rate"] <= 1 and r["drafter_step_ms"] > 0
+    assert rows["target-k32"]["k"] == 32 and 0 < rows["target-k32"]["head_coverage"] <= 1
+    assert rows["target-k32"]["param_ratio"] < rows["target-k128"]["param_ratio"] < rows["full"]["param_ratio"]
+
+
+def test_a_failed_cell_is_recorded_and_the_sweep_goes_on(first, config):
+    result, gen = first
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert result["failed"] == 1
+    assert rows[FAILING_CELL]["status"] == "failed"
+    assert rows[FAILING_CELL]["error"] == "generate: RuntimeError: injected failure"
+    assert gen.outs[-1] == "target-k128"  # the cells after it ran
+    assert all(r["status"] == "ok" for name, r in rows.items() if name != FAILING_CELL)
+    assert f"`{FAILING_CELL}`: generate: RuntimeError: injected failure" in (Path(config.out) / "report.md").read_text()
+
+
+def test_a_rerun_reuses_finished_cells_and_retries_the_failed_one(second, config):
+    result, gen, cal = second
+    assert gen.outs == [FAILING_CELL] and cal.outs == []
+    assert result["failed"] == 0
+    runs = {r["cell"]: r["measured_in_run"] for r in result["rows"]}
+    assert runs == {"target": 1, "full": 1, "corpus-k32": 2, "corpus-k128": 1, "target-k32": 1, "target-k128": 1}
+    table = pq.read_table(Path(config.out) / "results.parquet")
+    assert table.column("status").to_pylist() == ["ok"] * 6
+    assert "measured in runs 1, 2" in (Path(config.out) / "report.md").read_text()
+
+
+def test_other_settings_into_the_same_folder_are_refused(second, config):
+    from dataclasses import replace
+
+    with pytest.raises(UserError, match="other settings.*max_new_tokens 8 now 9"):
+        run_sweep(replace(config, max_new_tokens=9))
+
+
+def test_cli_errors_are_one_line(config, capsys):
+    args = ["sweep", "--target", config.target, "--drafter", config.drafter, "--corpus", *config.corpus,
+            "--prompts", *config.prompts, "--out", config.out + "-cli"]
+    assert cli.main(args + ["--k", "64,lots"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--k takes positive integers and 'full', comma-separated; got 'lots'")
+    assert cli.main(args + ["--k", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "exceeds the drafter's vocabulary" in err
+
+
+def test_parsing_and_plan():
+    assert parse_k("1024, 2048,full") == [1024, 2048, None]
+    assert parse_sources("target,corpus") == ["target", "corpus"]
+    with pytest.raises(UserError):
+        parse_sources("corpus,web")
+    names = [c.name for c in plan_cells([8, None, 4], ["drafter"])]
+    assert names == ["target", "full", "drafter-k4", "drafter-k8"]
