@@ -624,9 +624,27 @@ def _run_sweep(cfg: SweepConfig, echo: Callable[[str], None]) -> dict:
         raise UserError(f"--k {too_big[0]} exceeds the drafter's vocabulary of {sizes.vocab_size}: use 'full' for the whole head")
     out = Path(cfg.out)
     run = claim_out(out, settings_of(cfg))
+    rows, calibrations = run_cells(cfg, out, sizes, run, echo)
+    add_eval_coverage(cfg, out, rows)
+    write_results(rows, out / RESULTS_FILE)
+    paths = write_report(rows, report_context(cfg, out, sizes, calibrations), out)
+    return {
+        "rows": rows,
+        "cells": len(rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "run": run,
+        "wall_seconds": time.perf_counter() - wall,
+        "results": str(out / RESULTS_FILE),
+        **{k: str(v) for k, v in paths.items()},
+    }
+
+
+def run_cells(cfg: SweepConfig, out: Path, sizes: ModelSizes, run: int, echo) -> tuple[list[dict], dict]:
+    """Every cell in turn (``plan_cells``); results.parquet is rewritten after each, so a long sweep
+    shows its progress. Returns the rows and the calibration manifests (or errors) by source."""
     cells = plan_cells(cfg.k, cfg.sources)
     calibrations: dict = {}
-    rows = []
+    rows: list[dict] = []
     for i, cell in enumerate(cells, 1):
         t = time.perf_counter()
         done = (gen_dir(out, cell) / "summary.json").is_file()
@@ -637,28 +655,20 @@ def _run_sweep(cfg: SweepConfig, echo: Callable[[str], None]) -> dict:
             echo(f"[{i}/{len(cells)}] {cell.name} FAILED: {row['error']}")
         elif not done:
             echo(f"[{i}/{len(cells)}] {cell.name}: acceptance {_fmt(row['acceptance_rate'])}, {time.perf_counter() - t:.0f} s")
-    add_speedups(rows)
-    add_eval_coverage(cfg, out, rows)
-    write_results(rows, out / RESULTS_FILE)
+        add_speedups(rows)
+        write_results(rows, out / RESULTS_FILE)
+    return rows, calibrations
+
+
+def report_context(cfg: SweepConfig, out: Path, sizes: ModelSizes, calibrations: dict) -> "ReportContext":
     histograms = {s: calib_dir(out, s) / "histogram.parquet" for s in cfg.sources}
-    context = ReportContext(
+    return ReportContext(
         settings=settings_of(cfg),
         sizes=asdict(sizes),
         calibrations={s: m for s, m in calibrations.items() if isinstance(m, dict)},
         histograms={s: p for s, p in histograms.items() if p.is_file()},
         runs=json.loads((out / SETTINGS_FILE).read_text())["runs"],
     )
-    paths = write_report(rows, context, out)
-    failed = [r for r in rows if r["status"] == "failed"]
-    return {
-        "rows": rows,
-        "cells": len(rows),
-        "failed": len(failed),
-        "run": run,
-        "wall_seconds": time.perf_counter() - wall,
-        "results": str(out / RESULTS_FILE),
-        **{k: str(v) for k, v in paths.items()},
-    }
 
 
 def _fmt(value, spec: str = ".3f") -> str:
