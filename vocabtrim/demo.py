@@ -37,12 +37,12 @@ class DemoConfig:
     out: str | None = None  # None: a new temporary folder
     model: str = "smollm2-135m"
     drafter_layers: int = 4
-    calibration_prompts: int = 128
+    calibration_prompts: int = 96
     calibration_new_tokens: int = 48
-    eval_prompts: int = 48
+    eval_prompts: int = 32
     max_new_tokens: int = 48
     top_k: int = 8192
-    gamma: int = 3
+    gamma: int = 4
     batch_size: int = 8
     temperature: float = 0.0
     seed: int = 0

@@ -418,8 +418,9 @@ def start_workers(cfg: GenerateConfig) -> list:
 
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else default_cpus_per_worker(cfg.workers)
     check_resources(cfg.workers, cfg.gpus_per_worker, cpus)
-    total_cpus = ray.cluster_resources().get("CPU", 1)
-    threads = max(1, int(cfg.cpus_per_worker if cfg.cpus_per_worker is not None else total_cpus // cfg.workers))
+    # One torch thread per CPU the actor holds: more threads than reserved CPUs collapse under contention
+    # (measured: 2 threads on a busy 2-core machine decode 20x slower than 1). --cpus-per-worker 2 gives 2.
+    threads = max(1, int(cpus))
     actor_cls = ray.remote(GenerateWorker).options(
         num_cpus=cpus, num_gpus=cfg.gpus_per_worker, max_restarts=1, max_task_retries=1
     )
@@ -564,7 +565,13 @@ def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: Pa
         ref = ready[0]
         actor, index, start = inflight.pop(ref)
         load[id(actor)] -= 1
-        result = ray.get(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(
+                f"a generate worker died ({_first_line(exc)}); the files already written to {out} are complete: "
+                "rerun the same command to resume"
+            ) from exc
         st = states[index]
         st.results[start] = result["columns"]
         st.stats = st.stats.add(ChunkStats(**result["stats"]))
