@@ -86,8 +86,9 @@ def _safe_stem(path: str) -> str:
     return stem
 
 
-def _shard_id(path: str, tag: str) -> str:
-    return f"{_safe_stem(path)}-{_file_key(path)}-{tag}"
+def _shard_prefix(path: str) -> str:
+    """``<stem>-<file key>``: every shard id of a file starts with it."""
+    return f"{_safe_stem(path)}-{_file_key(path)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +221,7 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
     with pf:
         _check_text_field(pf.schema_arrow, path, text_column)
         md = pf.metadata
+        prefix = _shard_prefix(path)
         leaf = next(i for i in range(md.num_columns) if md.schema.column(i).path == text_column)
         shards: list[Shard] = []
         first = 0
@@ -231,7 +233,7 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
             for s in range(first, first + n, step or 1):
                 e = min(s + step, first + n)
                 tag = f"rg{g:05d}" if pieces == 1 else f"rg{g:05d}-r{s}-{e}"
-                shards.append(Shard(_shard_id(path, tag), path, "parquet", s, e, g, e - s))
+                shards.append(Shard(f"{prefix}-{tag}", path, "parquet", s, e, g, e - s))
             first += n
     return shards
 
@@ -267,8 +269,9 @@ def _check_text(path: str) -> None:
 
 def _byte_shards(path: str, kind: str, shard_bytes: int) -> list[Shard]:
     size = os.path.getsize(path)
+    prefix = _shard_prefix(path)
     return [
-        Shard(_shard_id(path, f"b{s}-{min(s + shard_bytes, size)}"), path, kind, s, min(s + shard_bytes, size))
+        Shard(f"{prefix}-b{s}-{min(s + shard_bytes, size)}", path, kind, s, min(s + shard_bytes, size))
         for s in range(0, size, shard_bytes)
     ]
 
@@ -295,8 +298,9 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int
         return []
     pieces = _pieces(n, table.column(text_column).nbytes, shard_bytes, shard_rows)
     step = math.ceil(n / pieces)
+    prefix = _shard_prefix(path)
     return [
-        Shard(_shard_id(path, f"r{s}-{min(s + step, n)}"), path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s)
+        Shard(f"{prefix}-r{s}-{min(s + step, n)}", path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s)
         for s in range(0, n, step)
     ]
 
