@@ -10,7 +10,7 @@ import tempfile
 import pyarrow.parquet as pq
 import pytest
 
-from vocabtrim.demo import PROMPTS, DemoConfig, format_table, run_demo, split_prompts, table_rows
+from vocabtrim.demo import DemoConfig, format_table, run_demo, split_prompts, table_rows
 
 
 def summary(tps, acceptance=None, per_pass=1.0, drafter_ms=None):

@@ -290,3 +290,19 @@ def test_settings_refuse_before_ray(base, tmp_path):
     pq.write_table(pa.table({"x": [1]}), out / "stray.parquet")
     with pytest.raises(UserError, match="no settings.json"):
         run_generate(replace(base, out=str(out)))
+
+
+def test_a_head_built_for_another_drafter_is_refused_in_one_line(ray_local, base, inputs, tmp_path):
+    """The workers load the head; their refusal reaches the user as one line, before any row is generated."""
+    from vocabtrim.calibrate import CalibrateConfig, run_calibrate
+    from vocabtrim.head import BuildHeadConfig, build_head
+
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": ["the quick brown fox jumps over the lazy dog"] * 8}), corpus)
+    run_calibrate(CalibrateConfig(drafter=base.drafter, corpus=[str(corpus)], out=str(tmp_path / "cal"), show_progress=False))
+    build_head(BuildHeadConfig(histogram=str(tmp_path / "cal"), drafter=base.drafter, top_k=32, out=str(tmp_path / "head")))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="built for another drafter") as e:
+        run_generate(replace(base, drafter=None, drafter_layers=1, head=str(tmp_path / "head"), out=str(out)))
+    assert "\n" not in str(e.value)
+    assert not list(out.rglob("*.parquet"))

@@ -15,7 +15,6 @@ is most of each drafter step, and trimming it makes every step cheaper at (almos
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -24,8 +23,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from vocabtrim.errors import UserError
-
-log = logging.getLogger(__name__)
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.parquet"
 

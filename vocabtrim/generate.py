@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim.errors import UserError
-from vocabtrim.prompts import PromptChunk, PromptFile, encode_prompt, inspect_prompt_files, read_chunks
+from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 
 log = logging.getLogger(__name__)
 
