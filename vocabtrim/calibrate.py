@@ -90,6 +90,7 @@ class ShardCount:
     rows: int
     skipped_rows: int
     tokens: int
+    cpu_seconds: float = 0.0  # the counting process's CPU time for this shard (not stored in the ledger)
 
 
 class Ledger:
@@ -303,6 +304,7 @@ class ShardCounter:
 
     def count(self, shard: corpus.Shard) -> ShardCount:
         spec = self.spec
+        cpu = time.process_time()
         total = np.zeros(self.vocab_size, dtype=np.int64)
         rows = skipped = tokens = 0
         for batch in corpus.iter_shard(shard, spec.text_column, spec.batch_rows):
@@ -319,7 +321,7 @@ class ShardCounter:
             tokens += int(part.sum())
             total = histogram.add_into(total, part)
         ids_, counts = histogram.to_sparse(total)
-        return ShardCount(shard.shard_id, shard.path, ids_, counts, rows, skipped, tokens)
+        return ShardCount(shard.shard_id, shard.path, ids_, counts, rows, skipped, tokens, time.process_time() - cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +423,7 @@ class CountStats:
     rows: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # summed over the counting actors
     actor_replacements: int = 0
     duplicate_deliveries: int = 0
 
@@ -478,6 +481,7 @@ def count_shards(
         stats.shards += 1
         stats.rows += result.rows
         stats.tokens += result.tokens
+        stats.cpu_seconds += result.cpu_seconds
         if progress is not None:
             progress.update(1)
             elapsed = max(time.perf_counter() - start, 1e-9)
@@ -662,6 +666,7 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
         "tokens_counted": stats.tokens,
         "startup_seconds": round(startup, 3),
         "counting_seconds": round(stats.seconds, 3),
+        "counting_cpu_seconds": round(stats.cpu_seconds, 3),
         "wall_seconds": round(wall, 3),
         "tokens_per_second": round(stats.tokens / stats.seconds, 1) if stats.seconds > 0 else None,
         "tokens_per_second_end_to_end": round(stats.tokens / wall, 1) if wall > 0 else None,
