@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import Counter
 from importlib import resources
@@ -172,7 +173,9 @@ def main(argv=None):
     base_tps = {r["batch"]: r["tokens_per_s"] for r in rows if r["config"] == "target alone"}
     hf_tps = {r["config"].split(", ")[1]: r["tokens_per_s"] for r in rows if r["config"].startswith("HF")}
     fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
+    load = os.getloadavg()
     print()
+    print(f"Load average at the end: {load[0]:.2f} (1 min), {load[2]:.2f} (15 min) on {os.cpu_count()} cores.")
     print(f"Bundled {args.model}, {args.threads} threads, greedy, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens "
           f"(EOS ignored), head K={len(kept)}.")
     print()

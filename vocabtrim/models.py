@@ -147,6 +147,13 @@ def resolve_model(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" progress bars on stderr: a user error must stay one line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -170,6 +177,7 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     where = resolve_model(name)
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
