@@ -14,6 +14,8 @@ from vocabtrim.errors import UserError
 from vocabtrim.sweep import (
     PLOTS,
     SweepConfig,
+    knee_k,
+    load_outliers,
     mbsu,
     param_ratio,
     parse_k,
@@ -134,6 +136,7 @@ def test_metrics_of_the_rows(first, config, tiny_pair_dirs):
         assert r["speedup"] == pytest.approx(r["tokens_per_second"] / rows["target"]["tokens_per_second"])
         assert len(r["per_position_acceptance"]) == 3 and sum(r["accepted_length_histogram"]) > 0
         assert 0 <= r["acceptance_rate"] <= 1 and r["drafter_step_ms"] > 0
+        assert r["drafter_step_per_target_pass"] == pytest.approx(r["drafter_step_ms"] / r["target_pass_ms"])
     assert rows["target-k32"]["k"] == 32 and 0 < rows["target-k32"]["head_coverage"] <= 1
     assert rows["target-k32"]["param_ratio"] < rows["target-k128"]["param_ratio"] < rows["full"]["param_ratio"]
 
@@ -184,3 +187,16 @@ def test_parsing_and_plan():
         parse_sources("corpus,web")
     names = [c.name for c in plan_cells([8, None, 4], ["drafter"])]
     assert names == ["target", "full", "drafter-k4", "drafter-k8"]
+
+
+def test_knee_and_cells_timed_under_another_load():
+    assert knee_k([1024, 2048, 4096], [0.140, 0.1496, 0.151], 0.151) == 2048  # 0.1496 ≥ 0.99 × 0.151
+    assert knee_k([1024], [0.10], 0.151) is None
+
+    def row(cell, kind, ms):
+        return {"cell": cell, "kind": kind, "status": "ok", "target_pass_ms": ms}
+
+    rows = [row("target", "target", 50.0), row("full", "full", 290.0), row("a", "trimmed", 200.0),
+            row("b", "trimmed", 190.0), row("c", "trimmed", 210.0)]
+    assert load_outliers(rows) == {"full": (290.0, 205.0)}  # the target alone's 1-token pass is not compared
+    assert load_outliers(rows[:3]) == {}  # too few drafted cells to tell

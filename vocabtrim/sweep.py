@@ -51,7 +51,8 @@ RESULTS_FILE = "results.parquet"
 REPORT_FILE = "report.md"
 CELL_FILE = "sweep_cell.json"
 PLOTS = {"acceptance": "acceptance_vs_k.png", "speedup": "speedup_vs_k.png", "coverage": "coverage.png"}
-KNEE_SHARE = 0.95  # the knee: the smallest K keeping this share of the full head's acceptance rate
+LOAD_TOLERANCE = 0.25  # a drafted cell whose target pass is this much off the median was timed under another load
+KNEE_SHARE = 0.99  # the knee: the smallest K keeping this share of the full head's acceptance rate
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -68,6 +69,7 @@ RESULT_SCHEMA = pa.schema(
         ("accepted_length_histogram", pa.list_(pa.int64())),  # [γ + 1]
         ("drafter_step_ms", pa.float64()),
         ("target_pass_ms", pa.float64()),
+        ("drafter_step_per_target_pass", pa.float64()),  # drafter_step_ms ÷ target_pass_ms, both of this cell
         ("tokens_per_second", pa.float64()),  # decoding throughput inside the engine
         ("speedup", pa.float64()),  # tokens_per_second ÷ the target alone's
         ("gamma", pa.int64()),
@@ -124,6 +126,24 @@ def knee_k(ks: list[int], acceptance: list[float], full_acceptance: float, share
         if a is not None and a >= share * full_acceptance:
             return k
     return None
+
+
+def load_outliers(rows: list[dict], tolerance: float = LOAD_TOLERANCE) -> dict[str, tuple[float, float]]:
+    """Drafted cells timed under a different machine load than the others: ``{cell: (target pass ms,
+    median target pass ms)}`` for those off the median by more than ``tolerance`` (relative).
+
+    Every drafted cell runs the same target verification pass (γ + 1 tokens per row, same batches), so
+    its time should not depend on the head; a cell whose pass is much slower or faster than the others'
+    shared the machine with other work, and its tokens/s is not comparable with theirs.
+    """
+    times = {r["cell"]: r["target_pass_ms"] for r in rows
+             if r["status"] == "ok" and r["kind"] != "target" and r["target_pass_ms"]}
+    if len(times) < 3:
+        return {}
+    ordered = sorted(times.values())
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {cell: (ms, median) for cell, ms in times.items() if abs(ms / median - 1) > tolerance}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +512,7 @@ def metrics_row(cell: Cell, summary: dict, sizes: ModelSizes, gamma: int) -> dic
         accepted_length_histogram=summary.get("accepted_length_histogram") if g else [],
         drafter_step_ms=summary.get("drafter_step_ms"),
         target_pass_ms=summary.get("target_pass_ms"),
+        drafter_step_per_target_pass=_ratio(summary.get("drafter_step_ms"), summary.get("target_pass_ms")),
         tokens_per_second=summary.get("tokens_per_engine_second"),
         gamma=g,
         drafter_params=sizes.drafter(head_rows) if cell.kind != "target" else None,
@@ -508,6 +529,10 @@ def metrics_row(cell: Cell, summary: dict, sizes: ModelSizes, gamma: int) -> dic
         row["head_coverage"] = 1.0
         row["eval_coverage"] = 1.0
     return row
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def run_cell(cfg: SweepConfig, out: Path, cell: Cell, sizes: ModelSizes, run: int, calibrations: dict) -> dict:
@@ -679,6 +704,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 # Report: plots (matplotlib, Agg) and Markdown
 # ---------------------------------------------------------------------------------------------
 
+TIMED_METRICS = ("speedup", "tokens_per_second", "drafter_step_ms")
 SOURCE_COLORS = {"corpus": "tab:blue", "drafter": "tab:orange", "target": "tab:green"}
 SOURCE_LABELS = {"corpus": "raw corpus tokens", "drafter": "drafter-generated", "target": "target-generated"}
 
@@ -708,11 +734,18 @@ def _sources(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["source"] for r in rows if r["kind"] == "trimmed"))
 
 
+def _k_label(k: int, vocab: int) -> str:
+    """Tick label: "full" for the whole head, 1K = 1,024 (the paper's 16K, 32K), else the number."""
+    if k == vocab:
+        return f"full\n{k:,}"
+    return f"{k // 1024}K" if k >= 1024 and k % 1024 == 0 else f"{k:,}"
+
+
 def _k_axis(ax, ks: list[int], vocab: int) -> None:
     ticks = sorted(set(ks) | {vocab})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"full\n{k:,}" if k == vocab else f"{k:,}" for k in ticks], fontsize=8)
+    ax.set_xticklabels([_k_label(k, vocab) for k in ticks], fontsize=8)
     ax.minorticks_off()
     ax.set_xlim(min(ticks) / 1.3, max(ticks) * 1.3)
     ax.set_xlabel("K: rows kept in the drafter's LM head (log scale)")
@@ -753,6 +786,8 @@ def plot_metric_vs_k(rows: list[dict], panels: list[tuple[str, str]], vocab: int
             ax.plot([vocab], [full[metric]], "s", color="black")
         if target is not None and target[metric] is not None:
             ax.axhline(target[metric], color="grey", ls=":", lw=1.2, label="target alone")
+        if metric in TIMED_METRICS:
+            _mark_outliers(ax, rows, metric, vocab)
         _k_axis(ax, ks, vocab)
         ax.set_ylabel(label)
         ax.legend(fontsize=8, loc="best")
@@ -760,11 +795,21 @@ def plot_metric_vs_k(rows: list[dict], panels: list[tuple[str, str]], vocab: int
     return _save(fig, path)
 
 
-def plot_coverage_curves(histograms: dict, ks: list[int], vocab: int, path: Path) -> Path:
-    """Coverage of each source's calibration histogram by its top-K ids, K on a log axis; the swept Ks dotted."""
+def _mark_outliers(ax, rows: list[dict], metric: str, vocab: int) -> None:
+    """Cross out the points of cells timed under another machine load (``load_outliers``)."""
+    outliers = load_outliers(rows)
+    points = [(vocab if r["kind"] == "full" else r["k"], r[metric]) for r in rows if r["cell"] in outliers and r[metric] is not None]
+    if points:
+        ax.plot(*zip(*points), "x", color="red", ms=11, mew=2, label="timed under another load (not comparable)")
+
+
+def plot_coverage_curves(histograms: dict, rows: list[dict], vocab: int, path: Path) -> Path:
+    """Left: coverage of each source's calibration histogram by its top-K ids (the swept Ks dotted).
+    Right: the eval coverage of each trimmed head (share of the target's evaluation tokens it keeps)."""
     from vocabtrim import histogram
 
-    fig, (ax,) = _new_figure(1, width=7.2)
+    ks = sorted({r["k"] for r in rows if r["kind"] == "trimmed"})
+    fig, (ax, ax_eval) = _new_figure(2, width=6.0)
     for source, hist_path in histograms.items():
         counts = histogram.load(str(hist_path), vocab)
         curve = histogram.coverage_curve(counts)
@@ -777,12 +822,21 @@ def plot_coverage_curves(histograms: dict, ks: list[int], vocab: int, path: Path
     low = [t for t in (1, 4, 16, 64, 256) if not ks or t <= min(ks) / 4]
     ticks = low + sorted(set(ks) | {vocab})
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"full\n{k:,}" if k == vocab else f"{k:,}" for k in ticks], fontsize=8)
+    ax.set_xticklabels([_k_label(k, vocab) for k in ticks], fontsize=8)
     ax.set_xlim(1, vocab * 1.3)
     ax.set_ylim(0, 1.01)
-    ax.set_ylabel("coverage: share of calibration tokens in the top K")
-    ax.set_title("Coverage curves per calibration source (dotted: swept K)", fontsize=11)
+    ax.set_ylabel("share of calibration tokens in the top K")
+    ax.set_title("Calibration coverage per source (dotted: swept K)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    for source in _sources(rows):
+        x, y = _series(rows, source, "eval_coverage")
+        if x:
+            ax_eval.plot(x, y, "o-", color=SOURCE_COLORS.get(source), label=SOURCE_LABELS.get(source, source))
+    _k_axis(ax_eval, ks, vocab)
+    ax_eval.axhline(1.0, color="black", ls="--", lw=1, label=f"full head (K = {vocab:,})")
+    ax_eval.set_ylabel("share of the target's evaluation tokens kept")
+    ax_eval.set_title("Eval coverage: what the trimmed drafter can propose", fontsize=10)
+    ax_eval.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 
@@ -811,40 +865,69 @@ def pivot_table(rows: list[dict], metric: str, spec: str, vocab: int) -> str:
 
 def findings(rows: list[dict], vocab: int) -> list[str]:
     """Sentences computed from the rows: the source ranking per K, the knee, the best K by MBSU and speedup."""
-    lines = []
-    sources = _sources(rows)
-    ks = sorted({r["k"] for r in _ok(rows, "trimmed")})
-    by = {(r["source"], r["k"]): r for r in _ok(rows, "trimmed")}
     full = next(iter(_ok(rows, "full")), None)
-    wins = {s: 0 for s in sources}
-    for k in ks:
-        ranked = sorted(
-            ((by[(s, k)]["acceptance_rate"], s) for s in sources if (s, k) in by and by[(s, k)]["acceptance_rate"] is not None),
-            reverse=True,
-        )
-        if len(ranked) > 1:
-            wins[ranked[0][1]] += 1
-            lines.append(f"K = {k:,}: acceptance " + " > ".join(f"{s} {a:.4f}" for a, s in ranked) + ".")
-    if len(sources) > 1 and ks:
-        lines.append("Highest acceptance at the most K values: " + ", ".join(f"{s} {n}/{len(ks)}" for s, n in wins.items()) + ".")
+    outliers = load_outliers(rows)
+    lines = _ranking_lines(rows)
     if full is not None:
         lines.append(f"Full head: acceptance {_fmt(full['acceptance_rate'], '.4f')}, τ {_fmt(full['tokens_per_target_pass'], '.3f')}, "
                      f"MBSU {_fmt(full['mbsu'], '.3f')}, measured speedup {_fmt(full['speedup'], '.3f')}×.")
-    for s in sources:
-        x, acc = _series(rows, s, "acceptance_rate")
-        parts = []
-        if full is not None and x:
-            knee = knee_k(x, acc, full["acceptance_rate"])
-            parts.append(f"knee (smallest K with ≥ {KNEE_SHARE:.0%} of the full head's acceptance) "
-                         + (f"K = {knee:,}" if knee else "not reached"))
-        for metric, name in (("mbsu", "MBSU"), ("speedup", "measured speedup")):
-            xs, ys = _series(rows, s, metric)
-            if xs:
-                best = max(range(len(xs)), key=lambda i: ys[i])
-                parts.append(f"best {name} {ys[best]:.3f} at K = {xs[best]:,}")
+    for source in _sources(rows):
+        parts = _source_findings(rows, source, full, outliers)
         if parts:
-            lines.append(f"{SOURCE_LABELS.get(s, s)}: " + "; ".join(parts) + ".")
+            lines.append(f"{SOURCE_LABELS.get(source, source)}: " + "; ".join(parts) + ".")
+    if outliers:
+        lines.append(_outlier_sentence(outliers))
     return lines
+
+
+def _ranking_lines(rows: list[dict]) -> list[str]:
+    """At each K, the sources by acceptance rate; then how often each was highest alone."""
+    sources = _sources(rows)
+    ks = sorted({r["k"] for r in _ok(rows, "trimmed")})
+    by = {(r["source"], r["k"]): r["acceptance_rate"] for r in _ok(rows, "trimmed") if r["acceptance_rate"] is not None}
+    lines, wins = [], {s: 0 for s in sources}
+    for k in ks:
+        ranked = sorted(((by[(s, k)], s) for s in sources if (s, k) in by), key=lambda pair: -pair[0])
+        if len(ranked) < 2:
+            continue
+        if ranked[0][0] > ranked[1][0]:
+            wins[ranked[0][1]] += 1
+        text = f"{ranked[0][1]} {ranked[0][0]:.4f}"
+        for (previous, _), (a, s) in zip(ranked, ranked[1:]):
+            text += f" {'>' if previous > a else '='} {s} {a:.4f}"
+        lines.append(f"K = {k:,}: acceptance {text}.")
+    if len(sources) > 1 and ks:
+        lines.append("Highest acceptance alone (ties not counted): " + ", ".join(f"{s} at {n} of {len(ks)} K values" for s, n in wins.items()) + ".")
+    return lines
+
+
+def _source_findings(rows: list[dict], source: str, full: dict | None, outliers: dict) -> list[str]:
+    """The knee, and the best K by MBSU and by measured speedup (cells timed under another load left out)."""
+    parts = []
+    x, acc = _series(rows, source, "acceptance_rate")
+    if full is not None and x:
+        knee = knee_k(x, acc, full["acceptance_rate"])
+        parts.append(f"knee (smallest K with ≥ {KNEE_SHARE:.0%} of the full head's acceptance) " + (f"K = {knee:,}" if knee else "not reached"))
+    cells = {r["k"]: r["cell"] for r in _ok(rows, "trimmed") if r["source"] == source}
+    for metric, name in (("mbsu", "MBSU"), ("speedup", "measured speedup")):
+        timed = metric == "speedup"
+        points = [(k, v) for k, v in zip(*_series(rows, source, metric)) if not (timed and cells[k] in outliers)]
+        if not points:
+            continue
+        k_best, best = max(points, key=lambda p: p[1])
+        comparable = full is not None and full[metric] and not (timed and full["cell"] in outliers)
+        gain = f" ({best / full[metric] - 1:+.1%} on the full head)" if comparable else ""
+        left_out = " (cells timed under another load left out)" if timed and any(c in outliers for c in cells.values()) else ""
+        parts.append(f"best {name} {best:.3f} at K = {k_best:,}{gain}{left_out}")
+    return parts
+
+
+def _outlier_sentence(outliers: dict) -> str:
+    median = next(iter(outliers.values()))[1]
+    listed = ", ".join(f"`{c}` {ms:.0f} ms" for c, (ms, _) in outliers.items())
+    return (f"Timed under another machine load (target pass more than {LOAD_TOLERANCE:.0%} off the median "
+            f"{median:.0f} ms of the drafted cells): {listed}. Their tokens/s and speedup do not compare with the "
+            "other cells'; rerun them (delete `gen/<cell>/`) on a quiet machine. MBSU and acceptance are unaffected.")
 
 
 def _setup_lines(rows: list[dict], ctx: ReportContext) -> list[str]:
@@ -875,9 +958,12 @@ def _timing_note(rows: list[dict], ctx: ReportContext) -> str:
     note = ("Timings: tokens/s is decoding throughput inside the engine (model loading and Ray start excluded). "
             "Absolute times drift between runs and machines; the ratios (speedup against the target alone) are what compare")
     if len(measured) == 1:
-        return note + f", and every cell here was measured side by side in run {measured[0]} of this folder (started {runs.get(measured[0])})."
-    return note + (f". Cells here were measured in runs {', '.join(map(str, measured))} of this folder: "
-                   "speedups compare reliably only between cells of the same run (column `measured_in_run` of results.parquet).")
+        note += f", and every cell here was measured side by side in run {measured[0]} of this folder (started {runs.get(measured[0])})."
+    else:
+        note += (f". Cells here were measured in runs {', '.join(map(str, measured))} of this folder: "
+                 "speedups compare reliably only between cells of the same run (column `measured_in_run` of results.parquet).")
+    outliers = load_outliers(rows)
+    return note + (" " + _outlier_sentence(outliers) if outliers else "")
 
 
 def _cells_table(rows: list[dict]) -> str:
@@ -938,13 +1024,20 @@ def report_markdown(rows: list[dict], ctx: ReportContext, plots: dict) -> str:
         "",
         pivot_table(rows, "drafter_step_ms", ".2f", vocab),
         "",
+        "Drafter step ÷ target pass, both timed in the same cell (interleaved, so under the same load: "
+        "this ratio drifts less between cells than tokens/s does):",
+        "",
+        pivot_table(rows, "drafter_step_per_target_pass", ".3f", vocab),
+        "",
     ]
     if "speedup" in plots:
         parts += [f"![speedup and MBSU against K]({plots['speedup'].name})", ""]
     parts += [
         "## Coverage",
         "Head coverage: share of the source's own calibration tokens on the kept ids. Eval coverage: share of the "
-        "target alone's evaluation completions (re-encoded) on the kept ids — what the trimmed drafter could propose.",
+        "target alone's evaluation completions (re-encoded) on the kept ids — what the trimmed drafter could propose. "
+        "A K above the number of distinct ids a source saw also keeps ids never seen in calibration (build-head fills "
+        "those smallest id first).",
         "",
         pivot_table(rows, "eval_coverage", ".4f", vocab),
         "",
@@ -974,8 +1067,7 @@ def write_report(rows: list[dict], ctx: ReportContext, out: Path) -> dict[str, P
             vocab, out / PLOTS["speedup"], "Speedup against K: measured tokens/s ratio and memory-bound model",
         )
     if ctx.histograms:
-        ks = sorted({r["k"] for r in rows if r["kind"] == "trimmed"})
-        plots["coverage"] = plot_coverage_curves(ctx.histograms, ks, vocab, out / PLOTS["coverage"])
+        plots["coverage"] = plot_coverage_curves(ctx.histograms, rows, vocab, out / PLOTS["coverage"])
     report = out / REPORT_FILE
     tmp = report.with_name(f".{report.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(report_markdown(rows, ctx, plots) + "\n")
