@@ -83,7 +83,7 @@ def test_different_tokenizers_are_refused_naming_the_first_difference(tmp_path, 
     changed = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|im_start|>",
                                       eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
     other = save_model(make_model(len(changed), layers=1), changed, tmp_path / "swapped")
-    with pytest.raises(UserError, match=rf"^target and drafter tokenizers differ: token id 100 is .* vs .*$"):
+    with pytest.raises(UserError, match=r"^target and drafter tokenizers differ: token id 100 is .* vs .*$"):
         load_pair(target_dir, other)
 
 

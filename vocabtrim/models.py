@@ -367,8 +367,6 @@ def load_pair(
         else:
             source = load_model(drafter, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         drafter_model = truncate_layers(source, drafter_layers) if drafter_layers is not None else source
-        if source is target_model and drafter_layers is None:
-            drafter_model = target_model
         check_pair(target_tok, drafter_tok or target_tok, target_model, drafter_model)
     else:
         check_pair(target_tok, target_tok, target_model, None)
