@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,3 +17,18 @@ def tiny_pair_dirs(tmp_path_factory):
     from tiny import make_pair_dirs
 
     return make_pair_dirs(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (started once, stopped after it, its temp folder removed).
+
+    The temp folder is short: Unix socket paths are limited to ~107 characters.
+    """
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="vt", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -2,9 +2,7 @@
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +23,6 @@ from vocabtrim.calibrate import (
 )
 from vocabtrim.cli import main as cli
 from vocabtrim.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="vt", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,15 +30,6 @@ RESULT_SCHEMA = [
     ("error", pa.string()),
 ]
 LONG = "the quick brown fox jumps over the lazy dog " * 40  # > 256 positions of the tiny models
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vt", dir="/tmp"))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """``vocabtrim sweep`` on tiny models: every output file with its columns, MBSU as defined, a failed
 cell recorded without stopping the sweep, and a rerun that reuses finished cells and retries the failed one."""
 
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,15 +28,6 @@ REQUIRED_COLUMNS = [
     "drafter_step_ms", "tokens_per_second", "speedup", "param_ratio", "mbsu", "status", "error",
 ]
 FAILING_CELL = "corpus-k32"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vt", dir="/tmp"))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
