@@ -20,10 +20,11 @@ def tiny_pair_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3):
     """A local Ray for one test module (started once, stopped after it, its temp folder removed).
 
-    The temp folder is short: Unix socket paths are limited to ~107 characters.
+    The temp folder is short: Unix socket paths are limited to ~107 characters. It depends on ``s3`` so
+    that the test S3 server's variables are in the environment its workers inherit.
     """
     import ray
 
@@ -32,3 +33,57 @@ def ray_local():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+class S3Mock:
+    """A local S3-compatible server (moto) for one test session.
+
+    ``env``: the variables a process needs to reach it (pyarrow reads ``AWS_ENDPOINT_URL`` and the keys,
+    as it would on a real cluster node); ``bucket()`` makes a new empty bucket and returns ``s3://name``.
+    """
+
+    def __init__(self, server, endpoint: str):
+        self.server = server
+        self.endpoint = endpoint
+        self.env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self._n = 0
+
+    def bucket(self) -> str:
+        import boto3
+
+        self._n += 1
+        name = f"vt-test-{self._n}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 (a thread of this process), its variables set in this process's
+    environment so that pyarrow here and the Ray workers started after it (which inherit it) reach it."""
+    import logging
+
+    from moto import server as moto_server  # a test dependency: its absence is a failure, not a skip
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    mock = S3Mock(server, f"http://{host}:{port}")
+    saved = {k: os.environ.get(k) for k in mock.env}
+    os.environ.update(mock.env)
+    try:
+        yield mock
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

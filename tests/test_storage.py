@@ -1,0 +1,121 @@
+"""Local paths and object-store URIs behind one API (vocabtrim.storage), checked on a local S3 server."""
+
+import glob as globlib
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vocabtrim import storage
+from vocabtrim.errors import UserError
+
+TREE = ["a.parquet", "b.jsonl", "sub/c.txt", "sub/deep/d.parquet", "sub/deep/e.txt", ".hidden/f.txt", "x_y.txt"]
+PATTERNS = ["*.parquet", "*", "**", "**/*.txt", "sub/*", "sub/**/*.parquet", "s[u]b/*.txt", "[ab].*", ".h*/*", "sub/*/e.txt", "nothing*"]
+
+
+def make_tree(root: str) -> None:
+    for rel in TREE:
+        storage.write_bytes(storage.join(root, *rel.split("/")), f"{rel}\n".encode())
+
+
+def test_local_and_s3_locations_answer_the_same(s3, tmp_path):
+    remote = s3.bucket() + "/data"
+    make_tree(str(tmp_path))
+    make_tree(remote)
+    for root in (str(tmp_path), remote):
+        assert [storage.relative(f, root) for f in storage.walk_files(root)] == sorted(TREE)
+        assert storage.is_dir(root) and storage.is_dir(storage.join(root, "sub"))
+        assert storage.is_file(storage.join(root, "sub", "c.txt")) and not storage.is_dir(storage.join(root, "a.parquet"))
+        assert not storage.exists(storage.join(root, "nope.txt"))
+        assert storage.read_text(storage.join(root, "sub", "deep", "e.txt")) == "sub/deep/e.txt\n"
+        assert storage.stat(storage.join(root, "b.jsonl"))[0] == len("b.jsonl\n")
+        assert storage.name(storage.join(root, "sub", "c.txt")) == "c.txt"
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_s3_globs_match_what_glob_glob_matches_locally(s3, tmp_path, pattern):
+    remote = s3.bucket()
+    make_tree(str(tmp_path))
+    make_tree(remote)
+    local = sorted(os.path.relpath(m, tmp_path) for m in globlib.glob(str(tmp_path / pattern), recursive=True))
+    got = sorted(storage.relative(m, remote) for m in storage.glob(storage.join(remote, pattern)))
+    assert got == [m for m in local if m != "."]
+
+
+def test_a_query_string_rides_along_and_is_never_shown(s3):
+    bucket = s3.bucket()
+    host = s3.endpoint.removeprefix("http://")
+    where = f"{bucket}/dir?endpoint_override={host}&scheme=http"
+    storage.write_bytes(storage.join(where, "f.bin"), b"\x00\x01")
+    assert storage.join(where, "f.bin") == f"{bucket}/dir/f.bin?endpoint_override={host}&scheme=http"
+    assert storage.read_bytes(storage.join(where, "f.bin")) == b"\x00\x01"
+    assert storage.walk_files(where) == [storage.join(where, "f.bin")]
+    assert storage.display(storage.join(where, "f.bin")) == f"{bucket}/dir/f.bin"
+    assert storage.parent(storage.join(where, "f.bin")) == where
+
+
+def test_readline_and_seek_on_an_object(s3):
+    where = s3.bucket() + "/t.txt"
+    storage.write_bytes(where, b"one\ntwo\nthree")
+    with storage.open_binary(where, buffer_size=4) as f:
+        f.seek(4)
+        assert f.readline() == b"two\n" and f.tell() == 8 and f.readline() == b"three" and f.readline() == b""
+
+
+def test_parquet_round_trip_through_write_with(s3):
+    where = s3.bucket() + "/p/t.parquet"
+    table = pa.table({"x": list(range(1000))})
+    storage.write_with(where, lambda tmp: pq.write_table(table, tmp))
+    with storage.open_input_file(where) as f:
+        assert pq.read_table(f).equals(table)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_failed_write_leaves_no_file_and_an_old_file_untouched(s3, tmp_path, remote):
+    root = s3.bucket() if remote else str(tmp_path)
+    where = storage.join(root, "out.bin")
+
+    def half_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError):
+        storage.write_with(where, half_then_fail)
+    assert not storage.exists(where) and storage.walk_files(root) == []
+    storage.write_bytes(where, b"old")
+    with pytest.raises(RuntimeError):
+        storage.write_with(where, half_then_fail)
+    assert storage.read_bytes(where) == b"old" and storage.walk_files(root) == [where]
+
+
+def test_local_spellings(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    storage.write_bytes("~/x/y.txt", b"hi")
+    assert (tmp_path / "x" / "y.txt").read_bytes() == b"hi"
+    assert storage.read_bytes(f"file://{tmp_path}/x/y.txt") == b"hi"
+    assert storage.canonical("~/x/y.txt") == storage.canonical(f"file://{tmp_path}/x/y.txt")
+    assert not storage.is_uri("~/x") and storage.is_uri("s3://b/k") and storage.is_uri("gs://b")
+
+
+def test_unknown_schemes_and_missing_objects_are_one_line_errors(s3):
+    with pytest.raises(UserError, match=r"^cannot open nosuch://b/k: .*Unrecognized") as e:
+        storage.is_file("nosuch://b/k")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(s3.bucket() + "/missing.txt")
+
+
+def test_wildcards_in_a_bucket_name_are_refused_in_one_line(s3):
+    with pytest.raises(UserError, match=r"^s3://vt-\*/x.parquet: wildcards in the bucket or host name are not supported$"):
+        storage.glob("s3://vt-*/x.parquet")
+
+
+def test_glob_typed_tells_folders_from_files_without_asking_again(s3, tmp_path):
+    remote = s3.bucket()
+    make_tree(remote)
+    make_tree(str(tmp_path))
+    for root in (remote, str(tmp_path)):
+        typed = {storage.relative(m, root): d for m, d in storage.glob_typed(storage.join(root, "sub", "*"))}
+        assert typed == {"sub/c.txt": False, "sub/deep": True}

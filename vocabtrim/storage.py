@@ -1,0 +1,389 @@
+"""Where inputs and outputs live: local paths and object-store URIs behind one small API.
+
+A *location* is a string: a local path (``data/corpus``, ``~/out``, ``/mnt/shared/x``) or a URI that
+``pyarrow.fs.FileSystem.from_uri`` understands: ``s3://bucket/key``, ``gs://bucket/key``,
+``hdfs://host/path``, ``abfs://container@account.dfs.core.windows.net/path``, ``file:///path``. Query
+parameters of the URI configure the filesystem (``s3://b/k?region=eu-west-1`` or
+``?endpoint_override=host:port&scheme=http`` for MinIO and other S3-compatible stores); credentials come
+from the environment as pyarrow reads them (``AWS_*`` variables, the instance's role, ``~/.aws``,
+``GOOGLE_APPLICATION_CREDENTIALS``), on every node that touches the data.
+
+Every function takes and returns location strings, so shard descriptions, configs and Ray task
+arguments stay plain strings; the filesystem behind a URI is made once per process and reused.
+
+Writes are whole-object: ``write_bytes`` and ``write_with`` make a file appear complete or not at all
+(locally a temporary file in the same folder, flushed and renamed; on an object store a single upload
+of a finished local file, which the store publishes only when it completes).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import io
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from vocabtrim.errors import UserError
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_uri(where: str) -> bool:
+    """True for ``scheme://…`` (object stores, HDFS, ``file://``); False for a local path."""
+    return bool(_URI.match(str(where)))
+
+
+def is_local(where: str) -> bool:
+    return not is_uri(where) or str(where).startswith("file://")
+
+
+def has_glob(where: str) -> bool:
+    """Wildcards in a location: ``* ? [`` in a local path, ``* [`` in a URI (whose ``?`` starts the query)."""
+    return any(c in GLOB_CHARS for c in _split(where)[0])
+
+
+def _split(where: str) -> tuple[str, str]:
+    """``(location without query, "?query" or "")``."""
+    where = str(where)
+    if not is_uri(where):
+        return where, ""
+    parts = urlsplit(where)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), (f"?{parts.query}" if parts.query else "")
+
+
+def local_path(where: str) -> str:
+    """The local filesystem path of a local location (``~`` expanded, ``file://`` stripped)."""
+    where = str(where)
+    if where.startswith("file://"):
+        return urlsplit(where).path
+    return os.path.expanduser(where)
+
+
+def join(where: str, *parts: str) -> str:
+    """``where/part/...``, keeping a URI's query at the end."""
+    base, query = _split(where)
+    if not is_uri(where):
+        return os.path.join(base, *parts)
+    tail = "/".join(p.strip("/") for p in parts if p)
+    return (base.rstrip("/") + "/" + tail if tail else base) + query
+
+
+def name(where: str) -> str:
+    """The last component (``s3://b/x/y.parquet?region=r`` → ``y.parquet``)."""
+    return _split(where)[0].rstrip("/").rsplit("/", 1)[-1] if is_uri(where) else os.path.basename(str(where).rstrip(os.sep))
+
+
+def parent(where: str) -> str:
+    base, query = _split(where)
+    if not is_uri(where):
+        return os.path.dirname(os.path.abspath(local_path(base)))
+    head, _, _ = base.rstrip("/").rpartition("/")
+    return head + query
+
+
+def display(where: str) -> str:
+    """A location for messages: the query (which may carry endpoints or keys) left out."""
+    return _split(where)[0]
+
+
+def canonical(where: str) -> str:
+    """One spelling per file, for deduplication and identity: local paths resolved, URIs without query."""
+    if is_local(where):
+        return os.path.realpath(local_path(where))
+    return _split(where)[0].rstrip("/")
+
+
+@functools.lru_cache(maxsize=32)
+def _root(root_uri: str):
+    """``(filesystem, path of the root)`` for ``scheme://netloc/?query``: one filesystem per store and options."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(root_uri)
+
+
+def resolve(where: str):
+    """``(pyarrow FileSystem, path inside it)`` for a location. UserError for a URI pyarrow cannot open."""
+    import pyarrow.fs as pafs
+
+    if is_local(where):
+        return pafs.LocalFileSystem(), os.path.abspath(local_path(where))
+    parts = urlsplit(str(where))
+    try:
+        fs, root = _root(urlunsplit((parts.scheme, parts.netloc, "/", parts.query, "")))
+    except Exception as exc:  # unknown scheme, bad query option, filesystem not built into this pyarrow
+        raise UserError(f"cannot open {display(where)}: {_first_line(exc)}") from exc
+    key = parts.path.strip("/")
+    return fs, (root.rstrip("/") + "/" + key if key else root.rstrip("/") or "/")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _info(where: str):
+    fs, path = resolve(where)
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise UserError(f"cannot reach {display(where)}: {_first_line(exc)}") from exc
+
+
+def is_file(where: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(where).type == pafs.FileType.File
+
+
+def is_dir(where: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(where).type == pafs.FileType.Directory
+
+
+def exists(where: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(where).type != pafs.FileType.NotFound
+
+
+def stat(where: str) -> tuple[int, int]:
+    """``(size in bytes, modification time in ns)`` of a file (mtime 0 where the store keeps none)."""
+    info = _info(where)
+    return int(info.size or 0), int(info.mtime_ns or 0)
+
+
+def walk_files(where: str) -> list[str]:
+    """Every file under a folder, recursively, as locations, sorted (hidden ``.`` entries included)."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(where)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise UserError(f"cannot list {display(where)}: {_first_line(exc)}") from exc
+    rels = sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return [join(where, *r.split("/")) for r in rels]
+
+
+def relative(where: str, root: str) -> str:
+    """``where`` relative to ``root`` with POSIX separators (``where`` must lie under ``root``)."""
+    a, b = _split(where)[0], _split(root)[0]
+    if not is_uri(where):
+        return os.path.relpath(local_path(a), local_path(b)).replace(os.sep, "/")
+    return a[len(b.rstrip("/")):].lstrip("/")
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as ``glob.glob(recursive=True)`` reads it: ``*``/``[...]`` within one component, ``**`` as a
+    whole component matching zero or more components, and names starting with ``.`` matched only by a
+    pattern component that starts with ``.``."""
+    visible = r"(?!\.)[^/]+"
+    out = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(f"(?:{visible}(?:/{visible})*)?" if last else f"(?:{visible}/)*")
+            continue
+        rx = fnmatch.translate(part)  # '(?s:...)\\Z'
+        rx = rx[rx.index(":") + 1: rx.rindex(")")].replace(".*", "[^/]*")
+        if not part.startswith("."):
+            rx = r"(?!\.)" + rx
+        out.append(rx + ("" if last else "/"))
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+def glob_typed(pattern: str) -> list[tuple[str, bool]]:
+    """``(location, is a folder)`` for every file and folder matching a glob, sorted by location.
+
+    Local patterns go through ``glob.glob(recursive=True)``; a URI's matches come from one listing of
+    the longest prefix without wildcards (so no request per match). In a URI ``?`` starts the query,
+    so the wildcards there are ``*``, ``**`` and ``[...]``, and the bucket (host) cannot hold them.
+    """
+    import glob as globlib
+
+    if is_local(pattern):
+        return [(m, os.path.isdir(m)) for m in sorted(globlib.glob(local_path(pattern), recursive=True))]
+    import pyarrow.fs as pafs
+
+    base, query = _split(pattern)
+    scheme_host, _, path = base.partition("://")
+    host, _, key = path.partition("/")
+    if any(ch in GLOB_CHARS for ch in host):
+        raise UserError(f"{display(pattern)}: wildcards in the bucket or host name are not supported")
+    comps = key.split("/")
+    fixed = next(i for i, c in enumerate(comps) if any(ch in GLOB_CHARS for ch in c))
+    prefix = f"{scheme_host}://{host}/" + "/".join(comps[:fixed]) + query
+    fs, root = resolve(prefix)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise UserError(f"cannot list {display(prefix)}: {_first_line(exc)}") from exc
+    rx = _glob_regex("/".join(comps[fixed:]))
+    found = {i.path[len(root):].lstrip("/"): i.type == pafs.FileType.Directory for i in infos if i.type != pafs.FileType.NotFound}
+    return [(join(prefix, *rel.split("/")), found[rel]) for rel in sorted(found) if rx.match(rel)]
+
+
+def glob(pattern: str) -> list[str]:
+    """Files and folders matching a glob, sorted (see ``glob_typed``)."""
+    return [where for where, _ in glob_typed(pattern)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def open_input_file(where: str):
+    """A random-access pyarrow file (for ``pq.ParquetFile``, Arrow IPC readers, ranged reads)."""
+    fs, path = resolve(where)
+    return fs.open_input_file(path)
+
+
+class _RawNative(io.RawIOBase):
+    """A pyarrow random-access file as a raw Python stream, so ``io.BufferedReader`` can add ``readline``."""
+
+    def __init__(self, native):
+        self._f = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_binary(where: str, buffer_size: int = 1 << 20):
+    """A seekable binary reader with ``readline`` (a plain ``open`` for local files)."""
+    if is_local(where):
+        return open(local_path(where), "rb")
+    return io.BufferedReader(_RawNative(open_input_file(where)), buffer_size=buffer_size)
+
+
+def read_bytes(where: str) -> bytes:
+    if is_local(where):
+        with open(local_path(where), "rb") as f:
+            return f.read()
+    with open_input_file(where) as f:
+        return f.read()
+
+
+def read_text(where: str) -> str:
+    return read_bytes(where).decode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (whole files only)
+# ---------------------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _atomic_local(path: str, write: Callable[[str], None]) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _upload(local: str, where: str) -> None:
+    fs, path = resolve(where)
+    try:
+        with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+    except OSError as exc:
+        raise UserError(f"cannot write {display(where)}: {_first_line(exc)}") from exc
+
+
+def write_with(where: str, write: Callable[[str], None]) -> None:
+    """Let ``write(local_path)`` produce a file, then publish it at ``where`` all at once."""
+    if is_local(where):
+        _atomic_local(local_path(where), write)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".vocabtrim-upload-", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        _upload(tmp, where)
+    finally:
+        os.unlink(tmp)
+
+
+def write_bytes(where: str, data: bytes) -> None:
+    """Publish ``data`` at ``where`` all at once (readers see the old object or the whole new one)."""
+    if is_local(where):
+
+        def dump(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        _atomic_local(local_path(where), dump)
+        return
+    fs, path = resolve(where)
+    try:
+        with fs.open_output_stream(path) as dst:
+            dst.write(data)
+    except OSError as exc:
+        raise UserError(f"cannot write {display(where)}: {_first_line(exc)}") from exc
+
+
+def atomic_write(where, data) -> None:
+    """``write_bytes`` for bytes, ``write_with`` for a callable that writes a given local path."""
+    where = os.fspath(where)
+    if callable(data):
+        write_with(where, data)
+    else:
+        write_bytes(where, bytes(data))
+
+
+def makedirs(where: str) -> None:
+    """Create a local folder (object stores have no folders: nothing to do there)."""
+    if is_local(where):
+        os.makedirs(local_path(where), exist_ok=True)
+
+
+def delete(where: str) -> None:
+    """Remove a file if it is there."""
+    fs, path = resolve(where)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
