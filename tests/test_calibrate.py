@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tiny import TRAINING_TEXT, make_tokenizer, save_model, make_model
-from vocabtrim import corpus, histogram
+from vocabtrim import corpus, histogram, storage
 from vocabtrim.calibrate import (
     CalibrateConfig,
     CounterPool,
@@ -158,6 +158,28 @@ def test_a_rerun_with_other_settings_is_refused(ray_local, data, tmp_path):
     run_calibrate(config(data, tmp_path / "out"))
     with pytest.raises(UserError, match="other settings \\(source: 'corpus' now 'drafter'\\)"):
         run_calibrate(config(data, tmp_path / "out", source="drafter"))
+
+
+def test_corpus_and_out_on_s3_give_the_exact_histogram_and_resume(ray_local, s3, data, tmp_path):
+    bucket = s3.bucket()
+    for f in sorted(Path(data["corpus"]).iterdir()):
+        storage.write_bytes(f"{bucket}/corpus/{f.name}", f.read_bytes())
+    out = f"{bucket}/runs/calib"
+    m = run_calibrate(CalibrateConfig(
+        drafter=data["model"], corpus=[f"{bucket}/corpus"], out=out, workers=2, cpus_per_worker=0.4,
+        shard_bytes=SHARD_BYTES, show_progress=False))
+    expected = single_process_count(data)
+    assert np.array_equal(histogram.load(out + "/histogram.parquet", 300), expected)
+    assert json.loads(storage.read_text(out + "/manifest.json")) == m
+    assert {f["path"] for f in m["files"]} == {f"{bucket}/corpus/{n}" for n in ("a.parquet", "b.jsonl", "c.txt")}
+    entries = [f for f in storage.walk_files(out + "/shards") if f.endswith(".npz")]
+    assert len(entries) == m["shards"] == m["shards_counted"]
+    storage.delete(entries[0])  # as if the run had stopped before that shard was recorded
+    again = run_calibrate(CalibrateConfig(
+        drafter=data["model"], corpus=[f"{bucket}/corpus"], out=out, workers=1, cpus_per_worker=0.4,
+        shard_bytes=SHARD_BYTES, show_progress=False))
+    assert again["shards_counted"] == 1 and again["shards_resumed"] == m["shards"] - 1
+    assert np.array_equal(histogram.load(out + "/histogram.parquet", 300), expected)
 
 
 def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path):

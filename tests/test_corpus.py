@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vocabtrim import corpus
+from vocabtrim import corpus, storage
 from vocabtrim.errors import UserError
 
 LINES = [f"row {i}: " + "word " * (i % 7) + ("ünïcödé" if i % 5 == 0 else "") for i in range(200)]
@@ -150,3 +150,48 @@ def test_an_empty_file_has_no_shards_and_known_rows_are_summed(tmp_path):
     assert corpus.make_shards([str(tmp_path / "e.txt")]) == []
     shards = corpus.make_shards([str(tmp_path / "e.parquet")])
     assert corpus.file_rows(shards) == 0
+
+
+def upload(local_root, remote_root: str) -> None:
+    """Copy a local folder tree to an object-store prefix."""
+    for dirpath, _, names in os.walk(local_root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), local_root)
+            with open(os.path.join(dirpath, n), "rb") as f:
+                storage.write_bytes(storage.join(remote_root, *rel.split(os.sep)), f.read())
+
+
+def test_an_s3_corpus_gives_the_shards_and_rows_of_its_local_copy(s3, files):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": LINES[:40]}).save_to_disk(str(files / "sub" / "ds"))
+    (files / ".hidden").mkdir()
+    (files / ".hidden" / "skip.txt").write_text("never read\n")
+    remote = s3.bucket() + "/corpus"
+    upload(files, remote)
+
+    def facts(shards):
+        return [(s.name, s.kind, s.start, s.stop, s.row_group, s.rows) for s in shards]
+
+    local = corpus.make_shards([str(files)], "text", 300)
+    shards = corpus.make_shards([remote], "text", 300)
+    assert {s.kind for s in shards} == {"parquet", "jsonl", "txt", "arrow"} and len(shards) > 20
+    assert facts(shards) == facts(local) and read_all(shards) == read_all(local)
+    assert all(s.path.startswith(remote + "/") for s in shards)
+    assert [s.shard_id for s in corpus.make_shards([remote], "text", 300)] == [s.shard_id for s in shards]
+    # a changed object is a new file: its shards get new ids, the others keep theirs
+    storage.write_bytes(remote + "/c.txt", b"changed\n")
+    again = {s.shard_id for s in corpus.make_shards([remote], "text", 300)}
+    assert {s.shard_id for s in shards if s.name != "c.txt"} <= again
+    assert not {s.shard_id for s in shards if s.name == "c.txt"} & again
+
+
+def test_s3_globs_files_and_missing_keys(s3, files):
+    remote = s3.bucket()
+    upload(files, remote + "/in")
+    assert corpus.expand_paths([remote + "/in/*.txt", remote + "/in/b.jsonl", remote + "/**/b.jsonl"]) == [
+        remote + "/in/c.txt", remote + "/in/b.jsonl"
+    ]
+    with pytest.raises(UserError, match=f"^no such corpus file or folder: {remote}/in/nope.txt$"):
+        corpus.make_shards([remote + "/in/nope.txt"])
+    with pytest.raises(UserError, match=f"^no files match {remote}/x/\\*.txt$"):
+        corpus.make_shards([remote + "/x/*.txt"])

@@ -246,3 +246,48 @@ def test_load_head_refuses_another_drafter_or_tokenizer(tiny, built, tmp_path):
         load_head(built, tokenizer=make_tokenizer(200))
     with pytest.raises(UserError, match="no trimmed head"):
         load_head(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage: the histogram and the head folder on S3 (a local server: the `s3` fixture)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_build_head_from_and_to_s3_equals_the_local_build(s3, tiny, tmp_path, capsys):
+    from vocabtrim import storage
+
+    drafter, calib, counts = tiny
+    bucket = s3.bucket()
+    for name in ("histogram.parquet", "manifest.json"):
+        storage.write_bytes(f"{bucket}/calib/{name}", (Path(calib) / name).read_bytes())
+    local = build_head(BuildHeadConfig(histogram=calib, drafter=drafter, top_k=48, export=["sglang", "eagle"], out=str(tmp_path / "h")))
+
+    out = f"{bucket}/heads/h48"
+    argv = ["build-head", "--histogram", f"{bucket}/calib", "--drafter", drafter, "--top-k", "48", "--export", "sglang,eagle", "--out", out]
+    assert cli(argv) == 0
+    assert f"wrote {out}/" in capsys.readouterr().out
+    names = [storage.relative(p, out) for p in storage.walk_files(out)]
+    assert names == sorted(["coverage.png", "eagle_d2t.safetensors", "head.safetensors", "manifest.json", "sglang_token_map.pt"])
+    remote = json.loads(storage.read_text(f"{out}/manifest.json"))
+    assert remote["histogram"] == f"{bucket}/calib/histogram.parquet"
+    assert {k: v for k, v in remote.items() if k != "histogram"} == {k: v for k, v in local.items() if k != "histogram"}
+    assert storage.read_bytes(f"{out}/coverage.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    from safetensors.torch import load
+
+    for name in ("head.safetensors", "eagle_d2t.safetensors"):  # (header metadata order may differ: compare tensors)
+        remote_tensors, local_tensors = load(storage.read_bytes(f"{out}/{name}")), load_file(str(tmp_path / "h" / name))
+        assert remote_tensors.keys() == local_tensors.keys()
+        assert all(torch.equal(remote_tensors[k], local_tensors[k]) for k in local_tensors)
+    with storage.open_binary(f"{out}/sglang_token_map.pt") as f:
+        assert torch.load(f, weights_only=True) == torch.load(tmp_path / "h" / "sglang_token_map.pt", weights_only=True)
+
+    model, tok = load_drafter(drafter)
+    a, b = load_head(out, drafter_model=model, tokenizer=tok), load_head(str(tmp_path / "h"))
+    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.weight, b.weight) and a.bias is None
+    # the histogram named as a file, and a missing head, on S3 too
+    m = build_head(BuildHeadConfig(histogram=f"{bucket}/calib/histogram.parquet", drafter=drafter, top_k=16, out=f"{bucket}/heads/h16"))
+    assert load_head(f"{bucket}/heads/h16").k == m["k"] == 16
+    with pytest.raises(UserError, match=f"{bucket}/heads/none holds no trimmed head"):
+        load_head(f"{bucket}/heads/none")
+    with pytest.raises(UserError, match=f"no calibration folder at {bucket}/none"):
+        build_head(BuildHeadConfig(histogram=f"{bucket}/none", drafter=drafter, top_k=16, out=f"{bucket}/heads/x"))

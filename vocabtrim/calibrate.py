@@ -7,7 +7,8 @@ Flow (``run_calibrate``):
    ``depth`` calls in flight per actor (backpressure: a million shards never means a million pending
    calls). Each actor loads the tokenizer, and for generated sources the model, once.
 3. Each finished shard's partial histogram is written by the driver to ``DIR/shards/<shard_id>.npz``
-   (temporary file + ``os.replace``: a ledger entry is complete or absent). An actor that dies (killed,
+   (``storage.write_bytes``: a temporary file renamed into place, or one object upload; a ledger entry
+   is complete or absent). ``DIR`` may be a local folder or an object-store URI (``s3://…``). An actor that dies (killed,
    crashed, its node lost) is replaced and the shards it held are counted again; a shard delivered
    twice is recorded once (the second delivery finds its entry and is dropped).
 4. The reducer reads exactly one ledger entry per shard id of this corpus and sums them: an id is
@@ -30,12 +31,11 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from vocabtrim import corpus, histogram
+from vocabtrim import corpus, histogram, storage
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,50 +99,57 @@ class Ledger:
     RUN_FILE = "_run.json"
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = os.fspath(folder)
+        storage.makedirs(self.folder)
+        # One listing up front (not one lookup per shard: a million shards on an object store).
+        names = (storage.name(f) for f in storage.walk_files(self.folder))
+        self._recorded = {n[: -len(".npz")] for n in names if n.endswith(".npz")}
 
-    def path(self, shard_id: str) -> Path:
-        return self.folder / f"{shard_id}.npz"
+    def path(self, shard_id: str) -> str:
+        return storage.join(self.folder, f"{shard_id}.npz")
 
     def done(self, shard_id: str) -> bool:
-        return self.path(shard_id).is_file()
+        return shard_id in self._recorded
 
     def claim(self, run_key: dict) -> None:
         """Bind the ledger to one set of settings; refuse to mix counts made with other settings."""
-        run_file = self.folder / self.RUN_FILE
-        if run_file.is_file():
-            old = json.loads(run_file.read_text())
+        run_file = storage.join(self.folder, self.RUN_FILE)
+        if storage.is_file(run_file):
+            old = json.loads(storage.read_text(run_file))
             for key in [*run_key, *(k for k in old if k not in run_key)]:
                 if old.get(key) != run_key.get(key):
                     raise UserError(
-                        f"{self.folder.parent} holds counts made with other settings ({key}: {old.get(key)!r} now "
-                        f"{run_key.get(key)!r}): use another --out, or delete {self.folder}"
+                        f"{storage.display(storage.parent(self.folder))} holds counts made with other settings ({key}: "
+                        f"{old.get(key)!r} now {run_key.get(key)!r}): use another --out, or delete {storage.display(self.folder)}"
                     )
             return
-        histogram.atomic_write(run_file, json.dumps(run_key, indent=1, sort_keys=True).encode())
+        storage.atomic_write(run_file, json.dumps(run_key, indent=1, sort_keys=True).encode())
 
     def record(self, result: ShardCount) -> bool:
         """Write ``result`` under its shard id; False (nothing written) if that id is already recorded."""
         target = self.path(result.shard_id)
-        if target.is_file():
+        if result.shard_id in self._recorded or storage.is_file(target):
+            self._recorded.add(result.shard_id)
             return False
         meta = {k: getattr(result, k) for k in ("shard_id", "path", "rows", "skipped_rows", "tokens")}
         buf = io.BytesIO()
         np.savez_compressed(buf, ids=result.ids.astype(np.int64), counts=result.counts.astype(np.int64), meta=np.array(json.dumps(meta)))
-        histogram.atomic_write(target, buf.getvalue())
+        storage.atomic_write(target, buf.getvalue())
+        self._recorded.add(result.shard_id)
         return True
 
     def read(self, shard_id: str) -> ShardCount:
         path = self.path(shard_id)
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 ids, counts = data["ids"], data["counts"]
         except Exception as exc:
-            raise UserError(f"ledger entry {path} is unreadable ({exc}): delete it and rerun to count that shard again") from exc
+            raise UserError(
+                f"ledger entry {storage.display(path)} is unreadable ({exc}): delete it and rerun to count that shard again"
+            ) from exc
         if meta["shard_id"] != shard_id:
-            raise UserError(f"ledger entry {path} belongs to shard {meta['shard_id']}: delete it and rerun")
+            raise UserError(f"ledger entry {storage.display(path)} belongs to shard {meta['shard_id']}: delete it and rerun")
         return ShardCount(ids=ids, counts=counts, **meta)
 
     def reduce(self, shard_ids: list[str], vocab_size: int) -> tuple[np.ndarray, list[ShardCount]]:
@@ -525,9 +532,8 @@ def _check_config(config: CalibrateConfig) -> None:
             raise UserError(f"--temperature must be >= 0, got {config.temperature}")
     if config.drafter_layers is not None and config.drafter_layers < 1:
         raise UserError(f"--drafter-layers must be >= 1, got {config.drafter_layers}")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {config.out} is a file: pass a folder")
+    if storage.is_file(config.out):
+        raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
 
 
 def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
@@ -597,7 +603,7 @@ def _progress_bar(config: CalibrateConfig, total: int, initial: int):
 def _file_summary(entries: list[ShardCount]) -> list[dict]:
     files: dict[str, dict] = {}
     for e in entries:
-        f = files.setdefault(e.path, {"path": e.path, "shards": 0, "rows": 0, "skipped_rows": 0, "tokens": 0})
+        f = files.setdefault(e.path, {"path": storage.display(e.path), "shards": 0, "rows": 0, "skipped_rows": 0, "tokens": 0})
         f["shards"] += 1
         f["rows"] += e.rows
         f["skipped_rows"] += e.skipped_rows
@@ -611,8 +617,8 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
 
     wall = time.perf_counter()
     p = plan(config)
-    out = Path(config.out)
-    ledger = Ledger(out / "shards")
+    out = config.out
+    ledger = Ledger(storage.join(out, "shards"))
     ledger.claim(p.run_key)
     todo = [s for s in p.shards if not ledger.done(s.shard_id)]
     stats = CountStats()
@@ -636,7 +642,7 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     total = int(counts.sum())
     if total == 0:
         raise UserError(f"the corpus gave no tokens: every row of {' '.join(config.corpus)} is empty or has no {config.text_column!r} text")
-    histogram.save(counts, str(out / "histogram.parquet"))
+    histogram.save(counts, storage.join(out, "histogram.parquet"))
     wall = time.perf_counter() - wall
     manifest = {
         "kind": MANIFEST_KIND,
@@ -673,19 +679,21 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
         "actor_replacements": stats.actor_replacements,
         "duplicate_deliveries": stats.duplicate_deliveries,
     }
-    histogram.atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    storage.atomic_write(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return manifest
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a calibration folder (UserError if it is not one)."""
-    path = Path(folder) / "manifest.json"
+    folder = os.fspath(folder)
+    path = storage.join(folder, "manifest.json")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except FileNotFoundError as exc:
-        raise UserError(f"no calibration in {folder} (no manifest.json): run `vocabtrim calibrate --out {folder}` first") from exc
+        shown = storage.display(folder)
+        raise UserError(f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first") from exc
     except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+        raise UserError(f"{storage.display(path)} is not valid JSON: {exc}") from exc
     if manifest.get("kind") != MANIFEST_KIND:
-        raise UserError(f"{path} is not a calibration manifest")
+        raise UserError(f"{storage.display(path)} is not a calibration manifest")
     return manifest

@@ -11,22 +11,25 @@ Supported inputs (``--corpus``):
 
 A shard is a stable piece of one file: a Parquet row group (or a row slice of one), a byte range of a
 JSONL/text file (it owns the lines that *start* inside the range), or a row range of an Arrow file.
-Its id is built from the file's identity (resolved path, size, modification time) and the range, so
-the same corpus always gives the same shard ids, and a changed file gives new ones.
+Its id is built from the file's identity (resolved path or URI, size, modification time) and the
+range, so the same corpus always gives the same shard ids, and a changed file gives new ones.
+
+Every input may be a local path or an object-store URI (``s3://bucket/prefix``, ``gs://…``): files,
+folders and globs are found and read through ``vocabtrim.storage``, so actors on any node read their
+shards straight from the store.
 """
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
+from vocabtrim import storage
 from vocabtrim.errors import UserError
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt", ".arrow": "arrow"}
@@ -60,7 +63,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path)
+        return storage.name(self.path)
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,18 @@ class RowBatch:
     keys: list
 
 
+def _suffix(path: str) -> str:
+    return os.path.splitext(storage.name(path))[1]
+
+
 def _file_key(path: str) -> str:
-    st = os.stat(path)
-    ident = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    size, mtime_ns = storage.stat(path)
+    ident = f"{storage.canonical(path)}:{size}:{mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:10]
 
 
 def _safe_stem(path: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:40].strip("._") or "file"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(storage.name(path))[0])[:40].strip("._") or "file"
     return stem
 
 
@@ -96,43 +103,67 @@ def _shard_prefix(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _datasets_arrow_files(folder: Path) -> list[Path] | None:
+def _datasets_arrow_files(folder: str) -> list[str] | None:
     """The Arrow files of a ``datasets`` ``save_to_disk`` folder, or None if ``folder`` is not one."""
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-        files: list[Path] = []
-        for split in splits:
-            files.extend(_datasets_arrow_files(folder / split) or [])
-        return files
-    state = folder / "state.json"
-    if state.is_file() and (folder / "dataset_info.json").is_file():
+    dict_file = storage.join(folder, "dataset_dict.json")
+    if storage.is_file(dict_file):
         try:
-            data_files = json.loads(state.read_text())["_data_files"]
+            splits = json.loads(storage.read_text(dict_file)).get("splits", [])
+        except ValueError as exc:
+            raise UserError(f"{storage.display(dict_file)} is not a readable datasets file: {exc}") from exc
+        files: list[str] = []
+        for split in splits:
+            files.extend(_datasets_arrow_files(storage.join(folder, split)) or [])
+        return files
+    state = storage.join(folder, "state.json")
+    if storage.is_file(state) and storage.is_file(storage.join(folder, "dataset_info.json")):
+        try:
+            data_files = json.loads(storage.read_text(state))["_data_files"]
         except (ValueError, KeyError) as exc:
-            raise UserError(f"{state} is not a readable datasets state file: {exc}") from exc
-        return [folder / f["filename"] for f in data_files]
+            raise UserError(f"{storage.display(state)} is not a readable datasets state file: {exc}") from exc
+        return [storage.join(folder, f["filename"]) for f in data_files]
     return None
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def _walk_key(rel: str) -> tuple:
+    """``os.walk`` order: in each folder its files (sorted) before its subfolders (sorted)."""
+    parts = rel.split("/")
+    return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
+
+
+def _folder_files(folder: str) -> list[str]:
+    """Corpus files under a folder, recursively, hidden entries skipped; a ``datasets`` folder (the
+    folder itself or one inside it) gives its Arrow files instead of its contents."""
     arrow = _datasets_arrow_files(folder)
     if arrow is not None:
         return arrow
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        sub = Path(root)
-        arrow = _datasets_arrow_files(sub) if sub != folder else None
-        if arrow is not None:
-            found.extend(arrow)
-            dirs[:] = []
+    rels = [storage.relative(f, folder) for f in storage.walk_files(folder)]
+    rels = [r for r in rels if not any(part.startswith(".") for part in r.split("/"))]
+    present = set(rels)
+    dataset_roots: list[str] = []  # relative folders that hold a datasets save
+    for rel in sorted(rels, key=lambda r: r.count("/")):
+        head, _, leaf = rel.rpartition("/")
+        if not head or any(head == d or head.startswith(d + "/") for d in dataset_roots):
             continue
-        found.extend(sub / f for f in sorted(files) if f.endswith(FOLDER_SUFFIXES) and not f.startswith("."))
+        if leaf == "dataset_dict.json" or (leaf == "state.json" and f"{head}/dataset_info.json" in present):
+            dataset_roots.append(head)
+    found: list[str] = []
+    emitted: set[str] = set()
+    for rel in sorted(rels, key=_walk_key):
+        root = next((d for d in dataset_roots if rel.startswith(d + "/")), None)
+        if root is not None:
+            if root not in emitted:
+                emitted.add(root)
+                found.extend(_datasets_arrow_files(storage.join(folder, *root.split("/"))) or [])
+            continue
+        if rel.endswith(FOLDER_SUFFIXES):
+            found.append(storage.join(folder, *rel.split("/")))
     return found
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Files named by ``paths`` (files, folders, globs), deduplicated, in a stable order.
+    """Files named by ``paths`` (files, folders, globs; local or object-store URIs), deduplicated, in a
+    stable order.
 
     Raises UserError for a path that does not exist, a glob that matches nothing, a file of an
     unsupported kind, or no files at all.
@@ -142,35 +173,34 @@ def expand_paths(paths: list[str]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
 
-    def add(p: Path, named: bool) -> None:
-        if p.suffix not in SUFFIXES:
+    def add(p: str, named: bool) -> None:
+        if _suffix(p) not in SUFFIXES:
             if named:
-                raise UserError(f"{p}: unsupported corpus file (use .parquet, .jsonl or .txt)")
+                raise UserError(f"{storage.display(p)}: unsupported corpus file (use .parquet, .jsonl or .txt)")
             return
-        real = os.path.realpath(p)
-        if real not in seen:
-            seen.add(real)
-            out.append(str(p))
+        key = storage.canonical(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
 
     for raw in paths:
-        p = Path(raw).expanduser()
-        if any(ch in raw for ch in "*?["):
-            matches = sorted(globlib.glob(str(p), recursive=True))
+        p = raw if storage.is_uri(raw) else os.path.expanduser(raw)
+        if storage.has_glob(raw):
+            matches = storage.glob_typed(p)
             if not matches:
-                raise UserError(f"no files match {raw}")
-            for m in matches:
-                mp = Path(m)
-                for f in (_folder_files(mp) if mp.is_dir() else [mp]):
+                raise UserError(f"no files match {storage.display(raw)}")
+            for m, folder in matches:
+                for f in (_folder_files(m) if folder else [m]):
                     add(f, named=False)
-        elif p.is_dir():
+        elif storage.is_dir(p):
             for f in _folder_files(p):
                 add(f, named=False)
-        elif p.is_file():
+        elif storage.is_file(p):
             add(p, named=True)
         else:
-            raise UserError(f"no such corpus file or folder: {raw}")
+            raise UserError(f"no such corpus file or folder: {storage.display(raw)}")
     if not out:
-        raise UserError(f"no .parquet, .jsonl or .txt files found in {' '.join(paths)}")
+        raise UserError(f"no .parquet, .jsonl or .txt files found in {' '.join(storage.display(p) for p in paths)}")
     return out
 
 
@@ -193,11 +223,11 @@ def _is_text_type(t) -> bool:
 def _check_text_field(schema, path: str, text_column: str) -> int:
     if text_column not in schema.names:
         raise UserError(
-            f"{path}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
+            f"{storage.display(path)}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
         )
     field = schema.field(text_column)
     if not _is_text_type(field.type):
-        raise UserError(f"{path}: column {text_column!r} is {field.type}, not text; pass --text-column")
+        raise UserError(f"{storage.display(path)}: column {text_column!r} is {field.type}, not text; pass --text-column")
     return schema.get_field_index(text_column)
 
 
@@ -215,10 +245,13 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        source = storage.open_input_file(path)
+        pf = pq.ParquetFile(source)
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"cannot read Parquet file {path}: {_first_line(exc)}") from exc
-    with pf:
+        raise UserError(f"cannot read Parquet file {storage.display(path)}: {_first_line(exc)}") from exc
+    with source, pf:
         _check_text_field(pf.schema_arrow, path, text_column)
         md = pf.metadata
         prefix = _shard_prefix(path)
@@ -239,36 +272,36 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
 
 
 def _check_jsonl(path: str, text_column: str) -> None:
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         for line in f:
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                raise UserError(f"{path}: the first line is not JSON ({_first_line(exc)}); expected one JSON object per line") from exc
+                raise UserError(f"{storage.display(path)}: the first line is not JSON ({_first_line(exc)}); expected one JSON object per line") from exc
             if not isinstance(row, dict):
-                raise UserError(f"{path}: the first line is not a JSON object; expected one object per line")
+                raise UserError(f"{storage.display(path)}: the first line is not a JSON object; expected one object per line")
             if text_column not in row:
                 keys = ", ".join(list(row)[:10])
-                raise UserError(f"{path}: no key {text_column!r} in the first row (keys: {keys}); pass --text-column")
+                raise UserError(f"{storage.display(path)}: no key {text_column!r} in the first row (keys: {keys}); pass --text-column")
             return
 
 
 def _check_text(path: str) -> None:
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         head = f.read(1 << 16)
     if b"\x00" in head:
-        raise UserError(f"{path}: not a text file (it holds NUL bytes)")
+        raise UserError(f"{storage.display(path)}: not a text file (it holds NUL bytes)")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # a multi-byte character cut at the end of the sample is fine
-            raise UserError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from exc
+            raise UserError(f"{storage.display(path)}: not UTF-8 text (bad byte at offset {exc.start})") from exc
 
 
 def _byte_shards(path: str, kind: str, shard_bytes: int) -> list[Shard]:
-    size = os.path.getsize(path)
+    size, _ = storage.stat(path)
     prefix = _shard_prefix(path)
     return [
         Shard(f"{prefix}-b{s}-{min(s + shard_bytes, size)}", path, kind, s, min(s + shard_bytes, size))
@@ -277,10 +310,11 @@ def _byte_shards(path: str, kind: str, shard_bytes: int) -> list[Shard]:
 
 
 def _open_arrow(path: str):
-    """A memory-mapped Arrow table (``datasets`` writes IPC streams; plain IPC files work too)."""
+    """An Arrow table (``datasets`` writes IPC streams; plain IPC files work too): memory-mapped when
+    local, read whole from an object store."""
     import pyarrow as pa
 
-    source = pa.memory_map(path, "r")
+    source = pa.memory_map(storage.local_path(path), "r") if storage.is_local(path) else storage.open_input_file(path)
     try:
         return pa.ipc.open_stream(source).read_all()
     except pa.ArrowInvalid:
@@ -291,7 +325,7 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int
     try:
         table = _open_arrow(path)
     except Exception as exc:
-        raise UserError(f"cannot read Arrow file {path}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read Arrow file {storage.display(path)}: {_first_line(exc)}") from exc
     _check_text_field(table.schema, path, text_column)
     n = table.num_rows
     if n == 0:
@@ -319,9 +353,9 @@ def make_shards(
         raise ValueError("shard_bytes must be positive")
     shards: list[Shard] = []
     for path in expand_paths(paths):
-        kind = SUFFIXES[Path(path).suffix]
-        if not os.access(path, os.R_OK):
-            raise UserError(f"cannot read {path}: permission denied")
+        kind = SUFFIXES[_suffix(path)]
+        if storage.is_local(path) and not os.access(storage.local_path(path), os.R_OK):
+            raise UserError(f"cannot read {storage.display(path)}: permission denied")
         try:
             if kind == "parquet":
                 shards.extend(_parquet_shards(path, text_column, shard_bytes, shard_rows))
@@ -334,7 +368,7 @@ def make_shards(
                 _check_text(path)
                 shards.extend(_byte_shards(path, kind, shard_bytes))
         except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror or _first_line(exc)}") from exc
+            raise UserError(f"cannot read {storage.display(path)}: {exc.strerror or _first_line(exc)}") from exc
     return shards
 
 
@@ -346,7 +380,7 @@ def make_shards(
 def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(shard.path) as pf:
+    with storage.open_input_file(shard.path) as source, pq.ParquetFile(source) as pf:
         md = pf.metadata
         group_first = sum(md.row_group(g).num_rows for g in range(shard.row_group))
         lo, hi = shard.start - group_first, shard.stop - group_first  # rows within the row group
@@ -371,7 +405,7 @@ def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[Row
 
 def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) for every line that starts in [start, stop) (line break included)."""
-    with open(shard.path, "rb") as f:
+    with storage.open_binary(shard.path) as f:
         pos = shard.start
         if pos > 0:
             f.seek(pos - 1)
@@ -393,7 +427,7 @@ def _jsonl_text(shard: Shard, offset: int, line: bytes, text_column: str):
     try:
         row = json.loads(line)
     except ValueError as exc:
-        raise UserError(f"{shard.path}: the line at byte {offset} is not valid JSON ({_first_line(exc)})") from exc
+        raise UserError(f"{storage.display(shard.path)}: the line at byte {offset} is not valid JSON ({_first_line(exc)})") from exc
     value = row.get(text_column) if isinstance(row, dict) else None
     return value if isinstance(value, str) else None
 
@@ -428,10 +462,10 @@ def iter_shard(shard: Shard, text_column: str = "text", batch_rows: int = 1024) 
     except UserError:
         raise
     except OSError as exc:
-        raise UserError(f"cannot read {shard.path}: {exc.strerror or _first_line(exc)}") from exc
+        raise UserError(f"cannot read {storage.display(shard.path)}: {exc.strerror or _first_line(exc)}") from exc
     except Exception as exc:
         if type(exc).__module__.startswith("pyarrow"):
-            raise UserError(f"cannot read {shard.path} (shard {shard.shard_id}): {_first_line(exc)}") from exc
+            raise UserError(f"cannot read {storage.display(shard.path)} (shard {shard.shard_id}): {_first_line(exc)}") from exc
         raise
 
 

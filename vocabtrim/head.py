@@ -5,6 +5,9 @@
   and the optional exports (``sglang``: a token map for SGLang's ``--speculative-token-map``;
   ``eagle``: the ``d2t``/``t2d`` tensors EAGLE-3 checkpoints hold).
 - ``load_head``: read a head back, refusing one built for another drafter or tokenizer.
+
+The histogram, the head folder and every file in it are locations (``vocabtrim.storage``): local paths or
+object-store URIs (``s3://bucket/head``); each file is written whole (a temporary file renamed, or one upload).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vocabtrim import storage
 from vocabtrim.errors import UserError
-from vocabtrim.histogram import atomic_write
 
 HEAD_FILE = "head.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -179,9 +182,9 @@ def drafter_architecture(model) -> dict:
 class BuildHeadConfig:
     """Everything ``vocabtrim build-head`` needs."""
 
-    histogram: str  # a calibration folder (or its histogram.parquet)
+    histogram: str  # a calibration folder (or its histogram.parquet): a path or a URI
     drafter: str
-    out: str
+    out: str  # the head folder: a path or a URI
     drafter_layers: int | None = None
     top_k: int | None = None
     coverage: float | None = None
@@ -194,24 +197,24 @@ def save_head(head: TrimmedHead, folder: str | os.PathLike, manifest: dict) -> N
     """Write ``head.safetensors`` (token_ids int64 [K], weight [K, hidden], bias [K] if any) and ``manifest.json``."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = os.fspath(folder)
+    storage.makedirs(folder)
     tensors = {"token_ids": head.token_ids.to(torch.int64).contiguous().cpu(), "weight": head.weight.contiguous().cpu()}
     if head.bias is not None:
         tensors["bias"] = head.bias.contiguous().cpu()
     meta = {k: str(manifest[k]) for k in ("tokenizer_fingerprint", "drafter_fingerprint", "k", "vocab_size") if k in manifest}
-    atomic_write(folder / HEAD_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    atomic_write(folder / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    storage.atomic_write(storage.join(folder, HEAD_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    storage.atomic_write(storage.join(folder, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
 
 
-def export_sglang(token_ids: torch.Tensor, path: Path) -> None:
+def export_sglang(token_ids: torch.Tensor, path: str) -> None:
     """The kept ids as SGLang's ``--speculative-token-map`` reads them:
     ``torch.tensor(torch.load(path, weights_only=True), dtype=torch.int32)`` (a list of ints)."""
     ids = [int(i) for i in token_ids.tolist()]
-    atomic_write(path, lambda tmp: torch.save(ids, tmp))
+    storage.atomic_write(path, lambda tmp: torch.save(ids, tmp))
 
 
-def export_eagle(token_ids: torch.Tensor, vocab_size: int, path: Path) -> None:
+def export_eagle(token_ids: torch.Tensor, vocab_size: int, path: str) -> None:
     """EAGLE-3's id maps: ``d2t`` int64 [K] with ``d2t[i] = token_ids[i] - i`` (draft id i → target id
     ``i + d2t[i]``) and ``t2d`` bool [V] marking the kept target ids."""
     from safetensors.torch import save_file
@@ -220,10 +223,10 @@ def export_eagle(token_ids: torch.Tensor, vocab_size: int, path: Path) -> None:
     d2t = ids - torch.arange(ids.shape[0], dtype=torch.int64)
     t2d = torch.zeros(vocab_size, dtype=torch.bool)
     t2d[ids] = True
-    atomic_write(path, lambda tmp: save_file({"d2t": d2t, "t2d": t2d}, tmp))
+    storage.atomic_write(path, lambda tmp: save_file({"d2t": d2t, "t2d": t2d}, tmp))
 
 
-def plot_coverage(counts: np.ndarray, k: int, coverage: float, path: Path, title: str = "") -> None:
+def plot_coverage(counts: np.ndarray, k: int, coverage: float, path: str, title: str = "") -> None:
     """Coverage against K (log-scaled K axis), the chosen K marked; written as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -248,15 +251,17 @@ def plot_coverage(counts: np.ndarray, k: int, coverage: float, path: Path, title
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def _histogram_paths(where: str) -> tuple[Path, Path]:
-    p = Path(where)
-    folder = p.parent if p.suffix == ".parquet" else p
-    if not folder.is_dir():
-        raise UserError(f"no calibration folder at {where}: run `vocabtrim calibrate --out {where}` first")
-    return folder, folder / "histogram.parquet"
+def _histogram_paths(where: str) -> tuple[str, str]:
+    """``(calibration folder, its histogram.parquet)`` for a folder or a ``.parquet`` file location."""
+    where = os.fspath(where)
+    folder = storage.parent(where) if storage.name(where).endswith(".parquet") else where
+    if not storage.is_dir(folder):
+        shown = storage.display(where)
+        raise UserError(f"no calibration folder at {shown}: run `vocabtrim calibrate --out {shown}` first")
+    return folder, storage.join(folder, "histogram.parquet")
 
 
 def _check_build_config(config: BuildHeadConfig) -> None:
@@ -269,8 +274,8 @@ def _check_build_config(config: BuildHeadConfig) -> None:
     unknown = [e for e in config.export if e not in EXPORTS]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}: use {', '.join(EXPORTS)}")
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise UserError(f"--out {config.out} is a file: pass a folder")
+    if storage.is_file(os.fspath(config.out)):
+        raise UserError(f"--out {storage.display(os.fspath(config.out))} is a file: pass a folder")
 
 
 def build_head(config: BuildHeadConfig) -> dict:
@@ -286,10 +291,10 @@ def build_head(config: BuildHeadConfig) -> dict:
     fingerprint = tokenizer_fingerprint(tokenizer)
     if calibration["tokenizer_fingerprint"] != fingerprint:
         raise UserError(
-            f"the histogram in {folder} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
+            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
             f"drafter {fingerprint}): calibrate with this drafter"
         )
-    counts = histogram.load(str(hist_path))
+    counts = histogram.load(hist_path)
     model, _ = load_drafter(config.drafter, config.drafter_layers, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)
     vocab = logits_width(model)
     selection = select_ids(
@@ -297,8 +302,8 @@ def build_head(config: BuildHeadConfig) -> dict:
         special_ids=special_token_ids(tokenizer, model), vocab_size=vocab,
     )
     head = head_from_ids(model, selection.token_ids)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(config.out)
+    storage.makedirs(out)
     manifest = {
         "kind": MANIFEST_KIND,
         "version": 1,
@@ -317,21 +322,21 @@ def build_head(config: BuildHeadConfig) -> dict:
         "drafter_architecture": drafter_architecture(model),
         "drafter": config.drafter,
         "drafter_layers": config.drafter_layers,
-        "histogram": str(hist_path),
+        "histogram": storage.display(hist_path),
         "histogram_fingerprint": histogram.fingerprint(counts),
         "calibration_source": calibration.get("source"),
         "calibration_tokens": int(counts.sum()),
         "exports": {},
     }
     if "sglang" in config.export:
-        export_sglang(head.token_ids, out / SGLANG_FILE)
+        export_sglang(head.token_ids, storage.join(out, SGLANG_FILE))
         manifest["exports"]["sglang"] = SGLANG_FILE
     if "eagle" in config.export:
-        export_eagle(head.token_ids, vocab, out / EAGLE_FILE)
+        export_eagle(head.token_ids, vocab, storage.join(out, EAGLE_FILE))
         manifest["exports"]["eagle"] = EAGLE_FILE
     plot_coverage(
         np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)]),
-        selection.k, selection.coverage, out / PLOT_FILE,
+        selection.k, selection.coverage, storage.join(out, PLOT_FILE),
         title=(
             f"{Path(config.drafter).name}{f', {config.drafter_layers} layers' if config.drafter_layers else ''}: "
             f"source {calibration.get('source')}, {int(counts.sum()):,} tokens"
@@ -348,15 +353,18 @@ def build_head(config: BuildHeadConfig) -> dict:
 
 
 def read_head_manifest(head_dir: str | os.PathLike) -> dict:
-    path = Path(head_dir) / MANIFEST_FILE
+    head_dir = os.fspath(head_dir)
+    path = storage.join(head_dir, MANIFEST_FILE)
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise UserError(f"{head_dir} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`") from exc
+        manifest = json.loads(storage.read_text(path))
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise UserError(
+            f"{storage.display(head_dir)} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`"
+        ) from exc
     except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+        raise UserError(f"{storage.display(path)} is not valid JSON: {exc}") from exc
     if manifest.get("kind") != MANIFEST_KIND:
-        raise UserError(f"{path} is not a trimmed-head manifest")
+        raise UserError(f"{storage.display(path)} is not a trimmed-head manifest")
     return manifest
 
 
@@ -368,13 +376,16 @@ def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -
     so a float32-built head loads into a bfloat16 drafter), ids out of range or unsorted.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    head_dir = os.fspath(head_dir)
     manifest = read_head_manifest(head_dir)
+    path = storage.join(head_dir, HEAD_FILE)
     try:
-        tensors = load_file(str(Path(head_dir) / HEAD_FILE))
+        tensors = load(storage.read_bytes(path))
     except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read {Path(head_dir) / HEAD_FILE}: {exc}") from exc
+        raise UserError(f"cannot read {storage.display(path)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    head_dir = storage.display(head_dir)  # for the messages below
     ids, weight, bias = tensors.get("token_ids"), tensors.get("weight"), tensors.get("bias")
     if ids is None or weight is None or ids.dtype != torch.int64 or ids.dim() != 1 or weight.dim() != 2:
         raise UserError(f"{head_dir}/{HEAD_FILE} is not a trimmed head (needs token_ids int64 [K] and weight [K, hidden])")

@@ -11,12 +11,11 @@ is the coverage of the k most frequent ids.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from vocabtrim import storage
 from vocabtrim.errors import UserError
 
 COLUMNS = ("token_id", "count")
@@ -100,41 +99,8 @@ def coverage_of(counts: np.ndarray, ids: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files
+# Files (local paths or object-store URIs: see vocabtrim.storage)
 # ---------------------------------------------------------------------------------------------
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path, data) -> None:
-    """Write ``data`` (bytes, or a callable that writes a given path) to ``path`` all at once:
-    a temporary file in the same folder, flushed to disk, then ``os.replace``d into place.
-    Readers see the old file or the complete new one, never a partial one."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        if callable(data):
-            os.close(fd)
-            data(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-        else:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save(counts: np.ndarray, path: str) -> None:
@@ -144,7 +110,7 @@ def save(counts: np.ndarray, path: str) -> None:
 
     ids, values = to_sparse(counts)
     table = pa.table({"token_id": pa.array(ids, pa.int64()), "count": pa.array(values, pa.int64())})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    storage.atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load(path: str, vocab_size: int = 0) -> np.ndarray:
@@ -152,11 +118,14 @@ def load(path: str, vocab_size: int = 0) -> np.ndarray:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with storage.open_input_file(path) as f:
+            table = pq.read_table(f)
     except FileNotFoundError as exc:
-        raise UserError(f"no histogram at {path}: run `vocabtrim calibrate` first") from exc
+        raise UserError(f"no histogram at {storage.display(path)}: run `vocabtrim calibrate` first") from exc
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"cannot read histogram {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        raise UserError(f"cannot read histogram {storage.display(path)}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise UserError(f"{path} is not a histogram: no column {missing[0]!r}")

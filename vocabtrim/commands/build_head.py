@@ -8,13 +8,13 @@ from vocabtrim.commands.common import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--histogram", required=True, metavar="DIR", help="a folder written by `vocabtrim calibrate`")
+    parser.add_argument("--histogram", required=True, metavar="DIR", help="a folder written by `vocabtrim calibrate` (a path or a URI such as s3://bucket/calib)")
     add_model_arguments(parser, target=False, drafter_required=True)
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--top-k", type=int, default=None, metavar="K", help="keep K ids (special tokens included)")
     size.add_argument("--coverage", type=float, default=None, metavar="C", help="keep the fewest ids covering C of the counted tokens, C in (0, 1]")
     parser.add_argument("--export", default="", metavar="sglang,eagle", help="also write an SGLang token map and/or EAGLE-3 d2t/t2d")
-    parser.add_argument("--out", required=True, metavar="HEAD_DIR", help="output folder")
+    parser.add_argument("--out", required=True, metavar="HEAD_DIR", help="output folder (a path or a URI such as s3://bucket/head)")
 
 
 def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
@@ -34,12 +34,13 @@ def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
 
 
 def main(args) -> int:
+    from vocabtrim import storage
     from vocabtrim.head import build_head
 
     m = build_head(config_from_args(args))
     files = ", ".join(["head.safetensors", "manifest.json", m["plot"], *m["exports"].values()])
     print(
         f"kept K={m['k']:,} of {m['vocab_size']:,} ids ({m['k_frequent']:,} by frequency + special tokens), "
-        f"coverage {m['coverage']:.2%}\nwrote {args.out}/: {files}"
+        f"coverage {m['coverage']:.2%}\nwrote {storage.display(args.out).rstrip('/')}/: {files}"
     )
     return 0
