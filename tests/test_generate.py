@@ -1,5 +1,6 @@
 """``vocabtrim generate`` end to end on a local Ray with tiny models: rows one to one, ids, column types,
-bad rows and bad files, greedy identity with the target alone, determinism, resume after a kill."""
+bad rows and bad files, greedy identity with the target alone, determinism, resume after a kill, and
+prompts, outputs and head on an object store (a local S3 server)."""
 
 import contextlib
 import io
@@ -30,6 +31,10 @@ RESULT_SCHEMA = [
     ("error", pa.string()),
 ]
 LONG = "the quick brown fox jumps over the lazy dog " * 40  # > 256 positions of the tiny models
+
+# The local S3 server (session fixture `s3`) starts before this module's Ray, whatever test runs first, so the
+# Ray workers inherit its AWS_* variables, as workers on a cluster node would (they read --head from it).
+pytestmark = pytest.mark.usefixtures("s3")
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +220,7 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_pair_dirs, tmp_path):
     ids = [i for n in names for i in read(out, n).column("id").to_pylist()]
     assert sorted(ids) == sorted(f"{i}-{j}" for i in range(5) for j in range(4))  # every row exactly once
     assert summary["rows"] == 20 and summary["errored_rows"] == 0
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
 def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
@@ -296,3 +301,102 @@ def test_a_head_built_for_another_drafter_is_refused_in_one_line(ray_local, base
         run_generate(replace(base, drafter=None, drafter_layers=1, head=str(tmp_path / "head"), out=str(out)))
     assert "\n" not in str(e.value)
     assert not list(out.rglob("*.parquet"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage: --prompts, --out and --head as s3:// URIs
+# ---------------------------------------------------------------------------------------------
+
+
+def read_s3(where: str) -> pa.Table:
+    from vocabtrim import storage
+
+    with storage.open_input_file(where) as f:
+        return pq.read_table(f)
+
+
+def test_prompts_out_and_head_on_s3_and_resume(ray_local, s3, tiny_pair_dirs, tmp_path, capsys):
+    import numpy as np
+
+    from vocabtrim import histogram, storage
+    from vocabtrim.head import BuildHeadConfig, build_head
+    from vocabtrim.models import load_tokenizer, tokenizer_fingerprint
+
+    target, drafter = tiny_pair_dirs
+    bucket = s3.bucket()
+    inputs = {
+        "part-0.parquet": pa.table({"id": pa.array([10, 11, 12], pa.int64()), "prompt": ["the quick brown fox", "", "def add(a, b):"]}),
+        "sub/part-1.parquet": pa.table({"prompt": ["What is the capital of France?", "1 2 3 4 5"]}),
+        ".hidden/x.parquet": pa.table({"prompt": ["never read"]}),
+    }
+    for name, table in inputs.items():
+        storage.write_with(f"{bucket}/prompts/{name}", lambda tmp, t=table: pq.write_table(t, tmp))
+    # a head on S3 too: the Ray workers read it from there
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    tok = load_tokenizer(drafter)
+    histogram.save(np.arange(len(tok), dtype=np.int64) % 7, str(cal / "histogram.parquet"))
+    (cal / "manifest.json").write_text(json.dumps({"kind": "vocabtrim-histogram", "tokenizer_fingerprint": tokenizer_fingerprint(tok)}))
+    head = f"{bucket}/head"
+    build_head(BuildHeadConfig(histogram=str(cal), drafter=drafter, top_k=64, out=head))
+
+    host = s3.endpoint.split("://", 1)[1]
+    out = f"{bucket}/runs/out?endpoint_override={host}&scheme=http"  # a query configures the filesystem
+    argv = ["generate", "--target", target, "--drafter", drafter, "--head", head, "--prompts", f"{bucket}/prompts",
+            "--max-new-tokens", "6", "--gamma", "2", "--batch-size", "2", "--no-progress", "--out", out]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"in {bucket}/runs/out" in printed and "endpoint_override" not in printed
+
+    names = [storage.relative(p, out) for p in storage.walk_files(out)]
+    assert names == ["part-0.parquet", "settings.json", "sub/part-1.parquet", "summary.json"]
+    a, b = read_s3(storage.join(out, "part-0.parquet")), read_s3(storage.join(out, "sub/part-1.parquet"))
+    assert a.column("id").to_pylist() == [10, 11, 12]  # one row per input row, in order
+    assert b.column("id").to_pylist() == ["sub/part-1.parquet:0", "sub/part-1.parquet:1"]
+    assert a.column("finish_reason").to_pylist()[1] == "error" and "empty" in a.column("error").to_pylist()[1]
+    assert [r in ("stop", "length") for r in a.column("finish_reason").to_pylist() + b.column("finish_reason").to_pylist()] == [
+        True, False, True, True, True]
+    settings = json.loads(storage.read_text(storage.join(out, "settings.json")))
+    summary = json.loads(storage.read_text(storage.join(out, "summary.json")))
+    assert settings["head_sha256"] and summary["settings"] == settings
+    assert summary["rows"] == 5 and summary["errored_rows"] == 1 and summary["files_generated"] == 2
+    assert summary["run"]["head"] == head and sorted(summary["run"]["prompts"]) == [
+        f"{bucket}/prompts/part-0.parquet", f"{bucket}/prompts/sub/part-1.parquet"]
+    assert summary["draft_proposed"] > 0
+
+    # a rerun resumes: nothing is generated again; with one output gone, only that file is, and no row twice
+    cfg = GenerateConfig(target=target, drafter=drafter, head=head, prompts=[f"{bucket}/prompts"], max_new_tokens=6,
+                         gamma=2, batch_size=2, progress=False, out=out)
+    again = run_generate(cfg)
+    assert (again["files_resumed"], again["files_generated"], again["rows"]) == (2, 0, 5)
+    storage.delete(storage.join(out, "sub/part-1.parquet"))
+    again = run_generate(replace(cfg, batch_size=1))
+    assert (again["files_resumed"], again["files_generated"], again["rows"]) == (1, 1, 5)
+    assert read_s3(storage.join(out, "sub/part-1.parquet")).equals(b)
+    assert read_s3(storage.join(out, "part-0.parquet")).equals(a)
+    # other settings into the same S3 --out are refused, as locally
+    with pytest.raises(UserError, match=f"{bucket}/runs/out holds outputs made with other settings") as e:
+        run_generate(replace(cfg, seed=1))
+    assert "endpoint_override" not in str(e.value)
+
+
+def test_bad_locations_are_refused_in_one_line(s3, tiny_pair_dirs, tmp_path, capsys):
+    target, drafter = tiny_pair_dirs
+    bucket = s3.bucket()
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), good)
+    capsys.readouterr()
+    cases = [
+        (["--prompts", "nosuchscheme://bucket/p.parquet", "--out", str(tmp_path / "out")], "cannot open nosuchscheme://bucket/p.parquet"),
+        (["--prompts", f"{bucket}/missing.parquet", "--out", str(tmp_path / "out")], f"no such prompt file or folder: {bucket}/missing.parquet"),
+        (["--prompts", f"{bucket}/prompts/*.parquet", "--out", str(tmp_path / "out")], "matches no files"),
+        (["--prompts", str(good), "--head", f"{bucket}/nohead", "--out", str(tmp_path / "out")], f"--head {bucket}/nohead holds no head.safetensors"),
+        (["--prompts", str(good), "--out", "nosuchscheme://bucket/out"], "cannot open nosuchscheme://bucket/out"),
+        (["--prompts", str(good), "--out", "s3://vt-no-such-bucket/out"], "s3://vt-no-such-bucket/out"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["generate", "--target", target, "--drafter", drafter, "--no-progress", *extra]) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (message, err)
+        assert not (tmp_path / "out").exists()

@@ -43,12 +43,13 @@ def test_files_folders_and_globs(tmp_path):
     write(tmp_path / "d" / "_tmp.parquet", prompt=["z"])
     c = write(tmp_path / "c.parquet", prompt=["w"])
 
+    a, b, c = str(a), str(b), str(c)  # locations are strings, local ones spelled as found
     assert find_prompt_files([str(tmp_path / "d")]) == [(a, "a.parquet"), (b, "sub/b.parquet")]
-    assert find_prompt_files([str(c)]) == [(c, "c.parquet")]
+    assert find_prompt_files([c]) == [(c, "c.parquet")]
     assert find_prompt_files([str(tmp_path / "d" / "[ab].parquet")]) == [(a, "a.parquet")]
     assert find_prompt_files([str(tmp_path / "d" / "**" / "b.parquet")]) == [(b, "b.parquet")]
-    # the same file named twice counts once
-    assert find_prompt_files([str(c), str(tmp_path / "c*.parquet")]) == [(c, "c.parquet")]
+    # the same file named twice counts once (also through another spelling: file://)
+    assert find_prompt_files([c, str(tmp_path / "c*.parquet"), f"file://{c}"]) == [(c, "c.parquet")]
 
 
 def test_missing_inputs_and_name_clashes_are_refused(tmp_path):
@@ -69,7 +70,7 @@ def test_bad_files_refused_in_one_line(tmp_path):
     text = tmp_path / "notes.parquet"
     text.write_text("this is not parquet\n")
     with pytest.raises(UserError, match="not a readable Parquet file") as e:
-        check_prompt_file(text, "notes.parquet", "prompt", "id")
+        check_prompt_file(str(text), "notes.parquet", "prompt", "id")
     assert "\n" not in str(e.value)
     f = write(tmp_path / "f.parquet", text=["hello"])
     with pytest.raises(UserError, match=r"no prompt column 'prompt' \(columns: text\)"):
@@ -78,15 +79,16 @@ def test_bad_files_refused_in_one_line(tmp_path):
 
 def test_file_facts(tmp_path):
     f = write(tmp_path / "f.parquet", id=pa.array([7, 8, 9], pa.int64()), prompt=["a", "b", "c"])
-    info = check_prompt_file(f, "f.parquet", "prompt", "id")
+    info = check_prompt_file(str(f), "f.parquet", "prompt", "id")
+    assert info.path == str(f)
     assert (info.num_rows, info.id_type, info.prompt_type) == (3, pa.int64(), pa.string())
-    assert check_prompt_file(f, "f.parquet", "prompt", "other").id_type is None
+    assert check_prompt_file(str(f), "f.parquet", "prompt", "other").id_type is None
 
 
 def test_chunks_cover_every_row_once_with_stable_ids(tmp_path):
     f = tmp_path / "f.parquet"
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(10)]}), f, row_group_size=3)
-    info = check_prompt_file(f, "sub/f.parquet", "prompt", "id")
+    info = check_prompt_file(str(f), "sub/f.parquet", "prompt", "id")
     chunks = list(read_chunks(info, "prompt", "id", rows_per_chunk=4))
     assert [c.start for c in chunks] == sorted(c.start for c in chunks)
     assert sum(len(c.prompts) for c in chunks) == 10
@@ -98,10 +100,82 @@ def test_chunks_cover_every_row_once_with_stable_ids(tmp_path):
 
 def test_id_column_is_carried_and_null_ids_get_stable_keys(tmp_path):
     f = write(tmp_path / "f.parquet", id=pa.array([10, None, 12], pa.int64()), prompt=["a", "b", "c"])
-    info = check_prompt_file(f, "f.parquet", "prompt", "id")
+    info = check_prompt_file(str(f), "f.parquet", "prompt", "id")
     (chunk,) = read_chunks(info, "prompt", "id", rows_per_chunk=100)
     assert chunk.ids.type == pa.int64() and chunk.ids.to_pylist() == [10, None, 12]
     assert chunk.keys == ["10", "f.parquet:1", "12"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage (a local S3 server: the `s3` fixture in conftest)
+# ---------------------------------------------------------------------------------------------
+
+
+def put(where: str, **columns) -> str:
+    from vocabtrim import storage
+
+    storage.write_with(where, lambda tmp: pq.write_table(pa.table(columns), tmp))
+    return where
+
+
+def test_s3_folders_and_globs(s3):
+    bucket = s3.bucket()
+    a = put(f"{bucket}/d/a.parquet", prompt=["x"])
+    b = put(f"{bucket}/d/sub/b.parquet", prompt=["y"])
+    put(f"{bucket}/d/.hidden/h.parquet", prompt=["z"])
+    put(f"{bucket}/d/_tmp.parquet", prompt=["z"])
+    put(f"{bucket}/d/sub/notes.txt", prompt=["z"])
+    c = put(f"{bucket}/c.parquet", prompt=["w"])
+
+    # a folder: recursive, hidden entries and other extensions skipped, names relative to the folder
+    assert find_prompt_files([f"{bucket}/d"]) == find_prompt_files([f"{bucket}/d/"]) == [(a, "a.parquet"), (b, "sub/b.parquet")]
+    assert find_prompt_files([c]) == [(c, "c.parquet")]
+    assert find_prompt_files([f"{bucket}/d/[ab].parquet"]) == [(a, "a.parquet")]
+    assert find_prompt_files([f"{bucket}/d/**/b.parquet"]) == [(b, "b.parquet")]
+    assert find_prompt_files([f"{bucket}/d/su*"]) == [(f"{bucket}/d/sub/b.parquet", "b.parquet")]  # a folder matched
+    # the same object named twice counts once, whatever the query
+    host = s3.endpoint.split("://", 1)[1]
+    with_query = f"{c}?endpoint_override={host}&scheme=http"
+    assert find_prompt_files([c, f"{bucket}/c*.parquet", with_query]) == [(c, "c.parquet")]
+    # a URI's query configures the filesystem and stays on the locations found through it
+    assert find_prompt_files([f"{bucket}/d/a.parquet?endpoint_override={host}&scheme=http"]) == [
+        (f"{a}?endpoint_override={host}&scheme=http", "a.parquet")
+    ]
+    with pytest.raises(UserError, match="would both write b.parquet"):
+        find_prompt_files([b, put(f"{bucket}/e/b.parquet", prompt=["v"])])
+
+
+def test_s3_missing_inputs_are_refused_in_one_line(s3):
+    bucket = s3.bucket()
+    for args, message in [
+        ([f"{bucket}/nope.parquet"], f"no such prompt file or folder: {bucket}/nope.parquet"),
+        ([f"{bucket}/*.parquet"], r"\*\.parquet matches no files"),
+        (["s3://vt-no-such-bucket/p.parquet"], "no such prompt file or folder"),
+        (["nosuchscheme://bucket/p.parquet"], "cannot open nosuchscheme://bucket/p.parquet"),
+        ([f"{bucket}/p.parquet?endpoint_override=10.9.8.7:1&bogus=1"], f"cannot open {bucket}/p.parquet: .*'bogus'"),
+    ]:
+        with pytest.raises(UserError, match=message) as e:
+            find_prompt_files(args)
+        assert "\n" not in str(e.value) and "endpoint_override" not in str(e.value), str(e.value)
+
+
+def test_s3_file_facts_and_chunks(s3):
+    bucket = s3.bucket()
+    f = f"{bucket}/in/f.parquet"
+    from vocabtrim import storage
+
+    table = pa.table({"id": pa.array(range(10), pa.int64()), "prompt": [f"p{i}" for i in range(10)]})
+    storage.write_with(f, lambda tmp: pq.write_table(table, tmp, row_group_size=3))
+    ((path, name),) = find_prompt_files([f"{bucket}/in"])
+    info = check_prompt_file(path, name, "prompt", "id")
+    assert (info.path, info.name, info.num_rows, info.id_type) == (f, "f.parquet", 10, pa.int64())
+    chunks = list(read_chunks(info, "prompt", "id", rows_per_chunk=4))
+    assert [p for c in chunks for p in c.prompts] == [f"p{i}" for i in range(10)]
+    assert [k for c in chunks for k in c.keys] == [str(i) for i in range(10)]
+    storage.write_bytes(f"{bucket}/in/notes.parquet", b"not parquet")
+    with pytest.raises(UserError, match=f"{bucket}/in/notes.parquet is not a readable Parquet file") as e:
+        inspect_prompt_files([f"{bucket}/in/notes.parquet"], "prompt", "id")
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------

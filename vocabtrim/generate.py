@@ -8,10 +8,14 @@ How a run goes:
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
    rows into token ids (bad rows become error rows), runs the ``SpeculativeEngine`` on batches of
    ``--batch-size`` and returns the results.
-4. When all of a file's chunks are back, the driver writes ``DIR/<name>`` atomically (temporary name,
-   then rename), with the file's engine statistics in the Parquet footer. A killed run leaves only
-   complete outputs behind, so a rerun generates each missing file once and every row exactly once.
+4. When all of a file's chunks are back, the driver writes ``DIR/<name>`` atomically (locally a temporary
+   name, then rename; on an object store one upload of the finished file), with the file's engine
+   statistics in the Parquet footer. A killed run leaves only complete outputs behind, so a rerun
+   generates each missing file once and every row exactly once.
 5. ``DIR/summary.json`` sums the outputs of all input files (generated now or by an earlier run).
+
+``--prompts``, ``--out`` and ``--head`` are locations (``vocabtrim.storage``): local paths or object-store URIs.
+Only ``vocabtrim.storage`` touches them; messages show them without their query (``storage.display``).
 
 Rows are independent of their batch-mates and of the worker that runs them: each row's seed is
 ``row_seed(--seed, row key)`` (``vocabtrim.prompts``), and the engine draws that row's randomness from
@@ -26,18 +30,19 @@ import logging
 import os
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vocabtrim import storage
 from vocabtrim.errors import UserError
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 
 log = logging.getLogger(__name__)
 
+HEAD_FILE = "head.safetensors"  # vocabtrim.head.HEAD_FILE (not imported: that module loads torch)
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 STATS_KEY = b"vocabtrim.generate"
@@ -101,8 +106,8 @@ def check_config(cfg: GenerateConfig) -> None:
         _positive("--gamma", cfg.gamma)
         if cfg.drafter is None and cfg.drafter_layers is None:
             raise UserError("no drafter: pass --drafter MODEL, --drafter-layers N (drafter = first N target layers), or --no-draft")
-    if cfg.head and not (Path(cfg.head) / "head.safetensors").is_file():
-        raise UserError(f"--head {cfg.head} holds no head.safetensors: pass a folder written by `vocabtrim build-head`")
+    if cfg.head and not storage.is_file(storage.join(cfg.head, HEAD_FILE)):
+        raise UserError(f"--head {storage.display(cfg.head)} holds no {HEAD_FILE}: pass a folder written by `vocabtrim build-head`")
     if not cfg.prompt_column:
         raise UserError("--prompt-column must not be empty")
     if cfg.id_column in RESULT_COLUMNS:
@@ -116,17 +121,22 @@ def _drafter_name(cfg: GenerateConfig) -> str | None:
 
 
 def _model_key(name: str | None) -> str | None:
-    """A model name as recorded in settings: local paths made absolute, other names as given."""
+    """A model name as recorded in settings: local paths made absolute, other names (hub ids, URIs) as given."""
     if name is None:
         return None
+    if storage.is_uri(name):
+        return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(where: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    with storage.open_input_file(where) as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
             h.update(block)
     return h.hexdigest()
 
@@ -144,7 +154,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> str:
         for f in files:
             if pa.types.is_list(f.prompt_type) or pa.types.is_large_list(f.prompt_type):
                 raise UserError(
-                    f"{f.path} holds message lists in {cfg.prompt_column!r} but {cfg.target}'s tokenizer has no chat template"
+                    f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r} but {cfg.target}'s tokenizer has no chat template"
                 )
     return tokenizer_fingerprint(target_tok)
 
@@ -159,7 +169,7 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
         "target": _model_key(cfg.target),
         "drafter": _model_key(_drafter_name(cfg)),
         "drafter_layers": cfg.drafter_layers if draft else None,
-        "head_sha256": _file_sha256(Path(cfg.head) / "head.safetensors") if cfg.head else None,
+        "head_sha256": _file_sha256(storage.join(cfg.head, HEAD_FILE)) if cfg.head else None,
         "no_draft": cfg.no_draft,
         "gamma": cfg.gamma if draft else None,
         "max_new_tokens": cfg.max_new_tokens,
@@ -174,57 +184,66 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+def _write_json(where: str, data: dict) -> None:
+    storage.atomic_write(where, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def prepare_out(out: Path, settings: dict) -> None:
+def prepare_out(out: str, settings: dict) -> None:
     """Create ``--out`` and record the settings, or check them against the recorded ones."""
-    recorded_path = out / SETTINGS_FILE
-    if recorded_path.is_file():
+    shown = storage.display(out)
+    recorded_path = storage.join(out, SETTINGS_FILE)
+    if storage.is_file(recorded_path):
         try:
-            recorded = json.loads(recorded_path.read_text())
+            recorded = json.loads(storage.read_text(recorded_path))
         except (OSError, ValueError) as exc:
-            raise UserError(f"{recorded_path} is unreadable ({exc}): use a new --out") from exc
+            raise UserError(f"{storage.display(recorded_path)} is unreadable ({_first_line(exc)}): use a new --out") from exc
         diffs = [f"{k} {recorded.get(k)!r} vs {settings.get(k)!r}" for k in settings if recorded.get(k) != settings.get(k)]
         if diffs:
             raise UserError(
-                f"{out} holds outputs made with other settings ({'; '.join(diffs[:3])}"
+                f"{shown} holds outputs made with other settings ({'; '.join(diffs[:3])}"
                 f"{'; …' if len(diffs) > 3 else ''}): rerun with the same settings to resume, or use a new --out"
             )
         return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.rglob("*.parquet")):
-        raise UserError(f"--out {out} already holds Parquet files but no {SETTINGS_FILE}: use a new or empty --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if storage.is_file(out):
+        raise UserError(f"--out {shown} is a file, not a folder")
+    if any(storage.name(p).endswith(".parquet") for p in storage.walk_files(out)):
+        raise UserError(f"--out {shown} already holds Parquet files but no {SETTINGS_FILE}: use a new or empty --out")
+    storage.makedirs(out)
     _write_json(recorded_path, settings)
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Partial files a killed run left behind (never complete outputs: those have their final names)."""
-    for tmp in out.rglob(".*.tmp-*"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+def remove_stale_temporaries(out: str) -> None:
+    """Partial files a killed run left behind in a local ``--out`` (never complete outputs: those have their
+    final names). Local writes go through ``storage`` (``.<name>.<random>.tmp`` beside the target; earlier
+    versions wrote ``.<name>.tmp-<random>``). Object stores hold no partial objects: an upload appears whole."""
+    if not storage.is_local(out):
+        return
+    root = Path(storage.local_path(out))
+    for pattern in (".*.tmp", ".*.tmp-*"):
+        for tmp in root.rglob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
-def output_path(out: Path, file: PromptFile) -> Path:
-    return out / file.name
+def output_path(out: str, file: PromptFile) -> str:
+    return storage.join(out, file.name)
 
 
-def is_complete(out: Path, file: PromptFile) -> bool:
+def is_complete(out: str, file: PromptFile) -> bool:
     """An output exists under its final name only once fully written; its row count must match the input."""
     path = output_path(out, file)
-    if not path.is_file():
-        return False
+    shown = storage.display(path)
     try:
-        rows = pq.read_metadata(path).num_rows
+        with storage.open_input_file(path) as f:
+            rows = pq.read_metadata(f).num_rows
+    except FileNotFoundError:
+        return False
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path} is not a readable output ({exc}): delete it and rerun") from exc
+        raise UserError(f"{shown} is not a readable output ({_first_line(exc)}): delete it and rerun") from exc
     if rows != file.num_rows:
-        raise UserError(f"{path} has {rows} rows but {file.path} has {file.num_rows}: the input changed; use a new --out")
+        raise UserError(
+            f"{shown} has {rows} rows but {storage.display(file.path)} has {file.num_rows}: the input changed; use a new --out"
+        )
     return True
 
 
@@ -460,7 +479,7 @@ class _FileState:
     all_sent: bool = False
 
 
-def write_output(path: Path, id_column: str, id_type, ids: list[pa.Array], columns: list[dict], stats: ChunkStats) -> dict:
+def write_output(path: str, id_column: str, id_type, ids: list[pa.Array], columns: list[dict], stats: ChunkStats) -> dict:
     """Write one output file atomically; returns its file-level statistics (also stored in its footer)."""
     id_arrays = [a.cast(id_type) if id_type is not None else a for a in ids]
     id_array = pa.concat_arrays(id_arrays) if id_arrays else pa.array([], type=id_type or pa.string())
@@ -470,13 +489,7 @@ def write_output(path: Path, id_column: str, id_type, ids: list[pa.Array], colum
     table = pa.Table.from_arrays(arrays, names=[id_column] + RESULT_COLUMNS)
     file_stats = _file_stats(table, stats)
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(file_stats).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    storage.write_with(path, lambda tmp: pq.write_table(table, tmp))  # whole file or nothing
     return file_stats
 
 
@@ -492,10 +505,11 @@ def _file_stats(table: pa.Table, stats: ChunkStats) -> dict:
     }
 
 
-def read_file_stats(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+def read_file_stats(path: str) -> dict:
+    with storage.open_input_file(path) as f:
+        meta = pq.read_schema(f).metadata or {}
     if STATS_KEY not in meta:
-        raise UserError(f"{path} was not written by vocabtrim generate: use a new --out")
+        raise UserError(f"{storage.display(path)} was not written by vocabtrim generate: use a new --out")
     return json.loads(meta[STATS_KEY])
 
 
@@ -507,7 +521,7 @@ def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: i
         yield index, None
 
 
-def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: Path, on_rows, on_written) -> None:
+def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written) -> None:
     """Feed every row of ``files`` to ``actors`` (``IN_FLIGHT`` chunks each) and write each file when done.
 
     ``on_rows(n)`` is called as each chunk of n rows comes back; ``on_written(file, stats)`` after each write.
@@ -569,7 +583,7 @@ def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: Pa
             result = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             raise RuntimeError(
-                f"a generate worker died ({_first_line(exc)}); the files already written to {out} are complete: "
+                f"a generate worker died ({_first_line(exc)}); the files already written to {storage.display(out)} are complete: "
                 "rerun the same command to resume"
             ) from exc
         st = states[index]
@@ -649,7 +663,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # validates the flags
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
     fingerprint = check_models(cfg, files)
-    out = Path(cfg.out)
+    out = os.fspath(cfg.out)
     settings = settings_of(cfg, fingerprint)
     prepare_out(out, settings)
     remove_stale_temporaries(out)
@@ -675,11 +689,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "batch_size": cfg.batch_size,
         "workers": cfg.workers,
         "gpus_per_worker": cfg.gpus_per_worker,
-        "prompts": [str(f.path) for f in files],
-        "head": cfg.head,
+        "prompts": [storage.display(f.path) for f in files],
+        "head": storage.display(cfg.head) if cfg.head else None,
     }
     summary = summarize([read_file_stats(output_path(out, f)) for f in files], settings, run)
-    _write_json(out / SUMMARY_FILE, summary)
+    _write_json(storage.join(out, SUMMARY_FILE), summary)
     return summary
 
 

@@ -1,7 +1,8 @@
 """Prompt files for ``vocabtrim generate``: finding them, checking them, and turning rows into token ids.
 
 Words used here:
-- *input file*: one Parquet file named by ``--prompts`` (a file, a folder searched for ``*.parquet``, or a glob).
+- *input file*: one Parquet file named by ``--prompts`` (a file, a folder searched for ``*.parquet``, or a glob;
+  each a local path or an object-store URI such as ``s3://bucket/prefix``, read through ``vocabtrim.storage``).
 - *output name*: where the file's results go under ``--out``: the file's name, or for a file found in a
   folder its path relative to that folder. Two inputs never share an output name (refused up front).
 - *row key*: the string a row's seed is derived from: its ``--id-column`` value, or, when the file has no
@@ -14,32 +15,29 @@ A bad *row* (null, empty, wrong type, malformed messages, too long for the conte
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vocabtrim import storage
 from vocabtrim.errors import UserError
-
-GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True)
 class PromptFile:
     """One input Parquet file, checked.
 
-    path:      the file.
+    path:      the file's location: a local path (spelled as found) or an object-store URI (``vocabtrim.storage``).
     name:      its output name under ``--out`` (relative, POSIX separators).
     num_rows:    rows in the file (from its footer).
     prompt_type: the Arrow type of its prompt column.
     id_type:     the Arrow type of its id column, or None when it has none (stable ids are made instead).
     """
 
-    path: Path
+    path: str
     name: str
     num_rows: int
     prompt_type: pa.DataType
@@ -47,84 +45,94 @@ class PromptFile:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files
+# Files (local paths or object-store URIs: see vocabtrim.storage)
 # ---------------------------------------------------------------------------------------------
 
 
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.parts)
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
-def _folder_files(folder: Path) -> list[tuple[Path, str]]:
+def _folder_files(folder: str) -> list[tuple[str, str]]:
     found = []
-    for path in sorted(folder.rglob("*.parquet")):
-        rel = path.relative_to(folder)
-        if path.is_file() and not _hidden(rel):
-            found.append((path, rel.as_posix()))
+    for path in storage.walk_files(folder):
+        rel = storage.relative(path, folder)
+        if rel.endswith(".parquet") and not _hidden(rel):
+            found.append((path, rel))
     return found
 
 
-def find_prompt_files(paths: list[str]) -> list[tuple[Path, str]]:
-    """Expand files, folders and globs into ``(path, output name)`` pairs, in a stable order.
+def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
+    """Expand files, folders and globs into ``(location, output name)`` pairs, in a stable order.
 
+    Each argument is a local path or an object-store URI (``s3://bucket/key``, ``gs://…``, ``file://…``).
     Folders are searched recursively for ``*.parquet`` (hidden ``.``/``_`` entries skipped); a file named
     directly may have any extension (its content is checked later). The same file named twice counts once.
     """
     if not paths:
         raise UserError("no prompt files: pass --prompts with Parquet files, folders or globs")
-    pairs: list[tuple[Path, str]] = []
+    pairs: list[tuple[str, str]] = []
     for arg in paths:
-        path = Path(arg).expanduser()
-        if any(c in GLOB_CHARS for c in arg):
-            matches = sorted(glob.glob(os.path.expanduser(arg), recursive=True))
+        arg = os.fspath(arg)
+        where = arg if storage.is_uri(arg) else os.path.expanduser(arg)
+        shown = storage.display(arg)
+        if storage.has_glob(where):
+            matches = storage.glob_typed(where)
             if not matches:
-                raise UserError(f"--prompts {arg} matches no files")
-            for m in matches:
-                mp = Path(m)
-                pairs.extend(_folder_files(mp) if mp.is_dir() else [(mp, mp.name)])
-        elif path.is_dir():
-            found = _folder_files(path)
+                raise UserError(f"--prompts {shown} matches no files")
+            for m, folder in matches:
+                pairs.extend(_folder_files(m) if folder else [(m, storage.name(m))])
+        elif storage.is_dir(where):
+            found = _folder_files(where)
             if not found:
-                raise UserError(f"folder {arg} holds no .parquet files")
+                raise UserError(f"folder {shown} holds no .parquet files")
             pairs.extend(found)
-        elif path.is_file():
-            pairs.append((path, path.name))
+        elif storage.is_file(where):
+            pairs.append((where, storage.name(where)))
         else:
-            raise UserError(f"no such prompt file or folder: {arg}")
-    seen: dict[Path, str] = {}
-    by_name: dict[str, Path] = {}
+            raise UserError(f"no such prompt file or folder: {shown}")
+    seen: set[str] = set()
+    by_name: dict[str, str] = {}
     result = []
     for path, name in pairs:
-        real = path.resolve()
-        if real in seen:
+        key = storage.canonical(path)
+        if key in seen:
             continue
         if name in by_name:
             raise UserError(
-                f"input files {by_name[name]} and {path} would both write {name} under --out: "
-                "pass their folder instead, or run them into separate --out folders"
+                f"input files {storage.display(by_name[name])} and {storage.display(path)} would both write {name} "
+                "under --out: pass their folder instead, or run them into separate --out folders"
             )
-        seen[real] = name
+        seen.add(key)
         by_name[name] = path
         result.append((path, name))
     return result
 
 
-def check_prompt_file(path: Path, name: str, prompt_column: str, id_column: str | None) -> PromptFile:
+def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str | None) -> PromptFile:
     """Read a file's footer and refuse it in one line if it is not Parquet or lacks the prompt column."""
+    path = os.fspath(path)
+    shown = storage.display(path)
     try:
-        meta = pq.read_metadata(path)
+        with storage.open_input_file(path) as f:
+            meta = pq.read_metadata(f)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]})") from exc
+        raise UserError(f"{shown} is not a readable Parquet file ({_first_line(exc)})") from exc
     names = schema.names
     if prompt_column not in names:
         raise UserError(
-            f"{path} has no prompt column {prompt_column!r} (columns: {', '.join(names) or 'none'}): "
+            f"{shown} has no prompt column {prompt_column!r} (columns: {', '.join(names) or 'none'}): "
             "pass --prompt-column"
         )
     id_type = schema.field(id_column).type if id_column and id_column in names else None
     prompt_type = schema.field(prompt_column).type
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:
@@ -157,17 +165,22 @@ def read_chunks(file: PromptFile, prompt_column: str, id_column: str | None, row
     """Stream a file as chunks of at most ``rows_per_chunk`` rows, in row order."""
     columns = [prompt_column] + ([id_column] if file.id_type is not None and id_column != prompt_column else [])
     start = 0
-    for batch in pq.ParquetFile(file.path).iter_batches(batch_size=rows_per_chunk, columns=columns):
-        n = batch.num_rows
-        prompts = batch.column(prompt_column).to_pylist()
-        if file.id_type is not None:
-            ids = batch.column(id_column)
-            keys = [stable_id(file.name, start + i) if v is None else str(v) for i, v in enumerate(ids.to_pylist())]
-        else:
-            keys = [stable_id(file.name, start + i) for i in range(n)]
-            ids = pa.array(keys, type=pa.string())
-        yield PromptChunk(start=start, ids=ids, keys=keys, prompts=prompts)
-        start += n
+    with storage.open_input_file(file.path) as source:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=rows_per_chunk, columns=columns):
+            yield _chunk(file, batch, start, prompt_column, id_column)
+            start += batch.num_rows
+
+
+def _chunk(file: PromptFile, batch: pa.RecordBatch, start: int, prompt_column: str, id_column: str | None) -> PromptChunk:
+    n = batch.num_rows
+    prompts = batch.column(prompt_column).to_pylist()
+    if file.id_type is not None:
+        ids = batch.column(id_column)
+        keys = [stable_id(file.name, start + i) if v is None else str(v) for i, v in enumerate(ids.to_pylist())]
+    else:
+        keys = [stable_id(file.name, start + i) for i in range(n)]
+        ids = pa.array(keys, type=pa.string())
+    return PromptChunk(start=start, ids=ids, keys=keys, prompts=prompts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from vocabtrim.commands.common import add_model_arguments, add_ray_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, target=True)
-    parser.add_argument("--head", default=None, help="trimmed drafter head folder from `vocabtrim build-head`")
-    parser.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help="Parquet files, folders or globs")
+    parser.add_argument("--head", default=None, help="trimmed drafter head folder from `vocabtrim build-head` (a path or a URI such as s3://bucket/head)")
+    parser.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help="Parquet files, folders or globs: local paths or URIs (s3://, gs://, file://, ...)")
     parser.add_argument("--prompt-column", default="prompt", help="a string, or a list of {role, content} messages (chat template applied)")
     parser.add_argument("--id-column", default="id", help="carried to the output; absent: an id from file name and row number")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-draft", action="store_true", help="target alone, same batching: the baseline")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
-    parser.add_argument("--out", required=True, help="output folder (a rerun with the same settings resumes)")
+    parser.add_argument("--out", required=True, help="output folder, a path or a URI such as s3://bucket/out (a rerun with the same settings resumes)")
 
 
 def config_from_args(args) -> "GenerateConfig":  # noqa: F821 (imported lazily: keeps `--help` fast)
@@ -77,10 +77,11 @@ def summary_table(s: dict) -> str:
 
 
 def main(args) -> int:
+    from vocabtrim import storage
     from vocabtrim.generate import SUMMARY_FILE, run_generate
 
     cfg = config_from_args(args)
     summary = run_generate(cfg)
     print(summary_table(summary))
-    print(f"outputs and {SUMMARY_FILE} in {cfg.out}")
+    print(f"outputs and {SUMMARY_FILE} in {storage.display(cfg.out)}")
     return 0
