@@ -72,13 +72,13 @@ def _running(pid: int) -> bool:
         return False
 
 
-def submit(cluster, argv: list[str]) -> str:
+def submit(cluster, argv: list[str], env: dict | None = None) -> str:
     from ray.job_submission import JobSubmissionClient
 
     _, c = cluster
     client = JobSubmissionClient(c.dashboard_url)
     return client.submit_job(entrypoint=shlex.join(["python", *argv]),
-                             runtime_env={"working_dir": str(REPO), "env_vars": JOB_ENV})
+                             runtime_env={"working_dir": str(REPO), "env_vars": {**JOB_ENV, **(env or {})}})
 
 
 def wait_job(cluster, job_id: str, timeout: float = JOB_TIMEOUT):
@@ -96,8 +96,8 @@ def wait_job(cluster, job_id: str, timeout: float = JOB_TIMEOUT):
     return str(status), client.get_job_logs(job_id)
 
 
-def run_job(cluster, argv: list[str]) -> str:
-    status, logs = wait_job(cluster, submit(cluster, argv))
+def run_job(cluster, argv: list[str], env: dict | None = None) -> str:
+    status, logs = wait_job(cluster, submit(cluster, argv, env))
     assert status == "SUCCEEDED", f"{' '.join(argv)}\n{logs[-4000:]}"
     return logs
 
@@ -250,6 +250,47 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_in_one_line(cluster, tiny_p
     errors = [line for line in logs.splitlines() if line.startswith("vocabtrim generate: error:")]
     assert len(errors) == 1 and "GPU" in errors[0], logs[-2000:]
     assert time.monotonic() - started < 90
+
+
+def test_the_three_stages_as_jobs_on_object_storage(cluster, s3, tiny_pair_dirs, small_corpus, prompt_files):
+    """Corpus, histogram, head, prompts and outputs all on an S3 store (a local one): nothing on a shared
+    disk. The store's endpoint and keys reach the jobs as users pass them, in the runtime env."""
+    _require("generate")
+    import pyarrow.parquet as pq
+
+    from vocabtrim import storage
+
+    target, drafter = tiny_pair_dirs
+    corpus, expected = small_corpus
+    folder, rows = prompt_files
+    bucket = s3.bucket()
+    for f in sorted(corpus.iterdir()):
+        storage.write_bytes(f"{bucket}/corpus/{f.name}", f.read_bytes())
+    for f in sorted(folder.iterdir()):
+        storage.write_bytes(f"{bucket}/prompts/{f.name}", f.read_bytes())
+
+    run_job(cluster, ["jobs/calibrate.py", "--drafter", drafter, "--corpus", f"{bucket}/corpus/*.parquet",
+                      "--workers", "2", "--cpus-per-worker", "1", "--out", f"{bucket}/calib"], env=s3.env)
+    with storage.open_input_file(f"{bucket}/calib/histogram.parquet") as f:
+        table = pq.read_table(f)
+    assert dict(zip(table.column("token_id").to_pylist(), table.column("count").to_pylist())) == expected
+
+    run_job(cluster, ["jobs/build_head.py", "--histogram", f"{bucket}/calib", "--drafter", drafter, "--top-k", "64",
+                      "--export", "sglang,eagle", "--out", f"{bucket}/head"], env=s3.env)
+    assert {storage.name(p) for p in storage.walk_files(f"{bucket}/head")} >= {"head.safetensors", "manifest.json", "coverage.png"}
+
+    run_job(cluster, ["jobs/generate.py", "--target", target, "--drafter", drafter, "--head", f"{bucket}/head",
+                      "--prompts", f"{bucket}/prompts", "--max-new-tokens", "6", "--temperature", "0",
+                      "--workers", "2", "--cpus-per-worker", "1", "--batch-size", "4", "--out", f"{bucket}/gen"], env=s3.env)
+    outputs = [p for p in storage.walk_files(f"{bucket}/gen") if p.endswith(".parquet")]
+    assert sorted(storage.name(p) for p in outputs) == sorted(p.name for p in folder.glob("*.parquet"))
+    got = []
+    for p in outputs:
+        with storage.open_input_file(p) as f:
+            got += pq.read_table(f).to_pylist()
+    assert sorted(r["id"] for r in got) == sorted(rows), "every row exactly once"
+    assert all(r["error"] is None and 1 <= r["completion_tokens"] <= 6 for r in got)
+    assert json.loads(storage.read_text(f"{bucket}/gen/summary.json"))["rows"] == len(rows)
 
 
 def _actor_nodes(dashboard_url: str) -> set[str]:
