@@ -272,7 +272,7 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
 
 
 def _check_jsonl(path: str, text_column: str) -> None:
-    with storage.open_binary(path) as f:
+    with storage.open_binary(path, buffer_size=1 << 16) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -289,7 +289,7 @@ def _check_jsonl(path: str, text_column: str) -> None:
 
 
 def _check_text(path: str) -> None:
-    with storage.open_binary(path) as f:
+    with storage.open_binary(path, buffer_size=1 << 16) as f:
         head = f.read(1 << 16)
     if b"\x00" in head:
         raise UserError(f"{storage.display(path)}: not a text file (it holds NUL bytes)")
@@ -405,7 +405,7 @@ def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[Row
 
 def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) for every line that starts in [start, stop) (line break included)."""
-    with storage.open_binary(shard.path) as f:
+    with storage.open_binary(shard.path, buffer_size=8 << 20) as f:
         pos = shard.start
         if pos > 0:
             f.seek(pos - 1)

@@ -276,7 +276,8 @@ class _RawNative(io.RawIOBase):
 
 
 def open_binary(where: str, buffer_size: int = 1 << 20):
-    """A seekable binary reader with ``readline`` (a plain ``open`` for local files)."""
+    """A seekable binary reader with ``readline`` (a plain ``open`` for local files). On an object store
+    each refill of the buffer is one ranged GET of ``buffer_size`` bytes: small to peek, large to stream."""
     if is_local(where):
         return open(local_path(where), "rb")
     return io.BufferedReader(_RawNative(open_input_file(where)), buffer_size=buffer_size)
