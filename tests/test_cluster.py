@@ -10,16 +10,15 @@ for the test processes (the shipped configs keep it on).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shlex
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from clusters import leftover_pids, local_cluster_module
 
 pytestmark = pytest.mark.cluster
 
@@ -34,14 +33,6 @@ WORDS = ("the quick brown fox jumps over the lazy dog speculative decoding draft
          "Paris haiku sea waves foam def add return 1 2 3 4 5 6 7 8 9 10 ünïcödé 東京 🙂").split()
 
 
-def _local_cluster_module():
-    spec = importlib.util.spec_from_file_location("vocabtrim_local_cluster", REPO / "cluster" / "local_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _require(command: str) -> None:
     from vocabtrim.cli import build_parser
 
@@ -52,24 +43,15 @@ def _require(command: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    lc = _local_cluster_module()
+    lc = local_cluster_module()
     state = tmp_path_factory.mktemp("ray-cluster")
     c = lc.start(state, workers=2, head_cpus=0, cpus_per_worker=2, env=NODE_ENV, timeout=120)
     try:
         yield lc, c
     finally:
         lc.stop(c)
-        left = [p.pid for p in lc._marked(c.temp_dir)] + [pid for pid in c.node_pids if _running(pid)]
+        left = leftover_pids(lc, c)
         assert not left, f"processes of the test cluster outlived stop(): {left}"
-
-
-def _running(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def submit(cluster, argv: list[str], env: dict | None = None) -> str:

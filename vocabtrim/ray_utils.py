@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -37,18 +38,41 @@ def largest_node(resource: str) -> float:
 
 
 def autoscaler_running() -> bool:
-    """Whether an autoscaler (``ray up`` or KubeRay with autoscaling) can still add nodes to this cluster."""
+    """Whether an autoscaler (``ray up`` or KubeRay with autoscaling) can still add nodes to this cluster.
+
+    Autoscaler v2 (``ray up``'s default since Ray 2.50) reports its state to the GCS. Autoscaler v1
+    (``RAY_UP_enable_autoscaler_v2=0``, or ``ray start --head --autoscaling-config`` without
+    ``RAY_enable_autoscaler_v2=1``) only writes the status ``ray status`` prints to the GCS key-value
+    store. Every head without an autoscaling config runs a v1 monitor too, which only mirrors the nodes
+    there are, as read-only node types named ``node_<node id>``: that one is no autoscaler.
+    (A v2 monitor without an autoscaling config, on a head started with ``RAY_enable_autoscaler_v2=1``,
+    reports a state too and is not told apart here.)
+    """
     import ray
 
     try:
         from ray._raylet import GcsClient
-        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
         gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
-        reply = GetClusterStatusReply.FromString(gcs.get_cluster_status(timeout_s=10))
-        return reply.autoscaling_state.autoscaler_state_version > 0
     except Exception as exc:  # an older or locked-down cluster: assume no autoscaler
         log.debug("autoscaler state unavailable: %s", exc)
+        return False
+    try:
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+        reply = GetClusterStatusReply.FromString(gcs.get_cluster_status(timeout_s=10))
+        if reply.autoscaling_state.autoscaler_state_version > 0:
+            return True
+    except Exception as exc:
+        log.debug("autoscaler v2 state unavailable: %s", exc)
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+
+        raw = gcs.internal_kv_get(DEBUG_AUTOSCALING_STATUS.encode(), None, timeout=10)
+        report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+        return any(node_type != f"node_{node}" for node, node_type in (report.get("node_type_mapping") or {}).items())
+    except Exception as exc:
+        log.debug("autoscaler v1 status unavailable: %s", exc)
         return False
 
 
