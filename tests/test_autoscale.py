@@ -116,7 +116,7 @@ def v1_status(address: str) -> dict | None:
 
 def autoscaler_reported(address: str, autoscaler: str | None) -> bool:
     """Whether the head's monitor has reported the head (v2: in the GCS state, else in its v1 KV status)."""
-    if autoscaler == "v2":
+    if autoscaler in ("v2", "v2-plain"):
         return autoscaling_state(address).autoscaler_state_version > 0
     report = (v1_status(address) or {}).get("autoscaler_report") or {}
     return bool(report.get("node_type_mapping"))
@@ -127,7 +127,8 @@ def start_head(lc, state_dir: Path, *, autoscaler: str | None, timeout: float = 
 
     ``autoscaler``: "v2" or "v1", the fake-provider autoscaler of that version; None: no autoscaling
     config (the head's monitor then only mirrors the nodes there are, read-only, as on a cluster
-    started by hand).
+    started by hand); "v2-plain": no autoscaling config either, but the v2 monitor
+    (``RAY_enable_autoscaler_v2=1``), which reports an autoscaler state all the same.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix="vta", dir="/tmp")  # short: Unix socket paths
@@ -138,8 +139,8 @@ def start_head(lc, state_dir: Path, *, autoscaler: str | None, timeout: float = 
             "--include-dashboard=false", "--dashboard-host=127.0.0.1", f"--dashboard-port={lc.free_port()}",
             f"--ray-client-server-port={lc.free_port()}",
             *lc._common_node_args(temp_dir, HEAD_CPUS, 0, 100_000_000, None)]
-    extra = {"RAY_enable_autoscaler_v2": "1" if autoscaler == "v2" else "0"}
-    if autoscaler:
+    extra = {"RAY_enable_autoscaler_v2": "1" if autoscaler in ("v2", "v2-plain") else "0"}
+    if autoscaler in ("v2", "v1"):
         config_path = state_dir / "autoscaling.json"  # JSON is YAML
         config_path.write_text(json.dumps(_autoscaling_config(gcs_address, autoscaler == "v2"), indent=1))
         args.append(f"--autoscaling-config={config_path}")
@@ -291,3 +292,51 @@ def test_without_an_autoscaler_the_same_request_is_refused_at_once(plain_cluster
     assert errors == ["USER_ERROR --gpus-per-worker 1 but the Ray cluster has no GPUs: use --gpus-per-worker 0"], logs[-4000:]
     assert "Traceback" not in logs and time.monotonic() - started < 60, logs[-4000:]
     assert len(alive_nodes(c.gcs_address)) == 1
+
+
+@pytest.fixture
+def v2_cluster(tmp_path):
+    lc = local_cluster_module()
+    cluster = start_head(lc, tmp_path / "cluster", autoscaler="v2")
+    try:
+        yield cluster
+    finally:
+        stop_cluster(lc, cluster)
+
+
+def test_a_request_no_node_type_can_hold_fails_as_soon_as_the_autoscaler_says_so(v2_cluster, data, tmp_path):
+    """Two GPUs per actor, but the autoscaler's only GPU node type has one: autoscaler v2 lists the
+    request as infeasible, and the pool fails in one line then, not after VOCABTRIM_ACTOR_START_TIMEOUT."""
+    c = v2_cluster
+    started = time.monotonic()
+    rc, logs = run_driver({**gpu_calibration(data, c, tmp_path / "calib"), "gpus_per_worker": 2}, timeout=120)
+    lines = logs.splitlines()
+    assert rc == 2 and "AUTOSCALER_RUNNING True" in lines, logs[-4000:]
+    errors = [line for line in lines if line.startswith("USER_ERROR ")]
+    assert len(errors) == 1 and "cannot be placed: the autoscaler has no node type with 1 CPUs and 2 GPUs" in errors[0], logs[-4000:]
+    assert "Traceback" not in logs and time.monotonic() - started < START_TIMEOUT_S / 2, logs[-4000:]
+    assert len(alive_nodes(c.gcs_address)) == 1, "no node was added for a request no node type can hold"
+
+
+@pytest.fixture
+def v2_plain_cluster(tmp_path):
+    lc = local_cluster_module()
+    cluster = start_head(lc, tmp_path / "cluster", autoscaler="v2-plain")
+    try:
+        yield cluster
+    finally:
+        stop_cluster(lc, cluster)
+
+
+def test_a_v2_monitor_without_an_autoscaling_config_does_not_make_a_gpu_request_wait(v2_plain_cluster, data, tmp_path):
+    """A head started with RAY_enable_autoscaler_v2=1 and no autoscaling config reports an autoscaler
+    state, so it passes for an autoscaling one; but it lists the GPU request as infeasible, and the pool
+    fails on that in one line instead of waiting out the timeout."""
+    c = v2_plain_cluster
+    started = time.monotonic()
+    rc, logs = run_driver(gpu_calibration(data, c, tmp_path / "calib"), timeout=120)
+    lines = logs.splitlines()
+    errors = [line for line in lines if line.startswith("USER_ERROR ")]
+    assert rc == 2 and len(errors) == 1, logs[-4000:]
+    assert "cannot be placed: the autoscaler has no node type with 1 CPUs and 1 GPUs" in errors[0], logs[-4000:]
+    assert "Traceback" not in logs and time.monotonic() - started < START_TIMEOUT_S / 2, logs[-4000:]

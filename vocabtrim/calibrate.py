@@ -380,7 +380,8 @@ class CounterPool:
         from vocabtrim.ray_utils import wait_ready
 
         try:
-            wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors")
+            wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors",
+                       shape=(self._options["num_cpus"] or 0, self._options["num_gpus"] or 0))
         except ray.exceptions.RayActorError as exc:
             raise _user_error_in(exc) or RuntimeError(f"a counting actor failed to start: {exc}") from exc
 

@@ -433,7 +433,7 @@ def start_workers(cfg: GenerateConfig) -> list:
     """Create the actor pool and wait until every actor has loaded its models."""
     import ray
 
-    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker
+    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, wait_ready
 
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else default_cpus_per_worker(cfg.workers)
     check_resources(cfg.workers, cfg.gpus_per_worker, cpus)
@@ -446,7 +446,8 @@ def start_workers(cfg: GenerateConfig) -> list:
     spec = {k: v for k, v in asdict(cfg).items()}
     actors = [actor_cls.remote(spec, threads) for _ in range(cfg.workers)]
     try:
-        infos = ray.get([a.info.remote() for a in actors])
+        infos = wait_ready([a.info.remote() for a in actors], f"{cfg.workers} generate workers",
+                           shape=(cpus, cfg.gpus_per_worker))
     except BaseException:
         stop_workers(actors)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 from vocabtrim.errors import UserError
 
@@ -12,6 +13,7 @@ log = logging.getLogger(__name__)
 
 # How long to wait for an actor pool to start (model loads included) before failing in one line.
 ACTOR_START_TIMEOUT_S = float(os.environ.get("VOCABTRIM_ACTOR_START_TIMEOUT", "900"))
+POLL_S = 5.0  # how often a waiting pool asks the autoscaler whether it can place the actors
 
 
 def init_ray(address: str | None = None) -> None:
@@ -46,22 +48,16 @@ def autoscaler_running() -> bool:
     store. Every head without an autoscaling config runs a v1 monitor too, which only mirrors the nodes
     there are, as read-only node types named ``node_<node id>``: that one is no autoscaler.
     (A v2 monitor without an autoscaling config, on a head started with ``RAY_enable_autoscaler_v2=1``,
-    reports a state too and is not told apart here.)
+    reports a state too and passes for an autoscaler here; it then lists a request it cannot place as
+    infeasible, which ``wait_ready`` turns into a one-line failure.)
     """
-    import ray
-
     try:
-        from ray._raylet import GcsClient
-
-        gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+        gcs = _gcs_client()
     except Exception as exc:  # an older or locked-down cluster: assume no autoscaler
         log.debug("autoscaler state unavailable: %s", exc)
         return False
     try:
-        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
-
-        reply = GetClusterStatusReply.FromString(gcs.get_cluster_status(timeout_s=10))
-        if reply.autoscaling_state.autoscaler_state_version > 0:
+        if _cluster_status(gcs).autoscaling_state.autoscaler_state_version > 0:
             return True
     except Exception as exc:
         log.debug("autoscaler v2 state unavailable: %s", exc)
@@ -113,16 +109,59 @@ def default_cpus_per_worker(workers: int) -> float:
     return max(0.05, min(1.0, (cpus * 0.5) / max(1, workers)))
 
 
-def wait_ready(refs: list, what: str, timeout_s: float | None = None) -> list:
-    """``ray.get`` actor start-up refs, failing in one line if they do not come up in time."""
+def infeasible(cpus: float, gpus: float) -> bool:
+    """Whether the autoscaler (v2) reports an actor asking for ``cpus`` CPUs and ``gpus`` GPUs as
+    infeasible: no node type it can launch could ever hold it. False when it says nothing (v1, no
+    autoscaler, an older cluster)."""
+    want = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+    try:
+        for request in _cluster_status().autoscaling_state.infeasible_resource_requests:  # ResourceRequest
+            bundle = {k: v for k, v in request.resources_bundle.items() if k in ("CPU", "GPU") and v > 0}
+            if bundle.keys() == want.keys() and all(abs(bundle[k] - want[k]) < 1e-6 for k in want):
+                return True
+    except Exception as exc:  # advisory only: on any surprise, keep waiting
+        log.debug("autoscaler state unavailable: %s", exc)
+    return False
+
+
+def _gcs_client():
     import ray
-    from ray.exceptions import GetTimeoutError
+    from ray._raylet import GcsClient
+
+    return GcsClient(address=ray.get_runtime_context().gcs_address)
+
+
+def _cluster_status(gcs=None):
+    """The GCS's cluster status (``GetClusterStatusReply``): what autoscaler v2 reports."""
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    return GetClusterStatusReply.FromString((gcs or _gcs_client()).get_cluster_status(timeout_s=10))
+
+
+def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tuple[float, float] | None = None) -> list:
+    """``ray.get`` actor start-up refs, failing in one line if they do not come up in time.
+
+    ``shape``: the actors' ``(cpus, gpus)``. While they wait to be placed, the autoscaler is asked
+    every few seconds whether it can ever place them; if it says no, fail at once rather than at the
+    timeout.
+    """
+    import ray
 
     timeout_s = ACTOR_START_TIMEOUT_S if timeout_s is None else timeout_s
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError as exc:
-        raise UserError(
-            f"{what} did not start within {timeout_s:.0f} s: the cluster cannot place them "
-            "(check --workers, --gpus-per-worker, --cpus-per-worker against `ray status`)"
-        ) from exc
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UserError(
+                f"{what} did not start within {timeout_s:.0f} s: the cluster cannot place them "
+                "(check --workers, --gpus-per-worker, --cpus-per-worker against `ray status`)"
+            )
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(POLL_S, left))
+        if pending and shape is not None and infeasible(*shape):
+            cpus, gpus = shape
+            raise UserError(
+                f"{what} cannot be placed: the autoscaler has no node type with {cpus:g} CPUs and {gpus:g} GPUs "
+                "for one actor (check --gpus-per-worker and --cpus-per-worker against the cluster's node types)"
+            )
+    return ray.get(refs)
