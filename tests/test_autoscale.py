@@ -21,6 +21,7 @@ refused at once. The driver is a process of its own, as a job's is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -169,24 +170,39 @@ def stop_cluster(lc, cluster) -> None:
     assert not left, f"processes of the autoscaling test cluster outlived stop(): {left}"
 
 
-@pytest.fixture(params=["v2", "v1"])
-def autoscaling_cluster(request, tmp_path):
+@contextlib.contextmanager
+def head_cluster(tmp_path: Path, autoscaler: str | None):
+    """A head of ``start_head``'s kinds for one test, stopped (and checked) afterwards."""
     lc = local_cluster_module()
-    cluster = start_head(lc, tmp_path / "cluster", autoscaler=request.param)
+    cluster = start_head(lc, tmp_path / "cluster", autoscaler=autoscaler)
     try:
         yield cluster
     finally:
         stop_cluster(lc, cluster)
+
+
+@pytest.fixture(params=["v2", "v1"])
+def autoscaling_cluster(request, tmp_path):
+    with head_cluster(tmp_path, request.param) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 def plain_cluster(tmp_path):
-    lc = local_cluster_module()
-    cluster = start_head(lc, tmp_path / "cluster", autoscaler=None)
-    try:
+    with head_cluster(tmp_path, None) as cluster:
         yield cluster
-    finally:
-        stop_cluster(lc, cluster)
+
+
+@pytest.fixture
+def v2_cluster(tmp_path):
+    with head_cluster(tmp_path, "v2") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def v2_plain_cluster(tmp_path):
+    with head_cluster(tmp_path, "v2-plain") as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -294,16 +310,6 @@ def test_without_an_autoscaler_the_same_request_is_refused_at_once(plain_cluster
     assert len(alive_nodes(c.gcs_address)) == 1
 
 
-@pytest.fixture
-def v2_cluster(tmp_path):
-    lc = local_cluster_module()
-    cluster = start_head(lc, tmp_path / "cluster", autoscaler="v2")
-    try:
-        yield cluster
-    finally:
-        stop_cluster(lc, cluster)
-
-
 def test_a_request_no_node_type_can_hold_fails_as_soon_as_the_autoscaler_says_so(v2_cluster, data, tmp_path):
     """Two GPUs per actor, but the autoscaler's only GPU node type has one: autoscaler v2 lists the
     request as infeasible, and the pool fails in one line then, not after VOCABTRIM_ACTOR_START_TIMEOUT."""
@@ -316,16 +322,6 @@ def test_a_request_no_node_type_can_hold_fails_as_soon_as_the_autoscaler_says_so
     assert len(errors) == 1 and "cannot be placed: the autoscaler has no node type with 1 CPUs and 2 GPUs" in errors[0], logs[-4000:]
     assert "Traceback" not in logs and time.monotonic() - started < START_TIMEOUT_S / 2, logs[-4000:]
     assert len(alive_nodes(c.gcs_address)) == 1, "no node was added for a request no node type can hold"
-
-
-@pytest.fixture
-def v2_plain_cluster(tmp_path):
-    lc = local_cluster_module()
-    cluster = start_head(lc, tmp_path / "cluster", autoscaler="v2-plain")
-    try:
-        yield cluster
-    finally:
-        stop_cluster(lc, cluster)
 
 
 def test_a_v2_monitor_without_an_autoscaling_config_does_not_make_a_gpu_request_wait(v2_plain_cluster, data, tmp_path):
