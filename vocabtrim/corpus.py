@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from vocabtrim import storage
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt", ".arrow": "arrow"}
 FOLDER_SUFFIXES = (".parquet", ".jsonl", ".txt")  # what a plain folder is searched for
@@ -209,11 +209,6 @@ def expand_paths(paths: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _is_text_type(t) -> bool:
     import pyarrow as pa
 
@@ -250,7 +245,7 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"cannot read Parquet file {storage.display(path)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read Parquet file {storage.display(path)}: {first_line(exc)}") from exc
     with source, pf:
         _check_text_field(pf.schema_arrow, path, text_column)
         md = pf.metadata
@@ -279,7 +274,7 @@ def _check_jsonl(path: str, text_column: str) -> None:
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                raise UserError(f"{storage.display(path)}: the first line is not JSON ({_first_line(exc)}); expected one JSON object per line") from exc
+                raise UserError(f"{storage.display(path)}: the first line is not JSON ({first_line(exc)}); expected one JSON object per line") from exc
             if not isinstance(row, dict):
                 raise UserError(f"{storage.display(path)}: the first line is not a JSON object; expected one object per line")
             if text_column not in row:
@@ -325,7 +320,7 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int
     try:
         table = _open_arrow(path)
     except Exception as exc:
-        raise UserError(f"cannot read Arrow file {storage.display(path)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read Arrow file {storage.display(path)}: {first_line(exc)}") from exc
     _check_text_field(table.schema, path, text_column)
     n = table.num_rows
     if n == 0:
@@ -368,7 +363,7 @@ def make_shards(
                 _check_text(path)
                 shards.extend(_byte_shards(path, kind, shard_bytes))
         except OSError as exc:
-            raise UserError(f"cannot read {storage.display(path)}: {exc.strerror or _first_line(exc)}") from exc
+            raise UserError(f"cannot read {storage.display(path)}: {exc.strerror or first_line(exc)}") from exc
     return shards
 
 
@@ -427,7 +422,7 @@ def _jsonl_text(shard: Shard, offset: int, line: bytes, text_column: str):
     try:
         row = json.loads(line)
     except ValueError as exc:
-        raise UserError(f"{storage.display(shard.path)}: the line at byte {offset} is not valid JSON ({_first_line(exc)})") from exc
+        raise UserError(f"{storage.display(shard.path)}: the line at byte {offset} is not valid JSON ({first_line(exc)})") from exc
     value = row.get(text_column) if isinstance(row, dict) else None
     return value if isinstance(value, str) else None
 
@@ -462,10 +457,10 @@ def iter_shard(shard: Shard, text_column: str = "text", batch_rows: int = 1024) 
     except UserError:
         raise
     except OSError as exc:
-        raise UserError(f"cannot read {storage.display(shard.path)}: {exc.strerror or _first_line(exc)}") from exc
+        raise UserError(f"cannot read {storage.display(shard.path)}: {exc.strerror or first_line(exc)}") from exc
     except Exception as exc:
         if type(exc).__module__.startswith("pyarrow"):
-            raise UserError(f"cannot read {storage.display(shard.path)} (shard {shard.shard_id}): {_first_line(exc)}") from exc
+            raise UserError(f"cannot read {storage.display(shard.path)} (shard {shard.shard_id}): {first_line(exc)}") from exc
         raise
 
 

@@ -9,3 +9,9 @@ class UserError(Exception):
     """A mistake in the user's input (flags, files, models): one line, exit code 2."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
             meta = pq.read_metadata(f)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{shown} is not a readable Parquet file ({_first_line(exc)})") from exc
+        raise UserError(f"{shown} is not a readable Parquet file ({first_line(exc)})") from exc
     names = schema.names
     if prompt_column not in names:
         raise UserError(
@@ -128,11 +128,6 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
     id_type = schema.field(id_column).type if id_column and id_column in names else None
     prompt_type = schema.field(prompt_column).type
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:

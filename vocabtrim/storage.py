@@ -28,7 +28,7 @@ import tempfile
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
@@ -117,14 +117,9 @@ def resolve(where: str):
     try:
         fs, root = _root(urlunsplit((parts.scheme, parts.netloc, "/", parts.query, "")))
     except Exception as exc:  # unknown scheme, bad query option, filesystem not built into this pyarrow
-        raise UserError(f"cannot open {display(where)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot open {display(where)}: {first_line(exc)}") from exc
     key = parts.path.strip("/")
     return fs, (root.rstrip("/") + "/" + key if key else root.rstrip("/") or "/")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _info(where: str):
@@ -132,7 +127,7 @@ def _info(where: str):
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise UserError(f"cannot reach {display(where)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot reach {display(where)}: {first_line(exc)}") from exc
 
 
 def is_file(where: str) -> bool:
@@ -167,7 +162,7 @@ def walk_files(where: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
-        raise UserError(f"cannot list {display(where)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot list {display(where)}: {first_line(exc)}") from exc
     rels = sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
     return [join(where, *r.split("/")) for r in rels]
 
@@ -225,7 +220,7 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
-        raise UserError(f"cannot list {display(prefix)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot list {display(prefix)}: {first_line(exc)}") from exc
     rx = _glob_regex("/".join(comps[fixed:]))
     found = {i.path[len(root):].lstrip("/"): i.type == pafs.FileType.Directory for i in infos if i.type != pafs.FileType.NotFound}
     return [(join(prefix, *rel.split("/")), found[rel]) for rel in sorted(found) if rx.match(rel)]
@@ -331,7 +326,7 @@ def _upload(local: str, where: str) -> None:
         with open(local, "rb") as src, fs.open_output_stream(path) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
     except OSError as exc:
-        raise UserError(f"cannot write {display(where)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot write {display(where)}: {first_line(exc)}") from exc
 
 
 def write_with(where: str, write: Callable[[str], None]) -> None:
@@ -363,7 +358,7 @@ def write_bytes(where: str, data: bytes) -> None:
         with fs.open_output_stream(path) as dst:
             dst.write(data)
     except OSError as exc:
-        raise UserError(f"cannot write {display(where)}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot write {display(where)}: {first_line(exc)}") from exc
 
 
 def atomic_write(where, data) -> None:
