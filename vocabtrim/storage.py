@@ -154,8 +154,8 @@ def stat(where: str) -> tuple[int, int]:
     return int(info.size or 0), int(info.mtime_ns or 0)
 
 
-def walk_files(where: str) -> list[str]:
-    """Every file under a folder, recursively, as locations, sorted (hidden ``.`` entries included)."""
+def _listing(where: str) -> dict:
+    """One recursive listing under ``where``: ``{relative path (POSIX): pyarrow FileType}``, empty if absent."""
     import pyarrow.fs as pafs
 
     fs, root = resolve(where)
@@ -163,8 +163,14 @@ def walk_files(where: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise UserError(f"cannot list {display(where)}: {first_line(exc)}") from exc
-    rels = sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
-    return [join(where, *r.split("/")) for r in rels]
+    return {i.path[len(root):].lstrip("/"): i.type for i in infos if i.type != pafs.FileType.NotFound}
+
+
+def walk_files(where: str) -> list[str]:
+    """Every file under a folder, recursively, as locations, sorted (hidden ``.`` entries included)."""
+    import pyarrow.fs as pafs
+
+    return [join(where, *rel.split("/")) for rel, kind in sorted(_listing(where).items()) if kind == pafs.FileType.File]
 
 
 def relative(where: str, root: str) -> str:
@@ -216,19 +222,9 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
     comps = key.split("/")
     fixed = next(i for i, c in enumerate(comps) if any(ch in GLOB_CHARS for ch in c))
     prefix = f"{scheme_host}://{host}/" + "/".join(comps[:fixed]) + query
-    fs, root = resolve(prefix)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise UserError(f"cannot list {display(prefix)}: {first_line(exc)}") from exc
     rx = _glob_regex("/".join(comps[fixed:]))
-    found = {i.path[len(root):].lstrip("/"): i.type == pafs.FileType.Directory for i in infos if i.type != pafs.FileType.NotFound}
-    return [(join(prefix, *rel.split("/")), found[rel]) for rel in sorted(found) if rx.match(rel)]
-
-
-def glob(pattern: str) -> list[str]:
-    """Files and folders matching a glob, sorted (see ``glob_typed``)."""
-    return [where for where, _ in glob_typed(pattern)]
+    return [(join(prefix, *rel.split("/")), kind == pafs.FileType.Directory)
+            for rel, kind in sorted(_listing(prefix).items()) if rx.match(rel)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,11 +316,12 @@ def _atomic_local(path: str, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
-def _upload(local: str, where: str) -> None:
+def _upload(where: str, fill: Callable) -> None:
+    """One object at ``where`` (not local), written by ``fill(output stream)``; published when it completes."""
     fs, path = resolve(where)
     try:
-        with open(local, "rb") as src, fs.open_output_stream(path) as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
+        with fs.open_output_stream(path) as dst:
+            fill(dst)
     except OSError as exc:
         raise UserError(f"cannot write {display(where)}: {first_line(exc)}") from exc
 
@@ -338,7 +335,8 @@ def write_with(where: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        _upload(tmp, where)
+        with open(tmp, "rb") as src:
+            _upload(where, lambda dst: shutil.copyfileobj(src, dst, 8 << 20))
     finally:
         os.unlink(tmp)
 
@@ -353,12 +351,7 @@ def write_bytes(where: str, data: bytes) -> None:
 
         _atomic_local(local_path(where), dump)
         return
-    fs, path = resolve(where)
-    try:
-        with fs.open_output_stream(path) as dst:
-            dst.write(data)
-    except OSError as exc:
-        raise UserError(f"cannot write {display(where)}: {first_line(exc)}") from exc
+    _upload(where, lambda dst: dst.write(data))
 
 
 def atomic_write(where, data) -> None:
