@@ -687,14 +687,8 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a calibration folder (UserError if it is not one)."""
     folder = os.fspath(folder)
-    path = storage.join(folder, "manifest.json")
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except FileNotFoundError as exc:
-        shown = storage.display(folder)
-        raise UserError(f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first") from exc
-    except ValueError as exc:
-        raise UserError(f"{storage.display(path)} is not valid JSON: {exc}") from exc
-    if manifest.get("kind") != MANIFEST_KIND:
-        raise UserError(f"{storage.display(path)} is not a calibration manifest")
-    return manifest
+    shown = storage.display(folder)
+    return storage.read_manifest(
+        storage.join(folder, "manifest.json"), MANIFEST_KIND, "calibration manifest",
+        missing=f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first",
+    )

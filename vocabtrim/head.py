@@ -354,18 +354,10 @@ def build_head(config: BuildHeadConfig) -> dict:
 
 def read_head_manifest(head_dir: str | os.PathLike) -> dict:
     head_dir = os.fspath(head_dir)
-    path = storage.join(head_dir, MANIFEST_FILE)
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(
-            f"{storage.display(head_dir)} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`"
-        ) from exc
-    except ValueError as exc:
-        raise UserError(f"{storage.display(path)} is not valid JSON: {exc}") from exc
-    if manifest.get("kind") != MANIFEST_KIND:
-        raise UserError(f"{storage.display(path)} is not a trimmed-head manifest")
-    return manifest
+    return storage.read_manifest(
+        storage.join(head_dir, MANIFEST_FILE), MANIFEST_KIND, "trimmed-head manifest",
+        missing=f"{storage.display(head_dir)} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`",
+    )
 
 
 def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -> TrimmedHead:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import io
+import json
 import os
 import re
 import shutil
@@ -284,6 +285,22 @@ def read_bytes(where: str) -> bytes:
 
 def read_text(where: str) -> str:
     return read_bytes(where).decode("utf-8")
+
+
+def read_manifest(where: str, kind: str, what: str, missing: str) -> dict:
+    """The JSON manifest at ``where`` whose ``"kind"`` is ``kind``.
+
+    UserError, one line: ``missing`` when there is no such file, else "not valid JSON" or "not a ``what``".
+    """
+    try:
+        manifest = json.loads(read_text(where))
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise UserError(missing) from exc
+    except ValueError as exc:
+        raise UserError(f"{display(where)} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
+        raise UserError(f"{display(where)} is not a {what}")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
