@@ -35,7 +35,7 @@ import pytest
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 from clusters import REPO, leftover_pids, local_cluster_module
-from tiny import TRAINING_TEXT, make_model, make_tokenizer, save_model
+from tiny import corpus_rows, count_tokens, make_model, make_tokenizer, save_model
 
 pytestmark = pytest.mark.cluster
 
@@ -211,15 +211,12 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("autoscale")
     tok = make_tokenizer()
     model_dir = save_model(make_model(len(tok), layers=1, seed=5), tok, root / "model")
-    rng = np.random.default_rng(1)
-    rows = [" ".join(rng.choice(TRAINING_TEXT, 2)) + f" #{i}" for i in range(400)]
+    rows = corpus_rows(400, seed=1)
     files = root / "corpus"
     files.mkdir()
     pq.write_table(pa.table({"text": rows[:200]}), files / "a.parquet", row_group_size=50)
     pq.write_table(pa.table({"text": rows[200:]}), files / "b.parquet", row_group_size=50)
-    ids = tok(rows, add_special_tokens=False)["input_ids"]
-    expected = np.bincount(np.concatenate([np.asarray(i) for i in ids]), minlength=len(tok))
-    return {"model": model_dir, "corpus": str(files), "expected": expected, "rows": len(rows)}
+    return {"model": model_dir, "corpus": str(files), "expected": count_tokens(tok, rows), "rows": len(rows)}
 
 # The driver runs in a process of its own, as a job's does: if the cluster died under it, Ray would end
 # that process (not pytest's), and the finalizer above would still clean up.

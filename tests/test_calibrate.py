@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tiny import TRAINING_TEXT, make_tokenizer, save_model, make_model
+from tiny import TRAINING_TEXT, corpus_rows, count_tokens, make_model, make_tokenizer, save_model
 from vocabtrim import corpus, histogram, storage
 from vocabtrim.calibrate import (
     CalibrateConfig,
@@ -31,8 +31,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     tok = make_tokenizer()
     model_dir = save_model(make_model(len(tok), layers=1, seed=5), tok, root / "model")
-    rng = np.random.default_rng(0)
-    rows = [" ".join(rng.choice(TRAINING_TEXT, 2)) + f" #{i}" for i in range(1800)]
+    rows = corpus_rows(1800, seed=0)
     files = root / "corpus"
     files.mkdir()
     pq.write_table(pa.table({"text": rows[:600]}), files / "a.parquet", row_group_size=50)
@@ -50,8 +49,7 @@ def single_process_count(data) -> np.ndarray:
     texts = pq.read_table(files / "a.parquet").column("text").to_pylist()
     texts += [json.loads(line)["text"] for line in open(files / "b.jsonl")]
     texts += open(files / "c.txt").readlines()
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    return np.bincount(np.concatenate([np.asarray(i) for i in ids]), minlength=len(tok))
+    return count_tokens(tok, texts)
 
 
 SHARD_BYTES = 4000

@@ -114,3 +114,19 @@ def noisy_copy(model, scale: float = 0.3, seed: int = 7):
         for p in drafter.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
     return drafter
+
+
+def corpus_rows(n: int, seed: int) -> list[str]:
+    """``n`` short text rows built from TRAINING_TEXT, each unique (``#i`` at the end)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(TRAINING_TEXT, 2)) + f" #{i}" for i in range(n)]
+
+
+def count_tokens(tokenizer, texts: list[str]):
+    """The reference histogram: every id of every text's encoding, no special tokens added (int64 [V])."""
+    import numpy as np
+
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.bincount(np.concatenate([np.asarray(i) for i in ids]), minlength=len(tokenizer))
