@@ -43,3 +43,14 @@ def test_log_level_is_checked_in_one_line(capsys):
         build_parser().parse_args(["--log-level", "loud", "demo"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_generate_table_shows_whole_run_and_engine_throughput():
+    from vocabtrim.commands.generate import summary_table
+
+    summary = {"files": 1, "files_generated": 1, "files_resumed": 0, "rows": 8, "errored_rows": 0,
+               "generated_tokens": 400, "acceptance_rate": 0.1, "tokens_per_target_pass": 1.1, "drafter_step_ms": 20.0,
+               "tokens_per_second": 2.0, "tokens_per_engine_second": 14.0, "wall_seconds": 200.0}
+    lines = {line.split("  ")[0]: line for line in summary_table(summary).splitlines()}
+    assert lines["tokens/s, whole run"].split()[3] == "2.0" and "model loading included" in lines["tokens/s, whole run"]
+    assert lines["tokens/s, engine"].split()[2] == "14.0" and "decoding only" in lines["tokens/s, engine"]

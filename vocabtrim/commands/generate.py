@@ -69,7 +69,8 @@ def summary_table(s: dict) -> str:
         ("acceptance rate", _fmt(s["acceptance_rate"], ".3f")),
         ("tokens per target pass", _fmt(s["tokens_per_target_pass"], ".2f")),
         ("drafter step ms", _fmt(s["drafter_step_ms"], ".1f")),
-        ("tokens/s (this run)", _fmt(s["tokens_per_second"], ".1f")),
+        ("tokens/s, whole run", _fmt(s["tokens_per_second"], ".1f") + "  (this run's tokens / wall seconds: Ray start and model loading included)"),
+        ("tokens/s, engine", _fmt(s["tokens_per_engine_second"], ".1f") + "  (decoding only: all outputs' tokens / engine seconds)"),
         ("wall seconds", _fmt(s["wall_seconds"], ".1f")),
     ]
     width = max(len(k) for k, _ in rows)
