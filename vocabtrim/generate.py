@@ -159,6 +159,59 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> str:
     return tokenizer_fingerprint(target_tok)
 
 
+def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
+    """Refuse, before ``--out`` is touched or Ray starts, a ``--drafter-layers`` the drafter does not have and a
+    ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size or
+    architecture (``--drafter-layers`` included) than the drafter's config says. Only the config is read here;
+    the workers still compare the head's rows with the drafter's loaded LM head. A drafter whose config cannot
+    be read here (a hub id offline) is left to them."""
+    if cfg.no_draft or (not cfg.head and cfg.drafter_layers is None):
+        return
+    config = _drafter_config(cfg)
+    if not cfg.head:
+        return
+    from vocabtrim.head import ARCHITECTURE_KEYS, read_head_manifest
+
+    shown = storage.display(cfg.head)
+    manifest = read_head_manifest(cfg.head)
+    rebuild = "rebuild it with `vocabtrim build-head` for this drafter"
+    if manifest.get("tokenizer_fingerprint") != fingerprint:
+        raise UserError(f"head {shown} was built for another tokenizer ({manifest.get('tokenizer_fingerprint')}, this one is {fingerprint}): {rebuild}")
+    if config is None:
+        return
+    built_for = manifest.get("drafter_architecture") or {}
+    for key in ARCHITECTURE_KEYS:
+        this = config.get(key)
+        if key in built_for and this is not None and built_for[key] != this:
+            flag = " (--drafter-layers)" if key == "num_hidden_layers" else ""
+            raise UserError(f"head {shown} was built for another drafter ({key}{flag} {built_for[key]}, this drafter {this}): {rebuild}")
+
+
+def _drafter_config(cfg: GenerateConfig) -> dict | None:
+    """The drafter's architecture as its config.json gives it (``--drafter-layers`` applied), or None if unreadable."""
+    from vocabtrim.head import ARCHITECTURE_KEYS
+    from vocabtrim.models import resolve_model
+
+    name = _drafter_name(cfg)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=cfg.trust_remote_code)
+    except UserError:
+        raise
+    except Exception as exc:  # e.g. a hub id with no network: the workers check the loaded drafter
+        log.debug("drafter config of %s unreadable on the driver: %s", name, exc)
+        return None
+    text = getattr(config, "get_text_config", lambda: config)()
+    found = {k: getattr(text, k, None) for k in ARCHITECTURE_KEYS}
+    layers = found["num_hidden_layers"]
+    if cfg.drafter_layers is not None:
+        if layers is not None and not 1 <= cfg.drafter_layers <= layers:
+            raise UserError(f"--drafter-layers must be between 1 and {layers} for {name}, got {cfg.drafter_layers}")
+        found["num_hidden_layers"] = cfg.drafter_layers
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
     """What decides a row's completion. A rerun into the same ``--out`` must match it exactly.
 
@@ -188,10 +241,23 @@ def _write_json(where: str, data: dict) -> None:
     storage.atomic_write(where, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
+def _holds_outputs(out: str) -> bool:
+    """Whether ``out`` holds a finished output (any Parquet file under its final name)."""
+    return any(storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".") for p in storage.walk_files(out))
+
+
 def prepare_out(out: str, settings: dict) -> None:
-    """Create ``--out`` and record the settings, or check them against the recorded ones."""
+    """Create ``--out`` and record the settings, or check them against the recorded ones.
+
+    Recorded settings bind the folder only once it holds a finished output: a folder whose earlier run was
+    refused or stopped before any file was written takes the new settings.
+    """
     shown = storage.display(out)
     recorded_path = storage.join(out, SETTINGS_FILE)
+    if storage.is_file(recorded_path) and not _holds_outputs(out):
+        log.info("%s holds no outputs yet: recording this run's settings", shown)
+        _write_json(recorded_path, settings)
+        return
     if storage.is_file(recorded_path):
         try:
             recorded = json.loads(storage.read_text(recorded_path))
@@ -664,6 +730,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # validates the flags
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
     fingerprint = check_models(cfg, files)
+    check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
     settings = settings_of(cfg, fingerprint)
     prepare_out(out, settings)
