@@ -287,6 +287,35 @@ def test_settings_refuse_before_ray(base, tmp_path):
         run_generate(replace(base, out=str(out)))
 
 
+def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path, capsys):
+    """auto: a string prompt is fed as one user message (the tokenizer has a chat template), exactly as the same
+    prompt given as a message list; never: the string is fed raw; message lists with never are refused."""
+    texts = ["What is the capital of France?", "Write a haiku about the sea.", "the quick brown fox"]
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    pq.write_table(pa.table({"id": [0, 1, 2], "prompt": texts}), tmp_path / "strings.parquet")
+    pq.write_table(pa.table({"id": [0, 1, 2], "prompt": pa.array([[{"role": "user", "content": t}] for t in texts], msgs)}),
+                   tmp_path / "messages.parquet")
+    greedy = replace(base, drafter=None, no_draft=True, temperature=0.0)
+
+    def completions(name, mode):
+        out = tmp_path / f"{name}-{mode}"
+        summary = run_generate(replace(greedy, prompts=[str(tmp_path / f"{name}.parquet")], chat_template=mode, out=str(out)))
+        assert summary["settings"]["chat_template"] == mode
+        return pq.read_table(out / f"{name}.parquet").column("completion").to_pylist(), summary
+
+    auto, summary = completions("strings", "auto")
+    assert summary["run"]["string_prompts_wrapped"] is True
+    assert auto == completions("messages", "auto")[0]
+    never, summary = completions("strings", "never")
+    assert summary["run"]["string_prompts_wrapped"] is False and never != auto
+    argv = ["generate", "--target", base.target, "--no-draft", "--prompts", str(tmp_path / "messages.parquet"),
+            "--chat-template", "never", "--out", str(tmp_path / "refused")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds message lists in 'prompt', which need the chat template" in err[0]
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.fixture(scope="module")
 def heads(ray_local, base, tmp_path_factory):
     """Heads from one calibration: ``independent`` for the independent drafter, ``layers2`` for the

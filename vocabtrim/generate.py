@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
+from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import UserError
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 
@@ -63,6 +64,7 @@ class GenerateConfig:
     head: str | None = None
     no_draft: bool = False
     prompt_column: str = "prompt"
+    chat_template: str = "auto"  # vocabtrim.chat: how string prompts are fed
     id_column: str = "id"
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -141,22 +143,29 @@ def _file_sha256(where: str) -> str:
     return h.hexdigest()
 
 
-def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> str:
-    """Load the tokenizers (not the models), refuse a mismatched pair, and refuse message-list prompts
-    when the tokenizer has no chat template. Returns the tokenizer fingerprint."""
+def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, bool]:
+    """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
+    (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
+    ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
     from vocabtrim.models import check_pair, load_tokenizer, tokenizer_fingerprint
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter = _drafter_name(cfg)
     if drafter is not None and drafter != cfg.target:
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
-    if getattr(target_tok, "chat_template", None) is None:
-        for f in files:
-            if pa.types.is_list(f.prompt_type) or pa.types.is_large_list(f.prompt_type):
+    wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
+    for f in files:
+        if pa.types.is_list(f.prompt_type) or pa.types.is_large_list(f.prompt_type):
+            if cfg.chat_template == "never":
+                raise UserError(
+                    f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}, which need the chat template: "
+                    "drop --chat-template never"
+                )
+            if not has_chat_template(target_tok):
                 raise UserError(
                     f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r} but {cfg.target}'s tokenizer has no chat template"
                 )
-    return tokenizer_fingerprint(target_tok)
+    return tokenizer_fingerprint(target_tok), wrap
 
 
 def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
@@ -231,6 +240,7 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
         "top_k": int(cfg.top_k),
         "seed": int(cfg.seed),
         "prompt_column": cfg.prompt_column,
+        "chat_template": cfg.chat_template,
         "id_column": cfg.id_column,
         "dtype": cfg.dtype,
         "tokenizer": fingerprint,
@@ -580,23 +590,28 @@ def read_file_stats(path: str) -> dict:
     return json.loads(meta[STATS_KEY])
 
 
-def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: int):
-    """Yield ``(file index, chunk)``; ``(file index, None)`` once a file's chunks are all out."""
+def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: int, wrap_strings: bool = False):
+    """Yield ``(file index, chunk)``; ``(file index, None)`` once a file's chunks are all out.
+
+    ``wrap_strings``: string prompts become one user message (``--chat-template``, decided on the driver)."""
     for index, file in enumerate(files):
         for chunk in read_chunks(file, cfg.prompt_column, cfg.id_column, rows_per_task):
+            if wrap_strings:
+                chunk.prompts = [as_user_message(p) for p in chunk.prompts]
             yield index, chunk
         yield index, None
 
 
-def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written) -> None:
+def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written, wrap_strings: bool = False) -> None:
     """Feed every row of ``files`` to ``actors`` (``IN_FLIGHT`` chunks each) and write each file when done.
 
     ``on_rows(n)`` is called as each chunk of n rows comes back; ``on_written(file, stats)`` after each write.
+    ``wrap_strings``: string prompts go to the actors as one user message each.
     """
     import ray
 
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
-    source = _chunk_source(files, cfg, rows_per_task)
+    source = _chunk_source(files, cfg, rows_per_task, wrap_strings)
     states = {i: _FileState(file=f) for i, f in enumerate(files)}
     inflight: dict = {}  # ObjectRef -> (actor, file index, chunk start)
     load = {id(a): 0 for a in actors}
@@ -729,7 +744,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     check_config(cfg)
     SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # validates the flags
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
-    fingerprint = check_models(cfg, files)
+    fingerprint, wrap_strings = check_models(cfg, files)
     check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
     settings = settings_of(cfg, fingerprint)
@@ -743,7 +758,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         actors = start_workers(cfg)
         bar = _progress(sum(f.num_rows for f in todo), cfg.progress)
         try:
-            run_pool(actors, todo, cfg, out, bar.update, lambda file, stats: written.append(stats))
+            run_pool(actors, todo, cfg, out, bar.update, lambda file, stats: written.append(stats), wrap_strings)
         finally:
             bar.close()
             stop_workers(actors)
@@ -758,6 +773,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "workers": cfg.workers,
         "gpus_per_worker": cfg.gpus_per_worker,
         "prompts": [storage.display(f.path) for f in files],
+        "string_prompts_wrapped": wrap_strings,
         "head": storage.display(cfg.head) if cfg.head else None,
     }
     summary = summarize([read_file_stats(output_path(out, f)) for f in files], settings, run)

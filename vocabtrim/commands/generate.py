@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vocabtrim.chat import HELP, MODES
 from vocabtrim.commands.common import add_model_arguments, add_ray_arguments
 
 
@@ -12,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", default=None, help="trimmed drafter head folder from `vocabtrim build-head` (a path or a URI such as s3://bucket/head)")
     parser.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help="Parquet files, folders or globs: local paths or URIs (s3://, gs://, file://, ...)")
     parser.add_argument("--prompt-column", default="prompt", help="a string, or a list of {role, content} messages (chat template applied)")
+    parser.add_argument("--chat-template", choices=MODES, default="auto", help=HELP)
     parser.add_argument("--id-column", default="id", help="carried to the output; absent: an id from file name and row number")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per row at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -37,6 +39,7 @@ def config_from_args(args) -> "GenerateConfig":  # noqa: F821 (imported lazily: 
         no_draft=args.no_draft,
         prompts=list(args.prompts),
         prompt_column=args.prompt_column,
+        chat_template=args.chat_template,
         id_column=args.id_column,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
