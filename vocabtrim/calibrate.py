@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -495,9 +494,7 @@ def count_shards(
         stats.tokens += result.tokens
         stats.cpu_seconds += result.cpu_seconds
         if progress is not None:
-            progress.update(1)
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            progress.set_postfix(tokens=f"{stats.tokens:,}", tok_s=f"{stats.tokens / elapsed:,.0f}", refresh=False)
+            progress.update(1, tokens=result.tokens)
         if on_recorded is not None:
             on_recorded(result, pool)
     stats.seconds = time.perf_counter() - start
@@ -601,12 +598,9 @@ def plan(config: CalibrateConfig) -> _Plan:
 
 
 def _progress_bar(config: CalibrateConfig, total: int, initial: int):
-    from tqdm.auto import tqdm
+    from vocabtrim.progress import Progress
 
-    return tqdm(
-        total=total, initial=initial, unit="shard", desc="calibrate", dynamic_ncols=True,
-        disable=not (config.show_progress and sys.stderr.isatty()),
-    )
+    return Progress(total, "shard", "calibrate", initial=initial, enabled=config.show_progress)
 
 
 def _file_summary(entries: list[ShardCount]) -> list[dict]:

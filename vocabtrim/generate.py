@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -605,7 +604,7 @@ def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: i
 def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written, wrap_strings: bool = False) -> None:
     """Feed every row of ``files`` to ``actors`` (``IN_FLIGHT`` chunks each) and write each file when done.
 
-    ``on_rows(n)`` is called as each chunk of n rows comes back; ``on_written(file, stats)`` after each write.
+    ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)`` after each write.
     ``wrap_strings``: string prompts go to the actors as one user message each.
     """
     import ray
@@ -672,7 +671,7 @@ def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: st
         st.results[start] = result["columns"]
         st.stats = st.stats.add(ChunkStats(**result["stats"]))
         st.pending -= 1
-        on_rows(len(result["columns"]["finish_reason"]))
+        on_rows(len(result["columns"]["finish_reason"]), sum(t or 0 for t in result["columns"]["completion_tokens"]))
         finish_if_done(index)
         fill()
 
@@ -781,17 +780,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+    from vocabtrim.progress import Progress
 
-    return tqdm(total=total, unit="row", desc="generate", file=sys.stderr, dynamic_ncols=True)
+    return Progress(total, "row", "generate", enabled=enabled)
