@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help=f"rows decoded together {sizes('batch_size')}")
     parser.add_argument("--eval-prompts", type=int, default=None, help=f"prompts to generate for {sizes('eval_prompts')}")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens per evaluation prompt {sizes('max_new_tokens')}")
+    parser.add_argument("--rounds", type=int, default=None, help=f"the evaluation prompts in this many rounds, the three settings interleaved in each {sizes('rounds')}")
     parser.add_argument("--temperature", type=float, default=None, help=f"0: greedy, outputs comparable row by row {sizes('temperature')}")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
@@ -41,6 +42,7 @@ def main(args) -> int:
             "eval_prompts": args.eval_prompts,
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
+            "rounds": args.rounds,
         }.items()
         if v is not None
     }
