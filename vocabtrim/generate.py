@@ -1,8 +1,10 @@
 """The Ray side of ``vocabtrim generate``: an actor pool over prompt files, resumable, one output per input.
 
 How a run goes:
-1. Checks before any heavy work: flags, the target/drafter tokenizers, the head folder, every input
-   file (Parquet, prompt column), and ``--out`` (its ``settings.json`` must match this run's settings).
+1. Checks before any heavy work: flags, the target/drafter tokenizers, ``--chat-template`` against the
+   tokenizer and the prompt columns, every input file (Parquet, prompt column), ``--drafter-layers`` and the
+   head's manifest against the drafter's config; only then ``--out`` (its ``settings.json`` must match this
+   run's settings once it holds an output).
 2. Input files whose output is already complete are skipped (resume).
 3. ``--workers`` actors each load the target, drafter and head once. The driver streams each remaining
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
