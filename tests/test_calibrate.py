@@ -180,7 +180,9 @@ def test_corpus_and_out_on_s3_give_the_exact_histogram_and_resume(ray_local, s3,
     assert np.array_equal(histogram.load(out + "/histogram.parquet", 300), expected)
 
 
-def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path):
+@pytest.mark.parametrize("chat_template, wrapped", [("auto", True), ("never", False)])
+def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path, chat_template, wrapped):
+    """Each row is a prompt, a user message in the chat template unless --chat-template never says raw."""
     from vocabtrim.models import load_model
     from vocabtrim.engine.sampling import SamplingParams, row_seed
     from vocabtrim.engine import make_engine
@@ -191,6 +193,7 @@ def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_loca
     cfg = CalibrateConfig(
         drafter=data["model"], corpus=[str(path)], out=str(tmp_path / "out"), source="drafter",
         max_new_tokens=6, temperature=1.0, seed=11, workers=2, cpus_per_worker=0.4, batch_size=3, show_progress=False,
+        chat_template=chat_template,
     )
     m = run_calibrate(cfg)
 
@@ -198,12 +201,14 @@ def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_loca
     model = load_model(data["model"], device="cpu")
     engine = make_engine(model, sampling=SamplingParams(temperature=1.0), eos_token_ids=(tok.eos_token_id,), max_new_tokens=6)
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    chats = chats if wrapped else prompts
     ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
     outs = engine.generate(ids, [row_seed(11, f"prompts.parquet:{i}") for i in range(len(prompts))])
     expected = np.bincount(np.concatenate([np.asarray(o.token_ids, dtype=np.int64) for o in outs]), minlength=len(tok))
     assert np.array_equal(written(tmp_path / "out"), expected)
     assert m["total_tokens"] == sum(len(o.token_ids) for o in outs) <= 6 * len(prompts)
     assert m["source"] == "drafter" and m["rows"] == len(prompts) and m["shards"] == 5
+    assert (m["chat_template"], m["prompts_wrapped"]) == (chat_template, wrapped)
 
 
 def test_a_corpus_with_no_tokens_is_refused(ray_local, data, tmp_path):

@@ -10,7 +10,7 @@ import tempfile
 import pyarrow.parquet as pq
 import pytest
 
-from vocabtrim.demo import DemoConfig, format_table, run_demo, split_prompts, table_rows
+from vocabtrim.demo import DemoConfig, format_rounds, format_table, round_order, run_demo, split_prompts, table_rows
 
 
 def summary(tps, acceptance=None, per_pass=1.0, drafter_ms=None):
@@ -29,27 +29,48 @@ def test_table_compares_against_target_alone():
     assert len({len(line) for line in lines}) == 1  # aligned columns
 
 
-def test_prompt_split_is_disjoint(tmp_path):
-    cal, ev = split_prompts(tmp_path, 100, 50)
-    a, b = pq.read_table(cal).column("id").to_pylist(), pq.read_table(ev).column("id").to_pylist()
-    assert (len(a), len(b)) == (100, 50) and not set(a) & set(b)
-    assert len(set(pq.read_table(ev).column("kind").to_pylist())) == 4
+def test_prompt_split_is_disjoint_and_cut_into_rounds(tmp_path):
+    cal, evals = split_prompts(tmp_path, 100, 50, rounds=3)
+    a = pq.read_table(cal).column("id").to_pylist()
+    parts = [pq.read_table(e).column("id").to_pylist() for e in evals]
+    assert [len(p) for p in parts] == [16, 17, 17] and len(a) == 100
+    b = [i for p in parts for i in p]
+    assert len(set(b)) == 50 and not set(a) & set(b)
+    assert len(set(pq.read_table(evals[0]).column("kind").to_pylist()) | set(pq.read_table(evals[2]).column("kind").to_pylist())) == 4
 
 
-def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path):
-    """The whole demo in process on the tiny target (drafter: its first layer): greedy outputs match."""
+def test_rounds_rotate_the_order_and_report_ranges_and_ratios_within_a_round():
+    keys = ["target", "full", "trimmed"]
+    assert [round_order(keys, r)[0] for r in range(4)] == ["target", "full", "trimmed", "target"]
+    figures = {
+        "target": {"tokens_per_second": [40.0, 36.0], "drafter_step_ms": []},
+        "full": {"tokens_per_second": [10.0, 9.0], "drafter_step_ms": [60.0, 66.0]},
+        "trimmed": {"tokens_per_second": [20.0, 13.5], "drafter_step_ms": [20.0, 30.0]},
+    }
+    first, second = format_rounds(figures)
+    assert "over 2 interleaved rounds" in first and "target alone 36.0–40.0" in first and "trimmed 20.0–30.0" in first
+    assert "tokens/s 1.50–2.00x" in second and "drafter step 2.20–3.00x cheaper" in second
+
+
+def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
+    """The whole demo in process on the tiny target (drafter: its first layer): greedy outputs match, each
+    setting is measured in every round, and the temporary working folder is gone at the end."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vt", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     try:
         lines = []
         result = run_demo(
-            DemoConfig.quick(model=tiny_pair_dirs[0], drafter_layers=1, top_k=64, eval_prompts=8, batch_size=4,
-                             out=str(tmp_path / "demo"), progress=False),
+            DemoConfig.quick(model=tiny_pair_dirs[0], drafter_layers=1, top_k=64, eval_prompts=8, batch_size=4, progress=False),
             echo=lines.append,
         )
     finally:
         ray.shutdown()
+    assert result["out"].startswith(str(tmp_path)) and not os.path.exists(result["out"])
+    assert not any(name.startswith("vocabtrim-demo-") for name in os.listdir(tmp_path))
+    assert all(len(result["rounds"][k]["tokens_per_second"]) == 2 for k in ("target", "full", "trimmed"))
+    assert "deleted at the end" in lines[0] and not any(line.startswith("kept in") for line in lines)
     assert result["head"]["k"] == 64
     assert result["identical"] == {"full": (8, 8), "trimmed": (8, 8)}
     s = result["summaries"]
@@ -72,4 +93,7 @@ def test_demo_quick_on_the_bundled_model(tmp_path):
     for setting in ("target alone", "drafter, full head", "drafter, trimmed head"):
         assert setting in out
     assert "full head 16/16, trimmed head 16/16 rows" in out
-    assert "K=8192 of 49152" in out
+    assert "kept K=8,192 of 49,152 ids" in out and "never seen in the histogram" in out and "is no test of the head" in out
+    assert "over 2 interleaved rounds" in out
+    table = tmp_path / "demo" / "table.txt"
+    assert f"kept in {tmp_path / 'demo'}: the table {table}" in out and "drafter, trimmed head" in table.read_text()

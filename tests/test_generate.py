@@ -287,20 +287,75 @@ def test_settings_refuse_before_ray(base, tmp_path):
         run_generate(replace(base, out=str(out)))
 
 
-def test_a_head_built_for_another_drafter_is_refused_in_one_line(ray_local, base, inputs, tmp_path):
-    """The workers load the head; their refusal reaches the user as one line, before any row is generated."""
+def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path, capsys):
+    """auto: a string prompt is fed as one user message (the tokenizer has a chat template), exactly as the same
+    prompt given as a message list; never: the string is fed raw; message lists with never are refused."""
+    texts = ["What is the capital of France?", "Write a haiku about the sea.", "the quick brown fox"]
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    pq.write_table(pa.table({"id": [0, 1, 2], "prompt": texts}), tmp_path / "strings.parquet")
+    pq.write_table(pa.table({"id": [0, 1, 2], "prompt": pa.array([[{"role": "user", "content": t}] for t in texts], msgs)}),
+                   tmp_path / "messages.parquet")
+    greedy = replace(base, drafter=None, no_draft=True, temperature=0.0)
+
+    def completions(name, mode):
+        out = tmp_path / f"{name}-{mode}"
+        summary = run_generate(replace(greedy, prompts=[str(tmp_path / f"{name}.parquet")], chat_template=mode, out=str(out)))
+        assert summary["settings"]["chat_template"] == mode
+        return pq.read_table(out / f"{name}.parquet").column("completion").to_pylist(), summary
+
+    auto, summary = completions("strings", "auto")
+    assert summary["run"]["string_prompts_wrapped"] is True
+    assert auto == completions("messages", "auto")[0]
+    never, summary = completions("strings", "never")
+    assert summary["run"]["string_prompts_wrapped"] is False and never != auto
+    argv = ["generate", "--target", base.target, "--no-draft", "--prompts", str(tmp_path / "messages.parquet"),
+            "--chat-template", "never", "--out", str(tmp_path / "refused")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds message lists in 'prompt', which need the chat template" in err[0]
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.fixture(scope="module")
+def heads(ray_local, base, tmp_path_factory):
+    """Heads from one calibration: ``independent`` for the independent drafter, ``layers2`` for the
+    target's first 2 layers (``--drafter-layers 2``)."""
     from vocabtrim.calibrate import CalibrateConfig, run_calibrate
     from vocabtrim.head import BuildHeadConfig, build_head
 
-    corpus = tmp_path / "corpus.parquet"
+    root = tmp_path_factory.mktemp("heads")
+    corpus = root / "corpus.parquet"
     pq.write_table(pa.table({"text": ["the quick brown fox jumps over the lazy dog"] * 8}), corpus)
-    run_calibrate(CalibrateConfig(drafter=base.drafter, corpus=[str(corpus)], out=str(tmp_path / "cal"), show_progress=False))
-    build_head(BuildHeadConfig(histogram=str(tmp_path / "cal"), drafter=base.drafter, top_k=32, out=str(tmp_path / "head")))
+    run_calibrate(CalibrateConfig(drafter=base.drafter, corpus=[str(corpus)], out=str(root / "cal"), show_progress=False))
+    build_head(BuildHeadConfig(histogram=str(root / "cal"), drafter=base.drafter, top_k=32, out=str(root / "independent")))
+    build_head(BuildHeadConfig(histogram=str(root / "cal"), drafter=base.target, drafter_layers=2, top_k=32, out=str(root / "layers2")))
+    return {"independent": str(root / "independent"), "layers2": str(root / "layers2")}
+
+
+def test_a_head_for_other_drafter_layers_is_refused_before_the_out_folder_is_claimed(base, heads, tmp_path, capsys):
+    """A head's architecture is checked on the driver against the drafter's config: nothing is written to --out."""
+    out = tmp_path / "out"
+    argv = ["generate", "--target", base.target, "--drafter-layers", "1", "--head", heads["layers2"],
+            "--prompts", *base.prompts, "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_hidden_layers (--drafter-layers) 2, this drafter 1" in err[0]
+    assert not out.exists()
+    assert cli.main([*argv[:4], "99", *argv[5:]]) == 2
+    assert "--drafter-layers must be between 1 and 3" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_refused_run_leaves_its_out_folder_reusable_with_other_settings(ray_local, base, heads, tmp_path):
+    """The workers refuse a head whose rows are another drafter's (one line, no rows written); the same --out
+    then takes a run with other settings, since it holds no outputs."""
     out = tmp_path / "out"
     with pytest.raises(UserError, match="built for another drafter") as e:
-        run_generate(replace(base, drafter=None, drafter_layers=1, head=str(tmp_path / "head"), out=str(out)))
+        run_generate(replace(base, drafter=None, drafter_layers=1, head=heads["independent"], out=str(out)))
     assert "\n" not in str(e.value)
     assert not list(out.rglob("*.parquet"))
+    summary = run_generate(replace(base, drafter=None, drafter_layers=1, prompts=[str(Path(base.prompts[0]) / "a.parquet")], out=str(out)))
+    assert summary["rows"] == 9 and summary["settings"]["head_sha256"] is None
+    assert json.loads((out / "settings.json").read_text())["head_sha256"] is None
 
 
 # ---------------------------------------------------------------------------------------------

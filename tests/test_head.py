@@ -46,6 +46,10 @@ def test_top_k_breaks_ties_by_smaller_id_and_fills_with_unseen_ids():
     sel = select_ids(KNOWN, top_k=8, special_ids=[], vocab_size=10)
     assert sel.token_ids.tolist() == [0, 1, 2, 3, 4, 5, 7, 8]  # 5 seen ids, then unseen 0, 1, 2
     assert sel.k_frequent == 5 and sel.coverage == pytest.approx(1.0)
+    assert (sel.k_unseen, sel.distinct_ids) == (3, 5)
+    with_specials = select_ids(KNOWN, top_k=8, special_ids=[0, 2], vocab_size=10)  # 0, 2 special; 1, 6, unseen
+    assert (with_specials.k_frequent, with_specials.k_unseen) == (5, 1)
+    assert select_ids(KNOWN, top_k=5, special_ids=[0, 2], vocab_size=10).k_unseen == 0
 
 
 @pytest.mark.parametrize(
@@ -180,6 +184,24 @@ def test_coverage_mode_and_the_cli(tiny, tmp_path, capsys):
     curve = histogram.coverage_curve(counts)
     assert m["k_frequent"] == int(np.searchsorted(curve, 0.9) + 1)
     assert "coverage" in capsys.readouterr().out
+
+
+def test_a_top_k_beyond_the_counted_ids_says_how_many_were_never_seen(tiny, tmp_path, capsys):
+    drafter, calib, counts = tiny
+    distinct = int(np.count_nonzero(counts))
+    k = distinct + 40
+    assert cli(["build-head", "--histogram", calib, "--drafter", drafter, "--top-k", str(k), "--out", str(tmp_path / "h")]) == 0
+    captured = capsys.readouterr()
+    m = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    specials = 3  # the tiny tokenizer's <|endoftext|>, <|im_start|>, <|im_end|>, never counted here
+    assert (m["k"], m["k_frequent"], m["k_unseen"], m["distinct_ids"]) == (k, distinct, 40 - specials, distinct)
+    assert f"{distinct:,} by frequency, {specials} special tokens, {40 - specials} never seen in the histogram" in captured.out
+    warning = [line for line in captured.err.splitlines() if line.startswith("vocabtrim build-head: warning:")]
+    assert len(warning) == 1 and f"exceeds the {distinct} distinct ids counted" in warning[0]
+    # Within the counted ids: no filler, no warning.
+    assert cli(["build-head", "--histogram", calib, "--drafter", drafter, "--top-k", "32", "--out", str(tmp_path / "h2")]) == 0
+    captured = capsys.readouterr()
+    assert "never seen" not in captured.out and "warning:" not in captured.err
 
 
 @pytest.mark.parametrize(

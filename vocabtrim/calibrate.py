@@ -16,8 +16,8 @@ Flow (``run_calibrate``):
    the ledger. Output: ``DIR/histogram.parquet`` and ``DIR/manifest.json``.
 
 Sources: ``corpus`` counts the corpus's own tokens (batched fast-tokenizer encode, no special tokens
-added); ``drafter`` / ``target`` treat each row as a prompt (wrapped as a user message in the chat
-template when the tokenizer has one), generate ``max_new_tokens`` at ``temperature`` with the row's
+added); ``drafter`` / ``target`` treat each row as a prompt (as ``--chat-template`` says, ``vocabtrim.chat``:
+by default a user message in the chat template when the tokenizer has one), generate ``max_new_tokens`` at ``temperature`` with the row's
 own seed (``row_seed(seed, "<file name>:<row key>")``), and count only the generated tokens.
 """
 
@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from vocabtrim import corpus, histogram, storage
+from vocabtrim.chat import wraps_strings
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class CalibrateConfig:
     shard_rows: int | None = None  # None: no limit for corpus, 32 rows for generated sources (Parquet, Arrow)
     depth: int = 2  # calls in flight per actor
     show_progress: bool = True
+    chat_template: str = "auto"  # generated sources: vocabtrim.chat's rule for the corpus rows used as prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +192,12 @@ class CounterSpec:
     trust_remote_code: bool = False
     threads: int = 1
     use_gpu: bool = False
+    wrap_prompts: bool = True  # generated sources: each row as a user message in the chat template (vocabtrim.chat)
 
 
-def build_prompt(tokenizer, text: str, limit: int) -> list[int]:
-    """Token ids of ``text`` as a prompt: a user message in the chat template when the tokenizer has one.
+def build_prompt(tokenizer, text: str, limit: int, wrap: bool = True) -> list[int]:
+    """Token ids of ``text`` as a prompt: with ``wrap``, a user message in the tokenizer's chat template
+    (``vocabtrim.chat``: the caller decides ``wrap`` from ``--chat-template``); else the text as it is.
 
     A prompt longer than ``limit`` tokens keeps the start of the user text (the template around it
     stays whole) and, failing that, its last ``limit`` tokens.
@@ -203,16 +206,16 @@ def build_prompt(tokenizer, text: str, limit: int) -> list[int]:
     def encode(t: str) -> list[int]:
         return tokenizer(t, add_special_tokens=False)["input_ids"]
 
-    def wrap(t: str) -> str:
-        if getattr(tokenizer, "chat_template", None):
+    def template(t: str) -> str:
+        if wrap:
             return tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
         return t
 
-    ids = encode(wrap(text))
+    ids = encode(template(text))
     if len(ids) > limit:
         content = encode(text)
         budget = max(1, len(content) - (len(ids) - limit))
-        ids = encode(wrap(tokenizer.decode(content[:budget])))
+        ids = encode(template(tokenizer.decode(content[:budget])))
         ids = ids[-limit:]
     return ids
 
@@ -303,7 +306,7 @@ class ShardCounter:
         """Generated token ids (only the generated ones) for each prompt text."""
         from vocabtrim.engine.sampling import row_seed
 
-        prompts = [build_prompt(self.tokenizer, t, self.prompt_limit) for t in texts]
+        prompts = [build_prompt(self.tokenizer, t, self.prompt_limit, self.spec.wrap_prompts) for t in texts]
         seeds = [row_seed(self.spec.seed, r) for r in row_ids]
         return [list(out.token_ids) for out in self.engine.generate(prompts, seeds)]
 
@@ -489,9 +492,7 @@ def count_shards(
         stats.tokens += result.tokens
         stats.cpu_seconds += result.cpu_seconds
         if progress is not None:
-            progress.update(1)
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            progress.set_postfix(tokens=f"{stats.tokens:,}", tok_s=f"{stats.tokens / elapsed:,.0f}", refresh=False)
+            progress.update(1, tokens=result.tokens)
         if on_recorded is not None:
             on_recorded(result, pool)
     stats.seconds = time.perf_counter() - start
@@ -556,6 +557,7 @@ def plan(config: CalibrateConfig) -> _Plan:
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
     if generator is not None and generator != config.drafter:
         check_pair(load_tokenizer(generator, config.trust_remote_code), tokenizer)
+    wrap = wraps_strings(config.chat_template, tokenizer, config.drafter) if generator is not None else False
     if generator is not None:
         resolve_model(generator)  # a GGUF model converts once here, not in every actor
     generated = config.source != "corpus"
@@ -571,6 +573,8 @@ def plan(config: CalibrateConfig) -> _Plan:
             model=generator, model_layers=layers, max_new_tokens=config.max_new_tokens,
             temperature=config.temperature, seed=config.seed, dtype=config.dtype,
         )
+        if config.chat_template != "auto":  # auto is what ledgers written before the flag did: they stay resumable
+            run_key["chat_template"] = config.chat_template
     fast = getattr(tokenizer, "_tokenizer", None)
     spec = CounterSpec(
         source=config.source,
@@ -586,17 +590,15 @@ def plan(config: CalibrateConfig) -> _Plan:
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
         use_gpu=config.gpus_per_worker > 0,
+        wrap_prompts=wrap,
     )
     return _Plan(fingerprint, len(tokenizer), shards, spec, run_key, generator)
 
 
 def _progress_bar(config: CalibrateConfig, total: int, initial: int):
-    from tqdm.auto import tqdm
+    from vocabtrim.progress import Progress
 
-    return tqdm(
-        total=total, initial=initial, unit="shard", desc="calibrate", dynamic_ncols=True,
-        disable=not (config.show_progress and sys.stderr.isatty()),
-    )
+    return Progress(total, "shard", "calibrate", initial=initial, enabled=config.show_progress)
 
 
 def _file_summary(entries: list[ShardCount]) -> list[dict]:
@@ -657,6 +659,8 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
         "temperature": config.temperature if p.generator else None,
         "seed": config.seed if p.generator else None,
         "text_column": config.text_column,
+        "chat_template": config.chat_template if p.generator else None,
+        "prompts_wrapped": p.spec.wrap_prompts if p.generator else None,
         "total_tokens": total,
         "distinct_tokens": int(np.count_nonzero(counts)),
         "rows": sum(e.rows for e in entries),

@@ -4,8 +4,12 @@
    disjoint evaluation part.
 2. calibrate: count the tokens the *target* generates from the calibration prompts.
 3. build-head: keep the top-K ids of that histogram; the trimmed head is the drafter's LM-head rows for them.
-4. generate on the evaluation prompts three times with the same batching: target alone, drafter with its
-   full head, drafter with the trimmed head.
+4. generate on the evaluation prompts with the same batching in three settings: target alone, drafter
+   with its full head, drafter with the trimmed head. The evaluation prompts are cut into ``rounds``
+   files; each round generates one file in all three settings, in an order that rotates from round to
+   round, so that drift in the machine's speed hits every setting alike. Each setting's folder gains one
+   output per round (``generate`` resumes: earlier files are skipped), and its summary covers them all.
+   Per-round figures come from each output file's own statistics.
 
 The drafter is the first ``drafter_layers`` layers of the 135M target (a self-speculative, untrained
 drafter), so it rarely agrees with the target and speculative decoding is slower than the target alone.
@@ -15,6 +19,7 @@ is most of each drafter step, and trimming it makes every step cheaper at (almos
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -31,7 +36,7 @@ PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.parquet"
 class DemoConfig:
     """Sizes of the demo. ``quick()`` gives the CI sizes."""
 
-    out: str | None = None  # None: a new temporary folder
+    out: str | None = None  # None: a new temporary folder, deleted at the end
     model: str = "smollm2-135m"
     drafter_layers: int = 4
     calibration_prompts: int = 96
@@ -42,13 +47,14 @@ class DemoConfig:
     gamma: int = 4
     batch_size: int = 8
     temperature: float = 0.0
+    rounds: int = 4  # the evaluation prompts in this many interleaved rounds (see the module docstring)
     seed: int = 0
     address: str | None = None
     progress: bool = True
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        sizes = dict(calibration_prompts=16, calibration_new_tokens=16, eval_prompts=16, max_new_tokens=16)
+        sizes = dict(calibration_prompts=16, calibration_new_tokens=16, eval_prompts=16, max_new_tokens=16, rounds=2)
         return cls(**{**sizes, **overrides})
 
 
@@ -64,17 +70,26 @@ class Row:
     speedup: float | None
 
 
-def split_prompts(out: Path, calibration: int, evaluation: int) -> tuple[Path, Path]:
-    """The first ``calibration`` shipped prompts and the last ``evaluation`` ones, as two Parquet files."""
+def split_prompts(out: Path, calibration: int, evaluation: int, rounds: int = 1) -> tuple[Path, list[Path]]:
+    """The first ``calibration`` shipped prompts as one Parquet file, and the last ``evaluation`` ones cut into
+    ``rounds`` consecutive files ``eval-<r>.parquet`` (sizes differ by at most one row)."""
     table = pq.read_table(PROMPTS)
     if calibration + evaluation > table.num_rows:
         raise UserError(f"the demo ships {table.num_rows} prompts: calibration + evaluation must not exceed that")
+    if not 1 <= rounds <= evaluation:
+        raise UserError(f"rounds must be between 1 and the {evaluation} evaluation prompts, got {rounds}")
     folder = out / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
-    cal, ev = folder / "calibration.parquet", folder / "eval.parquet"
+    cal = folder / "calibration.parquet"
     pq.write_table(table.slice(0, calibration), cal)
-    pq.write_table(table.slice(table.num_rows - evaluation, evaluation), ev)
-    return cal, ev
+    first = table.num_rows - evaluation
+    bounds = [first + evaluation * r // rounds for r in range(rounds + 1)]
+    evals = []
+    for r in range(rounds):
+        path = folder / f"eval-{r}.parquet"
+        pq.write_table(table.slice(bounds[r], bounds[r + 1] - bounds[r]), path)
+        evals.append(path)
+    return cal, evals
 
 
 def table_rows(summaries: dict[str, dict]) -> list[Row]:
@@ -115,24 +130,101 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def identical_rows(a: Path, b: Path) -> tuple[int, int]:
-    """(rows whose completion is the same in both output folders, rows)."""
-    ta, tb = (pq.read_table(p / "eval.parquet", columns=["id", "completion"]).to_pylist() for p in (a, b))
+def identical_rows(a: Path, b: Path, names: list[str]) -> tuple[int, int]:
+    """(rows whose completion is the same in both output folders, rows), over the output files ``names``."""
+    ta, tb = ([row for n in names for row in pq.read_table(p / n, columns=["id", "completion"]).to_pylist()] for p in (a, b))
     return sum(x == y for x, y in zip(ta, tb, strict=True)), len(ta)
 
 
+def round_order(keys: list[str], r: int) -> list[str]:
+    """The settings' order in round ``r``: rotated by one each round, so none always runs first."""
+    shift = r % len(keys)
+    return keys[shift:] + keys[:shift]
+
+
+def per_round(folders: dict[str, Path], names: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per setting, per round (one output file each): engine tokens/s and drafter step ms (when it drafts)."""
+    from vocabtrim.generate import read_file_stats
+
+    figures = {}
+    for key, folder in folders.items():
+        stats = [read_file_stats(str(folder / n)) for n in names]
+        figures[key] = {
+            "tokens_per_second": [s["generated_tokens"] / s["engine_seconds"] for s in stats if s["engine_seconds"]],
+            "drafter_step_ms": [1000 * s["drafter_seconds"] / s["drafter_forwards"] for s in stats if s["drafter_forwards"]],
+        }
+    return figures
+
+
+def _span(values: list[float], spec: str) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return format(low, spec) if format(low, spec) == format(high, spec) else f"{format(low, spec)}–{format(high, spec)}"
+
+
+def format_rounds(figures: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Lines giving each figure's range over the rounds, and the trimmed/full ratio measured within each round."""
+    rounds = len(figures["target"]["tokens_per_second"])
+    full, trimmed = figures["full"], figures["trimmed"]
+    ratio = [t / f for t, f in zip(trimmed["tokens_per_second"], full["tokens_per_second"]) if f]
+    step = [f / t for f, t in zip(full["drafter_step_ms"], trimmed["drafter_step_ms"]) if t]
+    return [
+        f"over {rounds} interleaved rounds (lowest–highest round): tokens/s target alone {_span(figures['target']['tokens_per_second'], '.1f')}, "
+        f"full head {_span(full['tokens_per_second'], '.1f')}, trimmed head {_span(trimmed['tokens_per_second'], '.1f')}; "
+        f"drafter step ms full {_span(full['drafter_step_ms'], '.1f')}, trimmed {_span(trimmed['drafter_step_ms'], '.1f')}",
+        f"trimmed vs full head within each round: tokens/s {_span(ratio, '.2f')}x, drafter step {_span(step, '.2f')}x cheaper",
+    ]
+
+
+def eval_coverage(model: str, target_out: Path, names: list[str], kept) -> float | None:
+    """Share of the target alone's evaluation tokens (its completions re-encoded) that the kept ids hold."""
+    import numpy as np
+
+    from vocabtrim.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    texts = [t for n in names for t in pq.read_table(target_out / n, columns=["completion"]).column(0).to_pylist() if t]
+    ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
+    return float(np.isin(np.asarray(ids, dtype=np.int64), np.asarray(kept, dtype=np.int64)).mean()) if ids else None
+
+
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
-    """Run the demo; ``echo`` gets progress lines and the final table. Returns the table and the stage results."""
+    """Run the demo; ``echo`` gets progress lines and the final table. Returns the table and the stage results.
+
+    Without ``cfg.out`` the working folder is a new temporary folder, deleted at the end (also on failure).
+    """
+    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="vocabtrim-demo-"))
+    try:
+        result = _run(cfg, out, echo)
+    finally:
+        if not cfg.out:
+            shutil.rmtree(out, ignore_errors=True)
+    if cfg.out:
+        echo(
+            f"kept in {out}: the table {out / TABLE_FILE}, the coverage plot {out / 'head' / 'coverage.png'}, each setting's "
+            f"outputs and summary.json in {out}/generate-*/"
+        )
+    return result
+
+
+TABLE_FILE = "table.txt"
+
+
+def _run(cfg: DemoConfig, out: Path, echo) -> dict:
+    from safetensors.numpy import load_file
+
     from vocabtrim.calibrate import CalibrateConfig, run_calibrate
     from vocabtrim.generate import GenerateConfig, run_generate
-    from vocabtrim.head import BuildHeadConfig, build_head
+    from vocabtrim.head import BuildHeadConfig, build_head, describe_kept, unseen_warning
     from vocabtrim.ray_utils import init_ray
 
     start = time.perf_counter()
-    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="vocabtrim-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers; working folder {out}")
-    cal_prompts, eval_prompts = split_prompts(out, cfg.calibration_prompts, cfg.eval_prompts)
+    where = f"working folder {out}" if cfg.out else "working in a temporary folder, deleted at the end (--out DIR keeps it)"
+    echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers; {where}")
+    cal_prompts, eval_files = split_prompts(out, cfg.calibration_prompts, cfg.eval_prompts, cfg.rounds)
+    names = [p.name for p in eval_files]
     init_ray(cfg.address)
     timings = {}
 
@@ -158,7 +250,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     timings["build-head"] = time.perf_counter() - t
 
     base = GenerateConfig(
-        target=cfg.model, drafter_layers=cfg.drafter_layers, prompts=[str(eval_prompts)], prompt_column="messages",
+        target=cfg.model, drafter_layers=cfg.drafter_layers, prompts=[], prompt_column="messages",
         id_column="id", max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
         gamma=cfg.gamma, batch_size=cfg.batch_size, workers=1, progress=cfg.progress, out="",
     )
@@ -167,32 +259,46 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         "full": replace(base, out=str(out / "generate-full-head")),
         "trimmed": replace(base, head=str(out / "head"), out=str(out / "generate-trimmed-head")),
     }
+    what = {"target": "target alone", "full": "drafter with its full head", "trimmed": f"drafter with the K={head['k']} head"}
     summaries = {}
-    for i, (key, run) in enumerate(runs.items()):
-        t = time.perf_counter()
-        what = {"target": "target alone", "full": "drafter with its full head", "trimmed": f"drafter with the K={head['k']} head"}[key]
-        echo(f"[3/3] generate ({i + 1}/3): {what}, {cfg.eval_prompts} prompts × {cfg.max_new_tokens} tokens, batch {cfg.batch_size}")
-        summaries[key] = run_generate(run)
-        timings[f"generate {key}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for r in range(cfg.rounds):
+        order = round_order(list(runs), r)
+        echo(f"[3/3] generate, round {r + 1}/{cfg.rounds} ({names[r]}, batch {cfg.batch_size}, {cfg.max_new_tokens} tokens each): "
+             + ", then ".join(what[k] for k in order))
+        for key in order:
+            summaries[key] = run_generate(replace(runs[key], prompts=[str(p) for p in eval_files[: r + 1]]))
+    timings["generate"] = time.perf_counter() - t
 
     rows = table_rows(summaries)
-    echo("")
-    echo(format_table(rows))
-    same = {k: identical_rows(Path(runs["target"].out), Path(runs[k].out)) for k in ("full", "trimmed")}
+    figures = per_round({k: Path(v.out) for k, v in runs.items()}, names)
+    lines = [format_table(rows), *format_rounds(figures)]
+    same = {k: identical_rows(Path(runs["target"].out), Path(runs[k].out), names) for k in ("full", "trimmed")}
     if cfg.temperature == 0:
-        echo(
+        lines.append(
             f"greedy: completions identical to the target's own: full head {same['full'][0]}/{same['full'][1]}, "
             f"trimmed head {same['trimmed'][0]}/{same['trimmed'][1]} rows"
         )
-    echo(
-        f"head: K={head['k']} of {head['vocab_size']} ids, covering {head['coverage']:.4f} of the calibration tokens. "
-        "tokens/s is decoding throughput inside the engine (model loading and Ray start excluded)."
-    )
-    echo(
+    kept = load_file(str(out / "head" / "head.safetensors"))["token_ids"]
+    covered = eval_coverage(cfg.model, Path(runs["target"].out), names, kept)
+    lines.append(f"head: {describe_kept(head)}.")
+    if unseen_warning(head):
+        lines.append(
+            f"  K is larger than the {head['distinct_ids']:,} distinct ids the calibration counted, so covering all of its tokens "
+            "is no test of the head."
+        )
+    if covered is not None:
+        lines.append(f"  The kept ids hold {covered:.2%} of the tokens the target itself wrote in the evaluation (re-encoded).")
+    lines += [
+        "tokens/s is decoding throughput inside the engine (model loading and Ray start excluded).",
         f"The drafter is an untrained {cfg.drafter_layers}-layer truncation of the 135M target: it rarely agrees with the "
-        "target, so speculation loses to the target alone here; compare the trimmed head with the full head."
-    )
+        "target, so speculation loses to the target alone here; compare the trimmed head with the full head.",
+    ]
+    echo("")
+    for line in lines:
+        echo(line)
+    (out / TABLE_FILE).write_text("\n".join(lines) + "\n")
     timings["total"] = time.perf_counter() - start
     echo("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return {"rows": rows, "summaries": summaries, "calibration": calibration, "head": head, "timings": timings,
-            "identical": same, "out": str(out)}
+            "identical": same, "rounds": figures, "eval_coverage": covered, "out": str(out)}

@@ -1,8 +1,10 @@
 """The Ray side of ``vocabtrim generate``: an actor pool over prompt files, resumable, one output per input.
 
 How a run goes:
-1. Checks before any heavy work: flags, the target/drafter tokenizers, the head folder, every input
-   file (Parquet, prompt column), and ``--out`` (its ``settings.json`` must match this run's settings).
+1. Checks before any heavy work: flags, the target/drafter tokenizers, ``--chat-template`` against the
+   tokenizer and the prompt columns, every input file (Parquet, prompt column), ``--drafter-layers`` and the
+   head's manifest against the drafter's config; only then ``--out`` (its ``settings.json`` must match this
+   run's settings once it holds an output).
 2. Input files whose output is already complete are skipped (resume).
 3. ``--workers`` actors each load the target, drafter and head once. The driver streams each remaining
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
@@ -29,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
+from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import UserError
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 
@@ -64,6 +66,7 @@ class GenerateConfig:
     head: str | None = None
     no_draft: bool = False
     prompt_column: str = "prompt"
+    chat_template: str = "auto"  # vocabtrim.chat: how string prompts are fed
     id_column: str = "id"
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -158,22 +161,82 @@ def _file_sha256(where: str) -> str:
     return h.hexdigest()
 
 
-def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> str:
-    """Load the tokenizers (not the models), refuse a mismatched pair, and refuse message-list prompts
-    when the tokenizer has no chat template. Returns the tokenizer fingerprint."""
+def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, bool]:
+    """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
+    (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
+    ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
     from vocabtrim.models import check_pair, load_tokenizer, tokenizer_fingerprint
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter = _drafter_name(cfg)
     if drafter is not None and drafter != cfg.target:
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
-    if getattr(target_tok, "chat_template", None) is None:
-        for f in files:
-            if pa.types.is_list(f.prompt_type) or pa.types.is_large_list(f.prompt_type):
+    wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
+    for f in files:
+        if pa.types.is_list(f.prompt_type) or pa.types.is_large_list(f.prompt_type):
+            if cfg.chat_template == "never":
+                raise UserError(
+                    f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}, which need the chat template: "
+                    "drop --chat-template never"
+                )
+            if not has_chat_template(target_tok):
                 raise UserError(
                     f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r} but {cfg.target}'s tokenizer has no chat template"
                 )
-    return tokenizer_fingerprint(target_tok)
+    return tokenizer_fingerprint(target_tok), wrap
+
+
+def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
+    """Refuse, before ``--out`` is touched or Ray starts, a ``--drafter-layers`` the drafter does not have and a
+    ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size or
+    architecture (``--drafter-layers`` included) than the drafter's config says. Only the config is read here;
+    the workers still compare the head's rows with the drafter's loaded LM head. A drafter whose config cannot
+    be read here (a hub id offline) is left to them."""
+    if cfg.no_draft or (not cfg.head and cfg.drafter_layers is None):
+        return
+    config = _drafter_config(cfg)
+    if not cfg.head:
+        return
+    from vocabtrim.head import ARCHITECTURE_KEYS, read_head_manifest
+
+    shown = storage.display(cfg.head)
+    manifest = read_head_manifest(cfg.head)
+    rebuild = "rebuild it with `vocabtrim build-head` for this drafter"
+    if manifest.get("tokenizer_fingerprint") != fingerprint:
+        raise UserError(f"head {shown} was built for another tokenizer ({manifest.get('tokenizer_fingerprint')}, this one is {fingerprint}): {rebuild}")
+    if config is None:
+        return
+    built_for = manifest.get("drafter_architecture") or {}
+    for key in ARCHITECTURE_KEYS:
+        this = config.get(key)
+        if key in built_for and this is not None and built_for[key] != this:
+            flag = " (--drafter-layers)" if key == "num_hidden_layers" else ""
+            raise UserError(f"head {shown} was built for another drafter ({key}{flag} {built_for[key]}, this drafter {this}): {rebuild}")
+
+
+def _drafter_config(cfg: GenerateConfig) -> dict | None:
+    """The drafter's architecture as its config.json gives it (``--drafter-layers`` applied), or None if unreadable."""
+    from vocabtrim.head import ARCHITECTURE_KEYS
+    from vocabtrim.models import resolve_model
+
+    name = _drafter_name(cfg)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=cfg.trust_remote_code)
+    except UserError:
+        raise
+    except Exception as exc:  # e.g. a hub id with no network: the workers check the loaded drafter
+        log.debug("drafter config of %s unreadable on the driver: %s", name, exc)
+        return None
+    text = getattr(config, "get_text_config", lambda: config)()
+    found = {k: getattr(text, k, None) for k in ARCHITECTURE_KEYS}
+    layers = found["num_hidden_layers"]
+    if cfg.drafter_layers is not None:
+        if layers is not None and not 1 <= cfg.drafter_layers <= layers:
+            raise UserError(f"--drafter-layers must be between 1 and {layers} for {name}, got {cfg.drafter_layers}")
+        found["num_hidden_layers"] = cfg.drafter_layers
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
@@ -197,6 +260,7 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
         "top_k": int(cfg.top_k),
         "seed": int(cfg.seed),
         "prompt_column": cfg.prompt_column,
+        "chat_template": cfg.chat_template,
         "id_column": cfg.id_column,
         "dtype": cfg.dtype,
         "tokenizer": fingerprint,
@@ -207,10 +271,23 @@ def _write_json(where: str, data: dict) -> None:
     storage.atomic_write(where, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
+def _holds_outputs(out: str) -> bool:
+    """Whether ``out`` holds a finished output (any Parquet file under its final name)."""
+    return any(storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".") for p in storage.walk_files(out))
+
+
 def prepare_out(out: str, settings: dict) -> None:
-    """Create ``--out`` and record the settings, or check them against the recorded ones."""
+    """Create ``--out`` and record the settings, or check them against the recorded ones.
+
+    Recorded settings bind the folder only once it holds a finished output: a folder whose earlier run was
+    refused or stopped before any file was written takes the new settings.
+    """
     shown = storage.display(out)
     recorded_path = storage.join(out, SETTINGS_FILE)
+    if storage.is_file(recorded_path) and not _holds_outputs(out):
+        log.info("%s holds no outputs yet: recording this run's settings", shown)
+        _write_json(recorded_path, settings)
+        return
     if storage.is_file(recorded_path):
         try:
             recorded = json.loads(storage.read_text(recorded_path))
@@ -546,23 +623,28 @@ def read_file_stats(path: str) -> dict:
     return json.loads(meta[STATS_KEY])
 
 
-def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: int):
-    """Yield ``(file index, chunk)``; ``(file index, None)`` once a file's chunks are all out."""
+def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: int, wrap_strings: bool = False):
+    """Yield ``(file index, chunk)``; ``(file index, None)`` once a file's chunks are all out.
+
+    ``wrap_strings``: string prompts become one user message (``--chat-template``, decided on the driver)."""
     for index, file in enumerate(files):
         for chunk in read_chunks(file, cfg.prompt_column, cfg.id_column, rows_per_task):
+            if wrap_strings:
+                chunk.prompts = [as_user_message(p) for p in chunk.prompts]
             yield index, chunk
         yield index, None
 
 
-def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written) -> None:
+def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written, wrap_strings: bool = False) -> None:
     """Feed every row of ``files`` to ``actors`` (``IN_FLIGHT`` chunks each) and write each file when done.
 
-    ``on_rows(n)`` is called as each chunk of n rows comes back; ``on_written(file, stats)`` after each write.
+    ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)`` after each write.
+    ``wrap_strings``: string prompts go to the actors as one user message each.
     """
     import ray
 
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
-    source = _chunk_source(files, cfg, rows_per_task)
+    source = _chunk_source(files, cfg, rows_per_task, wrap_strings)
     states = {i: _FileState(file=f) for i, f in enumerate(files)}
     inflight: dict = {}  # ObjectRef -> (actor, file index, chunk start)
     load = {id(a): 0 for a in actors}
@@ -623,7 +705,7 @@ def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: st
         st.results[start] = result["columns"]
         st.stats = st.stats.add(ChunkStats(**result["stats"]))
         st.pending -= 1
-        on_rows(len(result["columns"]["finish_reason"]))
+        on_rows(len(result["columns"]["finish_reason"]), sum(t or 0 for t in result["columns"]["completion_tokens"]))
         finish_if_done(index)
         fill()
 
@@ -705,7 +787,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
         max_new_tokens=cfg.max_new_tokens,
     )
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
-    fingerprint = check_models(cfg, files)
+    fingerprint, wrap_strings = check_models(cfg, files)
+    check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
     settings = settings_of(cfg, fingerprint)
     prepare_out(out, settings)
@@ -718,7 +801,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         actors = start_workers(cfg)
         bar = _progress(sum(f.num_rows for f in todo), cfg.progress)
         try:
-            run_pool(actors, todo, cfg, out, bar.update, lambda file, stats: written.append(stats))
+            run_pool(actors, todo, cfg, out, bar.update, lambda file, stats: written.append(stats), wrap_strings)
         finally:
             bar.close()
             stop_workers(actors)
@@ -733,6 +816,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "workers": cfg.workers,
         "gpus_per_worker": cfg.gpus_per_worker,
         "prompts": [storage.display(f.path) for f in files],
+        "string_prompts_wrapped": wrap_strings,
         "head": storage.display(cfg.head) if cfg.head else None,
     }
     summary = summarize([read_file_stats(output_path(out, f)) for f in files], settings, run)
@@ -740,17 +824,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+    from vocabtrim.progress import Progress
 
-    return tqdm(total=total, unit="row", desc="generate", file=sys.stderr, dynamic_ncols=True)
+    return Progress(total, "row", "generate", enabled=enabled)

@@ -96,12 +96,16 @@ def special_token_ids(tokenizer, model=None) -> list[int]:
 @dataclass
 class Selection:
     """The kept ids: ``token_ids`` int64 [K] ascending; ``k_frequent`` of them chosen by frequency,
-    the rest special tokens; ``coverage`` = share of the histogram's tokens on the kept ids."""
+    ``k_unseen`` never counted in the histogram (the top-K filler, smallest id first), the rest special
+    tokens; ``coverage`` = share of the histogram's tokens on the kept ids; ``distinct_ids`` = ids the
+    histogram counted at least once."""
 
     token_ids: np.ndarray
     k_frequent: int
     coverage: float
     special_ids: list[int] = field(default_factory=list)
+    k_unseen: int = 0
+    distinct_ids: int = 0
 
     @property
     def k(self) -> int:
@@ -146,15 +150,39 @@ def select_ids(
             raise UserError(f"--top-k {top_k} is smaller than the {len(special)} special tokens that are always kept")
         others = ranked[~np.isin(ranked, special)][: top_k - len(special)]
         k_frequent = int(np.count_nonzero(counts[others]))
+        k_unseen = int(others.shape[0]) - k_frequent
         ids = np.union1d(others, np.asarray(special, dtype=np.int64))
     else:
         if not 0 < coverage <= 1:
             raise UserError(f"--coverage must be in (0, 1], got {coverage}")
         cumulative = np.cumsum(counts[ranked]) / total
         k_frequent = min(int(np.searchsorted(cumulative, coverage, side="left")) + 1, int(np.count_nonzero(counts)))
+        k_unseen = 0
         ids = np.union1d(ranked[:k_frequent], np.asarray(special, dtype=np.int64))
     ids = ids.astype(np.int64)
-    return Selection(ids, k_frequent, histogram.coverage_of(counts, ids), special)
+    return Selection(ids, k_frequent, histogram.coverage_of(counts, ids), special, k_unseen, int(np.count_nonzero(counts)))
+
+
+def describe_kept(manifest: dict) -> str:
+    """One line saying where a head's K ids came from: by frequency, special tokens, never seen."""
+    k, frequent, unseen = manifest["k"], manifest["k_frequent"], manifest.get("k_unseen", 0)
+    special = k - frequent - unseen
+    text = f"kept K={k:,} of {manifest['vocab_size']:,} ids: {frequent:,} by frequency, {special:,} special tokens"
+    if unseen:
+        text += f", {unseen:,} never seen in the histogram (filler, smallest id first)"
+    return text + f"; coverage {manifest['coverage']:.2%} of the counted tokens"
+
+
+def unseen_warning(manifest: dict) -> str | None:
+    """The warning for a --top-k larger than the ids the histogram counted, else None."""
+    unseen = manifest.get("k_unseen", 0)
+    if not unseen:
+        return None
+    return (
+        f"--top-k {manifest['k']:,} exceeds the {manifest['distinct_ids']:,} distinct ids counted: {unseen:,} kept ids were "
+        "never seen, so their rows are chosen by id order and the coverage figure says nothing about them; "
+        "count more tokens or lower --top-k"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +338,8 @@ def build_head(config: BuildHeadConfig) -> dict:
         "version": 1,
         "k": selection.k,
         "k_frequent": selection.k_frequent,
+        "k_unseen": selection.k_unseen,
+        "distinct_ids": selection.distinct_ids,
         "vocab_size": vocab,
         "hidden_size": int(head.weight.shape[1]),
         "has_bias": head.bias is not None,

@@ -17,7 +17,11 @@ POLL_S = 5.0  # how often a waiting pool asks the autoscaler whether it can plac
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray for this run. Idempotent."""
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray for this run. Idempotent.
+
+    A local Ray keeps Ray's token auth on with a token made for this run (``local_run_token``): no warning
+    about it and nothing written to ``~/.ray/auth_token``. Ray's own INFO lines are left out.
+    """
     import ray
 
     if ray.is_initialized():
@@ -27,9 +31,38 @@ def init_ray(address: str | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+            if local_run_token(os.environ):
+                _reload_ray_config()
+            ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0]}") from exc
+
+
+def local_run_token(env) -> bool:
+    """Token auth for a local Ray started for one run, unless the user chose a mode (``RAY_AUTH_MODE``) or token.
+
+    Left to itself, a new local Ray turns token auth on, warns about it on stderr and writes a token to
+    ``~/.ray/auth_token``, which later ``ray`` commands then pick up. Setting the mode and a random token
+    in the environment (inherited by the Ray processes started here, read by no one else) keeps the
+    protection and drops the warning and the file.
+
+    Returns whether it set them.
+    """
+    import secrets
+
+    if "RAY_AUTH_MODE" in env or "RAY_AUTH_TOKEN" in env or "RAY_AUTH_TOKEN_PATH" in env:
+        return False
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    return True
+
+
+def _reload_ray_config() -> None:
+    """Make this process see a ``RAY_AUTH_MODE`` set after ``ray`` was imported (Ray reads it once, at import;
+    its own default-on path reloads the same way)."""
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def largest_node(resource: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vocabtrim.commands.common import add_model_arguments
 
@@ -35,12 +36,12 @@ def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
 
 def main(args) -> int:
     from vocabtrim import storage
-    from vocabtrim.head import build_head
+    from vocabtrim.head import build_head, describe_kept, unseen_warning
 
     m = build_head(config_from_args(args))
     files = ", ".join(["head.safetensors", "manifest.json", m["plot"], *m["exports"].values()])
-    print(
-        f"kept K={m['k']:,} of {m['vocab_size']:,} ids ({m['k_frequent']:,} by frequency + special tokens), "
-        f"coverage {m['coverage']:.2%}\nwrote {storage.display(args.out).rstrip('/')}/: {files}"
-    )
+    warning = unseen_warning(m)
+    if warning:
+        print(f"vocabtrim build-head: warning: {warning}", file=sys.stderr)
+    print(f"{describe_kept(m)}\nwrote {storage.display(args.out).rstrip('/')}/: {files}")
     return 0

@@ -15,7 +15,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser, *, workers: int = 1) -> N
 def add_model_arguments(parser: argparse.ArgumentParser, *, target: bool, drafter_required: bool = False) -> None:
     if target:
         parser.add_argument("--target", required=True, help="model folder, hub id, .gguf file or smollm2-135m")
-    parser.add_argument("--drafter", default=None, required=drafter_required, help="drafter model (default: the target, with --drafter-layers)")
+    if drafter_required:
+        drafter_help = "drafter model: folder, hub id, .gguf file or smollm2-135m (with --drafter-layers N: its first N layers)"
+    else:
+        drafter_help = "drafter model (default with --drafter-layers: the target)"
+    parser.add_argument("--drafter", default=None, required=drafter_required, help=drafter_help)
     parser.add_argument("--drafter-layers", type=int, default=None, help="drafter = first N layers + final norm + head")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off by default)")

@@ -6,18 +6,27 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vocabtrim.demo import DemoConfig
+
+    full, quick = DemoConfig(), DemoConfig.quick()
+
+    def sizes(field: str) -> str:
+        a, b = getattr(full, field), getattr(quick, field)
+        return f"(default {a}" + (f"; --quick: {b})" if a != b else ")")
+
     parser.add_argument("--quick", action="store_true", help="CI sizes: a few prompts and tokens (under 2 minutes on 2 cores)")
-    parser.add_argument("--out", default=None, help="working folder (default: a new temporary folder)")
-    parser.add_argument("--model", default="smollm2-135m", help="target model; the drafter is its first --drafter-layers layers")
-    parser.add_argument("--drafter-layers", type=int, default=None, help="default 4")
-    parser.add_argument("--top-k", type=int, default=None, help="kept ids in the trimmed head (default 8192)")
-    parser.add_argument("--gamma", type=int, default=None, help="draft tokens per step")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--eval-prompts", type=int, default=None, help="prompts to generate for")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="default 0 (greedy: outputs comparable row by row)")
+    parser.add_argument("--out", default=None, help="working folder, kept at the end (default: a temporary folder, deleted at the end)")
+    parser.add_argument("--model", default=full.model, help="target model; the drafter is its first --drafter-layers layers")
+    parser.add_argument("--drafter-layers", type=int, default=None, help=f"layers of the drafter {sizes('drafter_layers')}")
+    parser.add_argument("--top-k", type=int, default=None, help=f"kept ids in the trimmed head {sizes('top_k')}")
+    parser.add_argument("--gamma", type=int, default=None, help=f"draft tokens per step {sizes('gamma')}")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"rows decoded together {sizes('batch_size')}")
+    parser.add_argument("--eval-prompts", type=int, default=None, help=f"prompts to generate for {sizes('eval_prompts')}")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens per evaluation prompt {sizes('max_new_tokens')}")
+    parser.add_argument("--rounds", type=int, default=None, help=f"the evaluation prompts in this many rounds, the three settings interleaved in each {sizes('rounds')}")
+    parser.add_argument("--temperature", type=float, default=None, help=f"0: greedy, outputs comparable row by row {sizes('temperature')}")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
 
 
 def main(args) -> int:
@@ -33,6 +42,7 @@ def main(args) -> int:
             "eval_prompts": args.eval_prompts,
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
+            "rounds": args.rounds,
         }.items()
         if v is not None
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vocabtrim.chat import HELP, MODES
 from vocabtrim.commands.common import add_model_arguments, add_ray_arguments
 
 
@@ -12,10 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", default=None, help="trimmed drafter head folder from `vocabtrim build-head` (a path or a URI such as s3://bucket/head)")
     parser.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help="Parquet files, folders or globs: local paths or URIs (s3://, gs://, file://, ...)")
     parser.add_argument("--prompt-column", default="prompt", help="a string, or a list of {role, content} messages (chat template applied)")
+    parser.add_argument("--chat-template", choices=MODES, default="auto", help=HELP)
     parser.add_argument("--id-column", default="id", help="carried to the output; absent: an id from file name and row number")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per row at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--seed", type=int, default=0, help="row seeds derive from it and each row's id")
     parser.add_argument("--gamma", default="auto", help="draft tokens per step: 'auto' (each step the gamma in 0..--max-gamma with the "
@@ -43,6 +45,7 @@ def config_from_args(args) -> "GenerateConfig":  # noqa: F821 (imported lazily: 
         no_draft=args.no_draft,
         prompts=list(args.prompts),
         prompt_column=args.prompt_column,
+        chat_template=args.chat_template,
         id_column=args.id_column,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -79,7 +82,8 @@ def summary_table(s: dict) -> str:
         ("tokens per target pass", _fmt(s["tokens_per_target_pass"], ".2f")),
         ("batch occupancy", _fmt(s.get("batch_occupancy"), ".2f")),
         ("drafter step ms", _fmt(s["drafter_step_ms"], ".1f")),
-        ("tokens/s (this run)", _fmt(s["tokens_per_second"], ".1f")),
+        ("tokens/s, whole run", _fmt(s["tokens_per_second"], ".1f") + "  (this run's tokens / wall seconds: Ray start and model loading included)"),
+        ("tokens/s, engine", _fmt(s["tokens_per_engine_second"], ".1f") + "  (decoding only: all outputs' tokens / engine seconds)"),
         ("wall seconds", _fmt(s["wall_seconds"], ".1f")),
     ]
     width = max(len(k) for k, _ in rows)

@@ -1,0 +1,56 @@
+"""What ``vocabtrim --help`` and each command's ``--help`` tell a user."""
+
+import pytest
+
+from vocabtrim.cli import build_parser, main
+
+
+def help_text(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+def test_top_level_help_is_plain_text_and_explains_log_level(capsys):
+    text = help_text(capsys)
+    assert "``" not in text and "→" not in text
+    assert "speculative decoding" in text
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR} how much vocabtrim logs" in text
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("generate", ["draft tokens per step (default: 4)", "rows decoded together on a worker (default: 8)",
+                  "(default: prompt)", "tokens generated per row at most (default: 128)"]),
+    ("calibrate", ["(default: corpus)", "(default: text)", "(default: 64)"]),
+    ("demo", ["(default 8192)", "(default 32; --quick: 16)"]),
+])
+def test_defaults_are_shown(capsys, command, shown):
+    text = help_text(capsys, command)
+    for piece in shown:
+        assert piece in text, piece
+
+
+@pytest.mark.parametrize("command", ["calibrate", "build-head"])
+def test_a_required_drafter_does_not_claim_a_default(capsys, command):
+    text = help_text(capsys, command)
+    drafter = text[text.index("--drafter DRAFTER") : text.index("--drafter-layers DRAFTER_LAYERS drafter")]
+    assert "default" not in drafter
+
+
+def test_log_level_is_checked_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--log-level", "loud", "demo"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_generate_table_shows_whole_run_and_engine_throughput():
+    from vocabtrim.commands.generate import summary_table
+
+    summary = {"files": 1, "files_generated": 1, "files_resumed": 0, "rows": 8, "errored_rows": 0,
+               "generated_tokens": 400, "acceptance_rate": 0.1, "tokens_per_target_pass": 1.1, "drafter_step_ms": 20.0,
+               "tokens_per_second": 2.0, "tokens_per_engine_second": 14.0, "wall_seconds": 200.0}
+    lines = {line.split("  ")[0]: line for line in summary_table(summary).splitlines()}
+    assert lines["tokens/s, whole run"].split()[3] == "2.0" and "model loading included" in lines["tokens/s, whole run"]
+    assert lines["tokens/s, engine"].split()[2] == "14.0" and "decoding only" in lines["tokens/s, engine"]

@@ -1,0 +1,40 @@
+"""The one rule for plain-string prompts, shared by ``calibrate`` (generated sources) and ``generate``.
+
+``--chat-template``:
+- ``auto`` (default): a string prompt is wrapped as one user message in the tokenizer's chat template when
+  the tokenizer has one, and fed as it is otherwise;
+- ``always``: a string prompt is always wrapped (a tokenizer without a chat template is refused);
+- ``never``: a string prompt is fed as it is (message lists are refused).
+A list of ``{role, content}`` messages always goes through the chat template (refused without one).
+"""
+
+from __future__ import annotations
+
+from vocabtrim.errors import UserError
+
+MODES = ("auto", "always", "never")
+HELP = (
+    "how a plain-string prompt is fed: auto = as a user message in the chat template when the tokenizer has one, "
+    "else as it is; always = as a user message (refused without a chat template); never = as it is. "
+    "Message lists always use the chat template"
+)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def wraps_strings(mode: str, tokenizer, model_name: str) -> bool:
+    """Whether string prompts become a user message under ``mode`` with this tokenizer (UserError if impossible)."""
+    if mode not in MODES:
+        raise UserError(f"--chat-template must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "always" and not has_chat_template(tokenizer):
+        raise UserError(f"--chat-template always but {model_name}'s tokenizer has no chat template: use auto or never")
+    return mode == "always" or (mode == "auto" and has_chat_template(tokenizer))
+
+
+def as_user_message(prompt):
+    """A non-empty string as ``[{"role": "user", "content": prompt}]``; anything else unchanged (bad rows stay bad)."""
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    return prompt
