@@ -11,6 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
+def pytest_configure(config):
+    """One compute thread in the test process: the tests' models are tiny, and two threads spin-waiting
+    on a busy 2-core machine run many times slower than one."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair_dirs(tmp_path_factory):
     """(target_dir, drafter_dir): a 3-layer tiny target and an independent 1-layer drafter, one tokenizer."""

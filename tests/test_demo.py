@@ -10,23 +10,39 @@ import tempfile
 import pyarrow.parquet as pq
 import pytest
 
-from vocabtrim.demo import DemoConfig, format_rounds, format_table, round_order, run_demo, split_prompts, table_rows
+from vocabtrim.demo import (
+    DemoConfig,
+    format_rounds,
+    format_table,
+    gamma_lines,
+    round_order,
+    run_demo,
+    split_prompts,
+    table_rows,
+)
 
 
-def summary(tps, acceptance=None, per_pass=1.0, drafter_ms=None):
+def summary(tps, acceptance=None, per_pass=1.0, drafter_ms=None, gammas=None):
     return {"tokens_per_engine_second": tps, "acceptance_rate": acceptance, "tokens_per_target_pass": per_pass,
-            "drafter_step_ms": drafter_ms}
+            "drafter_step_ms": drafter_ms, "gamma_histogram": gammas or [10]}
 
 
 def test_table_compares_against_target_alone():
-    rows = table_rows({"target": summary(20.0), "full": summary(10.0, 0.1, 1.3, 12.0), "trimmed": summary(15.0, 0.1, 1.3, 4.0)})
+    rows = table_rows({"target": summary(20.0), "full": summary(10.0, 0.1, 1.3, 12.0, [30, 10]),
+                       "trimmed": summary(15.0, 0.1, 1.3, 4.0, [1, 0, 3])})
     assert [r.speedup for r in rows] == [1.0, 0.5, 0.75]
+    assert [r.drafted for r in rows] == [None, 0.25, 0.75]
     text = format_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["setting", "acceptance", "tokens/target", "pass", "drafter", "step", "ms", "tokens/s", "speedup"]
+    assert lines[0].split() == ["setting", "acceptance", "tokens/target", "pass", "drafter", "step", "ms", "drafted", "steps",
+                                "tokens/s", "speedup"]
     assert lines[2].startswith("target alone") and " - " in lines[2] and lines[2].endswith("1.00x")
-    assert lines[4].startswith("drafter, trimmed head") and "0.100" in lines[4] and "4.00" in lines[4] and lines[4].endswith("0.75x")
+    assert lines[4].startswith("drafter, trimmed head") and "0.100" in lines[4] and "75%" in lines[4] and lines[4].endswith("0.75x")
     assert len({len(line) for line in lines}) == 1  # aligned columns
+    # A drafter not faster than the target alone is never reported without what auto gamma did.
+    said = gamma_lines(rows, "auto")
+    assert any("drafter, full head: 0.50x the target alone; auto gamma drafted on 25% of the steps" in s for s in said)
+    assert gamma_lines(rows, 4) == ["gamma fixed at 4 draft tokens per step."]
 
 
 def test_prompt_split_is_disjoint_and_cut_into_rounds(tmp_path):

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=full.model, help="target model; the drafter is its first --drafter-layers layers")
     parser.add_argument("--drafter-layers", type=int, default=None, help=f"layers of the drafter {sizes('drafter_layers')}")
     parser.add_argument("--top-k", type=int, default=None, help=f"kept ids in the trimmed head {sizes('top_k')}")
-    parser.add_argument("--gamma", type=int, default=None, help=f"draft tokens per step {sizes('gamma')}")
+    parser.add_argument("--gamma", default=None, help=f"draft tokens per step: auto or a number {sizes('gamma')}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"rows decoded together {sizes('batch_size')}")
     parser.add_argument("--eval-prompts", type=int, default=None, help=f"prompts to generate for {sizes('eval_prompts')}")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens per evaluation prompt {sizes('max_new_tokens')}")

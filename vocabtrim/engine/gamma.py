@@ -8,7 +8,8 @@ Model (Leviathan et al. 2023, with measured costs in place of a fixed cost ratio
 - expected tokens per row and step with gamma g: (1 - alpha^(g+1)) / (1 - alpha).
 - cost of a step with gamma g: g * (drafter forward) + verify(g), each an exponential moving average
   of measured seconds; a verify length never measured is interpolated linearly from those that were.
-gamma 0 is the target alone. While drafting is off nothing new is learnt about alpha, so it probes
+gamma 0 is the target alone, and drafting is chosen only when its expected rate beats the target
+alone's by ``margin`` (5%). While drafting is off nothing new is learnt about alpha, so it probes
 with gamma 1 after ``probe_after`` target-alone steps, doubling that wait (up to ``max_probe_after``)
 each time the probe leaves drafting off.
 """
@@ -29,10 +30,10 @@ class GammaController:
     """``choose()`` the next step's gamma; ``observe()`` what the step did."""
 
     def __init__(self, max_gamma: int, fixed: int | None = None, *, warmup_gamma: int = 3, decay: float = 0.9,
-                 ema: float = 0.3, probe_after: int = 8, max_probe_after: int = 256):
+                 ema: float = 0.3, probe_after: int = 8, max_probe_after: int = 256, margin: float = 1.05):
         self.max_gamma = max_gamma
         self.fixed = fixed
-        self.decay, self.ema = decay, ema
+        self.decay, self.ema, self.margin = decay, ema, margin
         self.successes, self.trials = 1.0, 2.0  # prior: alpha 0.5
         self.draft_seconds: float | None = None  # one drafter forward
         self.verify_seconds = np.full(max_gamma + 1, np.nan)  # one target pass, by gamma
@@ -56,6 +57,8 @@ class GammaController:
             verify[~known] = intercept + np.maximum(slope, 0.0) * g[~known]
         elif known.sum() == 1:
             verify[~known] = self.verify_seconds[known][0]
+        if known[0]:  # a verify pass of more positions is never cheaper than the target alone's step: noise
+            verify[1:] = np.maximum(verify[1:], verify[0])
         return g * (self.draft_seconds or 0.0) + verify
 
     def best(self) -> int:
@@ -63,7 +66,10 @@ class GammaController:
         if np.isnan(costs).all():
             return 0
         rate = expected_tokens(self.alpha, np.arange(self.max_gamma + 1, dtype=float)) / costs
-        return int(np.nanargmax(rate))
+        best = int(np.nanargmax(rate))
+        if best > 0 and not np.isnan(rate[0]) and rate[best] < self.margin * rate[0]:
+            return 0  # drafting must win clearly: timings are noisy, and the target alone is the safe choice
+        return best
 
     def choose(self) -> int:
         if self.fixed is not None:

@@ -54,7 +54,17 @@ class ModelRunner:
         self.feature_layers = tuple(feature_layers)
         self.device = next(model.parameters()).device
         self.cache: StaticKVCache | None = None
-        self.forward_fn = self._forward
+        self.forward_fn = self._forward  # decode and verify steps; ``compile`` swaps in a compiled one
+
+    def compile(self) -> None:
+        """Run decode and verify steps through ``torch.compile`` (CPU inductor; CUDA graphs on a GPU) with
+        dynamic shapes: a graph is compiled for each case of one row / several rows and one position / several
+        positions per row (sizes 1 are specialised), not for each length."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.forward_fn = torch.compile(self._forward, dynamic=True, mode=mode)
 
     def allocate(self, slots: int, capacity: int) -> None:
         if self.cache is None or self.cache.slots != slots or self.cache.capacity < capacity:
@@ -80,7 +90,7 @@ class ModelRunner:
         width = tokens.shape[1]
         positions = torch.arange(width, device=tokens.device).expand(tokens.shape[0], -1)
         self.cache.prefill(slots, width)
-        return self.forward_fn(tokens, positions, prefill_mask(lengths, width))
+        return self._forward(tokens, positions, prefill_mask(lengths, width))  # eager: prefill shapes vary
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: int):
         """tokens, positions: [n, m] for slots 0..n-1; keys read: positions 0..attend-1.

@@ -170,7 +170,7 @@ class Engine:
     def _compile(self) -> None:
         runners = [self.target] + ([self.drafter.runner] if isinstance(getattr(self.drafter, "runner", None), ModelRunner) else [])
         for r in runners:
-            r.forward_fn = torch.compile(r._forward, dynamic=True)
+            r.compile()
 
     # -- public -------------------------------------------------------------------------------
 
