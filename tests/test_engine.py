@@ -263,7 +263,7 @@ def test_caches_after_rejections_and_admissions_match_a_fresh_forward(target, dr
 
     engine = make_engine(target, drafter, gamma=4, sampling=SamplingParams(temperature=1.0), max_new_tokens=64, batch_size=3)
     prompts = prompts_mixed(4, seed=9)
-    run = _Run(engine, prompts, [1, 2, 3, 4], 64, EngineStats(batch_size=3, gamma_hist=[0] * 5))
+    run = _Run(engine, prompts, [1, 2, 3, 4], 64, EngineStats(batch_size=3, gamma_hist=[0] * 5), 3)
     run._admit([0, 1, 2])
     for step in range(6):
         run._step(4 if step % 2 == 0 else 0)  # target-alone steps in between: the drafter falls behind

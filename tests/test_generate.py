@@ -248,35 +248,48 @@ def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
         assert not out.exists()  # refused before anything was written
 
 
-def test_a_failing_row_does_not_take_its_batch_down(tiny_pair_dirs):
-    """The engine raising on a chunk: its rows are retried one by one and only the bad row errors."""
-    from vocabtrim.models import load_pair
-    from vocabtrim.engine.sampling import SamplingParams
+def test_an_engine_failure_is_raised_not_written_as_error_rows(tiny_pair_dirs):
+    """Error rows are for what is wrong with a row; an engine failure on a chunk is the machine's fault and
+    goes up to the pool (which retries the chunk on a fresh worker)."""
     from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+    from vocabtrim.models import load_pair
 
     pair = load_pair(*tiny_pair_dirs, dtype="float32", device="cpu")
     engine = make_engine(pair.target, pair.drafter, gamma=2, sampling=SamplingParams(temperature=0.0),
                          eos_token_ids=(2,), max_new_tokens=5)
-    poison = pair.tokenizer("1 2 3")["input_ids"]
 
     class Failing:
-        gamma, last_stats = engine.gamma, None
+        config, gamma = engine.config, engine.gamma
 
-        def generate(self, prompts, seeds):
-            if poison in prompts:
-                raise RuntimeError("device fault")
-            outs = engine.generate(prompts, seeds)
-            self.last_stats = engine.last_stats
-            return outs
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("device fault")
 
-    prompts = ["the quick brown fox", "1 2 3", "def add(a, b):", None]
-    got = generate_chunk(Failing(), pair.tokenizer, prompts, ["a", "b", "c", "d"], seed=0, max_prompt_tokens=100)
-    cols = got["columns"]
-    assert cols["finish_reason"][1] == "error" and "device fault" in cols["error"][1]
-    assert cols["finish_reason"][3] == "error" and "null" in cols["error"][3]
-    assert [cols["finish_reason"][i] in ("stop", "length") for i in (0, 2)] == [True, True]
-    alone = generate_chunk(engine, pair.tokenizer, prompts[:1], ["a"], seed=0, max_prompt_tokens=100)
-    assert alone["columns"]["completion"][0] == cols["completion"][0]
+    prompts = ["the quick brown fox", "1 2 3", None]
+    with pytest.raises(RuntimeError, match="device fault"):
+        generate_chunk(Failing(), pair.tokenizer, prompts, ["a", "b", "c"], seed=0, max_prompt_tokens=100)
+    got = generate_chunk(engine, pair.tokenizer, prompts, ["a", "b", "c"], seed=0, max_prompt_tokens=100)["columns"]
+    assert got["finish_reason"][2] == "error" and "null" in got["error"][2]  # the bad row is still its own error
+    assert got["finish_reason"][:2] in (["stop", "stop"], ["stop", "length"], ["length", "stop"], ["length", "length"])
+
+
+def test_out_of_memory_retries_with_fewer_rows_in_flight_and_identical_completions(tiny_pair_dirs):
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+    from vocabtrim.generate import _OutOfMemoryAbove
+    from vocabtrim.models import load_pair
+
+    pair = load_pair(*tiny_pair_dirs, dtype="float32", device="cpu")
+    engine = make_engine(pair.target, pair.drafter, gamma=None, sampling=SamplingParams(temperature=0.8),
+                         eos_token_ids=(2,), max_new_tokens=10, batch_size=8)
+    prompts = [f"the quick brown fox {i}" for i in range(8)]
+    keys = [f"k{i}" for i in range(8)]
+    plain = generate_chunk(engine, pair.tokenizer, prompts, keys, seed=5, max_prompt_tokens=100)
+    tight = generate_chunk(_OutOfMemoryAbove(engine, 2), pair.tokenizer, prompts, keys, seed=5, max_prompt_tokens=100)
+    assert tight["columns"]["completion"] == plain["columns"]["completion"]
+    assert tight["stats"]["slot_passes"] == 2 * tight["stats"]["target_passes"]  # it ran 2 rows in flight
+    with pytest.raises(Exception, match="out of memory"):
+        generate_chunk(_OutOfMemoryAbove(engine, 0), pair.tokenizer, prompts, keys, seed=5, max_prompt_tokens=100)
 
 
 def test_settings_refuse_before_ray(base, tmp_path):

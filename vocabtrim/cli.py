@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from vocabtrim.errors import UserError
+from vocabtrim.errors import RunFailed, UserError
 
 COMMANDS = {
     "calibrate": ("vocabtrim.commands.calibrate", "count token ids over a corpus on a Ray actor pool"),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
         code = args._main(args)
-    except UserError as exc:
+    except (UserError, RunFailed) as exc:
         print(f"vocabtrim {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

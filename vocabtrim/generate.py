@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
-from vocabtrim.errors import UserError
+from vocabtrim.errors import RunFailed, UserError
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class GenerateConfig:
     trust_remote_code: bool = False
     progress: bool = True
     rows_per_task: int | None = None  # rows sent to an actor at a time (default: 4 batches)
+    fault_injection: str | None = None  # tests only: see _injected_fault
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,13 +386,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: int, max_prompt_tokens: int) -> dict:
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: int, max_prompt_tokens: int,
+                   batch_size: int | None = None) -> dict:
     """Generate for one chunk of rows; returns the result columns (``RESULT_COLUMNS``) and ``stats``.
 
-    Rows are encoded (bad ones become error rows), sorted by prompt length so that rows admitted
-    together pad little, streamed through the engine (continuous batching), and returned in input
-    order. If the engine fails on the chunk, its rows are retried one by one, so one bad row cannot
-    take the others down with it.
+    Rows are encoded (what is wrong with a row itself makes it an error row: ``encode_prompt``), sorted
+    by prompt length so that rows admitted together pad little, streamed through the engine (continuous
+    batching, ``batch_size`` rows in flight) and returned in input order. An engine failure is not a
+    row's fault and is raised: out of memory first retries the chunk with half the rows in flight
+    (completions do not depend on the batch), anything else goes to the pool, which retries the chunk on
+    a fresh worker.
     """
     from vocabtrim.engine.sampling import row_seed
 
@@ -406,21 +416,19 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
         else:
             encoded[i] = ids
     rows = sorted(encoded, key=lambda i: (len(encoded[i]), i))
-    try:
-        outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats)
-    except Exception:  # retry alone: only the rows that fail by themselves become errors
-        log.warning("a chunk of %d rows failed; retrying row by row", len(rows), exc_info=True)
-        outs = []
-        for i in rows:
-            try:
-                outs.extend(_run_engine(engine, [encoded[i]], [row_seed(seed, keys[i])], stats))
-            except Exception as exc:
-                outs.append(exc)
+    batch = batch_size or engine.config.batch_size
+    while True:
+        try:
+            outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats, batch)
+            break
+        except Exception as exc:
+            if not _is_out_of_memory(exc) or batch == 1:
+                raise
+            log.warning("out of memory with %d rows in flight; retrying the chunk with %d", batch, batch // 2)
+            batch //= 2
+            _release_memory()
     if rows:
         for i, out in zip(rows, outs):
-            if isinstance(out, BaseException):
-                _set_error(cols, i, f"generation failed: {_first_line(out)}")
-                continue
             cols["completion"][i] = tokenizer.decode(out.token_ids, skip_special_tokens=True)
             cols["completion_tokens"][i] = len(out.token_ids)
             cols["draft_proposed"][i] = out.proposed
@@ -439,8 +447,18 @@ def _set_error(cols: dict, i: int, message: str) -> None:
     cols["error"][i] = message
 
 
-def _run_engine(engine, prompts, seeds, stats: ChunkStats):
-    outs = engine.generate(prompts, seeds)
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | None = None):
+    outs = engine.generate(prompts, seeds, batch_size=batch_size)
     s = engine.last_stats
     stats.drafter_seconds += s.drafter_seconds
     stats.drafter_forwards += s.drafter_forwards
@@ -527,9 +545,18 @@ class GenerateWorker:
     def info(self) -> dict:
         return {"error": self.error}
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def run(self, prompts: list, keys: list[str]) -> dict:
+        if self.error:
+            raise UserError(self.error)
+        _injected_fault(self.cfg.fault_injection)
+        engine = self.engine
+        if (self.cfg.fault_injection or "").startswith("oom-above:"):
+            engine = _OutOfMemoryAbove(engine, int(self.cfg.fault_injection.split(":")[1]))
         return generate_chunk(
-            self.engine,
+            engine,
             self.tokenizer,
             prompts,
             keys,
@@ -538,40 +565,70 @@ class GenerateWorker:
         )
 
 
-def start_workers(cfg: GenerateConfig) -> list:
-    """Create the actor pool and wait until every actor has loaded its models."""
+class _OutOfMemoryAbove:
+    """Tests only: the engine, running out of memory whenever more than ``limit`` rows are in flight."""
+
+    def __init__(self, engine, limit: int):
+        self.engine, self.limit = engine, limit
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, seeds, max_new_tokens=None, batch_size=None):
+        import torch
+
+        if min(len(prompts), batch_size or self.engine.config.batch_size) > self.limit:
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return self.engine.generate(prompts, seeds, max_new_tokens, batch_size)
+
+
+def _injected_fault(spec: str | None) -> None:
+    """Tests only (``GenerateConfig.fault_injection``): ``once:<file>`` fails the first chunk that finds
+    ``<file>`` (and removes it), ``always`` fails every chunk, both as a device fault would;
+    ``oom-above:<n>`` makes the engine run out of memory with more than n rows in flight."""
+    if not spec:
+        return
+    if spec == "always":
+        raise RuntimeError("injected device fault")
+    if spec.startswith("once:"):
+        try:
+            os.remove(spec[len("once:"):])
+        except FileNotFoundError:
+            return
+        raise RuntimeError("injected device fault (once)")
+
+
+def start_workers(cfg: GenerateConfig):
+    """The actor pool (``ray_utils.ActorPool``), once every actor has loaded its models."""
     import ray
 
-    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, wait_ready
+    from vocabtrim.ray_utils import ActorPool, check_resources, default_cpus_per_worker, wait_ready
 
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else default_cpus_per_worker(cfg.workers)
     check_resources(cfg.workers, cfg.gpus_per_worker, cpus)
     # One torch thread per CPU the actor holds: more threads than reserved CPUs collapse under contention
     # (measured: 2 threads on a busy 2-core machine decode 20x slower than 1). --cpus-per-worker 2 gives 2.
     threads = max(1, int(cpus))
-    actor_cls = ray.remote(GenerateWorker).options(
-        num_cpus=cpus, num_gpus=cfg.gpus_per_worker, max_restarts=1, max_task_retries=1
-    )
+    # Restarts are the pool's (a fresh actor, the failed chunk submitted again), not Ray's.
+    actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=cfg.gpus_per_worker, max_restarts=0)
     spec = {k: v for k, v in asdict(cfg).items()}
-    actors = [actor_cls.remote(spec, threads) for _ in range(cfg.workers)]
+    pool = ActorPool(
+        lambda: actor_cls.remote(spec, threads),
+        lambda actor, item: actor.run.remote(item[1].prompts, item[1].keys),
+        cfg.workers,
+        depth=IN_FLIGHT,
+    )
     try:
-        infos = wait_ready([a.info.remote() for a in actors], f"{cfg.workers} generate workers",
+        infos = wait_ready([a.info.remote() for a in pool.actors], f"{cfg.workers} generate workers",
                            shape=(cpus, cfg.gpus_per_worker))
     except BaseException:
-        stop_workers(actors)
+        pool.shutdown()
         raise
     errors = [i["error"] for i in infos if i["error"]]
     if errors:
-        stop_workers(actors)
+        pool.shutdown()
         raise UserError(errors[0])
-    return actors
-
-
-def stop_workers(actors: list) -> None:
-    import ray
-
-    for a in actors:
-        ray.kill(a)
+    return pool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,20 +692,15 @@ def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: i
         yield index, None
 
 
-def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written, wrap_strings: bool = False) -> None:
-    """Feed every row of ``files`` to ``actors`` (``IN_FLIGHT`` chunks each) and write each file when done.
+def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written, wrap_strings: bool = False) -> None:
+    """Feed every row of ``files`` to the actor ``pool`` (``IN_FLIGHT`` chunks per actor) and write each
+    file when all its chunks are back: a file whose rows cannot all be generated is never written.
 
     ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)`` after each write.
     ``wrap_strings``: string prompts go to the actors as one user message each.
     """
-    import ray
-
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
-    source = _chunk_source(files, cfg, rows_per_task, wrap_strings)
     states = {i: _FileState(file=f) for i, f in enumerate(files)}
-    inflight: dict = {}  # ObjectRef -> (actor, file index, chunk start)
-    load = {id(a): 0 for a in actors}
-    exhausted = False
     id_name = cfg.id_column
 
     def finish_if_done(index: int) -> None:
@@ -666,17 +718,9 @@ def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: st
             del states[index]
             on_written(st.file, file_stats)
 
-    def fill() -> None:
-        nonlocal exhausted
-        while not exhausted:
-            actor = min(actors, key=lambda a: load[id(a)])
-            if load[id(actor)] >= IN_FLIGHT:
-                return
-            try:
-                index, chunk = next(source)
-            except StopIteration:
-                exhausted = True
-                return
+    def items():
+        """(file index, chunk) for the pool; a file's end is marked as soon as its last chunk is out."""
+        for index, chunk in _chunk_source(files, cfg, rows_per_task, wrap_strings):
             st = states[index]
             if chunk is None:
                 st.all_sent = True
@@ -684,30 +728,22 @@ def run_pool(actors: list, files: list[PromptFile], cfg: GenerateConfig, out: st
                 continue
             st.ids[chunk.start] = chunk.ids
             st.pending += 1
-            ref = actor.run.remote(chunk.prompts, chunk.keys)
-            inflight[ref] = (actor, index, chunk.start)
-            load[id(actor)] += 1
+            yield index, chunk
 
-    fill()
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        ref = ready[0]
-        actor, index, start = inflight.pop(ref)
-        load[id(actor)] -= 1
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            raise RuntimeError(
-                f"a generate worker died ({_first_line(exc)}); the files already written to {storage.display(out)} are complete: "
-                "rerun the same command to resume"
-            ) from exc
+    def on_result(item, result) -> None:
+        index, chunk = item
         st = states[index]
-        st.results[start] = result["columns"]
+        st.results[chunk.start] = result["columns"]
         st.stats = st.stats.add(ChunkStats(**result["stats"]))
         st.pending -= 1
         on_rows(len(result["columns"]["finish_reason"]), sum(t or 0 for t in result["columns"]["completion_tokens"]))
         finish_if_done(index)
-        fill()
+
+    def describe(item) -> str:
+        index, chunk = item
+        return f"rows {chunk.start}..{chunk.start + len(chunk.keys) - 1} of {storage.display(files[index].path)}"
+
+    pool.run(items(), on_result, describe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,13 +834,15 @@ def run_generate(cfg: GenerateConfig) -> dict:
     written: list[dict] = []
     if todo:
         init_ray(cfg.address)
-        actors = start_workers(cfg)
+        pool = start_workers(cfg)
         bar = _progress(sum(f.num_rows for f in todo), cfg.progress)
         try:
-            run_pool(actors, todo, cfg, out, bar.update, lambda file, stats: written.append(stats), wrap_strings)
+            run_pool(pool, todo, cfg, out, bar.update, lambda file, stats: written.append(stats), wrap_strings)
+        except RunFailed as exc:
+            raise RunFailed(f"{exc}; the files already in {storage.display(out)} are complete: rerun the same command to resume") from exc
         finally:
             bar.close()
-            stop_workers(actors)
+            pool.shutdown()
 
     run = {
         "files": len(files),

@@ -198,3 +198,115 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
                 "for one actor (check --gpus-per-worker and --cpus-per-worker against the cluster's node types)"
             )
     return ray.get(refs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One bounded actor pool, one failure policy
+# ---------------------------------------------------------------------------------------------
+
+
+def user_error_in(exc) -> UserError | None:
+    """The UserError an actor raised (Ray wraps it in a RayTaskError, maybe twice), as a plain UserError."""
+    for e in (exc, getattr(exc, "cause", None), getattr(getattr(exc, "cause", None), "cause", None)):
+        if isinstance(e, UserError):
+            return UserError(str(e))
+    return None
+
+
+class ActorPool:
+    """Work items run on a fixed set of actors, ``depth`` calls in flight per actor.
+
+    ``start()`` makes one actor; ``call(actor, item)`` submits one item and returns its ObjectRef.
+    ``run(items, on_result)`` feeds the items (any iterable, read lazily) and calls
+    ``on_result(item, result)`` as each one finishes, in completion order.
+
+    Failure policy (the same for every stage): a UserError raised in an actor ends the run as that
+    UserError. Any other failure (the actor died, or raised: a device fault, out of memory) is a fault
+    of the machine: the actor is killed and replaced by a fresh one, and every item it held is submitted
+    again; an item that fails ``max_attempts`` times stops the run with ``RunFailed`` naming it.
+    Exactly-once is the caller's (a ledger, or one atomic output per input): an item may run twice.
+    """
+
+    def __init__(self, start, call, size: int, *, depth: int = 2, max_attempts: int = 3, describe=str):
+        self._start, self._call = start, call
+        self.depth, self.max_attempts, self.describe = depth, max_attempts, describe
+        self.actors = [start() for _ in range(size)]
+        self.replacements = 0
+
+    def replace(self, actor) -> None:
+        import ray
+
+        for i, a in enumerate(self.actors):
+            if a._actor_id == actor._actor_id:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                self.actors[i] = self._start()
+                self.replacements += 1
+                return
+
+    def run(self, items, on_result, describe=None) -> None:
+        """``describe(item)``: how a failure message names an item (default: the pool's)."""
+        import ray
+
+        from vocabtrim.errors import RunFailed, first_line
+
+        describe = describe or self.describe
+        source = iter(items)
+        retry: list = []  # items to submit again, before new ones
+        attempts: dict[int, int] = {}  # id(item) -> failed attempts
+        inflight: dict = {}  # ObjectRef -> (actor, item)
+        exhausted = False
+
+        def fill() -> None:
+            nonlocal exhausted
+            for actor in list(self.actors):
+                while sum(1 for a, _ in inflight.values() if a is actor) < self.depth:
+                    if retry:
+                        item = retry.pop(0)
+                    elif not exhausted:
+                        try:
+                            item = next(source)
+                        except StopIteration:
+                            exhausted = True
+                            return
+                    else:
+                        return
+                    inflight[self._call(actor, item)] = (actor, item)
+
+        fill()
+        while inflight:
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            actor, item = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                user = user_error_in(exc)
+                if user is not None:
+                    raise user from None
+                n = attempts[id(item)] = attempts.get(id(item), 0) + 1
+                if n >= self.max_attempts:
+                    raise RunFailed(f"{describe(item)} failed {n} times, the last time with: {first_line(exc)}") from exc
+                log.warning("%s failed (%s); retrying on a fresh worker", describe(item), first_line(exc))
+                held = [r for r, (a, _) in inflight.items() if a is actor]
+                retry.append(item)
+                for r in held:  # the items the broken actor still held go again too
+                    retry.append(inflight.pop(r)[1])
+                if actor in self.actors:
+                    self.replace(actor)
+                fill()
+                continue
+            attempts.pop(id(item), None)
+            on_result(item, result)
+            fill()
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.actors = []

@@ -175,26 +175,30 @@ class Engine:
     # -- public -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None) -> list[RowOutput]:
+    def generate(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None,
+                 batch_size: int | None = None) -> list[RowOutput]:
         """Generate for every prompt (token ids); ``seeds[i]`` keys row i's randomness. Input order."""
         outs: list[RowOutput | None] = [None] * len(prompts)
-        for i, out in self.stream(prompts, seeds, max_new_tokens):
+        for i, out in self.stream(prompts, seeds, max_new_tokens, batch_size):
             outs[i] = out
         return outs
 
     @torch.inference_mode()
-    def stream(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None):
-        """Yield ``(index, RowOutput)`` for every prompt as it finishes (any order)."""
+    def stream(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None,
+               batch_size: int | None = None):
+        """Yield ``(index, RowOutput)`` for every prompt as it finishes (any order); ``batch_size`` overrides
+        the configured rows in flight for this call (a smaller one after running out of memory)."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: every row needs at least one token")
-        stats = EngineStats(batch_size=self.config.batch_size, gamma_hist=[0] * (self.top_gamma + 1))
+        batch_size = batch_size or self.config.batch_size
+        stats = EngineStats(batch_size=batch_size, gamma_hist=[0] * (self.top_gamma + 1))
         self.last_stats = stats
         if not prompts:
             return
         wall = time.perf_counter()
-        run = _Run(self, prompts, seeds, max_new_tokens or self.config.max_new_tokens, stats)
+        run = _Run(self, prompts, seeds, max_new_tokens or self.config.max_new_tokens, stats, batch_size)
         yield from run.loop()
         stats.wall_seconds = time.perf_counter() - wall
 
@@ -202,11 +206,11 @@ class Engine:
 class _Run:
     """The state of one ``Engine.stream`` call: slots, their rows, the controller."""
 
-    def __init__(self, engine: Engine, prompts, seeds, limit: int, stats: EngineStats):
+    def __init__(self, engine: Engine, prompts, seeds, limit: int, stats: EngineStats, batch_size: int):
         self.e, self.prompts, self.limit, self.stats = engine, prompts, limit, stats
         cfg = engine.config
         dev = engine.device
-        self.slots = min(cfg.batch_size, len(prompts))
+        self.slots = min(batch_size, len(prompts))
         self.capacity = max(len(p) for p in prompts) + limit + engine.top_gamma + 1
         engine.target.allocate(self.slots, self.capacity)
         if engine.drafter is not None:

@@ -1,0 +1,122 @@
+"""Faults of the machine during ``vocabtrim generate`` on a local Ray: nothing lost, nothing written twice.
+
+An injected device fault (a test-only hook, ``GenerateConfig.fault_injection``) on one chunk is retried on a
+fresh worker; the same fault on every try ends the run in one line with no output for that input, and a
+rerun completes it; a worker SIGKILLed mid-chunk is replaced and its chunks run again; an out-of-memory on
+a batch of 8 completes with fewer rows in flight and identical completions."""
+
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vocabtrim import cli
+from vocabtrim.generate import GenerateConfig, run_generate
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-prompts")
+    for f in range(2):
+        rows = [f"the quick brown fox {f} {j}" for j in range(8)]
+        pq.write_table(pa.table({"id": [f"{f}-{j}" for j in range(8)], "prompt": rows}), root / f"p{f}.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_pair_dirs, prompts, tmp_path_factory):
+    target, drafter = tiny_pair_dirs
+    return GenerateConfig(target=target, drafter=drafter, prompts=[str(prompts)], out="", max_new_tokens=16,
+                          temperature=0.8, seed=1, batch_size=4, rows_per_task=4, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run_generate(replace(cfg, out=str(out)))
+    return {n: pq.read_table(out / n).to_pylist() for n in ("p0.parquet", "p1.parquet")}
+
+
+def outputs(out) -> dict:
+    """What a row's completion is (draft counts depend on how gamma went, which timing decides)."""
+    columns = ["id", "completion", "completion_tokens", "finish_reason", "error"]
+    return {n: pq.read_table(Path(out) / n, columns=columns).to_pylist() for n in ("p0.parquet", "p1.parquet")}
+
+
+def test_a_fault_on_one_chunk_is_retried_and_every_row_comes_out_right(ray_local, cfg, reference, tmp_path):
+    marker = tmp_path / "fail-once"
+    marker.write_text("")
+    out = tmp_path / "out"
+    summary = run_generate(replace(cfg, out=str(out), fault_injection=f"once:{marker}"))
+    assert not marker.exists()  # the fault did happen
+    assert outputs(out) == reference
+    assert summary["errored_rows"] == 0 and summary["rows"] == 16
+
+
+def test_a_fault_on_every_try_ends_the_run_in_one_line_and_a_rerun_completes(ray_local, cfg, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["generate", "--target", cfg.target, "--drafter", cfg.drafter, "--prompts", *cfg.prompts, "--max-new-tokens", "16",
+            "--temperature", "0.8", "--seed", "1", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    from vocabtrim import generate
+
+    real = generate.GenerateConfig
+
+    def faulty(**kwargs):
+        return real(**{**kwargs, "rows_per_task": 4, "fault_injection": "always"})
+
+    generate.GenerateConfig = faulty
+    try:
+        code = cli.main(argv)
+    finally:
+        generate.GenerateConfig = real
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "failed 3 times" in err and "injected device fault" in err, err
+    assert "rerun the same command to resume" in err
+    assert not list(out.glob("*.parquet"))  # no file whose rows were not all generated
+    assert cli.main(argv) == 0
+    assert outputs(out) == reference
+
+
+def test_a_worker_killed_mid_chunk_is_replaced_and_nothing_is_lost(ray_local, cfg, reference, tmp_path, monkeypatch):
+    from vocabtrim import generate
+
+    started, killed = [], []
+    real_start = generate.start_workers
+
+    def start_and_note_pids(c):
+        pool = real_start(c)
+        started.extend(ray_local.get([a.pid.remote() for a in pool.actors]))
+        return pool
+
+    monkeypatch.setattr(generate, "start_workers", start_and_note_pids)
+
+    def kill_the_worker():
+        deadline = time.monotonic() + 300
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # it holds a chunk by now
+        os.kill(started[0], signal.SIGKILL)
+        killed.append(started[0])
+
+    thread = threading.Thread(target=kill_the_worker)
+    thread.start()
+    out = tmp_path / "out"
+    summary = run_generate(replace(cfg, out=str(out), max_new_tokens=48))
+    thread.join()
+    assert killed
+    ids = [r["id"] for n in ("p0.parquet", "p1.parquet") for r in pq.read_table(out / n).to_pylist()]
+    assert sorted(ids) == sorted(f"{f}-{j}" for f in range(2) for j in range(8))  # every row exactly once
+    assert summary["errored_rows"] == 0 and summary["rows"] == 16
+
+
+def test_out_of_memory_on_a_batch_of_8_completes_with_smaller_batches(ray_local, cfg, reference, tmp_path):
+    out = tmp_path / "out"
+    summary = run_generate(replace(cfg, out=str(out), batch_size=8, rows_per_task=8, fault_injection="oom-above:3"))
+    assert outputs(out) == reference  # completions do not depend on the rows in flight
+    assert summary["batch_occupancy"] <= 2 / 8 + 1e-9  # it ran with 2 rows in flight (8 -> 4 -> 2)
