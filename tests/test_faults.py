@@ -40,7 +40,7 @@ def cfg(tiny_pair_dirs, prompts, tmp_path_factory):
 def reference(ray_local, cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
     run_generate(replace(cfg, out=str(out)))
-    return {n: pq.read_table(out / n).to_pylist() for n in ("p0.parquet", "p1.parquet")}
+    return outputs(out)
 
 
 def outputs(out) -> dict:

@@ -286,9 +286,11 @@ class ActorPool:
                 if user is not None:
                     raise user from None
                 n = attempts[id(item)] = attempts.get(id(item), 0) + 1
+                cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+                what = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(exc)
                 if n >= self.max_attempts:
-                    raise RunFailed(f"{describe(item)} failed {n} times, the last time with: {first_line(exc)}") from exc
-                log.warning("%s failed (%s); retrying on a fresh worker", describe(item), first_line(exc))
+                    raise RunFailed(f"{describe(item)} failed {n} times, the last time with {what}") from exc
+                log.info("%s failed (%s); retrying on a fresh worker", describe(item), what)
                 held = [r for r, (a, _) in inflight.items() if a is actor]
                 retry.append(item)
                 for r in held:  # the items the broken actor still held go again too

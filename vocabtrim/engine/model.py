@@ -7,6 +7,8 @@ trimmed head needs the hidden states, and the verify pass needs logits at every 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from vocabtrim.engine.attention import use_engine_attention
@@ -54,6 +56,8 @@ class ModelRunner:
         self.feature_layers = tuple(feature_layers)
         self.device = next(model.parameters()).device
         self.cache: StaticKVCache | None = None
+        # transformers renamed ``past_key_values`` to ``cache`` (5.2x); vLLM's CPU build pins an older one.
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         self.forward_fn = self._forward  # decode and verify steps; ``compile`` swaps in a compiled one
 
     def compile(self) -> None:
@@ -75,8 +79,8 @@ class ModelRunner:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
-            cache=self.cache,
             use_cache=True,
+            **{self.cache_kwarg: self.cache},
             output_hidden_states=bool(self.feature_layers),
         )
         feats = None
