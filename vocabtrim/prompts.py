@@ -8,7 +8,8 @@ Words used here:
 - *row key*: the string a row's seed is derived from: its ``--id-column`` value, or, when the file has no
   such column (or the value is null), the stable id ``"<output name>:<row number>"``.
 
-A bad *file* (missing, not Parquet, no prompt column) is a ``UserError`` before any work starts.
+A bad *file* (missing, not Parquet, no prompt column, one id in two rows) is a ``UserError`` before any work
+starts.
 A bad *row* (null, empty, wrong type, malformed messages, too long for the context) is not an exception:
 ``encode_prompt`` returns an error string for it, and that row alone is reported as an error.
 """
@@ -127,7 +128,27 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
         )
     id_type = schema.field(id_column).type if id_column and id_column in names else None
     prompt_type = schema.field(prompt_column).type
+    if id_type is not None:
+        _check_unique_ids(path, id_column)
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
+
+
+def _check_unique_ids(path: str, id_column: str) -> None:
+    """Refuse, in one line, a file in which two rows hold the same id (they would share a seed and an
+    output identity). Nulls are not ids: those rows get stable ids."""
+    import pyarrow.compute as pc
+
+    with storage.open_input_file(path) as f:
+        ids = pq.read_table(f, columns=[id_column]).column(0)
+    counts = pc.value_counts(ids.drop_null())
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        value, n = repeated[0]["values"].as_py(), repeated[0]["counts"].as_py()
+        more = f" (and {len(repeated) - 1} more repeated id(s))" if len(repeated) > 1 else ""
+        raise UserError(
+            f"{storage.display(path)}: --id-column {id_column!r} holds {value!r} in {n} rows{more}: ids must be unique "
+            "within a file (a row's id seeds its sampling and names its output row)"
+        )
 
 
 def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:
