@@ -233,7 +233,7 @@ def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] |
 
     A string is tokenized as it is; a list of ``{role, content}`` messages goes through the tokenizer's
     chat template with the generation prompt added. ``max_prompt_tokens`` is the model's context minus
-    the tokens to generate.
+    the tokens to generate and the gamma + 1 positions a verify pass writes past them.
     """
     if value is None:
         return None, "prompt is null"
@@ -250,12 +250,12 @@ def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] |
         try:
             ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as exc:  # the template rejects these messages (e.g. an unsupported role)
-            first = str(exc).splitlines()[0] if str(exc) else _type_name(exc)
-            return None, f"the chat template rejects these messages: {first}"
+            return None, f"the chat template rejects these messages: {first_line(exc)}"
     else:
         return None, f"prompt must be a string or a list of {{role, content}} messages, got {_type_name(value)}"
     if not ids:
         return None, "prompt encodes to no tokens"
     if len(ids) > max_prompt_tokens:
-        return None, f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the model's context with --max-new-tokens"
+        return None, (f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the model's context beside "
+                      "--max-new-tokens and one verify pass (gamma + 1 positions)")
     return ids, None
