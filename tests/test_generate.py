@@ -468,3 +468,24 @@ def test_bad_locations_are_refused_in_one_line(s3, tiny_pair_dirs, tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (message, err)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_at_the_context_limit_generates_and_one_token_past_it_is_an_error_row(ray_local, base, tmp_path):
+    """The tiny target has 256 positions. Generate reserves --max-new-tokens + gamma + 1 of them (a verify pass
+    writes gamma + 1 positions past the last accepted token), so with 8 new tokens and --gamma 4 a prompt may
+    hold 243 tokens: that one generates all its tokens, one more token makes an error row saying why."""
+    from vocabtrim.models import load_tokenizer
+
+    tok = load_tokenizer(base.target)
+    limit = 256 - (8 + 4 + 1)
+    by_length = {len(tok("the" + " the" * m)["input_ids"]): "the" + " the" * m for m in range(limit - 10, limit + 2)}
+    prompts = tmp_path / "edge.parquet"
+    pq.write_table(pa.table({"id": ["at", "past"], "prompt": [by_length[limit], by_length[limit + 1]]}), prompts)
+    out = tmp_path / "out"
+    run_generate(replace(base, prompts=[str(prompts)], out=str(out), max_new_tokens=8, gamma=4, temperature=0.0,
+                         chat_template="never"))  # strings tokenized as they are, as counted above
+    at, past = pq.read_table(out / "edge.parquet").to_pylist()
+    assert at["error"] is None and at["finish_reason"] in ("length", "stop") and at["completion_tokens"] >= 1
+    assert past["finish_reason"] == "error" and past["completion"] is None
+    assert past["error"] == (f"prompt has {limit + 1} tokens, more than the {limit} that fit the model's context beside "
+                             "--max-new-tokens and one verify pass (gamma + 1 positions)")

@@ -77,6 +77,30 @@ def test_bad_files_refused_in_one_line(tmp_path):
         inspect_prompt_files([str(f)], "prompt", "id")
 
 
+def test_an_id_in_two_rows_is_refused_before_any_work(tmp_path, tiny_pair_dirs, capsys):
+    """Two rows with one --id-column value would share a seed and an output identity: the file is refused in
+    one line (exit 2) before a model is loaded or --out is made. Null ids (stable ids instead) and one id in
+    two different files are fine."""
+    from vocabtrim import cli
+
+    twice = write(tmp_path / "twice.parquet", id=["a", "b", "a", None, None], prompt=["x", "y", "z", "u", "v"])
+    with pytest.raises(UserError, match=r"twice.parquet: --id-column 'id' holds 'a' in 2 rows: ids must be unique"):
+        inspect_prompt_files([str(twice)], "prompt", "id")
+    other = write(tmp_path / "ok" / "one.parquet", id=[1, 2, None, None], prompt=["x", "y", "z", "w"])
+    write(tmp_path / "ok" / "two.parquet", id=[1, 2], prompt=["x", "y"])
+    assert [f.num_rows for f in inspect_prompt_files([str(tmp_path / "ok")], "prompt", "id")] == [4, 2]
+    assert inspect_prompt_files([str(twice)], "prompt", "key")[0].id_type is None  # no such column: stable ids
+
+    target, drafter = tiny_pair_dirs
+    out = tmp_path / "out"
+    argv = ["generate", "--target", target, "--drafter", drafter, "--prompts", str(other), str(twice),
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds 'a' in 2 rows" in err
+    assert not out.exists()
+
+
 def test_file_facts(tmp_path):
     f = write(tmp_path / "f.parquet", id=pa.array([7, 8, 9], pa.int64()), prompt=["a", "b", "c"])
     info = check_prompt_file(str(f), "f.parquet", "prompt", "id")

@@ -119,3 +119,43 @@ def test_glob_typed_tells_folders_from_files_without_asking_again(s3, tmp_path):
     for root in (remote, str(tmp_path)):
         typed = {storage.relative(m, root): d for m, d in storage.glob_typed(storage.join(root, "sub", "*"))}
         assert typed == {"sub/c.txt": False, "sub/deep": True}
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_claim_binds_a_folder_to_its_settings(s3, tmp_path, remote):
+    """``storage.claim``, the check behind every resumable --out: the same settings resume, other settings are
+    refused naming the difference (unless nothing was made under the old ones), a folder holding someone
+    else's files or a file in place of the folder is refused, and a record may keep other entries."""
+    root = s3.bucket() if remote else str(tmp_path)
+    out = storage.join(root, "out")
+    assert storage.claim(out, "settings.json", {"seed": 1, "model": "m"}) == {"seed": 1, "model": "m"}
+    assert storage.claim(out, "settings.json", {"seed": 1, "model": "m"}) == {"seed": 1, "model": "m"}
+    with pytest.raises(UserError, match=r"out holds outputs made with other settings \(seed 1 now 2\): rerun with the same"):
+        storage.claim(out, "settings.json", {"seed": 2, "model": "m"})
+    assert storage.claim(out, "settings.json", {"seed": 2, "model": "m"}, binds=lambda: False) == {"seed": 2, "model": "m"}
+
+    sweep = storage.join(root, "sweep")
+    storage.write_json(storage.join(sweep, "sweep.json"), {"settings": {"k": 4}, "runs": [{"run": 1}]})
+    assert storage.claim(sweep, "sweep.json", {"k": 4}, key="settings")["runs"] == [{"run": 1}]
+    with pytest.raises(UserError, match=r"holds a sweep made with other settings \(k 4 now 8; gamma None now 3\)"):
+        storage.claim(sweep, "sweep.json", {"k": 8, "gamma": 3}, key="settings", what="a sweep")
+
+    stray = storage.join(root, "stray")
+    storage.write_bytes(storage.join(stray, "part.parquet"), b"x")
+    with pytest.raises(UserError, match=r"already holds files \(part.parquet\) but no settings.json"):
+        storage.claim(stray, "settings.json", {"seed": 1}, stray=lambda name: name.endswith(".parquet"))
+    assert storage.claim(stray, "settings.json", {"seed": 1}, stray=lambda name: name.endswith(".json")) == {"seed": 1}
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        storage.claim(storage.join(stray, "part.parquet"), "settings.json", {"seed": 1})
+    storage.write_bytes(storage.join(root, "bad", "settings.json"), b"{not json")
+    with pytest.raises(UserError, match="settings.json is unreadable"):
+        storage.claim(storage.join(root, "bad"), "settings.json", {"seed": 1})
+
+
+def test_settings_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    assert storage.settings_key("model") == str(tmp_path.resolve() / "model")  # a local folder: its absolute path
+    assert storage.settings_key("org/name") == "org/name"  # a hub id (no such folder here)
+    assert storage.settings_key("s3://b/k?region=x") == "s3://b/k?region=x"
+    assert storage.settings_key(None) is None

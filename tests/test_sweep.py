@@ -190,3 +190,32 @@ def test_knee_and_cells_timed_under_another_load():
             row("b", "trimmed", 190.0), row("c", "trimmed", 210.0)]
     assert load_outliers(rows) == {"full": (290.0, 205.0)}  # the target alone's 1-token pass is not compared
     assert load_outliers(rows[:3]) == {}  # too few drafted cells to tell
+
+
+def test_every_input_and_output_on_s3(ray_local, s3, config, monkeypatch, capsys):
+    """``vocabtrim sweep`` with the corpus, the prompts and ``--out`` on an S3 server: every file of the sweep
+    folder is written there, and a rerun of the same command resumes from them (nothing generated again)."""
+    from vocabtrim import storage
+
+    bucket = s3.bucket()
+    for local, name in ((config.corpus[0], "corpus/corpus.parquet"), (config.prompts[0], "prompts/eval.parquet")):
+        storage.write_bytes(f"{bucket}/{name}", Path(local).read_bytes())
+    out = f"{bucket}/sweeps/one"
+    argv = ["sweep", "--target", config.target, "--drafter", config.drafter, "--corpus", f"{bucket}/corpus",
+            "--prompts", f"{bucket}/prompts", "--k", "32,full", "--sources", "corpus", "--max-new-tokens", "6",
+            "--gamma", "3", "--no-progress", "--out", out]
+    assert cli.main(argv) == 0
+    assert f"results: {out}/results.parquet" in capsys.readouterr().out
+    names = {storage.relative(p, out) for p in storage.walk_files(out)}
+    assert {"sweep.json", "results.parquet", "report.md", *PLOTS.values(), "calib/corpus/manifest.json",
+            "heads/corpus-k32/manifest.json", "gen/target/summary.json", "gen/corpus-k32/sweep_cell.json"} <= names
+    with storage.open_input_file(f"{out}/results.parquet") as f:
+        table = pq.read_table(f)
+    assert table.column("cell").to_pylist() == ["target", "full", "corpus-k32"]
+    assert table.column("status").to_pylist() == ["ok"] * 3
+    assert "](coverage.png)" in storage.read_text(f"{out}/report.md")
+
+    gen = Calls(generate.run_generate)
+    monkeypatch.setattr(generate, "run_generate", gen)
+    assert cli.main(argv) == 0
+    assert gen.outs == []

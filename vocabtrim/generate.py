@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
-from vocabtrim.errors import RunFailed, UserError
+from vocabtrim.errors import RunFailed, UserError, first_line
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 
 log = logging.getLogger(__name__)
@@ -141,16 +141,6 @@ def _drafter_name(cfg: GenerateConfig) -> str | None:
     return cfg.drafter if cfg.drafter is not None else cfg.target
 
 
-def _model_key(name: str | None) -> str | None:
-    """A model name as recorded in settings: local paths made absolute, other names (hub ids, URIs) as given."""
-    if name is None:
-        return None
-    if storage.is_uri(name):
-        return name
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
 def _file_sha256(where: str) -> str:
     h = hashlib.sha256()
     with storage.open_input_file(where) as f:
@@ -247,8 +237,8 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
     """
     draft = not cfg.no_draft
     return {
-        "target": _model_key(cfg.target),
-        "drafter": _model_key(_drafter_name(cfg)),
+        "target": storage.settings_key(cfg.target),
+        "drafter": storage.settings_key(_drafter_name(cfg)),
         "drafter_layers": cfg.drafter_layers if draft else None,
         "head_sha256": _file_sha256(storage.join(cfg.head, HEAD_FILE)) if cfg.head else None,
         "no_draft": cfg.no_draft,
@@ -278,35 +268,11 @@ def _holds_outputs(out: str) -> bool:
 
 
 def prepare_out(out: str, settings: dict) -> None:
-    """Create ``--out`` and record the settings, or check them against the recorded ones.
-
-    Recorded settings bind the folder only once it holds a finished output: a folder whose earlier run was
-    refused or stopped before any file was written takes the new settings.
-    """
-    shown = storage.display(out)
-    recorded_path = storage.join(out, SETTINGS_FILE)
-    if storage.is_file(recorded_path) and not _holds_outputs(out):
-        log.info("%s holds no outputs yet: recording this run's settings", shown)
-        _write_json(recorded_path, settings)
-        return
-    if storage.is_file(recorded_path):
-        try:
-            recorded = json.loads(storage.read_text(recorded_path))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{storage.display(recorded_path)} is unreadable ({_first_line(exc)}): use a new --out") from exc
-        diffs = [f"{k} {recorded.get(k)!r} vs {settings.get(k)!r}" for k in settings if recorded.get(k) != settings.get(k)]
-        if diffs:
-            raise UserError(
-                f"{shown} holds outputs made with other settings ({'; '.join(diffs[:3])}"
-                f"{'; …' if len(diffs) > 3 else ''}): rerun with the same settings to resume, or use a new --out"
-            )
-        return
-    if storage.is_file(out):
-        raise UserError(f"--out {shown} is a file, not a folder")
-    if any(storage.name(p).endswith(".parquet") for p in storage.walk_files(out)):
-        raise UserError(f"--out {shown} already holds Parquet files but no {SETTINGS_FILE}: use a new or empty --out")
-    storage.makedirs(out)
-    _write_json(recorded_path, settings)
+    """Create ``--out`` and record the settings, or check them against the recorded ones
+    (``storage.claim``). Recorded settings bind the folder only once it holds a finished output: a folder
+    whose earlier run was refused or stopped before any file was written takes the new settings."""
+    storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out),
+                  stray=lambda name: name.endswith(".parquet"))
 
 
 def remove_stale_temporaries(out: str) -> None:
@@ -336,7 +302,7 @@ def is_complete(out: str, file: PromptFile) -> bool:
     except FileNotFoundError:
         return False
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{shown} is not a readable output ({_first_line(exc)}): delete it and rerun") from exc
+        raise UserError(f"{shown} is not a readable output ({first_line(exc)}): delete it and rerun") from exc
     if rows != file.num_rows:
         raise UserError(
             f"{shown} has {rows} rows but {storage.display(file.path)} has {file.num_rows}: the input changed; use a new --out"
@@ -379,11 +345,6 @@ def _add_lists(a: list[int], b: list[int]) -> list[int]:
 
 def _pad(a: list[int], b: list[int]) -> list[int]:
     return list(a) + [0] * max(0, len(b) - len(a))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -8,7 +8,8 @@ Words used here:
 - *row key*: the string a row's seed is derived from: its ``--id-column`` value, or, when the file has no
   such column (or the value is null), the stable id ``"<output name>:<row number>"``.
 
-A bad *file* (missing, not Parquet, no prompt column) is a ``UserError`` before any work starts.
+A bad *file* (missing, not Parquet, no prompt column, one id in two rows) is a ``UserError`` before any work
+starts.
 A bad *row* (null, empty, wrong type, malformed messages, too long for the context) is not an exception:
 ``encode_prompt`` returns an error string for it, and that row alone is reported as an error.
 """
@@ -127,7 +128,27 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
         )
     id_type = schema.field(id_column).type if id_column and id_column in names else None
     prompt_type = schema.field(prompt_column).type
+    if id_type is not None:
+        _check_unique_ids(path, id_column)
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
+
+
+def _check_unique_ids(path: str, id_column: str) -> None:
+    """Refuse, in one line, a file in which two rows hold the same id (they would share a seed and an
+    output identity). Nulls are not ids: those rows get stable ids."""
+    import pyarrow.compute as pc
+
+    with storage.open_input_file(path) as f:
+        ids = pq.read_table(f, columns=[id_column]).column(0)
+    counts = pc.value_counts(ids.drop_null())
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        value, n = repeated[0]["values"].as_py(), repeated[0]["counts"].as_py()
+        more = f" (and {len(repeated) - 1} more repeated id(s))" if len(repeated) > 1 else ""
+        raise UserError(
+            f"{storage.display(path)}: --id-column {id_column!r} holds {value!r} in {n} rows{more}: ids must be unique "
+            "within a file (a row's id seeds its sampling and names its output row)"
+        )
 
 
 def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:
@@ -212,7 +233,7 @@ def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] |
 
     A string is tokenized as it is; a list of ``{role, content}`` messages goes through the tokenizer's
     chat template with the generation prompt added. ``max_prompt_tokens`` is the model's context minus
-    the tokens to generate.
+    the tokens to generate and the gamma + 1 positions a verify pass writes past them.
     """
     if value is None:
         return None, "prompt is null"
@@ -229,12 +250,12 @@ def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] |
         try:
             ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as exc:  # the template rejects these messages (e.g. an unsupported role)
-            first = str(exc).splitlines()[0] if str(exc) else _type_name(exc)
-            return None, f"the chat template rejects these messages: {first}"
+            return None, f"the chat template rejects these messages: {first_line(exc)}"
     else:
         return None, f"prompt must be a string or a list of {{role, content}} messages, got {_type_name(value)}"
     if not ids:
         return None, "prompt encodes to no tokens"
     if len(ids) > max_prompt_tokens:
-        return None, f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the model's context with --max-new-tokens"
+        return None, (f"prompt has {len(ids)} tokens, more than the {max_prompt_tokens} that fit the model's context beside "
+                      "--max-new-tokens and one verify pass (gamma + 1 positions)")
     return ids, None

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 
-from vocabtrim.errors import UserError
+from vocabtrim.errors import RunFailed, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def init_ray(address: str | None = None) -> None:
                 _reload_ray_config()
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from exc
 
 
 def local_run_token(env) -> bool:
@@ -249,8 +249,6 @@ class ActorPool:
     def run(self, items, on_result, describe=None) -> None:
         """``describe(item)``: how a failure message names an item (default: the pool's)."""
         import ray
-
-        from vocabtrim.errors import RunFailed, first_line
 
         describe = describe or self.describe
         source = iter(items)

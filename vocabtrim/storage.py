@@ -393,3 +393,73 @@ def delete(where: str) -> None:
         fs.delete_file(path)
     except FileNotFoundError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders bound to settings
+# ---------------------------------------------------------------------------------------------
+
+
+def settings_key(name: str | None) -> str | None:
+    """A model, corpus or prompt name as recorded in settings: a local path that exists made absolute,
+    anything else (a hub id, a bundled model name, a URI) as given."""
+    if name is None:
+        return None
+    name = str(name)
+    if is_uri(name):
+        return name
+    path = os.path.expanduser(name)
+    return os.path.realpath(path) if os.path.exists(path) else name
+
+
+def claim(folder: str, record: str, settings: dict, *, key: str | None = None, what: str = "outputs",
+          binds: Callable[[], bool] | None = None, stray: Callable[[str], bool] = lambda name: True) -> dict:
+    """Claim the output folder ``folder`` for a run with ``settings``, so that a rerun resumes only with the
+    same settings. The settings are recorded in the JSON file ``folder/record``: the whole file, or its
+    ``key`` entry.
+
+    - ``folder`` is a file: refused.
+    - No record yet: refused when the folder holds a file whose name ``stray(name)`` accepts (the output of
+      something else); otherwise the record ``settings`` (or ``{key: settings}``) is written.
+    - A record with the same settings (keys of both compared): the run resumes.
+    - A record with other settings: refused, naming the first differences, unless ``binds()`` says the
+      folder holds nothing made under the recorded settings; then the record is rewritten with these.
+
+    Refusals are UserError, one line. Returns the record as it is in the file afterwards.
+    """
+    shown = display(folder)
+    path = join(folder, record)
+    fresh = {key: settings} if key else dict(settings)
+    if is_file(folder):
+        raise UserError(f"--out {shown} is a file, not a folder")
+    if not is_file(path):
+        names = [name(p) for p in walk_files(folder)]
+        found = next((n for n in names if stray(n)), None)
+        if found is not None:
+            raise UserError(f"--out {shown} already holds files ({found}) but no {record}: use a new or empty --out")
+        makedirs(folder)
+        write_json(path, fresh)
+        return fresh
+    if binds is not None and not binds():
+        write_json(path, fresh)
+        return fresh
+    try:
+        recorded = json.loads(read_text(path))
+        old = recorded.get(key, {}) if key else recorded
+        if not isinstance(old, dict):
+            raise ValueError(f"not a JSON object: {old!r}"[:80])
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{display(path)} is unreadable ({first_line(exc)}): use a new --out") from exc
+    diffs = [f"{k} {old.get(k)!r} now {settings.get(k)!r}"
+             for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
+    if diffs:
+        raise UserError(
+            f"{shown} holds {what} made with other settings ({'; '.join(diffs[:3])}{'; …' if len(diffs) > 3 else ''}): "
+            "rerun with the same settings to resume, or use a new --out"
+        )
+    return recorded
+
+
+def write_json(where: str, data) -> None:
+    """Publish ``data`` as indented JSON at ``where`` all at once."""
+    write_bytes(where, (json.dumps(data, indent=2, default=str) + "\n").encode())

@@ -23,11 +23,3 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, target: bool, drafte
     parser.add_argument("--drafter-layers", type=int, default=None, help="drafter = first N layers + final norm + head")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off by default)")
-
-
-def positive_int(name: str, value) -> int:
-    from vocabtrim.errors import UserError
-
-    if value is None or int(value) < 1:
-        raise UserError(f"{name} must be a positive integer, got {value}")
-    return int(value)

@@ -1,0 +1,372 @@
+"""Running (or resuming) a sweep: claim the folder, then calibrate, build the head and generate for every
+cell, each stage skipped when its output exists, and write the results and the report. Every file goes
+through ``storage``, so the folder and the inputs may be local or on an object store.
+
+Layout of the sweep folder:
+    sweep.json               the settings (a rerun must match them) and the runs so far
+    calib/<source>/          ``vocabtrim calibrate`` output (manifest.json marks it done)
+    heads/<source>-k<K>/     ``vocabtrim build-head`` output (manifest.json marks it done)
+    gen/<cell>/              ``vocabtrim generate`` output (summary.json marks it done; sweep_cell.json
+                             says in which sweep run it was measured)
+    results.parquet          one row per cell (``RESULT_SCHEMA``); a failed cell has status "failed"
+    report.md, *.png         the tables and plots (``report.write_report``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vocabtrim import storage
+from vocabtrim.errors import UserError, first_line
+from vocabtrim.sweep.cells import (
+    RESULT_SCHEMA,
+    Cell,
+    ModelSizes,
+    SweepConfig,
+    add_speedups,
+    check_config,
+    empty_row,
+    measure_sizes,
+    metrics_row,
+    plan_cells,
+)
+from vocabtrim.sweep.report import ReportContext, fmt, write_report
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "sweep.json"
+RESULTS_FILE = "results.parquet"
+CELL_FILE = "sweep_cell.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep folder: settings, runs
+# ---------------------------------------------------------------------------------------------
+
+
+def settings_of(cfg: SweepConfig) -> dict:
+    """What every cell of a sweep folder must share. K values and sources may change between runs
+    (new cells are added); batching is a setting because the timings depend on it."""
+    key = storage.settings_key
+    return {
+        "version": 1,
+        "target": key(cfg.target),
+        "drafter": key(cfg.drafter_name),
+        "drafter_layers": cfg.drafter_layers,
+        "corpus": [key(p) for p in cfg.corpus],
+        "text_column": cfg.text_column,
+        "prompts": [key(p) for p in cfg.prompts],
+        "prompt_column": cfg.prompt_column,
+        "id_column": cfg.id_column,
+        "calib_max_new_tokens": cfg.calib_max_new_tokens,
+        "calib_temperature": float(cfg.calibration_temperature),
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": float(cfg.temperature),
+        "seed": cfg.seed,
+        "gamma": cfg.gamma,
+        "batch_size": cfg.batch_size,
+        "workers": cfg.workers,
+        "gpus_per_worker": float(cfg.gpus_per_worker),
+        "dtype": cfg.dtype,
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def claim_out(out: str, settings: dict) -> int:
+    """Create the sweep folder (or check its settings: ``storage.claim``) and record a new run; returns
+    the run number. A folder that is not empty and holds no sweep.json is refused."""
+    recorded = storage.claim(out, SETTINGS_FILE, settings, key="settings", what="a sweep")
+    runs = list(recorded.get("runs", []))
+    run = len(runs) + 1
+    storage.write_json(storage.join(out, SETTINGS_FILE), {"settings": settings, "runs": runs + [{"run": run, "started": _now()}]})
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages, each skipped when its output exists
+# ---------------------------------------------------------------------------------------------
+
+
+def calib_dir(out: str, source: str) -> str:
+    return storage.join(out, "calib", source)
+
+
+def head_dir(out: str, cell: Cell) -> str:
+    return storage.join(out, "heads", cell.name)
+
+
+def gen_dir(out: str, cell: Cell) -> str:
+    return storage.join(out, "gen", cell.name)
+
+
+def ensure_calibration(cfg: SweepConfig, out: str, source: str) -> dict:
+    """The calibration manifest of ``source``, calibrating first unless it is done."""
+    from vocabtrim import calibrate
+
+    folder = calib_dir(out, source)
+    if storage.is_file(storage.join(folder, "manifest.json")):
+        return calibrate.read_manifest(folder)
+    return calibrate.run_calibrate(
+        calibrate.CalibrateConfig(
+            drafter=cfg.drafter_name,
+            drafter_layers=cfg.drafter_layers,
+            corpus=list(cfg.corpus),
+            out=folder,
+            text_column=cfg.text_column,
+            source=source,
+            target=cfg.target,
+            max_new_tokens=cfg.calib_max_new_tokens,
+            temperature=cfg.calibration_temperature,
+            seed=cfg.seed,
+            workers=cfg.workers,
+            gpus_per_worker=cfg.gpus_per_worker,
+            cpus_per_worker=cfg.cpus_per_worker,
+            address=cfg.address,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            show_progress=cfg.progress,
+        )
+    )
+
+
+def ensure_head(cfg: SweepConfig, out: str, cell: Cell) -> dict:
+    """The head manifest of a trimmed cell, building the head first unless it is done."""
+    from vocabtrim import head
+
+    folder = head_dir(out, cell)
+    if storage.is_file(storage.join(folder, "manifest.json")):
+        return head.read_head_manifest(folder)
+    return head.build_head(
+        head.BuildHeadConfig(
+            histogram=calib_dir(out, cell.source),
+            drafter=cfg.drafter_name,
+            drafter_layers=cfg.drafter_layers,
+            top_k=cell.k,
+            out=folder,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    )
+
+
+def ensure_generation(cfg: SweepConfig, out: str, cell: Cell, run: int) -> tuple[dict, int | None]:
+    """(generate summary, sweep run that measured it), generating first unless the cell is done."""
+    from vocabtrim import generate
+
+    folder = gen_dir(out, cell)
+    summary_path = storage.join(folder, generate.SUMMARY_FILE)
+    if storage.is_file(summary_path):
+        cell_path = storage.join(folder, CELL_FILE)
+        measured = json.loads(storage.read_text(cell_path)).get("run") if storage.is_file(cell_path) else None
+        return json.loads(storage.read_text(summary_path)), measured
+    summary = generate.run_generate(
+        generate.GenerateConfig(
+            target=cfg.target,
+            prompts=list(cfg.prompts),
+            out=folder,
+            drafter=cfg.drafter,
+            drafter_layers=cfg.drafter_layers,
+            head=head_dir(out, cell) if cell.kind == "trimmed" else None,
+            no_draft=cell.kind == "target",
+            prompt_column=cfg.prompt_column,
+            id_column=cfg.id_column,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            gamma=cfg.gamma,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            gpus_per_worker=cfg.gpus_per_worker,
+            cpus_per_worker=cfg.cpus_per_worker,
+            address=cfg.address,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            progress=cfg.progress,
+        )
+    )
+    storage.write_json(storage.join(folder, CELL_FILE), {"run": run, "measured_at": _now()})
+    return summary, run
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell -> one row
+# ---------------------------------------------------------------------------------------------
+
+
+def _error_line(exc: BaseException) -> str:
+    """A failed cell's error: a user mistake's line as it is, anything else with its type name."""
+    return first_line(exc) if isinstance(exc, UserError) or not str(exc).strip() else f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def run_cell(cfg: SweepConfig, out: str, cell: Cell, sizes: ModelSizes, run: int, calibrations: dict) -> dict:
+    """Calibrate (once per source), build the head and generate for one cell; never raises for a
+    failure of the cell itself: the row then has status "failed" and the error's first line."""
+    stage = "generate"
+    try:
+        calibration = head = None
+        if cell.kind == "trimmed":
+            stage = f"calibrate ({cell.source})"
+            if cell.source not in calibrations:
+                try:
+                    calibrations[cell.source] = ensure_calibration(cfg, out, cell.source)
+                except Exception as exc:  # every cell of this source fails with the same line
+                    calibrations[cell.source] = exc
+            calibration = calibrations[cell.source]
+            if isinstance(calibration, Exception):
+                raise calibration
+            stage = "build-head"
+            head = ensure_head(cfg, out, cell)
+            stage = "generate"
+        summary, measured = ensure_generation(cfg, out, cell, run)
+    except Exception as exc:
+        if not isinstance(exc, UserError):
+            log.warning("cell %s failed in %s", cell.name, stage, exc_info=exc)
+        row = empty_row(cell)
+        row.update(status="failed", error=f"{stage}: {_error_line(exc)}", gamma=0 if cell.kind == "target" else cfg.gamma)
+        return row
+    row = metrics_row(cell, summary, sizes, cfg.gamma)
+    row["measured_in_run"] = measured
+    if head is not None:
+        row["head_coverage"] = head.get("coverage")
+        row["k"] = head.get("k", cell.k)
+    if calibration is not None:
+        row["calibration_tokens"] = calibration.get("total_tokens")
+    return row
+
+
+def add_eval_coverage(cfg: SweepConfig, out: str, rows: list[dict]) -> None:
+    """For trimmed cells: the share of the target alone's evaluation tokens (completions re-encoded
+    with the tokenizer) that the head's kept ids cover. Needs the target cell."""
+    import numpy as np
+    from safetensors.numpy import load
+
+    from vocabtrim.head import HEAD_FILE
+    from vocabtrim.models import load_tokenizer
+
+    target_out = gen_dir(out, Cell("target", "target"))
+    trimmed = [r for r in rows if r["kind"] == "trimmed" and r["status"] == "ok"]
+    if not trimmed or not storage.is_file(storage.join(target_out, "summary.json")):
+        return
+    tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
+    texts = [t for f in _outputs(target_out) for t in _completions(f) if t]
+    ids = np.concatenate([np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=np.int64) for t in texts] or [np.zeros(0, np.int64)])
+    if ids.size == 0:
+        return
+    for r in trimmed:
+        kept = load(storage.read_bytes(storage.join(head_dir(out, Cell(r["cell"], "trimmed")), HEAD_FILE)))["token_ids"]
+        r["eval_coverage"] = float(np.isin(ids, kept).mean())
+
+
+def _outputs(folder: str) -> list[str]:
+    """The Parquet outputs of a generate folder (its finished files, not hidden ones), sorted."""
+    return [p for p in storage.walk_files(folder) if storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".")]
+
+
+def _completions(where: str) -> list:
+    with storage.open_input_file(where) as f:
+        return pq.read_table(f, columns=["completion"]).column(0).to_pylist()
+
+
+def write_results(rows: list[dict], where: str) -> None:
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    storage.write_with(where, lambda tmp: pq.write_table(table, tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _echo_for(cfg: SweepConfig) -> Callable[[str], None]:
+    if not cfg.progress:
+        return lambda line: None
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _no_weight_loading_bars():
+    """The driver loads the drafter once per head: a transformers bar per load would bury the sweep's lines."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) the whole sweep into ``cfg.out``; returns rows, counts and the written paths."""
+    with _no_weight_loading_bars():
+        return _run_sweep(cfg, echo or _echo_for(cfg))
+
+
+def _run_sweep(cfg: SweepConfig, echo: Callable[[str], None]) -> dict:
+    wall = time.perf_counter()
+    check_config(cfg)
+    sizes = measure_sizes(cfg)
+    too_big = [k for k in cfg.k if k is not None and k > sizes.vocab_size]
+    if too_big:
+        raise UserError(f"--k {too_big[0]} exceeds the drafter's vocabulary of {sizes.vocab_size}: use 'full' for the whole head")
+    out = cfg.out
+    run = claim_out(out, settings_of(cfg))
+    rows, calibrations = run_cells(cfg, out, sizes, run, echo)
+    add_eval_coverage(cfg, out, rows)
+    write_results(rows, storage.join(out, RESULTS_FILE))
+    paths = write_report(rows, report_context(cfg, out, sizes, calibrations), out)
+    return {
+        "rows": rows,
+        "cells": len(rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "run": run,
+        "wall_seconds": time.perf_counter() - wall,
+        "results": str(storage.join(out, RESULTS_FILE)),
+        **paths,
+    }
+
+
+def run_cells(cfg: SweepConfig, out: str, sizes: ModelSizes, run: int, echo) -> tuple[list[dict], dict]:
+    """Every cell in turn (``plan_cells``); results.parquet is rewritten after each, so a long sweep
+    shows its progress. Returns the rows and the calibration manifests (or errors) by source."""
+    cells = plan_cells(cfg.k, cfg.sources)
+    calibrations: dict = {}
+    rows: list[dict] = []
+    for i, cell in enumerate(cells, 1):
+        t = time.perf_counter()
+        done = storage.is_file(storage.join(gen_dir(out, cell), "summary.json"))
+        echo(f"[{i}/{len(cells)}] {cell.name}: {'done already' if done else 'running'}")
+        row = run_cell(cfg, out, cell, sizes, run, calibrations)
+        rows.append(row)
+        if row["status"] == "failed":
+            echo(f"[{i}/{len(cells)}] {cell.name} FAILED: {row['error']}")
+        elif not done:
+            echo(f"[{i}/{len(cells)}] {cell.name}: acceptance {fmt(row['acceptance_rate'])}, {time.perf_counter() - t:.0f} s")
+        add_speedups(rows)
+        write_results(rows, storage.join(out, RESULTS_FILE))
+    return rows, calibrations
+
+
+def report_context(cfg: SweepConfig, out: str, sizes: ModelSizes, calibrations: dict) -> ReportContext:
+    histograms = {s: storage.join(calib_dir(out, s), "histogram.parquet") for s in cfg.sources}
+    return ReportContext(
+        settings=settings_of(cfg),
+        sizes=asdict(sizes),
+        calibrations={s: m for s, m in calibrations.items() if isinstance(m, dict)},
+        histograms={s: p for s, p in histograms.items() if storage.is_file(p)},
+        runs=json.loads(storage.read_text(storage.join(out, SETTINGS_FILE)))["runs"],
+    )
