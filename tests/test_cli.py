@@ -20,7 +20,7 @@ def test_top_level_help_is_plain_text_and_explains_log_level(capsys):
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("generate", ["draft tokens per step (default: 4)", "rows decoded together on a worker (default: 8)",
+    ("generate", ["or a fixed number (default: auto)", "(default: 6)", "(default: gumbel)", "(default: 8)",
                   "(default: prompt)", "tokens generated per row at most (default: 128)"]),
     ("calibrate", ["(default: corpus)", "(default: text)", "(default: 64)"]),
     ("demo", ["(default 8192)", "(default 32; --quick: 16)"]),
