@@ -498,7 +498,9 @@ class GenerateWorker:
         self.tokenizer = tok
         context = self.engine.context_length or (1 << 62)
         # A verify pass writes up to gamma + 1 positions past the last generated token.
-        reserve = c.max_new_tokens + self.engine.gamma + 1
+        # The same reserve with and without a drafter, so that a row is an error row in both or in neither.
+        fixed = gamma_value(c.gamma)
+        reserve = c.max_new_tokens + (c.max_gamma if fixed is None else fixed) + 1
         if reserve >= context:
             raise UserError(f"--max-new-tokens {c.max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
         self.max_prompt_tokens = context - reserve
