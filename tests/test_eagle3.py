@@ -193,3 +193,135 @@ def test_cached_chain_equals_the_training_time_test(tiny, tmp_path):
         emb = e3.embed(model, tokens[:, j + 1 + s : j + 2 + s])
         h = e3.cached_forward(model, cache, rows, emb, h, torch.tensor([[j + s]]), 40)
         assert torch.allclose(h[:, 0], ttt[s][:, j], atol=1e-5), s
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter through the Drafter protocol, driven by a minimal greedy engine written here
+# ---------------------------------------------------------------------------------------------
+
+
+def _features(target, tokens: torch.Tensor, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [T, V], features [T, 3 x hidden]) of the target over one row's tokens [T]."""
+    out = target(tokens[None], output_hidden_states=True)
+    return out.logits[0], torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
+
+
+def _reference_drafts(model, target, layers, row: torch.Tensor, pos: int, gamma: int) -> list[int]:
+    """Greedy drafts recomputed from scratch: the TTT over the row's committed tokens, chained."""
+    _, feats = _features(target, row[:pos], layers)
+    fused = e3.fuse(model, feats[None])  # [1, pos, H]
+    drafts: list[int] = []
+    seq = row[: pos + 1].tolist()
+    for s in range(gamma):
+        emb_steps = [e3.embed(model, torch.tensor([seq[1 + i : 1 + i + pos]])) for i in range(s + 1)]
+        outs = e3.ttt_forward(model, emb_steps, fused, torch.ones(1, pos, dtype=torch.bool))
+        d = int(model.token_ids[e3.logits(model, outs[s][0, pos - 1]).argmax()])
+        drafts.append(d)
+        seq.append(d)
+    return drafts
+
+
+def drive(target, drafter, prompts, *, max_new: int, gammas, check=None, drop_first_at: int | None = None):
+    """Greedy speculative decoding through the protocol: returns each prompt's generated tokens
+    and (proposed, accepted) counts. ``check(row_tokens, pos, gamma, proposed)`` sees every proposal."""
+    from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch
+
+    n = len(prompts)
+    cap = 128
+    drafter.allocate(n, cap)
+    history = torch.zeros(n, cap, dtype=torch.int64)
+    pos = []
+    feats = []
+    for r, p in enumerate(prompts):
+        history[r, : len(p)] = torch.tensor(p)
+        pos.append(len(p) - 1)
+        feats.append(_features(target, history[r, : len(p) - 1], drafter.feature_layers)[1])
+    width = max(f.shape[0] for f in feats)
+    padded = torch.zeros(n, width, feats[0].shape[1])
+    for r, f in enumerate(feats):
+        padded[r, : f.shape[0]] = f
+    drafter.admit(list(range(n)), history, [len(p) for p in prompts], padded)
+    ids = list(range(n))
+    start = [len(p) for p in prompts]
+    generated = {i: [] for i in ids}
+    proposed = accepted_total = 0
+    step = 0
+    greedy = lambda logits, i: (logits.argmax(-1), None)  # noqa: E731
+    while ids:
+        G = gammas[step % len(gammas)]
+        m = len(ids)
+        pos_t = torch.tensor(pos[:m])
+        drafts = torch.zeros(m, 0, dtype=torch.int64)
+        if G > 0:
+            batch = DraftBatch(m, G, history[torch.arange(m), pos_t], pos_t, list(pos[:m]), history, greedy)
+            drafts = drafter.propose(batch).tokens
+            proposed += m * G
+            if check is not None:
+                for r in range(m):
+                    check(history[r].clone(), pos[r], G, drafts[r].tolist())
+        accepted, features = [], torch.zeros(m, G + 1, 3 * target.config.hidden_size)
+        for r in range(m):
+            p = pos[r]
+            history[r, p + 1 : p + 1 + G] = drafts[r]
+            logits, f = _features(target, history[r, : p + G + 1], drafter.feature_layers)
+            greedy_t = logits[p : p + G + 1].argmax(-1)
+            a = 0
+            while a < G and int(drafts[r, a]) == int(greedy_t[a]):
+                a += 1
+            history[r, p + a + 1] = greedy_t[a]
+            history[r, p + a + 2 :] = 0
+            features[r] = f[p : p + G + 1]
+            accepted.append(a)
+            accepted_total += a
+        drafter.commit(CommitInfo(m, G, pos_t, torch.tensor(accepted), accepted, features))
+        for r in range(m):
+            pos[r] += accepted[r] + 1
+        step += 1
+        finished = [r for r in range(m) if pos[r] - start[ids[r]] + 1 >= max_new]
+        if drop_first_at is not None and step == drop_first_at and 0 not in finished:
+            finished.append(0)
+        for r in sorted(finished, reverse=True):
+            generated[ids[r]] = history[r, start[ids[r]] : pos[r] + 1].tolist()[:max_new]
+            drafter.release([r])
+            last = len(ids) - 1
+            if r != last:  # the last row moves down into the freed slot
+                drafter.move([last], [r])
+                history[r] = history[last]
+                pos[r] = pos[last]
+                ids[r] = ids[last]
+            ids.pop()
+            pos.pop()
+    return generated, proposed, accepted_total
+
+
+def greedy_alone(target, prompt, max_new):
+    seq = list(prompt)
+    for _ in range(max_new):
+        seq.append(int(target(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+PROMPTS_TEXT = ["the quick brown fox", "def add(a, b):", "What is the capital of France? Paris", "1 2 3"]
+
+
+@torch.no_grad()
+def test_drafter_proposes_what_a_from_scratch_recompute_gives_and_greedy_output_is_the_targets(tiny, tmp_path):
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+    target = tiny["target"]
+    model = load_for(tiny, write_specforge_checkpoint(tmp_path / "d", target, tiny["draft_ids"], std=0.3))
+    drafter = Eagle3Drafter(model, target.config.num_hidden_layers)
+    assert drafter.feature_layers == (2, 2, 1)
+    assert drafter.support.tolist() == tiny["draft_ids"]
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT]
+    checked = []
+
+    def check(row, pos, gamma, proposed):
+        assert proposed == _reference_drafts(model, target, drafter.feature_layers, row, pos, gamma)
+        checked.append(1)
+
+    out, proposed, accepted = drive(target, drafter, prompts, max_new=10, gammas=[3, 0, 2, 1, 4], check=check, drop_first_at=3)
+    assert len(checked) > 10 and proposed > 0
+    for i, p in enumerate(prompts):  # row 0 left early (after step 3): its tokens so far
+        expected = greedy_alone(target, p, 10)
+        assert out[i] == expected[: len(out[i])] and len(out[i]) == (len(out[i]) if i == 0 else 10), i
