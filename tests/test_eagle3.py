@@ -325,3 +325,90 @@ def test_drafter_proposes_what_a_from_scratch_recompute_gives_and_greedy_output_
     for i, p in enumerate(prompts):  # row 0 left early (after step 3): its tokens so far
         expected = greedy_alone(target, p, 10)
         assert out[i] == expected[: len(out[i])] and len(out[i]) == (len(out[i]) if i == 0 else 10), i
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-trimming with build-head, and the SpecForge export
+# ---------------------------------------------------------------------------------------------
+
+
+def _calibration(folder: Path, tokenizer, seed: int = 0):
+    import numpy as np
+
+    from vocabtrim import histogram
+    from vocabtrim.models import tokenizer_fingerprint
+
+    rng = np.random.default_rng(seed)
+    counts = rng.zipf(1.4, size=len(tokenizer)).clip(max=5000).astype(np.int64)
+    folder.mkdir(parents=True)
+    histogram.save(counts, str(folder / "histogram.parquet"))
+    manifest = {"kind": "vocabtrim-histogram", "version": 1, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "source": "target"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder), counts
+
+
+@torch.no_grad()
+def test_build_head_retrims_an_eagle3_drafter_and_greedy_output_stays_the_targets(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from vocabtrim.cli import main as cli
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+    target = tiny["target"]
+    src = write_specforge_checkpoint(tmp_path / "d", target, tiny["draft_ids"], std=0.3)
+    calib, counts = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    out = tmp_path / "retrimmed"
+    code = cli(["build-head", "--histogram", calib, "--drafter", str(src), "--target", tiny["target_dir"], "--top-k", "64",
+                "--export", "specforge,sglang", "--out", str(out)])
+    assert code == 0
+    assert f"kept K=64 of {len(tiny['draft_ids'])} draft ids" in capsys.readouterr().out
+    before = load_for(tiny, src)
+    after = load_for(tiny, out)  # the new folder is itself an EAGLE-3 checkpoint in the same layout
+    kept = after.token_ids
+    assert kept.numel() == 64 and set(kept.tolist()) <= set(tiny["draft_ids"])
+    in_draft = torch.tensor(counts)[torch.tensor(tiny["draft_ids"])]
+    # the most frequent draft ids are kept (specials in the draft vocabulary too)
+    top = torch.tensor(tiny["draft_ids"])[in_draft.argsort(descending=True, stable=True)[:40]]
+    assert set(top.tolist()) <= set(kept.tolist())
+    rows = torch.searchsorted(before.token_ids, kept)
+    assert torch.equal(after.lm_head.weight, before.lm_head.weight[rows])
+    assert torch.equal(after.fc.weight, before.fc.weight)
+    names = set(load_file(str(out / "model.safetensors")))
+    assert names == set(load_file(str(src / "model.safetensors")))
+    # The SpecForge export, read as SpecForge reads it (weights_only).
+    mapping = torch.load(out / "specforge_vocab_mapping.pt", weights_only=True)
+    assert set(mapping) == {"d2t", "t2d"}
+    assert mapping["d2t"].dtype == torch.int64 and mapping["t2d"].dtype == torch.bool
+    assert mapping["t2d"].shape == (tiny["V"],)
+    assert torch.equal(torch.arange(64) + mapping["d2t"], kept)
+    assert torch.equal(mapping["t2d"].nonzero()[:, 0], kept)
+    # Greedy output with the re-trimmed drafter is still the target's own.
+    drafter = Eagle3Drafter(after, target.config.num_hidden_layers)
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT[:2]]
+    gen, _, _ = drive(target, drafter, prompts, max_new=8, gammas=[3])
+    for i, p in enumerate(prompts):
+        assert gen[i] == greedy_alone(target, p, 8)
+
+
+def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokenizer(tiny, tmp_path, capsys):
+    from vocabtrim.cli import main as cli
+
+    src = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"])
+    calib, _ = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    assert cli(["build-head", "--histogram", calib, "--drafter", str(src), "--top-k", "64", "--out", str(tmp_path / "o")]) == 2
+    assert "has no tokenizer: pass --target" in capsys.readouterr().err
+    args = ["build-head", "--histogram", calib, "--drafter", str(src), "--target", tiny["target_dir"], "--top-k", "999", "--out", str(tmp_path / "o")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "larger than the drafter's draft vocabulary of " in err and err.count("\n") == 1
+
+
+def test_specforge_export_of_a_plain_head(tmp_path):
+    from vocabtrim.head import export_specforge
+
+    ids = torch.tensor([0, 2, 5, 9])
+    export_specforge(ids, 12, str(tmp_path / "m.pt"))
+    m = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert m["d2t"].tolist() == [0, 1, 3, 6] and m["t2d"].tolist() == [i in (0, 2, 5, 9) for i in range(12)]
+    with pytest.raises(UserError):
+        export_specforge(torch.tensor([0, 12]), 12, str(tmp_path / "bad.pt"))
