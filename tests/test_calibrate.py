@@ -182,7 +182,7 @@ def test_corpus_and_out_on_s3_give_the_exact_histogram_and_resume(ray_local, s3,
 
 def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path):
     from vocabtrim.models import load_model
-    from vocabtrim.sampling import SamplingParams, row_seed
+    from vocabtrim.engine.sampling import SamplingParams, row_seed
     from vocabtrim.speculative import SpeculativeEngine
 
     prompts = [t.split("\n")[0] for t in TRAINING_TEXT[:8]] * 3

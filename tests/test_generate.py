@@ -251,7 +251,7 @@ def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
 def test_a_failing_row_does_not_take_its_batch_down(tiny_pair_dirs):
     """The engine raising on a batch: the batch is retried row by row and only the bad row errors."""
     from vocabtrim.models import load_pair
-    from vocabtrim.sampling import SamplingParams
+    from vocabtrim.engine.sampling import SamplingParams
     from vocabtrim.speculative import SpeculativeEngine
 
     pair = load_pair(*tiny_pair_dirs, dtype="float32", device="cpu")

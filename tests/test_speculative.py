@@ -10,7 +10,7 @@ from tiny import make_model, noisy_copy
 import vocabtrim.speculative as speculative
 from vocabtrim.errors import UserError
 from vocabtrim.head import TrimmedHead, head_from_ids
-from vocabtrim.sampling import SamplingParams, Verdict, first_rejection, row_seed, sample_from_probs
+from vocabtrim.engine.sampling import SamplingParams, Verdict, first_rejection, row_seed, sample_from_probs
 from vocabtrim.speculative import SpeculativeEngine, compaction_slots
 
 V = 300
@@ -121,7 +121,7 @@ def exact_first_tokens(target, params, n_tokens=3):
     if params.greedy:
         probs = torch.nn.functional.one_hot(logits.argmax(-1), SMALL_V).double()
     else:
-        from vocabtrim.sampling import logits_to_probs
+        from vocabtrim.engine.sampling import logits_to_probs
 
         probs = logits_to_probs(logits, params).double()
     step = probs.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)  # [V^n, n]

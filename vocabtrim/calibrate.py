@@ -270,7 +270,7 @@ class ShardCounter:
         import torch
 
         from vocabtrim.models import load_drafter, load_model, logits_width
-        from vocabtrim.sampling import SamplingParams
+        from vocabtrim.engine.sampling import SamplingParams
         from vocabtrim.speculative import SpeculativeEngine
 
         spec = self.spec
@@ -303,7 +303,7 @@ class ShardCounter:
 
     def generate(self, texts: list[str], row_ids: list[str]) -> list[list[int]]:
         """Generated token ids (only the generated ones) for each prompt text."""
-        from vocabtrim.sampling import row_seed
+        from vocabtrim.engine.sampling import row_seed
 
         prompts = [build_prompt(self.tokenizer, t, self.prompt_limit) for t in texts]
         seeds = [row_seed(self.spec.seed, r) for r in row_ids]

@@ -289,7 +289,7 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
     batches of ``batch_size``, and returned in input order. A batch the engine fails on is retried row
     by row, so one bad row cannot take its batch-mates down with it.
     """
-    from vocabtrim.sampling import row_seed
+    from vocabtrim.engine.sampling import row_seed
 
     n = len(prompts)
     cols = {c: [None] * n for c in RESULT_COLUMNS}
@@ -376,7 +376,7 @@ class GenerateWorker:
 
     def _load(self) -> None:
         from vocabtrim.models import load_pair
-        from vocabtrim.sampling import SamplingParams
+        from vocabtrim.engine.sampling import SamplingParams
         from vocabtrim.speculative import SpeculativeEngine
 
         c = self.cfg
@@ -657,7 +657,7 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate completions for every row of ``cfg.prompts`` into ``cfg.out``; returns the summary."""
     from vocabtrim.ray_utils import init_ray
-    from vocabtrim.sampling import SamplingParams
+    from vocabtrim.engine.sampling import SamplingParams
 
     wall = time.perf_counter()
     check_config(cfg)

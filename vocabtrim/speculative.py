@@ -4,7 +4,7 @@ One step for a batch of rows (gamma = G):
 1. the drafter proposes G tokens, one forward each, from its own KV cache (its head may be a
    trimmed head: its distribution q lives on K ids);
 2. the target scores the pending token and the G drafts in ONE forward pass (G + 1 positions);
-3. the rejection sampler (``vocabtrim.sampling``) decides, per row, how many drafts are accepted
+3. the rejection sampler (``vocabtrim.engine.sampling``) decides, per row, how many drafts are accepted
    and draws the recovered or bonus token;
 4. both caches keep exactly the accepted prefix.
 
@@ -16,7 +16,7 @@ accept different numbers of tokens per step and finish on their own, and a row's
 depends on its batch-mates beyond floating-point summation order.
 
 Per-row determinism: every random draw of a row comes from that row's own ``torch.Generator``,
-seeded by the caller (``vocabtrim.sampling.row_seed``), and each step draws a fixed number of
+seeded by the caller (``vocabtrim.engine.sampling.row_seed``), and each step draws a fixed number of
 uniforms per row, so the same row and seed give the same tokens at any batch size.
 """
 
@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from vocabtrim.errors import UserError
 from vocabtrim.head import TrimmedHead
 from vocabtrim.models import logits_width
-from vocabtrim.sampling import SamplingParams, logits_to_probs, sample_from_probs, verify_greedy, verify_sampled
+from vocabtrim.engine.sampling import SamplingParams, logits_to_probs, sample_from_probs, verify_greedy, verify_sampled
 
 # ---------------------------------------------------------------------------------------------
 # Slot KV cache

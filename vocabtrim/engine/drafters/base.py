@@ -68,7 +68,7 @@ class CommitInfo:
 
     n:             rows stepped (slots 0..n-1).
     gamma:         drafts proposed this step (0 for a target-alone step).
-    pos:           [n] int64 position of the pending token *before* the step.
+    pos:           [n] int64 position of the pending token *before* the step; pos_host the same on host.
     accepted:      [n] int64 drafts accepted (0..gamma); accepted_host the same as a list.
     features:      [n, gamma + 1, F] the target's hidden states (``feature_layers`` concatenated on
                    the last axis) at positions pos .. pos+gamma, or None when the drafter reads none.
@@ -78,6 +78,7 @@ class CommitInfo:
     n: int
     gamma: int
     pos: torch.Tensor
+    pos_host: list[int]
     accepted: torch.Tensor
     accepted_host: list[int]
     features: torch.Tensor | None

@@ -1,4 +1,4 @@
-"""Logits processing and the lossless rejection sampler: pure tensor functions.
+"""Logits processing, counter-based noise and the two lossless samplers: pure tensor functions.
 
 Words (as in Leviathan et al. 2023 and Chen et al. 2023, and vLLM's rejection sampler):
 - ``q``: the drafter's distribution at a draft position (after temperature / top-k / top-p);
@@ -13,8 +13,19 @@ These rules make the output distribution exactly the target's, whatever q is. At
 (greedy) a draft is accepted while it equals the target's argmax, and the recovered/bonus token is
 the target's argmax.
 
-All randomness enters as uniforms in [0, 1) drawn by the caller from per-row generators, so a
-row's samples never depend on its batch-mates.
+Two samplers (``--sampler``):
+- ``gumbel`` (default): the drafter-invariant Gumbel-max coupling (Daliri, Musco, Suresh 2024). At
+  every output position the target's token is argmax(log p + g) and a draft is argmax(log q + g)
+  with the SAME noise g, a function of (row seed, position, token id) only. A draft is accepted
+  while it equals the target's token; the first disagreement emits the target's token. Every
+  emitted token is the target's own Gumbel-max sample, so the output is exactly the target's
+  distribution, and a completion depends only on the target, the prompt, the sampling settings and
+  the seed: not on the drafter, its head, gamma, the batch or the worker.
+- ``rejection``: the optimal-acceptance rule above (min(1, p/q), residual); lossless too, and it
+  accepts at least as often, but which tokens come out depends on the drafter.
+
+All randomness is counter-based: ``noise_uniform`` hashes (row seed, position, stream, token id) on
+the tensor's device, so a row's samples never depend on its batch-mates or on any generator state.
 """
 
 from __future__ import annotations
@@ -54,11 +65,11 @@ def row_seed(seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p; returns float32 probabilities.
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p: float32 scores, -inf on filtered ids.
 
-    logits: [..., V] (any float dtype). Returns [..., V] float32 summing to 1 over the last axis,
-    exactly zero on filtered ids. Requires params.temperature > 0.
+    logits: [..., V] (any float dtype). Returns [..., V] float32 with softmax = the sampling law.
+    Requires params.temperature > 0.
     """
     x = logits.float() / params.temperature
     v = x.shape[-1]
@@ -73,7 +84,74 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         drop_sorted = mass_before >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
-    return torch.softmax(x, dim=-1)
+    return x
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``process_logits`` then softmax: [..., V] float32 summing to 1, exactly zero on filtered ids."""
+    return torch.softmax(process_logits(logits, params), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based noise
+# ---------------------------------------------------------------------------------------------
+
+# Streams: which draw at a position a uniform is for.
+STREAM_GUMBEL, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RECOVER = 0, 1, 2, 3
+_M1, _M2 = -2048144789, -1028477387  # 0x85ebca6b, 0xc2b2ae35 as int32
+_GOLDEN = -1640531527  # 0x9e3779b9 as int32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int32 tensors (multiplication wraps modulo 2**32)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def seed_words(seeds: torch.Tensor) -> torch.Tensor:
+    """seeds: [n] int64 row seeds (``row_seed``) → [n, 2] int32, their low and high 32 bits."""
+    lo = (seeds & 0xFFFFFFFF).to(torch.int64)
+    hi = (seeds >> 32) & 0x7FFFFFFF
+    lo = torch.where(lo >= 2**31, lo - 2**32, lo)
+    return torch.stack([lo, hi], dim=-1).to(torch.int32)
+
+
+def noise_keys(words: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """words: [n, 2] int32 (``seed_words``); positions: [n, m] int64 → [n, m] int32 keys."""
+    pos = positions.to(torch.int32)
+    x = _mix32(pos * _GOLDEN + (stream * 0x3C6EF372 + 0x1234567))
+    x = _mix32(x ^ words[:, 1:2])
+    return _mix32(x ^ words[:, 0:1])
+
+
+def noise_uniform(keys: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms in (0, 1), a pure function of the keys (and token ids).
+
+    keys: [n, m] int32 (``noise_keys``); token_ids: [K] int64 or None. Returns float32 [n, m] when
+    token_ids is None, else [n, m, K]: one uniform per (row, position, token id).
+    """
+    x = keys if token_ids is None else _mix32(keys.unsqueeze(-1) ^ (token_ids.to(torch.int32) * _GOLDEN))
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32 and never 0 or 1.
+    return ((x >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(2.0**-23)
+
+
+def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise per (row, position, token id): [n, m] keys, [K] ids → [n, m, K] float32."""
+    u = noise_uniform(keys, token_ids)
+    return u.log_().neg_().log_().neg_()
+
+
+def gumbel_argmax(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max sample: argmax(process(logits) + noise). logits, noise: [..., K] → [...] int64.
+
+    Its law is exactly softmax(process_logits(logits)); at temperature 0 it is the plain argmax.
+    """
+    if params.greedy:
+        return logits.argmax(-1)
+    return (process_logits(logits, params) + noise).argmax(-1)
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -107,16 +185,22 @@ def first_rejection(accept: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(accept.to(torch.int64), dim=-1).sum(-1)
 
 
-def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
-    """Temperature 0: accept while the draft equals the target's argmax.
+def verify_exact(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+    """Accept while the draft equals the target's own choice; emit the target's choice after.
 
-    draft_tokens: [B, G] full-vocabulary ids; target_logits: [B, G + 1, V].
+    draft_tokens: [B, G] full-vocabulary ids; target_tokens: [B, G + 1] the target's token at each
+    verified position (its argmax at temperature 0, or its Gumbel-max sample with the noise the
+    drafter used). The output is the target's choices, whatever the drafts were.
     """
-    target_argmax = target_logits.argmax(dim=-1)  # [B, G+1]
     g = draft_tokens.shape[1]
-    accepted = first_rejection(draft_tokens == target_argmax[:, :g])
-    next_token = target_argmax.gather(1, accepted.unsqueeze(1)).squeeze(1)
+    accepted = first_rejection(draft_tokens == target_tokens[:, :g])
+    next_token = target_tokens.gather(1, accepted.unsqueeze(1)).squeeze(1)
     return Verdict(accepted=accepted, next_token=next_token)
+
+
+def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
+    """Temperature 0: ``verify_exact`` against the target's argmax. target_logits: [B, G + 1, V]."""
+    return verify_exact(draft_tokens, target_logits.argmax(dim=-1))
 
 
 def verify_sampled(
@@ -134,7 +218,8 @@ def verify_sampled(
                   full head, or K for a trimmed head whose ids are ``draft_support``.
     target_p:     [B, G + 1, V] the target's distributions at the same positions (+ the bonus one).
     u_accept:     [B, G] uniforms; draft i is accepted iff u < p(x) / q(x).
-    u_recover:    [B] uniforms for the recovered or bonus token.
+    u_recover:    [B] uniforms for the recovered or bonus token, or [B, G + 1]: one per position,
+                  the one at the emitted token's position is used.
     draft_support: [K] int64 sorted full-vocabulary ids of a trimmed head, or None.
     """
     b, g = draft_tokens.shape
@@ -160,6 +245,8 @@ def verify_sampled(
         else:
             q_at = q_at.scatter(-1, draft_support.unsqueeze(0).expand(b, -1), q_rows)
         q_at = q_at * rejected.unsqueeze(-1).to(q_at.dtype)  # bonus rows sample from p itself
+    if u_recover.ndim == 2:
+        u_recover = u_recover.gather(1, accepted.unsqueeze(1)).squeeze(1)
     residual = (p_at - q_at).clamp(min=0)
     # Rounding can leave an all-zero residual (p == q): sample from p then, as the limit does.
     empty = residual.sum(-1) <= 0

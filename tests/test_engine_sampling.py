@@ -5,7 +5,7 @@ import torch
 from stats import chi_square_pvalue
 
 from vocabtrim.errors import UserError
-from vocabtrim.sampling import (
+from vocabtrim.engine.sampling import (
     SamplingParams,
     first_rejection,
     logits_to_probs,

@@ -1,0 +1,101 @@
+"""Adaptive speculation length: each step, the gamma in 0..max_gamma with the most expected tokens per
+second, from the engine's own measured costs and a running estimate of acceptance.
+
+Model (Leviathan et al. 2023, with measured costs in place of a fixed cost ratio):
+- acceptance alpha: the chance a draft is accepted given the drafts before it were, estimated from
+  the accepted counts with exponential forgetting (``decay`` per step): a step that proposed G and
+  accepted a made min(a + 1, G) trials with a successes.
+- expected tokens per row and step with gamma g: (1 - alpha^(g+1)) / (1 - alpha).
+- cost of a step with gamma g: g * (drafter forward) + verify(g), each an exponential moving average
+  of measured seconds; a verify length never measured is interpolated linearly from those that were.
+gamma 0 is the target alone. While drafting is off nothing new is learnt about alpha, so it probes
+with gamma 1 after ``probe_after`` target-alone steps, doubling that wait (up to ``max_probe_after``)
+each time the probe leaves drafting off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def expected_tokens(alpha: float, gamma: np.ndarray) -> np.ndarray:
+    """Tokens a row emits per step with ``gamma`` drafts accepted i.i.d. with probability alpha."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+class GammaController:
+    """``choose()`` the next step's gamma; ``observe()`` what the step did."""
+
+    def __init__(self, max_gamma: int, fixed: int | None = None, *, warmup_gamma: int = 3, decay: float = 0.9,
+                 ema: float = 0.3, probe_after: int = 8, max_probe_after: int = 256):
+        self.max_gamma = max_gamma
+        self.fixed = fixed
+        self.decay, self.ema = decay, ema
+        self.successes, self.trials = 1.0, 2.0  # prior: alpha 0.5
+        self.draft_seconds: float | None = None  # one drafter forward
+        self.verify_seconds = np.full(max_gamma + 1, np.nan)  # one target pass, by gamma
+        self.plan = [min(warmup_gamma, max_gamma), 0] if max_gamma > 0 else []  # measure both sides first
+        self.probe_after = self.base_probe_after = probe_after
+        self.max_probe_after = max_probe_after
+        self.off_steps = 0
+        self.probing = False
+
+    @property
+    def alpha(self) -> float:
+        return self.successes / self.trials
+
+    def costs(self) -> np.ndarray:
+        """Estimated seconds of a step for each gamma 0..max_gamma (nan where nothing is known)."""
+        known = ~np.isnan(self.verify_seconds)
+        g = np.arange(self.max_gamma + 1)
+        verify = self.verify_seconds.copy()
+        if known.sum() >= 2:
+            slope, intercept = np.polyfit(g[known], self.verify_seconds[known], 1)
+            verify[~known] = intercept + np.maximum(slope, 0.0) * g[~known]
+        elif known.sum() == 1:
+            verify[~known] = self.verify_seconds[known][0]
+        return g * (self.draft_seconds or 0.0) + verify
+
+    def best(self) -> int:
+        costs = self.costs()
+        if np.isnan(costs).all():
+            return 0
+        rate = expected_tokens(self.alpha, np.arange(self.max_gamma + 1, dtype=float)) / costs
+        return int(np.nanargmax(rate))
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.max_gamma == 0:
+            return 0
+        if self.plan:
+            return self.plan.pop(0)
+        g = self.best()
+        if g > 0:
+            self.off_steps, self.probing = 0, False
+            self.probe_after = self.base_probe_after
+            return g
+        if self.probing:  # the last probe left drafting off: wait longer before the next one
+            self.probing = False
+            self.probe_after = min(2 * self.probe_after, self.max_probe_after)
+        self.off_steps += 1
+        if self.off_steps > self.probe_after:
+            self.off_steps, self.probing = 0, True
+            return 1
+        return 0
+
+    def observe(self, gamma: int, accepted: np.ndarray, draft_seconds: float, verify_seconds: float) -> None:
+        """accepted: [n] drafts accepted per row this step; seconds: this step's drafting and verify."""
+        if gamma > 0:
+            trials = np.minimum(accepted + 1, gamma).sum()
+            self.successes = self.decay * self.successes + float(accepted.sum())
+            self.trials = self.decay * self.trials + float(trials)
+            per_forward = draft_seconds / gamma
+            if self.probing:  # a probe's first forward catches up on the target-alone steps: not a cost sample
+                per_forward = self.draft_seconds if self.draft_seconds is not None else per_forward
+            self.draft_seconds = per_forward if self.draft_seconds is None else (
+                (1 - self.ema) * self.draft_seconds + self.ema * per_forward)
+        old = self.verify_seconds[gamma]
+        self.verify_seconds[gamma] = verify_seconds if np.isnan(old) else (1 - self.ema) * old + self.ema * verify_seconds

@@ -1,0 +1,92 @@
+"""One Hugging Face decoder driven by the engine: its base model, a ``Head`` and a static KV cache.
+
+The target and the causal-LM drafter are both a ``ModelRunner``. Only models whose logits are
+``head(base(x))`` are accepted (``check_supported``), since the engine computes logits itself (the
+trimmed head needs the hidden states, and the verify pass needs logits at every position).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vocabtrim.engine.attention import use_engine_attention
+from vocabtrim.engine.cache import StaticKVCache, causal_mask, prefill_mask
+from vocabtrim.engine.heads import Head
+from vocabtrim.errors import UserError
+
+
+def base_model(model):
+    """The decoder stack without its head (hidden states after the final norm)."""
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or base is model:
+        raise UserError(f"{type(model).__name__} has no separate base model: not supported as target or drafter")
+    return base
+
+
+def check_supported(model, role: str) -> None:
+    """One line, at construction, for models whose logits are not lm_head(base(x)) or whose attention
+    the static cache cannot serve."""
+    cfg = model.config.get_text_config(decoder=True)
+    if getattr(cfg, "final_logit_softcapping", None):
+        raise UserError(f"the {role} uses final logit softcapping, which vocabtrim's engine does not support")
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager", "vocabtrim_sdpa"):
+        raise UserError(f"the {role} uses attention implementation {impl!r}: load it with sdpa or eager")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and "sliding" in str(
+        getattr(cfg, "layer_types", "")
+    ):
+        raise UserError(f"the {role} uses sliding-window attention, which the engine does not support yet")
+
+
+class ModelRunner:
+    """Forward passes of one model over the engine's slots.
+
+    feature_layers: indices into the model's ``hidden_states`` (0 = embeddings, i = output of decoder
+    layer i-1) returned, concatenated on the last axis, with every forward; () for none.
+    """
+
+    def __init__(self, model, head: Head, role: str, feature_layers: tuple[int, ...] = ()):
+        check_supported(model, role)
+        use_engine_attention(model)
+        self.model = model
+        self.base = base_model(model)
+        self.head = head
+        self.feature_layers = tuple(feature_layers)
+        self.device = next(model.parameters()).device
+        self.cache: StaticKVCache | None = None
+        self.forward_fn = self._forward
+
+    def allocate(self, slots: int, capacity: int) -> None:
+        if self.cache is None or self.cache.slots != slots or self.cache.capacity < capacity:
+            self.cache = StaticKVCache.for_model(self.model, slots, capacity)
+
+    def _forward(self, tokens, positions, mask):
+        out = self.base(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            output_hidden_states=bool(self.feature_layers),
+        )
+        feats = None
+        if self.feature_layers:
+            feats = torch.cat([out.hidden_states[i] for i in self.feature_layers], dim=-1)
+        return out.last_hidden_state, feats
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor):
+        """tokens: [b, W] right-padded (row r has lengths[r] real tokens at positions 0..);
+        slots: [b]. Writes the cache; returns (hidden [b, W, H], features [b, W, F] or None)."""
+        width = tokens.shape[1]
+        positions = torch.arange(width, device=tokens.device).expand(tokens.shape[0], -1)
+        self.cache.prefill(slots, width)
+        return self.forward_fn(tokens, positions, prefill_mask(lengths, width))
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: int):
+        """tokens, positions: [n, m] for slots 0..n-1; keys read: positions 0..attend-1.
+        Returns (hidden [n, m, H], features [n, m, F] or None)."""
+        self.cache.step(tokens.shape[0], positions, attend)
+        return self.forward_fn(tokens, positions, causal_mask(positions, attend))
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.cache.move(src, dst)

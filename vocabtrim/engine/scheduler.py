@@ -1,0 +1,416 @@
+"""The engine: continuous batching over a stream of rows, one speculative step at a time.
+
+Up to ``batch_size`` rows are in flight, in slots 0..n-1 of static caches (``cache.py``). Each step:
+1. ``GammaController`` picks gamma (0 = the target alone);
+2. the drafter proposes gamma tokens per row (``drafters/``), drawn with the sampler's ``choose``;
+3. the target scores the pending token and the drafts in one pass;
+4. the sampler (``sampling.py``) decides how many drafts each row accepts and the next token;
+5. one device→host transfer brings back, per row, the accepted count, the tokens kept and whether
+   the row stopped (EOS or the token limit): the only host sync of the step.
+Rows that finish are returned at once; waiting rows are prefilled together into the freed slots;
+when none wait, the last rows move down so the rows stepped stay a prefix of the slots.
+
+A row's tokens are a function of its prompt, its seed and the sampling settings only: the noise is
+keyed by (row seed, position), never by slot or batch; with ``sampler="gumbel"`` (the default) the
+drafter, its head and gamma do not matter either.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Drafter
+from vocabtrim.engine.drafters.causal_lm import attend_length
+from vocabtrim.engine.gamma import GammaController
+from vocabtrim.engine.heads import model_head
+from vocabtrim.engine.model import ModelRunner
+from vocabtrim.engine.sampling import (
+    STREAM_ACCEPT,
+    STREAM_DRAFT,
+    STREAM_GUMBEL,
+    STREAM_RECOVER,
+    SamplingParams,
+    gumbel_argmax,
+    gumbel_noise,
+    logits_to_probs,
+    noise_keys,
+    noise_uniform,
+    sample_from_probs,
+    seed_words,
+    verify_exact,
+    verify_sampled,
+)
+from vocabtrim.errors import UserError
+
+SAMPLERS = ("gumbel", "rejection")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine generates. ``gamma`` None means adaptive (0..max_gamma, chosen each step)."""
+
+    sampling: SamplingParams = SamplingParams()
+    sampler: str = "gumbel"
+    gamma: int | None = None
+    max_gamma: int = 6
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    eos_token_ids: tuple[int, ...] = ()
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 0 <= self.max_gamma <= 64:
+            raise UserError(f"--max-gamma must be between 0 and 64, got {self.max_gamma}")
+        if self.gamma is not None and not 0 <= self.gamma <= 64:
+            raise UserError(f"--gamma must be 'auto' or between 0 and 64, got {self.gamma}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def top_gamma(self) -> int:
+        """The largest gamma a step may use."""
+        return self.max_gamma if self.gamma is None else self.gamma
+
+
+@dataclass
+class RowOutput:
+    """What one row generated.
+
+    token_ids: generated ids only (EOS included when the row stopped on it).
+    finish_reason: "stop" (EOS) or "length" (max_new_tokens).
+    proposed / accepted: drafts proposed and accepted over all steps.
+    target_passes: target forward passes this row took part in (prefill excluded).
+    accepted_hist: [top_gamma + 1] steps that accepted exactly j drafts (gamma-0 steps count at 0).
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    proposed: int = 0
+    accepted: int = 0
+    target_passes: int = 0
+    accepted_hist: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """Timings and counts of the last ``stream``/``generate`` call (seconds, measured on the host
+    after the step's sync).
+
+    rows_stepped: sum over target passes of the rows in that pass (occupancy = rows_stepped /
+    (target_passes * batch_size)). gamma_hist[g]: steps run with gamma g.
+    """
+
+    drafter_seconds: float = 0.0
+    drafter_forwards: int = 0
+    target_seconds: float = 0.0
+    target_passes: int = 0
+    prefill_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    generated_tokens: int = 0
+    rows_stepped: int = 0
+    batch_size: int = 0
+    gamma_hist: list[int] = field(default_factory=list)
+
+    @property
+    def drafter_step_ms(self) -> float:
+        return 1000.0 * self.drafter_seconds / self.drafter_forwards if self.drafter_forwards else 0.0
+
+    @property
+    def occupancy(self) -> float | None:
+        return self.rows_stepped / (self.target_passes * self.batch_size) if self.target_passes else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Speculative decoding with continuous batching.
+
+    target: a Hugging Face causal LM. drafter: a ``Drafter`` (``CausalLMDrafter``, ``Eagle3Drafter``)
+    or None for the target alone (every step gamma 0). The pair check (tokenizer, logits width) is
+    the caller's (``vocabtrim.models.load_pair``); the engine checks the drafter's support fits.
+    """
+
+    def __init__(self, target, drafter: Drafter | None = None, config: EngineConfig = EngineConfig()):
+        self.config = config
+        feature_layers = tuple(getattr(drafter, "feature_layers", ()) or ()) if drafter is not None else ()
+        self.target = ModelRunner(target, model_head(target), "target", feature_layers)
+        self.drafter = drafter
+        self.device = self.target.device
+        self.vocab = int(self.target.head.weight.shape[0])
+        support = getattr(drafter, "support", None)
+        if support is not None and int(support.max()) >= self.vocab:
+            raise UserError(f"the drafter proposes token id {int(support.max())} but the target has only {self.vocab} logits")
+        self.top_gamma = config.top_gamma if drafter is not None else 0
+        self.context_length = int(getattr(target.config, "max_position_embeddings", 0) or 0)
+        self.vocab_ids = torch.arange(self.vocab, device=self.device)
+        self.draft_ids = support.to(self.device) if support is not None else self.vocab_ids
+        self.eos = torch.tensor(sorted(set(int(t) for t in config.eos_token_ids)) or [-1], device=self.device)
+        self.last_stats = EngineStats()
+        self.last_controller: GammaController | None = None
+        if config.compile:
+            self._compile()
+
+    @property
+    def gamma(self) -> int:
+        """The largest gamma a step may use (0 without a drafter)."""
+        return self.top_gamma
+
+    def _compile(self) -> None:
+        runners = [self.target] + ([self.drafter.runner] if isinstance(getattr(self.drafter, "runner", None), ModelRunner) else [])
+        for r in runners:
+            r.forward_fn = torch.compile(r._forward, dynamic=True)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None) -> list[RowOutput]:
+        """Generate for every prompt (token ids); ``seeds[i]`` keys row i's randomness. Input order."""
+        outs: list[RowOutput | None] = [None] * len(prompts)
+        for i, out in self.stream(prompts, seeds, max_new_tokens):
+            outs[i] = out
+        return outs
+
+    @torch.inference_mode()
+    def stream(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None):
+        """Yield ``(index, RowOutput)`` for every prompt as it finishes (any order)."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: every row needs at least one token")
+        stats = EngineStats(batch_size=self.config.batch_size, gamma_hist=[0] * (self.top_gamma + 1))
+        self.last_stats = stats
+        if not prompts:
+            return
+        wall = time.perf_counter()
+        run = _Run(self, prompts, seeds, max_new_tokens or self.config.max_new_tokens, stats)
+        yield from run.loop()
+        stats.wall_seconds = time.perf_counter() - wall
+
+
+class _Run:
+    """The state of one ``Engine.stream`` call: slots, their rows, the controller."""
+
+    def __init__(self, engine: Engine, prompts, seeds, limit: int, stats: EngineStats):
+        self.e, self.prompts, self.limit, self.stats = engine, prompts, limit, stats
+        cfg = engine.config
+        dev = engine.device
+        self.slots = min(cfg.batch_size, len(prompts))
+        self.capacity = max(len(p) for p in prompts) + limit + engine.top_gamma + 1
+        engine.target.allocate(self.slots, self.capacity)
+        if engine.drafter is not None:
+            engine.drafter.allocate(self.slots, self.capacity)
+        self.history = torch.zeros((self.slots, self.capacity), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)
+        self.words = torch.zeros((self.slots, 2), dtype=torch.int32, device=dev)
+        self.seeds = torch.tensor([int(s) for s in seeds], dtype=torch.long)
+        s = self.slots
+        self.pos_np = np.zeros(s, dtype=np.int64)
+        self.start_np = np.zeros(s, dtype=np.int64)  # prompt length
+        self.gen_np = np.zeros(s, dtype=np.int64)  # tokens generated so far
+        self.row = np.full(s, -1, dtype=np.int64)  # prompt index held by each slot
+        self.proposed = np.zeros(s, dtype=np.int64)
+        self.passes = np.zeros(s, dtype=np.int64)
+        self.hist = np.zeros((s, engine.top_gamma + 1), dtype=np.int64)
+        self.waiting = deque(range(len(prompts)))
+        self.n = 0
+        self.controller = GammaController(engine.top_gamma, None if engine.drafter is None else cfg.gamma)
+        engine.last_controller = self.controller
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def loop(self):
+        self._admit(list(range(min(self.slots, len(self.waiting)))))
+        while self.n:
+            finished = self._step(self.controller.choose())
+            if finished:
+                yield from self._finish(finished)
+
+    def _finish(self, slots: list[int]):
+        done = []
+        for s in slots:
+            start, count = int(self.start_np[s]), int(self.gen_np[s])
+            tokens = self.history[s, start : start + count].tolist()
+            last_is_eos = bool(tokens) and tokens[-1] in self._eos_set()
+            hist = self.hist[s].tolist()
+            done.append((int(self.row[s]), RowOutput(
+                token_ids=tokens,
+                finish_reason="stop" if last_is_eos else "length",
+                proposed=int(self.proposed[s]),
+                accepted=int(sum(j * c for j, c in enumerate(hist))),
+                target_passes=int(self.passes[s]),
+                accepted_hist=hist,
+            )))
+            self.row[s] = -1
+        self.stats.generated_tokens += sum(len(o.token_ids) for _, o in done)
+        if self.e.drafter is not None:
+            self.e.drafter.release(slots)
+        free = sorted(slots)
+        take = free[: len(self.waiting)]
+        if take:
+            self._admit(take)
+        self._compact()
+        return done
+
+    def _eos_set(self) -> set[int]:
+        return set(int(t) for t in self.e.config.eos_token_ids)
+
+    def _compact(self) -> None:
+        """Move the highest live slots into the holes below, so live slots are 0..n-1."""
+        live = [s for s in range(self.slots) if self.row[s] >= 0]
+        n = len(live)
+        src = [s for s in live if s >= n]
+        dst = [s for s in range(n) if self.row[s] < 0]
+        if src:
+            index_src = torch.tensor(src, device=self.e.device)
+            index_dst = torch.tensor(dst, device=self.e.device)
+            self.e.target.move(index_src, index_dst)
+            if self.e.drafter is not None:
+                self.e.drafter.move(src, dst)
+            for t in (self.history, self.pos, self.words):
+                t.index_copy_(0, index_dst, t.index_select(0, index_src))
+            for a in (self.pos_np, self.start_np, self.gen_np, self.row, self.proposed, self.passes, self.hist):
+                a[dst] = a[src]
+            self.row[src] = -1
+        self.n = n
+
+    def _admit(self, slots: list[int]) -> None:
+        """Prefill the next waiting rows into ``slots`` together (each prompt but its last token)."""
+        e, dev = self.e, self.e.device
+        rows = [self.waiting.popleft() for _ in slots]
+        lengths = [len(self.prompts[r]) for r in rows]
+        width = max(lengths)
+        block = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            block[i, : lengths[i]] = torch.tensor(self.prompts[r], dtype=torch.long)
+        index = torch.tensor(slots, device=dev)
+        self.history[:, :width].index_copy_(0, index, block.to(dev))
+        self.pos.index_copy_(0, index, torch.tensor(lengths, device=dev) - 1)
+        self.words.index_copy_(0, index, seed_words(self.seeds[rows]).to(dev))
+        self.pos_np[slots] = np.asarray(lengths) - 1
+        self.start_np[slots] = lengths
+        self.gen_np[slots] = 0
+        self.row[slots] = rows
+        self.proposed[slots] = 0
+        self.passes[slots] = 0
+        self.hist[slots] = 0
+        t0 = time.perf_counter()
+        features = None
+        if width > 1:
+            fed = torch.tensor(lengths, device=dev) - 1
+            _, features = e.target.prefill(self.history.index_select(0, index)[:, : width - 1], fed, index)
+        if e.drafter is not None:
+            e.drafter.admit(slots, self.history, lengths, features)
+        _sync(dev)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.n = max(self.n, max(slots) + 1)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _step(self, gamma: int) -> list[int]:
+        e, cfg, n = self.e, self.e.config, self.n
+        params = cfg.sampling
+        dev = e.device
+        pos = self.pos[:n]
+        words = self.words[:n]
+        pending = self.history[:n].gather(1, pos[:, None])  # [n, 1]
+        pos_host = self.pos_np[:n].copy()
+
+        t0 = time.perf_counter()
+        q = None
+        if gamma > 0:
+            proposal = e.drafter.propose(DraftBatch(
+                n=n, gamma=gamma, pending=pending[:, 0], pos=pos, pos_host=pos_host.tolist(),
+                history=self.history, choose=self._choose(pos, words),
+            ))
+            drafts, q = proposal.tokens, proposal.q
+            tokens = torch.cat([pending, drafts], dim=1)  # [n, G+1]
+        else:
+            drafts = pending[:, :0]
+            tokens = pending
+        _sync(dev)
+        t1 = time.perf_counter()
+
+        positions = pos[:, None] + torch.arange(gamma + 1, device=dev)[None]  # [n, G+1]
+        hidden, features = e.target.step(tokens, positions, attend_length(int(pos_host.max()) + gamma, self.capacity))
+        logits = e.target.head.logits(hidden)  # [n, G+1, V]
+        out_positions = positions + 1  # the position of the token each verified slot predicts
+        if params.greedy or cfg.sampler == "gumbel":
+            noise = None if params.greedy else gumbel_noise(noise_keys(words, out_positions, STREAM_GUMBEL), e.vocab_ids)
+            verdict = verify_exact(drafts, gumbel_argmax(logits, params, noise))
+        else:
+            p = logits_to_probs(logits, params)
+            u_recover = noise_uniform(noise_keys(words, out_positions, STREAM_RECOVER))  # [n, G+1]
+            if gamma > 0:
+                u_accept = noise_uniform(noise_keys(words, out_positions[:, :gamma], STREAM_ACCEPT))
+                verdict = verify_sampled(drafts, q, p, u_accept, u_recover, e.drafter.support)
+            else:
+                verdict = verify_exact(drafts, sample_from_probs(p[:, 0], u_recover[:, 0])[:, None])
+        accepted, next_token = verdict.accepted, verdict.next_token
+
+        # Write the step's tokens by position: drafts (the rejected ones are overwritten later), then
+        # the next token right after the accepted ones.
+        if gamma > 0:
+            self.history[:n].scatter_(1, positions[:, 1:], drafts)
+        new_pos = pos + accepted + 1
+        self.history[:n].scatter_(1, new_pos[:, None], next_token[:, None])
+        # Which tokens the row keeps: up to and including its first EOS, and at most up to the limit.
+        emitted = self.history[:n].gather(1, out_positions)  # [n, G+1]; valid where j <= accepted
+        j = torch.arange(gamma + 1, device=dev)[None]
+        is_eos = torch.isin(emitted, e.eos) & (j <= accepted[:, None])
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), gamma + 1)
+        room = self.limit - torch.as_tensor(self.gen_np[:n], device=dev)
+        kept = torch.minimum(torch.minimum(accepted + 1, first_eos + 1), room)
+        stopped = (first_eos + 1 <= kept) | (kept >= room)
+        self.pos[:n] = new_pos
+        result = torch.stack([accepted, kept, stopped.long()], dim=1).cpu().numpy()  # the one transfer
+        t2 = time.perf_counter()
+
+        acc, kept_np, stop_np = result[:, 0], result[:, 1], result[:, 2]
+        self.pos_np[:n] += acc + 1
+        self.gen_np[:n] += kept_np
+        self.proposed[:n] += gamma
+        self.passes[:n] += 1
+        self.hist[np.arange(n), acc] += 1
+        if e.drafter is not None:
+            e.drafter.commit(CommitInfo(
+                n=n, gamma=gamma, pos=pos, pos_host=pos_host.tolist(), accepted=accepted,
+                accepted_host=acc.tolist(), features=features,
+            ))
+        self.controller.observe(gamma, acc, t1 - t0, t2 - t1)
+        st = self.stats
+        st.drafter_seconds += t1 - t0
+        st.drafter_forwards += gamma
+        st.target_seconds += t2 - t1
+        st.target_passes += 1
+        st.rows_stepped += n
+        st.gamma_hist[gamma] += 1
+        return np.flatnonzero(stop_np).tolist()
+
+    def _choose(self, pos: torch.Tensor, words: torch.Tensor):
+        """The sampler's rule for the drafter's i-th draft (at position pos + i + 1)."""
+        e, cfg = self.e, self.e.config
+        params = cfg.sampling
+
+        def choose(logits: torch.Tensor, i: int):
+            at = (pos + i + 1)[:, None]
+            if params.greedy:
+                return logits.argmax(-1), None
+            if cfg.sampler == "gumbel":
+                noise = gumbel_noise(noise_keys(words, at, STREAM_GUMBEL), e.draft_ids)[:, 0]
+                return gumbel_argmax(logits, params, noise), None
+            q = logits_to_probs(logits, params)
+            return sample_from_probs(q, noise_uniform(noise_keys(words, at, STREAM_DRAFT))[:, 0]), q
+
+        return choose
