@@ -412,3 +412,56 @@ def test_specforge_export_of_a_plain_head(tmp_path):
     assert m["d2t"].tolist() == [0, 1, 3, 6] and m["t2d"].tolist() == [i in (0, 2, 5, 9) for i in range(12)]
     with pytest.raises(UserError):
         export_specforge(torch.tensor([0, 12]), 12, str(tmp_path / "bad.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# In the engine: greedy identity and chi-square losslessness
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eagle_pair(tiny, tmp_path_factory):
+    """load_pair on the saved tiny target and a SpecForge-layout EAGLE-3 folder."""
+    from vocabtrim.models import load_pair
+
+    folder = write_specforge_checkpoint(tmp_path_factory.mktemp("e3pair") / "d", tiny["target"], tiny["draft_ids"], std=0.3)
+    return load_pair(tiny["target_dir"], str(folder), dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("batch_size, gamma", [(1, 3), (3, None), (8, 2)])
+def test_engine_greedy_output_with_an_eagle3_drafter_is_the_targets(tiny, eagle_pair, batch_size, gamma):
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT * 2]
+    alone = make_engine(eagle_pair.target, None, batch_size=batch_size, max_new_tokens=12).generate(prompts, list(range(len(prompts))))
+    engine = make_engine(eagle_pair.target, eagle_pair.drafter, batch_size=batch_size, max_new_tokens=12, gamma=gamma, max_gamma=4)
+    assert isinstance(engine.drafter, Eagle3Drafter)
+    spec = engine.generate(prompts, list(range(len(prompts))))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert sum(o.proposed for o in spec) > 0
+
+
+@pytest.mark.parametrize("sampler", ["rejection", "gumbel"])
+@torch.no_grad()
+def test_engine_with_an_eagle3_drafter_samples_exactly_the_targets_distribution(tiny, eagle_pair, sampler):
+    """Second generated token's marginal, sum_x1 p(x1) p(x2 | x1), against 3,000 rows (gamma 2, T = 1)."""
+    from stats import chi_square_pvalue
+
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+
+    target = eagle_pair.target
+    prompt = tiny["tokenizer"]("the quick brown")["input_ids"]
+    n = 3000
+    engine = make_engine(target, eagle_pair.drafter, batch_size=100, max_new_tokens=2, gamma=2, sampler=sampler,
+                         sampling=SamplingParams(temperature=1.0))
+    outs = engine.generate([prompt] * n, list(range(n)))
+    V = tiny["V"]
+    first = torch.tensor([o.token_ids[0] for o in outs])
+    second = torch.tensor([o.token_ids[1] for o in outs])
+    p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    batch = torch.cat([torch.tensor([prompt]).expand(V, -1), torch.arange(V)[:, None]], dim=1)
+    p2 = (p1[:, None] * torch.softmax(target(batch).logits[:, -1].float(), -1)).sum(0)
+    assert chi_square_pvalue(torch.bincount(first, minlength=V), p1) > 1e-3
+    assert chi_square_pvalue(torch.bincount(second, minlength=V), p2) > 1e-3
