@@ -465,3 +465,54 @@ def test_engine_with_an_eagle3_drafter_samples_exactly_the_targets_distribution(
     p2 = (p1[:, None] * torch.softmax(target(batch).logits[:, -1].float(), -1)).sum(0)
     assert chi_square_pvalue(torch.bincount(first, minlength=V), p1) > 1e-3
     assert chi_square_pvalue(torch.bincount(second, minlength=V), p2) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# train-drafter on a tiny target
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(tiny, tmp_path, ray_local, capsys):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiny import corpus_rows, count_tokens
+    from vocabtrim import histogram
+    from vocabtrim.cli import main as cli
+    from vocabtrim.engine import make_engine
+    from vocabtrim.models import load_pair, tokenizer_fingerprint
+
+    tok = tiny["tokenizer"]
+    rows = corpus_rows(160, seed=1)
+    pq.write_table(pa.table({"text": rows}), tmp_path / "corpus.parquet")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    histogram.save(count_tokens(tok, rows).astype(np.int64), str(calib / "histogram.parquet"))
+    (calib / "manifest.json").write_text(json.dumps({"kind": "vocabtrim-histogram", "version": 1,
+                                                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "source": "corpus"}))
+    out = tmp_path / "drafter"
+    args = ["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "corpus.parquet"), "--histogram", str(calib),
+            "--top-k", "128", "--batch-size", "8", "--ttt-length", "2", "--learning-rate", "3e-3", "--held-out", "0.2",
+            "--no-progress", "--out", str(out)]
+    assert cli([*args, "--epochs", "4"]) == 0
+    assert "held-out acceptance" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    runs = m["epochs_run"]
+    assert len(runs) == 4 and m["draft_vocab_size"] == 128 and m["shards_extracted"] == m["shards"] == 5
+    assert runs[-1]["loss"] < 0.8 * runs[0]["first_loss"]
+    assert runs[-1]["held_out_loss"] < runs[0]["held_out_loss"]
+    assert runs[-1]["held_out_acceptance"] > runs[0]["held_out_acceptance"]
+    # The checkpoint is SpecForge's layout and the engine runs it; greedy output stays the target's.
+    pair = load_pair(tiny["target_dir"], str(out), dtype="float32", device="cpu")
+    assert pair.drafter.config.draft_vocab_size == 128
+    prompts = [tok(t)["input_ids"] for t in rows[:4]]
+    alone = make_engine(pair.target, None, batch_size=4, max_new_tokens=10).generate(prompts, [0, 1, 2, 3])
+    spec = make_engine(pair.target, pair.drafter, batch_size=4, max_new_tokens=10, gamma=3).generate(prompts, [0, 1, 2, 3])
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    # A rerun with one more epoch resumes: no feature extracted again, one epoch trained.
+    assert cli([*args, "--epochs", "5"]) == 0
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert m2["shards_extracted"] == 0 and [r["epoch"] for r in m2["epochs_run"]] == [5]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert int(state["epoch"]) == 5
