@@ -273,7 +273,8 @@ def drive(target, drafter, prompts, *, max_new: int, gammas, check=None, drop_fi
             features[r] = f[p : p + G + 1]
             accepted.append(a)
             accepted_total += a
-        drafter.commit(CommitInfo(m, G, pos_t, torch.tensor(accepted), accepted, features))
+        drafter.commit(CommitInfo(n=m, gamma=G, pos=pos_t, pos_host=list(pos[:m]), accepted=torch.tensor(accepted),
+                                  accepted_host=accepted, features=features))
         for r in range(m):
             pos[r] += accepted[r] + 1
         step += 1

@@ -511,9 +511,8 @@ def load_eagle3(
     state["lm_head.weight"] = tensors["lm_head.weight"][order]
     state["d2t"] = ids[order] - torch.arange(K)
     state["t2d"] = mask
+    model.to(dtype or tensors["lm_head.weight"].dtype)  # the checkpoint's own dtype unless told otherwise
     model.load_state_dict(state, strict=True)
-    if dtype is not None:
-        model.to(dtype)
     if device is not None:
         model.to(device)
     if target_embedding is not None and not with_embedding:

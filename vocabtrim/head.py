@@ -384,10 +384,13 @@ def build_head(config: BuildHeadConfig) -> dict:
 
 def _eagle3_tokenizer(config: BuildHeadConfig):
     """An EAGLE-3 folder's own tokenizer, else ``--target``'s (SpecForge checkpoints carry none)."""
-    from vocabtrim.models import load_tokenizer
+    from vocabtrim.models import BUNDLED, BUNDLED_EAGLE3, eagle3_folder, load_tokenizer
 
-    if (Path(config.drafter).expanduser() / "tokenizer_config.json").is_file():
-        return load_tokenizer(config.drafter, config.trust_remote_code)
+    folder = eagle3_folder(config.drafter)
+    if (Path(folder).expanduser() / "tokenizer_config.json").is_file():
+        return load_tokenizer(folder, config.trust_remote_code)
+    if config.target is None and config.drafter == BUNDLED_EAGLE3:
+        return load_tokenizer(BUNDLED, config.trust_remote_code)
     if config.target is None:
         raise UserError(f"the EAGLE-3 folder {config.drafter} has no tokenizer: pass --target MODEL (its target)")
     return load_tokenizer(config.target, config.trust_remote_code)
@@ -416,7 +419,9 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
         )
     if config.drafter_layers is not None:
         raise UserError("--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it")
-    model = eagle3.load_eagle3(config.drafter, target_vocab=len(tokenizer) if len(tokenizer) > 0 else None, dtype=None)
+    from vocabtrim.models import eagle3_folder
+
+    model = eagle3.load_eagle3(eagle3_folder(config.drafter), target_vocab=None)
     vocab = model.config.vocab_size
     counts = histogram.load(hist_path)
     counts = np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)])
@@ -435,7 +440,7 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     out = os.fspath(config.out)
     storage.makedirs(out)
     eagle3.save_eagle3(trimmed, out)
-    src = Path(config.drafter).expanduser()
+    src = Path(eagle3_folder(config.drafter)).expanduser()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (src / name).is_file() and storage.is_local(out):
             shutil.copyfile(src / name, Path(storage.local_path(out)) / name)

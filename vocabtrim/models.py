@@ -405,11 +405,30 @@ def load_drafter(
 # ---------------------------------------------------------------------------------------------
 
 
+BUNDLED_EAGLE3 = "smollm2-135m-eagle3"
+
+
+def bundled_eagle3_path() -> Path:
+    """The EAGLE-3 drafter for the bundled model that ships in the package (trained with train-drafter)."""
+    return Path(__file__).resolve().parent / "data" / BUNDLED_EAGLE3
+
+
 def is_eagle3(name: str | None) -> bool:
-    """True when ``name`` is an EAGLE-3 checkpoint folder (config.json architectures ``LlamaForCausalLMEagle3``)."""
+    """True when ``name`` is an EAGLE-3 checkpoint folder (config.json architectures ``LlamaForCausalLMEagle3``)
+    or the bundled ``smollm2-135m-eagle3``."""
     from vocabtrim.eagle3 import is_eagle3_folder
 
-    return is_eagle3_folder(name)
+    return name == BUNDLED_EAGLE3 or is_eagle3_folder(name)
+
+
+def eagle3_folder(name: str) -> str:
+    """The folder of an EAGLE-3 drafter name (the bundled one's inside the package)."""
+    if name == BUNDLED_EAGLE3:
+        path = bundled_eagle3_path()
+        if not (path / "config.json").is_file():
+            raise UserError(f"the bundled drafter {BUNDLED_EAGLE3} is missing from this installation ({path})")
+        return str(path)
+    return name
 
 
 def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_remote_code: bool = False):
@@ -418,6 +437,7 @@ def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_rem
     folder, when there is one, must be the target's."""
     from vocabtrim.eagle3 import load_eagle3
 
+    name = eagle3_folder(name)
     if target_tokenizer is not None and (Path(name).expanduser() / "tokenizer_config.json").is_file():
         check_pair(target_tokenizer, load_tokenizer(name, trust_remote_code))
     embedding = target_model.get_input_embeddings().weight
