@@ -392,21 +392,24 @@ class DrafterTrainer:
         bs = self.cfg.batch_size
         return [[rows[i] for i in order[k : k + bs]] for k in range(0, len(rows), bs)]
 
-    def train_epoch(self, progress_every: int = 1):
-        """One epoch over the training shards; yields nothing, returns the epoch's mean loss and accuracy."""
+    def begin_epoch(self) -> int:
+        """Shuffle this epoch's batches (seeded by the epoch); returns how many steps it has."""
+        c = self.cfg
+        batches = self._batches(self.train_ids, np.random.default_rng(c.seed + self.epoch))
+        self._epoch = batches[: c.max_steps] if c.max_steps is not None else batches
+        self._cursor, self._losses, self._correct, self._counted = 0, [], 0, 0
+        return len(self._epoch)
+
+    def train_steps(self, k: int) -> dict:
+        """Up to ``k`` optimizer steps of the current epoch: their mean loss and step-0 acceptance."""
         import torch
 
         c = self.cfg
-        rng = np.random.default_rng(c.seed + self.epoch)
-        batches = self._batches(self.train_ids, rng)
-        if c.max_steps is not None:
-            batches = batches[: c.max_steps]
         self.model.train()
         self.model.requires_grad_(True)
         losses, correct, counted = [], 0, 0
-        for rows in batches:
-            batch = pad_rows(rows)
-            loss, stats = ttt_loss(self.model, batch, self.target_head, c.ttt_length)
+        for rows in self._epoch[self._cursor : self._cursor + k]:
+            loss, stats = ttt_loss(self.model, pad_rows(rows), self.target_head, c.ttt_length)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
@@ -415,16 +418,31 @@ class DrafterTrainer:
             losses.append(float(loss))
             correct += stats[0][0]
             counted += stats[0][1]
+        self._cursor += len(losses)
+        self._losses += losses
+        self._correct += correct
+        self._counted += counted
         self.model.eval()
         self.model.requires_grad_(False)
+        return {"steps": len(losses), "loss": float(np.mean(losses)) if losses else None,
+                "train_acceptance": correct / counted if counted else None, "done": self._cursor >= len(self._epoch)}
+
+    def end_epoch(self) -> dict:
+        """Evaluate on the held-out shards, write the drafter and the resume state; the epoch's record."""
+        losses = self._losses
         self.epoch += 1
-        held = self.evaluate()
         record = {"epoch": self.epoch, "steps": self.step, "loss": float(np.mean(losses)) if losses else None,
                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                  "train_acceptance": correct / counted if counted else None, **held}
+                  "train_acceptance": self._correct / self._counted if self._counted else None, **self.evaluate()}
         self.history.append(record)
         self._save()
         return record
+
+    def train_epoch(self) -> dict:
+        self.begin_epoch()
+        while not self.train_steps(1 << 30)["done"]:
+            pass
+        return self.end_epoch()
 
     def evaluate(self) -> dict:
         """Held-out acceptance: greedy agreement with the target per TTT step, on the held-out shards."""
@@ -576,13 +594,23 @@ def run_train(config: TrainConfig) -> dict:
         history = []
         try:
             while epoch < c.epochs:
-                record = ray.get(trainer.train_epoch.remote())
+                steps = ray.get(trainer.begin_epoch.remote())
+                done = 0
+                while True:
+                    part = ray.get(trainer.train_steps.remote(max(1, min(20, steps // 20 or 1))))
+                    done += part["steps"]
+                    if part["loss"] is not None:
+                        bar.set_postfix(step=f"{done}/{steps}", loss=f"{part['loss']:.3f}",
+                                        acceptance=f"{part['train_acceptance']:.3f}" if part["train_acceptance"] is not None else "-")
+                    if part["done"]:
+                        break
+                record = ray.get(trainer.end_epoch.remote())
                 history.append(record)
                 epoch = record["epoch"]
-                bar.update(1)
                 acc = record["held_out_acceptance"]
                 bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "-",
                                 held_out_acceptance=f"{acc:.3f}" if acc is not None else "-", refresh=False)
+                bar.update(1)
                 log.info("epoch %d: %s", epoch, record)
         finally:
             bar.close()
