@@ -517,3 +517,20 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert m2["shards_extracted"] == 0 and [r["epoch"] for r in m2["epochs_run"]] == [5]
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert int(state["epoch"]) == 5
+
+
+def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_path, capsys):
+    from vocabtrim.cli import main as cli
+
+    other = make_tokenizer(vocab_size=280)
+    calib, _ = _calibration(tmp_path / "calib", other)
+    (tmp_path / "c.txt").write_text("hello world\n")
+    base = ["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o")]
+    assert cli([*base, "--histogram", calib, "--top-k", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "counted with another tokenizer" in err and err.count("\n") == 1
+    good, _ = _calibration(tmp_path / "calib2", tiny["tokenizer"])
+    assert cli([*base, "--histogram", good, "--top-k", "100000"]) == 2
+    assert "--top-k must be at most the target's vocabulary" in capsys.readouterr().err
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--ttt-length", "0"]) == 2
+    assert "--ttt-length must be >= 1" in capsys.readouterr().err
