@@ -1,15 +1,18 @@
-"""Engine benchmark on the bundled SmolLM2-135M: target alone, speculative decoding with the full and
-a trimmed (K ids) drafter head, and Hugging Face assisted generation. Prints a Markdown table.
+"""Engine benchmark on the bundled SmolLM2-135M: the engine as it was against the new one, side by side.
 
-    python benchmarks/bench_engine.py                       # the README table (about 15 min on 2 cores)
-    python benchmarks/bench_engine.py --quick               # a 1-minute smoke run
+    git worktree add /tmp/vocabtrim-old 5540749          # the last main with the old engine
+    python benchmarks/bench_engine.py --old-tree /tmp/vocabtrim-old
 
-All runs are greedy (temperature 0) and ignore EOS, so every configuration generates exactly
-``--max-new-tokens`` tokens per prompt, and each speculative output is checked token for token
-against target alone ("same" column). The trimmed head keeps the K ids the target itself emits most
-often on *other* prompts (calibration prompts disjoint from the evaluation prompts) plus the special
-tokens. Timings are wall-clock over all evaluation prompts after a warm-up; ratios compare rows of
-one run (absolute times drift between runs and machines).
+Prints one Markdown table per case; every case runs its settings interleaved, ``--rounds`` times, each
+setting in a fresh process (1 compute thread), and reports the range over rounds:
+- ``bulk``: an EOS-terminated bulk job (the shipped chat prompts, ``--max-new-tokens`` 256, batch 8,
+  greedy, target alone): the old engine (static batches of 8 length-sorted rows, as its generate
+  workers ran them) against the new one (continuous batching). Tokens/s inside the engine, and the new
+  engine's batch occupancy. Completions must be identical (the "same" column).
+- ``auto``: the new engine, target alone against ``--gamma auto`` with the 4-layer truncated drafter
+  (and its trimmed head), same prompts and batch.
+- ``compile``: the new engine, eager against ``--compile``, batch 1 and 8, target alone (the compile
+  time is reported apart, not counted in tokens/s).
 """
 
 from __future__ import annotations
@@ -17,179 +20,184 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from importlib import resources
 
-import pyarrow.parquet as pq
-import torch
-
-from vocabtrim.head import head_from_ids
-from vocabtrim.models import load_pair, truncate_layers
-from vocabtrim.sampling import SamplingParams
-from vocabtrim.speculative import SpeculativeEngine
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def shipped_prompts(tokenizer) -> tuple[list[list[int]], list[str]]:
+def shipped_prompts(tokenizer, n: int) -> list[list[int]]:
+    import pyarrow.parquet as pq
+
     table = pq.read_table(resources.files("vocabtrim") / "data" / "prompts.parquet")
-    ids, kinds = [], []
-    for row in table.to_pylist():
-        ids.append(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False))
-        kinds.append(row["kind"])
-    return ids, kinds
+    rows = table.to_pylist()[:n]
+    return [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+            for r in rows]
 
 
-def split_prompts(prompts, kinds, n_eval, n_calib):
-    """Interleave kinds so both sets are varied; evaluation and calibration prompts are disjoint."""
-    order = sorted(range(len(prompts)), key=lambda i: (i % 7, i))
-    by_kind: dict[str, list[int]] = {}
-    for i in order:
-        by_kind.setdefault(kinds[i], []).append(i)
-    mixed = [i for group in zip(*by_kind.values()) for i in group]
-    return [prompts[i] for i in mixed[:n_eval]], [prompts[i] for i in mixed[n_eval : n_eval + n_calib]]
+# ---------------------------------------------------------------------------------------------
+# One setting, in its own process
+# ---------------------------------------------------------------------------------------------
 
 
-def run_engine(engine, prompts, batch_size):
-    """Generate for all prompts in chunks; return (outputs, wall seconds, summed engine stats)."""
-    outs, drafter_s, drafter_n = [], 0.0, 0
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        outs.extend(engine.generate(chunk, list(range(i, i + len(chunk)))))
-        drafter_s += engine.last_stats.drafter_seconds
-        drafter_n += engine.last_stats.drafter_forwards
-    wall = time.perf_counter() - start
-    return outs, wall, (1000.0 * drafter_s / drafter_n if drafter_n else None)
+def run_setting(spec: dict) -> dict:
+    import torch
 
+    torch.set_num_threads(spec["threads"])
+    from vocabtrim.models import load_pair
 
-def summarise(name, outs, wall, drafter_ms, reference=None):
+    pair = load_pair("smollm2-135m", drafter_layers=spec.get("drafter_layers"), dtype="float32", device="cpu",
+                     need_drafter=spec.get("drafter_layers") is not None)
+    tok = pair.tokenizer
+    prompts = shipped_prompts(tok, spec["prompts"])
+    eos = [tok.eos_token_id]
+    limit = spec["max_new_tokens"]
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    prompts = [prompts[i] for i in order]
+    seeds = list(range(len(prompts)))
+    result = {}
+    if spec["engine"] == "old":
+        from vocabtrim.sampling import SamplingParams
+        from vocabtrim.speculative import SpeculativeEngine
+
+        engine = SpeculativeEngine(pair.target, None, sampling=SamplingParams(temperature=0), eos_token_ids=eos,
+                                   max_new_tokens=limit, pad_token_id=tok.pad_token_id)
+        engine.generate(prompts[:2], seeds[:2], max_new_tokens=4)  # warm-up
+        outs, start = [], time.perf_counter()
+        b = spec["batch_size"]
+        for i in range(0, len(prompts), b):
+            outs.extend(engine.generate(prompts[i : i + b], seeds[i : i + b]))
+        seconds = time.perf_counter() - start
+    else:
+        from vocabtrim.engine import make_engine
+        from vocabtrim.engine.sampling import SamplingParams
+        from vocabtrim.head import head_from_ids
+
+        head = None
+        if spec.get("top_k") and pair.drafter is not None:
+            head = head_from_ids(pair.drafter, trimmed_ids(pair, tok, spec["top_k"]))
+        engine = make_engine(pair.target, pair.drafter, head, sampling=SamplingParams(temperature=0),
+                             gamma=spec.get("gamma"), max_gamma=spec.get("max_gamma", 6), batch_size=spec["batch_size"],
+                             eos_token_ids=tuple(eos), max_new_tokens=limit, compile=spec.get("compile", False))
+        t = time.perf_counter()
+        engine.generate(prompts[: spec["batch_size"]], seeds[: spec["batch_size"]], max_new_tokens=8)  # warm-up (and compile)
+        result["warmup_s"] = time.perf_counter() - t
+        start = time.perf_counter()
+        outs = engine.generate(prompts, seeds)
+        seconds = time.perf_counter() - start
+        st = engine.last_stats
+        result.update(occupancy=st.occupancy, gamma_hist=st.gamma_hist,
+                      drafted_share=sum(st.gamma_hist[1:]) / max(1, st.target_passes))
     tokens = sum(len(o.token_ids) for o in outs)
-    passes = sum(o.target_passes for o in outs)
     proposed = sum(o.proposed for o in outs)
-    row = {
-        "config": name,
-        "tokens_per_s": tokens / wall,
-        "acceptance": (sum(o.accepted for o in outs) / proposed) if proposed else None,
-        "tokens_per_target_pass": tokens / passes if passes else None,
-        "drafter_step_ms": drafter_ms,
-        "wall_s": wall,
-        "tokens": tokens,
-    }
-    if reference is not None:
-        row["same"] = all(o.token_ids == r.token_ids for o, r in zip(outs, reference))
-    return row
+    result.update(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+                  acceptance=sum(o.accepted for o in outs) / proposed if proposed else None,
+                  completions=[o.token_ids for o in outs])
+    return result
 
 
-def hf_assisted(target, drafter, prompts, max_new_tokens, pad_id):
-    """Hugging Face assisted generation, batch 1 (all it supports), greedy, EOS ignored."""
-    from transformers import GenerationConfig
+def trimmed_ids(pair, tok, k: int) -> list[int]:
+    """The K ids the target emits most on the shipped prompts after the first 256 (disjoint from the
+    benchmark's prompts), plus the special tokens."""
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+    from vocabtrim.head import special_token_ids
 
-    # eos_token_id=None: like our runs, EOS is an ordinary token and every prompt gets max_new_tokens.
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=None)
-    outs = []
-    start = time.perf_counter()
-    for p in prompts:
-        x = torch.tensor([p])
-        y = target.generate(x, generation_config=config, assistant_model=drafter)
-        outs.append(y[0, len(p):].tolist())
-    return outs, time.perf_counter() - start
-
-
-def top_k_ids(counts: Counter, k: int, vocab: int, specials) -> list[int]:
-    """The K most frequent ids (ties and unseen ids filled by lowest id), plus the special tokens."""
-    ranked = sorted(range(vocab), key=lambda t: (-counts.get(t, 0), t))
-    return sorted(set(ranked[:k]) | set(specials))
+    calib = shipped_prompts(tok, 320)[256:]
+    engine = make_engine(pair.target, sampling=SamplingParams(temperature=0.7), batch_size=16, max_new_tokens=64,
+                         eos_token_ids=(tok.eos_token_id,))
+    counts = Counter(t for o in engine.generate(calib, list(range(len(calib)))) for t in o.token_ids)
+    ids = [t for t, _ in counts.most_common(k)]
+    ids += [i for i in range(k) if i not in counts][: max(0, k - len(ids))]  # fill with low ids (common BPE merges)
+    return sorted(set(ids) | set(special_token_ids(tok)))[: max(k, len(special_token_ids(tok)))]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--layers", default="4,8", help="drafter depths (first N layers of the target)")
-    ap.add_argument("--gammas", default="3,4,5")
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--batch1-gammas", default="4", help="gammas run at batch 1 (batch 1 is slow on CPU)")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--calib-prompts", type=int, default=48)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--k", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face assisted generation")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the rows here")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.layers, args.gammas, args.batch1_gammas = "4", "4", "4"
-        args.prompts, args.calib_prompts, args.max_new_tokens = 4, 8, 16
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def in_process(spec: dict, old_tree: str | None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    if spec["engine"] == "old":
+        env["PYTHONPATH"] = old_tree
+    else:
+        env["PYTHONPATH"] = os.path.dirname(HERE)
+    out = subprocess.run([sys.executable, __file__, "--setting", json.dumps(spec)], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"setting {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    pair = load_pair(args.model, need_drafter=False)
-    target, tok = pair.target, pair.tokenizer
-    vocab = target.get_output_embeddings().weight.shape[0]
-    prompts, kinds = shipped_prompts(tok)
-    eval_prompts, calib_prompts = split_prompts(prompts, kinds, args.prompts, args.calib_prompts)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    greedy = SamplingParams(temperature=0)
 
-    # Calibration: what the target itself emits on other prompts (sampled, for variety).
-    calib_engine = SpeculativeEngine(target, None, sampling=SamplingParams(temperature=0.7), max_new_tokens=args.max_new_tokens)
-    counts: Counter = Counter()
-    for i in range(0, len(calib_prompts), 8):
-        for o in calib_engine.generate(calib_prompts[i : i + 8], list(range(i, i + 8))[: len(calib_prompts[i : i + 8])]):
-            counts.update(o.token_ids)
-    specials = [t for t in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if t is not None]
-    specials += tok.convert_tokens_to_ids(tok.all_special_tokens)
-    kept = top_k_ids(counts, args.k, vocab, specials)
-    print(f"# calibration: {sum(counts.values())} target tokens on {len(calib_prompts)} prompts, "
-          f"{len(counts)} distinct ids; head keeps {len(kept)} ids", flush=True)
+# ---------------------------------------------------------------------------------------------
+# Cases and the table
+# ---------------------------------------------------------------------------------------------
 
-    rows = []
-    warm = eval_prompts[:1]
-    for b in batch_sizes:
-        base = SpeculativeEngine(target, None, sampling=greedy, max_new_tokens=args.max_new_tokens)
-        base.generate(warm, [0], max_new_tokens=4)
-        ref, wall, _ = run_engine(base, eval_prompts, b)
-        rows.append({"batch": b, **summarise("target alone", ref, wall, None)})
-        print(rows[-1], flush=True)
-        gammas = args.gammas if b > 1 else args.batch1_gammas
-        for n in (int(x) for x in args.layers.split(",")):
-            drafter = truncate_layers(target, n)
-            head = head_from_ids(drafter, kept)
-            for g in (int(x) for x in gammas.split(",")):
-                for label, h in (("full head", None), (f"K={len(kept)} head", head)):
-                    eng = SpeculativeEngine(target, drafter, h, gamma=g, sampling=greedy, max_new_tokens=args.max_new_tokens)
-                    eng.generate(warm, [0], max_new_tokens=4)
-                    outs, wall, dms = run_engine(eng, eval_prompts, b)
-                    rows.append({"batch": b, **summarise(f"{n}-layer drafter, {label}, gamma {g}", outs, wall, dms, ref)})
-                    print(rows[-1], flush=True)
-            if b == 1 and not args.no_hf:
-                outs, wall = hf_assisted(target, drafter, eval_prompts, args.max_new_tokens, tok.pad_token_id)
-                tokens = sum(len(o) for o in outs)
-                rows.append({"batch": 1, "config": f"HF assisted generation, {n}-layer drafter", "tokens_per_s": tokens / wall,
-                             "acceptance": None, "tokens_per_target_pass": None, "drafter_step_ms": None, "wall_s": wall,
-                             "tokens": tokens, "same": all(o == r.token_ids for o, r in zip(outs, ref))})
-                print(rows[-1], flush=True)
 
-    base_tps = {r["batch"]: r["tokens_per_s"] for r in rows if r["config"] == "target alone"}
-    hf_tps = {r["config"].split(", ")[1]: r["tokens_per_s"] for r in rows if r["config"].startswith("HF")}
-    fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
-    load = os.getloadavg()
-    print()
-    print(f"Load average at the end: {load[0]:.2f} (1 min), {load[2]:.2f} (15 min) on {os.cpu_count()} cores.")
-    print(f"Bundled {args.model}, {args.threads} threads, greedy, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens "
-          f"(EOS ignored), head K={len(kept)}.")
-    print()
-    print("| batch | configuration | tokens/s | × target alone | × HF assisted | acceptance | tokens / target pass | drafter step ms | same as target |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        layer = next((k for k in hf_tps if r["config"].startswith(k.replace("-layer drafter", "-layer"))), None)
-        vs_hf = r["tokens_per_s"] / hf_tps[layer] if layer and not r["config"].startswith("HF") else None
-        print(f"| {r['batch']} | {r['config']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base_tps[r['batch']]:.2f} | "
-              f"{fmt(vs_hf, '.2f')} | {fmt(r['acceptance'], '.3f')} | {fmt(r['tokens_per_target_pass'], '.2f')} | "
-              f"{fmt(r['drafter_step_ms'], '.1f')} | {'yes' if r.get('same', True) else 'NO'} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+def fmt_range(values, spec=".1f"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return format(lo, spec) if abs(hi - lo) < 1e-9 else f"{format(lo, spec)}–{format(hi, spec)}"
+
+
+def run_case(name: str, settings: dict[str, dict], rounds: int, old_tree: str | None, baseline: str) -> str:
+    results: dict[str, list[dict]] = {k: [] for k in settings}
+    for r in range(rounds):
+        for label, spec in settings.items():
+            results[label].append(in_process(spec, old_tree))
+            print(f"[{name}] round {r + 1}: {label} {results[label][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    lines = [f"### {name}", "", "| setting | tokens/s | × " + baseline + " | acceptance | drafted steps | occupancy | same as " + baseline + " |",
+             "|---|---|---|---|---|---|---|"]
+    base = results[baseline]
+    for label, runs in results.items():
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs, base)]
+        same = all(a["completions"] == b["completions"] for a, b in zip(runs, base))
+        lines.append(
+            f"| {label} | {fmt_range([x['tokens_per_s'] for x in runs])} | {fmt_range(ratios, '.2f')}× | "
+            f"{fmt_range([x['acceptance'] for x in runs], '.3f')} | {fmt_range([x.get('drafted_share') for x in runs], '.2f')} | "
+            f"{fmt_range([x.get('occupancy') for x in runs], '.2f')} | {'yes' if same else 'NO'} |"
+        )
+    warm = {k: [x.get("warmup_s") for x in v] for k, v in results.items() if any(x.get("warmup_s") for x in v)}
+    if name == "compile":
+        lines += ["", "warm-up seconds (compile included): " + "; ".join(f"{k} {fmt_range(v)}" for k, v in warm.items())]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", help=argparse.SUPPRESS)
+    ap.add_argument("--old-tree", help="a checkout of the old engine (for the bulk case)")
+    ap.add_argument("--cases", default="bulk,auto,compile")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top-k", type=int, default=8192, help="K of the trimmed head in the auto case")
+    args = ap.parse_args()
+    if args.setting:
+        print(json.dumps(run_setting(json.loads(args.setting))))
+        return
+    common = dict(prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, threads=args.threads)
+    cases = args.cases.split(",")
+    print(f"SmolLM2-135M, float32, greedy, {args.prompts} shipped chat prompts, max {args.max_new_tokens} new tokens "
+          f"(EOS ends a row), {args.threads} thread(s), {args.rounds} interleaved rounds; ranges over rounds.\n")
+    if "bulk" in cases:
+        if not args.old_tree:
+            raise SystemExit("the bulk case needs --old-tree (a checkout of the old engine)")
+        print(run_case("bulk", {"old engine, static batches": {**common, "engine": "old"},
+                                "new engine, continuous batching": {**common, "engine": "new"}},
+                       args.rounds, args.old_tree, "old engine, static batches") + "\n")
+    if "auto" in cases:
+        print(run_case("auto", {"target alone": {**common, "engine": "new"},
+                                "4-layer drafter, gamma auto": {**common, "engine": "new", "drafter_layers": 4},
+                                f"4-layer drafter + K={args.top_k} head, gamma auto": {**common, "engine": "new", "drafter_layers": 4, "top_k": args.top_k}},
+                       args.rounds, None, "target alone") + "\n")
+    if "compile" in cases:
+        for b in (1, 8):
+            small = {**common, "engine": "new", "batch_size": b, "prompts": min(args.prompts, 2 * b), "max_new_tokens": min(args.max_new_tokens, 64)}
+            print(run_case("compile", {f"eager, batch {b}": small, f"--compile, batch {b}": {**small, "compile": True}},
+                           args.rounds, None, f"eager, batch {b}") + "\n")
 
 
 if __name__ == "__main__":

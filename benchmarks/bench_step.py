@@ -24,23 +24,23 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
     from vocabtrim.models import load_model, load_tokenizer
-    from vocabtrim.sampling import SamplingParams
-    from vocabtrim.speculative import SpeculativeEngine
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype="float32", device="cpu")
     prompt = load_tokenizer(args.model)("Write a short story about a lighthouse keeper who finds a message in a bottle.")["input_ids"]
-    engine = SpeculativeEngine(model, None, sampling=SamplingParams(temperature=0), max_new_tokens=args.steps, eos_token_ids=[])
+    engine = make_engine(model, sampling=SamplingParams(temperature=0), max_new_tokens=args.steps, batch_size=1)
 
     @torch.inference_mode()
     def hf_ms() -> float:
         cache = DynamicCache()
-        out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(args.steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         return (time.perf_counter() - start) / args.steps * 1000
 

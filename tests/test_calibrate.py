@@ -183,7 +183,7 @@ def test_corpus_and_out_on_s3_give_the_exact_histogram_and_resume(ray_local, s3,
 def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path):
     from vocabtrim.models import load_model
     from vocabtrim.engine.sampling import SamplingParams, row_seed
-    from vocabtrim.speculative import SpeculativeEngine
+    from vocabtrim.engine import make_engine
 
     prompts = [t.split("\n")[0] for t in TRAINING_TEXT[:8]] * 3
     path = tmp_path / "prompts.parquet"
@@ -196,7 +196,7 @@ def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_loca
 
     tok = data["tok"]
     model = load_model(data["model"], device="cpu")
-    engine = SpeculativeEngine(model, None, sampling=SamplingParams(temperature=1.0), eos_token_ids=[tok.eos_token_id], max_new_tokens=6)
+    engine = make_engine(model, sampling=SamplingParams(temperature=1.0), eos_token_ids=(tok.eos_token_id,), max_new_tokens=6)
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
     ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
     outs = engine.generate(ids, [row_seed(11, f"prompts.parquet:{i}") for i in range(len(prompts))])

@@ -112,3 +112,37 @@ def test_the_check_has_power_against_a_wrong_distribution():
     wrong = torch.tensor([0.06, 0.39, 0.1, 0.25, 0.0, 0.2])
     assert chi_square_pvalue(counts, p) > ALPHA
     assert chi_square_pvalue(counts, wrong) < ALPHA
+
+
+# ------------------------------------------------------------------------------------------------
+# Counter-based noise
+# ------------------------------------------------------------------------------------------------
+
+
+def test_noise_is_a_pure_function_of_seed_position_stream_and_token():
+    from vocabtrim.engine.sampling import STREAM_ACCEPT, STREAM_DRAFT, noise_keys, noise_uniform, seed_words
+
+    words = seed_words(torch.tensor([row_seed(0, "a"), row_seed(0, "b")]))
+    positions = torch.arange(64).expand(2, -1)
+    u = noise_uniform(noise_keys(words, positions, STREAM_DRAFT), torch.arange(50))
+    again = noise_uniform(noise_keys(words[[1, 0]], positions, STREAM_DRAFT), torch.arange(50))[[1, 0]]
+    assert torch.equal(u, again)  # the same (seed, position, token) gives the same number, whatever the row order
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    # Every (position, stream) pair of a row gets its own key: no draw is reused for another purpose.
+    keys = torch.cat([noise_keys(words, positions, s) for s in range(4)], dim=1)  # [2, 256]
+    assert all(len(set(row.tolist())) == 256 for row in keys)
+
+
+def test_gumbel_max_with_counter_noise_samples_the_distribution():
+    from vocabtrim.engine.sampling import STREAM_GUMBEL, gumbel_argmax, gumbel_noise, noise_keys, seed_words
+
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.0, 0.2])
+    n = 100_000
+    words = seed_words(torch.tensor([row_seed(1, str(i)) for i in range(n)]))
+    noise = gumbel_noise(noise_keys(words, torch.full((n, 1), 7), STREAM_GUMBEL), torch.arange(6))[:, 0]
+    x = gumbel_argmax(torch.log(p).expand(n, -1), SamplingParams(temperature=1.0), noise)
+    counts = torch.bincount(x, minlength=6)
+    assert counts[4] == 0
+    assert chi_square_pvalue(counts, p) > ALPHA
+    wrong = torch.tensor([0.06, 0.39, 0.1, 0.25, 0.0, 0.2])
+    assert chi_square_pvalue(counts, wrong) < ALPHA  # power: a 1-point shift is detected

@@ -249,14 +249,14 @@ def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
 
 
 def test_a_failing_row_does_not_take_its_batch_down(tiny_pair_dirs):
-    """The engine raising on a batch: the batch is retried row by row and only the bad row errors."""
+    """The engine raising on a chunk: its rows are retried one by one and only the bad row errors."""
     from vocabtrim.models import load_pair
     from vocabtrim.engine.sampling import SamplingParams
-    from vocabtrim.speculative import SpeculativeEngine
+    from vocabtrim.engine import make_engine
 
     pair = load_pair(*tiny_pair_dirs, dtype="float32", device="cpu")
-    engine = SpeculativeEngine(pair.target, pair.drafter, gamma=2, sampling=SamplingParams(temperature=0.0),
-                               eos_token_ids=[2], max_new_tokens=5)
+    engine = make_engine(pair.target, pair.drafter, gamma=2, sampling=SamplingParams(temperature=0.0),
+                         eos_token_ids=(2,), max_new_tokens=5)
     poison = pair.tokenizer("1 2 3")["input_ids"]
 
     class Failing:
@@ -270,12 +270,12 @@ def test_a_failing_row_does_not_take_its_batch_down(tiny_pair_dirs):
             return outs
 
     prompts = ["the quick brown fox", "1 2 3", "def add(a, b):", None]
-    got = generate_chunk(Failing(), pair.tokenizer, prompts, ["a", "b", "c", "d"], seed=0, batch_size=4, max_prompt_tokens=100)
+    got = generate_chunk(Failing(), pair.tokenizer, prompts, ["a", "b", "c", "d"], seed=0, max_prompt_tokens=100)
     cols = got["columns"]
     assert cols["finish_reason"][1] == "error" and "device fault" in cols["error"][1]
     assert cols["finish_reason"][3] == "error" and "null" in cols["error"][3]
     assert [cols["finish_reason"][i] in ("stop", "length") for i in (0, 2)] == [True, True]
-    alone = generate_chunk(engine, pair.tokenizer, prompts[:1], ["a"], seed=0, batch_size=1, max_prompt_tokens=100)
+    alone = generate_chunk(engine, pair.tokenizer, prompts[:1], ["a"], seed=0, max_prompt_tokens=100)
     assert alone["columns"]["completion"][0] == cols["completion"][0]
 
 

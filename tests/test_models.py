@@ -123,7 +123,7 @@ def test_fingerprint_changes_with_the_vocabulary():
 def test_bundled_pair_greedy_identity_with_a_trimmed_head():
     from vocabtrim.head import head_from_ids
     from vocabtrim.engine.sampling import SamplingParams
-    from vocabtrim.speculative import SpeculativeEngine
+    from vocabtrim.engine import make_engine
 
     pair = load_pair("smollm2-135m", drafter_layers=4)
     assert models.logits_width(pair.target) == 49152 and pair.drafter.config.num_hidden_layers == 4
@@ -132,11 +132,10 @@ def test_bundled_pair_greedy_identity_with_a_trimmed_head():
                                        return_dict=False) for q in ("What is 2+2?", "Name a colour.")]
     greedy = SamplingParams(temperature=0)
     eos = [tok.eos_token_id]
-    reference = SpeculativeEngine(pair.target, None, sampling=greedy, eos_token_ids=eos, max_new_tokens=12)
+    reference = make_engine(pair.target, sampling=greedy, eos_token_ids=eos, max_new_tokens=12)
     expected = [o.token_ids for o in reference.generate(prompts, [0, 1])]
     # Keep the ids the target actually emits plus a block of frequent low ids: the rest is trimmed away.
     kept = sorted(set(range(8192)) | {t for row in expected for t in row})
     head = head_from_ids(pair.drafter, kept)
-    engine = SpeculativeEngine(pair.target, pair.drafter, head, gamma=4, sampling=greedy, eos_token_ids=eos,
-                               max_new_tokens=12)
+    engine = make_engine(pair.target, pair.drafter, head, gamma=4, sampling=greedy, eos_token_ids=eos, max_new_tokens=12)
     assert [o.token_ids for o in engine.generate(prompts, [0, 1])] == expected

@@ -271,9 +271,9 @@ class ShardCounter:
     def _load_engine(self) -> None:
         import torch
 
-        from vocabtrim.models import load_drafter, load_model, logits_width
+        from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
-        from vocabtrim.speculative import SpeculativeEngine
+        from vocabtrim.models import load_drafter, load_model, logits_width
 
         spec = self.spec
         device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -284,14 +284,12 @@ class ShardCounter:
         self.vocab_size = max(self.vocab_size, logits_width(model))
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 30
         self.prompt_limit = max(1, context - spec.max_new_tokens)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.engine = SpeculativeEngine(
+        self.engine = make_engine(
             model,
-            None,
             sampling=SamplingParams(temperature=spec.temperature),
-            eos_token_ids=eos_ids(self.tokenizer, model),
+            eos_token_ids=tuple(eos_ids(self.tokenizer, model)),
             max_new_tokens=spec.max_new_tokens,
-            pad_token_id=pad,
+            batch_size=spec.batch_rows,
         )
 
     def pid(self) -> int:

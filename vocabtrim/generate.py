@@ -6,8 +6,9 @@ How a run goes:
 2. Input files whose output is already complete are skipped (resume).
 3. ``--workers`` actors each load the target, drafter and head once. The driver streams each remaining
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
-   rows into token ids (bad rows become error rows), runs the ``SpeculativeEngine`` on batches of
-   ``--batch-size`` and returns the results.
+   rows into token ids (bad rows become error rows), streams them through one ``vocabtrim.engine.Engine``
+   (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once)
+   and returns the results.
 4. When all of a file's chunks are back, the driver writes ``DIR/<name>`` atomically (locally a temporary
    name, then rename; on an object store one upload of the finished file), with the file's engine
    statistics in the Parquet footer. A killed run leaves only complete outputs behind, so a rerun
@@ -18,8 +19,8 @@ How a run goes:
 Only ``vocabtrim.storage`` touches them; messages show them without their query (``storage.display``).
 
 Rows are independent of their batch-mates and of the worker that runs them: each row's seed is
-``row_seed(--seed, row key)`` (``vocabtrim.prompts``), and the engine draws that row's randomness from
-its own generator.
+``row_seed(--seed, row key)`` (``vocabtrim.prompts``), and the engine's noise is a function of that seed
+and the position only.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class GenerateConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    gamma: int = 4
+    gamma: int | str = "auto"  # "auto" (0..max_gamma, chosen each step) or a fixed number
+    max_gamma: int = 6
+    sampler: str = "gumbel"
+    compile: bool = False
     batch_size: int = 8
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -103,7 +107,7 @@ def check_config(cfg: GenerateConfig) -> None:
         if cfg.head:
             raise UserError("--head needs a drafter: drop --no-draft or --head")
     else:
-        _positive("--gamma", cfg.gamma)
+        gamma_value(cfg.gamma)
         if cfg.drafter is None and cfg.drafter_layers is None:
             raise UserError("no drafter: pass --drafter MODEL, --drafter-layers N (drafter = first N target layers), or --no-draft")
     if cfg.head and not storage.is_file(storage.join(cfg.head, HEAD_FILE)):
@@ -112,6 +116,19 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError("--prompt-column must not be empty")
     if cfg.id_column in RESULT_COLUMNS:
         raise UserError(f"--id-column {cfg.id_column!r} clashes with an output column: pick another name")
+
+
+def gamma_value(gamma) -> int | None:
+    """``--gamma`` as the engine takes it: None for "auto", else a number 0..64."""
+    if gamma is None or str(gamma) == "auto":
+        return None
+    try:
+        value = int(gamma)
+    except (TypeError, ValueError):
+        raise UserError(f"--gamma must be 'auto' or a number, got {gamma!r}") from None
+    if not 0 <= value <= 64:
+        raise UserError(f"--gamma must be 'auto' or between 0 and 64, got {value}")
+    return value
 
 
 def _drafter_name(cfg: GenerateConfig) -> str | None:
@@ -171,7 +188,9 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
         "drafter_layers": cfg.drafter_layers if draft else None,
         "head_sha256": _file_sha256(storage.join(cfg.head, HEAD_FILE)) if cfg.head else None,
         "no_draft": cfg.no_draft,
-        "gamma": cfg.gamma if draft else None,
+        "gamma": ("auto" if gamma_value(cfg.gamma) is None else gamma_value(cfg.gamma)) if draft else None,
+        "max_gamma": cfg.max_gamma if draft and gamma_value(cfg.gamma) is None else None,
+        "sampler": cfg.sampler,
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": float(cfg.temperature),
         "top_p": float(cfg.top_p),
@@ -257,6 +276,7 @@ class ChunkStats:
     """Engine statistics summed over a chunk, a file or a run (see ``EngineStats``)."""
 
     accepted_hist: list[int] = field(default_factory=list)  # [gamma + 1]
+    gamma_hist: list[int] = field(default_factory=list)  # [gamma + 1]: target passes run with each gamma
     target_passes_rows: int = 0  # sum over rows of the target passes each took part in
     drafter_seconds: float = 0.0
     drafter_forwards: int = 0
@@ -264,13 +284,19 @@ class ChunkStats:
     target_passes: int = 0  # batched target forward passes
     prefill_seconds: float = 0.0
     engine_seconds: float = 0.0
+    slot_passes: int = 0  # sum over target passes of --batch-size (occupancy = target_rows_stepped / slot_passes)
+    target_rows_stepped: int = 0  # sum over target passes of the rows in that pass
 
     def add(self, other: "ChunkStats") -> "ChunkStats":
-        hist = [a + b for a, b in zip(_pad(self.accepted_hist, other.accepted_hist), _pad(other.accepted_hist, self.accepted_hist))]
+        lists = ("accepted_hist", "gamma_hist")
         return ChunkStats(
-            accepted_hist=hist,
-            **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k != "accepted_hist"},
+            **{k: _add_lists(getattr(self, k), getattr(other, k)) for k in lists},
+            **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k not in lists},
         )
+
+
+def _add_lists(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(_pad(a, b), _pad(b, a))]
 
 
 def _pad(a: list[int], b: list[int]) -> list[int]:
@@ -282,18 +308,19 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: int, batch_size: int, max_prompt_tokens: int) -> dict:
+def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: int, max_prompt_tokens: int) -> dict:
     """Generate for one chunk of rows; returns the result columns (``RESULT_COLUMNS``) and ``stats``.
 
-    Rows are encoded (bad ones become error rows), sorted by prompt length to pad little, run in
-    batches of ``batch_size``, and returned in input order. A batch the engine fails on is retried row
-    by row, so one bad row cannot take its batch-mates down with it.
+    Rows are encoded (bad ones become error rows), sorted by prompt length so that rows admitted
+    together pad little, streamed through the engine (continuous batching), and returned in input
+    order. If the engine fails on the chunk, its rows are retried one by one, so one bad row cannot
+    take the others down with it.
     """
     from vocabtrim.engine.sampling import row_seed
 
     n = len(prompts)
     cols = {c: [None] * n for c in RESULT_COLUMNS}
-    stats = ChunkStats(accepted_hist=[0] * (engine.gamma + 1))
+    stats = ChunkStats(accepted_hist=[0] * (engine.gamma + 1), gamma_hist=[0] * (engine.gamma + 1))
     encoded = {}
     for i, value in enumerate(prompts):
         ids, problem = encode_prompt(value, tokenizer, max_prompt_tokens)
@@ -301,19 +328,18 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
             _set_error(cols, i, problem)
         else:
             encoded[i] = ids
-    order = sorted(encoded, key=lambda i: (len(encoded[i]), i))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        try:
-            outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats)
-        except Exception:  # retry alone: only the rows that fail by themselves become errors
-            log.warning("a batch of %d rows failed; retrying row by row", len(rows), exc_info=True)
-            outs = []
-            for i in rows:
-                try:
-                    outs.extend(_run_engine(engine, [encoded[i]], [row_seed(seed, keys[i])], stats))
-                except Exception as exc:
-                    outs.append(exc)
+    rows = sorted(encoded, key=lambda i: (len(encoded[i]), i))
+    try:
+        outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats)
+    except Exception:  # retry alone: only the rows that fail by themselves become errors
+        log.warning("a chunk of %d rows failed; retrying row by row", len(rows), exc_info=True)
+        outs = []
+        for i in rows:
+            try:
+                outs.extend(_run_engine(engine, [encoded[i]], [row_seed(seed, keys[i])], stats))
+            except Exception as exc:
+                outs.append(exc)
+    if rows:
         for i, out in zip(rows, outs):
             if isinstance(out, BaseException):
                 _set_error(cols, i, f"generation failed: {_first_line(out)}")
@@ -324,7 +350,7 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
             cols["draft_accepted"][i] = out.accepted
             cols["finish_reason"][i] = out.finish_reason
             stats.target_passes_rows += out.target_passes
-            stats.accepted_hist = [a + b for a, b in zip(stats.accepted_hist, out.accepted_hist)]
+            stats.accepted_hist = _add_lists(stats.accepted_hist, out.accepted_hist)
     return {"columns": cols, "stats": asdict(stats)}
 
 
@@ -345,6 +371,9 @@ def _run_engine(engine, prompts, seeds, stats: ChunkStats):
     stats.target_passes += s.target_passes
     stats.prefill_seconds += s.prefill_seconds
     stats.engine_seconds += s.wall_seconds
+    stats.target_rows_stepped += s.rows_stepped
+    stats.slot_passes += s.target_passes * s.batch_size
+    stats.gamma_hist = _add_lists(stats.gamma_hist, s.gamma_hist)
     return outs
 
 
@@ -375,9 +404,9 @@ class GenerateWorker:
             self.error = str(exc)
 
     def _load(self) -> None:
-        from vocabtrim.models import load_pair
+        from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
-        from vocabtrim.speculative import SpeculativeEngine
+        from vocabtrim.models import load_pair
 
         c = self.cfg
         pair = load_pair(
@@ -397,22 +426,26 @@ class GenerateWorker:
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(getattr(pair.target, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
-        self.engine = SpeculativeEngine(
+        self.engine = make_engine(
             pair.target,
             pair.drafter,
-            head=head,
-            gamma=c.gamma,
+            head,
             sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k),
-            eos_token_ids=sorted(eos),
+            sampler=c.sampler,
+            gamma=gamma_value(c.gamma),
+            max_gamma=c.max_gamma,
+            batch_size=c.batch_size,
+            eos_token_ids=tuple(sorted(eos)),
             max_new_tokens=c.max_new_tokens,
-            pad_token_id=pad,
+            compile=c.compile,
         )
         self.tokenizer = tok
         context = self.engine.context_length or (1 << 62)
-        if c.max_new_tokens >= context:
+        # A verify pass writes up to gamma + 1 positions past the last generated token.
+        reserve = c.max_new_tokens + self.engine.gamma + 1
+        if reserve >= context:
             raise UserError(f"--max-new-tokens {c.max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
-        self.max_prompt_tokens = context - c.max_new_tokens
+        self.max_prompt_tokens = context - reserve
 
     def info(self) -> dict:
         return {"error": self.error}
@@ -424,7 +457,6 @@ class GenerateWorker:
             prompts,
             keys,
             seed=self.cfg.seed,
-            batch_size=self.cfg.batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
         )
 
@@ -615,8 +647,8 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
     total = {}
     for s in file_stats:
         for k, v in s.items():
-            if k == "accepted_hist":
-                total[k] = [a + b for a, b in zip(_pad(total.get(k, []), v), _pad(v, total.get(k, [])))]
+            if isinstance(v, list):
+                total[k] = _add_lists(total.get(k, []), v)
             else:
                 total[k] = total.get(k, 0) + v
     get = total.get
@@ -634,6 +666,8 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "target_passes": get("target_passes_rows", 0),
         "tokens_per_target_pass": tokens / get("target_passes_rows") if get("target_passes_rows") else None,
         "accepted_length_histogram": hist,
+        "gamma_histogram": get("gamma_hist", []),
+        "batch_occupancy": get("target_rows_stepped", 0) / get("slot_passes") if get("slot_passes") else None,
         "per_position_acceptance": per_position_acceptance(hist),
         "drafter_step_ms": 1000 * get("drafter_seconds", 0) / get("drafter_forwards") if get("drafter_forwards") else None,
         "target_pass_ms": 1000 * get("target_seconds", 0) / get("target_passes") if get("target_passes") else None,
@@ -656,12 +690,20 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate completions for every row of ``cfg.prompts`` into ``cfg.out``; returns the summary."""
-    from vocabtrim.ray_utils import init_ray
     from vocabtrim.engine.sampling import SamplingParams
+    from vocabtrim.engine.scheduler import EngineConfig
+    from vocabtrim.ray_utils import init_ray
 
     wall = time.perf_counter()
     check_config(cfg)
-    SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # validates the flags
+    EngineConfig(  # validates the flags
+        sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k),
+        sampler=cfg.sampler,
+        gamma=None if cfg.no_draft else gamma_value(cfg.gamma),
+        max_gamma=cfg.max_gamma,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+    )
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
     fingerprint = check_models(cfg, files)
     out = os.fspath(cfg.out)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vocabtrim import storage
+from vocabtrim.engine.heads import check_support
 from vocabtrim.errors import UserError
 
 HEAD_FILE = "head.safetensors"
@@ -518,8 +519,7 @@ def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -
     k = ids.shape[0]
     if weight.shape[0] != k or (bias is not None and bias.shape != (k,)) or k != manifest.get("k"):
         raise UserError(f"{head_dir}: token_ids, weight, bias and the manifest disagree on K")
-    if k == 0 or (k > 1 and not bool((ids[1:] > ids[:-1]).all())) or int(ids[0]) < 0:
-        raise UserError(f"{head_dir}: token_ids must be non-empty, sorted and unique")
+    check_support(ids, manifest.get("vocab_size") or int(ids.max()) + 1, f"head {head_dir}")
     if tokenizer is not None:
         from vocabtrim.models import tokenizer_fingerprint
 

@@ -18,8 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--seed", type=int, default=0, help="row seeds derive from it and each row's id")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows decoded together on a worker")
+    parser.add_argument("--gamma", default="auto", help="draft tokens per step: 'auto' (each step the gamma in 0..--max-gamma with the "
+                        "most expected tokens per second, 0 = target alone) or a fixed number")
+    parser.add_argument("--max-gamma", type=int, default=6, help="the largest gamma --gamma auto may pick")
+    parser.add_argument("--sampler", choices=["gumbel", "rejection"], default="gumbel",
+                        help="gumbel: drafter-invariant coupling (a completion depends only on target, prompt, settings and seed); "
+                        "rejection: the optimal-acceptance rule min(1, p/q) with residual resampling")
+    parser.add_argument("--compile", action="store_true", help="run the decode and verify steps through torch.compile")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows in flight on a worker (continuous batching: a finished row's slot is refilled at once)")
     parser.add_argument("--no-draft", action="store_true", help="target alone, same batching: the baseline")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
@@ -44,6 +50,9 @@ def config_from_args(args) -> "GenerateConfig":  # noqa: F821 (imported lazily: 
         top_k=args.top_k,
         seed=args.seed,
         gamma=args.gamma,
+        max_gamma=args.max_gamma,
+        sampler=args.sampler,
+        compile=args.compile,
         batch_size=args.batch_size,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
@@ -68,6 +77,7 @@ def summary_table(s: dict) -> str:
         ("generated tokens", str(s["generated_tokens"])),
         ("acceptance rate", _fmt(s["acceptance_rate"], ".3f")),
         ("tokens per target pass", _fmt(s["tokens_per_target_pass"], ".2f")),
+        ("batch occupancy", _fmt(s.get("batch_occupancy"), ".2f")),
         ("drafter step ms", _fmt(s["drafter_step_ms"], ".1f")),
         ("tokens/s (this run)", _fmt(s["tokens_per_second"], ".1f")),
         ("wall seconds", _fmt(s["wall_seconds"], ".1f")),

@@ -96,7 +96,7 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 # Counter-based noise
 # ---------------------------------------------------------------------------------------------
 
-# Streams: which draw at a position a uniform is for.
+# Streams: which draw at a position a uniform is for (at most 4).
 STREAM_GUMBEL, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RECOVER = 0, 1, 2, 3
 _M1, _M2 = -2048144789, -1028477387  # 0x85ebca6b, 0xc2b2ae35 as int32
 _GOLDEN = -1640531527  # 0x9e3779b9 as int32
@@ -121,8 +121,8 @@ def seed_words(seeds: torch.Tensor) -> torch.Tensor:
 
 def noise_keys(words: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """words: [n, 2] int32 (``seed_words``); positions: [n, m] int64 → [n, m] int32 keys."""
-    pos = positions.to(torch.int32)
-    x = _mix32(pos * _GOLDEN + (stream * 0x3C6EF372 + 0x1234567))
+    counter = positions.to(torch.int32) * 4 + stream  # distinct for every (position < 2**29, stream)
+    x = _mix32(counter * _GOLDEN + 0x1234567)
     x = _mix32(x ^ words[:, 1:2])
     return _mix32(x ^ words[:, 0:1])
 

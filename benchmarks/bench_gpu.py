@@ -1,0 +1,105 @@
+"""GPU benchmark of the engine: a random-weight Llama-3-shaped pair in bfloat16.
+
+    python benchmarks/bench_gpu.py                 # on a CUDA GPU (H200-class: about 5 minutes)
+    python benchmarks/bench_gpu.py --smoke         # tiny shapes on CPU: checks the script runs
+
+Target: 32 layers, hidden 4096, 32 heads / 8 KV heads, MLP 14336 (Llama-3-8B's shape). Drafter: 16
+layers, hidden 2048. Vocabulary 128,256; the trimmed head keeps K = 32,768 ids. Weights are random,
+so drafts are almost never accepted: the table is about step costs (drafter forward, verify pass)
+and what they give in tokens/s at a fixed gamma, not about acceptance. For each batch size (1, 16,
+64): target alone, drafter with its full head, drafter with the trimmed head, each eager and with
+``--compile``; settings interleaved over ``--rounds`` rounds, ranges reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def build(layers: int, hidden: int, heads: int, kv_heads: int, mlp: int, vocab: int, dtype, device, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+                      tie_word_embeddings=False, rope_theta=500000.0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+    from vocabtrim.head import head_from_ids
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = dict(vocab=4096, k=1024, target=(2, 64, 4, 2, 128), drafter=(1, 32, 4, 2, 64))
+        args.batches, args.new_tokens, args.prompt_tokens, args.rounds = "1,4", 8, 16, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU here: run with --smoke to check the script on CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = dict(vocab=128_256, k=32_768, target=(32, 4096, 32, 8, 14336), drafter=(16, 2048, 16, 8, 5632))
+    t0 = time.perf_counter()
+    target = build(*shapes["target"], shapes["vocab"], dtype, device, seed=0)
+    drafter = build(*shapes["drafter"], shapes["vocab"], dtype, device, seed=1)
+    kept = torch.randperm(shapes["vocab"], generator=torch.Generator().manual_seed(0))[: shapes["k"]]
+    head = head_from_ids(drafter, kept)
+    print(f"models built in {time.perf_counter() - t0:.0f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+
+    greedy = SamplingParams(temperature=0)
+    settings = [("target alone", None, None), ("full head", drafter, None), (f"trimmed head K={shapes['k']}", drafter, head)]
+    modes = [False] + ([] if args.no_compile else [True])
+    rows = []
+    for b in (int(x) for x in args.batches.split(",")):
+        g = torch.Generator().manual_seed(b)
+        prompts = [torch.randint(3, shapes["vocab"], (args.prompt_tokens,), generator=g).tolist() for _ in range(b)]
+        engines = {}
+        for name, d, h in settings:
+            for compiled in modes:
+                e = make_engine(target, d, h, sampling=greedy, gamma=None if d is None else args.gamma,
+                                batch_size=b, max_new_tokens=args.new_tokens, compile=compiled)
+                t = time.perf_counter()
+                e.generate(prompts, list(range(b)), max_new_tokens=4)  # warm-up (compiles)
+                engines[(name, compiled)] = (e, time.perf_counter() - t, [])
+        for _ in range(args.rounds):
+            for key, (e, _, runs) in engines.items():
+                out = e.generate(prompts, list(range(b)))
+                st = e.last_stats
+                runs.append((sum(len(o.token_ids) for o in out) / st.wall_seconds,
+                             st.drafter_step_ms or None, 1000 * st.target_seconds / st.target_passes))
+        base = engines[("target alone", False)][2]
+        for (name, compiled), (e, warm, runs) in engines.items():
+            rows.append((b, name, "compiled" if compiled else "eager", runs, base, warm))
+
+    def rng(xs, spec):
+        xs = [x for x in xs if x is not None]
+        return "-" if not xs else (format(min(xs), spec) if max(xs) - min(xs) < 1e-9 else f"{format(min(xs), spec)}–{format(max(xs), spec)}")
+
+    print(f"\n| batch | setting | mode | tokens/s | × target alone (eager) | drafter step ms | verify pass ms | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b, name, mode, runs, base, warm in rows:
+        print(f"| {b} | {name} | {mode} | {rng([r[0] for r in runs], '.1f')} | "
+              f"{rng([r[0] / x[0] for r, x in zip(runs, base)], '.2f')}× | {rng([r[1] for r in runs], '.2f')} | "
+              f"{rng([r[2] for r in runs], '.2f')} | {warm:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

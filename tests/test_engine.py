@@ -1,0 +1,355 @@
+"""The engine: greedy identity, losslessness of both samplers, reproducibility, continuous batching,
+static caches, adaptive gamma, refusals."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from stats import chi_square_pvalue
+from tiny import make_model, noisy_copy
+
+import vocabtrim.engine.scheduler as scheduler
+from vocabtrim.engine import make_engine
+from vocabtrim.engine.gamma import GammaController
+from vocabtrim.engine.sampling import SamplingParams, Verdict, first_rejection, row_seed, sample_from_probs
+from vocabtrim.errors import UserError
+from vocabtrim.head import TrimmedHead, head_from_ids
+
+V = 300
+ALPHA = 1e-4  # false-alarm rate of each distribution check (see test_engine_sampling.py)
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_model(V, layers=3, seed=0, init_std=1.0)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return noisy_copy(target, scale=0.03)  # agrees with the target's argmax about a third of the time
+
+
+@pytest.fixture(scope="module")
+def trimmed(target):
+    """A head on ~2/3 of the vocabulary (ids ≡ 2 mod 3 are dropped; EOS 2 kept)."""
+    ids = [i for i in range(V) if i % 3 != 2 or i == 2]
+    return head_from_ids(target, ids)
+
+
+def prompts_mixed(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 5, 9, 3, 17, 6, 12][:n] if n <= 8 else torch.randint(1, 20, (n,), generator=g).tolist()
+    return [torch.randint(3, V, (k,), generator=g).tolist() for k in lengths]
+
+
+def greedy(target, drafter=None, head=None, gamma=3, max_new_tokens=24, eos=(), batch_size=8):
+    return make_engine(target, drafter, head, gamma=gamma, sampling=GREEDY, eos_token_ids=tuple(eos),
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy identity
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("use_head", [False, True], ids=["full-head", "trimmed-head"])
+def test_greedy_speculative_equals_target_alone(target, drafter, trimmed, batch, use_head):
+    prompts = prompts_mixed(8)
+    seeds = list(range(8))
+    reference = greedy(target, batch_size=batch).generate(prompts, seeds)
+    accepted_any = 0
+    for gamma in [1, 2, 3, 4, 5, None]:
+        engine = greedy(target, drafter, trimmed if use_head else None, gamma=gamma, batch_size=batch)
+        out = engine.generate(prompts, seeds)
+        assert [o.token_ids for o in out] == [r.token_ids for r in reference], f"gamma={gamma}"
+        accepted_any += sum(o.accepted for o in out)
+        for o in out:
+            if gamma is not None:
+                assert o.proposed == gamma * o.target_passes
+            assert sum(o.accepted_hist) == o.target_passes
+            assert sum(j * c for j, c in enumerate(o.accepted_hist)) == o.accepted <= o.proposed
+        assert sum(engine.last_stats.gamma_hist) == engine.last_stats.target_passes
+    assert accepted_any > 0  # the comparison exercised accepted drafts, not only rejections
+
+
+def test_target_alone_matches_hugging_face_greedy(target):
+    prompts = prompts_mixed(4)
+    out = greedy(target, max_new_tokens=12).generate(prompts, [0] * 4)
+    for p, o in zip(prompts, out):
+        hf = target.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert o.token_ids == hf[0, len(p):].tolist()
+
+
+def test_rows_stop_at_eos_and_at_the_token_limit(target, drafter):
+    prompts = prompts_mixed(8)
+    free = greedy(target, max_new_tokens=16).generate(prompts, [0] * 8)
+    eos = free[0].token_ids[5]  # a token row 0 emits as its 6th: make it the EOS
+    out = greedy(target, drafter, gamma=4, max_new_tokens=16, eos=[eos]).generate(prompts, [0] * 8)
+    for f, o in zip(free, out):
+        if eos in f.token_ids:
+            cut = f.token_ids.index(eos) + 1
+            assert o.token_ids == f.token_ids[:cut] and o.finish_reason == "stop"
+        else:
+            assert o.token_ids == f.token_ids and o.finish_reason == "length" and len(o.token_ids) == 16
+
+
+def test_self_drafting_accepts_every_draft(target):
+    out = greedy(target, target, gamma=4, max_new_tokens=20).generate(prompts_mixed(3), [0, 1, 2])
+    assert all(o.accepted == o.proposed for o in out)
+    assert all(o.target_passes == 4 for o in out)  # 5 tokens per pass: 4 accepted + 1 bonus
+
+
+# ------------------------------------------------------------------------------------------------
+# Losslessness: the first three generated tokens follow the target's exact distribution
+# ------------------------------------------------------------------------------------------------
+
+SMALL_V = 8
+N_SAMPLES = 20_000
+PROMPT = [3, 5, 1]
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    target = make_model(SMALL_V, layers=2, hidden=16, seed=3, init_std=1.0)
+    return target, noisy_copy(target, scale=0.3)  # accepts 9-33% of drafts across the cases below
+
+
+def exact_first_tokens(target, params, n_tokens=3):
+    """The target's exact joint distribution of its first ``n_tokens`` tokens after PROMPT: [V**n]."""
+    seqs = torch.tensor(list(itertools.product(range(SMALL_V), repeat=n_tokens)))  # [V^n, n]
+    inputs = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        logits = target(inputs).logits[:, len(PROMPT) - 1 : -1]  # [V^n, n, V]
+    from vocabtrim.engine.sampling import logits_to_probs
+
+    probs = logits_to_probs(logits, params).double()
+    step = probs.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)  # [V^n, n]
+    return step.prod(-1)
+
+
+def sampled_first_tokens(target, drafter, head, params, sampler, gamma=2, n_tokens=3, seed=11):
+    engine = make_engine(target, drafter, head, gamma=gamma, sampling=params, sampler=sampler, max_new_tokens=n_tokens,
+                         batch_size=N_SAMPLES)
+    outs = engine.generate([PROMPT] * N_SAMPLES, [row_seed(seed, str(i)) for i in range(N_SAMPLES)])
+    index = torch.tensor([sum(t * SMALL_V ** (n_tokens - 1 - k) for k, t in enumerate(o.token_ids[:n_tokens])) for o in outs])
+    accepted = sum(o.accepted for o in outs) / sum(o.proposed for o in outs)
+    return torch.bincount(index, minlength=SMALL_V**n_tokens), accepted
+
+
+CASES = {
+    "T1-full": (SamplingParams(temperature=1.0), None),
+    "T0.7-topp0.9-full": (SamplingParams(temperature=0.7, top_p=0.9), None),
+    "T1-trimmed": (SamplingParams(temperature=1.0), [0, 2, 3, 5, 6]),
+    "T0.7-topp0.9-trimmed": (SamplingParams(temperature=0.7, top_p=0.9), [1, 2, 4, 7]),
+}
+
+
+@pytest.mark.parametrize("sampler", ["gumbel", "rejection"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_distribution_is_the_targets(small_pair, case, sampler):
+    target, drafter = small_pair
+    params, kept = CASES[case]
+    head = None if kept is None else head_from_ids(drafter, kept)
+    counts, acceptance = sampled_first_tokens(target, drafter, head, params, sampler)
+    assert 0.05 < acceptance < 0.95  # both the accept and the reject paths were taken often
+    assert chi_square_pvalue(counts, exact_first_tokens(target, params)) > ALPHA
+
+
+def naive_verify(draft_tokens, draft_q, target_p, u_accept, u_recover, draft_support=None):
+    """The loop printed in the VocabTrim write-up: accept with probability p(x), resample from p."""
+    b, g = draft_tokens.shape
+    p_x = target_p[:, :g].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    accepted = first_rejection(u_accept < p_x)
+    u = u_recover.gather(1, accepted[:, None])[:, 0] if u_recover.ndim == 2 else u_recover
+    next_token = sample_from_probs(target_p[torch.arange(b), accepted], u)
+    return Verdict(accepted=accepted, next_token=next_token)
+
+
+def drafts_always_win(draft_tokens, target_tokens):
+    """A broken coupling: every draft accepted, the target's choice used only after them."""
+    g = draft_tokens.shape[1]
+    accepted = torch.full((draft_tokens.shape[0],), g, dtype=torch.long)
+    return Verdict(accepted=accepted, next_token=target_tokens[:, g])
+
+
+@pytest.mark.parametrize("case", ["T1-full", "T1-trimmed"])
+@pytest.mark.parametrize("sampler,name,broken", [("rejection", "verify_sampled", naive_verify),
+                                                 ("gumbel", "verify_exact", drafts_always_win)])
+def test_the_same_check_rejects_a_wrong_rule(small_pair, case, sampler, name, broken, monkeypatch):
+    """Power: the check above fails for the naive rule and for a coupling that always keeps the drafts."""
+    target, drafter = small_pair
+    params, kept = CASES[case]
+    head = None if kept is None else head_from_ids(drafter, kept)
+    monkeypatch.setattr(scheduler, name, broken)
+    counts, _ = sampled_first_tokens(target, drafter, head, params, sampler)
+    assert chi_square_pvalue(counts, exact_first_tokens(target, params)) < ALPHA
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproducibility and continuous batching (float64: no near-ties between batch shapes)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair64(target, drafter):
+    import copy
+
+    return copy.deepcopy(target).double(), copy.deepcopy(drafter).double()
+
+
+def test_gumbel_completions_do_not_depend_on_drafter_head_gamma_or_batch(pair64, trimmed):
+    target, drafter = pair64
+    head = head_from_ids(drafter, trimmed.token_ids.tolist())
+    prompts = prompts_mixed(8, seed=5)
+    seeds = [row_seed(42, f"row-{i}") for i in range(8)]
+    params = SamplingParams(temperature=0.8)
+
+    def run(drafter_model, head, gamma, batch):
+        engine = make_engine(target, drafter_model, head, gamma=gamma, sampling=params, max_new_tokens=20, batch_size=batch)
+        return [o.token_ids for o in engine.generate(prompts, seeds)], engine
+
+    alone, _ = run(None, None, None, 1)
+    full, e_full = run(drafter, None, 3, 8)
+    auto, e_auto = run(drafter, head, None, 8)
+    assert full == alone and auto == alone
+    assert sum(e_full.last_stats.gamma_hist[1:]) > 0  # the speculative runs did draft
+    other_seed = make_engine(target, sampling=params, max_new_tokens=20, batch_size=8).generate(
+        prompts, [row_seed(43, f"row-{i}") for i in range(8)])
+    assert [o.token_ids for o in other_seed] != alone  # the seed matters
+
+
+def test_rejection_sampler_rows_do_not_depend_on_batch_mates(pair64, trimmed):
+    target, drafter = pair64
+    prompts = prompts_mixed(8, seed=5)
+    seeds = [row_seed(42, f"row-{i}") for i in range(8)]
+    engine = make_engine(target, drafter, gamma=3, sampling=SamplingParams(temperature=0.8, top_p=0.95),
+                         sampler="rejection", max_new_tokens=20, batch_size=8)
+    batched = engine.generate(prompts, seeds)
+    for i in (0, 3, 7):
+        assert engine.generate([prompts[i]], [seeds[i]])[0].token_ids == batched[i].token_ids
+    reordered = engine.generate(prompts[::-1], seeds[::-1])
+    assert [o.token_ids for o in reordered[::-1]] == [o.token_ids for o in batched]
+
+
+def test_continuous_batching_rows_finish_in_any_order_and_equal_their_solo_runs(pair64):
+    """Long prompts go first and hold the slots; short rows admitted into those slots later must see
+    nothing of them (their stale cache positions lie beyond the new rows' lengths)."""
+    target, drafter = pair64
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, V, (k,), generator=g).tolist() for k in (40, 35, 2, 3, 1, 30, 4, 2, 25, 5)]
+    solo = [greedy(target, drafter, gamma=None, max_new_tokens=30, batch_size=1).generate([p], [0])[0].token_ids
+            for p in prompts]
+    eos = solo[3][4]  # some rows stop early on this token, others run to the limit
+    solo = [greedy(target, drafter, gamma=None, max_new_tokens=30, eos=[eos], batch_size=1).generate([p], [0])[0].token_ids
+            for p in prompts]
+    engine = greedy(target, drafter, gamma=3, max_new_tokens=30, eos=[eos], batch_size=3)
+    order, outs = [], {}
+    for i, out in engine.stream(prompts, [0] * len(prompts)):
+        order.append(i)
+        outs[i] = out.token_ids
+    assert sorted(order) == list(range(len(prompts))) and order != sorted(order)
+    assert [outs[i] for i in range(len(prompts))] == solo
+    assert len({len(s) for s in solo}) > 2  # rows of different lengths
+    assert engine.last_stats.occupancy > 0.8
+
+
+def test_caches_after_rejections_and_admissions_match_a_fresh_forward(target, drafter):
+    """Step a run with rejections and a late admission; the target's cache then gives the logits of a
+    fresh full forward over each row's committed tokens."""
+    from vocabtrim.engine.scheduler import EngineStats, _Run
+
+    engine = make_engine(target, drafter, gamma=4, sampling=SamplingParams(temperature=1.0), max_new_tokens=64, batch_size=3)
+    prompts = prompts_mixed(4, seed=9)
+    run = _Run(engine, prompts, [1, 2, 3, 4], 64, EngineStats(batch_size=3, gamma_hist=[0] * 5))
+    run._admit([0, 1, 2])
+    for step in range(6):
+        run._step(4 if step % 2 == 0 else 0)  # target-alone steps in between: the drafter falls behind
+    rejected = int(run.hist[:3, 1:4].sum())  # steps that accepted some drafts but not all
+    run.row[1] = -1  # row 1 leaves; the waiting row takes its slot
+    run._admit([1])
+    run._step(4)
+    assert rejected > 0
+    pending = run.history[:3].gather(1, run.pos[:3, None])
+    hidden, _ = engine.target.step(pending, run.pos[:3, None], int(run.pos_np[:3].max()) + 1)
+    for s in range(3):
+        committed = run.history[s, : int(run.pos_np[s]) + 1]  # prompt, generated tokens, pending
+        fresh = target(committed[None]).logits[0, -1]
+        assert torch.allclose(engine.target.head.logits(hidden[s, -1]), fresh, atol=1e-4), f"slot {s}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Adaptive gamma
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_drafter_that_never_agrees_is_soon_switched_off(target):
+    stranger = make_model(V, layers=1, seed=123, init_std=1.0)  # agrees with the target's argmax by chance only
+    engine = greedy(target, stranger, gamma=None, max_new_tokens=200, batch_size=4)
+    out = engine.generate(prompts_mixed(4), [0] * 4)
+    st = engine.last_stats
+    assert sum(o.accepted for o in out) <= 0.1 * sum(o.proposed for o in out)
+    assert st.drafter_forwards <= 0.2 * st.target_passes, st.gamma_hist
+
+
+def test_gamma_climbs_to_the_maximum_when_the_target_drafts_for_itself(target, monkeypatch):
+    """Acceptance measured through the engine; a cost model in which a drafter forward costs a tenth
+    of a target pass (a real drafter's ratio), so that drafting pays."""
+    monkeypatch.setattr(GammaController, "costs", lambda self: 0.1 * np.arange(self.max_gamma + 1) + 1.0)
+    engine = greedy(target, target, gamma=None, max_new_tokens=120, batch_size=2)
+    engine.generate(prompts_mixed(2), [0, 1])
+    hist = engine.last_stats.gamma_hist
+    assert engine.last_controller.alpha > 0.9
+    assert hist[-1] >= sum(hist) - 3, hist  # every step after the first two (warm-up) at max gamma
+
+
+def test_controller_picks_the_gamma_with_the_most_tokens_per_second():
+    c = GammaController(max_gamma=6)
+    c.plan = []
+    c.draft_seconds = 0.01
+    c.verify_seconds[:] = 0.05 + 0.002 * np.arange(7)
+    for _ in range(50):
+        c.observe(4, np.array([4, 4, 3, 4]), 0.04, 0.058)  # nearly every draft accepted
+    assert c.alpha > 0.9 and c.choose() == 6
+    for _ in range(50):
+        c.observe(2, np.array([0, 0, 0, 0]), 0.02, 0.054)  # nothing accepted
+    assert c.alpha < 0.1 and c.choose() == 0
+    # Switched off, it probes with gamma 1 now and then, waiting longer after each fruitless probe.
+    picks = [c.choose() for _ in range(60)]
+    assert picks.count(1) >= 2 and picks.count(0) >= 50
+    first, second = [i for i, g in enumerate(picks) if g == 1][:2]
+    assert second - first > first + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals
+# ------------------------------------------------------------------------------------------------
+
+
+def test_head_with_ids_beyond_the_vocabulary_is_refused(target, drafter):
+    bad = TrimmedHead(token_ids=torch.tensor([1, 5, V + 3]), weight=torch.zeros(3, 32))
+    with pytest.raises(UserError, match=f"keeps token id {V + 3} but the drafter has only {V} logits"):
+        make_engine(target, drafter, bad)
+
+
+def test_mismatched_logits_width_is_refused(target):
+    other = make_model(V + 8, layers=1, seed=2)
+    with pytest.raises(UserError, match=f"logits widths differ: {V} vs {V + 8}"):
+        make_engine(target, other)
+
+
+def test_unsorted_head_and_head_without_drafter_are_refused(target, drafter):
+    bad = TrimmedHead(token_ids=torch.tensor([5, 1]), weight=torch.zeros(2, 32))
+    with pytest.raises(UserError, match="sorted"):
+        make_engine(target, drafter, bad)
+    with pytest.raises(UserError, match="needs a drafter"):
+        make_engine(target, None, head_from_ids(target, [1, 2]))
+
+
+def test_bad_engine_settings_are_refused_in_one_line(target):
+    with pytest.raises(UserError, match="--sampler"):
+        make_engine(target, sampler="metropolis")
+    with pytest.raises(UserError, match="--max-gamma"):
+        make_engine(target, max_gamma=-1)
