@@ -534,3 +534,23 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert "--top-k must be at most the target's vocabulary" in capsys.readouterr().err
     assert cli([*base, "--histogram", good, "--top-k", "64", "--ttt-length", "0"]) == 2
     assert "--ttt-length must be >= 1" in capsys.readouterr().err
+
+
+def test_vocabtrim_generate_with_an_eagle3_drafter_equals_the_target_alone(tiny, tmp_path, ray_local, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vocabtrim.cli import main as cli
+
+    folder = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"], std=0.3)
+    pq.write_table(pa.table({"id": list(range(6)), "prompt": (PROMPTS_TEXT + PROMPTS_TEXT)[:6]}), tmp_path / "p.parquet")
+    common = ["generate", "--target", tiny["target_dir"], "--prompts", str(tmp_path / "p.parquet"), "--max-new-tokens", "8",
+              "--temperature", "0", "--batch-size", "3", "--workers", "1"]
+    assert cli([*common, "--drafter", str(folder), "--gamma", "3", "--out", str(tmp_path / "spec")]) == 0
+    assert cli([*common, "--no-draft", "--out", str(tmp_path / "alone")]) == 0
+    spec = pq.read_table(tmp_path / "spec" / "p.parquet").sort_by("id").to_pylist()
+    alone = pq.read_table(tmp_path / "alone" / "p.parquet").sort_by("id").to_pylist()
+    assert [r["completion"] for r in spec] == [r["completion"] for r in alone]
+    assert sum(r["draft_proposed"] for r in spec) > 0
+    summary = json.loads((tmp_path / "spec" / "summary.json").read_text())
+    assert summary["settings"]["drafter"] == str(folder)

@@ -161,11 +161,12 @@ def _file_sha256(where: str) -> str:
 def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> str:
     """Load the tokenizers (not the models), refuse a mismatched pair, and refuse message-list prompts
     when the tokenizer has no chat template. Returns the tokenizer fingerprint."""
-    from vocabtrim.models import check_pair, load_tokenizer, tokenizer_fingerprint
+    from vocabtrim.models import check_pair, is_eagle3, load_tokenizer, tokenizer_fingerprint
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter = _drafter_name(cfg)
-    if drafter is not None and drafter != cfg.target:
+    # An EAGLE-3 folder usually has no tokenizer: the workers check its t2d against the target's vocabulary.
+    if drafter is not None and drafter != cfg.target and not is_eagle3(drafter):
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
     if getattr(target_tok, "chat_template", None) is None:
         for f in files:

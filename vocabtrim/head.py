@@ -535,7 +535,14 @@ def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -
 
 
 def _check_drafter(head_dir, manifest: dict, ids, weight, bias, drafter) -> None:
+    from vocabtrim.eagle3 import Eagle3Model
     from vocabtrim.models import logits_width
+
+    if isinstance(drafter, Eagle3Model):
+        raise UserError(
+            f"--head {head_dir} is for a causal-LM drafter; an EAGLE-3 drafter carries its own draft vocabulary: "
+            "re-trim it with `vocabtrim build-head --drafter <its folder>` and pass the new folder as --drafter"
+        )
 
     vocab = logits_width(drafter)
     rebuild = "rebuild it with `vocabtrim build-head` for this drafter"

@@ -72,6 +72,7 @@ class TrainConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     shard_rows: int = 32
+    max_shards: int | None = None  # only the first N shards of the corpus (a quick run); None: all
     show_progress: bool = True
     max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
 
@@ -485,7 +486,8 @@ def _check_config(c: TrainConfig) -> None:
         raise UserError(f"--source must be one of {', '.join(SOURCES)} for train-drafter, got {c.source!r}")
     for name, value, low in (("--top-k", c.top_k, 1), ("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1),
                              ("--ttt-length", c.ttt_length, 1), ("--max-length", c.max_length, 4), ("--workers", c.workers, 1),
-                             ("--max-new-tokens", c.max_new_tokens, 1)):
+                             ("--max-new-tokens", c.max_new_tokens, 1),
+                             ("--max-shards", 1 if c.max_shards is None else c.max_shards, 1)):
         if value is None or value < low:
             raise UserError(f"{name} must be >= {low}, got {value}")
     if not c.learning_rate > 0:
@@ -551,6 +553,7 @@ def run_train(config: TrainConfig) -> dict:
     shards = corpus.make_shards(c.corpus, c.text_column, 16 << 10, c.shard_rows)
     if not shards or corpus.file_rows(shards) == 0:
         raise UserError(f"the corpus is empty: no rows in {' '.join(c.corpus)}")
+    shards = shards[: c.max_shards] if c.max_shards is not None else shards
     ledger = FeatureLedger(storage.join(c.out, "features"))
     fp = tokenizer_fingerprint(tokenizer)
     ledger.claim({"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
@@ -568,6 +571,7 @@ def run_train(config: TrainConfig) -> dict:
             target=c.target, source=c.source, text_column=c.text_column, feature_layers=tuple(feature_layers), max_length=c.max_length,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, dtype=c.dtype,
             trust_remote_code=c.trust_remote_code, threads=max(1, int(cpus)), use_gpu=c.gpus_per_worker > 0,
+            batch_rows=c.shard_rows if c.source == "target" else 8,  # generation: one batch per shard
         )
         with CounterPool(spec, min(c.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
                          actor_class=FeatureExtractor) as pool:

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="--source target: sampling temperature (0: greedy)")
     parser.add_argument("--held-out", type=float, default=0.1, help="share of shards held out for the acceptance report")
     parser.add_argument("--intermediate-size", type=int, default=None, help="the drafter layer's MLP width (default: the target's)")
+    parser.add_argument("--max-shards", type=int, default=None, metavar="N",
+                        help="extract and train on the first N shards of the corpus only (%(default)s: all); a rerun with more extracts the rest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="the target's dtype while extracting features")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off by default)")
@@ -39,7 +41,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         target=args.target, corpus=list(args.corpus), text_column=args.text_column, source=args.source, histogram=args.histogram,
         top_k=args.top_k, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         ttt_length=args.ttt_length, max_length=args.max_length, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        held_out=args.held_out, intermediate_size=args.intermediate_size, seed=args.seed, dtype=args.dtype,
+        held_out=args.held_out, max_shards=args.max_shards, intermediate_size=args.intermediate_size, seed=args.seed, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, address=args.address, out=args.out,
     )
