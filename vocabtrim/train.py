@@ -416,7 +416,7 @@ class DrafterTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
             self.opt.step()
             self.step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             correct += stats[0][0]
             counted += stats[0][1]
         self._cursor += len(losses)
@@ -455,7 +455,7 @@ class DrafterTrainer:
         with torch.no_grad():
             for rows in self._batches(ids, None):
                 loss, stats = ttt_loss(self.model, pad_rows(rows), self.target_head, self.cfg.ttt_length)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 for s, (a, n) in enumerate(stats):
                     totals[s][0] += a
                     totals[s][1] += n
