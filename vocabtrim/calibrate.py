@@ -95,19 +95,21 @@ class ShardCount:
 
 
 class Ledger:
-    """``DIR/shards/``: one file per finished shard id, written atomically; the reducer's only input."""
+    """``DIR/shards/``: one file per finished shard id, written atomically; the reducer's only input.
+    (``train.FeatureLedger`` is the same ledger holding one shard's target features per file.)"""
 
     RUN_FILE = "_run.json"
+    SUFFIX = ".npz"
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
         storage.makedirs(self.folder)
         # One listing up front (not one lookup per shard: a million shards on an object store).
         names = (storage.name(f) for f in storage.walk_files(self.folder))
-        self._recorded = {n[: -len(".npz")] for n in names if n.endswith(".npz")}
+        self._recorded = {n[: -len(self.SUFFIX)] for n in names if n.endswith(self.SUFFIX)}
 
     def path(self, shard_id: str) -> str:
-        return storage.join(self.folder, f"{shard_id}.npz")
+        return storage.join(self.folder, f"{shard_id}{self.SUFFIX}")
 
     def done(self, shard_id: str) -> bool:
         return shard_id in self._recorded
@@ -355,17 +357,18 @@ class CounterPool:
         gpus_per_worker: float = 0.0,
         max_restarts: int = 0,
         max_task_retries: int = 0,
+        actor_class=None,
     ):
         import ray
 
-        self._cls = ray.remote(ShardCounter)
+        self._cls = ray.remote(actor_class or ShardCounter)
         self._options = dict(
             num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker,
             max_restarts=max_restarts,
             max_task_retries=max_task_retries,
         )
-        if isinstance(spec.tokenizer_json, str):
+        if isinstance(getattr(spec, "tokenizer_json", None), str):
             # Shared once through the object store (a nested ref keeps the actor's own arguments small).
             spec = replace(spec, tokenizer_json=ray.put(spec.tokenizer_json))
         self.spec = spec
@@ -446,12 +449,15 @@ def count_shards(
     on_recorded: Callable[[ShardCount, CounterPool], None] | None = None,
     depth: int = 2,
     max_attempts: int = 3,
+    method: str = "count",
 ) -> CountStats:
     """Count ``shards`` on ``pool``, recording each result in ``ledger`` as it arrives.
 
     At most ``depth`` calls per actor are in flight. A call lost with its actor is resubmitted, up to
     ``max_attempts`` times per shard, and a dead actor is replaced. A UserError raised while reading
-    a shard ends the run as a UserError.
+    a shard ends the run as a UserError. ``method``: the actor method called per shard (``count``; the
+    feature extractors of ``train-drafter`` use ``extract``), whose result has ``shard_id``, ``rows``,
+    ``tokens`` and ``cpu_seconds`` and is what ``ledger.record`` takes.
     """
     import ray
 
@@ -465,7 +471,7 @@ def count_shards(
         for actor in sorted(pool.actors, key=lambda a: load.get(a._actor_id, 0)):
             while queue and load.get(actor._actor_id, 0) < depth:
                 shard = queue.popleft()
-                inflight[actor.count.remote(shard)] = (actor, shard)
+                inflight[getattr(actor, method).remote(shard)] = (actor, shard)
                 load[actor._actor_id] = load.get(actor._actor_id, 0) + 1
         (ref,), _ = ray.wait(list(inflight), num_returns=1)
         actor, shard = inflight.pop(ref)

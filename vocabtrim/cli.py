@@ -18,6 +18,7 @@ COMMANDS = {
     "calibrate": ("vocabtrim.commands.calibrate", "count token ids over a corpus on a Ray actor pool"),
     "build-head": ("vocabtrim.commands.build_head", "keep the top-K ids and write the trimmed drafter head"),
     "generate": ("vocabtrim.commands.generate", "batched speculative decoding over Parquet prompts on Ray"),
+    "train-drafter": ("vocabtrim.commands.train_drafter", "train an EAGLE-3 drafter for a target (SpecForge layout)"),
     "demo": ("vocabtrim.commands.demo", "calibrate, build a head and generate on the bundled model"),
     "sweep": ("vocabtrim.commands.sweep", "K sweep and calibration-source ablation, with a report"),
 }

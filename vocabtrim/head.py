@@ -29,7 +29,9 @@ MANIFEST_FILE = "manifest.json"
 PLOT_FILE = "coverage.png"
 SGLANG_FILE = "sglang_token_map.pt"
 EAGLE_FILE = "eagle_d2t.safetensors"
-EXPORTS = ("sglang", "eagle")
+SPECFORGE_FILE = "specforge_vocab_mapping.pt"
+EXPORTS = ("sglang", "eagle", "specforge")
+EAGLE3_MANIFEST_KIND = "vocabtrim-eagle3-head"
 MANIFEST_KIND = "vocabtrim-head"
 
 
@@ -167,7 +169,8 @@ def describe_kept(manifest: dict) -> str:
     """One line saying where a head's K ids came from: by frequency, special tokens, never seen."""
     k, frequent, unseen = manifest["k"], manifest["k_frequent"], manifest.get("k_unseen", 0)
     special = k - frequent - unseen
-    text = f"kept K={k:,} of {manifest['vocab_size']:,} ids: {frequent:,} by frequency, {special:,} special tokens"
+    of = f"{manifest['k_before']:,} draft ids of the EAGLE-3 drafter" if "k_before" in manifest else f"{manifest['vocab_size']:,} ids"
+    text = f"kept K={k:,} of {of}: {frequent:,} by frequency, {special:,} special tokens"
     if unseen:
         text += f", {unseen:,} never seen in the histogram (filler, smallest id first)"
     return text + f"; coverage {manifest['coverage']:.2%} of the counted tokens"
@@ -220,6 +223,7 @@ class BuildHeadConfig:
     export: list[str] = field(default_factory=list)
     dtype: str = "auto"
     trust_remote_code: bool = False
+    target: str | None = None  # an EAGLE-3 drafter's target, for its tokenizer when the folder has none
 
 
 def save_head(head: TrimmedHead, folder: str | os.PathLike, manifest: dict) -> None:
@@ -253,6 +257,27 @@ def export_eagle(token_ids: torch.Tensor, vocab_size: int, path: str) -> None:
     t2d = torch.zeros(vocab_size, dtype=torch.bool)
     t2d[ids] = True
     storage.atomic_write(path, lambda tmp: save_file({"d2t": d2t, "t2d": t2d}, tmp))
+
+
+def mapping_tensors(token_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE-3's id maps for sorted kept ids [K]: ``d2t`` int64 [K] (``i + d2t[i]`` is draft id i's target
+    id) and ``t2d`` bool [vocab_size]; refuses ids outside the vocabulary."""
+    ids = token_ids.to(torch.int64).cpu()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise UserError(f"kept id {int(ids.max())} is outside the target's vocabulary of {vocab_size}")
+    d2t = ids - torch.arange(ids.shape[0], dtype=torch.int64)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    return d2t, t2d
+
+
+def export_specforge(token_ids: torch.Tensor, vocab_size: int, path: str) -> None:
+    """The vocabulary mapping SpecForge (``load_vocab_mapping``) and the EAGLE repo read:
+    ``torch.save({"d2t": int64 [K], "t2d": bool [V]})``, V the target's vocabulary size (checked)."""
+    d2t, t2d = mapping_tensors(token_ids, vocab_size)
+    if t2d.shape[0] != vocab_size or int(t2d.sum()) != d2t.shape[0]:
+        raise RuntimeError("t2d must be as long as the target's vocabulary and mark exactly the K kept ids")
+    storage.atomic_write(path, lambda tmp: torch.save({"d2t": d2t, "t2d": t2d}, tmp))
 
 
 def plot_coverage(counts: np.ndarray, k: int, coverage: float, path: str, title: str = "") -> None:
@@ -308,12 +333,15 @@ def _check_build_config(config: BuildHeadConfig) -> None:
 
 
 def build_head(config: BuildHeadConfig) -> dict:
-    """Histogram + drafter → the trimmed head folder; returns its manifest."""
+    """Histogram + drafter → the trimmed head folder; returns its manifest. An EAGLE-3 drafter is
+    re-trimmed instead (``build_eagle3_head``)."""
     from vocabtrim import histogram
     from vocabtrim.calibrate import read_manifest
-    from vocabtrim.models import head_rows_fingerprint, load_drafter, load_tokenizer, logits_width, tokenizer_fingerprint
+    from vocabtrim.models import head_rows_fingerprint, is_eagle3, load_drafter, load_tokenizer, logits_width, tokenizer_fingerprint
 
     _check_build_config(config)
+    if is_eagle3(config.drafter):
+        return build_eagle3_head(config)
     folder, hist_path = _histogram_paths(config.histogram)
     calibration = read_manifest(folder)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
@@ -365,6 +393,9 @@ def build_head(config: BuildHeadConfig) -> dict:
     if "eagle" in config.export:
         export_eagle(head.token_ids, vocab, storage.join(out, EAGLE_FILE))
         manifest["exports"]["eagle"] = EAGLE_FILE
+    if "specforge" in config.export:
+        export_specforge(head.token_ids, vocab, storage.join(out, SPECFORGE_FILE))
+        manifest["exports"]["specforge"] = SPECFORGE_FILE
     plot_coverage(
         np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)]),
         selection.k, selection.coverage, storage.join(out, PLOT_FILE),
@@ -375,6 +406,110 @@ def build_head(config: BuildHeadConfig) -> dict:
     )
     manifest["plot"] = PLOT_FILE
     save_head(head, out, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-trimming an EAGLE-3 drafter
+# ---------------------------------------------------------------------------------------------
+
+
+def _eagle3_tokenizer(config: BuildHeadConfig):
+    """An EAGLE-3 folder's own tokenizer, else ``--target``'s (SpecForge checkpoints carry none)."""
+    from vocabtrim.models import BUNDLED, BUNDLED_EAGLE3, eagle3_folder, load_tokenizer
+
+    folder = eagle3_folder(config.drafter)
+    if (Path(folder).expanduser() / "tokenizer_config.json").is_file():
+        return load_tokenizer(folder, config.trust_remote_code)
+    if config.target is None and config.drafter == BUNDLED_EAGLE3:
+        return load_tokenizer(BUNDLED, config.trust_remote_code)
+    if config.target is None:
+        raise UserError(f"the EAGLE-3 folder {config.drafter} has no tokenizer: pass --target MODEL (its target)")
+    return load_tokenizer(config.target, config.trust_remote_code)
+
+
+def build_eagle3_head(config: BuildHeadConfig) -> dict:
+    """Re-trim an EAGLE-3 drafter: keep the top-K (or coverage-C) ids of the histogram *among its draft
+    vocabulary* (special tokens in it always kept), and write a new EAGLE-3 checkpoint folder at ``out``:
+    its lm_head rows for those ids, new ``d2t``/``t2d``, every other tensor unchanged; with
+    ``manifest.json``, ``coverage.png`` and the exports. ``--coverage`` counts the tokens the drafter can
+    propose; the manifest's ``coverage`` is over the whole histogram."""
+    import shutil
+
+    from vocabtrim import eagle3, histogram
+    from vocabtrim.calibrate import read_manifest
+    from vocabtrim.models import tokenizer_fingerprint
+
+    folder, hist_path = _histogram_paths(config.histogram)
+    calibration = read_manifest(folder)
+    tokenizer = _eagle3_tokenizer(config)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if calibration["tokenizer_fingerprint"] != fingerprint:
+        raise UserError(
+            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
+            f"this drafter's target {fingerprint}): calibrate with this target's tokenizer"
+        )
+    if config.drafter_layers is not None:
+        raise UserError("--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it")
+    from vocabtrim.models import eagle3_folder
+
+    model = eagle3.load_eagle3(eagle3_folder(config.drafter), target_vocab=None)
+    vocab = model.config.vocab_size
+    counts = histogram.load(hist_path)
+    counts = np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)])
+    draft_ids = model.token_ids.cpu().numpy()
+    K0 = draft_ids.shape[0]
+    if config.top_k is not None and config.top_k > K0:
+        raise UserError(f"--top-k {config.top_k} is larger than the drafter's draft vocabulary of {K0}: re-trimming only removes ids")
+    in_draft = set(int(i) for i in draft_ids)
+    special = [int(np.searchsorted(draft_ids, i)) for i in special_token_ids(tokenizer) if i in in_draft]
+    sub_counts = counts[draft_ids]
+    if int(sub_counts.sum()) == 0:
+        raise UserError("no counted token falls inside the drafter's draft vocabulary: calibrate on text for this target")
+    selection = select_ids(sub_counts, top_k=config.top_k, coverage=config.coverage, special_ids=special, vocab_size=K0)
+    keep = torch.from_numpy(draft_ids[selection.token_ids])
+    trimmed = eagle3.retrim(model, keep)
+    out = os.fspath(config.out)
+    storage.makedirs(out)
+    eagle3.save_eagle3(trimmed, out)
+    src = Path(eagle3_folder(config.drafter)).expanduser()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / name).is_file() and storage.is_local(out):
+            shutil.copyfile(src / name, Path(storage.local_path(out)) / name)
+    kept = keep.numpy()
+    manifest = {
+        "kind": EAGLE3_MANIFEST_KIND,
+        "version": 1,
+        "k": int(kept.shape[0]),
+        "k_before": int(K0),
+        "k_frequent": selection.k_frequent,
+        "vocab_size": vocab,
+        "top_k": config.top_k,
+        "coverage_target": config.coverage,
+        "coverage": histogram.coverage_of(counts, kept),
+        "coverage_before": histogram.coverage_of(counts, draft_ids),
+        "special_ids": [int(draft_ids[i]) for i in special],
+        "tokenizer_fingerprint": fingerprint,
+        "drafter": config.drafter,
+        "histogram": storage.display(hist_path),
+        "histogram_fingerprint": histogram.fingerprint(counts),
+        "calibration_source": calibration.get("source"),
+        "calibration_tokens": int(counts.sum()),
+        "exports": {},
+    }
+    if "sglang" in config.export:
+        export_sglang(keep, storage.join(out, SGLANG_FILE))
+        manifest["exports"]["sglang"] = SGLANG_FILE
+    if "eagle" in config.export:
+        export_eagle(keep, vocab, storage.join(out, EAGLE_FILE))
+        manifest["exports"]["eagle"] = EAGLE_FILE
+    if "specforge" in config.export:
+        export_specforge(keep, vocab, storage.join(out, SPECFORGE_FILE))
+        manifest["exports"]["specforge"] = SPECFORGE_FILE
+    plot_coverage(counts, manifest["k"], manifest["coverage"], storage.join(out, PLOT_FILE),
+                  title=f"{Path(config.drafter).name} (EAGLE-3) re-trimmed: source {calibration.get('source')}, {int(counts.sum()):,} tokens")
+    manifest["plot"] = PLOT_FILE
+    storage.atomic_write(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     return manifest
 
 
@@ -431,7 +566,14 @@ def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -
 
 
 def _check_drafter(head_dir, manifest: dict, ids, weight, bias, drafter) -> None:
+    from vocabtrim.eagle3 import Eagle3Model
     from vocabtrim.models import logits_width
+
+    if isinstance(drafter, Eagle3Model):
+        raise UserError(
+            f"--head {head_dir} is for a causal-LM drafter; an EAGLE-3 drafter carries its own draft vocabulary: "
+            "re-trim it with `vocabtrim build-head --drafter <its folder>` and pass the new folder as --drafter"
+        )
 
     vocab = logits_width(drafter)
     rebuild = "rebuild it with `vocabtrim build-head` for this drafter"

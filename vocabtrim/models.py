@@ -354,6 +354,8 @@ def load_pair(
         drafter = target
     if need_drafter and drafter is None:
         raise UserError("no drafter: pass --drafter MODEL, or --drafter-layers N to truncate the target")
+    if drafter is not None and is_eagle3(drafter):
+        return _load_eagle3_pair(target, drafter, drafter_layers, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     target_tok = load_tokenizer(target, trust_remote_code)
     drafter_tok = None
     if drafter is not None and drafter != target:
@@ -396,3 +398,63 @@ def load_drafter(
         model = truncate_layers(model, drafter_layers)
     check_pair(tokenizer, tokenizer, model, None)
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# EAGLE-3 drafters (a SpecForge-layout folder: vocabtrim.eagle3)
+# ---------------------------------------------------------------------------------------------
+
+
+BUNDLED_EAGLE3 = "smollm2-135m-eagle3"
+
+
+def bundled_eagle3_path() -> Path:
+    """The EAGLE-3 drafter for the bundled model that ships in the package (trained with train-drafter)."""
+    return Path(__file__).resolve().parent / "data" / BUNDLED_EAGLE3
+
+
+def is_eagle3(name: str | None) -> bool:
+    """True when ``name`` is an EAGLE-3 checkpoint folder (config.json architectures ``LlamaForCausalLMEagle3``)
+    or the bundled ``smollm2-135m-eagle3``."""
+    from vocabtrim.eagle3 import is_eagle3_folder
+
+    return name == BUNDLED_EAGLE3 or is_eagle3_folder(name)
+
+
+def eagle3_folder(name: str) -> str:
+    """The folder of an EAGLE-3 drafter name (the bundled one's inside the package)."""
+    if name == BUNDLED_EAGLE3:
+        path = bundled_eagle3_path()
+        if not (path / "config.json").is_file():
+            raise UserError(f"the bundled drafter {BUNDLED_EAGLE3} is missing from this installation ({path})")
+        return str(path)
+    return name
+
+
+def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_remote_code: bool = False):
+    """Load the EAGLE-3 folder ``name`` for ``target_model``, refusing (one line) a checkpoint for another
+    target: t2d length vs the target's vocabulary, d2t out of range, hidden sizes; a tokenizer in the
+    folder, when there is one, must be the target's."""
+    from vocabtrim.eagle3 import load_eagle3
+
+    name = eagle3_folder(name)
+    if target_tokenizer is not None and (Path(name).expanduser() / "tokenizer_config.json").is_file():
+        check_pair(target_tokenizer, load_tokenizer(name, trust_remote_code))
+    embedding = target_model.get_input_embeddings().weight
+    return load_eagle3(
+        name, target_vocab=logits_width(target_model), target_hidden=int(target_model.config.hidden_size),
+        target_embedding=embedding, dtype=embedding.dtype, device=embedding.device,
+    )
+
+
+def _load_eagle3_pair(target, drafter, drafter_layers, *, dtype, device, trust_remote_code) -> "ModelPair":
+    if drafter_layers is not None:
+        raise UserError("--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it")
+    target_tok = load_tokenizer(target, trust_remote_code)
+    target_model = load_model(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    check_pair(target_tok, target_tok, target_model, None)
+    drafter_model = load_eagle3_for(drafter, target_model, target_tokenizer=target_tok, trust_remote_code=trust_remote_code)
+    return ModelPair(
+        target=target_model, drafter=drafter_model, tokenizer=target_tok, fingerprint=tokenizer_fingerprint(target_tok),
+        target_name=target, drafter_name=drafter, drafter_layers=None,
+    )

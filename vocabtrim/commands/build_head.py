@@ -11,10 +11,12 @@ from vocabtrim.commands.common import add_model_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--histogram", required=True, metavar="DIR", help="a folder written by `vocabtrim calibrate` (a path or a URI such as s3://bucket/calib)")
     add_model_arguments(parser, target=False, drafter_required=True)
+    parser.add_argument("--target", default=None, help="an EAGLE-3 drafter's target (its tokenizer, when the drafter's folder has none)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--top-k", type=int, default=None, metavar="K", help="keep K ids (special tokens included)")
     size.add_argument("--coverage", type=float, default=None, metavar="C", help="keep the fewest ids covering C of the counted tokens, C in (0, 1]")
-    parser.add_argument("--export", default="", metavar="sglang,eagle", help="also write an SGLang token map and/or EAGLE-3 d2t/t2d")
+    parser.add_argument("--export", default="", metavar="sglang,eagle,specforge",
+                        help="also write an SGLang token map, EAGLE-3 d2t/t2d (safetensors) and/or SpecForge's torch.save'd {d2t, t2d}")
     parser.add_argument("--out", required=True, metavar="HEAD_DIR", help="output folder (a path or a URI such as s3://bucket/head)")
 
 
@@ -30,6 +32,7 @@ def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
         export=[e.strip() for e in args.export.split(",") if e.strip()],
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        target=args.target,
         out=args.out,
     )
 
@@ -39,7 +42,8 @@ def main(args) -> int:
     from vocabtrim.head import build_head, describe_kept, unseen_warning
 
     m = build_head(config_from_args(args))
-    files = ", ".join(["head.safetensors", "manifest.json", m["plot"], *m["exports"].values()])
+    main_files = ["config.json", "model.safetensors"] if m["kind"] == "vocabtrim-eagle3-head" else ["head.safetensors"]
+    files = ", ".join([*main_files, "manifest.json", m["plot"], *m["exports"].values()])
     warning = unseen_warning(m)
     if warning:
         print(f"vocabtrim build-head: warning: {warning}", file=sys.stderr)

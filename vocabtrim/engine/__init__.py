@@ -10,14 +10,23 @@
 from __future__ import annotations
 
 
-def build_drafter(drafter_model=None, head=None):
-    """The drafter for a loaded drafter model (None: the target alone) and an optional ``TrimmedHead``."""
+def build_drafter(drafter_model=None, head=None, target=None):
+    """The drafter for a loaded drafter model (None: the target alone) and an optional ``TrimmedHead``;
+    an EAGLE-3 model (``vocabtrim.eagle3``) becomes an ``Eagle3Drafter`` reading ``target``'s layers."""
+    from vocabtrim.eagle3 import Eagle3Model
     from vocabtrim.errors import UserError
 
     if drafter_model is None:
         if head is not None:
             raise UserError("a trimmed head needs a drafter (drop --no-draft or --head)")
         return None
+    if isinstance(drafter_model, Eagle3Model):
+        from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+        if head is not None:
+            raise UserError("an EAGLE-3 drafter carries its own draft vocabulary: re-trim it with `vocabtrim build-head` "
+                            "and pass the new folder as --drafter (drop --head)")
+        return Eagle3Drafter(drafter_model, int(target.config.num_hidden_layers))
     from vocabtrim.engine.drafters.causal_lm import CausalLMDrafter
     from vocabtrim.engine.heads import trimmed_head
 
@@ -32,6 +41,9 @@ def make_engine(target, drafter_model=None, head=None, **config):
     from vocabtrim.errors import UserError
     from vocabtrim.models import logits_width
 
-    if drafter_model is not None and logits_width(target) != logits_width(drafter_model):
+    from vocabtrim.eagle3 import Eagle3Model
+
+    eagle3 = isinstance(drafter_model, Eagle3Model)  # its t2d was checked against the target when it was loaded
+    if drafter_model is not None and not eagle3 and logits_width(target) != logits_width(drafter_model):
         raise UserError(f"target and drafter logits widths differ: {logits_width(target)} vs {logits_width(drafter_model)}")
-    return Engine(target, build_drafter(drafter_model, head), EngineConfig(**config))
+    return Engine(target, build_drafter(drafter_model, head, target), EngineConfig(**config))

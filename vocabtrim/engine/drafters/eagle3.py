@@ -1,0 +1,129 @@
+"""The EAGLE-3 drafter behind the engine's ``Drafter`` seam.
+
+It reads the target's hidden states of three layers (``feature_layers``) from every prefill and verify
+pass, fuses them with ``fc`` and keeps them by slot and position; its one decoder layer has its own
+position-indexed KV cache (``vocabtrim.eagle3.KVCache``).
+
+Entry p of a row (its KV at position p) reads the target's fused feature at p and the token at p + 1,
+and its output predicts the token at p + 2. With the pending token at ``pos``, entries 0..pos-1 can be
+computed from committed tokens and the target's features; ``propose`` first computes the ones not yet
+computed (``done[slot]`` .. pos-1: the step's accepted tokens, one more per target-alone step), whose
+last output gives draft 1. Draft i + 1 comes from entry pos-1+i, which reads draft i's embedding and,
+as its feature, entry pos-2+i's own pre-norm output (EAGLE's chain). These chain entries are written
+at their positions and overwritten when the row's real tokens get there: a rejected draft needs no
+rollback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vocabtrim import eagle3 as e3
+from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Proposal
+
+
+class Eagle3Drafter:
+    """``Drafter`` over an ``Eagle3Model``; ``support`` is its draft vocabulary (sorted target ids)."""
+
+    def __init__(self, model: e3.Eagle3Model, target_layers: int):
+        self.model = model
+        self.device = model.fc.weight.device
+        self.support = model.token_ids.to(self.device)
+        self.feature_layers = tuple(model.feature_layers(target_layers))
+        self.cache: e3.KVCache | None = None
+        self.fused: torch.Tensor | None = None  # [slots, capacity + 1, hidden]
+        self.done: list[int] = []
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def allocate(self, slots: int, capacity: int) -> None:
+        self.cache = e3.KVCache.allocate(self.model, slots, capacity, self.device)
+        hidden = self.model.config.hidden_size
+        self.fused = torch.zeros(slots, capacity + 1, hidden, dtype=self.model.fc.weight.dtype, device=self.device)
+        self.done = [0] * slots
+
+    def _store_features(self, rows: torch.Tensor, start: torch.Tensor, features: torch.Tensor) -> None:
+        """Fuse features [b, P, 3 x target_hidden] and store them at positions start[i] + 0..P-1 of slot rows[i]."""
+        cap = self.cache.capacity
+        P = features.shape[1]
+        cols = start[:, None] + torch.arange(P, device=self.device)[None]
+        cols = torch.where(cols < cap, cols, torch.full_like(cols, cap))
+        with torch.no_grad():
+            self.fused[rows[:, None].expand_as(cols), cols] = e3.fuse(self.model, features.to(self.device))
+
+    @torch.no_grad()
+    def admit(self, slots: list[int], history: torch.Tensor, lengths: list[int], features: torch.Tensor | None) -> None:
+        rows = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        for s in slots:
+            self.done[s] = 0
+        longest = max(lengths) - 1
+        if longest < 1 or features is None:
+            return
+        self._store_features(rows, torch.zeros_like(rows), features[:, :longest])
+        # Entries 0..length-2 of each row: feature at p, token at p + 1.
+        lengths_t = torch.tensor(lengths, device=self.device)
+        p = torch.arange(longest, device=self.device)[None].expand(len(slots), longest)
+        positions = torch.where(p < (lengths_t[:, None] - 1), p, torch.full_like(p, -1))
+        tokens = history.to(self.device)[rows][:, 1 : longest + 1]
+        self._entries(rows, tokens, self.fused[rows, :longest], positions, longest)
+        for s, n in zip(slots, lengths):
+            self.done[s] = n - 1
+
+    def _entries(self, rows, tokens, feature, positions, span) -> torch.Tensor:
+        emb = e3.embed(self.model, tokens)
+        return e3.cached_forward(self.model, self.cache, rows, emb, feature, positions, span)
+
+    # -- drafting -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def propose(self, batch: DraftBatch) -> Proposal:
+        n, G = batch.n, batch.gamma
+        rows = torch.arange(n, device=self.device)
+        pos = batch.pos.to(self.device)
+        pos_host = batch.pos_host
+        M = max(1, max(p - self.done[r] for r, p in enumerate(pos_host[:n])))
+        # Catch-up: entries pos-M .. pos-1 of every row (recomputing a computed one is harmless).
+        p = pos[:, None] - M + torch.arange(M, device=self.device)[None]
+        positions = torch.where(p >= 0, p, torch.full_like(p, -1))
+        safe = p.clamp(min=0)
+        history = batch.history.to(self.device)
+        tokens = history[rows[:, None], (safe + 1).clamp(max=history.shape[1] - 1)]
+        feature = self.fused[rows[:, None], safe]
+        span = min(max(pos_host[:n]) + G, self.cache.capacity)
+        out = self._entries(rows, tokens, feature, positions, max(span, 1))[:, -1:]  # [n, 1, hidden]
+        for r in range(n):
+            self.done[r] = pos_host[r]
+        draft_tokens, qs = [], []
+        for i in range(G):
+            if i > 0:
+                last = draft_tokens[-1][:, None]
+                out = self._entries(rows, last, out, (pos - 1 + i)[:, None], span)
+            step_logits = e3.logits(self.model, out[:, 0]).float()  # [n, K]
+            index, q = batch.choose(step_logits, i)
+            draft_tokens.append(self.support[index])
+            qs.append(q)
+        tokens_out = torch.stack(draft_tokens, dim=1)
+        q_out = None if qs[0] is None else torch.stack(qs, dim=1)
+        return Proposal(tokens=tokens_out, q=q_out)
+
+    @torch.no_grad()
+    def commit(self, info: CommitInfo) -> None:
+        if info.features is None:
+            return
+        rows = torch.arange(info.n, device=self.device)
+        self._store_features(rows, info.pos.to(self.device), info.features[: info.n])
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        self.cache.k[d] = self.cache.k[s]
+        self.cache.v[d] = self.cache.v[s]
+        self.fused[d] = self.fused[s]
+        done = list(self.done)
+        for a, b in zip(src, dst):
+            done[b] = self.done[a]
+        self.done = done
+
+    def release(self, slots: list[int]) -> None:
+        for s in slots:
+            self.done[s] = 0

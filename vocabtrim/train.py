@@ -1,0 +1,649 @@
+"""``vocabtrim train-drafter``: train an EAGLE-3 drafter for a target, with a vocabtrim draft vocabulary.
+
+Flow (``run_train``):
+1. On the driver: check the flags; the draft vocabulary is the histogram's top-K ids (special tokens
+   always in, as ``build-head`` keeps them); cut the corpus into shards (``vocabtrim.corpus``).
+2. Feature extraction, shard by shard, on a pool of ``FeatureExtractor`` actors (the calibrate pool,
+   ledger and driver loop: ``calibrate.CounterPool`` / ``count_shards``): each row becomes token ids
+   (``--source corpus``: the row's text; ``--source target``: the row as a chat prompt plus the
+   target's own response, the loss on the response only), and the target's hidden states at its
+   three EAGLE-3 layers, its final (normed) hidden state and its greedy next token at every position.
+   One file per shard in ``DIR/features/`` (a rerun skips the shards already there).
+3. One ``DrafterTrainer`` actor (a GPU when ``--gpus-per-worker`` gives one) trains with EAGLE-3's
+   training-time test (``eagle3.ttt_forward``: ``--ttt-length`` chained steps, each on its own previous
+   output, loss weights 0.8^s) against the target's distribution over the draft vocabulary (soft
+   cross-entropy, as SpecForge's KL loss), on positions whose target token is in the draft vocabulary.
+   Shards ending in a held-out fraction are not trained on: after every epoch the trainer reports the
+   held-out acceptance (step-0 greedy agreement with the target, and per TTT step).
+4. After every epoch: the drafter in SpecForge's layout (``DIR/config.json``, ``DIR/model.safetensors``,
+   the target's tokenizer files) and ``DIR/train_state.pt`` (weights, optimizer, epoch; read back with
+   ``torch.load(weights_only=True)``): a rerun with more ``--epochs`` resumes from the last epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from vocabtrim import corpus, storage
+from vocabtrim.calibrate import Ledger, eos_ids
+from vocabtrim.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("corpus", "target")
+MANIFEST_KIND = "vocabtrim-eagle3-train"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``vocabtrim train-drafter`` needs."""
+
+    target: str
+    corpus: list[str]
+    histogram: str
+    top_k: int
+    out: str
+    source: str = "corpus"
+    text_column: str = "text"
+    max_length: int = 256  # tokens per training row (prompt + response)
+    max_new_tokens: int = 128  # --source target: response length
+    temperature: float = 0.0  # --source target: 0 trains on the target's greedy responses
+    seed: int = 0
+    epochs: int = 1
+    learning_rate: float = 1e-3
+    batch_size: int = 8  # rows per optimizer step
+    ttt_length: int = 3
+    held_out: float = 0.1  # share of shards held out for the acceptance report
+    intermediate_size: int | None = None  # the drafter layer's MLP width (default: the target's)
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    address: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    shard_rows: int = 32
+    max_shards: int | None = None  # only the first N shards of the corpus (a quick run); None: all
+    show_progress: bool = True
+    max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard's features and their ledger
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureShard:
+    """One shard's rows, concatenated: ``tensors`` holds
+    input_ids int64 [N], row_lengths int64 [R], loss_mask uint8 [N] (1: the token is a training target),
+    aux [N, 3 x H] and final [N, H] (the target's three layers and its normed last hidden state, bf16),
+    target_next int64 [N] (the target's greedy token after each position)."""
+
+    shard_id: str
+    path: str
+    rows: int
+    tokens: int
+    tensors: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+
+
+class FeatureLedger(Ledger):
+    """``DIR/features/``: one safetensors file per finished shard (the calibrate ledger's rules)."""
+
+    SUFFIX = ".safetensors"
+
+    def record(self, result: FeatureShard) -> bool:
+        from safetensors.torch import save
+
+        target = self.path(result.shard_id)
+        if result.shard_id in self._recorded or storage.is_file(target):
+            self._recorded.add(result.shard_id)
+            return False
+        meta = {"shard_id": result.shard_id, "path": result.path, "rows": str(result.rows), "tokens": str(result.tokens)}
+        storage.atomic_write(target, save(result.tensors, metadata=meta))
+        self._recorded.add(result.shard_id)
+        return True
+
+    def read(self, shard_id: str) -> dict:
+        from safetensors.torch import load
+
+        path = self.path(shard_id)
+        try:
+            return load(storage.read_bytes(path))
+        except Exception as exc:
+            raise UserError(f"feature file {storage.display(path)} is unreadable ({exc}): delete it and rerun") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The extracting actor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    target: str
+    source: str
+    text_column: str
+    feature_layers: tuple
+    max_length: int
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    dtype: str
+    trust_remote_code: bool
+    threads: int = 1
+    use_gpu: bool = False
+    batch_rows: int = 8
+
+
+class FeatureExtractor:
+    """Turns one shard into a ``FeatureShard``: ``extract(shard)``."""
+
+    def __init__(self, spec: ExtractorSpec):
+        import torch
+
+        from vocabtrim.models import load_model, load_tokenizer
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        self.device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = load_tokenizer(spec.target, spec.trust_remote_code)
+        self.model = load_model(spec.target, dtype=spec.dtype, device=self.device, trust_remote_code=spec.trust_remote_code)
+        self.engine = None
+        if spec.source == "target":
+            from vocabtrim.engine import make_engine
+            from vocabtrim.engine.sampling import SamplingParams
+
+            self.engine = make_engine(
+                self.model, None, sampling=SamplingParams(temperature=spec.temperature), batch_size=spec.batch_rows,
+                max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, self.model)),
+            )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _rows(self, texts: list[str], keys: list[str]) -> list[tuple[list[int], int]]:
+        """(token ids, index of the first loss-bearing token) per row."""
+        from vocabtrim.calibrate import build_prompt
+        from vocabtrim.engine.sampling import row_seed
+
+        spec = self.spec
+        if self.engine is None:
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return [(i[: spec.max_length], 1) for i in ids]
+        limit = max(1, spec.max_length - spec.max_new_tokens)
+        prompts = [build_prompt(self.tokenizer, t, limit) for t in texts]
+        outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for k in keys])
+        return [((p + o.token_ids)[: spec.max_length], len(p)) for p, o in zip(prompts, outs)]
+
+    def extract(self, shard: corpus.Shard) -> FeatureShard:
+        import torch
+
+        spec = self.spec
+        cpu = time.process_time()
+        parts: dict[str, list] = {k: [] for k in ("input_ids", "row_lengths", "loss_mask", "aux", "final", "target_next")}
+        rows = tokens = 0
+        for batch in corpus.iter_shard(shard, spec.text_column, spec.batch_rows):
+            keep = [i for i, t in enumerate(batch.texts) if isinstance(t, str) and t.strip()]
+            if not keep:
+                continue
+            got = self._rows([batch.texts[i] for i in keep], [f"{shard.name}:{batch.keys[i]}" for i in keep])
+            got = [(ids, start) for ids, start in got if len(ids) >= 3]
+            if not got:
+                continue
+            width = max(len(ids) for ids, _ in got)
+            block = torch.zeros(len(got), width, dtype=torch.long)
+            mask = torch.zeros(len(got), width, dtype=torch.long)
+            for r, (ids, _) in enumerate(got):
+                block[r, : len(ids)] = torch.tensor(ids)
+                mask[r, : len(ids)] = 1
+            with torch.inference_mode():
+                out = getattr(self.model, self.model.base_model_prefix)(input_ids=block.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True)
+                aux = torch.cat([out.hidden_states[i] for i in spec.feature_layers], dim=-1)
+                final = out.last_hidden_state
+                nxt = self.model.get_output_embeddings()(final).argmax(-1)
+            for r, (ids, start) in enumerate(got):
+                n = len(ids)
+                loss = torch.zeros(n, dtype=torch.uint8)
+                loss[start:] = 1
+                parts["input_ids"].append(torch.tensor(ids, dtype=torch.int64))
+                parts["row_lengths"].append(torch.tensor([n], dtype=torch.int64))
+                parts["loss_mask"].append(loss)
+                parts["aux"].append(aux[r, :n].to("cpu", torch.bfloat16))
+                parts["final"].append(final[r, :n].to("cpu", torch.bfloat16))
+                parts["target_next"].append(nxt[r, :n].to("cpu", torch.int64))
+                rows += 1
+                tokens += n
+        if rows == 0:
+            H = self.model.config.hidden_size
+            tensors = {"input_ids": torch.zeros(0, dtype=torch.int64), "row_lengths": torch.zeros(0, dtype=torch.int64),
+                       "loss_mask": torch.zeros(0, dtype=torch.uint8), "aux": torch.zeros(0, 3 * H, dtype=torch.bfloat16),
+                       "final": torch.zeros(0, H, dtype=torch.bfloat16), "target_next": torch.zeros(0, dtype=torch.int64)}
+        else:
+            tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        return FeatureShard(shard.shard_id, shard.path, rows, tokens, tensors, time.process_time() - cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (pure tensor functions, then the trainer actor)
+# ---------------------------------------------------------------------------------------------
+
+
+def split_rows(tensors: dict) -> list[dict]:
+    """A feature file's concatenated tensors → one dict per row."""
+    out, start = [], 0
+    for n in tensors["row_lengths"].tolist():
+        out.append({k: tensors[k][start : start + n] for k in ("input_ids", "loss_mask", "aux", "final", "target_next")})
+        start += n
+    return out
+
+
+def pad_rows(rows: list[dict]):
+    """Rows → padded batch tensors: input_ids [b, T], loss_mask [b, T] bool, aux [b, T, 3H], final [b, T, H],
+    target_next [b, T], lengths [b]."""
+    import torch
+
+    T = max(r["input_ids"].shape[0] for r in rows)
+    b = len(rows)
+
+    def pad(key, dtype=None):
+        x = rows[0][key]
+        shape = (b, T, *x.shape[1:])
+        out = torch.zeros(shape, dtype=dtype or x.dtype)
+        for i, r in enumerate(rows):
+            out[i, : r[key].shape[0]] = r[key]
+        return out
+
+    return {
+        "input_ids": pad("input_ids"), "loss_mask": pad("loss_mask").bool(), "aux": pad("aux"), "final": pad("final"),
+        "target_next": pad("target_next"), "lengths": torch.tensor([r["input_ids"].shape[0] for r in rows]),
+    }
+
+
+def ttt_loss(model, batch: dict, target_head, steps: int):
+    """EAGLE-3 training-time-test loss on one padded batch.
+
+    target_head: [K, H] the target's LM-head rows for the draft vocabulary (the teacher over it).
+    Step s, index j: the drafter's entry j + s predicts token j + 2 + s; the teacher is
+    softmax(final[j + 1 + s] @ target_head.T); counted where that token is a loss token and the target's
+    greedy token there is in the draft vocabulary. Returns (loss, per-step [correct, counted] list).
+    """
+    import torch
+
+    from vocabtrim import eagle3 as e3
+
+    dtype = model.fc.weight.dtype
+    ids, lengths = batch["input_ids"], batch["lengths"]
+    b, T = ids.shape
+    Tp = T - 1  # entries 0..T-2
+    fused = e3.fuse(model, batch["aux"][:, :Tp].to(dtype))
+    j = torch.arange(Tp)[None]
+    valid = j < (lengths[:, None] - 1)
+    emb_steps = []
+    for s in range(steps):
+        tok = torch.zeros(b, Tp, dtype=torch.long)
+        width = max(0, min(Tp, T - 1 - s))
+        tok[:, :width] = ids[:, 1 + s : 1 + s + width]
+        emb_steps.append(e3.embed(model, tok))
+    outs = e3.ttt_forward(model, emb_steps, fused, valid)
+    t2d = model.t2d
+    loss = torch.zeros((), dtype=torch.float32)
+    stats = []
+    for s, out in enumerate(outs):
+        width = max(0, min(Tp, T - 2 - s))
+        if width == 0:
+            stats.append((0, 0))
+            continue
+        z = batch["final"][:, 1 + s : 1 + s + width].to(dtype)
+        teacher = torch.softmax((z @ target_head.T).float(), -1)  # [b, w, K]
+        tgt_next = batch["target_next"][:, 1 + s : 1 + s + width]
+        counted = (
+            (j[:, :width] + 2 + s < lengths[:, None])
+            & batch["loss_mask"][:, 2 + s : 2 + s + width]
+            & t2d[tgt_next]
+        )
+        logp = torch.log_softmax(e3.logits(model, out[:, :width]).float(), -1)
+        n = counted.sum()
+        if int(n) == 0:
+            stats.append((0, 0))
+            continue
+        ce = -(teacher * logp).sum(-1)
+        loss = loss + (0.8**s) * (ce * counted).sum() / n
+        with torch.no_grad():
+            pred = model.token_ids[logp.argmax(-1)]
+            stats.append((int(((pred == tgt_next) & counted).sum()), int(n)))
+    return loss, stats
+
+
+class DrafterTrainer:
+    """Holds the drafter, the optimizer and the feature files; trains epoch by epoch on request."""
+
+    def __init__(self, cfg: dict, draft_ids: list[int], feature_layers: tuple, train_ids: list[str], eval_ids: list[str], threads: int):
+        import torch
+
+        from vocabtrim import eagle3 as e3
+        from vocabtrim.models import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = TrainConfig(**cfg)
+        c = self.cfg
+        self.device = torch.device("cuda") if c.gpus_per_worker > 0 and torch.cuda.is_available() else torch.device("cpu")
+        target = load_model(c.target, dtype="float32", device="cpu", trust_remote_code=c.trust_remote_code)
+        ids = torch.tensor(draft_ids, dtype=torch.int64)
+        raw = e3.make_config(target.config, len(draft_ids), intermediate_size=c.intermediate_size)
+        config = e3.Eagle3Config.from_dict(raw)
+        torch.manual_seed(c.seed)
+        model = e3.Eagle3Model(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+            # The head starts as the target's own rows for the draft vocabulary, the output norm as its final norm.
+            model.lm_head.weight.copy_(target.lm_head.weight[ids])
+            model.norm.weight.copy_(target.model.norm.weight)
+        model.set_vocabulary(ids)
+        self.embedding = target.get_input_embeddings().weight.detach().clone()
+        model.set_embedding(self.embedding)
+        self.target_head = target.lm_head.weight.detach()[ids].clone()
+        self.model = model.to(self.device)
+        self.feature_layers = tuple(feature_layers)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.learning_rate, weight_decay=0.0)
+        self.ledger = FeatureLedger(storage.join(c.out, "features"))
+        self.train_ids, self.eval_ids = train_ids, eval_ids
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+        state_path = storage.join(c.out, STATE_FILE)
+        if storage.is_file(state_path):
+            state = torch.load(io.BytesIO(storage.read_bytes(state_path)), weights_only=True)
+            model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.history = json.loads(state["history"]) if isinstance(state.get("history"), str) else []
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.step
+
+    def last_records(self) -> list[dict]:
+        return self.history[-1:]
+
+    def save(self) -> None:
+        self._save()
+
+    def _batches(self, shard_ids: list[str], rng) -> "list[list[dict]]":
+        rows = []
+        for sid in shard_ids:
+            rows.extend(split_rows(self.ledger.read(sid)))
+        order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+        bs = self.cfg.batch_size
+        return [[rows[i] for i in order[k : k + bs]] for k in range(0, len(rows), bs)]
+
+    def begin_epoch(self) -> int:
+        """Shuffle this epoch's batches (seeded by the epoch); returns how many steps it has."""
+        c = self.cfg
+        batches = self._batches(self.train_ids, np.random.default_rng(c.seed + self.epoch))
+        self._epoch = batches[: c.max_steps] if c.max_steps is not None else batches
+        self._cursor, self._losses, self._correct, self._counted = 0, [], 0, 0
+        return len(self._epoch)
+
+    def train_steps(self, k: int) -> dict:
+        """Up to ``k`` optimizer steps of the current epoch: their mean loss and step-0 acceptance."""
+        import torch
+
+        c = self.cfg
+        self.model.train()
+        self.model.requires_grad_(True)
+        losses, correct, counted = [], 0, 0
+        for rows in self._epoch[self._cursor : self._cursor + k]:
+            loss, stats = ttt_loss(self.model, pad_rows(rows), self.target_head, c.ttt_length)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
+            self.opt.step()
+            self.step += 1
+            losses.append(float(loss.detach()))
+            correct += stats[0][0]
+            counted += stats[0][1]
+        self._cursor += len(losses)
+        self._losses += losses
+        self._correct += correct
+        self._counted += counted
+        self.model.eval()
+        self.model.requires_grad_(False)
+        return {"steps": len(losses), "loss": float(np.mean(losses)) if losses else None,
+                "train_acceptance": correct / counted if counted else None, "done": self._cursor >= len(self._epoch)}
+
+    def end_epoch(self) -> dict:
+        """Evaluate on the held-out shards, write the drafter and the resume state; the epoch's record."""
+        losses = self._losses
+        self.epoch += 1
+        record = {"epoch": self.epoch, "steps": self.step, "loss": float(np.mean(losses)) if losses else None,
+                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                  "train_acceptance": self._correct / self._counted if self._counted else None, **self.evaluate()}
+        self.history.append(record)
+        self._save()
+        return record
+
+    def train_epoch(self) -> dict:
+        self.begin_epoch()
+        while not self.train_steps(1 << 30)["done"]:
+            pass
+        return self.end_epoch()
+
+    def evaluate(self) -> dict:
+        """Held-out acceptance: greedy agreement with the target per TTT step, on the held-out shards."""
+        import torch
+
+        ids = self.eval_ids or self.train_ids[-1:]
+        totals = [[0, 0] for _ in range(self.cfg.ttt_length)]
+        losses = []
+        with torch.no_grad():
+            for rows in self._batches(ids, None):
+                loss, stats = ttt_loss(self.model, pad_rows(rows), self.target_head, self.cfg.ttt_length)
+                losses.append(float(loss.detach()))
+                for s, (a, n) in enumerate(stats):
+                    totals[s][0] += a
+                    totals[s][1] += n
+        per_step = [a / n if n else None for a, n in totals]
+        return {"held_out_loss": float(np.mean(losses)) if losses else None, "held_out_acceptance": per_step[0],
+                "held_out_acceptance_per_step": per_step, "held_out_tokens": totals[0][1]}
+
+    def _save(self) -> None:
+        import torch
+
+        from vocabtrim import eagle3 as e3
+
+        c = self.cfg
+        e3.save_eagle3(self.model, c.out)
+        buf = io.BytesIO()
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
+                    "history": json.dumps(self.history)}, buf)
+        storage.atomic_write(storage.join(c.out, STATE_FILE), buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_config(c: TrainConfig) -> None:
+    if c.source not in SOURCES:
+        raise UserError(f"--source must be one of {', '.join(SOURCES)} for train-drafter, got {c.source!r}")
+    for name, value, low in (("--top-k", c.top_k, 1), ("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1),
+                             ("--ttt-length", c.ttt_length, 1), ("--max-length", c.max_length, 4), ("--workers", c.workers, 1),
+                             ("--max-new-tokens", c.max_new_tokens, 1),
+                             ("--max-shards", 1 if c.max_shards is None else c.max_shards, 1)):
+        if value is None or value < low:
+            raise UserError(f"{name} must be >= {low}, got {value}")
+    if not c.learning_rate > 0:
+        raise UserError(f"--learning-rate must be > 0, got {c.learning_rate}")
+    if not 0 <= c.held_out < 1:
+        raise UserError(f"--held-out must be in [0, 1), got {c.held_out}")
+    if not c.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0, got {c.temperature}")
+    if not c.corpus:
+        raise UserError("pass --corpus PATH [PATH ...]: the rows to train on (prompts, for --source target)")
+    if storage.is_file(c.out):
+        raise UserError(f"--out {storage.display(c.out)} is a file: pass a folder")
+
+
+def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list[int], dict]:
+    """The histogram's top-K ids plus the special tokens, as ``build-head`` keeps them."""
+    from vocabtrim import histogram
+    from vocabtrim.calibrate import read_manifest
+    from vocabtrim.head import _histogram_paths, select_ids, special_token_ids
+    from vocabtrim.models import tokenizer_fingerprint
+
+    folder, hist_path = _histogram_paths(c.histogram)
+    calibration = read_manifest(folder)
+    fp = tokenizer_fingerprint(tokenizer)
+    if calibration["tokenizer_fingerprint"] != fp:
+        raise UserError(
+            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
+            f"target {fp}): calibrate with this target"
+        )
+    counts = histogram.load(hist_path)
+    if c.top_k > target_vocab:
+        raise UserError(f"--top-k must be at most the target's vocabulary of {target_vocab}, got {c.top_k}")
+    sel = select_ids(counts, top_k=c.top_k, special_ids=special_token_ids(tokenizer), vocab_size=target_vocab)
+    return [int(i) for i in sel.token_ids], {"coverage": sel.coverage, "k_frequent": sel.k_frequent,
+                                              "histogram": storage.display(hist_path), "calibration_source": calibration.get("source"),
+                                              "histogram_fingerprint": histogram.fingerprint(counts)}
+
+
+def run_train(config: TrainConfig) -> dict:
+    """Extract features (resumable), train (resumable by epoch), write the drafter; returns the manifest."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from vocabtrim import eagle3 as e3
+    from vocabtrim.calibrate import CounterPool, count_shards
+    from vocabtrim.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray
+
+    c = config
+    wall = time.perf_counter()
+    _check_config(c)
+    tokenizer = load_tokenizer(c.target, c.trust_remote_code)
+    where = resolve_model(c.target)  # a GGUF model converts once here, not in every actor
+    from transformers import AutoConfig
+
+    tcfg = AutoConfig.from_pretrained(where, trust_remote_code=c.trust_remote_code)
+    tcfg = tcfg.get_text_config(decoder=True)
+    if getattr(tcfg, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
+        log.warning("train-drafter was tested on Llama targets; %s may need another drafter layout", getattr(tcfg, "model_type", None))
+    V = max(int(tcfg.vocab_size), len(tokenizer))
+    draft_ids, vocab_info = draft_vocabulary(c, tokenizer, int(tcfg.vocab_size))
+    feature_layers = e3.default_feature_layers(int(tcfg.num_hidden_layers))
+    shards = corpus.make_shards(c.corpus, c.text_column, 16 << 10, c.shard_rows)
+    if not shards or corpus.file_rows(shards) == 0:
+        raise UserError(f"the corpus is empty: no rows in {' '.join(c.corpus)}")
+    shards = shards[: c.max_shards] if c.max_shards is not None else shards
+    ledger = FeatureLedger(storage.join(c.out, "features"))
+    fp = tokenizer_fingerprint(tokenizer)
+    ledger.claim({"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
+                  "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
+                  "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
+                  "dtype": c.dtype})
+    todo = [s for s in shards if not ledger.done(s.shard_id)]
+    init_ray(c.address)
+    cpus = c.cpus_per_worker or default_cpus_per_worker(c.workers)
+    check_resources(c.workers, c.gpus_per_worker, cpus)
+    t0 = time.perf_counter()
+    extract_seconds = 0.0
+    if todo:
+        spec = ExtractorSpec(
+            target=c.target, source=c.source, text_column=c.text_column, feature_layers=tuple(feature_layers), max_length=c.max_length,
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, dtype=c.dtype,
+            trust_remote_code=c.trust_remote_code, threads=max(1, int(cpus)), use_gpu=c.gpus_per_worker > 0,
+            batch_rows=c.shard_rows if c.source == "target" else 8,  # generation: one batch per shard
+        )
+        with CounterPool(spec, min(c.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
+                         actor_class=FeatureExtractor) as pool:
+            pool.wait_ready()
+            bar = tqdm(total=len(shards), initial=len(shards) - len(todo), unit="shard", desc="features", dynamic_ncols=True,
+                       disable=not (c.show_progress and sys.stderr.isatty()))
+            try:
+                count_shards(pool, todo, ledger, progress=bar, method="extract")
+            finally:
+                bar.close()
+        extract_seconds = time.perf_counter() - t0
+    ids = [s.shard_id for s in shards]
+    n_eval = int(math.floor(len(ids) * c.held_out)) if len(ids) > 1 else 0
+    train_ids, eval_ids = ids[: len(ids) - n_eval], ids[len(ids) - n_eval :]
+    gpus = c.gpus_per_worker if c.gpus_per_worker > 0 else 0
+    trainer_cpus = c.cpus_per_worker or default_cpus_per_worker(1)
+    Trainer = ray.remote(DrafterTrainer).options(num_cpus=trainer_cpus, num_gpus=gpus)
+    trainer = Trainer.remote(asdict(c), draft_ids, tuple(feature_layers), train_ids, eval_ids, max(1, int(trainer_cpus)))
+    t1 = time.perf_counter()
+    try:
+        epoch, _ = ray.get(trainer.position.remote())
+        bar = tqdm(total=c.epochs, initial=min(epoch, c.epochs), unit="epoch", desc="train", dynamic_ncols=True,
+                   disable=not (c.show_progress and sys.stderr.isatty()))
+        history = []
+        try:
+            while epoch < c.epochs:
+                steps = ray.get(trainer.begin_epoch.remote())
+                done = 0
+                while True:
+                    part = ray.get(trainer.train_steps.remote(max(1, min(20, steps // 20 or 1))))
+                    done += part["steps"]
+                    if part["loss"] is not None:
+                        bar.set_postfix(step=f"{done}/{steps}", loss=f"{part['loss']:.3f}",
+                                        acceptance=f"{part['train_acceptance']:.3f}" if part["train_acceptance"] is not None else "-")
+                    if part["done"]:
+                        break
+                record = ray.get(trainer.end_epoch.remote())
+                history.append(record)
+                epoch = record["epoch"]
+                acc = record["held_out_acceptance"]
+                bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "-",
+                                held_out_acceptance=f"{acc:.3f}" if acc is not None else "-", refresh=False)
+                bar.update(1)
+                log.info("epoch %d: %s", epoch, record)
+        finally:
+            bar.close()
+        if not history:  # nothing left to train: report the state reached
+            history = ray.get(trainer.last_records.remote())
+            if not storage.is_file(storage.join(c.out, e3.WEIGHTS_FILE)):
+                ray.get(trainer.save.remote())
+    finally:
+        ray.kill(trainer, no_restart=True)
+    train_seconds = time.perf_counter() - t1
+    _copy_tokenizer(tokenizer, c.out)
+    last = history[-1] if history else {}
+    manifest = {
+        "kind": MANIFEST_KIND, "version": 1, "target": c.target, "tokenizer_fingerprint": fp, "source": c.source,
+        "corpus": list(c.corpus), "text_column": c.text_column, "draft_vocab_size": len(draft_ids), "vocab_size": V,
+        "feature_layers": list(feature_layers), **vocab_info, "shards": len(shards), "shards_extracted": len(todo),
+        "train_shards": len(train_ids), "held_out_shards": len(eval_ids), "epochs": c.epochs, "ttt_length": c.ttt_length,
+        "learning_rate": c.learning_rate, "batch_size": c.batch_size, "max_length": c.max_length,
+        "objective": "EAGLE-3 training-time test (soft cross-entropy to the target over the draft vocabulary, step weights 0.8^s)",
+        "epochs_run": history, "loss": last.get("loss"), "held_out_acceptance": last.get("held_out_acceptance"),
+        "held_out_acceptance_per_step": last.get("held_out_acceptance_per_step"),
+        "extract_seconds": round(extract_seconds, 1), "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - wall, 1),
+    }
+    storage.atomic_write(storage.join(c.out, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _copy_tokenizer(tokenizer, out: str) -> None:
+    """The target's tokenizer files beside the drafter (so ``build-head`` and the pair check find it)."""
+    if storage.is_local(out):
+        tokenizer.save_pretrained(storage.local_path(out))
