@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -381,13 +380,13 @@ class CounterPool:
         """Block until every actor has built itself (its tokenizer and model are loaded)."""
         import ray
 
-        from vocabtrim.ray_utils import wait_ready
+        from vocabtrim.ray_utils import user_error_in, wait_ready
 
         try:
             wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors",
                        shape=(self._options["num_cpus"] or 0, self._options["num_gpus"] or 0))
         except ray.exceptions.RayActorError as exc:
-            raise _user_error_in(exc) or RuntimeError(f"a counting actor failed to start: {exc}") from exc
+            raise user_error_in(exc) or RuntimeError(f"a counting actor failed to start: {exc}") from exc
 
     def pids(self) -> list[int]:
         import ray
@@ -421,14 +420,6 @@ class CounterPool:
         self.shutdown()
 
 
-def _user_error_in(exc) -> UserError | None:
-    """The UserError an actor raised (Ray wraps it in a RayTaskError), as a plain UserError; else None."""
-    for e in (getattr(exc, "cause", None), getattr(getattr(exc, "cause", None), "cause", None)):
-        if isinstance(e, UserError):
-            return UserError(str(e))
-    return None
-
-
 @dataclass
 class CountStats:
     shards: int = 0
@@ -453,46 +444,24 @@ def count_shards(
 ) -> CountStats:
     """Count ``shards`` on ``pool``, recording each result in ``ledger`` as it arrives.
 
-    At most ``depth`` calls per actor are in flight. A call lost with its actor is resubmitted, up to
-    ``max_attempts`` times per shard, and a dead actor is replaced. A UserError raised while reading
-    a shard ends the run as a UserError. ``method``: the actor method called per shard (``count``; the
+    The pool's actors run under ``ray_utils.ActorPool``'s failure policy: at most ``depth`` calls per actor
+    in flight; a failed or dead actor is replaced and its shards counted again, up to ``max_attempts``
+    times per shard (then ``RunFailed``); a UserError raised while reading a shard ends the run as a
+    UserError. The ledger keeps a shard counted twice once. ``method``: the actor method called per shard (``count``; the
     feature extractors of ``train-drafter`` use ``extract``), whose result has ``shard_id``, ``rows``,
     ``tokens`` and ``cpu_seconds`` and is what ``ledger.record`` takes.
     """
-    import ray
+    from vocabtrim.ray_utils import ActorPool
 
-    queue = deque(shards)
-    attempts: dict[str, int] = {}
-    inflight: dict = {}  # ObjectRef -> (actor, shard)
-    load: dict = {}  # actor id -> calls in flight
     stats = CountStats()
     start = time.perf_counter()
-    while queue or inflight:
-        for actor in sorted(pool.actors, key=lambda a: load.get(a._actor_id, 0)):
-            while queue and load.get(actor._actor_id, 0) < depth:
-                shard = queue.popleft()
-                inflight[getattr(actor, method).remote(shard)] = (actor, shard)
-                load[actor._actor_id] = load.get(actor._actor_id, 0) + 1
-        (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        actor, shard = inflight.pop(ref)
-        load[actor._actor_id] -= 1
-        try:
-            result: ShardCount = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            raise (_user_error_in(exc) or exc) from None
-        except ray.exceptions.RayActorError as exc:
-            attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
-            if attempts[shard.shard_id] >= max_attempts:
-                raise RuntimeError(f"shard {shard.shard_id} failed {max_attempts} times: {exc}") from exc
-            log.warning("shard %s lost with its actor; counting it again", shard.shard_id)
-            if isinstance(exc, ray.exceptions.ActorDiedError):
-                pool.replace(actor)
-                stats.actor_replacements += 1
-            queue.appendleft(shard)
-            continue
+    runner = ActorPool(pool._start, lambda actor, shard: getattr(actor, method).remote(shard), 0, depth=depth,
+                       max_attempts=max_attempts, describe=lambda shard: f"shard {shard.shard_id}", actors=pool.actors)
+
+    def on_result(shard, result: ShardCount) -> None:
         if not ledger.record(result):
             stats.duplicate_deliveries += 1
-            continue
+            return
         stats.shards += 1
         stats.rows += result.rows
         stats.tokens += result.tokens
@@ -501,6 +470,9 @@ def count_shards(
             progress.update(1, tokens=result.tokens)
         if on_recorded is not None:
             on_recorded(result, pool)
+
+    runner.run(shards, on_result)
+    stats.actor_replacements = runner.replacements
     stats.seconds = time.perf_counter() - start
     return stats
 

@@ -227,10 +227,12 @@ class ActorPool:
     Exactly-once is the caller's (a ledger, or one atomic output per input): an item may run twice.
     """
 
-    def __init__(self, start, call, size: int, *, depth: int = 2, max_attempts: int = 3, describe=str):
+    def __init__(self, start, call, size: int, *, depth: int = 2, max_attempts: int = 3, describe=str, actors=None):
+        """``actors``: a list of started actors to run on instead of ``size`` new ones (replacements are
+        made in that same list)."""
         self._start, self._call = start, call
         self.depth, self.max_attempts, self.describe = depth, max_attempts, describe
-        self.actors = [start() for _ in range(size)]
+        self.actors = actors if actors is not None else [start() for _ in range(size)]
         self.replacements = 0
 
     def replace(self, actor) -> None:
