@@ -533,6 +533,7 @@ def run_train(config: TrainConfig) -> dict:
 
     from vocabtrim import eagle3 as e3
     from vocabtrim.calibrate import CounterPool, count_shards
+    from vocabtrim.progress import Progress
     from vocabtrim.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray
 
@@ -576,8 +577,7 @@ def run_train(config: TrainConfig) -> dict:
         with CounterPool(spec, min(c.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
                          actor_class=FeatureExtractor) as pool:
             pool.wait_ready()
-            bar = tqdm(total=len(shards), initial=len(shards) - len(todo), unit="shard", desc="features", dynamic_ncols=True,
-                       disable=not (c.show_progress and sys.stderr.isatty()))
+            bar = Progress(len(shards), "shard", "features", initial=len(shards) - len(todo), enabled=c.show_progress)
             try:
                 count_shards(pool, todo, ledger, progress=bar, method="extract")
             finally:
