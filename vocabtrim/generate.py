@@ -79,6 +79,7 @@ class GenerateConfig:
     trust_remote_code: bool = False
     progress: bool = True
     rows_per_task: int | None = None  # rows sent to an actor at a time (default: 4 batches)
+    engine: str = "native"  # native | vllm (vocabtrim.vllm_backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +94,9 @@ def _positive(name: str, value) -> None:
 
 def check_config(cfg: GenerateConfig) -> None:
     """Refuse flag combinations that can never work, in one line."""
+    from vocabtrim.vllm_backend import check_generate_config  # --engine (imports no vLLM)
+
+    check_generate_config(cfg)
     for name in ("max_new_tokens", "batch_size", "workers"):
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
     if cfg.gpus_per_worker < 0:
@@ -148,7 +152,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> str:
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter = _drafter_name(cfg)
-    if drafter is not None and drafter != cfg.target:
+    if drafter is not None and drafter != cfg.target and not (cfg.engine == "vllm" and drafter == "ngram"):
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
     if getattr(target_tok, "chat_template", None) is None:
         for f in files:
@@ -165,7 +169,10 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
     draft = not cfg.no_draft
+    # --engine vllm is recorded; native runs record no engine, so outputs written before --engine existed resume.
+    engine = {"engine": cfg.engine} if cfg.engine != "native" else {}
     return {
+        **engine,
         "target": _model_key(cfg.target),
         "drafter": _model_key(_drafter_name(cfg)),
         "drafter_layers": cfg.drafter_layers if draft else None,
@@ -264,12 +271,17 @@ class ChunkStats:
     target_passes: int = 0  # batched target forward passes
     prefill_seconds: float = 0.0
     engine_seconds: float = 0.0
+    # --engine vllm: vLLM's own speculative counters (vllm:spec_decode_*), summed
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)  # [gamma]
 
     def add(self, other: "ChunkStats") -> "ChunkStats":
-        hist = [a + b for a, b in zip(_pad(self.accepted_hist, other.accepted_hist), _pad(other.accepted_hist, self.accepted_hist))]
+        lists = ("accepted_hist", "spec_accepted_per_position")
         return ChunkStats(
-            accepted_hist=hist,
-            **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k != "accepted_hist"},
+            **{k: [a + b for a, b in zip(_pad(getattr(self, k), getattr(other, k)), _pad(getattr(other, k), getattr(self, k)))] for k in lists},
+            **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k not in lists},
         )
 
 
@@ -345,6 +357,12 @@ def _run_engine(engine, prompts, seeds, stats: ChunkStats):
     stats.target_passes += s.target_passes
     stats.prefill_seconds += s.prefill_seconds
     stats.engine_seconds += s.wall_seconds
+    if hasattr(s, "spec_drafts"):  # --engine vllm
+        stats.spec_drafts += s.spec_drafts
+        stats.spec_draft_tokens += s.spec_draft_tokens
+        stats.spec_accepted_tokens += s.spec_accepted_tokens
+        per = s.spec_accepted_per_position
+        stats.spec_accepted_per_position = [a + b for a, b in zip(_pad(stats.spec_accepted_per_position, per), _pad(per, stats.spec_accepted_per_position))]
     return outs
 
 
@@ -375,6 +393,11 @@ class GenerateWorker:
             self.error = str(exc)
 
     def _load(self) -> None:
+        if self.cfg.engine == "vllm":
+            from vocabtrim.vllm_backend import load_for_generate
+
+            self.engine, self.tokenizer, self.max_prompt_tokens = load_for_generate(self.cfg)
+            return
         from vocabtrim.models import load_pair
         from vocabtrim.sampling import SamplingParams
         from vocabtrim.speculative import SpeculativeEngine
@@ -418,13 +441,16 @@ class GenerateWorker:
         return {"error": self.error}
 
     def run(self, prompts: list, keys: list[str]) -> dict:
+        # vLLM gets the whole chunk at once and batches it itself (--batch-size rows at a time, refilled
+        # as rows finish); the native engine gets batches of --batch-size.
+        batch_size = max(1, len(prompts)) if self.cfg.engine == "vllm" else self.cfg.batch_size
         return generate_chunk(
             self.engine,
             self.tokenizer,
             prompts,
             keys,
             seed=self.cfg.seed,
-            batch_size=self.cfg.batch_size,
+            batch_size=batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
         )
 
@@ -462,7 +488,7 @@ def stop_workers(actors: list) -> None:
     import ray
 
     for a in actors:
-        ray.kill(a)
+        ray.kill(a)  # a vLLM engine's own process ends with its actor (vLLM watches its parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,6 +659,7 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "acceptance_rate": get("draft_accepted", 0) / get("draft_proposed") if get("draft_proposed") else None,
         "target_passes": get("target_passes_rows", 0),
         "tokens_per_target_pass": tokens / get("target_passes_rows") if get("target_passes_rows") else None,
+        "mean_acceptance_length": 1 + sum(j * n for j, n in enumerate(hist)) / sum(hist) if sum(hist) else None,
         "accepted_length_histogram": hist,
         "per_position_acceptance": per_position_acceptance(hist),
         "drafter_step_ms": 1000 * get("drafter_seconds", 0) / get("drafter_forwards") if get("drafter_forwards") else None,
@@ -644,8 +671,23 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "files": run["files"],
         "files_generated": run["files_generated"],
         "files_resumed": run["files_resumed"],
+        **({"vllm_spec_decode": _vllm_spec_summary(total)} if settings.get("engine") == "vllm" else {}),
         "settings": settings,
         "run": run,
+    }
+
+
+def _vllm_spec_summary(total: dict) -> dict:
+    """vLLM's own speculative metrics over the run (its vllm:spec_decode_* counters)."""
+    drafts, accepted = total.get("spec_drafts", 0), total.get("spec_accepted_tokens", 0)
+    per = total.get("spec_accepted_per_position", [])
+    return {
+        "num_drafts": drafts,
+        "num_draft_tokens": total.get("spec_draft_tokens", 0),
+        "num_accepted_tokens": accepted,
+        "accepted_per_position": per,
+        "acceptance_rate_per_position": [n / drafts for n in per] if drafts else None,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
     }
 
 
@@ -692,6 +734,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "gpus_per_worker": cfg.gpus_per_worker,
         "prompts": [storage.display(f.path) for f in files],
         "head": storage.display(cfg.head) if cfg.head else None,
+        "engine": cfg.engine,
     }
     summary = summarize([read_file_stats(output_path(out, f)) for f in files], settings, run)
     _write_json(storage.join(out, SUMMARY_FILE), summary)
