@@ -204,7 +204,8 @@ def prepare_out(out: str, settings: dict) -> None:
             recorded = json.loads(storage.read_text(recorded_path))
         except (OSError, ValueError) as exc:
             raise UserError(f"{storage.display(recorded_path)} is unreadable ({_first_line(exc)}): use a new --out") from exc
-        diffs = [f"{k} {recorded.get(k)!r} vs {settings.get(k)!r}" for k in settings if recorded.get(k) != settings.get(k)]
+        keys = list(settings) + [k for k in recorded if k not in settings]  # a key only one side has differs too (engine)
+        diffs = [f"{k} {recorded.get(k)!r} vs {settings.get(k)!r}" for k in keys if recorded.get(k) != settings.get(k)]
         if diffs:
             raise UserError(
                 f"{shown} holds outputs made with other settings ({'; '.join(diffs[:3])}"
@@ -641,7 +642,7 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
     total = {}
     for s in file_stats:
         for k, v in s.items():
-            if k == "accepted_hist":
+            if isinstance(v, list):  # accepted_hist, spec_accepted_per_position
                 total[k] = [a + b for a, b in zip(_pad(total.get(k, []), v), _pad(v, total.get(k, [])))]
             else:
                 total[k] = total.get(k, 0) + v
