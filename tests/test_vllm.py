@@ -324,7 +324,7 @@ BUNDLED_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def bundled():
-    """(target folder, tokenizer, prompts as token ids, the native target's greedy completions)."""
+    """(target folder, target model, tokenizer, prompts as token ids, the native target's greedy completions)."""
     from importlib import resources
 
     from vocabtrim.models import load_pair, resolve_model
@@ -338,7 +338,7 @@ def bundled():
     native = SpeculativeEngine(pair.target, None, sampling=SamplingParams(temperature=0), eos_token_ids=[2],
                                max_new_tokens=BUNDLED_TOKENS)
     expected = [o.token_ids for o in native.generate(prompts, list(range(len(prompts))))]
-    return resolve_model("smollm2-135m"), pair.target, prompts, expected
+    return resolve_model("smollm2-135m"), pair.target, tok, prompts, expected
 
 
 def bundled_vllm(target_folder, drafter_spec, prompts):
@@ -363,13 +363,13 @@ def test_bundled_vllm_greedy_equals_native(bundled, drafter, tmp_path):
     from vocabtrim.models import truncate_layers
     from vocabtrim.vllm_backend import drafter_folder
 
-    folder, target, prompts, expected = bundled
+    folder, target, tok, prompts, expected = bundled
     spec = None
     if drafter != "none":
         head = None
         if drafter.endswith("trimmed"):  # the 8,192 smallest ids, the ids the target emits here, EOS/BOS
             ids = sorted(set(range(8192)) | {t for row in expected for t in row} | {1, 2})
-            head = write_head(truncate_layers(target, 4), ids, tmp_path / "head")
+            head = write_head(truncate_layers(target, 4), ids, tmp_path / "head", tok)
         spec = {"method": "draft_model", "model": drafter_folder("smollm2-135m", 4, head)}
     got = bundled_vllm(folder, spec, prompts)
     assert same_rows(got, expected) >= 0.95 * len(prompts)  # float near-ties aside
