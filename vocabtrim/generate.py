@@ -87,6 +87,7 @@ class GenerateConfig:
     progress: bool = True
     rows_per_task: int | None = None  # rows sent to an actor at a time (default: 4 batches)
     fault_injection: str | None = None  # tests only: see _injected_fault
+    engine: str = "native"  # native | vllm (vocabtrim.vllm_backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +102,9 @@ def _positive(name: str, value) -> None:
 
 def check_config(cfg: GenerateConfig) -> None:
     """Refuse flag combinations that can never work, in one line."""
+    from vocabtrim.vllm_backend import check_generate_config  # --engine (imports no vLLM)
+
+    check_generate_config(cfg)
     for name in ("max_new_tokens", "batch_size", "workers"):
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
     if cfg.gpus_per_worker < 0:
@@ -161,7 +165,9 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter = _drafter_name(cfg)
     # An EAGLE-3 folder usually has no tokenizer: the workers check its t2d against the target's vocabulary.
-    if drafter is not None and drafter != cfg.target and not is_eagle3(drafter):
+    # vLLM's ngram drafter is no model.
+    if (drafter is not None and drafter != cfg.target and not is_eagle3(drafter)
+            and not (cfg.engine == "vllm" and drafter == "ngram")):
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
@@ -237,7 +243,10 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
     draft = not cfg.no_draft
+    # --engine vllm is recorded; native runs record no engine, so outputs written before --engine existed resume.
+    engine = {"engine": cfg.engine} if cfg.engine != "native" else {}
     return {
+        **engine,
         "target": storage.settings_key(cfg.target),
         "drafter": storage.settings_key(_drafter_name(cfg)),
         "drafter_layers": cfg.drafter_layers if draft else None,
@@ -331,9 +340,14 @@ class ChunkStats:
     engine_seconds: float = 0.0
     slot_passes: int = 0  # sum over target passes of --batch-size (occupancy = target_rows_stepped / slot_passes)
     target_rows_stepped: int = 0  # sum over target passes of the rows in that pass
+    # --engine vllm: vLLM's own speculative counters (vllm:spec_decode_*), summed
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)  # [gamma]
 
     def add(self, other: "ChunkStats") -> "ChunkStats":
-        lists = ("accepted_hist", "gamma_hist")
+        lists = ("accepted_hist", "gamma_hist", "spec_accepted_per_position")
         return ChunkStats(
             **{k: _add_lists(getattr(self, k), getattr(other, k)) for k in lists},
             **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k not in lists},
@@ -378,7 +392,7 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
         else:
             encoded[i] = ids
     rows = sorted(encoded, key=lambda i: (len(encoded[i]), i))
-    batch = batch_size or engine.config.batch_size
+    batch = batch_size or getattr(getattr(engine, "config", None), "batch_size", None) or max(1, len(rows))
     while True:
         try:
             outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats, batch)
@@ -431,6 +445,11 @@ def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | Non
     stats.target_rows_stepped += s.rows_stepped
     stats.slot_passes += s.target_passes * s.batch_size
     stats.gamma_hist = _add_lists(stats.gamma_hist, s.gamma_hist)
+    if hasattr(s, "spec_drafts"):  # --engine vllm
+        stats.spec_drafts += s.spec_drafts
+        stats.spec_draft_tokens += s.spec_draft_tokens
+        stats.spec_accepted_tokens += s.spec_accepted_tokens
+        stats.spec_accepted_per_position = _add_lists(stats.spec_accepted_per_position, s.spec_accepted_per_position)
     return outs
 
 
@@ -461,6 +480,11 @@ class GenerateWorker:
             self.error = str(exc)
 
     def _load(self) -> None:
+        if self.cfg.engine == "vllm":
+            from vocabtrim.vllm_backend import load_for_generate
+
+            self.engine, self.tokenizer, self.max_prompt_tokens = load_for_generate(self.cfg)
+            return
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
         from vocabtrim.models import load_pair
@@ -747,6 +771,7 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "acceptance_rate": get("draft_accepted", 0) / get("draft_proposed") if get("draft_proposed") else None,
         "target_passes": get("target_passes_rows", 0),
         "tokens_per_target_pass": tokens / get("target_passes_rows") if get("target_passes_rows") else None,
+        "mean_acceptance_length": 1 + sum(j * n for j, n in enumerate(hist)) / sum(hist) if sum(hist) else None,
         "accepted_length_histogram": hist,
         "gamma_histogram": get("gamma_hist", []),
         "batch_occupancy": get("target_rows_stepped", 0) / get("slot_passes") if get("slot_passes") else None,
@@ -760,8 +785,23 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "files": run["files"],
         "files_generated": run["files_generated"],
         "files_resumed": run["files_resumed"],
+        **({"vllm_spec_decode": _vllm_spec_summary(total)} if settings.get("engine") == "vllm" else {}),
         "settings": settings,
         "run": run,
+    }
+
+
+def _vllm_spec_summary(total: dict) -> dict:
+    """vLLM's own speculative metrics over the run (its vllm:spec_decode_* counters)."""
+    drafts, accepted = total.get("spec_drafts", 0), total.get("spec_accepted_tokens", 0)
+    per = total.get("spec_accepted_per_position", [])
+    return {
+        "num_drafts": drafts,
+        "num_draft_tokens": total.get("spec_draft_tokens", 0),
+        "num_accepted_tokens": accepted,
+        "accepted_per_position": per,
+        "acceptance_rate_per_position": [n / drafts for n in per] if drafts else None,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
     }
 
 
@@ -820,6 +860,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "prompts": [storage.display(f.path) for f in files],
         "string_prompts_wrapped": wrap_strings,
         "head": storage.display(cfg.head) if cfg.head else None,
+        "engine": cfg.engine,
     }
     summary = summarize([read_file_stats(output_path(out, f)) for f in files], settings, run)
     _write_json(storage.join(out, SUMMARY_FILE), summary)

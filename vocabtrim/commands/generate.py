@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="run the decode and verify steps through torch.compile")
     parser.add_argument("--batch-size", type=int, default=8, help="rows in flight on a worker (continuous batching: a finished row's slot is refilled at once)")
     parser.add_argument("--no-draft", action="store_true", help="target alone, same batching: the baseline")
+    parser.add_argument("--engine", choices=["native", "vllm"], default="native",
+                        help="native: vocabtrim's engine; vllm: vLLM (`pip install 'vocabtrim[vllm]'`), --drafter also takes ngram")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder, a path or a URI such as s3://bucket/out (a rerun with the same settings resumes)")
@@ -65,6 +67,7 @@ def config_from_args(args) -> "GenerateConfig":  # noqa: F821 (imported lazily: 
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
         out=args.out,
+        engine=args.engine,
     )
 
 

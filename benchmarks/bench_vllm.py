@@ -1,0 +1,233 @@
+"""Native engine vs vLLM on the bundled SmolLM2-135M: target alone, and speculative decoding with a
+layer-truncated drafter with its full head and with a trimmed (K ids) head. Prints a Markdown table.
+
+    python benchmarks/bench_vllm.py                                  # 32 prompts x 48 tokens, batch 8 and 32
+    python benchmarks/bench_vllm.py --prompts 16 --max-new-tokens 24 --rounds 1   # a smaller run
+
+Needs vLLM (`pip install 'vocabtrim[vllm]'`). Every vLLM engine (target alone, full-head drafter,
+trimmed-head drafter with and without the vocabulary-wide placement) is started once and kept alive;
+then each round runs every setting at every batch size in turn (interleaved: the machine's speed
+drifts between settings). A batch of B is B prompts given to one ``generate`` call (native: one
+static batch; vLLM: ``max_num_seqs`` = the largest batch, so a call of B rows decodes B together).
+
+All runs are greedy and ignore EOS (every row gets ``--max-new-tokens`` tokens); each speculative
+output is compared token for token with the same engine's target alone ("same" column). The trimmed
+head keeps the K ids the target emits most often on other prompts (disjoint from the timed prompts)
+plus the special tokens. tokens/s is measured around ``generate`` after a warm-up call; the native
+engine runs with ``--threads`` torch threads, vLLM with its CPU default (all cores but one).
+
+Last: the cost of placing K logits into a vocabulary-wide -inf tensor (what the trimmed-head drafter's
+``compute_logits`` does), timed alone against the head's own matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+
+def shipped_prompts(tokenizer) -> tuple[list[list[int]], list[str]]:
+    table = pq.read_table(resources.files("vocabtrim") / "data" / "prompts.parquet")
+    ids, kinds = [], []
+    for row in table.to_pylist():
+        ids.append(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False))
+        kinds.append(row["kind"])
+    return ids, kinds
+
+
+def split_prompts(prompts, kinds, n_eval, n_calib):
+    """Interleave kinds so both sets are varied; evaluation and calibration prompts are disjoint."""
+    order = sorted(range(len(prompts)), key=lambda i: (i % 7, i))
+    by_kind: dict[str, list[int]] = {}
+    for i in order:
+        by_kind.setdefault(kinds[i], []).append(i)
+    mixed = [i for group in zip(*by_kind.values()) for i in group]
+    return [prompts[i] for i in mixed[:n_eval]], [prompts[i] for i in mixed[n_eval : n_eval + n_calib]]
+
+
+
+
+def top_k_ids(counts: Counter, k: int, vocab: int, specials) -> list[int]:
+    """The K most frequent ids (ties and unseen ids filled by lowest id), plus the special tokens."""
+    ranked = sorted(range(vocab), key=lambda t: (-counts.get(t, 0), t))
+    return sorted(set(ranked[:k]) | set(specials))
+
+
+
+
+def timed(fn, prompts, batch):
+    """Run ``fn(chunk, seeds)`` over ``prompts`` in batches; returns (outputs, seconds)."""
+    outs = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        outs.extend(fn(chunk, list(range(i, i + len(chunk)))))
+    return outs, time.perf_counter() - start
+
+
+def placement_costs(hidden: int, vocab: int, k: int, rows_list, repeats: int = 200) -> list[dict]:
+    """Milliseconds per call: the K-row head matmul; placing its output with a fresh -inf tensor; placing it
+    into a reused buffer (what ``TrimmedLMHead.place`` does); a plain [rows, K] copy (the floor)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(vocab, generator=g)[:k].sort().values
+    weight = torch.randn(k, hidden, generator=g)
+    out = []
+    for rows in rows_list:
+        h = torch.randn(rows, hidden, generator=g)
+        logits = torch.nn.functional.linear(h, weight)
+        buf = torch.full((rows, vocab), float("-inf"))
+        dst = torch.empty_like(logits)
+
+        def fresh():
+            t = torch.full((rows, vocab), float("-inf"))
+            t.index_copy_(1, ids, logits)
+
+        cases = {
+            "matmul": lambda: torch.nn.functional.linear(h, weight),
+            "fresh": fresh,
+            "reused": lambda: buf.index_copy_(1, ids, logits),
+            "copy": lambda: dst.copy_(logits),
+        }
+        row = {"rows": rows}
+        for name, fn in cases.items():
+            for _ in range(10):
+                fn()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            row[name] = 1000 * (time.perf_counter() - start) / repeats
+        out.append(row)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--calib-prompts", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-sizes", default="8,32")
+    ap.add_argument("--drafter-layers", type=int, default=4)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the native engine")
+    ap.add_argument("--engines", default="native,vllm")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    torch.set_num_threads(args.threads)
+
+    from vocabtrim.head import drafter_architecture, head_from_ids, save_head
+    from vocabtrim.models import head_rows_fingerprint, load_pair, resolve_model, tokenizer_fingerprint, truncate_layers
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+
+    engines = args.engines.split(",")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    pair = load_pair("smollm2-135m", need_drafter=False, dtype="float32", device="cpu")
+    target, tok = pair.target, pair.tokenizer
+    vocab = target.get_output_embeddings().weight.shape[0]
+    prompts, kinds = shipped_prompts(tok)
+    eval_prompts, calib_prompts = split_prompts(prompts, kinds, args.prompts, args.calib_prompts)
+
+    calib = make_engine(target, sampling=SamplingParams(temperature=0.7), max_new_tokens=args.max_new_tokens, batch_size=16)
+    counts: Counter = Counter()
+    for i in range(0, len(calib_prompts), 16):
+        chunk = calib_prompts[i : i + 16]
+        for o in calib.generate(chunk, list(range(i, i + len(chunk)))):
+            counts.update(o.token_ids)
+    specials = [t for t in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if t is not None]
+    specials += tok.convert_tokens_to_ids(tok.all_special_tokens)
+    kept = top_k_ids(counts, args.k, vocab, specials)
+    drafter = truncate_layers(target, args.drafter_layers)
+    head = head_from_ids(drafter, kept)
+    print(f"# calibration: {sum(counts.values())} target tokens on {len(calib_prompts)} prompts; head keeps {len(kept)} of {vocab} ids",
+          flush=True)
+
+    greedy = SamplingParams(temperature=0)
+    settings: dict[str, callable] = {}
+    closers = []
+    if "native" in engines:
+        for name, d, h in (("target alone", None, None), ("drafter, full head", drafter, None),
+                           ("drafter, trimmed head", drafter, head)):
+            eng = make_engine(target, d, h, gamma=args.gamma if d is not None else None, sampling=greedy,
+                              max_new_tokens=args.max_new_tokens, batch_size=max(batches))
+            settings[f"native | {name}"] = eng.generate
+    if "vllm" in engines:
+        from vocabtrim.vllm_backend import VllmEngine, drafter_folder
+
+        head_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"vocabtrim-bench-head-{args.drafter_layers}-{len(kept)}"
+        save_head(head, head_dir, {"kind": "vocabtrim-head", "k": head.k, "vocab_size": vocab,
+                                   "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                                   "drafter_fingerprint": head_rows_fingerprint(drafter),
+                                   "drafter_architecture": drafter_architecture(drafter)})
+        full_folder = drafter_folder("smollm2-135m", args.drafter_layers)
+        trimmed_folder = drafter_folder("smollm2-135m", args.drafter_layers, str(head_dir))
+        folder = resolve_model("smollm2-135m")
+        for name, spec, local_argmax in (
+            ("target alone", None, True),
+            ("drafter, full head", {"method": "draft_model", "model": full_folder}, True),
+            ("drafter, trimmed head", {"method": "draft_model", "model": trimmed_folder}, True),
+            ("drafter, trimmed head, placed", {"method": "draft_model", "model": trimmed_folder}, False),
+        ):
+            start = time.perf_counter()
+            eng = VllmEngine(folder, spec, gamma=args.gamma, temperature=0.0, max_new_tokens=args.max_new_tokens,
+                             max_num_seqs=max(batches), max_model_len=2048, local_argmax=local_argmax)
+            print(f"# vLLM engine '{name}' started in {time.perf_counter() - start:.1f} s", flush=True)
+            settings[f"vllm | {name}"] = eng.generate
+            closers.append(eng.close)
+
+    for fn in settings.values():  # warm-up
+        fn(eval_prompts[:2], [0, 1])
+    results: dict = {}
+    for r in range(args.rounds):
+        for b in batches:
+            for name, fn in settings.items():
+                outs, wall = timed(fn, eval_prompts, b)
+                res = results.setdefault((b, name), {"seconds": 0.0, "tokens": 0, "proposed": 0, "accepted": 0, "outs": outs})
+                res["seconds"] += wall
+                res["tokens"] += sum(len(o.token_ids) for o in outs)
+                res["proposed"] += sum(o.proposed for o in outs)
+                res["accepted"] += sum(o.accepted for o in outs)
+                print(f"# round {r} batch {b} {name}: {sum(len(o.token_ids) for o in outs) / wall:.1f} tokens/s", flush=True)
+    for close in closers:
+        close()
+
+    load = os.getloadavg()
+    print()
+    print(f"Bundled SmolLM2-135M, float32, greedy, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
+          f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}, {args.rounds} interleaved "
+          f"round(s); load average {load[0]:.2f} (1 min) on {os.cpu_count()} cores.")
+    print()
+    print("| batch | engine | setting | tokens/s | × same engine's target alone | × same engine's full-head drafter | acceptance | same as target alone |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (b, name), res in results.items():
+        engine, setting = name.split(" | ")
+        tps = res["tokens"] / res["seconds"]
+        base = results[(b, f"{engine} | target alone")]
+        full = results.get((b, f"{engine} | drafter, full head"))
+        vs_base = tps / (base["tokens"] / base["seconds"])
+        vs_full = tps / (full["tokens"] / full["seconds"]) if full and "trimmed" in setting else None
+        acc = res["accepted"] / res["proposed"] if res["proposed"] else None
+        same = sum(o.token_ids == e.token_ids for o, e in zip(res["outs"], base["outs"]))
+        print(f"| {b} | {engine} | {setting} | {tps:.1f} | {vs_base:.2f} | {'–' if vs_full is None else f'{vs_full:.2f}'} | "
+              f"{'–' if acc is None else f'{acc:.3f}'} | {same}/{len(res['outs'])} |")
+
+    hidden = target.config.hidden_size
+    print()
+    print(f"Placing K={len(kept)} logits into a [rows, {vocab}] -inf tensor (ms per call, {torch.get_num_threads()} thread):")
+    print()
+    print("| rows | head matmul [rows, K] | fresh -inf tensor + index_copy | reused buffer + index_copy | plain [rows, K] copy |")
+    print("|---|---|---|---|---|")
+    for row in placement_costs(hidden, vocab, len(kept), [8, 32, 160]):
+        print(f"| {row['rows']} | {row['matmul']:.3f} | {row['fresh']:.3f} | {row['reused']:.3f} | {row['copy']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

