@@ -341,8 +341,8 @@ class ShardCounter:
 class CounterPool:
     """``workers`` ShardCounter actors; ``replace`` swaps a dead one for a fresh one.
 
-    Restarts are the driver's job (``count_shards`` replaces a dead actor and resubmits the shards it
-    held) rather than Ray's ``max_restarts``: the actors' constructor argument references the
+    Restarts are the driver's job (``count_shards`` runs the actors under ``ray_utils.ActorPool``, which
+    replaces a dead actor in ``actors`` and resubmits the shards it held) rather than Ray's ``max_restarts``: the actors' constructor argument references the
     tokenizer in the object store, which Ray's own restart cannot guarantee to find again.
     Pass ``max_restarts``/``max_task_retries`` to add Ray's in-place restarts on top.
     """
@@ -393,24 +393,10 @@ class CounterPool:
 
         return ray.get([a.pid.remote() for a in self.actors])
 
-    def replace(self, actor) -> None:
-        """Swap a dead actor for a fresh one (no-op if it was already replaced)."""
-        import ray
-
-        for i, a in enumerate(self.actors):
-            if a._actor_id == actor._actor_id:
-                ray.kill(a, no_restart=True)
-                self.actors[i] = self._start()
-                return
-
     def shutdown(self) -> None:
-        import ray
+        from vocabtrim.ray_utils import kill_actors
 
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # already gone
-                pass
+        kill_actors(self.actors)
         self.actors = []
 
     def __enter__(self) -> "CounterPool":

@@ -236,14 +236,9 @@ class ActorPool:
         self.replacements = 0
 
     def replace(self, actor) -> None:
-        import ray
-
         for i, a in enumerate(self.actors):
             if a._actor_id == actor._actor_id:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:  # already gone
-                    pass
+                kill_actors([a])
                 self.actors[i] = self._start()
                 self.replacements += 1
                 return
@@ -304,11 +299,16 @@ class ActorPool:
             fill()
 
     def shutdown(self) -> None:
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # already gone
-                pass
+        kill_actors(self.actors)
         self.actors = []
+
+
+def kill_actors(actors) -> None:
+    """Kill these actors for good (no restart); ones already gone are skipped."""
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # already gone
+            pass
