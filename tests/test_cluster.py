@@ -193,7 +193,7 @@ def test_generate_job_completes_every_row(cluster, tiny_pair_dirs, prompt_files,
     out = tmp_path / "gen"
     max_new = 8
     run_job(cluster, ["jobs/generate.py", "--target", target, "--drafter", drafter, "--prompts", str(folder),
-                      "--max-new-tokens", str(max_new), "--temperature", "0", "--gamma", "3",
+                      "--max-new-tokens", str(max_new), "--temperature", "0", "--gamma", "3", "--chat-template", "never",
                       "--workers", "2", "--cpus-per-worker", "1", "--batch-size", "4", "--out", str(out)])
 
     outputs = sorted(p.name for p in out.glob("*.parquet"))
@@ -207,7 +207,8 @@ def test_generate_job_completes_every_row(cluster, tiny_pair_dirs, prompt_files,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == len(rows) and summary["errored_rows"] == 0
 
-    # Lossless at temperature 0: each completion is the target's own greedy continuation.
+    # Lossless at temperature 0: each completion is the target's own greedy continuation of the raw string
+    # (--chat-template never: the string is fed as it is).
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target).eval()
     for r in table:
