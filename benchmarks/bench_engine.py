@@ -90,7 +90,7 @@ def run_setting(spec: dict) -> dict:
         seconds = time.perf_counter() - start
         st = engine.last_stats
         result.update(occupancy=st.occupancy, gamma_hist=st.gamma_hist,
-                      drafted_share=sum(st.gamma_hist[1:]) / max(1, st.target_passes))
+                      drafted_share=sum(st.gamma_hist[1:]) / max(1, st.target_passes) if pair.drafter is not None else None)
     tokens = sum(len(o.token_ids) for o in outs)
     proposed = sum(o.proposed for o in outs)
     result.update(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
