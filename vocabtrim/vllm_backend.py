@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vocabtrim.engine.scheduler import EngineStats
+
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -188,28 +190,17 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
 
 
 @dataclass
-class VllmStats:
-    """What the last ``generate`` call did (the native ``EngineStats`` fields, plus vLLM's speculative counters).
+class VllmStats(EngineStats):
+    """What the last ``generate`` call did: the native ``EngineStats`` fields, plus vLLM's speculative counters.
 
-    vLLM does not time its drafter and target apart: those fields stay 0. ``spec_*`` are the deltas of
-    vLLM's own counters (``vllm:spec_decode_*``) over the call.
+    vLLM does not time its drafter and target apart, nor report its batches: those fields stay 0. ``spec_*``
+    are the deltas of vLLM's own counters (``vllm:spec_decode_*``) over the call.
     """
 
-    drafter_seconds: float = 0.0
-    drafter_forwards: int = 0
-    target_seconds: float = 0.0
-    target_passes: int = 0
-    prefill_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    generated_tokens: int = 0
     spec_drafts: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = field(default_factory=list)  # [gamma]
-
-    @property
-    def drafter_step_ms(self) -> float:
-        return 0.0
 
 
 def _spec_counters(llm) -> dict:
