@@ -392,10 +392,11 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
         else:
             encoded[i] = ids
     rows = sorted(encoded, key=lambda i: (len(encoded[i]), i))
-    batch = batch_size or getattr(getattr(engine, "config", None), "batch_size", None) or max(1, len(rows))
+    batch = configured = batch_size or getattr(getattr(engine, "config", None), "batch_size", None) or max(1, len(rows))
     while True:
         try:
-            outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats, batch)
+            outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats, batch,
+                               configured)
             break
         except Exception as exc:
             if not _is_out_of_memory(exc) or batch == 1:
@@ -433,7 +434,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | None = None):
+def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | None = None, configured: int | None = None):
+    """Run the engine on one chunk and add its statistics to ``stats``; occupancy counts against the
+    ``configured`` rows in flight (--batch-size), also when out of memory made the engine run fewer."""
     outs = engine.generate(prompts, seeds, batch_size=batch_size)
     s = engine.last_stats
     stats.drafter_seconds += s.drafter_seconds
@@ -443,7 +446,7 @@ def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | Non
     stats.prefill_seconds += s.prefill_seconds
     stats.engine_seconds += s.wall_seconds
     stats.target_rows_stepped += s.rows_stepped
-    stats.slot_passes += s.target_passes * s.batch_size
+    stats.slot_passes += s.target_passes * (configured or s.batch_size)
     stats.gamma_hist = _add_lists(stats.gamma_hist, s.gamma_hist)
     if hasattr(s, "spec_drafts"):  # --engine vllm
         stats.spec_drafts += s.spec_drafts
