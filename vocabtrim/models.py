@@ -91,11 +91,21 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    publish_folder(out, write)
+
+
+def publish_folder(out: Path, write) -> None:
+    """Make the cached model folder ``out`` appear whole: ``write(tmp)`` fills a temporary folder beside it,
+    which is then renamed. If another process published ``out`` first, its complete folder is kept."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         try:
             os.rename(tmp, out)
         except OSError:

@@ -137,12 +137,11 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
     from safetensors.torch import save_file
 
     from vocabtrim.head import load_head
-    from vocabtrim.models import load_model, load_tokenizer, truncate_layers
+    from vocabtrim.models import load_model, load_tokenizer, publish_folder, truncate_layers
 
     log.info("writing the vLLM drafter folder %s (once)", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         config = json.loads((source / "config.json").read_text())
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
@@ -175,13 +174,8 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
             config["vocabtrim_head_k"] = trimmed.k
             config["vocabtrim_head_bias"] = trimmed.bias is not None
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # lost a race to another worker: theirs is complete
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(out, write)
 
 
 # ---------------------------------------------------------------------------------------------
