@@ -294,6 +294,67 @@ def test_a_drafter_that_never_agrees_is_soon_switched_off(target):
     assert st.drafter_forwards <= 0.2 * st.target_passes, st.gamma_hist
 
 
+def test_a_switched_off_drafter_skips_prefills_and_probes_cheaply_and_rows_stay_exact(target, monkeypatch):
+    """While auto gamma has drafting off, admitted rows get no drafter prefill, and a probe feeds each
+    row at most PROBE_CONTEXT + 1 tokens; the completions stay the target's own."""
+    monkeypatch.setattr(scheduler, "PROBE_CONTEXT", 4)
+    stranger = make_model(V, layers=1, seed=123, init_std=1.0)
+    engine = greedy(target, stranger, gamma=None, max_new_tokens=90, batch_size=2)
+    runner = engine.drafter.runner
+    prefills, probe_widths = [], []
+    real_prefill, real_propose = runner.prefill, engine.drafter.propose
+    monkeypatch.setattr(runner, "prefill", lambda tokens, *a: prefills.append(tokens.shape[0]) or real_prefill(tokens, *a))
+
+    def propose(batch):
+        if batch.max_catch_up is not None:
+            step = runner.step
+            widths = []
+            runner.step = lambda tokens, *a: widths.append(tokens.shape[1]) or step(tokens, *a)
+            try:
+                return real_propose(batch)
+            finally:
+                runner.step = step
+                probe_widths.append(widths[0])
+        return real_propose(batch)
+
+    monkeypatch.setattr(engine.drafter, "propose", propose)
+    prompts = prompts_mixed(8)
+    out = engine.generate(prompts, list(range(8)), max_new_tokens=90)
+    alone = greedy(target, max_new_tokens=90, batch_size=2).generate(prompts, list(range(8)))
+    assert [o.token_ids for o in out] == [o.token_ids for o in alone]
+    assert sum(prefills) <= 2, prefills  # the first two rows (drafting starts on); later ones are deferred
+    assert probe_widths and max(probe_widths) <= 5, probe_widths
+
+
+def test_a_probe_restarts_a_lagging_drafter_at_its_last_tokens(target, drafter):
+    """After target-alone steps, a probe with max_catch_up W feeds W + 1 tokens per row, and the drafter's
+    logits are those of a fresh forward over just the row's last W + 1 tokens at their positions."""
+    from vocabtrim.engine.drafters.base import DraftBatch
+    from vocabtrim.engine.scheduler import EngineStats, _Run
+
+    engine = make_engine(target, drafter, gamma=None, sampling=GREEDY, max_new_tokens=64, batch_size=3)
+    run = _Run(engine, prompts_mixed(3, seed=5), [1, 2, 3], 64, EngineStats(batch_size=3, gamma_hist=[0] * 7), 3)
+    run.controller.last = 0  # drafting is off: admissions are deferred
+    run._admit([0, 1, 2])
+    for _ in range(12):
+        run._step(0)
+    W, seen = 4, []
+
+    def choose(logits, i):
+        seen.append(logits.clone())
+        return logits.argmax(-1), None
+
+    d = engine.drafter
+    pos = run.pos[:3]
+    d.propose(DraftBatch(n=3, gamma=1, pending=run.history[:3].gather(1, pos[:, None])[:, 0], pos=pos,
+                         pos_host=run.pos_np[:3].tolist(), history=run.history, choose=choose, max_catch_up=W))
+    assert (run.pos_np[:3] > W).all() and (d.start[:3] == run.pos_np[:3] - W).all()
+    for s in range(3):
+        p = int(run.pos_np[s])
+        fresh = drafter(run.history[s, p - W : p + 1][None], position_ids=torch.arange(p - W, p + 1)[None]).logits[0, -1]
+        assert torch.allclose(seen[0][s], fresh, atol=1e-4), f"slot {s}"
+
+
 def test_gamma_climbs_to_the_maximum_when_the_target_drafts_for_itself(target, monkeypatch):
     """Acceptance measured through the engine; a cost model in which a drafter forward costs a tenth
     of a target pass (a real drafter's ratio), so that drafting pays."""

@@ -77,10 +77,15 @@ class StaticKVCache:
             buf.index_copy_(0, dst, buf.index_select(0, src))
 
 
-def causal_mask(positions: torch.Tensor, attend: int) -> torch.Tensor:
-    """positions: [n, m] query positions → [n, 1, m, attend] bool: key j is seen iff j <= position."""
+def causal_mask(positions: torch.Tensor, attend: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """positions: [n, m] query positions → [n, 1, m, attend] bool: key j is seen iff j <= position, and
+    j >= start[row] when ``start`` [n] is given (a row whose context begins later; its queries must sit
+    at or after its start, or they would see no key)."""
     keys = torch.arange(attend, device=positions.device)
-    return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    seen = keys[None, None, :] <= positions[:, :, None]
+    if start is not None:
+        seen = seen & (keys[None, None, :] >= start[:, None, None])
+    return seen.unsqueeze(1)
 
 
 def prefill_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ Model (Leviathan et al. 2023, with measured costs in place of a fixed cost ratio
 gamma 0 is the target alone, and drafting is chosen only when its expected rate beats the target
 alone's by ``margin`` (5%). While drafting is off nothing new is learnt about alpha, so it probes
 with gamma 1 after ``probe_after`` target-alone steps, doubling that wait (up to ``max_probe_after``)
-each time the probe leaves drafting off.
+each time the probe leaves drafting off. While drafting is off the engine lets the drafter skip its
+prefill of new rows (``off``), and a probe bounds how far back the drafter catches up (``probing``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ class GammaController:
         self.probe_after = self.base_probe_after = probe_after
         self.max_probe_after = max_probe_after
         self.off_steps = 0
-        self.probing = False
+        self.probing = False  # the last choice was a probe
+        self.last: int | None = None  # the last choice
+
+    @property
+    def off(self) -> bool:
+        """Drafting is off: adaptive, and the last step ran the target alone."""
+        return self.fixed is None and self.last == 0
 
     @property
     def alpha(self) -> float:
@@ -72,6 +79,10 @@ class GammaController:
         return best
 
     def choose(self) -> int:
+        self.last = self._choose()
+        return self.last
+
+    def _choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
         if self.max_gamma == 0:

@@ -96,11 +96,11 @@ class ModelRunner:
         self.cache.prefill(slots, width)
         return self._forward(tokens, positions, prefill_mask(lengths, width))  # eager: prefill shapes vary
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: int):
-        """tokens, positions: [n, m] for slots 0..n-1; keys read: positions 0..attend-1.
-        Returns (hidden [n, m, H], features [n, m, F] or None)."""
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: int, start: torch.Tensor | None = None):
+        """tokens, positions: [n, m] for slots 0..n-1; keys read: positions 0..attend-1 (from start[row]
+        on when ``start`` [n] is given). Returns (hidden [n, m, H], features [n, m, F] or None)."""
         self.cache.step(tokens.shape[0], positions, attend)
-        return self.forward_fn(tokens, positions, causal_mask(positions, attend))
+        return self.forward_fn(tokens, positions, causal_mask(positions, attend, start))
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.cache.move(src, dst)

@@ -48,6 +48,8 @@ from vocabtrim.engine.sampling import (
 from vocabtrim.errors import UserError
 
 SAMPLERS = ("gumbel", "rejection")
+# Tokens per row a drafter feeds at most when a probe turns it on again after target-alone steps.
+PROBE_CONTEXT = 32
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,7 @@ class _Run:
             fed = torch.tensor(lengths, device=dev) - 1
             _, features = e.target.prefill(self.history.index_select(0, index)[:, : width - 1], fed, index)
         if e.drafter is not None:
-            e.drafter.admit(slots, self.history, lengths, features)
+            e.drafter.admit(slots, self.history, lengths, features, defer=self.controller.off)
         _sync(dev)
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.n = max(self.n, max(slots) + 1)
@@ -337,6 +339,7 @@ class _Run:
             proposal = e.drafter.propose(DraftBatch(
                 n=n, gamma=gamma, pending=pending[:, 0], pos=pos, pos_host=pos_host.tolist(),
                 history=self.history, choose=self._choose(pos, words),
+                max_catch_up=PROBE_CONTEXT if self.controller.probing else None,
             ))
             drafts, q = proposal.tokens, proposal.q
             tokens = torch.cat([pending, drafts], dim=1)  # [n, G+1]

@@ -16,6 +16,11 @@ so a drafter never misses a committed token or a feature.
 
 Rows enter with ``admit`` (after the target's prefill, with the target's features of the prompt)
 and leave with ``release``; ``move`` renumbers slots.
+
+While adaptive gamma has drafting off, the engine tells ``admit`` it may defer its work (the rows may
+never be drafted for), and marks the step that probes the drafter again with ``max_catch_up``: a
+drafter that has fallen far behind may then rebuild a row's context from its last tokens only. Both
+change what the drafter proposes, never what the engine emits being lossless.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class DraftBatch:
     choose:   the sampler's rule for turning the drafter's logits at draft i into a token
               (argmax, Gumbel-max with the row's noise at that position, or an inverse-CDF draw);
               it also returns the processed distribution q when the verifier needs it.
+    max_catch_up: None, or (a probe after target-alone steps) the most tokens per row the drafter
+              should feed to catch up: a row further behind may restart its context at its last
+              ``max_catch_up`` tokens.
     """
 
     n: int
@@ -51,6 +59,7 @@ class DraftBatch:
     pos_host: list[int]
     history: torch.Tensor
     choose: Choose
+    max_catch_up: int | None = None
 
 
 @dataclass
@@ -97,10 +106,12 @@ class Drafter(Protocol):
     def allocate(self, slots: int, capacity: int) -> None:
         """Preallocate per-slot state for ``slots`` rows of up to ``capacity`` positions."""
 
-    def admit(self, slots: list[int], history: torch.Tensor, lengths: list[int], features: torch.Tensor | None) -> None:
+    def admit(self, slots: list[int], history: torch.Tensor, lengths: list[int], features: torch.Tensor | None,
+              defer: bool = False) -> None:
         """Rows just prefilled by the target into ``slots``: their prompt tokens are ``history[slots, :length]``
         (the last one is pending); ``features`` [b, max(lengths) - 1, F] are the target's hidden states at
-        positions 0 .. length-2 (right-padded), or None."""
+        positions 0 .. length-2 (right-padded), or None. ``defer``: drafting is off; work that can wait
+        for the next ``propose`` may wait."""
 
     def propose(self, batch: DraftBatch) -> Proposal:
         """Draft ``batch.gamma`` tokens for rows 0..n-1."""

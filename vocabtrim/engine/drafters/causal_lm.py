@@ -6,6 +6,11 @@ KV computed from the row's committed tokens. Each ``propose`` first feeds a wind
 tokens ending at the pending one, m being the largest lag among the rows (1 after a step in which a
 draft was rejected, 2 after one that accepted all G, more after target-alone steps); rows that lag
 less re-feed tokens they already hold, which rewrites the same positions with the same values.
+
+While drafting is off, ``admit(defer=True)`` skips the prompt's prefill and the rows fall behind by a
+token per step; a probe (``max_catch_up`` = W) restarts every row more than W tokens behind at its last
+W tokens: ``start[s]`` is then the first position the row's queries see (``causal_mask``), so the probe
+costs W tokens per row, not the whole context. A restarted row keeps that shorter context until it ends.
 """
 
 from __future__ import annotations
@@ -31,14 +36,20 @@ class CausalLMDrafter:
         self.runner = ModelRunner(model, head if head is not None else model_head(model), "drafter")
         self.support = self.runner.head.support
         self.valid = np.zeros(0, dtype=np.int64)
+        self.start = np.zeros(0, dtype=np.int64)
         self.capacity = 0
 
     def allocate(self, slots: int, capacity: int) -> None:
         self.runner.allocate(slots, capacity)
         self.valid = np.zeros(slots, dtype=np.int64)
+        self.start = np.zeros(slots, dtype=np.int64)
         self.capacity = capacity
 
-    def admit(self, slots, history, lengths, features) -> None:
+    def admit(self, slots, history, lengths, features, defer: bool = False) -> None:
+        self.start[slots] = 0
+        self.valid[slots] = 0
+        if defer:  # the next propose feeds what these rows need
+            return
         width = max(lengths) - 1
         if width > 0:
             index = torch.tensor(slots, device=history.device)
@@ -49,15 +60,22 @@ class CausalLMDrafter:
     def propose(self, batch: DraftBatch) -> Proposal:
         n, g = batch.n, batch.gamma
         pos_host = np.asarray(batch.pos_host)
-        m = int((pos_host - self.valid[:n]).max()) + 1
+        valid, start = self.valid[:n], self.start[:n]  # views
+        if batch.max_catch_up is not None:
+            far = pos_host - valid > batch.max_catch_up
+            start[far] = pos_host[far] - batch.max_catch_up
+            valid[far] = start[far]
+        m = int((pos_host - valid).max()) + 1
         offsets = torch.arange(-(m - 1), 1, device=batch.pos.device)
-        positions = (batch.pos[:, None] + offsets[None]).clamp(min=0)  # [n, m]
+        positions = batch.pos[:, None] + offsets[None]  # [n, m]
+        first = torch.as_tensor(start, device=batch.pos.device) if start.any() else None
+        positions = positions.clamp(min=0) if first is None else torch.maximum(positions, first[:, None])
         tokens = batch.history[:n].gather(1, positions)
         top = int(pos_host.max())
         head = self.runner.head
         drafts, qs = [], []
         for i in range(g):
-            hidden, _ = self.runner.step(tokens, positions, attend_length(top + i, self.capacity))
+            hidden, _ = self.runner.step(tokens, positions, attend_length(top + i, self.capacity), first)
             index, q = batch.choose(head.logits(hidden[:, -1]), i)
             drafts.append(head.to_vocab(index))
             qs.append(q)
@@ -73,6 +91,8 @@ class CausalLMDrafter:
         device = self.runner.device
         self.runner.move(torch.tensor(src, device=device), torch.tensor(dst, device=device))
         self.valid[dst] = self.valid[src]
+        self.start[dst] = self.start[src]
 
     def release(self, slots) -> None:
         self.valid[slots] = 0
+        self.start[slots] = 0

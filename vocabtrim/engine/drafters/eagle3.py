@@ -52,7 +52,10 @@ class Eagle3Drafter:
             self.fused[rows[:, None].expand_as(cols), cols] = e3.fuse(self.model, features.to(self.device))
 
     @torch.no_grad()
-    def admit(self, slots: list[int], history: torch.Tensor, lengths: list[int], features: torch.Tensor | None) -> None:
+    def admit(self, slots: list[int], history: torch.Tensor, lengths: list[int], features: torch.Tensor | None,
+              defer: bool = False) -> None:
+        """The prompt's entries are computed now, ``defer`` or not: the target's prompt features exist only now
+        (and one layer over them costs little)."""
         rows = torch.tensor(slots, dtype=torch.int64, device=self.device)
         for s in slots:
             self.done[s] = 0
