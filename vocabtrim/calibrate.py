@@ -99,6 +99,7 @@ class Ledger:
 
     RUN_FILE = "_run.json"
     SUFFIX = ".npz"
+    HOLDS = "counts"  # what the entries are, for messages
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
@@ -114,18 +115,9 @@ class Ledger:
         return shard_id in self._recorded
 
     def claim(self, run_key: dict) -> None:
-        """Bind the ledger to one set of settings; refuse to mix counts made with other settings."""
-        run_file = storage.join(self.folder, self.RUN_FILE)
-        if storage.is_file(run_file):
-            old = json.loads(storage.read_text(run_file))
-            for key in [*run_key, *(k for k in old if k not in run_key)]:
-                if old.get(key) != run_key.get(key):
-                    raise UserError(
-                        f"{storage.display(storage.parent(self.folder))} holds counts made with other settings ({key}: "
-                        f"{old.get(key)!r} now {run_key.get(key)!r}): use another --out, or delete {storage.display(self.folder)}"
-                    )
-            return
-        storage.atomic_write(run_file, json.dumps(run_key, indent=1, sort_keys=True).encode())
+        """Bind the ledger to one set of settings (``storage.claim``); refuse to mix counts made with other
+        settings, and entries with no record of theirs."""
+        storage.claim(self.folder, self.RUN_FILE, run_key, what=self.HOLDS, stray=lambda name: name.endswith(self.SUFFIX))
 
     def record(self, result: ShardCount) -> bool:
         """Write ``result`` under its shard id; False (nothing written) if that id is already recorded."""

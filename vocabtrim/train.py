@@ -101,6 +101,7 @@ class FeatureLedger(Ledger):
     """``DIR/features/``: one safetensors file per finished shard (the calibrate ledger's rules)."""
 
     SUFFIX = ".safetensors"
+    HOLDS = "features"
 
     def record(self, result: FeatureShard) -> bool:
         from safetensors.torch import save
