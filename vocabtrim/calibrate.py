@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from vocabtrim import corpus, histogram, storage
+from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import wraps_strings
 from vocabtrim.errors import UserError
 
@@ -471,23 +471,14 @@ class _Plan:
 
 
 def _check_config(config: CalibrateConfig) -> None:
-    if config.source not in SOURCES:
-        raise UserError(f"--source must be one of {', '.join(SOURCES)}, got {config.source!r}")
-    if config.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {config.workers}")
-    if config.batch_size is not None and config.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
-    if config.gpus_per_worker < 0:
-        raise UserError(f"--gpus-per-worker must be >= 0, got {config.gpus_per_worker}")
-    if config.cpus_per_worker is not None and config.cpus_per_worker <= 0:
-        raise UserError(f"--cpus-per-worker must be > 0, got {config.cpus_per_worker}")
+    validate.one_of("source", config.source, SOURCES)
+    validate.pool(config.workers, config.gpus_per_worker, config.cpus_per_worker)
+    if config.batch_size is not None:
+        validate.at_least("batch_size", config.batch_size, 1)
     if config.source != "corpus":
-        if config.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
-        if not config.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0, got {config.temperature}")
-    if config.drafter_layers is not None and config.drafter_layers < 1:
-        raise UserError(f"--drafter-layers must be >= 1, got {config.drafter_layers}")
+        validate.at_least("max_new_tokens", config.max_new_tokens, 1)
+        validate.sampling(config.temperature)
+    validate.drafter_layers(config.drafter_layers)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vocabtrim import corpus, storage
+from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger, eos_ids
 from vocabtrim.errors import UserError
 
@@ -483,20 +483,16 @@ class DrafterTrainer:
 
 
 def _check_config(c: TrainConfig) -> None:
-    if c.source not in SOURCES:
-        raise UserError(f"--source must be one of {', '.join(SOURCES)} for train-drafter, got {c.source!r}")
-    for name, value, low in (("--top-k", c.top_k, 1), ("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1),
-                             ("--ttt-length", c.ttt_length, 1), ("--max-length", c.max_length, 4), ("--workers", c.workers, 1),
-                             ("--max-new-tokens", c.max_new_tokens, 1),
-                             ("--max-shards", 1 if c.max_shards is None else c.max_shards, 1)):
-        if value is None or value < low:
-            raise UserError(f"{name} must be >= {low}, got {value}")
-    if not c.learning_rate > 0:
-        raise UserError(f"--learning-rate must be > 0, got {c.learning_rate}")
-    if not 0 <= c.held_out < 1:
-        raise UserError(f"--held-out must be in [0, 1), got {c.held_out}")
-    if not c.temperature >= 0:
-        raise UserError(f"--temperature must be >= 0, got {c.temperature}")
+    validate.one_of("source", c.source, SOURCES)
+    validate.pool(c.workers, c.gpus_per_worker, c.cpus_per_worker)
+    validate.sampling(c.temperature)
+    for name, low in (("top_k", 1), ("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
+        validate.at_least(name, getattr(c, name), low)
+    if c.max_shards is not None:
+        validate.at_least("max_shards", c.max_shards, 1)
+    validate.above("learning_rate", c.learning_rate, 0)
+    if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
+        raise validate.SettingError("held_out", f"must be in [0, 1), got {c.held_out}")
     if not c.corpus:
         raise UserError("pass --corpus PATH [PATH ...]: the rows to train on (prompts, for --source target)")
     if storage.is_file(c.out):
