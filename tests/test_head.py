@@ -19,9 +19,9 @@ from vocabtrim.head import (
     head_from_ids,
     load_head,
     select_ids,
-    special_token_ids,
 )
 from vocabtrim.models import load_drafter, tokenizer_fingerprint
+from vocabtrim.special_tokens import special_token_ids
 
 # ---------------------------------------------------------------------------------------------
 # select_ids on a known histogram

@@ -213,18 +213,6 @@ def build_prompt(tokenizer, text: str, limit: int, wrap: bool = True) -> list[in
     return ids
 
 
-def eos_ids(tokenizer, model=None) -> list[int]:
-    """The token ids that end generation: the tokenizer's EOS and the model's generation config EOS."""
-    found = set()
-    if tokenizer.eos_token_id is not None:
-        found.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is not None:
-        found.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    return sorted(found)
-
-
 def _limit_threads(threads: int, torch_too: bool) -> None:
     """One tokenizer (and torch) thread pool of ``threads`` per actor; set before the first encode."""
     os.environ["RAYON_NUM_THREADS"] = str(threads)
@@ -268,6 +256,7 @@ class ShardCounter:
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
         from vocabtrim.models import load_drafter, load_model, logits_width
+        from vocabtrim.special_tokens import eos_ids, of_model
 
         spec = self.spec
         device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -281,7 +270,7 @@ class ShardCounter:
         self.engine = make_engine(
             model,
             sampling=SamplingParams(temperature=spec.temperature),
-            eos_token_ids=tuple(eos_ids(self.tokenizer, model)),
+            eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(model))),
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_rows,
         )

@@ -42,6 +42,7 @@ from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import RunFailed, UserError, first_line
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
+from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
 
@@ -490,9 +491,6 @@ class GenerateWorker:
 
             head = load_head(c.head, drafter_model=pair.drafter, tokenizer=pair.tokenizer)
         tok = pair.tokenizer
-        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(pair.target, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
         self.engine = make_engine(
             pair.target,
             pair.drafter,
@@ -502,7 +500,7 @@ class GenerateWorker:
             gamma=validate.gamma(c.gamma),
             max_gamma=c.max_gamma,
             batch_size=c.batch_size,
-            eos_token_ids=tuple(sorted(eos)),
+            eos_token_ids=tuple(eos_ids(tok, of_model(pair.target))),
             max_new_tokens=c.max_new_tokens,
             compile=c.compile,
         )

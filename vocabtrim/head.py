@@ -23,6 +23,7 @@ import torch
 from vocabtrim import storage
 from vocabtrim.engine.heads import check_support
 from vocabtrim.errors import UserError
+from vocabtrim.special_tokens import of_model, special_token_ids
 
 HEAD_FILE = "head.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -73,26 +74,6 @@ def head_from_ids(model, token_ids) -> TrimmedHead:
 # ---------------------------------------------------------------------------------------------
 # Choosing the kept ids
 # ---------------------------------------------------------------------------------------------
-
-
-def special_token_ids(tokenizer, model=None) -> list[int]:
-    """Ids a drafter must always be able to propose: EOS (tokenizer and generation config), padding,
-    BOS, UNK, and every special / added-special token (chat-template markers such as ``<|im_end|>``)."""
-    ids: set[int] = set()
-    for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            ids.add(int(value))
-    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None)
-    for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(token, "special", False):
-            ids.add(int(i))
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        value = getattr(gen, attr, None)
-        if value is not None:
-            ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    return sorted(ids)
 
 
 @dataclass
@@ -356,7 +337,7 @@ def build_head(config: BuildHeadConfig) -> dict:
     vocab = logits_width(model)
     selection = select_ids(
         counts, top_k=config.top_k, coverage=config.coverage,
-        special_ids=special_token_ids(tokenizer, model), vocab_size=vocab,
+        special_ids=special_token_ids(tokenizer, of_model(model)), vocab_size=vocab,
     )
     head = head_from_ids(model, selection.token_ids)
     out = os.fspath(config.out)

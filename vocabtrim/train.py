@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vocabtrim import corpus, storage, validate
-from vocabtrim.calibrate import Ledger, eos_ids
+from vocabtrim.calibrate import Ledger
+from vocabtrim.special_tokens import eos_ids, of_model
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class FeatureExtractor:
 
             self.engine = make_engine(
                 self.model, None, sampling=SamplingParams(temperature=spec.temperature), batch_size=spec.batch_rows,
-                max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, self.model)),
+                max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
 
     def pid(self) -> int:
@@ -503,7 +504,8 @@ def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list
     """The histogram's top-K ids plus the special tokens, as ``build-head`` keeps them."""
     from vocabtrim import histogram
     from vocabtrim.calibrate import read_manifest
-    from vocabtrim.head import _histogram_paths, select_ids, special_token_ids
+    from vocabtrim.head import _histogram_paths, select_ids
+    from vocabtrim.special_tokens import special_token_ids
     from vocabtrim.models import tokenizer_fingerprint
 
     folder, hist_path = _histogram_paths(c.histogram)

@@ -382,6 +382,7 @@ def check_generate_config(cfg) -> None:
 def load_for_generate(cfg):
     """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
     from vocabtrim.models import default_device, load_tokenizer, resolve_dtype, resolve_model
+    from vocabtrim.special_tokens import eos_ids
 
     target = resolve_model(cfg.target)
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
@@ -393,16 +394,13 @@ def load_for_generate(cfg):
             name = cfg.drafter if cfg.drafter is not None else cfg.target
             folder = drafter_folder(name, cfg.drafter_layers, cfg.head, trust_remote_code=cfg.trust_remote_code)
             drafter_spec = {"method": "draft_model", "model": folder}
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen = Path(target) / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        eos |= set(value if isinstance(value, list) else [value] if value is not None else [])
+    eos = eos_ids(tokenizer, json.loads(gen.read_text()) if gen.is_file() else None)
     gpus = int(cfg.gpus_per_worker or 0)
     dtype = str(resolve_dtype(cfg.dtype, default_device())).removeprefix("torch.")
     engine = VllmEngine(
         target, drafter_spec, gamma=validate.gamma(cfg.gamma), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        eos_token_ids=sorted(eos), max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
+        eos_token_ids=eos, max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
         tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
     )
     context = engine.context_length
