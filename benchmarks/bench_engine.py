@@ -74,7 +74,7 @@ def run_setting(spec: dict) -> dict:
     else:
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
-        from vocabtrim.head import head_from_ids
+        from vocabtrim.head.trimmed import head_from_ids
 
         head = None
         if spec.get("top_k") and pair.drafter is not None:

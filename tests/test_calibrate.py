@@ -270,7 +270,7 @@ def test_bundled_model_end_to_end_calibrate_and_build_head(ray_local, tmp_path, 
     """Both commands on SmolLM2-135M over the shipped prompts; the head loads into its drafter."""
     from importlib.resources import files
 
-    from vocabtrim.head import load_head
+    from vocabtrim.head.io import load_head
     from vocabtrim.models import load_drafter
 
     prompts = str(files("vocabtrim") / "data" / "prompts.parquet")

@@ -14,7 +14,7 @@ from vocabtrim.engine import make_engine
 from vocabtrim.engine.gamma import GammaController
 from vocabtrim.engine.sampling import SamplingParams, Verdict, first_rejection, row_seed, sample_from_probs
 from vocabtrim.errors import UserError
-from vocabtrim.head import TrimmedHead, head_from_ids
+from vocabtrim.head.trimmed import TrimmedHead, head_from_ids
 
 V = 300
 ALPHA = 1e-4  # false-alarm rate of each distribution check (see test_engine_sampling.py)

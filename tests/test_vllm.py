@@ -50,7 +50,8 @@ def tiny_llama(vocab_size, layers=2, seed=0):
 
 def write_head(model, ids, folder, tokenizer=None):
     """A head folder as `vocabtrim build-head` writes it, for ``model``'s LM-head rows ``ids``."""
-    from vocabtrim.head import drafter_architecture, head_from_ids, save_head
+    from vocabtrim.head.io import drafter_architecture, save_head
+    from vocabtrim.head.trimmed import head_from_ids
     from vocabtrim.models import head_rows_fingerprint, logits_width, tokenizer_fingerprint
 
     head = head_from_ids(model, ids)

@@ -40,7 +40,6 @@ from vocabtrim.errors import UserError
 log = logging.getLogger(__name__)
 
 SOURCES = ("corpus", "drafter", "target")
-MANIFEST_KIND = "vocabtrim-histogram"
 GENERATED_SHARD_BYTES = 16 << 10
 GENERATED_SHARD_ROWS = 32
 DEFAULT_BATCH = {"corpus": 1024, "drafter": 16, "target": 16}
@@ -582,7 +581,7 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     histogram.save(counts, storage.join(out, "histogram.parquet"))
     wall = time.perf_counter() - wall
     manifest = {
-        "kind": MANIFEST_KIND,
+        "kind": histogram.MANIFEST_KIND,
         "version": 1,
         "tokenizer_fingerprint": p.tokenizer_fingerprint,
         "vocab_size": p.vocab_size,
@@ -620,13 +619,3 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     }
     storage.atomic_write(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-def read_manifest(folder: str | os.PathLike) -> dict:
-    """The manifest of a calibration folder (UserError if it is not one)."""
-    folder = os.fspath(folder)
-    shown = storage.display(folder)
-    return storage.read_manifest(
-        storage.join(folder, "manifest.json"), MANIFEST_KIND, "calibration manifest",
-        missing=f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first",
-    )

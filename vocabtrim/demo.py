@@ -236,7 +236,8 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
 
     from vocabtrim.calibrate import CalibrateConfig, run_calibrate
     from vocabtrim.generate import GenerateConfig, run_generate
-    from vocabtrim.head import BuildHeadConfig, build_head, describe_kept, unseen_warning
+    from vocabtrim.head.build import BuildHeadConfig, build_head
+    from vocabtrim.head.select import describe_kept, unseen_warning
     from vocabtrim.ray_utils import init_ray
 
     start = time.perf_counter()

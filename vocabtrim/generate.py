@@ -41,12 +41,12 @@ import pyarrow.parquet as pq
 from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.head.files import HEAD_FILE
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
 from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
 
-HEAD_FILE = "head.safetensors"  # vocabtrim.head.HEAD_FILE (not imported: that module loads torch)
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 STATS_KEY = b"vocabtrim.generate"
@@ -180,7 +180,7 @@ def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
     config = _drafter_config(cfg)
     if not cfg.head:
         return
-    from vocabtrim.head import ARCHITECTURE_KEYS, read_head_manifest
+    from vocabtrim.head.io import ARCHITECTURE_KEYS, read_head_manifest
 
     shown = storage.display(cfg.head)
     manifest = read_head_manifest(cfg.head)
@@ -199,7 +199,7 @@ def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
 
 def _drafter_config(cfg: GenerateConfig) -> dict | None:
     """The drafter's architecture as its config.json gives it (``--drafter-layers`` applied), or None if unreadable."""
-    from vocabtrim.head import ARCHITECTURE_KEYS
+    from vocabtrim.head.io import ARCHITECTURE_KEYS
     from vocabtrim.models import resolve_model
 
     name = _drafter_name(cfg)
@@ -487,7 +487,7 @@ class GenerateWorker:
         )
         head = None
         if c.head:
-            from vocabtrim.head import load_head
+            from vocabtrim.head.io import load_head
 
             head = load_head(c.head, drafter_model=pair.drafter, tokenizer=pair.tokenizer)
         tok = pair.tokenizer

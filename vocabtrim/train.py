@@ -503,13 +503,12 @@ def _check_config(c: TrainConfig) -> None:
 def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list[int], dict]:
     """The histogram's top-K ids plus the special tokens, as ``build-head`` keeps them."""
     from vocabtrim import histogram
-    from vocabtrim.calibrate import read_manifest
-    from vocabtrim.head import _histogram_paths, select_ids
+    from vocabtrim.head.select import select_ids
     from vocabtrim.special_tokens import special_token_ids
     from vocabtrim.models import tokenizer_fingerprint
 
-    folder, hist_path = _histogram_paths(c.histogram)
-    calibration = read_manifest(folder)
+    folder, hist_path = histogram.calibration_paths(c.histogram)
+    calibration = histogram.read_manifest(folder)
     fp = tokenizer_fingerprint(tokenizer)
     if calibration["tokenizer_fingerprint"] != fp:
         raise UserError(

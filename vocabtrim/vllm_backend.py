@@ -137,7 +137,7 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
     import torch
     from safetensors.torch import save_file
 
-    from vocabtrim.head import load_head
+    from vocabtrim.head.io import load_head
     from vocabtrim.models import load_model, load_tokenizer, publish_folder, truncate_layers
 
     log.info("writing the vLLM drafter folder %s (once)", out)

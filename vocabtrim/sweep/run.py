@@ -114,11 +114,11 @@ def gen_dir(out: str, cell: Cell) -> str:
 
 def ensure_calibration(cfg: SweepConfig, out: str, source: str) -> dict:
     """The calibration manifest of ``source``, calibrating first unless it is done."""
-    from vocabtrim import calibrate
+    from vocabtrim import calibrate, histogram
 
     folder = calib_dir(out, source)
     if storage.is_file(storage.join(folder, "manifest.json")):
-        return calibrate.read_manifest(folder)
+        return histogram.read_manifest(folder)
     return calibrate.run_calibrate(
         calibrate.CalibrateConfig(
             drafter=cfg.drafter_name,
@@ -144,13 +144,14 @@ def ensure_calibration(cfg: SweepConfig, out: str, source: str) -> dict:
 
 def ensure_head(cfg: SweepConfig, out: str, cell: Cell) -> dict:
     """The head manifest of a trimmed cell, building the head first unless it is done."""
-    from vocabtrim import head
+    from vocabtrim.head.build import BuildHeadConfig, build_head
+    from vocabtrim.head.io import read_head_manifest
 
     folder = head_dir(out, cell)
     if storage.is_file(storage.join(folder, "manifest.json")):
-        return head.read_head_manifest(folder)
-    return head.build_head(
-        head.BuildHeadConfig(
+        return read_head_manifest(folder)
+    return build_head(
+        BuildHeadConfig(
             histogram=calib_dir(out, cell.source),
             drafter=cfg.drafter_name,
             drafter_layers=cfg.drafter_layers,
@@ -253,7 +254,7 @@ def add_eval_coverage(cfg: SweepConfig, out: str, rows: list[dict]) -> None:
     import numpy as np
     from safetensors.numpy import load
 
-    from vocabtrim.head import HEAD_FILE
+    from vocabtrim.head.files import HEAD_FILE
     from vocabtrim.models import load_tokenizer
 
     target_out = gen_dir(out, Cell("target", "target"))
