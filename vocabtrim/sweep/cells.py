@@ -145,7 +145,7 @@ class SweepConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
-    gamma: int = 4
+    gamma: int | str = 4  # a number; "auto" only where nothing reads the sweep's metrics (the demo preset)
     batch_size: int = 8
     workers: int = 1
     gpus_per_worker: float = 0.0
