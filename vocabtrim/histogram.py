@@ -157,3 +157,17 @@ def calibration_paths(where: str) -> tuple[str, str]:
         shown = storage.display(where)
         raise UserError(f"no calibration folder at {shown}: run `vocabtrim calibrate --out {shown}` first")
     return folder, storage.join(folder, "histogram.parquet")
+
+
+def read_calibration(where: str, fingerprint: str, whose: str) -> tuple[str, dict, np.ndarray]:
+    """``(histogram.parquet location, manifest, counts)`` of the calibration at ``where`` (a folder or its
+    ``.parquet`` file), refused in one line unless it was counted with the tokenizer of ``fingerprint``
+    (``whose`` tokenizer it is, for the message: "drafter", "target")."""
+    folder, path = calibration_paths(where)
+    manifest = read_manifest(folder)
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        raise UserError(
+            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({manifest['tokenizer_fingerprint']}, "
+            f"{whose} {fingerprint}): calibrate with the {whose}'s tokenizer"
+        )
+    return path, manifest, load(path)

@@ -507,15 +507,7 @@ def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list
     from vocabtrim.special_tokens import special_token_ids
     from vocabtrim.models import tokenizer_fingerprint
 
-    folder, hist_path = histogram.calibration_paths(c.histogram)
-    calibration = histogram.read_manifest(folder)
-    fp = tokenizer_fingerprint(tokenizer)
-    if calibration["tokenizer_fingerprint"] != fp:
-        raise UserError(
-            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
-            f"target {fp}): calibrate with this target"
-        )
-    counts = histogram.load(hist_path)
+    hist_path, calibration, counts = histogram.read_calibration(c.histogram, tokenizer_fingerprint(tokenizer), "target")
     if c.top_k > target_vocab:
         raise UserError(f"--top-k must be at most the target's vocabulary of {target_vocab}, got {c.top_k}")
     sel = select_ids(counts, top_k=c.top_k, special_ids=special_token_ids(tokenizer), vocab_size=target_vocab)

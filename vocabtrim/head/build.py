@@ -59,16 +59,9 @@ def build_head(config: BuildHeadConfig) -> dict:
     _check_build_config(config)
     if is_eagle3(config.drafter):
         return build_eagle3_head(config)
-    folder, hist_path = histogram.calibration_paths(config.histogram)
-    calibration = histogram.read_manifest(folder)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if calibration["tokenizer_fingerprint"] != fingerprint:
-        raise UserError(
-            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
-            f"drafter {fingerprint}): calibrate with this drafter"
-        )
-    counts = histogram.load(hist_path)
+    hist_path, calibration, counts = histogram.read_calibration(config.histogram, fingerprint, "drafter")
     model, _ = load_drafter(config.drafter, config.drafter_layers, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)
     vocab = logits_width(model)
     selection = select_ids(
@@ -142,22 +135,15 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     from vocabtrim import eagle3
     from vocabtrim.models import tokenizer_fingerprint
 
-    folder, hist_path = histogram.calibration_paths(config.histogram)
-    calibration = histogram.read_manifest(folder)
     tokenizer = _eagle3_tokenizer(config)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if calibration["tokenizer_fingerprint"] != fingerprint:
-        raise UserError(
-            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
-            f"this drafter's target {fingerprint}): calibrate with this target's tokenizer"
-        )
+    hist_path, calibration, counts = histogram.read_calibration(config.histogram, fingerprint, "target")
     if config.drafter_layers is not None:
         raise UserError("--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it")
     from vocabtrim.models import eagle3_folder
 
     model = eagle3.load_eagle3(eagle3_folder(config.drafter), target_vocab=None)
     vocab = model.config.vocab_size
-    counts = histogram.load(hist_path)
     counts = np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)])
     draft_ids = model.token_ids.cpu().numpy()
     K0 = draft_ids.shape[0]
