@@ -32,7 +32,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from vocabtrim.calibrate import eos_ids
+    from vocabtrim.special_tokens import eos_ids, of_model
     from vocabtrim.engine import make_engine
     from vocabtrim.models import load_pair
 
@@ -46,7 +46,7 @@ def main() -> None:
         ids = tok.apply_chat_template(r["messages"], add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
         prompts.append(ids[0].tolist())
-    eos = tuple(eos_ids(tok, pair.target))
+    eos = tuple(eos_ids(tok, of_model(pair.target)))
     seeds = list(range(len(prompts)))
     print(f"target {args.target}, drafter {args.drafter} (draft vocabulary {pair.drafter.config.draft_vocab_size:,}), "
           f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, gamma {args.gamma}, {args.threads} thread(s)")

@@ -74,7 +74,7 @@ def run_setting(spec: dict) -> dict:
     else:
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
-        from vocabtrim.head import head_from_ids
+        from vocabtrim.head.trimmed import head_from_ids
 
         head = None
         if spec.get("top_k") and pair.drafter is not None:
@@ -104,7 +104,7 @@ def trimmed_ids(pair, tok, k: int) -> list[int]:
     benchmark's prompts), plus the special tokens."""
     from vocabtrim.engine import make_engine
     from vocabtrim.engine.sampling import SamplingParams
-    from vocabtrim.head import special_token_ids
+    from vocabtrim.special_tokens import special_token_ids
 
     calib = shipped_prompts(tok, 320)[256:]
     engine = make_engine(pair.target, sampling=SamplingParams(temperature=0.7), batch_size=16, max_new_tokens=64,

@@ -46,7 +46,7 @@ def main() -> None:
 
     from vocabtrim.engine import make_engine
     from vocabtrim.engine.sampling import SamplingParams
-    from vocabtrim.head import head_from_ids
+    from vocabtrim.head.trimmed import head_from_ids
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32

@@ -123,7 +123,8 @@ def main(argv=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     torch.set_num_threads(args.threads)
 
-    from vocabtrim.head import drafter_architecture, head_from_ids, save_head
+    from vocabtrim.head.io import drafter_architecture, save_head
+    from vocabtrim.head.trimmed import head_from_ids
     from vocabtrim.models import head_rows_fingerprint, load_pair, resolve_model, tokenizer_fingerprint, truncate_layers
     from vocabtrim.engine import make_engine
     from vocabtrim.engine.sampling import SamplingParams

@@ -130,6 +130,19 @@ def test_the_ledger_keeps_one_entry_per_shard_id(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s-1.npz"]  # no temporary files left
 
 
+def test_the_ledger_is_claimed_for_one_set_of_settings(tmp_path):
+    """``Ledger.claim`` is ``storage.claim``: the same settings resume, other settings and unrecorded entries are refused."""
+    ledger = Ledger(tmp_path / "shards")
+    ledger.claim({"source": "corpus", "seed": 0})
+    ledger.claim({"source": "corpus", "seed": 0})
+    with pytest.raises(UserError, match=r"shards holds counts made with other settings \(seed 0 now 1\)"):
+        ledger.claim({"source": "corpus", "seed": 1})
+    orphan = Ledger(tmp_path / "orphan")
+    orphan.record(ShardCount("s-1", "f", np.array([3]), np.array([2]), rows=1, skipped_rows=0, tokens=2))
+    with pytest.raises(UserError, match=r"already holds files \(s-1.npz\) but no _run.json"):
+        orphan.claim({"source": "corpus"})
+
+
 def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, data, tmp_path):
     class Stop(Exception):
         pass
@@ -154,7 +167,7 @@ def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, dat
 
 def test_a_rerun_with_other_settings_is_refused(ray_local, data, tmp_path):
     run_calibrate(config(data, tmp_path / "out"))
-    with pytest.raises(UserError, match="other settings \\(source: 'corpus' now 'drafter'\\)"):
+    with pytest.raises(UserError, match="shards holds counts made with other settings \\(source 'corpus' now 'drafter'[;)]"):
         run_calibrate(config(data, tmp_path / "out", source="drafter"))
 
 
@@ -257,7 +270,7 @@ def test_bundled_model_end_to_end_calibrate_and_build_head(ray_local, tmp_path, 
     """Both commands on SmolLM2-135M over the shipped prompts; the head loads into its drafter."""
     from importlib.resources import files
 
-    from vocabtrim.head import load_head
+    from vocabtrim.head.io import load_head
     from vocabtrim.models import load_drafter
 
     prompts = str(files("vocabtrim") / "data" / "prompts.parquet")

@@ -54,3 +54,29 @@ def test_generate_table_shows_whole_run_and_engine_throughput():
     lines = {line.split("  ")[0]: line for line in summary_table(summary).splitlines()}
     assert lines["tokens/s, whole run"].split()[3] == "2.0" and "model loading included" in lines["tokens/s, whole run"]
     assert lines["tokens/s, engine"].split()[2] == "14.0" and "decoding only" in lines["tokens/s, engine"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
+    (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--max-gamma", "65"], "--max-gamma must be between 0 and 64, got 65"),
+    (["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet", "--workers", "0"], "--workers must be >= 1, got 0"),
+    (["calibrate", "--drafter", "m", "--corpus", "c.txt", "--source", "drafter", "--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
+    (["calibrate", "--drafter", "m", "--corpus", "c.txt", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0, got 0.0"),
+    (["calibrate", "--drafter", "m", "--corpus", "c.txt", "--drafter-layers", "0"], "--drafter-layers must be >= 1, got 0"),
+    (["sweep", "--target", "m", "--drafter-layers", "1", "--corpus", "c.txt", "--prompts", "p.parquet", "--calib-temperature", "-1"],
+     "--calib-temperature must be >= 0, got -1.0"),
+    (["sweep", "--target", "m", "--drafter-layers", "1", "--corpus", "c.txt", "--prompts", "p.parquet", "--gamma", "0"],
+     "--gamma must be between 1 and 64, got 0"),
+    (["train-drafter", "--target", "m", "--corpus", "c.txt", "--histogram", "h", "--top-k", "8", "--learning-rate", "0"],
+     "--learning-rate must be > 0, got 0.0"),
+])
+def test_a_bad_setting_is_refused_in_one_line_naming_its_flag(capsys, tmp_path, argv, line):
+    """Every stage checks its model, pool and sampling settings in ``vocabtrim.validate`` before any model is
+    loaded; the CLI names the flag."""
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vocabtrim {argv[0]}: error: {line}\n"
+    assert not out.exists()

@@ -405,7 +405,7 @@ def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokeni
 
 
 def test_specforge_export_of_a_plain_head(tmp_path):
-    from vocabtrim.head import export_specforge
+    from vocabtrim.head.export import export_specforge
 
     ids = torch.tensor([0, 2, 5, 9])
     export_specforge(ids, 12, str(tmp_path / "m.pt"))

@@ -14,7 +14,7 @@ from vocabtrim.engine import make_engine
 from vocabtrim.engine.gamma import GammaController
 from vocabtrim.engine.sampling import SamplingParams, Verdict, first_rejection, row_seed, sample_from_probs
 from vocabtrim.errors import UserError
-from vocabtrim.head import TrimmedHead, head_from_ids
+from vocabtrim.head.trimmed import TrimmedHead, head_from_ids
 
 V = 300
 ALPHA = 1e-4  # false-alarm rate of each distribution check (see test_engine_sampling.py)
@@ -410,7 +410,8 @@ def test_unsorted_head_and_head_without_drafter_are_refused(target, drafter):
 
 
 def test_bad_engine_settings_are_refused_in_one_line(target):
-    with pytest.raises(UserError, match="--sampler"):
+    """From Python the message names the setting as the config spells it (the CLI names its flag)."""
+    with pytest.raises(UserError, match="^sampler must be one of gumbel, rejection, got 'metropolis'$"):
         make_engine(target, sampler="metropolis")
-    with pytest.raises(UserError, match="--max-gamma"):
+    with pytest.raises(UserError, match="^max_gamma must be between 0 and 64, got -1$"):
         make_engine(target, max_gamma=-1)

@@ -336,7 +336,7 @@ def heads(ray_local, base, tmp_path_factory):
     """Heads from one calibration: ``independent`` for the independent drafter, ``layers2`` for the
     target's first 2 layers (``--drafter-layers 2``)."""
     from vocabtrim.calibrate import CalibrateConfig, run_calibrate
-    from vocabtrim.head import BuildHeadConfig, build_head
+    from vocabtrim.head.build import BuildHeadConfig, build_head
 
     root = tmp_path_factory.mktemp("heads")
     corpus = root / "corpus.parquet"
@@ -389,7 +389,7 @@ def test_prompts_out_and_head_on_s3_and_resume(ray_local, s3, tiny_pair_dirs, tm
     import numpy as np
 
     from vocabtrim import histogram, storage
-    from vocabtrim.head import BuildHeadConfig, build_head
+    from vocabtrim.head.build import BuildHeadConfig, build_head
     from vocabtrim.models import load_tokenizer, tokenizer_fingerprint
 
     target, drafter = tiny_pair_dirs

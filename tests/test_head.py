@@ -13,15 +13,12 @@ from tiny import make_model, make_tokenizer, save_model
 from vocabtrim import histogram
 from vocabtrim.cli import main as cli
 from vocabtrim.errors import UserError
-from vocabtrim.head import (
-    BuildHeadConfig,
-    build_head,
-    head_from_ids,
-    load_head,
-    select_ids,
-    special_token_ids,
-)
+from vocabtrim.head.build import BuildHeadConfig, build_head
+from vocabtrim.head.io import load_head
+from vocabtrim.head.select import select_ids
+from vocabtrim.head.trimmed import head_from_ids
 from vocabtrim.models import load_drafter, tokenizer_fingerprint
+from vocabtrim.special_tokens import special_token_ids
 
 # ---------------------------------------------------------------------------------------------
 # select_ids on a known histogram

@@ -121,7 +121,7 @@ def test_fingerprint_changes_with_the_vocabulary():
 
 @pytest.mark.bundled
 def test_bundled_pair_greedy_identity_with_a_trimmed_head():
-    from vocabtrim.head import head_from_ids
+    from vocabtrim.head.trimmed import head_from_ids
     from vocabtrim.engine.sampling import SamplingParams
     from vocabtrim.engine import make_engine
 

@@ -50,7 +50,8 @@ def tiny_llama(vocab_size, layers=2, seed=0):
 
 def write_head(model, ids, folder, tokenizer=None):
     """A head folder as `vocabtrim build-head` writes it, for ``model``'s LM-head rows ``ids``."""
-    from vocabtrim.head import drafter_architecture, head_from_ids, save_head
+    from vocabtrim.head.io import drafter_architecture, save_head
+    from vocabtrim.head.trimmed import head_from_ids
     from vocabtrim.models import head_rows_fingerprint, logits_width, tokenizer_fingerprint
 
     head = head_from_ids(model, ids)
@@ -129,12 +130,14 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
         (["--drafter", drafter, "--gpus-per-worker", "0.5"], "whole GPUs"),
         (["--drafter", drafter, "--temperature", "0.7"], "drafts only at --temperature 0"),
         (["--drafter", "ngram", "--temperature", "1"], "drafts only at --temperature 0"),
+        (["--drafter", drafter, "--gamma", "auto"], "--gamma must be a number from 1 to 64 with --engine vllm"),
     ]
     capsys.readouterr()
     for extra, message in cases:
         out = tmp_path / "out"
         greedy = [] if "--temperature" in extra else ["--temperature", "0"]
-        assert cli.main(["generate", "--engine", "vllm", "--target", target, *extra, *greedy, "--prompts", str(good),
+        gamma = [] if "--gamma" in extra else ["--gamma", "2"]
+        assert cli.main(["generate", "--engine", "vllm", "--target", target, *extra, *greedy, *gamma, "--prompts", str(good),
                          "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (message, err)

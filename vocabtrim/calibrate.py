@@ -33,14 +33,13 @@ from typing import Callable
 
 import numpy as np
 
-from vocabtrim import corpus, histogram, storage
+from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import wraps_strings
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("corpus", "drafter", "target")
-MANIFEST_KIND = "vocabtrim-histogram"
 GENERATED_SHARD_BYTES = 16 << 10
 GENERATED_SHARD_ROWS = 32
 DEFAULT_BATCH = {"corpus": 1024, "drafter": 16, "target": 16}
@@ -99,6 +98,7 @@ class Ledger:
 
     RUN_FILE = "_run.json"
     SUFFIX = ".npz"
+    HOLDS = "counts"  # what the entries are, for messages
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
@@ -114,18 +114,9 @@ class Ledger:
         return shard_id in self._recorded
 
     def claim(self, run_key: dict) -> None:
-        """Bind the ledger to one set of settings; refuse to mix counts made with other settings."""
-        run_file = storage.join(self.folder, self.RUN_FILE)
-        if storage.is_file(run_file):
-            old = json.loads(storage.read_text(run_file))
-            for key in [*run_key, *(k for k in old if k not in run_key)]:
-                if old.get(key) != run_key.get(key):
-                    raise UserError(
-                        f"{storage.display(storage.parent(self.folder))} holds counts made with other settings ({key}: "
-                        f"{old.get(key)!r} now {run_key.get(key)!r}): use another --out, or delete {storage.display(self.folder)}"
-                    )
-            return
-        storage.atomic_write(run_file, json.dumps(run_key, indent=1, sort_keys=True).encode())
+        """Bind the ledger to one set of settings (``storage.claim``); refuse to mix counts made with other
+        settings, and entries with no record of theirs."""
+        storage.claim(self.folder, self.RUN_FILE, run_key, what=self.HOLDS, stray=lambda name: name.endswith(self.SUFFIX))
 
     def record(self, result: ShardCount) -> bool:
         """Write ``result`` under its shard id; False (nothing written) if that id is already recorded."""
@@ -221,18 +212,6 @@ def build_prompt(tokenizer, text: str, limit: int, wrap: bool = True) -> list[in
     return ids
 
 
-def eos_ids(tokenizer, model=None) -> list[int]:
-    """The token ids that end generation: the tokenizer's EOS and the model's generation config EOS."""
-    found = set()
-    if tokenizer.eos_token_id is not None:
-        found.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is not None:
-        found.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    return sorted(found)
-
-
 def _limit_threads(threads: int, torch_too: bool) -> None:
     """One tokenizer (and torch) thread pool of ``threads`` per actor; set before the first encode."""
     os.environ["RAYON_NUM_THREADS"] = str(threads)
@@ -276,6 +255,7 @@ class ShardCounter:
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
         from vocabtrim.models import load_drafter, load_model, logits_width
+        from vocabtrim.special_tokens import eos_ids, of_model
 
         spec = self.spec
         device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -289,7 +269,7 @@ class ShardCounter:
         self.engine = make_engine(
             model,
             sampling=SamplingParams(temperature=spec.temperature),
-            eos_token_ids=tuple(eos_ids(self.tokenizer, model)),
+            eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(model))),
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_rows,
         )
@@ -479,23 +459,14 @@ class _Plan:
 
 
 def _check_config(config: CalibrateConfig) -> None:
-    if config.source not in SOURCES:
-        raise UserError(f"--source must be one of {', '.join(SOURCES)}, got {config.source!r}")
-    if config.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {config.workers}")
-    if config.batch_size is not None and config.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
-    if config.gpus_per_worker < 0:
-        raise UserError(f"--gpus-per-worker must be >= 0, got {config.gpus_per_worker}")
-    if config.cpus_per_worker is not None and config.cpus_per_worker <= 0:
-        raise UserError(f"--cpus-per-worker must be > 0, got {config.cpus_per_worker}")
+    validate.one_of("source", config.source, SOURCES)
+    validate.pool(config.workers, config.gpus_per_worker, config.cpus_per_worker)
+    if config.batch_size is not None:
+        validate.at_least("batch_size", config.batch_size, 1)
     if config.source != "corpus":
-        if config.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
-        if not config.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0, got {config.temperature}")
-    if config.drafter_layers is not None and config.drafter_layers < 1:
-        raise UserError(f"--drafter-layers must be >= 1, got {config.drafter_layers}")
+        validate.at_least("max_new_tokens", config.max_new_tokens, 1)
+        validate.sampling(config.temperature)
+    validate.drafter_layers(config.drafter_layers)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
 
@@ -610,7 +581,7 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     histogram.save(counts, storage.join(out, "histogram.parquet"))
     wall = time.perf_counter() - wall
     manifest = {
-        "kind": MANIFEST_KIND,
+        "kind": histogram.MANIFEST_KIND,
         "version": 1,
         "tokenizer_fingerprint": p.tokenizer_fingerprint,
         "vocab_size": p.vocab_size,
@@ -648,13 +619,3 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     }
     storage.atomic_write(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-def read_manifest(folder: str | os.PathLike) -> dict:
-    """The manifest of a calibration folder (UserError if it is not one)."""
-    folder = os.fspath(folder)
-    shown = storage.display(folder)
-    return storage.read_manifest(
-        storage.join(folder, "manifest.json"), MANIFEST_KIND, "calibration manifest",
-        missing=f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first",
-    )

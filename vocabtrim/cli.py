@@ -1,7 +1,8 @@
 """The ``vocabtrim`` command: flags → one config object per command → the stage functions.
 
 Each command lives in ``vocabtrim/commands/<name>.py`` with ``add_arguments(parser)`` and
-``main(args) -> int``. A ``UserError`` anywhere becomes one line on stderr and exit code 2.
+``main(args) -> int``. A ``UserError`` anywhere becomes one line on stderr and exit code 2; a
+``validate.SettingError`` names the flag of the setting it is about.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 
 from vocabtrim.errors import RunFailed, UserError
+from vocabtrim.validate import SettingError
 
 COMMANDS = {
     "calibrate": ("vocabtrim.commands.calibrate", "count token ids over a corpus on a Ray actor pool"),
@@ -59,6 +61,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def flag(setting: str) -> str:
+    """The flag of a config field: every command names its flags after its config's fields (``top_p``: ``--top-p``)."""
+    return "--" + setting.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vocabtrim", description=DESCRIPTION)
     parser.add_argument(
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
         code = args._main(args)
+    except SettingError as exc:
+        print(f"vocabtrim {args.command}: error: {flag(exc.setting)} {exc.rule}", file=sys.stderr)
+        return exc.exit_code
     except (UserError, RunFailed) as exc:
         print(f"vocabtrim {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,13 +1,17 @@
 """``vocabtrim demo``: the three stages on the bundled model and the shipped prompts, ending in one table.
 
+The demo is a preset of the sweep (``preset``): three of its cells, each run by the sweep's own stages
+(``vocabtrim.sweep.run``: calibrate, build the head, generate), in the sweep's folder layout
+(``calib/target/``, ``heads/<cell>/``, ``gen/<cell>/``).
+
 1. Split the shipped prompts (``vocabtrim/data/prompts.parquet``) into a calibration part and a
    disjoint evaluation part.
 2. calibrate: count the tokens the *target* generates from the calibration prompts.
 3. build-head: keep the top-K ids of that histogram; the trimmed head is the drafter's LM-head rows for them.
-4. generate on the evaluation prompts with the same batching in three settings: target alone, drafter
+4. generate on the evaluation prompts with the same batching in three cells: target alone, drafter
    with its full head, drafter with the trimmed head. The evaluation prompts are cut into ``rounds``
-   files; each round generates one file in all three settings, in an order that rotates from round to
-   round, so that drift in the machine's speed hits every setting alike. Each setting's folder gains one
+   files; each round generates one file in all three cells, in an order that rotates from round to
+   round, so that drift in the machine's speed hits every cell alike. Each cell's folder gains one
    output per round (``generate`` resumes: earlier files are skipped), and its summary covers them all.
    Per-round figures come from each output file's own statistics.
 
@@ -24,12 +28,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from vocabtrim.errors import UserError
+from vocabtrim.sweep.cells import SweepConfig, plan_cells
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.parquet"
 
@@ -197,18 +202,6 @@ def format_rounds(figures: dict[str, dict[str, list[float]]]) -> list[str]:
     ]
 
 
-def eval_coverage(model: str, target_out: Path, names: list[str], kept) -> float | None:
-    """Share of the target alone's evaluation tokens (its completions re-encoded) that the kept ids hold."""
-    import numpy as np
-
-    from vocabtrim.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model)
-    texts = [t for n in names for t in pq.read_table(target_out / n, columns=["completion"]).column(0).to_pylist() if t]
-    ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
-    return float(np.isin(np.asarray(ids, dtype=np.int64), np.asarray(kept, dtype=np.int64)).mean()) if ids else None
-
-
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """Run the demo; ``echo`` gets progress lines and the final table. Returns the table and the stage results.
 
@@ -222,8 +215,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             shutil.rmtree(out, ignore_errors=True)
     if cfg.out:
         echo(
-            f"kept in {out}: the table {out / TABLE_FILE}, the coverage plot {out / 'head' / 'coverage.png'}, each setting's "
-            f"outputs and summary.json in {out}/generate-*/"
+            f"kept in {out}: the table {out / TABLE_FILE}, the coverage plot {result['plot']}, each setting's "
+            f"outputs and summary.json in {out}/gen/*/"
         )
     return result
 
@@ -231,13 +224,22 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 TABLE_FILE = "table.txt"
 
 
-def _run(cfg: DemoConfig, out: Path, echo) -> dict:
-    from safetensors.numpy import load_file
+def preset(cfg: DemoConfig, out: Path, calibration: Path, evaluation: list[Path]) -> SweepConfig:
+    """The demo as a sweep: the target alone, the full head and one trimmed head (top-K of the target's own
+    outputs), each cell run by the sweep's stages (``vocabtrim.sweep.run``) in ``out``."""
+    return SweepConfig(
+        target=cfg.model, drafter_layers=cfg.drafter_layers, corpus=[str(calibration)], text_column="prompt",
+        prompts=[str(p) for p in evaluation], prompt_column="messages", id_column="id", k=[cfg.top_k, None],
+        sources=["target"], calib_max_new_tokens=cfg.calibration_new_tokens, calib_temperature=1.0,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, gamma=cfg.gamma,
+        batch_size=cfg.batch_size, workers=1, address=cfg.address, progress=cfg.progress, out=str(out),
+    )
 
-    from vocabtrim.calibrate import CalibrateConfig, run_calibrate
-    from vocabtrim.generate import GenerateConfig, run_generate
-    from vocabtrim.head import BuildHeadConfig, build_head, describe_kept, unseen_warning
+
+def _run(cfg: DemoConfig, out: Path, echo) -> dict:
+    from vocabtrim.head.select import describe_kept, unseen_warning
     from vocabtrim.ray_utils import init_ray
+    from vocabtrim.sweep.run import ensure_calibration, ensure_head, eval_coverage, gen_dir, generate_cell, head_dir
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -245,62 +247,43 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers; {where}")
     cal_prompts, eval_files = split_prompts(out, cfg.calibration_prompts, cfg.eval_prompts, cfg.rounds)
     names = [p.name for p in eval_files]
+    sweep = preset(cfg, out, cal_prompts, eval_files)
+    cells = {cell.kind: cell for cell in plan_cells(sweep.k, sweep.sources)}  # target, full, trimmed
     init_ray(cfg.address)
     timings = {}
 
     t = time.perf_counter()
     echo(f"[1/3] calibrate: tokens the target generates from {cfg.calibration_prompts} prompts ({cfg.calibration_new_tokens} each)")
-    calibration = run_calibrate(
-        CalibrateConfig(
-            drafter=cfg.model, drafter_layers=cfg.drafter_layers, corpus=[str(cal_prompts)], text_column="prompt",
-            source="target", target=cfg.model, max_new_tokens=cfg.calibration_new_tokens, seed=cfg.seed,
-            out=str(out / "calibration"), show_progress=cfg.progress,
-        )
-    )
+    calibration = ensure_calibration(sweep, str(out), "target")
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     echo(f"[2/3] build-head: top {cfg.top_k} of {calibration['distinct_tokens']} distinct ids seen ({calibration['total_tokens']} tokens)")
-    head = build_head(
-        BuildHeadConfig(
-            histogram=str(out / "calibration"), drafter=cfg.model, drafter_layers=cfg.drafter_layers,
-            top_k=cfg.top_k, out=str(out / "head"),
-        )
-    )
+    head = ensure_head(sweep, str(out), cells["trimmed"])
     timings["build-head"] = time.perf_counter() - t
 
-    base = GenerateConfig(
-        target=cfg.model, drafter_layers=cfg.drafter_layers, prompts=[], prompt_column="messages",
-        id_column="id", max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-        gamma=cfg.gamma, batch_size=cfg.batch_size, workers=1, progress=cfg.progress, out="",
-    )
-    runs = {
-        "target": replace(base, no_draft=True, out=str(out / "generate-target")),
-        "full": replace(base, out=str(out / "generate-full-head")),
-        "trimmed": replace(base, head=str(out / "head"), out=str(out / "generate-trimmed-head")),
-    }
     what = {"target": "target alone", "full": "drafter with its full head", "trimmed": f"drafter with the K={head['k']} head"}
     summaries = {}
     t = time.perf_counter()
     for r in range(cfg.rounds):
-        order = round_order(list(runs), r)
+        order = round_order(list(cells), r)
         echo(f"[3/3] generate, round {r + 1}/{cfg.rounds} ({names[r]}, batch {cfg.batch_size}, {cfg.max_new_tokens} tokens each): "
              + ", then ".join(what[k] for k in order))
         for key in order:
-            summaries[key] = run_generate(replace(runs[key], prompts=[str(p) for p in eval_files[: r + 1]]))
+            summaries[key] = generate_cell(sweep, str(out), cells[key], prompts=sweep.prompts[: r + 1])
     timings["generate"] = time.perf_counter() - t
 
+    folders = {k: Path(gen_dir(str(out), cell)) for k, cell in cells.items()}
     rows = table_rows(summaries)
-    figures = per_round({k: Path(v.out) for k, v in runs.items()}, names)
+    figures = per_round(folders, names)
     lines = [format_table(rows), *format_rounds(figures)]
-    same = {k: identical_rows(Path(runs["target"].out), Path(runs[k].out), names) for k in ("full", "trimmed")}
+    same = {k: identical_rows(folders["target"], folders[k], names) for k in ("full", "trimmed")}
     if cfg.temperature == 0:
         lines.append(
             f"greedy: completions identical to the target's own: full head {same['full'][0]}/{same['full'][1]}, "
             f"trimmed head {same['trimmed'][0]}/{same['trimmed'][1]} rows"
         )
-    kept = load_file(str(out / "head" / "head.safetensors"))["token_ids"]
-    covered = eval_coverage(cfg.model, Path(runs["target"].out), names, kept)
+    covered = eval_coverage(sweep, str(out), [cells["trimmed"]]).get(cells["trimmed"].name)
     lines.append(f"head: {describe_kept(head)}.")
     if unseen_warning(head):
         lines.append(
@@ -322,4 +305,5 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     timings["total"] = time.perf_counter() - start
     echo("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return {"rows": rows, "summaries": summaries, "calibration": calibration, "head": head, "timings": timings,
-            "identical": same, "rounds": figures, "eval_coverage": covered, "out": str(out)}
+            "identical": same, "rounds": figures, "eval_coverage": covered, "out": str(out),
+            "plot": str(Path(head_dir(str(out), cells["trimmed"])) / "coverage.png")}

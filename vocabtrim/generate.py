@@ -38,14 +38,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vocabtrim import storage
+from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.head.files import HEAD_FILE
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
+from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
 
-HEAD_FILE = "head.safetensors"  # vocabtrim.head.HEAD_FILE (not imported: that module loads torch)
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 STATS_KEY = b"vocabtrim.generate"
@@ -95,27 +96,24 @@ class GenerateConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _positive(name: str, value) -> None:
-    if value is None or int(value) < 1:
-        raise UserError(f"{name} must be a positive integer, got {value}")
-
-
 def check_config(cfg: GenerateConfig) -> None:
     """Refuse flag combinations that can never work, in one line."""
+    from vocabtrim.engine.scheduler import SAMPLERS
     from vocabtrim.vllm_backend import check_generate_config  # --engine (imports no vLLM)
 
     check_generate_config(cfg)
-    for name in ("max_new_tokens", "batch_size", "workers"):
-        _positive("--" + name.replace("_", "-"), getattr(cfg, name))
-    if cfg.gpus_per_worker < 0:
-        raise UserError(f"--gpus-per-worker must be >= 0, got {cfg.gpus_per_worker}")
-    if cfg.cpus_per_worker is not None and cfg.cpus_per_worker <= 0:
-        raise UserError(f"--cpus-per-worker must be > 0, got {cfg.cpus_per_worker}")
+    validate.pool(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
+    validate.sampling(cfg.temperature, cfg.top_p, cfg.top_k)
+    validate.one_of("sampler", cfg.sampler, SAMPLERS)
+    validate.at_least("max_new_tokens", cfg.max_new_tokens, 1)
+    validate.at_least("batch_size", cfg.batch_size, 1)
+    validate.drafter_layers(cfg.drafter_layers)
     if cfg.no_draft:
         if cfg.head:
             raise UserError("--head needs a drafter: drop --no-draft or --head")
     else:
-        gamma_value(cfg.gamma)
+        validate.gamma(cfg.gamma)
+        validate.max_gamma(cfg.max_gamma)
         if cfg.drafter is None and cfg.drafter_layers is None:
             raise UserError("no drafter: pass --drafter MODEL, --drafter-layers N (drafter = first N target layers), or --no-draft")
     if cfg.head and not storage.is_file(storage.join(cfg.head, HEAD_FILE)):
@@ -124,19 +122,6 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError("--prompt-column must not be empty")
     if cfg.id_column in RESULT_COLUMNS:
         raise UserError(f"--id-column {cfg.id_column!r} clashes with an output column: pick another name")
-
-
-def gamma_value(gamma) -> int | None:
-    """``--gamma`` as the engine takes it: None for "auto", else a number 0..64."""
-    if gamma is None or str(gamma) == "auto":
-        return None
-    try:
-        value = int(gamma)
-    except (TypeError, ValueError):
-        raise UserError(f"--gamma must be 'auto' or a number, got {gamma!r}") from None
-    if not 0 <= value <= 64:
-        raise UserError(f"--gamma must be 'auto' or between 0 and 64, got {value}")
-    return value
 
 
 def _drafter_name(cfg: GenerateConfig) -> str | None:
@@ -195,7 +180,7 @@ def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
     config = _drafter_config(cfg)
     if not cfg.head:
         return
-    from vocabtrim.head import ARCHITECTURE_KEYS, read_head_manifest
+    from vocabtrim.head.io import ARCHITECTURE_KEYS, read_head_manifest
 
     shown = storage.display(cfg.head)
     manifest = read_head_manifest(cfg.head)
@@ -214,7 +199,7 @@ def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
 
 def _drafter_config(cfg: GenerateConfig) -> dict | None:
     """The drafter's architecture as its config.json gives it (``--drafter-layers`` applied), or None if unreadable."""
-    from vocabtrim.head import ARCHITECTURE_KEYS
+    from vocabtrim.head.io import ARCHITECTURE_KEYS
     from vocabtrim.models import resolve_model
 
     name = _drafter_name(cfg)
@@ -231,8 +216,7 @@ def _drafter_config(cfg: GenerateConfig) -> dict | None:
     found = {k: getattr(text, k, None) for k in ARCHITECTURE_KEYS}
     layers = found["num_hidden_layers"]
     if cfg.drafter_layers is not None:
-        if layers is not None and not 1 <= cfg.drafter_layers <= layers:
-            raise UserError(f"--drafter-layers must be between 1 and {layers} for {name}, got {cfg.drafter_layers}")
+        validate.drafter_layers(cfg.drafter_layers, layers)
         found["num_hidden_layers"] = cfg.drafter_layers
     return {k: v for k, v in found.items() if v is not None}
 
@@ -252,8 +236,8 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
         "drafter_layers": cfg.drafter_layers if draft else None,
         "head_sha256": _file_sha256(storage.join(cfg.head, HEAD_FILE)) if cfg.head else None,
         "no_draft": cfg.no_draft,
-        "gamma": ("auto" if gamma_value(cfg.gamma) is None else gamma_value(cfg.gamma)) if draft else None,
-        "max_gamma": cfg.max_gamma if draft and gamma_value(cfg.gamma) is None else None,
+        "gamma": ("auto" if validate.gamma(cfg.gamma) is None else validate.gamma(cfg.gamma)) if draft else None,
+        "max_gamma": cfg.max_gamma if draft and validate.gamma(cfg.gamma) is None else None,
         "sampler": cfg.sampler,
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": float(cfg.temperature),
@@ -503,23 +487,20 @@ class GenerateWorker:
         )
         head = None
         if c.head:
-            from vocabtrim.head import load_head
+            from vocabtrim.head.io import load_head
 
             head = load_head(c.head, drafter_model=pair.drafter, tokenizer=pair.tokenizer)
         tok = pair.tokenizer
-        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(pair.target, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
         self.engine = make_engine(
             pair.target,
             pair.drafter,
             head,
             sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k),
             sampler=c.sampler,
-            gamma=gamma_value(c.gamma),
+            gamma=validate.gamma(c.gamma),
             max_gamma=c.max_gamma,
             batch_size=c.batch_size,
-            eos_token_ids=tuple(sorted(eos)),
+            eos_token_ids=tuple(eos_ids(tok, of_model(pair.target))),
             max_new_tokens=c.max_new_tokens,
             compile=c.compile,
         )
@@ -527,7 +508,7 @@ class GenerateWorker:
         context = self.engine.context_length or (1 << 62)
         # A verify pass writes up to gamma + 1 positions past the last generated token.
         # The same reserve with and without a drafter, so that a row is an error row in both or in neither.
-        fixed = gamma_value(c.gamma)
+        fixed = validate.gamma(c.gamma)
         reserve = c.max_new_tokens + (c.max_gamma if fixed is None else fixed) + 1
         if reserve >= context:
             raise UserError(f"--max-new-tokens {c.max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
@@ -815,20 +796,10 @@ def _vllm_spec_summary(total: dict) -> dict:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate completions for every row of ``cfg.prompts`` into ``cfg.out``; returns the summary."""
-    from vocabtrim.engine.sampling import SamplingParams
-    from vocabtrim.engine.scheduler import EngineConfig
     from vocabtrim.ray_utils import init_ray
 
     wall = time.perf_counter()
     check_config(cfg)
-    EngineConfig(  # validates the flags
-        sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k),
-        sampler=cfg.sampler,
-        gamma=None if cfg.no_draft else gamma_value(cfg.gamma),
-        max_gamma=cfg.max_gamma,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-    )
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
     fingerprint, wrap_strings = check_models(cfg, files)
     check_drafter(cfg, fingerprint)

@@ -19,6 +19,7 @@ from vocabtrim import storage
 from vocabtrim.errors import UserError, first_line
 
 COLUMNS = ("token_id", "count")
+MANIFEST_KIND = "vocabtrim-histogram"  # the kind of a calibration folder's manifest.json
 
 
 def count_ids(id_lists: Iterable[Sequence[int]], vocab_size: int) -> np.ndarray:
@@ -136,3 +137,37 @@ def load(path: str, vocab_size: int = 0) -> np.ndarray:
     if np.unique(ids).size != ids.size:
         raise UserError(f"{path} lists a token id twice")
     return from_sparse(ids, values, vocab_size)
+
+
+def read_manifest(folder: str) -> dict:
+    """The manifest of a calibration folder (``vocabtrim calibrate --out``); UserError if it is not one."""
+    folder = str(folder)
+    shown = storage.display(folder)
+    return storage.read_manifest(
+        storage.join(folder, "manifest.json"), MANIFEST_KIND, "calibration manifest",
+        missing=f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first",
+    )
+
+
+def calibration_paths(where: str) -> tuple[str, str]:
+    """``(calibration folder, its histogram.parquet)`` for a folder or a ``.parquet`` file location."""
+    where = str(where)
+    folder = storage.parent(where) if storage.name(where).endswith(".parquet") else where
+    if not storage.is_dir(folder):
+        shown = storage.display(where)
+        raise UserError(f"no calibration folder at {shown}: run `vocabtrim calibrate --out {shown}` first")
+    return folder, storage.join(folder, "histogram.parquet")
+
+
+def read_calibration(where: str, fingerprint: str, whose: str) -> tuple[str, dict, np.ndarray]:
+    """``(histogram.parquet location, manifest, counts)`` of the calibration at ``where`` (a folder or its
+    ``.parquet`` file), refused in one line unless it was counted with the tokenizer of ``fingerprint``
+    (``whose`` tokenizer it is, for the message: "drafter", "target")."""
+    folder, path = calibration_paths(where)
+    manifest = read_manifest(folder)
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        raise UserError(
+            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({manifest['tokenizer_fingerprint']}, "
+            f"{whose} {fingerprint}): calibrate with the {whose}'s tokenizer"
+        )
+    return path, manifest, load(path)

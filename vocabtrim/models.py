@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from vocabtrim import validate
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,7 @@ def truncate_layers(model, n_layers: int):
     """
     config = model.config
     total = config.num_hidden_layers
-    if not 1 <= n_layers <= total:
-        raise UserError(f"--drafter-layers must be between 1 and {total} for this model, got {n_layers}")
+    validate.drafter_layers(n_layers, total)
     new_config = copy.deepcopy(config)
     new_config.num_hidden_layers = n_layers
     if getattr(new_config, "layer_types", None) is not None:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 
+from vocabtrim import validate
 from vocabtrim.errors import RunFailed, UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float
     30-minute resource wait does not apply; actor start-up waits are bounded by
     ``ACTOR_START_TIMEOUT_S`` (env ``VOCABTRIM_ACTOR_START_TIMEOUT``).
     """
-    if gpus_per_worker < 0 or cpus_per_worker < 0:
-        raise UserError("--gpus-per-worker and --cpus-per-worker must be >= 0")
+    validate.pool(workers, gpus_per_worker, cpus_per_worker)
     short = []
     if gpus_per_worker > 0 and gpus_per_worker > largest_node("GPU"):
         have = largest_node("GPU")
@@ -208,6 +208,8 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
 def user_error_in(exc) -> UserError | None:
     """The UserError an actor raised (Ray wraps it in a RayTaskError, maybe twice), as a plain UserError."""
     for e in (exc, getattr(exc, "cause", None), getattr(getattr(exc, "cause", None), "cause", None)):
+        if isinstance(e, validate.SettingError) and hasattr(e, "setting"):
+            return validate.SettingError(e.setting, e.rule)
         if isinstance(e, UserError):
             return UserError(str(e))
     return None

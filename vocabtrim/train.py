@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vocabtrim import corpus, storage
-from vocabtrim.calibrate import Ledger, eos_ids
+from vocabtrim import corpus, storage, validate
+from vocabtrim.calibrate import Ledger
+from vocabtrim.special_tokens import eos_ids, of_model
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class FeatureLedger(Ledger):
     """``DIR/features/``: one safetensors file per finished shard (the calibrate ledger's rules)."""
 
     SUFFIX = ".safetensors"
+    HOLDS = "features"
 
     def record(self, result: FeatureShard) -> bool:
         from safetensors.torch import save
@@ -166,7 +168,7 @@ class FeatureExtractor:
 
             self.engine = make_engine(
                 self.model, None, sampling=SamplingParams(temperature=spec.temperature), batch_size=spec.batch_rows,
-                max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, self.model)),
+                max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
 
     def pid(self) -> int:
@@ -482,20 +484,16 @@ class DrafterTrainer:
 
 
 def _check_config(c: TrainConfig) -> None:
-    if c.source not in SOURCES:
-        raise UserError(f"--source must be one of {', '.join(SOURCES)} for train-drafter, got {c.source!r}")
-    for name, value, low in (("--top-k", c.top_k, 1), ("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1),
-                             ("--ttt-length", c.ttt_length, 1), ("--max-length", c.max_length, 4), ("--workers", c.workers, 1),
-                             ("--max-new-tokens", c.max_new_tokens, 1),
-                             ("--max-shards", 1 if c.max_shards is None else c.max_shards, 1)):
-        if value is None or value < low:
-            raise UserError(f"{name} must be >= {low}, got {value}")
-    if not c.learning_rate > 0:
-        raise UserError(f"--learning-rate must be > 0, got {c.learning_rate}")
-    if not 0 <= c.held_out < 1:
-        raise UserError(f"--held-out must be in [0, 1), got {c.held_out}")
-    if not c.temperature >= 0:
-        raise UserError(f"--temperature must be >= 0, got {c.temperature}")
+    validate.one_of("source", c.source, SOURCES)
+    validate.pool(c.workers, c.gpus_per_worker, c.cpus_per_worker)
+    validate.sampling(c.temperature)
+    for name, low in (("top_k", 1), ("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
+        validate.at_least(name, getattr(c, name), low)
+    if c.max_shards is not None:
+        validate.at_least("max_shards", c.max_shards, 1)
+    validate.above("learning_rate", c.learning_rate, 0)
+    if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
+        raise validate.SettingError("held_out", f"must be in [0, 1), got {c.held_out}")
     if not c.corpus:
         raise UserError("pass --corpus PATH [PATH ...]: the rows to train on (prompts, for --source target)")
     if storage.is_file(c.out):
@@ -505,19 +503,11 @@ def _check_config(c: TrainConfig) -> None:
 def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list[int], dict]:
     """The histogram's top-K ids plus the special tokens, as ``build-head`` keeps them."""
     from vocabtrim import histogram
-    from vocabtrim.calibrate import read_manifest
-    from vocabtrim.head import _histogram_paths, select_ids, special_token_ids
+    from vocabtrim.head.select import select_ids
+    from vocabtrim.special_tokens import special_token_ids
     from vocabtrim.models import tokenizer_fingerprint
 
-    folder, hist_path = _histogram_paths(c.histogram)
-    calibration = read_manifest(folder)
-    fp = tokenizer_fingerprint(tokenizer)
-    if calibration["tokenizer_fingerprint"] != fp:
-        raise UserError(
-            f"the histogram in {storage.display(folder)} was counted with another tokenizer ({calibration['tokenizer_fingerprint']}, "
-            f"target {fp}): calibrate with this target"
-        )
-    counts = histogram.load(hist_path)
+    hist_path, calibration, counts = histogram.read_calibration(c.histogram, tokenizer_fingerprint(tokenizer), "target")
     if c.top_k > target_vocab:
         raise UserError(f"--top-k must be at most the target's vocabulary of {target_vocab}, got {c.top_k}")
     sel = select_ids(counts, top_k=c.top_k, special_ids=special_token_ids(tokenizer), vocab_size=target_vocab)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from vocabtrim.engine.scheduler import EngineStats
 
+from vocabtrim import validate
 from vocabtrim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
     import torch
     from safetensors.torch import save_file
 
-    from vocabtrim.head import load_head
+    from vocabtrim.head.io import load_head
     from vocabtrim.models import load_model, load_tokenizer, publish_folder, truncate_layers
 
     log.info("writing the vLLM drafter folder %s (once)", out)
@@ -236,8 +237,8 @@ class VllmEngine:
         from vllm import LLM
 
         register_vllm_models()
-        if drafter_spec is not None and not 1 <= gamma <= 64:
-            raise UserError(f"--gamma must be between 1 and 64, got {gamma}")
+        if drafter_spec is not None:
+            validate.between("gamma", gamma, 1, validate.MAX_GAMMA)
         self.gamma = gamma if drafter_spec is not None else 0
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.eos = sorted(int(t) for t in eos_token_ids)
@@ -370,6 +371,8 @@ def check_generate_config(cfg) -> None:
     require_vllm()
     if ngram and (cfg.head or cfg.drafter_layers is not None):
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
+    if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
+        raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
     if cfg.gpus_per_worker and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
         raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {cfg.gpus_per_worker}")
     if not cfg.no_draft and cfg.temperature > 0 and not cfg.gpus_per_worker:
@@ -379,6 +382,7 @@ def check_generate_config(cfg) -> None:
 def load_for_generate(cfg):
     """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
     from vocabtrim.models import default_device, load_tokenizer, resolve_dtype, resolve_model
+    from vocabtrim.special_tokens import eos_ids
 
     target = resolve_model(cfg.target)
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
@@ -390,16 +394,13 @@ def load_for_generate(cfg):
             name = cfg.drafter if cfg.drafter is not None else cfg.target
             folder = drafter_folder(name, cfg.drafter_layers, cfg.head, trust_remote_code=cfg.trust_remote_code)
             drafter_spec = {"method": "draft_model", "model": folder}
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen = Path(target) / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        eos |= set(value if isinstance(value, list) else [value] if value is not None else [])
+    eos = eos_ids(tokenizer, json.loads(gen.read_text()) if gen.is_file() else None)
     gpus = int(cfg.gpus_per_worker or 0)
     dtype = str(resolve_dtype(cfg.dtype, default_device())).removeprefix("torch.")
     engine = VllmEngine(
-        target, drafter_spec, gamma=cfg.gamma, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        eos_token_ids=sorted(eos), max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
+        target, drafter_spec, gamma=validate.gamma(cfg.gamma), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        eos_token_ids=eos, max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
         tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
     )
     context = engine.context_length

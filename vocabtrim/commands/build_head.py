@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
-    from vocabtrim.head import BuildHeadConfig
+    from vocabtrim.head.build import BuildHeadConfig
 
     return BuildHeadConfig(
         histogram=args.histogram,
@@ -39,7 +39,8 @@ def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
 
 def main(args) -> int:
     from vocabtrim import storage
-    from vocabtrim.head import build_head, describe_kept, unseen_warning
+    from vocabtrim.head.build import build_head
+    from vocabtrim.head.select import describe_kept, unseen_warning
 
     m = build_head(config_from_args(args))
     main_files = ["config.json", "model.safetensors"] if m["kind"] == "vocabtrim-eagle3-head" else ["head.safetensors"]

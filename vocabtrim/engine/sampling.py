@@ -45,14 +45,9 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self):
-        from vocabtrim.errors import UserError
+        from vocabtrim import validate
 
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+        validate.sampling(self.temperature, self.top_p, self.top_k)
 
     @property
     def greedy(self) -> bool:

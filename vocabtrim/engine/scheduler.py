@@ -45,6 +45,7 @@ from vocabtrim.engine.sampling import (
     verify_exact,
     verify_sampled,
 )
+from vocabtrim import validate
 from vocabtrim.errors import UserError
 
 SAMPLERS = ("gumbel", "rejection")
@@ -66,16 +67,11 @@ class EngineConfig:
     compile: bool = False
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if not 0 <= self.max_gamma <= 64:
-            raise UserError(f"--max-gamma must be between 0 and 64, got {self.max_gamma}")
-        if self.gamma is not None and not 0 <= self.gamma <= 64:
-            raise UserError(f"--gamma must be 'auto' or between 0 and 64, got {self.gamma}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        validate.one_of("sampler", self.sampler, SAMPLERS)
+        validate.max_gamma(self.max_gamma)
+        validate.gamma(self.gamma)
+        validate.at_least("batch_size", self.batch_size, 1)
+        validate.at_least("max_new_tokens", self.max_new_tokens, 1)
 
     @property
     def top_gamma(self) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from vocabtrim import storage
+from vocabtrim import storage, validate
 from vocabtrim.errors import UserError
 
 SOURCES = ("corpus", "drafter", "target")
@@ -145,7 +145,7 @@ class SweepConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
-    gamma: int = 4
+    gamma: int | str = 4  # a number; "auto" only where nothing reads the sweep's metrics (the demo preset)
     batch_size: int = 8
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -212,10 +212,14 @@ def plan_cells(ks: list, sources: list[str]) -> list[Cell]:
 
 def check_config(cfg: SweepConfig) -> None:
     """Refuse, in one line, flags that can never work (before any model is loaded)."""
-    for name in ("max_new_tokens", "calib_max_new_tokens", "gamma", "batch_size", "workers"):
-        value = getattr(cfg, name)
-        if value is None or int(value) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    validate.pool(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
+    for name in ("max_new_tokens", "calib_max_new_tokens", "batch_size"):
+        validate.at_least(name, getattr(cfg, name), 1)
+    validate.between("gamma", cfg.gamma, 1, validate.MAX_GAMMA)
+    validate.drafter_layers(cfg.drafter_layers)
+    validate.temperature(cfg.temperature)
+    if cfg.calib_temperature is not None:
+        validate.temperature(cfg.calib_temperature, "calib_temperature")
     if cfg.drafter is None and cfg.drafter_layers is None:
         raise UserError("no drafter: pass --drafter MODEL, or --drafter-layers N (drafter = first N target layers)")
     if not cfg.k:
@@ -227,9 +231,6 @@ def check_config(cfg: SweepConfig) -> None:
     for s in cfg.sources:
         if s not in SOURCES:
             raise UserError(f"--sources takes {', '.join(SOURCES)}; got {s!r}")
-    for t in (cfg.temperature, cfg.calibration_temperature):
-        if not t >= 0:
-            raise UserError(f"temperatures must be >= 0, got {t}")
     if storage.is_file(cfg.out):
         raise UserError(f"--out {storage.display(cfg.out)} is a file: pass a folder")
 

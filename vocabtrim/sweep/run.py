@@ -114,11 +114,11 @@ def gen_dir(out: str, cell: Cell) -> str:
 
 def ensure_calibration(cfg: SweepConfig, out: str, source: str) -> dict:
     """The calibration manifest of ``source``, calibrating first unless it is done."""
-    from vocabtrim import calibrate
+    from vocabtrim import calibrate, histogram
 
     folder = calib_dir(out, source)
     if storage.is_file(storage.join(folder, "manifest.json")):
-        return calibrate.read_manifest(folder)
+        return histogram.read_manifest(folder)
     return calibrate.run_calibrate(
         calibrate.CalibrateConfig(
             drafter=cfg.drafter_name,
@@ -144,13 +144,14 @@ def ensure_calibration(cfg: SweepConfig, out: str, source: str) -> dict:
 
 def ensure_head(cfg: SweepConfig, out: str, cell: Cell) -> dict:
     """The head manifest of a trimmed cell, building the head first unless it is done."""
-    from vocabtrim import head
+    from vocabtrim.head.build import BuildHeadConfig, build_head
+    from vocabtrim.head.io import read_head_manifest
 
     folder = head_dir(out, cell)
     if storage.is_file(storage.join(folder, "manifest.json")):
-        return head.read_head_manifest(folder)
-    return head.build_head(
-        head.BuildHeadConfig(
+        return read_head_manifest(folder)
+    return build_head(
+        BuildHeadConfig(
             histogram=calib_dir(out, cell.source),
             drafter=cfg.drafter_name,
             drafter_layers=cfg.drafter_layers,
@@ -162,21 +163,16 @@ def ensure_head(cfg: SweepConfig, out: str, cell: Cell) -> dict:
     )
 
 
-def ensure_generation(cfg: SweepConfig, out: str, cell: Cell, run: int) -> tuple[dict, int | None]:
-    """(generate summary, sweep run that measured it), generating first unless the cell is done."""
+def generate_cell(cfg: SweepConfig, out: str, cell: Cell, prompts: list[str] | None = None) -> dict:
+    """Generate one cell's outputs into ``gen/<cell>/`` and return its summary. ``prompts``: some of
+    ``cfg.prompts`` (default: all); ``generate`` resumes, so files a call already generated are skipped."""
     from vocabtrim import generate
 
-    folder = gen_dir(out, cell)
-    summary_path = storage.join(folder, generate.SUMMARY_FILE)
-    if storage.is_file(summary_path):
-        cell_path = storage.join(folder, CELL_FILE)
-        measured = json.loads(storage.read_text(cell_path)).get("run") if storage.is_file(cell_path) else None
-        return json.loads(storage.read_text(summary_path)), measured
-    summary = generate.run_generate(
+    return generate.run_generate(
         generate.GenerateConfig(
             target=cfg.target,
-            prompts=list(cfg.prompts),
-            out=folder,
+            prompts=list(cfg.prompts if prompts is None else prompts),
+            out=gen_dir(out, cell),
             drafter=cfg.drafter,
             drafter_layers=cfg.drafter_layers,
             head=head_dir(out, cell) if cell.kind == "trimmed" else None,
@@ -197,6 +193,19 @@ def ensure_generation(cfg: SweepConfig, out: str, cell: Cell, run: int) -> tuple
             progress=cfg.progress,
         )
     )
+
+
+def ensure_generation(cfg: SweepConfig, out: str, cell: Cell, run: int) -> tuple[dict, int | None]:
+    """(generate summary, sweep run that measured it), generating first unless the cell is done."""
+    from vocabtrim import generate
+
+    folder = gen_dir(out, cell)
+    summary_path = storage.join(folder, generate.SUMMARY_FILE)
+    if storage.is_file(summary_path):
+        cell_path = storage.join(folder, CELL_FILE)
+        measured = json.loads(storage.read_text(cell_path)).get("run") if storage.is_file(cell_path) else None
+        return json.loads(storage.read_text(summary_path)), measured
+    summary = generate_cell(cfg, out, cell)
     storage.write_json(storage.join(folder, CELL_FILE), {"run": run, "measured_at": _now()})
     return summary, run
 
@@ -247,27 +256,38 @@ def run_cell(cfg: SweepConfig, out: str, cell: Cell, sizes: ModelSizes, run: int
     return row
 
 
-def add_eval_coverage(cfg: SweepConfig, out: str, rows: list[dict]) -> None:
-    """For trimmed cells: the share of the target alone's evaluation tokens (completions re-encoded
-    with the tokenizer) that the head's kept ids cover. Needs the target cell."""
+def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, float]:
+    """For trimmed cells: ``{cell name: share}``, the share of the target alone's evaluation tokens
+    (its completions re-encoded with the tokenizer) that the cell's kept ids cover. Empty without the
+    target cell's outputs."""
     import numpy as np
     from safetensors.numpy import load
 
-    from vocabtrim.head import HEAD_FILE
+    from vocabtrim.head.files import HEAD_FILE
     from vocabtrim.models import load_tokenizer
 
     target_out = gen_dir(out, Cell("target", "target"))
-    trimmed = [r for r in rows if r["kind"] == "trimmed" and r["status"] == "ok"]
-    if not trimmed or not storage.is_file(storage.join(target_out, "summary.json")):
-        return
+    if not cells or not storage.is_file(storage.join(target_out, "summary.json")):
+        return {}
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
     texts = [t for f in _outputs(target_out) for t in _completions(f) if t]
     ids = np.concatenate([np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=np.int64) for t in texts] or [np.zeros(0, np.int64)])
     if ids.size == 0:
-        return
+        return {}
+    shares = {}
+    for cell in cells:
+        kept = load(storage.read_bytes(storage.join(head_dir(out, cell), HEAD_FILE)))["token_ids"]
+        shares[cell.name] = float(np.isin(ids, kept).mean())
+    return shares
+
+
+def add_eval_coverage(cfg: SweepConfig, out: str, rows: list[dict]) -> None:
+    """``eval_coverage`` of every trimmed cell that ran, into its row."""
+    trimmed = [r for r in rows if r["kind"] == "trimmed" and r["status"] == "ok"]
+    shares = eval_coverage(cfg, out, [Cell(r["cell"], "trimmed") for r in trimmed])
     for r in trimmed:
-        kept = load(storage.read_bytes(storage.join(head_dir(out, Cell(r["cell"], "trimmed")), HEAD_FILE)))["token_ids"]
-        r["eval_coverage"] = float(np.isin(ids, kept).mean())
+        if r["cell"] in shares:
+            r["eval_coverage"] = shares[r["cell"]]
 
 
 def _outputs(folder: str) -> list[str]:

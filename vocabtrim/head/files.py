@@ -1,0 +1,10 @@
+"""What a head folder holds: its file names and manifest kinds (no heavy imports: the driver reads these)."""
+
+HEAD_FILE = "head.safetensors"
+MANIFEST_FILE = "manifest.json"
+PLOT_FILE = "coverage.png"
+SGLANG_FILE = "sglang_token_map.pt"
+EAGLE_FILE = "eagle_d2t.safetensors"
+SPECFORGE_FILE = "specforge_vocab_mapping.pt"
+MANIFEST_KIND = "vocabtrim-head"
+EAGLE3_MANIFEST_KIND = "vocabtrim-eagle3-head"
