@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -557,11 +558,18 @@ class _OutOfMemoryAbove:
 def _injected_fault(spec: str | None) -> None:
     """Tests only (``GenerateConfig.fault_injection``): ``once:<file>`` fails the first chunk that finds
     ``<file>`` (and removes it), ``always`` fails every chunk, both as a device fault would;
+    ``sigkill-once:<file>``: the worker whose chunk finds ``<file>`` removes it and SIGKILLs its own process;
     ``oom-above:<n>`` makes the engine run out of memory with more than n rows in flight."""
     if not spec:
         return
     if spec == "always":
         raise RuntimeError("injected device fault")
+    if spec.startswith("sigkill-once:"):
+        try:
+            os.remove(spec[len("sigkill-once:"):])
+        except FileNotFoundError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
     if spec.startswith("once:"):
         try:
             os.remove(spec[len("once:"):])
