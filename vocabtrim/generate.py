@@ -43,7 +43,7 @@ from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import RunFailed, UserError, first_line
 from vocabtrim.head.files import HEAD_FILE
-from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, read_chunks
+from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
 from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
@@ -506,14 +506,8 @@ class GenerateWorker:
             compile=c.compile,
         )
         self.tokenizer = tok
-        context = self.engine.context_length or (1 << 62)
-        # A verify pass writes up to gamma + 1 positions past the last generated token.
-        # The same reserve with and without a drafter, so that a row is an error row in both or in neither.
-        fixed = validate.gamma(c.gamma)
-        reserve = c.max_new_tokens + (c.max_gamma if fixed is None else fixed) + 1
-        if reserve >= context:
-            raise UserError(f"--max-new-tokens {c.max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
-        self.max_prompt_tokens = context - reserve
+        self.max_prompt_tokens = max_prompt_tokens(self.engine.context_length or (1 << 62), c.max_new_tokens,
+                                                   validate.gamma(c.gamma), c.max_gamma)
 
     def info(self) -> dict:
         return {"error": self.error}

@@ -32,10 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vocabtrim.engine.scheduler import EngineStats
-
 from vocabtrim import validate
+from vocabtrim.engine.scheduler import EngineStats
 from vocabtrim.errors import UserError
+from vocabtrim.prompts import max_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,4 @@ def load_for_generate(cfg):
         eos_token_ids=eos, max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
         tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
     )
-    context = engine.context_length
-    if cfg.max_new_tokens >= context:
-        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
-    return engine, tokenizer, context - cfg.max_new_tokens
+    return engine, tokenizer, max_prompt_tokens(engine.context_length, cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
