@@ -97,3 +97,16 @@ def gamma(value) -> int | None:
 
 def max_gamma(value: int) -> None:
     between("max_gamma", value, 0, MAX_GAMMA)
+
+
+def trim(top_k: int | None, coverage: float | None, vocab_size: int | None = None) -> None:
+    """How a head is trimmed: exactly one of ``top_k`` (1 to ``vocab_size`` when known) and ``coverage`` (in (0, 1])."""
+    if (top_k is None) == (coverage is None):
+        raise UserError("pass exactly one of --top-k K or --coverage C")
+    if top_k is not None:
+        if vocab_size is None:
+            at_least("top_k", top_k, 1)
+        elif not (_number(top_k) and 1 <= top_k <= vocab_size):
+            raise SettingError("top_k", f"must be between 1 and the drafter's vocabulary size {vocab_size}, got {top_k}")
+    elif not (_number(coverage) and 0 < coverage <= 1):
+        raise SettingError("coverage", f"must be in (0, 1], got {coverage}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vocabtrim import histogram, storage
+from vocabtrim import histogram, storage, validate
 from vocabtrim.errors import UserError
 from vocabtrim.head.export import EXPORTS, write_exports
 from vocabtrim.head.files import EAGLE3_MANIFEST_KIND, MANIFEST_FILE, MANIFEST_KIND, PLOT_FILE
@@ -38,12 +38,7 @@ class BuildHeadConfig:
 
 
 def _check_build_config(config: BuildHeadConfig) -> None:
-    if (config.top_k is None) == (config.coverage is None):
-        raise UserError("pass exactly one of --top-k K or --coverage C")
-    if config.coverage is not None and not 0 < config.coverage <= 1:
-        raise UserError(f"--coverage must be in (0, 1], got {config.coverage}")
-    if config.top_k is not None and config.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {config.top_k}")
+    validate.trim(config.top_k, config.coverage)
     unknown = [e for e in config.export if e not in EXPORTS]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}: use {', '.join(EXPORTS)}")

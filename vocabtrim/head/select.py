@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vocabtrim import histogram
+from vocabtrim import histogram, validate
 from vocabtrim.errors import UserError
 
 
@@ -44,8 +44,7 @@ def select_ids(
     coverage: the smallest K whose most frequent ids cover ``coverage`` of the counted tokens,
               plus any special ids not among them.
     """
-    if (top_k is None) == (coverage is None):
-        raise UserError("pass exactly one of --top-k K or --coverage C")
+    validate.trim(top_k, coverage, vocab_size)
     counts = np.asarray(counts, dtype=np.int64)
     if counts.shape[0] > vocab_size:
         extra = int(np.flatnonzero(counts[vocab_size:])[0] + vocab_size) if counts[vocab_size:].any() else None
@@ -59,8 +58,6 @@ def select_ids(
     special = sorted({int(i) for i in special_ids if 0 <= int(i) < vocab_size})
     ranked = histogram.ranked_ids(counts)
     if top_k is not None:
-        if top_k < 1 or top_k > vocab_size:
-            raise UserError(f"--top-k must be between 1 and the drafter's vocabulary size {vocab_size}, got {top_k}")
         if top_k < len(special):
             raise UserError(f"--top-k {top_k} is smaller than the {len(special)} special tokens that are always kept")
         others = ranked[~np.isin(ranked, special)][: top_k - len(special)]
@@ -68,8 +65,6 @@ def select_ids(
         k_unseen = int(others.shape[0]) - k_frequent
         ids = np.union1d(others, np.asarray(special, dtype=np.int64))
     else:
-        if not 0 < coverage <= 1:
-            raise UserError(f"--coverage must be in (0, 1], got {coverage}")
         cumulative = np.cumsum(counts[ranked]) / total
         k_frequent = min(int(np.searchsorted(cumulative, coverage, side="left")) + 1, int(np.count_nonzero(counts)))
         k_unseen = 0
