@@ -23,8 +23,12 @@ def gqa_sdpa_forward(module, query, key, value, attention_mask, dropout: float =
     """
     if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.ndim != 4:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # From the module's config when it says (a plain bool): under torch.compile with dynamic shapes the head
+    # counts are symbolic, and SDPA refuses a symbolic enable_gqa (a graph break at every layer).
+    groups = getattr(module, "num_key_value_groups", None)
+    gqa = groups > 1 if isinstance(groups, int) else bool(query.shape[1] != key.shape[1])
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa
     )
     return out.transpose(1, 2).contiguous(), None
 
