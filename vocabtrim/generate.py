@@ -558,18 +558,19 @@ def _injected_fault(spec: str | None) -> None:
         return
     if spec == "always":
         raise RuntimeError("injected device fault")
-    if spec.startswith("sigkill-once:"):
-        try:
-            os.remove(spec[len("sigkill-once:"):])
-        except FileNotFoundError:
-            return
+    if spec.startswith("sigkill-once:") and _take_marker(spec[len("sigkill-once:"):]):
         os.kill(os.getpid(), signal.SIGKILL)
-    if spec.startswith("once:"):
-        try:
-            os.remove(spec[len("once:"):])
-        except FileNotFoundError:
-            return
+    if spec.startswith("once:") and _take_marker(spec[len("once:"):]):
         raise RuntimeError("injected device fault (once)")
+
+
+def _take_marker(path: str) -> bool:
+    """Remove the marker file at ``path``: True for the one caller that removed it."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def start_workers(cfg: GenerateConfig):

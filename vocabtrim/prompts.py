@@ -237,6 +237,7 @@ def max_prompt_tokens(context: int, max_new_tokens: int, gamma: int | None, max_
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
     return context - reserve
 
+
 def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] | None, str | None]:
     """Token ids for one prompt value, or the reason the row cannot be generated.
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vocabtrim import validate
 from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Drafter
 from vocabtrim.engine.drafters.causal_lm import attend_length
 from vocabtrim.engine.gamma import GammaController
@@ -45,7 +46,6 @@ from vocabtrim.engine.sampling import (
     verify_exact,
     verify_sampled,
 )
-from vocabtrim import validate
 from vocabtrim.errors import UserError
 
 SAMPLERS = ("gumbel", "rejection")
