@@ -17,6 +17,22 @@ from vocabtrim.engine.heads import Head
 from vocabtrim.errors import UserError
 
 
+STATIC_CAPACITY_STEP = 256  # a compiled runner's cache grows in these steps (each growth compiles again)
+
+
+def pad_rows(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor | None, slots: int):
+    """tokens, positions: [n, m]; start: [n] or None → the same for ``slots`` rows, the rows n.. being
+    padding that writes position 0 of slots holding no row (a row writes every position before it reads
+    it, so nothing reads those writes) and sees only that key."""
+    n, m = tokens.shape
+    pad = slots - n
+    tokens = torch.cat([tokens, tokens.new_zeros(pad, m)])
+    positions = torch.cat([positions, positions.new_zeros(pad, m)])
+    if start is not None:
+        start = torch.cat([start, start.new_zeros(pad)])
+    return tokens, positions, start
+
+
 def base_model(model):
     """The decoder stack without its head (hidden states after the final norm)."""
     base = getattr(model, model.base_model_prefix, None)
@@ -59,19 +75,31 @@ class ModelRunner:
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); vLLM's CPU build pins an older one.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         self.forward_fn = self._forward  # decode and verify steps; ``compile`` swaps in a compiled one
+        self.static = False  # steps at fixed shapes (set by ``compile``)
 
     def compile(self) -> None:
-        """Run decode and verify steps through ``torch.compile`` (CPU inductor; CUDA graphs on a GPU) with
-        dynamic shapes: a graph is compiled for each case of one row / several rows and one position / several
-        positions per row (sizes 1 are specialised), not for each length."""
+        """Run decode and verify steps through ``torch.compile`` (CPU inductor; CUDA graphs on a GPU) at
+        fixed shapes: every step covers all the cache's slots (rows not in flight are padding) and reads
+        all its positions, so the graph depends only on the tokens per row (one graph for 1, one with that
+        size symbolic for the rest) and a graph is compiled again only when the cache grows.
+
+        On a CPU a step's cost grows with its rows, so the padding costs time at a run's tail (when
+        fewer rows than slots are left)."""
         import torch._dynamo
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.forward_fn = torch.compile(self._forward, dynamic=True, mode=mode)
+        self.forward_fn = torch.compile(self._forward, dynamic=None, mode=mode)
+        self.static = True
 
     def allocate(self, slots: int, capacity: int) -> None:
-        if self.cache is None or self.cache.slots != slots or self.cache.capacity < capacity:
+        """A cache of at least ``slots`` rows and ``capacity`` positions (exactly ``slots`` when eager;
+        compiled, it is kept while large enough and grows by ``STATIC_CAPACITY_STEP`` positions)."""
+        if self.static:
+            if self.cache is None or self.cache.slots < slots or self.cache.capacity < capacity:
+                rounded = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+                self.cache = StaticKVCache.for_model(self.model, max(slots, self.cache.slots if self.cache else 0), rounded)
+        elif self.cache is None or self.cache.slots != slots or self.cache.capacity < capacity:
             self.cache = StaticKVCache.for_model(self.model, slots, capacity)
 
     def _forward(self, tokens, positions, mask):
@@ -99,8 +127,15 @@ class ModelRunner:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: int, start: torch.Tensor | None = None):
         """tokens, positions: [n, m] for slots 0..n-1; keys read: positions 0..attend-1 (from start[row]
         on when ``start`` [n] is given). Returns (hidden [n, m, H], features [n, m, F] or None)."""
+        n = tokens.shape[0]
+        if self.static:
+            tokens, positions, start = pad_rows(tokens, positions, start, self.cache.slots)
+            attend = self.cache.capacity
         self.cache.step(tokens.shape[0], positions, attend)
-        return self.forward_fn(tokens, positions, causal_mask(positions, attend, start))
+        hidden, feats = self.forward_fn(tokens, positions, causal_mask(positions, attend, start))
+        if self.static:
+            hidden, feats = hidden[:n], None if feats is None else feats[:n]
+        return hidden, feats
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.cache.move(src, dst)
