@@ -11,8 +11,10 @@ setting in a fresh process (1 compute thread), and reports the range over rounds
   engine's batch occupancy. Completions must be identical (the "same" column).
 - ``auto``: the new engine, target alone against ``--gamma auto`` with the 4-layer truncated drafter
   (and its trimmed head), same prompts and batch.
-- ``compile``: the new engine, eager against ``--compile``, batch 1 and 8, target alone (the compile
-  time is reported apart, not counted in tokens/s).
+- ``compile``: the new engine, eager against ``--compile``, batch 1 and 8, target alone, on 2 × batch
+  prompts and at most 64 new tokens (the compile time is reported apart, not counted in tokens/s).
+- ``compile-bulk``: the same at ``--batch-size`` on all ``--prompts`` × ``--max-new-tokens``, where the
+  slots stay full but for the run's tail.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def run_case(name: str, settings: dict[str, dict], rounds: int, old_tree: str | 
             f"{fmt_range([x.get('occupancy') for x in runs], '.2f')} | {'yes' if same else 'NO'} |"
         )
     warm = {k: [x.get("warmup_s") for x in v] for k, v in results.items() if any(x.get("warmup_s") for x in v)}
-    if name == "compile":
+    if name.startswith("compile"):
         lines += ["", "warm-up seconds (compile included): " + "; ".join(f"{k} {fmt_range(v)}" for k, v in warm.items())]
     return "\n".join(lines)
 
@@ -198,6 +200,11 @@ def main() -> None:
             small = {**common, "engine": "new", "batch_size": b, "prompts": min(args.prompts, 2 * b), "max_new_tokens": min(args.max_new_tokens, 64)}
             print(run_case("compile", {f"eager, batch {b}": small, f"--compile, batch {b}": {**small, "compile": True}},
                            args.rounds, None, f"eager, batch {b}") + "\n")
+    if "compile-bulk" in cases:
+        b = args.batch_size
+        print(run_case("compile-bulk", {f"eager, batch {b}": {**common, "engine": "new"},
+                                        f"--compile, batch {b}": {**common, "engine": "new", "compile": True}},
+                       args.rounds, None, f"eager, batch {b}") + "\n")
 
 
 if __name__ == "__main__":
