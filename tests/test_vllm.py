@@ -179,6 +179,12 @@ def test_trimmed_head_places_the_kept_logits_and_argmaxes_over_them():
         assert torch.equal(head.top_tokens(h), placed.argmax(-1))
         placed.div_(0.7)  # vLLM scales draft logits in place: dropped ids must stay -inf for the next call
     assert bool(torch.isinf(head.place(head(h))[:, [1, 2, 48]]).all())
+    # After loading, the matmul runs through vLLM's CPU GEMM: the same logits, the same argmax.
+    h = torch.randn(4, hidden, generator=g)
+    before, top = head(h), head.top_tokens(h)
+    head.prepare()
+    assert head._linear is not torch.nn.functional.linear
+    assert torch.allclose(head(h), before, atol=1e-4) and torch.equal(head.top_tokens(h), top)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,10 +45,22 @@ class TrimmedLMHead(nn.Module):
         # [rows, V]: -inf everywhere but the K kept columns, which every call overwrites. Allocated once
         # (grown when a call has more rows), so a call writes n*K values instead of filling n*V.
         self._placed: torch.Tensor | None = None
+        self._linear = nn.functional.linear  # (x, weight, bias) -> x @ weight.T + bias; see prepare()
+
+    def prepare(self) -> None:
+        """Once the weights are loaded: on CPU, the matmul through vLLM's own CPU GEMM (oneDNN with the
+        weight packed once, as vLLM does for every linear layer and the target's head); ``F.linear``
+        takes several times longer per row there. Elsewhere ``F.linear`` is what vLLM itself runs."""
+        if self.weight.device.type != "cpu":
+            return
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(self, remove_weight=False)  # sets self.cpu_linear(x, weight, bias)
+        self._linear = self.cpu_linear
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [n, hidden] -> logits on the kept ids [n, K]."""
-        return nn.functional.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)
+        return self._linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)
 
     def place(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [n, K] -> [n, V]: column token_ids[i] holds logits[:, i], every other column -inf.
@@ -118,4 +130,5 @@ class TrimmedHeadLlamaForCausalLM(LlamaForCausalLM):
         missing = {"vocabtrim_head." + n for n in params} - loaded
         if missing:
             raise ValueError(f"the trimmed-head drafter folder lacks {sorted(missing)}")
+        self.vocabtrim_head.prepare()
         return loaded
