@@ -16,6 +16,10 @@ head keeps the K ids the target emits most often on other prompts (disjoint from
 plus the special tokens. tokens/s is measured around ``generate`` after a warm-up call; the native
 engine runs with ``--threads`` torch threads, vLLM with its CPU default (all cores but one).
 
+``--profile`` runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model in this process, no
+engine-core process) and times, per setting, the target's forward, the drafter's forward, the drafter's
+head with its argmax (the proposer's ``_greedy_sample``) and the whole proposal, in ms per target step.
+
 Last: the cost of placing K logits into a vocabulary-wide -inf tensor (what the trimmed-head drafter's
 ``compute_logits`` does), timed alone against the head's own matmul.
 """
@@ -107,6 +111,57 @@ def placement_costs(hidden: int, vocab: int, k: int, rows_list, repeats: int = 2
     return out
 
 
+class StepTimer:
+    """Milliseconds spent in vLLM's model forwards and draft proposer, per setting (``--profile``).
+
+    Wraps methods on vLLM's classes, so vLLM must run in this process. LlamaModel.forward is compiled by
+    vLLM and cannot be wrapped; LlamaForCausalLM.forward (which calls it) is, and its layer count tells the
+    target from the drafter."""
+
+    def __init__(self, target_layers: int):
+        from vllm.model_executor.models import llama
+        from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        self.current = None
+        self.ms: dict = {}
+        self.calls: Counter = Counter()
+
+        def wrap(cls, method, key_of):
+            original = getattr(cls, method)
+
+            def timed_method(obj, *a, **k):
+                start = time.perf_counter()
+                try:
+                    return original(obj, *a, **k)
+                finally:
+                    if self.current is not None:
+                        key = (self.current, key_of(obj))
+                        self.ms[key] = self.ms.get(key, 0.0) + 1000 * (time.perf_counter() - start)
+                        self.calls[key] += 1
+
+            setattr(cls, method, timed_method)
+
+        wrap(llama.LlamaForCausalLM, "forward",
+             lambda m: "target forward" if len(m.model.layers) == target_layers else "drafter forward")
+        wrap(SpecDecodeBaseProposer, "_greedy_sample", lambda _: "drafter head + argmax")
+        wrap(SpecDecodeBaseProposer, "propose", lambda _: "proposal (drafter forwards + heads)")
+        wrap(GPUModelRunner, "execute_model", lambda _: "steps")
+
+    def table(self, settings) -> list[str]:
+        parts = ["target forward", "drafter forward", "drafter head + argmax", "proposal (drafter forwards + heads)"]
+        lines = ["| batch | engine | setting | " + " | ".join(f"{p}, ms/step" for p in parts) + " | drafter calls/step |",
+                 "|---" * (len(parts) + 4) + "|"]
+        for setting in settings:
+            steps = self.calls.get((setting, "steps"), 0)
+            if not steps:
+                continue
+            b, name = setting  # name is "engine | setting"
+            cells = [f"{self.ms.get((setting, p), 0.0) / steps:.1f}" for p in parts]
+            lines.append(f"| {b} | {name} | " + " | ".join(cells) + f" | {self.calls.get((setting, 'drafter forward'), 0) / steps:.1f} |")
+        return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=32)
@@ -119,7 +174,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the native engine")
     ap.add_argument("--engines", default="native,vllm")
+    ap.add_argument("--profile", action="store_true", help="vLLM in-process, with its forwards and proposer timed")
     args = ap.parse_args(argv)
+    if args.profile:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     torch.set_num_threads(args.threads)
 
@@ -154,6 +212,7 @@ def main(argv=None):
     greedy = SamplingParams(temperature=0)
     settings: dict[str, callable] = {}
     closers = []
+    timer = None
     if "native" in engines:
         for name, d, h in (("target alone", None, None), ("drafter, full head", drafter, None),
                            ("drafter, trimmed head", drafter, head)):
@@ -171,6 +230,7 @@ def main(argv=None):
         full_folder = drafter_folder("smollm2-135m", args.drafter_layers)
         trimmed_folder = drafter_folder("smollm2-135m", args.drafter_layers, str(head_dir))
         folder = resolve_model("smollm2-135m")
+        timer = StepTimer(target.config.num_hidden_layers) if args.profile else None
         for name, spec, local_argmax in (
             ("target alone", None, True),
             ("drafter, full head", {"method": "draft_model", "model": full_folder}, True),
@@ -190,7 +250,11 @@ def main(argv=None):
     for r in range(args.rounds):
         for b in batches:
             for name, fn in settings.items():
+                if timer is not None:
+                    timer.current = (b, name)
                 outs, wall = timed(fn, eval_prompts, b)
+                if timer is not None:
+                    timer.current = None
                 res = results.setdefault((b, name), {"seconds": 0.0, "tokens": 0, "proposed": 0, "accepted": 0, "outs": outs})
                 res["seconds"] += wall
                 res["tokens"] += sum(len(o.token_ids) for o in outs)
@@ -219,6 +283,12 @@ def main(argv=None):
         same = sum(o.token_ids == e.token_ids for o, e in zip(res["outs"], base["outs"]))
         print(f"| {b} | {engine} | {setting} | {tps:.1f} | {vs_base:.2f} | {'–' if vs_full is None else f'{vs_full:.2f}'} | "
               f"{'–' if acc is None else f'{acc:.3f}'} | {same}/{len(res['outs'])} |")
+
+    if timer is not None:
+        print()
+        print(f"Where a step's time goes (vLLM in-process; ms per target step over {args.rounds} round(s)):")
+        print()
+        print("\n".join(timer.table(results)))
 
     hidden = target.config.hidden_size
     print()
