@@ -15,6 +15,9 @@ setting in a fresh process (1 compute thread), and reports the range over rounds
   prompts and at most 64 new tokens (the compile time is reported apart, not counted in tokens/s).
 - ``compile-bulk``: the same at ``--batch-size`` on all ``--prompts`` × ``--max-new-tokens``, where the
   slots stay full but for the run's tail.
+- ``gemm``: the new engine at ``--batch-size`` on all ``--prompts``, target alone and with the 4-layer
+  drafter at gamma 4: its CPU matmuls through oneDNN with packed weights (the default) against
+  ``F.linear`` (``VOCABTRIM_PACKED_GEMM=0``).
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def trimmed_ids(pair, tok, k: int) -> list[int]:
 
 def in_process(spec: dict, old_tree: str | None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    if spec.get("packed_gemm") is False:
+        env["VOCABTRIM_PACKED_GEMM"] = "0"
     if spec["engine"] == "old":
         env["PYTHONPATH"] = old_tree
     else:
@@ -205,6 +210,11 @@ def main() -> None:
         print(run_case("compile-bulk", {f"eager, batch {b}": {**common, "engine": "new"},
                                         f"--compile, batch {b}": {**common, "engine": "new", "compile": True}},
                        args.rounds, None, f"eager, batch {b}") + "\n")
+    if "gemm" in cases:
+        for label, extra in (("target alone", {}), ("4-layer drafter, gamma 4", {"drafter_layers": 4, "gamma": 4})):
+            plain = {**common, "engine": "new", **extra, "packed_gemm": False}
+            print(run_case(f"gemm, {label}", {f"F.linear, {label}": plain, f"packed oneDNN, {label}": {**plain, "packed_gemm": True}},
+                           args.rounds, None, f"F.linear, {label}") + "\n")
 
 
 if __name__ == "__main__":

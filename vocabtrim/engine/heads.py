@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from vocabtrim.engine.cpu_gemm import linear_fn
 from vocabtrim.errors import UserError
 
 
@@ -20,10 +21,14 @@ class Head:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     support: torch.Tensor | None = None
+    _linear: object = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self):
+        self._linear = linear_fn(self.weight, self.bias)  # oneDNN with the weight packed, on CPU
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., hidden] → [..., Kq]."""
-        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return self._linear(hidden)
 
     def to_vocab(self, index: torch.Tensor) -> torch.Tensor:
         """Head rows → full-vocabulary ids (one gather for a trimmed head)."""

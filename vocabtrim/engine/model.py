@@ -13,6 +13,7 @@ import torch
 
 from vocabtrim.engine.attention import use_engine_attention
 from vocabtrim.engine.cache import StaticKVCache, causal_mask, prefill_mask
+from vocabtrim.engine.cpu_gemm import pack_linears, unpack_linears
 from vocabtrim.engine.heads import Head
 from vocabtrim.errors import UserError
 
@@ -68,6 +69,7 @@ class ModelRunner:
         use_engine_attention(model)
         self.model = model
         self.base = base_model(model)
+        pack_linears(self.base)  # on CPU, the layers' matmuls through oneDNN with packed weights
         self.head = head
         self.feature_layers = tuple(feature_layers)
         self.device = next(model.parameters()).device
@@ -88,6 +90,7 @@ class ModelRunner:
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        unpack_linears(self.base)  # the layers traced as plain linears
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.forward_fn = torch.compile(self._forward, dynamic=None, mode=mode)
         self.static = True

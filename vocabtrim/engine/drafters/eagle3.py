@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from vocabtrim import eagle3 as e3
+from vocabtrim.engine.cpu_gemm import pack_linears
 from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Proposal
 
 
@@ -27,6 +28,7 @@ class Eagle3Drafter:
 
     def __init__(self, model: e3.Eagle3Model, target_layers: int):
         self.model = model
+        pack_linears(model)  # on CPU, its matmuls through oneDNN with packed weights
         self.device = model.fc.weight.device
         self.support = model.token_ids.to(self.device)
         self.feature_layers = tuple(model.feature_layers(target_layers))
