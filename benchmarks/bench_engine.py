@@ -17,7 +17,8 @@ setting in a fresh process (1 compute thread), and reports the range over rounds
   slots stay full but for the run's tail.
 - ``gemm``: the new engine at ``--batch-size`` on all ``--prompts``, target alone and with the 4-layer
   drafter at gamma 4: its CPU matmuls through oneDNN with packed weights (the default) against
-  ``F.linear`` (``VOCABTRIM_PACKED_GEMM=0``).
+  ``F.linear`` (``VOCABTRIM_PACKED_GEMM=0``); then each of the model's matmul shapes alone, ms per product
+  at 1, 8 and 40 rows (1 thread).
 """
 
 from __future__ import annotations
@@ -120,6 +121,41 @@ def trimmed_ids(pair, tok, k: int) -> list[int]:
     return sorted(set(ids) | set(special_token_ids(tok)))[: max(k, len(special_token_ids(tok)))]
 
 
+def gemm_shapes_table(threads: int, rows_list=(1, 8, 40), repeats: int = 30) -> str:
+    """F.linear against the packed product on each distinct linear shape of the bundled model (one decoder
+    layer and the LM head), ms per product."""
+    import torch
+
+    from vocabtrim.engine.cpu_gemm import PackedLinear
+    from vocabtrim.models import load_pair
+
+    torch.set_num_threads(threads)
+    target = load_pair("smollm2-135m", dtype="float32", device="cpu", need_drafter=False).target
+    shapes = {}
+    for name, m in list(target.model.layers[0].named_modules()) + [("lm_head", target.get_output_embeddings())]:
+        if isinstance(m, torch.nn.Linear):
+            shapes.setdefault((m.in_features, m.out_features), []).append(name.split(".")[-1])
+
+    def ms(fn):
+        fn(), fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1000 * (time.perf_counter() - start) / repeats
+
+    lines = [f"### gemm, one product alone ({threads} thread)", "",
+             "| layers | in → out | rows | F.linear, ms | packed, ms | speed-up |", "|---|---|---|---|---|---|"]
+    with torch.inference_mode():
+        for (i, o), names in shapes.items():
+            w = torch.randn(o, i)
+            packed = PackedLinear(w, None)
+            for rows in rows_list:
+                x = torch.randn(rows, i)
+                plain, fast = ms(lambda: torch.nn.functional.linear(x, w)), ms(lambda: packed(x))
+                lines.append(f"| {', '.join(names)} | {i} → {o} | {rows} | {plain:.3f} | {fast:.3f} | {plain / fast:.2f}× |")
+    return "\n".join(lines)
+
+
 def in_process(spec: dict, old_tree: str | None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     if spec.get("packed_gemm") is False:
@@ -215,6 +251,7 @@ def main() -> None:
             plain = {**common, "engine": "new", **extra, "packed_gemm": False}
             print(run_case(f"gemm, {label}", {f"F.linear, {label}": plain, f"packed oneDNN, {label}": {**plain, "packed_gemm": True}},
                            args.rounds, None, f"F.linear, {label}") + "\n")
+        print(gemm_shapes_table(args.threads) + "\n")
 
 
 if __name__ == "__main__":
