@@ -126,6 +126,7 @@ def gemm_shapes_table(threads: int, rows_list=(1, 8, 40), repeats: int = 30) -> 
     layer and the LM head), ms per product."""
     import torch
 
+    sys.path.insert(0, os.path.dirname(HERE))  # this checkout's vocabtrim, as the settings' processes use
     from vocabtrim.engine.cpu_gemm import PackedLinear
     from vocabtrim.models import load_pair
 
