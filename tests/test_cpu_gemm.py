@@ -17,7 +17,7 @@ from tiny import make_model
 pytestmark = pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="this torch has no oneDNN")
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (8, 64), (2, 5, 64), (40, 64)])
+@pytest.mark.parametrize("shape", [(2, 64), (8, 64), (2, 5, 64), (40, 64)])
 def test_packed_products_equal_f_linear(shape):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(*shape)
@@ -70,3 +70,15 @@ def test_the_engine_runs_its_float32_models_through_the_packed_weights():
     routed = [m.__dict__["forward"] for m in target.model.modules() if "forward" in m.__dict__]
     assert routed and all(f.linear.packed is not None for f in routed)
     assert engine.target.head._linear.packed is not None
+
+
+def test_one_row_runs_f_linear_on_small_weights_and_packed_on_large_ones():
+    torch.manual_seed(0)
+    small, large = linear_fn(torch.randn(96, 64), None), linear_fn(torch.randn(1 << 15, 128), None)
+    with torch.inference_mode():
+        x = torch.randn(1, 1, 64)
+        assert torch.equal(small(x), nn.functional.linear(x, small.weight))
+        assert small.packed is None  # nothing packed for a batch-1 step's small layers
+        y = torch.randn(1, 128)
+        torch.testing.assert_close(large(y), nn.functional.linear(y, large.weight), rtol=1e-5, atol=1e-4)
+        assert large.packed is not None

@@ -23,8 +23,13 @@ from torch import nn
 # The row count oneDNN chooses the packed layout for (any row count then runs on it).
 PACK_ROWS = 8
 # One row (a batch-1 decode step) times a weight smaller than this runs F.linear: there the packed
-# product measured 0.4-0.9x (the bundled model's layers), against 1.4x on its 28M-element head.
+# product measured 0.4-0.9x (the bundled model's layers), against 1.2-1.4x on its 28M-element head.
 SINGLE_ROW_MIN_WEIGHT = 1 << 22
+
+
+def plain_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of x times a weight under ``SINGLE_ROW_MIN_WEIGHT`` elements."""
+    return x.numel() == x.shape[-1] and weight.numel() < SINGLE_ROW_MIN_WEIGHT
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -54,13 +59,14 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if torch.is_grad_enabled() or not x.is_cpu or x.dtype != w.dtype or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() or not x.is_cpu or x.dtype != w.dtype or torch.compiler.is_compiling()
+                or plain_is_faster(x, w)):
             return nn.functional.linear(x, w, self.bias)
         key = (w.data_ptr(), w.dtype, 0 if w.is_inference() else w._version)  # inference tensors never change
         if self.key != key:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS) if packable(w) else None
             self.key = key
-        if self.packed is None or (x.numel() == x.shape[-1] and w.numel() < SINGLE_ROW_MIN_WEIGHT):
+        if self.packed is None:
             return nn.functional.linear(x, w, self.bias)
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
@@ -102,7 +108,7 @@ class _LinearForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m, lin = self.module, self.linear
-        if x.numel() == x.shape[-1] and m.weight.numel() < SINGLE_ROW_MIN_WEIGHT:
+        if plain_is_faster(x, m.weight):
             return nn.functional.linear(x, m.weight, m.bias)  # without PackedLinear's checks
         if lin.weight is not m.weight or lin.bias is not m.bias:
             self.linear = lin = PackedLinear(m.weight, m.bias)
