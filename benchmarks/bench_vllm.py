@@ -64,8 +64,6 @@ def top_k_ids(counts: Counter, k: int, vocab: int, specials) -> list[int]:
     return sorted(set(ranked[:k]) | set(specials))
 
 
-
-
 def timed(fn, prompts, batch):
     """Run ``fn(chunk, seeds)`` over ``prompts`` in batches; returns (outputs, seconds)."""
     outs = []
