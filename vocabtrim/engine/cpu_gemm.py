@@ -3,14 +3,13 @@
 A decode or verify step multiplies a few rows (1 to batch x (gamma + 1)) by every weight of the model.
 On a CPU, ``F.linear`` does that with the weight as stored; oneDNN with the weight reordered once into
 its blocked layout (what PyTorch's inductor does when it freezes a model, and vLLM's CPU build for every
-linear layer) is 1.3-1.5x faster at 8 rows on the bundled model's layer shapes (0.8x on its small key and value
-projections) and 2.6x on its 49,152-row
-head (``benchmarks/bench_engine.py --cases gemm``). The packed copy is made once per weight and costs
-the weight's size again in memory.
+linear layer) is 1.3-1.5x faster at 8 rows on the bundled model's layer shapes (0.8x on its small key
+and value projections) and 2.6x on its 49,152-row head (``benchmarks/bench_engine.py --cases gemm``).
+The packed copy is made once per weight and costs the weight's size again in memory.
 
 ``VOCABTRIM_PACKED_GEMM=0`` turns it off (``F.linear`` everywhere, no packed copies). Only forward
-passes without autograd use it: under ``torch.compile`` (traced as plain linears) or with
-gradients on, ``F.linear`` runs as before. A weight changed in place after packing is packed again.
+passes without autograd use it: under ``torch.compile`` (traced as plain linears) or with gradients on,
+``F.linear`` runs as before. A weight changed in place after packing is packed again.
 """
 
 from __future__ import annotations
