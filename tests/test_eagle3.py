@@ -404,6 +404,27 @@ def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokeni
     assert "larger than the drafter's draft vocabulary of " in err and err.count("\n") == 1
 
 
+def test_widen_gives_the_same_drafter_a_full_vocabulary_head_and_retrim_undoes_it(tiny, tmp_path):
+    """The full-vocabulary head of the trimmed-vs-full comparison: the drafter's own rows at its draft ids, the
+    target's rows elsewhere; on its draft ids its logits are the trimmed drafter's; retrim gives it back."""
+    drafter = load_for(tiny, write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"]))
+    target_head = tiny["target"].lm_head.weight
+    wide = e3.widen(drafter, target_head)
+    V, ids = tiny["V"], drafter.token_ids
+    assert wide.config.draft_vocab_size == V and torch.equal(wide.token_ids, torch.arange(V)) and bool(wide.t2d.all())
+    others = torch.ones(V, dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(wide.lm_head.weight[ids], drafter.lm_head.weight)
+    assert torch.equal(wide.lm_head.weight[others], target_head[others].to(wide.lm_head.weight.dtype))
+    h = torch.randn(2, 3, drafter.config.hidden_size)
+    assert torch.allclose(e3.logits(wide, h)[..., ids], e3.logits(drafter, h), atol=1e-6)
+    back = e3.retrim(wide, ids)
+    for k, v in drafter.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(UserError):
+        e3.widen(drafter, target_head[:-1])
+
+
 def test_specforge_export_of_a_plain_head(tmp_path):
     from vocabtrim.head.export import export_specforge
 

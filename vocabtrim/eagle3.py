@@ -570,3 +570,27 @@ def retrim(model: Eagle3Model, keep: torch.Tensor) -> Eagle3Model:
     new.eval()
     new.requires_grad_(False)
     return new
+
+
+def widen(model: Eagle3Model, target_head: torch.Tensor) -> Eagle3Model:
+    """The same drafter with a full-vocabulary head: ``lm_head`` [V, hidden] is ``target_head`` (the target's
+    LM head, [V, hidden]) with the drafter's own rows at its draft ids; ``d2t`` all zeros, ``t2d`` all true.
+    The inverse of ``retrim`` on the drafter's draft ids; every other tensor copied."""
+    V = model.config.vocab_size
+    if tuple(target_head.shape) != (V, model.config.hidden_size):
+        raise UserError(f"the target's head is {list(target_head.shape)}, the drafter needs [{V}, {model.config.hidden_size}]")
+    config = Eagle3Config.from_dict({**model.config.raw, "draft_vocab_size": V})
+    new = Eagle3Model(config, with_embedding=model.embed_tokens is not None)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    head = target_head.detach().to("cpu", state["lm_head.weight"].dtype).clone()
+    head[model.token_ids.cpu()] = state["lm_head.weight"]
+    state["lm_head.weight"] = head
+    state["d2t"] = torch.zeros(V, dtype=torch.int64)
+    state["t2d"] = torch.ones(V, dtype=torch.bool)
+    new.to(model.fc.weight.dtype)
+    new.load_state_dict(state, strict=True)
+    new.to(model.fc.weight.device)
+    new.set_embedding(model._target_embedding)
+    new.eval()
+    new.requires_grad_(False)
+    return new
