@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +44,8 @@ def test_table_compares_against_target_alone():
     said = gamma_lines(rows, "auto")
     assert any("drafter, full head: 0.50x the target alone; auto gamma drafted on 25% of the steps" in s for s in said)
     assert gamma_lines(rows, 4) == ["gamma fixed at 4 draft tokens per step."]
+    with_eagle3 = table_rows({"target": summary(20.0), "full": summary(10.0), "trimmed": summary(15.0), "eagle3": summary(30.0, 0.6, 2.2, 2.0, [0, 5])})
+    assert with_eagle3[3].setting == "EAGLE-3 drafter" and with_eagle3[3].speedup == 1.5 and with_eagle3[3].drafted == 1.0
 
 
 def test_prompt_split_is_disjoint_and_cut_into_rounds(tmp_path):
@@ -66,34 +69,46 @@ def test_rounds_rotate_the_order_and_report_ranges_and_ratios_within_a_round():
     first, second = format_rounds(figures)
     assert "over 2 interleaved rounds" in first and "target alone 36.0–40.0" in first and "trimmed 20.0–30.0" in first
     assert "tokens/s 1.50–2.00x" in second and "drafter step 2.20–3.00x cheaper" in second
+    figures["eagle3"] = {"tokens_per_second": [60.0, 36.0], "drafter_step_ms": [3.0, 4.0]}
+    third = format_rounds(figures)[2]
+    assert third == "EAGLE-3 drafter: tokens/s 36.0–60.0, drafter step ms 3.0–4.0; against the target alone within each round 1.00–1.50x"
 
 
 def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
-    """The whole demo in process on the tiny target (drafter: its first layer): greedy outputs match, each
-    setting is measured in every round, and the temporary working folder is gone at the end."""
+    """The whole demo in process on the tiny target (drafter: its first layer; and a random EAGLE-3 drafter in
+    SpecForge's layout as the fourth setting): greedy outputs match, each setting is measured in every round,
+    and the temporary working folder is gone at the end."""
     import ray
+    from transformers import AutoConfig
+
+    from tiny import write_specforge_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_pair_dirs[0])
+    eagle3 = write_specforge_checkpoint(tmp_path / "eagle3", SimpleNamespace(config=config), range(0, config.vocab_size, 2))
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vt", dir="/tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     try:
         lines = []
         result = run_demo(
-            DemoConfig.quick(model=tiny_pair_dirs[0], drafter_layers=1, top_k=64, eval_prompts=8, batch_size=4, progress=False),
+            DemoConfig.quick(model=tiny_pair_dirs[0], drafter_layers=1, eagle3=str(eagle3), top_k=64, eval_prompts=8, batch_size=4,
+                             progress=False),
             echo=lines.append,
         )
     finally:
         ray.shutdown()
     assert result["out"].startswith(str(tmp_path)) and not os.path.exists(result["out"])
     assert not any(name.startswith("vocabtrim-demo-") for name in os.listdir(tmp_path))
-    assert all(len(result["rounds"][k]["tokens_per_second"]) == 2 for k in ("target", "full", "trimmed"))
+    assert all(len(result["rounds"][k]["tokens_per_second"]) == 2 for k in ("target", "full", "trimmed", "eagle3"))
     assert "deleted at the end" in lines[0] and not any(line.startswith("kept in") for line in lines)
     assert result["head"]["k"] == 64
-    assert result["identical"] == {"full": (8, 8), "trimmed": (8, 8)}
+    assert result["identical"] == {"full": (8, 8), "trimmed": (8, 8), "eagle3": (8, 8)}
     s = result["summaries"]
     assert s["target"]["rows"] == 8 and s["target"]["errored_rows"] == 0 and s["trimmed"]["settings"]["head_sha256"]
     table = "\n".join(lines)
-    assert "drafter, trimmed head" in table and "identical to the target's own: full head 8/8, trimmed head 8/8" in table
-    assert [r.setting for r in result["rows"]] == ["target alone", "drafter, full head", "drafter, trimmed head"]
+    assert "drafter, trimmed head" in table and "identical to the target's own: full head 8/8, trimmed head 8/8, EAGLE-3 8/8" in table
+    assert [r.setting for r in result["rows"]] == ["target alone", "drafter, full head", "drafter, trimmed head", "EAGLE-3 drafter"]
+    assert s["eagle3"]["draft_proposed"] > 0 and "EAGLE-3 drafter: tokens/s" in table and "a draft vocabulary of" in table
 
 
 @pytest.mark.bundled

@@ -10,69 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tiny import make_model, make_tokenizer, save_model
+from tiny import make_model, make_tokenizer, save_model, write_specforge_checkpoint
 from vocabtrim import eagle3 as e3
 from vocabtrim.errors import UserError
-
-# ---------------------------------------------------------------------------------------------
-# A random-weight checkpoint in SpecForge's exact layout (written by hand, not by our saver)
-# ---------------------------------------------------------------------------------------------
-
-
-def write_specforge_checkpoint(
-    folder: Path, target, draft_ids, *, seed: int = 0, with_embedding: bool = False, std: float = 0.2,
-    target_hidden: int | None = None, t2d_len: int | None = None, d2t=None, shuffle: bool = False,
-) -> Path:
-    """config.json + model.safetensors as SpecForge's ``LlamaForCausalLMEagle3`` saves them."""
-    t = target.config
-    H, V = t.hidden_size, t.vocab_size
-    heads, kv = t.num_attention_heads, t.num_key_value_heads
-    hd = H // heads
-    inter = t.intermediate_size
-    Ht = target_hidden or H
-    ids = torch.as_tensor(sorted(draft_ids), dtype=torch.int64)
-    if shuffle:
-        ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))]
-    K = ids.numel()
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * std
-
-    tensors = {
-        "midlayer.self_attn.q_proj.weight": r(heads * hd, 2 * H),
-        "midlayer.self_attn.k_proj.weight": r(kv * hd, 2 * H),
-        "midlayer.self_attn.v_proj.weight": r(kv * hd, 2 * H),
-        "midlayer.self_attn.o_proj.weight": r(H, heads * hd),
-        "midlayer.mlp.gate_proj.weight": r(inter, H),
-        "midlayer.mlp.up_proj.weight": r(inter, H),
-        "midlayer.mlp.down_proj.weight": r(H, inter),
-        "midlayer.input_layernorm.weight": 1 + r(H),
-        "midlayer.hidden_norm.weight": 1 + r(H),
-        "midlayer.post_attention_layernorm.weight": 1 + r(H),
-        "fc.weight": r(H, 3 * Ht),
-        "norm.weight": 1 + r(H),
-        "lm_head.weight": r(K, H) * 10,
-        "d2t": (ids - torch.arange(K)) if d2t is None else torch.as_tensor(d2t, dtype=torch.int64),
-    }
-    t2d = torch.zeros(t2d_len or V, dtype=torch.bool)
-    t2d[ids[ids < t2d.numel()]] = True
-    tensors["t2d"] = t2d
-    if with_embedding:
-        tensors["embed_tokens.weight"] = r(V, H)
-    config = {
-        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": H, "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "max_position_embeddings": 256, "rope_theta": 10000.0,
-        "vocab_size": V, "draft_vocab_size": K, "tie_word_embeddings": False, "torch_dtype": "float32",
-    }
-    if target_hidden:
-        config["target_hidden_size"] = target_hidden
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -219,3 +219,46 @@ def test_every_input_and_output_on_s3(ray_local, s3, config, monkeypatch, capsys
     monkeypatch.setattr(generate, "run_generate", gen)
     assert cli.main(argv) == 0
     assert gen.outs == []
+
+
+def test_a_sweep_of_an_eagle3_drafter(ray_local, config, tmp_path, capsys):
+    """An EAGLE-3 drafter sweeps like any other: its trimmed cells are re-trimmed EAGLE-3 folders (ids inside its
+    draft vocabulary), its full cell the same drafter with a full-vocabulary head; greedy outputs of every cell are
+    the target's; 'drafter' as a source and a K above its draft vocabulary are refused in one line."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoConfig
+
+    from tiny import write_specforge_checkpoint
+    from vocabtrim import eagle3 as e3
+
+    tcfg = AutoConfig.from_pretrained(config.target)
+    V = tcfg.vocab_size
+    folder = write_specforge_checkpoint(tmp_path / "eagle3", type("T", (), {"config": tcfg})(), range(0, V, 2))
+    cfg = dataclasses.replace(config, drafter=str(folder), k=[16, 64, None], sources=["target"], temperature=0.0,
+                              out=str(tmp_path / "sweep"))
+    result = run_sweep(cfg)
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert set(rows) == {"target", "full", "target-k16", "target-k64"}
+    assert [r["error"] for r in rows.values() if r["status"] != "ok"] == []
+    assert rows["full"]["k"] == V and rows["target-k16"]["k"] == 16
+    heads = tmp_path / "sweep" / "heads"
+    k16 = e3.load_eagle3(heads / "target-k16")
+    assert k16.config.draft_vocab_size == 16 and bool((k16.token_ids % 2 == 0).all())  # inside the drafter's ids
+    full = e3.load_eagle3(heads / "full")
+    assert full.config.draft_vocab_size == V and torch.equal(full.token_ids, torch.arange(V))
+    alone = [r for p in sorted((tmp_path / "sweep" / "gen" / "target").glob("*.parquet")) for r in pq.read_table(p).column("completion").to_pylist()]
+    for cell in ("full", "target-k16", "target-k64"):
+        got = [r for p in sorted((tmp_path / "sweep" / "gen" / cell).glob("*.parquet")) for r in pq.read_table(p).column("completion").to_pylist()]
+        assert got == alone, cell
+    assert rows["target-k16"]["param_ratio"] < rows["full"]["param_ratio"]
+
+    args = ["sweep", "--target", cfg.target, "--drafter", str(folder), "--corpus", *cfg.corpus, "--prompts", *cfg.prompts,
+            "--out", str(tmp_path / "cli")]
+    assert cli.main(args + ["--sources", "corpus,drafter"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--sources drafter does not apply to an EAGLE-3 drafter" in err
+    assert cli.main(args + ["--k", f"{V // 2 + 1}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"exceeds the EAGLE-3 drafter's draft vocabulary of {V // 2:,}" in err

@@ -9,8 +9,9 @@ The demo is a preset of the sweep (``preset``): three of its cells, each run by 
 2. calibrate: count the tokens the *target* generates from the calibration prompts.
 3. build-head: keep the top-K ids of that histogram; the trimmed head is the drafter's LM-head rows for them.
 4. generate on the evaluation prompts with the same batching in three cells: target alone, drafter
-   with its full head, drafter with the trimmed head. The evaluation prompts are cut into ``rounds``
-   files; each round generates one file in all three cells, in an order that rotates from round to
+   with its full head, drafter with the trimmed head; and a fourth with the shipped EAGLE-3 drafter
+   (``eagle3``, its own trimmed draft vocabulary). The evaluation prompts are cut into ``rounds``
+   files; each round generates one file in every cell, in an order that rotates from round to
    round, so that drift in the machine's speed hits every cell alike. Each cell's folder gains one
    output per round (``generate`` resumes: earlier files are skipped), and its summary covers them all.
    Per-round figures come from each output file's own statistics.
@@ -20,11 +21,13 @@ drafter), so it rarely agrees with the target. With ``--gamma auto`` (the defaul
 on few steps and runs the target alone on the rest; the table's "drafted steps" column says how many,
 and a line under it says so for every drafter setting not faster than the target alone. What the table
 shows besides is the trimmed head's gain over the full head: on a drafter this small the LM head is most
-of each drafter step, and trimming it makes every step cheaper at (almost) the same acceptance.
+of each drafter step, and trimming it makes every step cheaper at (almost) the same acceptance. The
+EAGLE-3 row is the trained drafter against the target alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -34,7 +37,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from vocabtrim.errors import UserError
-from vocabtrim.sweep.cells import SweepConfig, plan_cells
+from vocabtrim.sweep.cells import Cell, SweepConfig, plan_cells
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.parquet"
 
@@ -46,6 +49,7 @@ class DemoConfig:
     out: str | None = None  # None: a new temporary folder, deleted at the end
     model: str = "smollm2-135m"
     drafter_layers: int = 4
+    eagle3: str | None = None  # an EAGLE-3 drafter of the target, shown beside the others (None: not shown)
     calibration_prompts: int = 96
     calibration_new_tokens: int = 48
     eval_prompts: int = 32
@@ -101,11 +105,13 @@ def split_prompts(out: Path, calibration: int, evaluation: int, rounds: int = 1)
 
 
 def table_rows(summaries: dict[str, dict]) -> list[Row]:
-    """Rows for the table from the three ``generate`` summaries (keys: target, full, trimmed)."""
+    """Rows for the table from the ``generate`` summaries (keys: target, full, trimmed and, when shown, eagle3)."""
     base = summaries["target"]["tokens_per_engine_second"]
-    labels = {"target": "target alone", "full": "drafter, full head", "trimmed": "drafter, trimmed head"}
+    labels = {"target": "target alone", "full": "drafter, full head", "trimmed": "drafter, trimmed head", "eagle3": "EAGLE-3 drafter"}
     rows = []
     for key, label in labels.items():
+        if key not in summaries:
+            continue
         s = summaries[key]
         tps = s["tokens_per_engine_second"]
         gammas = s.get("gamma_histogram") or []
@@ -189,17 +195,32 @@ def _span(values: list[float], spec: str) -> str:
 
 
 def format_rounds(figures: dict[str, dict[str, list[float]]]) -> list[str]:
-    """Lines giving each figure's range over the rounds, and the trimmed/full ratio measured within each round."""
+    """Lines giving each figure's range over the rounds, the trimmed/full ratio measured within each round and,
+    when the EAGLE-3 drafter is shown, its ratio to the target alone within each round."""
     rounds = len(figures["target"]["tokens_per_second"])
     full, trimmed = figures["full"], figures["trimmed"]
     ratio = [t / f for t, f in zip(trimmed["tokens_per_second"], full["tokens_per_second"]) if f]
     step = [f / t for f, t in zip(full["drafter_step_ms"], trimmed["drafter_step_ms"]) if t]
-    return [
+    lines = [
         f"over {rounds} interleaved rounds (lowest–highest round): tokens/s target alone {_span(figures['target']['tokens_per_second'], '.1f')}, "
         f"full head {_span(full['tokens_per_second'], '.1f')}, trimmed head {_span(trimmed['tokens_per_second'], '.1f')}; "
         f"drafter step ms full {_span(full['drafter_step_ms'], '.1f')}, trimmed {_span(trimmed['drafter_step_ms'], '.1f')}",
         f"trimmed vs full head within each round: tokens/s {_span(ratio, '.2f')}x, drafter step {_span(step, '.2f')}x cheaper",
     ]
+    if "eagle3" in figures:
+        e, base = figures["eagle3"], figures["target"]["tokens_per_second"]
+        vs = [x / b for x, b in zip(e["tokens_per_second"], base) if b]
+        lines.append(f"EAGLE-3 drafter: tokens/s {_span(e['tokens_per_second'], '.1f')}, drafter step ms {_span(e['drafter_step_ms'], '.1f')}; "
+                     f"against the target alone within each round {_span(vs, '.2f')}x")
+    return lines
+
+
+def _draft_vocab_size(eagle3: str) -> int | None:
+    import json
+
+    from vocabtrim.models import eagle3_folder
+
+    return json.loads((Path(eagle3_folder(eagle3)) / "config.json").read_text()).get("draft_vocab_size")
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
@@ -244,11 +265,16 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     where = f"working folder {out}" if cfg.out else "working in a temporary folder, deleted at the end (--out DIR keeps it)"
-    echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers; {where}")
+    also = f" and the EAGLE-3 drafter {cfg.eagle3}" if cfg.eagle3 else ""
+    echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers{also}; {where}")
     cal_prompts, eval_files = split_prompts(out, cfg.calibration_prompts, cfg.eval_prompts, cfg.rounds)
     names = [p.name for p in eval_files]
     sweep = preset(cfg, out, cal_prompts, eval_files)
     cells = {cell.kind: cell for cell in plan_cells(sweep.k, sweep.sources)}  # target, full, trimmed
+    sweeps = {key: sweep for key in cells}
+    if cfg.eagle3:  # the EAGLE-3 drafter as it ships: its own draft vocabulary, no --head
+        cells["eagle3"] = Cell(name="eagle3", kind="own")
+        sweeps["eagle3"] = dataclasses.replace(sweep, drafter=cfg.eagle3, drafter_layers=None)
     init_ray(cfg.address)
     timings = {}
 
@@ -262,7 +288,8 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     head = ensure_head(sweep, str(out), cells["trimmed"])
     timings["build-head"] = time.perf_counter() - t
 
-    what = {"target": "target alone", "full": "drafter with its full head", "trimmed": f"drafter with the K={head['k']} head"}
+    what = {"target": "target alone", "full": "drafter with its full head", "trimmed": f"drafter with the K={head['k']} head",
+            "eagle3": "the EAGLE-3 drafter"}
     summaries = {}
     t = time.perf_counter()
     for r in range(cfg.rounds):
@@ -270,19 +297,18 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
         echo(f"[3/3] generate, round {r + 1}/{cfg.rounds} ({names[r]}, batch {cfg.batch_size}, {cfg.max_new_tokens} tokens each): "
              + ", then ".join(what[k] for k in order))
         for key in order:
-            summaries[key] = generate_cell(sweep, str(out), cells[key], prompts=sweep.prompts[: r + 1])
+            summaries[key] = generate_cell(sweeps[key], str(out), cells[key], prompts=sweep.prompts[: r + 1])
     timings["generate"] = time.perf_counter() - t
 
     folders = {k: Path(gen_dir(str(out), cell)) for k, cell in cells.items()}
     rows = table_rows(summaries)
     figures = per_round(folders, names)
     lines = [format_table(rows), *format_rounds(figures)]
-    same = {k: identical_rows(folders["target"], folders[k], names) for k in ("full", "trimmed")}
+    same = {k: identical_rows(folders["target"], folders[k], names) for k in cells if k != "target"}
     if cfg.temperature == 0:
-        lines.append(
-            f"greedy: completions identical to the target's own: full head {same['full'][0]}/{same['full'][1]}, "
-            f"trimmed head {same['trimmed'][0]}/{same['trimmed'][1]} rows"
-        )
+        shown = {"full": "full head", "trimmed": "trimmed head", "eagle3": "EAGLE-3"}
+        lines.append("greedy: completions identical to the target's own: "
+                     + ", ".join(f"{shown[k]} {a}/{n}" for k, (a, n) in same.items()) + " rows")
     covered = eval_coverage(sweep, str(out), [cells["trimmed"]]).get(cells["trimmed"].name)
     lines.append(f"head: {describe_kept(head)}.")
     if unseen_warning(head):
@@ -295,9 +321,13 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     lines += [
         "tokens/s is decoding throughput inside the engine (model loading and Ray start excluded).",
         *gamma_lines(rows, cfg.gamma),
-        f"The drafter is an untrained {cfg.drafter_layers}-layer truncation of the 135M target: it rarely agrees with the "
+        f"The drafter is an untrained {cfg.drafter_layers}-layer truncation of the target: it rarely agrees with the "
         "target; compare the trimmed head with the full head.",
     ]
+    if cfg.eagle3:
+        K = _draft_vocab_size(cfg.eagle3)
+        lines.append(f"The EAGLE-3 drafter {cfg.eagle3} is trained for the target (one layer reading its hidden states"
+                     + (f", a draft vocabulary of {K:,} ids" if K else "") + "; docs/eagle3.md).")
     echo("")
     for line in lines:
         echo(line)

@@ -18,12 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="working folder, kept at the end (default: a temporary folder, deleted at the end)")
     parser.add_argument("--model", default=full.model, help="target model; the drafter is its first --drafter-layers layers")
     parser.add_argument("--drafter-layers", type=int, default=None, help=f"layers of the drafter {sizes('drafter_layers')}")
+    parser.add_argument("--eagle3", default=None, metavar="DRAFTER",
+                        help=f"an EAGLE-3 drafter of the target, shown as a fourth setting; 'none' leaves it out "
+                             f"(default: {full.eagle3} with the default --model, none with another)")
     parser.add_argument("--top-k", type=int, default=None, help=f"kept ids in the trimmed head {sizes('top_k')}")
     parser.add_argument("--gamma", default=None, help=f"draft tokens per step: auto or a number {sizes('gamma')}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"rows decoded together {sizes('batch_size')}")
     parser.add_argument("--eval-prompts", type=int, default=None, help=f"prompts to generate for {sizes('eval_prompts')}")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens per evaluation prompt {sizes('max_new_tokens')}")
-    parser.add_argument("--rounds", type=int, default=None, help=f"the evaluation prompts in this many rounds, the three settings interleaved in each {sizes('rounds')}")
+    parser.add_argument("--rounds", type=int, default=None, help=f"the evaluation prompts in this many rounds, the settings interleaved in each {sizes('rounds')}")
     parser.add_argument("--temperature", type=float, default=None, help=f"0: greedy, outputs comparable row by row {sizes('temperature')}")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
@@ -46,7 +49,11 @@ def main(args) -> int:
         }.items()
         if v is not None
     }
-    common = dict(out=args.out, model=args.model, address=args.address, progress=not args.no_progress)
+    if args.eagle3 is not None:
+        eagle3 = None if args.eagle3.lower() == "none" else args.eagle3
+    else:
+        eagle3 = DemoConfig.eagle3 if args.model == DemoConfig.model else None
+    common = dict(out=args.out, model=args.model, eagle3=eagle3, address=args.address, progress=not args.no_progress)
     cfg = DemoConfig.quick(**common, **overrides) if args.quick else DemoConfig(**common, **overrides)
     run_demo(cfg)
     return 0

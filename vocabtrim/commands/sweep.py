@@ -8,6 +8,7 @@ from vocabtrim.commands.common import add_model_arguments, add_ray_arguments
 
 DEFAULT_K = "1024,2048,4096,8192,16384,full"
 DEFAULT_SOURCES = "corpus,drafter,target"
+EAGLE3_SOURCES = "corpus,target"  # an EAGLE-3 drafter cannot generate alone
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", default="prompt", help="a string, or a list of {role, content} messages")
     parser.add_argument("--id-column", default="id", help="the prompts' id column")
     parser.add_argument("--k", default=DEFAULT_K, help=f"kept head rows to sweep, comma-separated; 'full' = the whole head (default {DEFAULT_K})")
-    parser.add_argument("--sources", default=DEFAULT_SOURCES, help=f"calibration sources, comma-separated (default {DEFAULT_SOURCES})")
+    parser.add_argument("--sources", default=None,
+                        help=f"calibration sources, comma-separated (default {DEFAULT_SOURCES}; {EAGLE3_SOURCES} for an EAGLE-3 drafter)")
     parser.add_argument("--calib-max-new-tokens", type=int, default=64, help="tokens generated per corpus row (drafter/target sources)")
     parser.add_argument("--calib-temperature", type=float, default=None, help="temperature for generated sources (default: --temperature)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per evaluation prompt")
@@ -34,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> "SweepConfig":  # noqa: F821 (imported lazily: keeps `--help` fast)
+    from vocabtrim.models import is_eagle3
     from vocabtrim.sweep import SweepConfig, parse_k, parse_sources
+
+    sources = args.sources or (EAGLE3_SOURCES if is_eagle3(args.drafter) else DEFAULT_SOURCES)
 
     return SweepConfig(
         target=args.target,
@@ -46,7 +51,7 @@ def config_from_args(args) -> "SweepConfig":  # noqa: F821 (imported lazily: kee
         prompt_column=args.prompt_column,
         id_column=args.id_column,
         k=parse_k(args.k),
-        sources=parse_sources(args.sources),
+        sources=parse_sources(sources),
         calib_max_new_tokens=args.calib_max_new_tokens,
         calib_temperature=args.calib_temperature,
         max_new_tokens=args.max_new_tokens,

@@ -160,13 +160,21 @@ class SweepConfig:
         return self.drafter if self.drafter is not None else self.target
 
     @property
+    def eagle3(self) -> bool:
+        """Whether the drafter is an EAGLE-3 checkpoint (its trimmed and full cells are EAGLE-3 folders)."""
+        from vocabtrim.models import is_eagle3
+
+        return is_eagle3(self.drafter)
+
+    @property
     def calibration_temperature(self) -> float:
         return self.temperature if self.calib_temperature is None else self.calib_temperature
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One generate run. kind: target | full | trimmed; source and k for trimmed heads."""
+    """One generate run. kind: target | full | trimmed (source and k for trimmed heads) | own (the drafter as
+    given, with its own vocabulary: the demo's EAGLE-3 cell)."""
 
     name: str
     kind: str
@@ -222,6 +230,11 @@ def check_config(cfg: SweepConfig) -> None:
         validate.temperature(cfg.calib_temperature, "calib_temperature")
     if cfg.drafter is None and cfg.drafter_layers is None:
         raise UserError("no drafter: pass --drafter MODEL, or --drafter-layers N (drafter = first N target layers)")
+    if cfg.eagle3 and "drafter" in cfg.sources:
+        raise UserError("--sources drafter does not apply to an EAGLE-3 drafter (it drafts from the target's hidden states and "
+                        "cannot generate alone): pass --sources corpus,target")
+    if cfg.eagle3 and not storage.is_local(cfg.out):
+        raise UserError("a sweep of an EAGLE-3 drafter writes its re-trimmed drafters as local folders: pass a local --out")
     if not cfg.k:
         raise UserError("--k is empty: pass e.g. 1024,4096,full")
     if any(k is not None and (not isinstance(k, int) or k < 1) for k in cfg.k):
@@ -250,6 +263,7 @@ class ModelSizes:
     hidden: int
     head_bias: bool
     vocab_size: int
+    draft_vocab_size: int | None = None  # an EAGLE-3 drafter's own draft vocabulary: trimmed cells keep ids inside it
 
     def drafter(self, head_rows: int) -> int:
         return drafter_params(self.drafter_body, head_rows, self.hidden, self.head_bias)
@@ -262,9 +276,16 @@ def measure_sizes(cfg: SweepConfig) -> ModelSizes:
     """Load the pair once on the CPU (checking it: one line if the tokenizers or widths differ) and count."""
     from vocabtrim.models import load_pair, logits_width, num_parameters
 
+    from vocabtrim.eagle3 import Eagle3Model
+
     pair = load_pair(
         cfg.target, cfg.drafter, cfg.drafter_layers, dtype=cfg.dtype, device="cpu", trust_remote_code=cfg.trust_remote_code
     )
+    if isinstance(pair.drafter, Eagle3Model):  # its body: one layer and fc (the embedding lookup reads one row)
+        d = pair.drafter
+        body = sum(p.numel() for n, p in d.named_parameters() if not n.startswith(("lm_head.", "embed_tokens.")))
+        return ModelSizes(target=num_parameters(pair.target), drafter_body=body, hidden=int(d.lm_head.weight.shape[1]),
+                          head_bias=False, vocab_size=logits_width(pair.target), draft_vocab_size=int(d.config.draft_vocab_size))
     head = pair.drafter.get_output_embeddings()
     return ModelSizes(
         target=num_parameters(pair.target),

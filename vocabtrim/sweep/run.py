@@ -5,7 +5,9 @@ through ``storage``, so the folder and the inputs may be local or on an object s
 Layout of the sweep folder:
     sweep.json               the settings (a rerun must match them) and the runs so far
     calib/<source>/          ``vocabtrim calibrate`` output (manifest.json marks it done)
-    heads/<source>-k<K>/     ``vocabtrim build-head`` output (manifest.json marks it done)
+    heads/<source>-k<K>/     ``vocabtrim build-head`` output (manifest.json marks it done); for an EAGLE-3
+                             drafter a re-trimmed EAGLE-3 folder, and heads/full/ the drafter with a
+                             full-vocabulary head (``eagle3.widen``)
     gen/<cell>/              ``vocabtrim generate`` output (summary.json marks it done; sweep_cell.json
                              says in which sweep run it was measured)
     results.parquet          one row per cell (``RESULT_SCHEMA``); a failed cell has status "failed"
@@ -108,6 +110,30 @@ def head_dir(out: str, cell: Cell) -> str:
     return storage.join(out, "heads", cell.name)
 
 
+def cell_drafter(cfg: SweepConfig, out: str, cell: Cell) -> tuple[str | None, str | None]:
+    """(--drafter, --head) of a cell's generate run. A plain drafter: the drafter, with the cell's head when
+    trimmed. An EAGLE-3 drafter: its trimmed cells and its full cell are EAGLE-3 folders in ``heads/``."""
+    if cfg.eagle3 and cell.kind in ("trimmed", "full"):
+        return head_dir(out, cell), None
+    return cfg.drafter, (head_dir(out, cell) if cell.kind == "trimmed" else None)
+
+
+def ensure_full_eagle3(cfg: SweepConfig, out: str, cell: Cell) -> None:
+    """``heads/full/``: the EAGLE-3 drafter with a full-vocabulary head (its own rows at its draft ids, the
+    target's LM-head rows elsewhere), written once as an EAGLE-3 folder with the target's tokenizer."""
+    from vocabtrim import eagle3 as e3
+    from vocabtrim.models import load_pair
+
+    folder = head_dir(out, cell)
+    if storage.is_file(storage.join(folder, "config.json")):
+        return
+    pair = load_pair(cfg.target, cfg.drafter, None, dtype=cfg.dtype, device="cpu", trust_remote_code=cfg.trust_remote_code)
+    wide = e3.widen(pair.drafter, pair.target.get_output_embeddings().weight)
+    if storage.is_local(folder):
+        pair.tokenizer.save_pretrained(storage.local_path(folder))
+    e3.save_eagle3(wide, folder)  # config.json last: it marks the folder done
+
+
 def gen_dir(out: str, cell: Cell) -> str:
     return storage.join(out, "gen", cell.name)
 
@@ -121,7 +147,7 @@ def ensure_calibration(cfg: SweepConfig, out: str, source: str) -> dict:
         return histogram.read_manifest(folder)
     return calibrate.run_calibrate(
         calibrate.CalibrateConfig(
-            drafter=cfg.drafter_name,
+            drafter=cfg.target if cfg.eagle3 else cfg.drafter_name,  # an EAGLE-3 folder may hold no tokenizer: the target's counts
             drafter_layers=cfg.drafter_layers,
             corpus=list(cfg.corpus),
             out=folder,
@@ -159,6 +185,7 @@ def ensure_head(cfg: SweepConfig, out: str, cell: Cell) -> dict:
             out=folder,
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
+            target=cfg.target if cfg.eagle3 else None,
         )
     )
 
@@ -168,14 +195,15 @@ def generate_cell(cfg: SweepConfig, out: str, cell: Cell, prompts: list[str] | N
     ``cfg.prompts`` (default: all); ``generate`` resumes, so files a call already generated are skipped."""
     from vocabtrim import generate
 
+    drafter, head = cell_drafter(cfg, out, cell)
     return generate.run_generate(
         generate.GenerateConfig(
             target=cfg.target,
             prompts=list(cfg.prompts if prompts is None else prompts),
             out=gen_dir(out, cell),
-            drafter=cfg.drafter,
+            drafter=drafter,
             drafter_layers=cfg.drafter_layers,
-            head=head_dir(out, cell) if cell.kind == "trimmed" else None,
+            head=head,
             no_draft=cell.kind == "target",
             prompt_column=cfg.prompt_column,
             id_column=cfg.id_column,
@@ -239,6 +267,10 @@ def run_cell(cfg: SweepConfig, out: str, cell: Cell, sizes: ModelSizes, run: int
             stage = "build-head"
             head = ensure_head(cfg, out, cell)
             stage = "generate"
+        elif cell.kind == "full" and cfg.eagle3:
+            stage = "build-head (full vocabulary)"
+            ensure_full_eagle3(cfg, out, cell)
+            stage = "generate"
         summary, measured = ensure_generation(cfg, out, cell, run)
     except Exception as exc:
         if not isinstance(exc, UserError):
@@ -276,7 +308,12 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
         return {}
     shares = {}
     for cell in cells:
-        kept = load(storage.read_bytes(storage.join(head_dir(out, cell), HEAD_FILE)))["token_ids"]
+        folder = head_dir(out, cell)
+        if cfg.eagle3:  # an EAGLE-3 folder: its draft vocabulary is i + d2t[i]
+            d2t = load(storage.read_bytes(storage.join(folder, "model.safetensors")))["d2t"]
+            kept = np.arange(d2t.shape[0]) + d2t
+        else:
+            kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"]
         shares[cell.name] = float(np.isin(ids, kept).mean())
     return shares
 
@@ -343,6 +380,10 @@ def _run_sweep(cfg: SweepConfig, echo: Callable[[str], None]) -> dict:
     too_big = [k for k in cfg.k if k is not None and k > sizes.vocab_size]
     if too_big:
         raise UserError(f"--k {too_big[0]} exceeds the drafter's vocabulary of {sizes.vocab_size}: use 'full' for the whole head")
+    too_big = [k for k in cfg.k if k is not None and sizes.draft_vocab_size is not None and k > sizes.draft_vocab_size]
+    if too_big:
+        raise UserError(f"--k {too_big[0]} exceeds the EAGLE-3 drafter's draft vocabulary of {sizes.draft_vocab_size:,} (re-trimming "
+                        "only removes ids): use K up to it, and 'full' for the whole vocabulary")
     out = cfg.out
     run = claim_out(out, settings_of(cfg))
     rows, calibrations = run_cells(cfg, out, sizes, run, echo)
