@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=full.model, help="target model; the drafter is its first --drafter-layers layers")
     parser.add_argument("--drafter-layers", type=int, default=None, help=f"layers of the drafter {sizes('drafter_layers')}")
     parser.add_argument("--eagle3", default=None, metavar="DRAFTER",
-                        help=f"an EAGLE-3 drafter of the target, shown as a fourth setting; 'none' leaves it out "
-                             f"(default: {full.eagle3} with the default --model, none with another)")
+                        help="an EAGLE-3 drafter of the target, shown as a fourth setting; 'none' leaves it out (default: "
+                             + (f"{full.eagle3} with the default --model, none with another)" if full.eagle3 else "none)"))
     parser.add_argument("--top-k", type=int, default=None, help=f"kept ids in the trimmed head {sizes('top_k')}")
     parser.add_argument("--gamma", default=None, help=f"draft tokens per step: auto or a number {sizes('gamma')}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"rows decoded together {sizes('batch_size')}")
