@@ -344,6 +344,22 @@ def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokeni
     assert "larger than the drafter's draft vocabulary of " in err and err.count("\n") == 1
 
 
+def test_replayed_chains_accept_what_greedy_speculative_steps_would():
+    """Gamma 2 over a 10-token row whose response starts at position 3. target_next[p] is the target's token at
+    position p + 1 (here 101 + p); step s at index j predicts the token at position j + 2 + s."""
+    from vocabtrim.train import replay_chains
+
+    target_next = [101 + p for p in range(10)]
+    # Pending 3: index 2 predicts positions 4 and 5, both right: 2 accepted, pending 6.
+    # Pending 6: index 5 predicts position 7 wrong: 0 accepted, pending 7.
+    # Pending 7: index 6 predicts position 8 right, position 9 wrong: 1 accepted, pending 9, the row's end.
+    step0 = [0, 0, 104, 0, 0, 1, 108, 109]
+    step1 = [0, 0, 105, 0, 0, 0, 1]
+    assert replay_chains([step0, step1], target_next, 3, 10) == (3, 6, 3)
+    # One token before the end a step drafts only that one.
+    assert replay_chains([step0, step1], target_next, 8, 10) == (1, 1, 1)
+
+
 def test_widen_gives_the_same_drafter_a_full_vocabulary_head_and_retrim_undoes_it(tiny, tmp_path):
     """The full-vocabulary head of the trimmed-vs-full comparison: the drafter's own rows at its draft ids, the
     target's rows elsewhere; on its draft ids its logits are the trimmed drafter's; retrim gives it back."""
@@ -465,6 +481,7 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert runs[-1]["loss"] < 0.8 * runs[0]["first_loss"]
     assert runs[-1]["held_out_loss"] < runs[0]["held_out_loss"]
     assert runs[-1]["held_out_acceptance"] > runs[0]["held_out_acceptance"]
+    assert 0 <= m["held_out_chain_acceptance"] <= 1 and 1 <= m["held_out_tokens_per_step"] <= 3
     # The checkpoint is SpecForge's layout and the engine runs it; greedy output stays the target's.
     pair = load_pair(tiny["target_dir"], str(out), dtype="float32", device="cpu")
     assert pair.drafter.config.draft_vocab_size == 128

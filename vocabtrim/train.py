@@ -272,13 +272,14 @@ def pad_rows(rows: list[dict]):
     }
 
 
-def ttt_loss(model, batch: dict, target_head, steps: int):
+def ttt_loss(model, batch: dict, target_head, steps: int, predictions: list | None = None):
     """EAGLE-3 training-time-test loss on one padded batch.
 
     target_head: [K, H] the target's LM-head rows for the draft vocabulary (the teacher over it).
     Step s, index j: the drafter's entry j + s predicts token j + 2 + s; the teacher is
     softmax(final[j + 1 + s] @ target_head.T); counted where that token is a loss token and the target's
     greedy token there is in the draft vocabulary. Returns (loss, per-step [correct, counted] list).
+    ``predictions``, when a list: step s's greedy target ids [b, T - 2 - s] are appended to it.
     """
     import torch
 
@@ -315,6 +316,8 @@ def ttt_loss(model, batch: dict, target_head, steps: int):
             & t2d[tgt_next]
         )
         logp = torch.log_softmax(e3.logits(model, out[:, :width]).float(), -1)
+        if predictions is not None:
+            predictions.append(model.token_ids[logp.argmax(-1)].detach())
         n = counted.sum()
         if int(n) == 0:
             stats.append((0, 0))
@@ -325,6 +328,29 @@ def ttt_loss(model, batch: dict, target_head, steps: int):
             pred = model.token_ids[logp.argmax(-1)]
             stats.append((int(((pred == tgt_next) & counted).sum()), int(n)))
     return loss, stats
+
+
+def replay_chains(predictions: list, target_next, start: int, length: int) -> tuple[int, int, int]:
+    """Greedy speculative decoding of one row replayed with the training forward's predictions, gamma = the
+    number of TTT steps: what the engine would accept, where the per-position accuracy counts every position.
+
+    predictions[s]: [>= length - 2 - s] target ids, step s at index j predicting the token at j + 2 + s.
+    target_next: [length] the target's greedy token after each position. start: the first response position
+    (the pending token of the first step). Each step drafts from index pos - 1 (pos: the pending token), accepts
+    drafts while they equal the target's tokens, and moves past the accepted ones and the target's own token.
+    Exact for the target's greedy responses (their tokens are the target's greedy tokens).
+    Returns (accepted, proposed, steps); proposed is gamma a step, fewer where the row ends.
+    """
+    G = len(predictions)
+    pos = max(int(start), 1)
+    accepted = proposed = steps = 0
+    while pos < length - 1:
+        g = min(G, length - 1 - pos)
+        a = 0
+        while a < g and int(predictions[a][pos - 1]) == int(target_next[pos + a]):
+            a += 1
+        accepted, proposed, steps, pos = accepted + a, proposed + g, steps + 1, pos + a + 1
+    return accepted, proposed, steps
 
 
 class DrafterTrainer:
@@ -453,17 +479,28 @@ class DrafterTrainer:
 
         ids = self.eval_ids or self.train_ids[-1:]
         totals = [[0, 0] for _ in range(self.cfg.ttt_length)]
+        chains = [0, 0, 0]  # accepted, proposed, steps
         losses = []
         with torch.no_grad():
             for rows in self._batches(ids, None):
-                loss, stats = ttt_loss(self.model, pad_rows(rows), self.target_head, self.cfg.ttt_length)
+                batch = pad_rows(rows)
+                preds: list = []
+                loss, stats = ttt_loss(self.model, batch, self.target_head, self.cfg.ttt_length, predictions=preds)
                 losses.append(float(loss.detach()))
                 for s, (a, n) in enumerate(stats):
                     totals[s][0] += a
                     totals[s][1] += n
+                for r, row in enumerate(rows):
+                    mask = row["loss_mask"].bool()
+                    if not bool(mask.any()):
+                        continue
+                    got = replay_chains([p[r] for p in preds], row["target_next"], int(mask.nonzero()[0, 0]), int(row["input_ids"].shape[0]))
+                    chains = [x + y for x, y in zip(chains, got)]
         per_step = [a / n if n else None for a, n in totals]
         return {"held_out_loss": float(np.mean(losses)) if losses else None, "held_out_acceptance": per_step[0],
-                "held_out_acceptance_per_step": per_step, "held_out_tokens": totals[0][1]}
+                "held_out_acceptance_per_step": per_step, "held_out_tokens": totals[0][1],
+                "held_out_chain_acceptance": chains[0] / chains[1] if chains[1] else None,
+                "held_out_tokens_per_step": (chains[0] + chains[2]) / chains[2] if chains[2] else None}
 
     def _save(self) -> None:
         import torch
@@ -601,9 +638,10 @@ def run_train(config: TrainConfig) -> dict:
                 record = ray.get(trainer.end_epoch.remote())
                 history.append(record)
                 epoch = record["epoch"]
-                acc = record["held_out_acceptance"]
+                acc, chain = record["held_out_acceptance"], record.get("held_out_chain_acceptance")
                 bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "-",
-                                held_out_acceptance=f"{acc:.3f}" if acc is not None else "-", refresh=False)
+                                held_out_acceptance=f"{acc:.3f}" if acc is not None else "-",
+                                chain_acceptance=f"{chain:.3f}" if chain is not None else "-", refresh=False)
                 bar.update(1)
                 log.info("epoch %d: %s", epoch, record)
         finally:
@@ -626,6 +664,7 @@ def run_train(config: TrainConfig) -> dict:
         "objective": "EAGLE-3 training-time test (soft cross-entropy to the target over the draft vocabulary, step weights 0.8^s)",
         "epochs_run": history, "loss": last.get("loss"), "held_out_acceptance": last.get("held_out_acceptance"),
         "held_out_acceptance_per_step": last.get("held_out_acceptance_per_step"),
+        "held_out_chain_acceptance": last.get("held_out_chain_acceptance"), "held_out_tokens_per_step": last.get("held_out_tokens_per_step"),
         "extract_seconds": round(extract_seconds, 1), "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - wall, 1),
     }

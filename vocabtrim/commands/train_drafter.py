@@ -53,9 +53,11 @@ def main(args) -> int:
     m = run_train(config_from_args(args))
     acc = m["held_out_acceptance"]
     loss = m["loss"]
+    chain = m.get("held_out_chain_acceptance")
+    chained = f" (replayed gamma-{m['ttt_length']} chains: {chain:.3f} per draft)" if chain is not None else ""
     print(
         f"EAGLE-3 drafter, draft vocabulary {m['draft_vocab_size']:,} of {m['vocab_size']:,} ids; {len(m['epochs_run'])} epoch(s) reported, "
-        f"loss {loss:.3f}; held-out acceptance {acc:.3f}; features {m['extract_seconds']:.0f} s, training {m['train_seconds']:.0f} s\n"
+        f"loss {loss:.3f}; held-out acceptance {acc:.3f}{chained}; features {m['extract_seconds']:.0f} s, training {m['train_seconds']:.0f} s\n"
         if loss is not None and acc is not None else "nothing trained\n",
         end="",
     )
