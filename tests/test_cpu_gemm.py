@@ -17,7 +17,7 @@ from tiny import make_model
 pytestmark = pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="this torch has no oneDNN")
 
 
-@pytest.mark.parametrize("shape", [(2, 64), (8, 64), (2, 5, 64), (40, 64)])
+@pytest.mark.parametrize("shape", [(5, 64), (8, 64), (2, 5, 64), (40, 64)])
 def test_packed_products_equal_f_linear(shape):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(*shape)
@@ -65,8 +65,8 @@ def test_a_routed_module_follows_its_weights_and_stays_trainable():
 
 def test_the_engine_runs_its_float32_models_through_the_packed_weights():
     target = make_model(300)
-    engine = make_engine(target, sampling=SamplingParams(temperature=0), batch_size=2, max_new_tokens=4)
-    engine.generate([[1, 5, 7], [1, 9]], [0, 1])
+    engine = make_engine(target, sampling=SamplingParams(temperature=0), batch_size=5, max_new_tokens=4)
+    engine.generate([[1, 5, 7], [1, 9], [2, 3], [4], [6, 8]], [0, 1, 2, 3, 4])
     routed = [m.__dict__["forward"] for m in target.model.modules() if "forward" in m.__dict__]
     assert routed and all(f.linear.packed is not None for f in routed)
     assert engine.target.head._linear.packed is not None
@@ -82,3 +82,18 @@ def test_one_row_runs_f_linear_on_small_weights_and_packed_on_large_ones():
         y = torch.randn(1, 128)
         torch.testing.assert_close(large(y), nn.functional.linear(y, large.weight), rtol=1e-5, atol=1e-4)
         assert large.packed is not None
+
+
+def test_two_rows_run_f_linear_below_the_head_and_four_rows_only_on_small_weights():
+    """A batch-1 verify of one draft (two rows) runs like a decode step; at four rows only the small
+    (attention-sized) weights stay on F.linear."""
+    torch.manual_seed(0)
+    small, mlp = linear_fn(torch.randn(96, 64), None), linear_fn(torch.randn(1536, 576), None)
+    with torch.inference_mode():
+        for rows in (2, 4):
+            x = torch.randn(1, rows, 64)
+            assert torch.equal(small(x), nn.functional.linear(x, small.weight)) and small.packed is None
+        y2, y4 = torch.randn(2, 576), torch.randn(4, 576)
+        assert torch.equal(mlp(y2), nn.functional.linear(y2, mlp.weight)) and mlp.packed is None
+        torch.testing.assert_close(mlp(y4), nn.functional.linear(y4, mlp.weight), rtol=1e-5, atol=1e-4)
+        assert mlp.packed is not None
