@@ -121,9 +121,10 @@ def test_demo_quick_on_the_bundled_model(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for setting in ("target alone", "drafter, full head", "drafter, trimmed head"):
+    for setting in ("target alone", "drafter, full head", "drafter, trimmed head", "EAGLE-3 drafter"):
         assert setting in out
-    assert "full head 16/16, trimmed head 16/16 rows" in out
+    assert "full head 16/16, trimmed head 16/16, EAGLE-3 16/16 rows" in out
+    assert "The EAGLE-3 drafter smollm2-135m-eagle3 is trained for the target" in out and "a draft vocabulary of 8,192 ids" in out
     assert "kept K=8,192 of 49,152 ids" in out and "never seen in the histogram" in out and "is no test of the head" in out
     assert "over 2 interleaved rounds" in out
     table = tmp_path / "demo" / "table.txt"

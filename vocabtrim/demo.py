@@ -1,6 +1,7 @@
 """``vocabtrim demo``: the three stages on the bundled model and the shipped prompts, ending in one table.
 
-The demo is a preset of the sweep (``preset``): three of its cells, each run by the sweep's own stages
+The demo is a preset of the sweep (``preset``): three of its cells (and, as a fourth, the shipped EAGLE-3
+drafter as it is), each run by the sweep's own stages
 (``vocabtrim.sweep.run``: calibrate, build the head, generate), in the sweep's folder layout
 (``calib/target/``, ``heads/<cell>/``, ``gen/<cell>/``).
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from vocabtrim.errors import UserError
+from vocabtrim.models import BUNDLED_EAGLE3
 from vocabtrim.sweep.cells import Cell, SweepConfig, plan_cells
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.parquet"
@@ -49,7 +51,7 @@ class DemoConfig:
     out: str | None = None  # None: a new temporary folder, deleted at the end
     model: str = "smollm2-135m"
     drafter_layers: int = 4
-    eagle3: str | None = None  # an EAGLE-3 drafter of the target, shown beside the others (None: not shown)
+    eagle3: str | None = BUNDLED_EAGLE3  # an EAGLE-3 drafter of the target, shown beside the others (None: not shown)
     calibration_prompts: int = 96
     calibration_new_tokens: int = 48
     eval_prompts: int = 32
