@@ -547,21 +547,16 @@ def save_eagle3(model: Eagle3Model, folder: str | os.PathLike, *, dtype: torch.d
         storage.atomic_write(storage.join(folder, name), data)
 
 
-def retrim(model: Eagle3Model, keep: torch.Tensor) -> Eagle3Model:
-    """A new drafter whose draft vocabulary is the target ids ``keep`` (int64, each already in ``model``'s
-    draft vocabulary): the lm_head rows of those ids and new ``d2t``/``t2d``; every other tensor copied."""
-    current = model.token_ids.cpu()
-    keep = keep.to(torch.int64).unique(sorted=True).cpu()
-    rows = torch.searchsorted(current, keep).clamp(max=current.numel() - 1)
-    if keep.numel() == 0 or not torch.equal(current[rows], keep):
-        raise UserError("the kept ids must be a non-empty subset of the EAGLE-3 drafter's draft vocabulary")
-    config = Eagle3Config.from_dict({**model.config.raw, "draft_vocab_size": int(keep.numel())})
+def _with_vocabulary(model: Eagle3Model, token_ids: torch.Tensor, lm_head: torch.Tensor) -> Eagle3Model:
+    """A new drafter whose draft vocabulary is the sorted target ids ``token_ids`` (int64 [K]) with head rows
+    ``lm_head`` [K, hidden]: new ``d2t``/``t2d``, every other tensor copied from ``model``."""
+    config = Eagle3Config.from_dict({**model.config.raw, "draft_vocab_size": int(token_ids.numel())})
     new = Eagle3Model(config, with_embedding=model.embed_tokens is not None)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    state["lm_head.weight"] = state["lm_head.weight"][rows]
-    state["d2t"] = keep - torch.arange(keep.numel())
+    state["lm_head.weight"] = lm_head
+    state["d2t"] = token_ids - torch.arange(token_ids.numel())
     t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
-    t2d[keep] = True
+    t2d[token_ids] = True
     state["t2d"] = t2d
     new.to(model.fc.weight.dtype)
     new.load_state_dict(state, strict=True)
@@ -572,6 +567,17 @@ def retrim(model: Eagle3Model, keep: torch.Tensor) -> Eagle3Model:
     return new
 
 
+def retrim(model: Eagle3Model, keep: torch.Tensor) -> Eagle3Model:
+    """A new drafter whose draft vocabulary is the target ids ``keep`` (int64, each already in ``model``'s
+    draft vocabulary): the lm_head rows of those ids and new ``d2t``/``t2d``; every other tensor copied."""
+    current = model.token_ids.cpu()
+    keep = keep.to(torch.int64).unique(sorted=True).cpu()
+    rows = torch.searchsorted(current, keep).clamp(max=current.numel() - 1)
+    if keep.numel() == 0 or not torch.equal(current[rows], keep):
+        raise UserError("the kept ids must be a non-empty subset of the EAGLE-3 drafter's draft vocabulary")
+    return _with_vocabulary(model, keep, model.lm_head.weight.detach().cpu()[rows])
+
+
 def widen(model: Eagle3Model, target_head: torch.Tensor) -> Eagle3Model:
     """The same drafter with a full-vocabulary head: ``lm_head`` [V, hidden] is ``target_head`` (the target's
     LM head, [V, hidden]) with the drafter's own rows at its draft ids; ``d2t`` all zeros, ``t2d`` all true.
@@ -579,18 +585,7 @@ def widen(model: Eagle3Model, target_head: torch.Tensor) -> Eagle3Model:
     V = model.config.vocab_size
     if tuple(target_head.shape) != (V, model.config.hidden_size):
         raise UserError(f"the target's head is {list(target_head.shape)}, the drafter needs [{V}, {model.config.hidden_size}]")
-    config = Eagle3Config.from_dict({**model.config.raw, "draft_vocab_size": V})
-    new = Eagle3Model(config, with_embedding=model.embed_tokens is not None)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    head = target_head.detach().to("cpu", state["lm_head.weight"].dtype).clone()
-    head[model.token_ids.cpu()] = state["lm_head.weight"]
-    state["lm_head.weight"] = head
-    state["d2t"] = torch.zeros(V, dtype=torch.int64)
-    state["t2d"] = torch.ones(V, dtype=torch.bool)
-    new.to(model.fc.weight.dtype)
-    new.load_state_dict(state, strict=True)
-    new.to(model.fc.weight.device)
-    new.set_embedding(model._target_embedding)
-    new.eval()
-    new.requires_grad_(False)
-    return new
+    own = model.lm_head.weight.detach().cpu()
+    head = target_head.detach().to("cpu", own.dtype).clone()
+    head[model.token_ids.cpu()] = own
+    return _with_vocabulary(model, torch.arange(V), head)

@@ -316,17 +316,16 @@ def ttt_loss(model, batch: dict, target_head, steps: int, predictions: list | No
             & t2d[tgt_next]
         )
         logp = torch.log_softmax(e3.logits(model, out[:, :width]).float(), -1)
+        pred = model.token_ids[logp.detach().argmax(-1)]
         if predictions is not None:
-            predictions.append(model.token_ids[logp.argmax(-1)].detach())
+            predictions.append(pred)
         n = counted.sum()
         if int(n) == 0:
             stats.append((0, 0))
             continue
         ce = -(teacher * logp).sum(-1)
         loss = loss + (0.8**s) * (ce * counted).sum() / n
-        with torch.no_grad():
-            pred = model.token_ids[logp.argmax(-1)]
-            stats.append((int(((pred == tgt_next) & counted).sum()), int(n)))
+        stats.append((int(((pred == tgt_next) & counted).sum()), int(n)))
     return loss, stats
 
 

@@ -274,9 +274,8 @@ class ModelSizes:
 
 def measure_sizes(cfg: SweepConfig) -> ModelSizes:
     """Load the pair once on the CPU (checking it: one line if the tokenizers or widths differ) and count."""
-    from vocabtrim.models import load_pair, logits_width, num_parameters
-
     from vocabtrim.eagle3 import Eagle3Model
+    from vocabtrim.models import load_pair, logits_width, num_parameters
 
     pair = load_pair(
         cfg.target, cfg.drafter, cfg.drafter_layers, dtype=cfg.dtype, device="cpu", trust_remote_code=cfg.trust_remote_code

@@ -295,6 +295,7 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     import numpy as np
     from safetensors.numpy import load
 
+    from vocabtrim.eagle3 import WEIGHTS_FILE
     from vocabtrim.head.files import HEAD_FILE
     from vocabtrim.models import load_tokenizer
 
@@ -310,7 +311,7 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     for cell in cells:
         folder = head_dir(out, cell)
         if cfg.eagle3:  # an EAGLE-3 folder: its draft vocabulary is i + d2t[i]
-            d2t = load(storage.read_bytes(storage.join(folder, "model.safetensors")))["d2t"]
+            d2t = load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["d2t"]
             kept = np.arange(d2t.shape[0]) + d2t
         else:
             kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"]
