@@ -420,6 +420,37 @@ def test_engine_greedy_output_with_an_eagle3_drafter_is_the_targets(tiny, eagle_
     assert sum(o.proposed for o in spec) > 0
 
 
+@pytest.mark.parametrize("batch_size, gamma", [(1, 1), (3, 3)])
+@torch.no_grad()
+def test_engine_drafts_what_the_drafter_was_trained_to_draft(tiny, eagle_pair, batch_size, gamma, monkeypatch):
+    """Every proposal the real engine gets from the EAGLE-3 drafter equals the training-time-test recompute
+    over the row's committed tokens: the features the engine hands over after each verify pass sit at the
+    positions the drafter reads them from. (Greedy identity alone cannot see a misplaced feature: it only
+    lowers acceptance.)"""
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+    from vocabtrim.engine.sampling import SamplingParams
+
+    target, model = eagle_pair.target, eagle_pair.drafter
+    seen = []
+    propose = Eagle3Drafter.propose
+
+    def checked(self, batch):
+        out = propose(self, batch)
+        for r in range(batch.n):
+            row = batch.history[r].clone()
+            ref = _reference_drafts(model, target, self.feature_layers, row, batch.pos_host[r], batch.gamma)
+            seen.append(out.tokens[r].tolist() == ref)
+        return out
+
+    monkeypatch.setattr(Eagle3Drafter, "propose", checked)
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT * 2]
+    engine = make_engine(target, model, sampling=SamplingParams(temperature=0), batch_size=batch_size, max_new_tokens=16,
+                         gamma=gamma, max_gamma=gamma)
+    engine.generate(prompts, list(range(len(prompts))))
+    assert len(seen) > 20 and all(seen), f"{seen.count(False)} of {len(seen)} proposals differ from the recompute"
+
+
 @pytest.mark.parametrize("sampler", ["rejection", "gumbel"])
 @torch.no_grad()
 def test_engine_with_an_eagle3_drafter_samples_exactly_the_targets_distribution(tiny, eagle_pair, sampler):

@@ -324,7 +324,7 @@ class _Run:
         e, cfg, n = self.e, self.e.config, self.n
         params = cfg.sampling
         dev = e.device
-        pos = self.pos[:n]
+        pos = self.pos[:n].clone()  # self.pos moves on below; CommitInfo.pos is the step's starting position
         words = self.words[:n]
         pending = self.history[:n].gather(1, pos[:, None])  # [n, 1]
         pos_host = self.pos_np[:n].copy()
