@@ -1,12 +1,14 @@
-"""Greedy acceptance and speed of an EAGLE-3 drafter against the target alone, side by side, interleaved.
+"""Acceptance and speed of an EAGLE-3 drafter against the target alone, side by side, interleaved.
 
     python benchmarks/bench_eagle3.py --drafter smollm2-135m-eagle3 [--target smollm2-135m]
         [--prompts vocabtrim/data/prompts.parquet] [--rows 32] [--skip 0] [--kinds chat code ...]
-        [--max-new-tokens 48] [--gamma 3] [--batch-size 1 8] [--rounds 3] [--full-head] [--threads 1]
+        [--max-new-tokens 48] [--gamma 3|auto] [--temperature 0] [--batch-size 1 8] [--rounds 3] [--full-head]
+        [--threads 1]
 
 Prompts: the ``messages`` column with the chat template applied (the shipped prompts: none of them
-was a training prompt of the bundled drafter), optionally only some ``kind``s. Greedy; every completion
-is checked against the target's own. The prompts are cut into ``--rounds`` consecutive parts; each round
+was a training prompt of the bundled drafter), optionally only some ``kind``s. Greedy unless
+``--temperature`` says otherwise; every completion is checked against the target's own (at any temperature
+the reproducible sampler gives the target alone's completion for the same seed). The prompts are cut into ``--rounds`` consecutive parts; each round
 runs every setting on its part, in an order rotated from round to round, so drift in the machine's speed
 hits every setting alike. Settings: the target alone, the drafter with its own (trimmed) draft
 vocabulary and, with ``--full-head``, the same drafter with a full-vocabulary head (``eagle3.widen``: its
@@ -40,7 +42,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=0, help="start at this row of the (kind-filtered) prompts")
     ap.add_argument("--kinds", nargs="+", default=None, help="only prompts of these kinds (the prompts file's kind column)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--gamma", default="3", help="draft tokens per step, or auto (the engine's adaptive gamma)")
+    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--full-head", action="store_true", help="also the same drafter with a full-vocabulary head")
@@ -52,6 +55,7 @@ def main() -> None:
 
     from vocabtrim import eagle3 as e3
     from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
     from vocabtrim.models import load_pair
     from vocabtrim.special_tokens import eos_ids, of_model
 
@@ -70,14 +74,16 @@ def main() -> None:
         kinds.append(r.get("kind", "-"))
     eos = tuple(eos_ids(tok, of_model(pair.target)))
     seeds = list(range(len(prompts)))
-    drafters = {"target alone": (None, {}), "eagle-3": (pair.drafter, {"gamma": args.gamma})}
+    gamma = None if args.gamma == "auto" else int(args.gamma)
+    drafters = {"target alone": (None, {}), "eagle-3": (pair.drafter, {"gamma": gamma})}
     if args.full_head:
-        drafters["eagle-3 full head"] = (e3.widen(pair.drafter, pair.target.get_output_embeddings().weight), {"gamma": args.gamma})
+        drafters["eagle-3 full head"] = (e3.widen(pair.drafter, pair.target.get_output_embeddings().weight), {"gamma": gamma})
     rounds = max(1, min(args.rounds, len(prompts)))
     bounds = [len(prompts) * r // rounds for r in range(rounds + 1)]
     K = pair.drafter.config.draft_vocab_size
     print(f"target {args.target}, drafter {args.drafter} (draft vocabulary {K:,}), {len(prompts)} prompts "
-          f"({', '.join(sorted(set(kinds)))}), {args.max_new_tokens} new tokens, greedy, gamma {args.gamma}, "
+          f"({', '.join(sorted(set(kinds)))}), {args.max_new_tokens} new tokens, "
+          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'}, gamma {args.gamma}, "
           f"{args.threads} thread(s), {rounds} interleaved rounds")
     header = (f"{'batch':>5}  {'setting':<18} {'accept/draft':>12} {'by position':>16} {'tok/pass':>8} {'tok/s':>7} "
               f"{'speedup':>7} {'by round':>11}")
@@ -88,7 +94,8 @@ def main() -> None:
         print("-" * len(header))
         engines = {}
         for name, (drafter, extra) in drafters.items():
-            engines[name] = make_engine(pair.target, drafter, batch_size=bs, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, **extra)
+            engines[name] = make_engine(pair.target, drafter, sampling=SamplingParams(temperature=args.temperature), batch_size=bs,
+                                        max_new_tokens=args.max_new_tokens, eos_token_ids=eos, **extra)
             engines[name].generate(prompts[:2], seeds[:2])  # warm-up
         outs = {n: [] for n in names}
         seconds = {n: [] for n in names}
@@ -122,7 +129,7 @@ def main() -> None:
                   f"{tps / base:>6.2f}x {_span(ratios) + 'x':>11}")
         for name in names[1:]:
             same = sum(a.token_ids == b.token_ids for a, b in zip(outs[name], outs["target alone"]))
-            print(f"{'':>5}  {name}: greedy completions identical to the target's: {same}/{len(prompts)}")
+            print(f"{'':>5}  {name}: completions identical to the target's: {same}/{len(prompts)}")
         if "eagle-3 full head" in names:
             ratio = [t / f for t, f in zip(per_round["eagle-3"], per_round["eagle-3 full head"])]
             acc = {n: sum(x.accepted for x in outs[n]) / max(1, sum(x.proposed for x in outs[n])) for n in ("eagle-3", "eagle-3 full head")}

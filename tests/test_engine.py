@@ -399,7 +399,7 @@ def test_controller_picks_the_gamma_with_the_most_tokens_per_second():
     for _ in range(50):
         c.observe(4, np.array([4, 4, 3, 4]), 0.04, 0.058)  # nearly every draft accepted
     assert c.alpha > 0.9 and c.choose() == 6
-    for _ in range(50):
+    for _ in range(100):  # 400 rows: the estimate forgets by rows (decay 0.9 per 8)
         c.observe(2, np.array([0, 0, 0, 0]), 0.02, 0.054)  # nothing accepted
     assert c.alpha < 0.1 and c.choose() == 0
     # Switched off, it probes with gamma 1 now and then, waiting longer after each fruitless probe.
@@ -407,6 +407,22 @@ def test_controller_picks_the_gamma_with_the_most_tokens_per_second():
     assert picks.count(1) >= 2 and picks.count(0) >= 50
     first, second = [i for i, g in enumerate(picks) if g == 1][:2]
     assert second - first > first + 1
+
+
+def test_acceptance_estimate_remembers_as_many_rows_at_batch_1_as_at_batch_8():
+    """The estimate forgets by rows observed, not by steps: at batch 1 a step holds one row, and forgetting
+    per step would leave it a window of a few drafts, flipping gamma from step to step."""
+    one, eight = GammaController(max_gamma=4), GammaController(max_gamma=4)
+    for _ in range(80):  # 80 rows that accepted all 2 drafts
+        one.observe(2, np.array([2]), 0.01, 0.05)
+    for _ in range(10):
+        eight.observe(2, np.array([2] * 8), 0.01, 0.05)
+    for _ in range(16):  # then 16 rows that accepted none
+        one.observe(2, np.array([0]), 0.01, 0.05)
+    for _ in range(2):
+        eight.observe(2, np.array([0] * 8), 0.01, 0.05)
+    assert one.alpha == pytest.approx(eight.alpha, rel=1e-3)  # (rows within a step are not forgotten among themselves)
+    assert 0.75 < one.alpha < 0.9  # 16 rejections moved it, and did not erase 80 rows of acceptance (per step: 0.31)
 
 
 # ------------------------------------------------------------------------------------------------

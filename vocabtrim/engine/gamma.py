@@ -3,8 +3,9 @@ second, from the engine's own measured costs and a running estimate of acceptanc
 
 Model (Leviathan et al. 2023, with measured costs in place of a fixed cost ratio):
 - acceptance alpha: the chance a draft is accepted given the drafts before it were, estimated from
-  the accepted counts with exponential forgetting (``decay`` per step): a step that proposed G and
-  accepted a made min(a + 1, G) trials with a successes.
+  the accepted counts with exponential forgetting (``decay`` per ``decay_rows`` row-steps, so the estimate
+  remembers as many row-steps at batch 1 as at batch 8): a row that proposed G and accepted a made
+  min(a + 1, G) trials with a successes.
 - expected tokens per row and step with gamma g: (1 - alpha^(g+1)) / (1 - alpha).
 - cost of a step with gamma g: g * (drafter forward) + verify(g), each an exponential moving average
   of measured seconds; a verify length never measured is interpolated linearly from those that were.
@@ -31,10 +32,10 @@ class GammaController:
     """``choose()`` the next step's gamma; ``observe()`` what the step did."""
 
     def __init__(self, max_gamma: int, fixed: int | None = None, *, warmup_gamma: int = 3, decay: float = 0.9,
-                 ema: float = 0.3, probe_after: int = 8, max_probe_after: int = 256, margin: float = 1.05):
+                 decay_rows: int = 8, ema: float = 0.3, probe_after: int = 8, max_probe_after: int = 256, margin: float = 1.05):
         self.max_gamma = max_gamma
         self.fixed = fixed
-        self.decay, self.ema, self.margin = decay, ema, margin
+        self.decay, self.decay_rows, self.ema, self.margin = decay, decay_rows, ema, margin
         self.successes, self.trials = 1.0, 2.0  # prior: alpha 0.5
         self.draft_seconds: float | None = None  # one drafter forward
         self.verify_seconds = np.full(max_gamma + 1, np.nan)  # one target pass, by gamma
@@ -107,8 +108,9 @@ class GammaController:
         """accepted: [n] drafts accepted per row this step; seconds: this step's drafting and verify."""
         if gamma > 0:
             trials = np.minimum(accepted + 1, gamma).sum()
-            self.successes = self.decay * self.successes + float(accepted.sum())
-            self.trials = self.decay * self.trials + float(trials)
+            keep = self.decay ** (len(accepted) / self.decay_rows)
+            self.successes = keep * self.successes + float(accepted.sum())
+            self.trials = keep * self.trials + float(trials)
             per_forward = draft_seconds / gamma
             if self.probing:  # a probe's first forward catches up on the target-alone steps: not a cost sample
                 per_forward = self.draft_seconds if self.draft_seconds is not None else per_forward
