@@ -524,6 +524,7 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert cli([*args, "--epochs", "5"]) == 0
     m2 = json.loads((out / "manifest.json").read_text())
     assert m2["shards_extracted"] == 0 and [r["epoch"] for r in m2["epochs_run"]] == [5]
+    assert [r["epoch"] for r in m2["history"]] == [1, 2, 3, 4, 5] and m2["history"][:4] == runs
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert int(state["epoch"]) == 5
 

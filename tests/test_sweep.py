@@ -224,7 +224,8 @@ def test_every_input_and_output_on_s3(ray_local, s3, config, monkeypatch, capsys
 def test_a_sweep_of_an_eagle3_drafter(ray_local, config, tmp_path, capsys):
     """An EAGLE-3 drafter sweeps like any other: its trimmed cells are re-trimmed EAGLE-3 folders (ids inside its
     draft vocabulary), its full cell the same drafter with a full-vocabulary head; greedy outputs of every cell are
-    the target's; 'drafter' as a source and a K above its draft vocabulary are refused in one line."""
+    the target's; 'drafter' as a source and a K above its draft vocabulary are refused in one line. The drafter is
+    bfloat16, as the shipped one is."""
     import dataclasses
 
     import torch
@@ -235,7 +236,7 @@ def test_a_sweep_of_an_eagle3_drafter(ray_local, config, tmp_path, capsys):
 
     tcfg = AutoConfig.from_pretrained(config.target)
     V = tcfg.vocab_size
-    folder = write_specforge_checkpoint(tmp_path / "eagle3", type("T", (), {"config": tcfg})(), range(0, V, 2))
+    folder = write_specforge_checkpoint(tmp_path / "eagle3", type("T", (), {"config": tcfg})(), range(0, V, 2), dtype=torch.bfloat16)
     cfg = dataclasses.replace(config, drafter=str(folder), k=[16, 64, None], sources=["target"], temperature=0.0,
                               out=str(tmp_path / "sweep"))
     result = run_sweep(cfg)
@@ -253,6 +254,10 @@ def test_a_sweep_of_an_eagle3_drafter(ray_local, config, tmp_path, capsys):
         got = [r for p in sorted((tmp_path / "sweep" / "gen" / cell).glob("*.parquet")) for r in pq.read_table(p).column("completion").to_pylist()]
         assert got == alone, cell
     assert rows["target-k16"]["param_ratio"] < rows["full"]["param_ratio"]
+    assert 0 < rows["target-k16"]["eval_coverage"] <= rows["target-k64"]["eval_coverage"] <= 1
+    # A rerun reuses every finished cell and its re-trimmed folder.
+    again = {r["cell"]: r for r in run_sweep(cfg)["rows"]}
+    assert all(r["status"] == "ok" for r in again.values()) and again["target-k16"]["tokens_per_second"] == rows["target-k16"]["tokens_per_second"]
 
     args = ["sweep", "--target", cfg.target, "--drafter", str(folder), "--corpus", *cfg.corpus, "--prompts", *cfg.prompts,
             "--out", str(tmp_path / "cli")]

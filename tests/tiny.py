@@ -139,8 +139,10 @@ def count_tokens(tokenizer, texts: list[str]):
 def write_specforge_checkpoint(
     folder: Path, target, draft_ids, *, seed: int = 0, with_embedding: bool = False, std: float = 0.2,
     target_hidden: int | None = None, t2d_len: int | None = None, d2t=None, shuffle: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """config.json + model.safetensors as SpecForge's ``LlamaForCausalLMEagle3`` saves them."""
+    """config.json + model.safetensors as SpecForge's ``LlamaForCausalLMEagle3`` saves them (floating-point
+    tensors in ``dtype``)."""
     t = target.config
     H, V = t.hidden_size, t.vocab_size
     heads, kv = t.num_attention_heads, t.num_key_value_heads
@@ -181,8 +183,9 @@ def write_specforge_checkpoint(
         "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": H, "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
         "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "max_position_embeddings": 256, "rope_theta": 10000.0,
-        "vocab_size": V, "draft_vocab_size": K, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "vocab_size": V, "draft_vocab_size": K, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     if target_hidden:
         config["target_hidden_size"] = target_hidden
     folder.mkdir(parents=True, exist_ok=True)

@@ -409,6 +409,10 @@ class DrafterTrainer:
     def last_records(self) -> list[dict]:
         return self.history[-1:]
 
+    def records(self) -> list[dict]:
+        """Every epoch's record, this run's and the runs it resumed."""
+        return list(self.history)
+
     def save(self) -> None:
         self._save()
 
@@ -649,6 +653,7 @@ def run_train(config: TrainConfig) -> dict:
             history = ray.get(trainer.last_records.remote())
             if not storage.is_file(storage.join(c.out, e3.WEIGHTS_FILE)):
                 ray.get(trainer.save.remote())
+        all_epochs = ray.get(trainer.records.remote())
     finally:
         ray.kill(trainer, no_restart=True)
     train_seconds = time.perf_counter() - t1
@@ -661,7 +666,7 @@ def run_train(config: TrainConfig) -> dict:
         "train_shards": len(train_ids), "held_out_shards": len(eval_ids), "epochs": c.epochs, "ttt_length": c.ttt_length,
         "learning_rate": c.learning_rate, "batch_size": c.batch_size, "max_length": c.max_length,
         "objective": "EAGLE-3 training-time test (soft cross-entropy to the target over the draft vocabulary, step weights 0.8^s)",
-        "epochs_run": history, "loss": last.get("loss"), "held_out_acceptance": last.get("held_out_acceptance"),
+        "epochs_run": history, "history": all_epochs, "loss": last.get("loss"), "held_out_acceptance": last.get("held_out_acceptance"),
         "held_out_acceptance_per_step": last.get("held_out_acceptance_per_step"),
         "held_out_chain_acceptance": last.get("held_out_chain_acceptance"), "held_out_tokens_per_step": last.get("held_out_tokens_per_step"),
         "extract_seconds": round(extract_seconds, 1), "train_seconds": round(train_seconds, 1),

@@ -10,7 +10,7 @@ import torch
 from vocabtrim import storage
 from vocabtrim.engine.heads import check_support
 from vocabtrim.errors import UserError, first_line
-from vocabtrim.head.files import HEAD_FILE, MANIFEST_FILE, MANIFEST_KIND
+from vocabtrim.head.files import EAGLE3_MANIFEST_KIND, HEAD_FILE, MANIFEST_FILE, MANIFEST_KIND
 from vocabtrim.head.trimmed import TrimmedHead
 
 ARCHITECTURE_KEYS = (
@@ -39,10 +39,13 @@ def save_head(head: TrimmedHead, folder: str | os.PathLike, manifest: dict) -> N
     storage.atomic_write(storage.join(folder, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
 
 
-def read_head_manifest(head_dir: str | os.PathLike) -> dict:
+def read_head_manifest(head_dir: str | os.PathLike, *, eagle3: bool = False) -> dict:
+    """The manifest ``build-head`` wrote in ``head_dir``: a trimmed head's, or with ``eagle3`` a re-trimmed
+    EAGLE-3 drafter's."""
     head_dir = os.fspath(head_dir)
+    kind, what = (EAGLE3_MANIFEST_KIND, "re-trimmed EAGLE-3 drafter's manifest") if eagle3 else (MANIFEST_KIND, "trimmed-head manifest")
     return storage.read_manifest(
-        storage.join(head_dir, MANIFEST_FILE), MANIFEST_KIND, "trimmed-head manifest",
+        storage.join(head_dir, MANIFEST_FILE), kind, what,
         missing=f"{storage.display(head_dir)} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`",
     )
 

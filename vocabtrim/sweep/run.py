@@ -175,7 +175,7 @@ def ensure_head(cfg: SweepConfig, out: str, cell: Cell) -> dict:
 
     folder = head_dir(out, cell)
     if storage.is_file(storage.join(folder, "manifest.json")):
-        return read_head_manifest(folder)
+        return read_head_manifest(folder, eagle3=cfg.eagle3)
     return build_head(
         BuildHeadConfig(
             histogram=calib_dir(out, cell.source),
@@ -294,6 +294,7 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     target cell's outputs."""
     import numpy as np
     from safetensors.numpy import load
+    from safetensors.torch import load as load_torch
 
     from vocabtrim.eagle3 import WEIGHTS_FILE
     from vocabtrim.head.files import HEAD_FILE
@@ -311,7 +312,8 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     for cell in cells:
         folder = head_dir(out, cell)
         if cfg.eagle3:  # an EAGLE-3 folder: its draft vocabulary is i + d2t[i]
-            d2t = load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["d2t"]
+            # torch's reader: the folder's weights may be bfloat16, which numpy's reader refuses
+            d2t = load_torch(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["d2t"].numpy()
             kept = np.arange(d2t.shape[0]) + d2t
         else:
             kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"]
