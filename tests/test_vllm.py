@@ -123,7 +123,14 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
     pq.write_table(pa.table({"prompt": ["hi"]}), good)
     other_tok = make_tokenizer(280)
     other = save_model(tiny_llama(len(other_tok), layers=1), other_tok, tmp_path / "other")
+    from transformers import AutoConfig
+
+    from tiny import write_specforge_checkpoint
+
+    tcfg = AutoConfig.from_pretrained(target)
+    eagle3 = write_specforge_checkpoint(tmp_path / "eagle3", type("T", (), {"config": tcfg})(), range(0, tcfg.vocab_size, 2))
     cases = [
+        (["--drafter", str(eagle3), "--head", head], "an EAGLE-3 drafter takes neither --head nor --drafter-layers"),
         (["--drafter", "ngram", "--head", head], "--drafter ngram takes neither --head nor --drafter-layers"),
         (["--drafter", other], "tokenizers differ"),
         (["--no-draft", "--head", head], "--head needs a drafter"),
@@ -367,14 +374,18 @@ def same_rows(got, expected) -> int:
 
 @needs_vllm
 @pytest.mark.bundled
-@pytest.mark.parametrize("drafter", ["none", "layers-4", "layers-4-trimmed"])
+@pytest.mark.parametrize("drafter", ["none", "layers-4", "layers-4-trimmed", "eagle3"])
 def test_bundled_vllm_greedy_equals_native(bundled, drafter, tmp_path):
+    """vLLM with no drafter, the 4-layer truncation (full and trimmed head) and the shipped EAGLE-3 drafter, which
+    vLLM's own eagle3 proposer loads as train-drafter wrote it: greedy output is the native target's."""
     from vocabtrim.models import truncate_layers
-    from vocabtrim.vllm_backend import drafter_folder
+    from vocabtrim.vllm_backend import drafter_folder, eagle3_spec
 
     folder, target, tok, prompts, expected = bundled
     spec = None
-    if drafter != "none":
+    if drafter == "eagle3":
+        spec = eagle3_spec("smollm2-135m-eagle3", folder)
+    elif drafter != "none":
         head = None
         if drafter.endswith("trimmed"):  # the 8,192 smallest ids, the ids the target emits here, EOS/BOS
             ids = sorted(set(range(8192)) | {t for row in expected for t in row} | {1, 2})
@@ -384,3 +395,5 @@ def test_bundled_vllm_greedy_equals_native(bundled, drafter, tmp_path):
     assert same_rows(got, expected) >= 0.95 * len(prompts)  # float near-ties aside
     if spec is not None:
         assert sum(o.proposed for o in got) > 0 and all(len(o.accepted_hist) == 5 for o in got)
+    if drafter == "eagle3":  # the native engine accepts ~0.3 of its drafts at gamma 4; features misread would give ~0
+        assert sum(o.accepted for o in got) > 0.15 * sum(o.proposed for o in got)

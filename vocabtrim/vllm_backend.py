@@ -7,6 +7,8 @@ token ids (the ids the native engine would see) and every row carries its own se
 Drafters (``drafter_spec``):
 - none: the target alone;
 - ``ngram``: vLLM's prompt-lookup proposer;
+- an EAGLE-3 checkpoint folder (or the bundled ``smollm2-135m-eagle3``): vLLM's ``eagle3`` proposer, the
+  folder as ``train-drafter`` wrote it (vLLM reads SpecForge's layout), checked against the target first;
 - a model folder: vLLM's ``draft_model`` proposer. ``--drafter-layers N`` and ``--head HEAD_DIR`` are
   written once as a model folder vLLM loads (``drafter_folder``, cached under ``cache_root()``); with a
   head, the folder names ``TRIMMED_ARCHITECTURE``, vocabtrim's out-of-tree model
@@ -222,8 +224,8 @@ def _spec_counters(llm) -> dict:
 class VllmEngine:
     """One vLLM engine (``vllm.LLM``) with the native engine's ``generate`` API.
 
-    target: a model folder (or hub id); drafter_spec: None, ``{"method": "ngram"}`` or
-    ``{"method": "draft_model", "model": folder, "trimmed": bool}``; gamma: draft tokens per step.
+    target: a model folder (or hub id); drafter_spec: None, ``{"method": "ngram"}``,
+    ``{"method": "draft_model", "model": folder, "trimmed": bool}`` or ``eagle3_spec(...)``; gamma: draft tokens per step.
     max_num_seqs: rows vLLM decodes together (its continuous batching refills finished rows).
     """
 
@@ -248,7 +250,7 @@ class VllmEngine:
             speculative = {"num_speculative_tokens": gamma, **{k: v for k, v in drafter_spec.items() if k != "trimmed"}}
             if drafter_spec["method"] == NGRAM:
                 speculative.update(prompt_lookup_min=1, prompt_lookup_max=4)
-            elif local_argmax:
+            elif local_argmax and drafter_spec["method"] == "draft_model":
                 # Greedy drafting through get_top_tokens: a trimmed head's argmax over its K rows, no [n, V] tensor.
                 speculative["use_local_argmax_reduction"] = True
         kwargs = dict(
@@ -358,8 +360,25 @@ class VllmEngine:
 # ---------------------------------------------------------------------------------------------
 
 
+def eagle3_spec(name: str, target: str) -> dict:
+    """vLLM's ``eagle3`` proposer for the EAGLE-3 drafter ``name`` (a folder, or the bundled one's name), after
+    the checks the native engine makes (``t2d`` as long as the target's vocabulary, ``d2t`` inside it, the
+    target's hidden size; one-line UserErrors). vLLM loads the folder unchanged."""
+    from transformers import AutoConfig
+
+    from vocabtrim.eagle3 import load_eagle3
+    from vocabtrim.models import eagle3_folder
+
+    folder = Path(eagle3_folder(name)).expanduser().resolve()
+    config = AutoConfig.from_pretrained(target)
+    load_eagle3(folder, target_vocab=int(config.vocab_size), target_hidden=int(config.hidden_size))
+    return {"method": "eagle3", "model": str(folder)}
+
+
 def check_generate_config(cfg) -> None:
     """Refuse, in one line and before Ray starts, what ``--engine`` cannot do (``cfg``: a ``GenerateConfig``)."""
+    from vocabtrim.models import is_eagle3
+
     engine = getattr(cfg, "engine", "native")
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -371,6 +390,9 @@ def check_generate_config(cfg) -> None:
     require_vllm()
     if ngram and (cfg.head or cfg.drafter_layers is not None):
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
+    if not cfg.no_draft and not ngram and cfg.drafter is not None and is_eagle3(cfg.drafter) and (cfg.head or cfg.drafter_layers is not None):
+        raise UserError("an EAGLE-3 drafter takes neither --head nor --drafter-layers (it has one layer and its own draft "
+                        "vocabulary: re-trim it with `vocabtrim build-head` and pass the new folder as --drafter)")
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
         raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
     if cfg.gpus_per_worker and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
@@ -381,7 +403,7 @@ def check_generate_config(cfg) -> None:
 
 def load_for_generate(cfg):
     """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
-    from vocabtrim.models import default_device, load_tokenizer, resolve_dtype, resolve_model
+    from vocabtrim.models import default_device, is_eagle3, load_tokenizer, resolve_dtype, resolve_model
     from vocabtrim.special_tokens import eos_ids
 
     target = resolve_model(cfg.target)
@@ -390,6 +412,8 @@ def load_for_generate(cfg):
     if not cfg.no_draft:
         if cfg.drafter == NGRAM:
             drafter_spec = {"method": NGRAM}
+        elif cfg.drafter is not None and is_eagle3(cfg.drafter):
+            drafter_spec = eagle3_spec(cfg.drafter, target)
         else:
             name = cfg.drafter if cfg.drafter is not None else cfg.target
             folder = drafter_folder(name, cfg.drafter_layers, cfg.head, trust_remote_code=cfg.trust_remote_code)
