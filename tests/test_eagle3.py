@@ -109,6 +109,27 @@ def test_cli_refuses_a_mismatched_eagle3_drafter_with_exit_2(tiny, tmp_path, cap
     assert pair.drafter.token_ids.tolist() == tiny["draft_ids"]
 
 
+def test_generate_refuses_head_and_drafter_layers_with_an_eagle3_drafter_before_any_work(tiny, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vocabtrim import cli
+
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), prompts)
+    folder = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"])
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "head.safetensors").write_bytes(b"")  # a head folder's file is there; its content is not read
+    for extra, message in ((["--head", str(tmp_path / "head")], "an EAGLE-3 drafter carries its own draft vocabulary"),
+                           (["--drafter-layers", "1"], "--drafter-layers does not apply to an EAGLE-3 drafter")):
+        out = tmp_path / "out"
+        assert cli.main(["generate", "--target", str(tiny["target_dir"]), "--drafter", str(folder), *extra,
+                         "--prompts", str(prompts), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+        assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The forward: the position-indexed cache computes exactly what training's TTT computes
 # ---------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
     tcfg = AutoConfig.from_pretrained(target)
     eagle3 = write_specforge_checkpoint(tmp_path / "eagle3", type("T", (), {"config": tcfg})(), range(0, tcfg.vocab_size, 2))
     cases = [
-        (["--drafter", str(eagle3), "--head", head], "an EAGLE-3 drafter takes neither --head nor --drafter-layers"),
+        (["--drafter", str(eagle3), "--head", head], "an EAGLE-3 drafter carries its own draft vocabulary"),
         (["--drafter", "ngram", "--head", head], "--drafter ngram takes neither --head nor --drafter-layers"),
         (["--drafter", other], "tokenizers differ"),
         (["--no-draft", "--head", head], "--head needs a drafter"),

@@ -171,13 +171,17 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
 
 
 def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
-    """Refuse, before ``--out`` is touched or Ray starts, a ``--drafter-layers`` the drafter does not have and a
-    ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size or
+    """Refuse, before ``--out`` is touched or Ray starts, ``--head`` or ``--drafter-layers`` with an EAGLE-3
+    drafter, a ``--drafter-layers`` the drafter does not have and a ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size or
     architecture (``--drafter-layers`` included) than the drafter's config says. Only the config is read here;
     the workers still compare the head's rows with the drafter's loaded LM head. A drafter whose config cannot
     be read here (a hub id offline) is left to them."""
     if cfg.no_draft or (not cfg.head and cfg.drafter_layers is None):
         return
+    from vocabtrim.models import EAGLE3_NO_HEAD, EAGLE3_NO_LAYERS, is_eagle3
+
+    if is_eagle3(_drafter_name(cfg)):  # either engine
+        raise UserError(EAGLE3_NO_HEAD if cfg.head else EAGLE3_NO_LAYERS)
     config = _drafter_config(cfg)
     if not cfg.head:
         return

@@ -416,6 +416,10 @@ def load_drafter(
 
 
 BUNDLED_EAGLE3 = "smollm2-135m-eagle3"
+# The refusals of the flags an EAGLE-3 drafter does not take (one layer, its own draft vocabulary).
+EAGLE3_NO_HEAD = ("an EAGLE-3 drafter carries its own draft vocabulary: re-trim it with `vocabtrim build-head` "
+                  "and pass the new folder as --drafter (drop --head)")
+EAGLE3_NO_LAYERS = "--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it"
 
 
 def bundled_eagle3_path() -> Path:
@@ -459,7 +463,7 @@ def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_rem
 
 def _load_eagle3_pair(target, drafter, drafter_layers, *, dtype, device, trust_remote_code) -> "ModelPair":
     if drafter_layers is not None:
-        raise UserError("--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it")
+        raise UserError(EAGLE3_NO_LAYERS)
     target_tok = load_tokenizer(target, trust_remote_code)
     target_model = load_model(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     check_pair(target_tok, target_tok, target_model, None)

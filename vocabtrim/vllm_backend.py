@@ -377,8 +377,6 @@ def eagle3_spec(name: str, target: str) -> dict:
 
 def check_generate_config(cfg) -> None:
     """Refuse, in one line and before Ray starts, what ``--engine`` cannot do (``cfg``: a ``GenerateConfig``)."""
-    from vocabtrim.models import is_eagle3
-
     engine = getattr(cfg, "engine", "native")
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -390,9 +388,6 @@ def check_generate_config(cfg) -> None:
     require_vllm()
     if ngram and (cfg.head or cfg.drafter_layers is not None):
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
-    if not cfg.no_draft and not ngram and cfg.drafter is not None and is_eagle3(cfg.drafter) and (cfg.head or cfg.drafter_layers is not None):
-        raise UserError("an EAGLE-3 drafter takes neither --head nor --drafter-layers (it has one layer and its own draft "
-                        "vocabulary: re-trim it with `vocabtrim build-head` and pass the new folder as --drafter)")
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
         raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
     if cfg.gpus_per_worker and cfg.gpus_per_worker != int(cfg.gpus_per_worker):

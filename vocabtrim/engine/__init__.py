@@ -23,9 +23,10 @@ def build_drafter(drafter_model=None, head=None, target=None):
     if isinstance(drafter_model, Eagle3Model):
         from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
 
+        from vocabtrim.models import EAGLE3_NO_HEAD
+
         if head is not None:
-            raise UserError("an EAGLE-3 drafter carries its own draft vocabulary: re-trim it with `vocabtrim build-head` "
-                            "and pass the new folder as --drafter (drop --head)")
+            raise UserError(EAGLE3_NO_HEAD)
         return Eagle3Drafter(drafter_model, int(target.config.num_hidden_layers))
     from vocabtrim.engine.drafters.causal_lm import CausalLMDrafter
     from vocabtrim.engine.heads import trimmed_head

@@ -133,9 +133,10 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     tokenizer = _eagle3_tokenizer(config)
     fingerprint = tokenizer_fingerprint(tokenizer)
     hist_path, calibration, counts = histogram.read_calibration(config.histogram, fingerprint, "target")
+    from vocabtrim.models import EAGLE3_NO_LAYERS, eagle3_folder
+
     if config.drafter_layers is not None:
-        raise UserError("--drafter-layers does not apply to an EAGLE-3 drafter (it has one layer): drop it")
-    from vocabtrim.models import eagle3_folder
+        raise UserError(EAGLE3_NO_LAYERS)
 
     model = eagle3.load_eagle3(eagle3_folder(config.drafter), target_vocab=None)
     vocab = model.config.vocab_size
