@@ -8,9 +8,9 @@
 Prompts: the ``messages`` column with the chat template applied (the shipped prompts: none of them
 was a training prompt of the bundled drafter), optionally only some ``kind``s. Greedy unless
 ``--temperature`` says otherwise; every completion is checked against the target's own (at any temperature
-the reproducible sampler gives the target alone's completion for the same seed). The prompts are cut into ``--rounds`` consecutive parts; each round
-runs every setting on its part, in an order rotated from round to round, so drift in the machine's speed
-hits every setting alike. Settings: the target alone, the drafter with its own (trimmed) draft
+the reproducible sampler gives the target alone's completion for the same seed). The prompts are cut into
+``--rounds`` consecutive parts; each round runs every setting on its part, in an order rotated from round to
+round, so drift in the machine's speed hits every setting alike. Settings: the target alone, the drafter with its own (trimmed) draft
 vocabulary and, with ``--full-head``, the same drafter with a full-vocabulary head (``eagle3.widen``: its
 own rows at its draft ids, the target's LM-head rows elsewhere).
 

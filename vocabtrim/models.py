@@ -445,19 +445,25 @@ def eagle3_folder(name: str) -> str:
     return name
 
 
-def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_remote_code: bool = False):
-    """Load the EAGLE-3 folder ``name`` for ``target_model``, refusing (one line) a checkpoint for another
-    target: t2d length vs the target's vocabulary, d2t out of range, hidden sizes; a tokenizer in the
-    folder, when there is one, must be the target's."""
+def load_eagle3_checked(name: str, target_vocab: int, target_hidden: int, *, target_tokenizer=None,
+                        trust_remote_code: bool = False, **load_kwargs):
+    """Load the EAGLE-3 folder ``name`` (or the bundled drafter's name), refusing (one line) a checkpoint for
+    another target: t2d length vs ``target_vocab``, d2t out of range, ``target_hidden``; a tokenizer in the
+    folder, when there is one, must be ``target_tokenizer``. ``load_kwargs``: ``eagle3.load_eagle3``'s."""
     from vocabtrim.eagle3 import load_eagle3
 
     name = eagle3_folder(name)
     if target_tokenizer is not None and (Path(name).expanduser() / "tokenizer_config.json").is_file():
         check_pair(target_tokenizer, load_tokenizer(name, trust_remote_code))
+    return load_eagle3(name, target_vocab=target_vocab, target_hidden=target_hidden, **load_kwargs)
+
+
+def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_remote_code: bool = False):
+    """``load_eagle3_checked`` against a loaded target, the drafter on its embedding's dtype and device."""
     embedding = target_model.get_input_embeddings().weight
-    return load_eagle3(
-        name, target_vocab=logits_width(target_model), target_hidden=int(target_model.config.hidden_size),
-        target_embedding=embedding, dtype=embedding.dtype, device=embedding.device,
+    return load_eagle3_checked(
+        name, logits_width(target_model), int(target_model.config.hidden_size), target_tokenizer=target_tokenizer,
+        trust_remote_code=trust_remote_code, target_embedding=embedding, dtype=embedding.dtype, device=embedding.device,
     )
 
 

@@ -406,9 +406,6 @@ class DrafterTrainer:
     def position(self) -> tuple[int, int]:
         return self.epoch, self.step
 
-    def last_records(self) -> list[dict]:
-        return self.history[-1:]
-
     def records(self) -> list[dict]:
         """Every epoch's record, this run's and the runs it resumed."""
         return list(self.history)
@@ -650,7 +647,7 @@ def run_train(config: TrainConfig) -> dict:
         finally:
             bar.close()
         if not history:  # nothing left to train: report the state reached
-            history = ray.get(trainer.last_records.remote())
+            history = ray.get(trainer.records.remote())[-1:]
             if not storage.is_file(storage.join(c.out, e3.WEIGHTS_FILE)):
                 ray.get(trainer.save.remote())
         all_epochs = ray.get(trainer.records.remote())

@@ -360,18 +360,18 @@ class VllmEngine:
 # ---------------------------------------------------------------------------------------------
 
 
-def eagle3_spec(name: str, target: str) -> dict:
+def eagle3_spec(name: str, target: str, tokenizer=None, trust_remote_code: bool = False) -> dict:
     """vLLM's ``eagle3`` proposer for the EAGLE-3 drafter ``name`` (a folder, or the bundled one's name), after
-    the checks the native engine makes (``t2d`` as long as the target's vocabulary, ``d2t`` inside it, the
-    target's hidden size; one-line UserErrors). vLLM loads the folder unchanged."""
+    the checks the native engine makes (``models.load_eagle3_checked``, against the target's config and its
+    ``tokenizer``). vLLM loads the folder unchanged."""
     from transformers import AutoConfig
 
-    from vocabtrim.eagle3 import load_eagle3
-    from vocabtrim.models import eagle3_folder
+    from vocabtrim.models import eagle3_folder, load_eagle3_checked
 
     folder = Path(eagle3_folder(name)).expanduser().resolve()
-    config = AutoConfig.from_pretrained(target)
-    load_eagle3(folder, target_vocab=int(config.vocab_size), target_hidden=int(config.hidden_size))
+    config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    load_eagle3_checked(str(folder), int(config.vocab_size), int(config.hidden_size), target_tokenizer=tokenizer,
+                        trust_remote_code=trust_remote_code)
     return {"method": "eagle3", "model": str(folder)}
 
 
@@ -408,7 +408,7 @@ def load_for_generate(cfg):
         if cfg.drafter == NGRAM:
             drafter_spec = {"method": NGRAM}
         elif cfg.drafter is not None and is_eagle3(cfg.drafter):
-            drafter_spec = eagle3_spec(cfg.drafter, target)
+            drafter_spec = eagle3_spec(cfg.drafter, target, tokenizer, cfg.trust_remote_code)
         else:
             name = cfg.drafter if cfg.drafter is not None else cfg.target
             folder = drafter_folder(name, cfg.drafter_layers, cfg.head, trust_remote_code=cfg.trust_remote_code)

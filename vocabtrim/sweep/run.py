@@ -293,8 +293,7 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     (its completions re-encoded with the tokenizer) that the cell's kept ids cover. Empty without the
     target cell's outputs."""
     import numpy as np
-    from safetensors.numpy import load
-    from safetensors.torch import load as load_torch
+    from safetensors.torch import load  # torch's reader: an EAGLE-3 folder's weights may be bfloat16 (numpy's refuses)
 
     from vocabtrim.eagle3 import WEIGHTS_FILE
     from vocabtrim.head.files import HEAD_FILE
@@ -312,11 +311,10 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     for cell in cells:
         folder = head_dir(out, cell)
         if cfg.eagle3:  # an EAGLE-3 folder: its draft vocabulary is i + d2t[i]
-            # torch's reader: the folder's weights may be bfloat16, which numpy's reader refuses
-            d2t = load_torch(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["d2t"].numpy()
+            d2t = load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["d2t"].numpy()
             kept = np.arange(d2t.shape[0]) + d2t
         else:
-            kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"]
+            kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"].numpy()
         shares[cell.name] = float(np.isin(ids, kept).mean())
     return shares
 
