@@ -1,8 +1,10 @@
 """Native engine vs vLLM on the bundled SmolLM2-135M: target alone, and speculative decoding with a
-layer-truncated drafter with its full head and with a trimmed (K ids) head. Prints a Markdown table.
+layer-truncated drafter with its full head and with a trimmed (K ids) head, and with the shipped EAGLE-3
+drafter with its own trimmed draft vocabulary and with a full-vocabulary head. Prints a Markdown table.
 
     python benchmarks/bench_vllm.py                                  # 32 prompts x 48 tokens, batch 8 and 32
     python benchmarks/bench_vllm.py --prompts 16 --max-new-tokens 24 --rounds 1   # a smaller run
+    python benchmarks/bench_vllm.py --drafters eagle3 --eagle3-gamma 3           # EAGLE-3 settings only
 
 Needs vLLM (`pip install 'vocabtrim[vllm]'`). Every vLLM engine (target alone, full-head drafter,
 trimmed-head drafter with and without the vocabulary-wide placement) is started once and kept alive;
@@ -13,7 +15,11 @@ static batch; vLLM: ``max_num_seqs`` = the largest batch, so a call of B rows de
 All runs are greedy and ignore EOS (every row gets ``--max-new-tokens`` tokens); each speculative
 output is compared token for token with the same engine's target alone ("same" column). The trimmed
 head keeps the K ids the target emits most often on other prompts (disjoint from the timed prompts)
-plus the special tokens. tokens/s is measured around ``generate`` after a warm-up call; the native
+plus the special tokens. The EAGLE-3 drafter (``--eagle3``, the shipped one by default) runs with its own
+draft vocabulary (vLLM: greedy drafting through ``get_top_tokens``, the argmax over its K rows mapped by
+``d2t``; "placed": vLLM's own ``compute_logits``, which scatters the K logits into a vocabulary-wide -inf
+tensor) and with a full-vocabulary head (``eagle3.widen``: its own rows at its draft ids, the target's
+LM-head rows elsewhere; written as a folder vLLM loads). tokens/s is measured around ``generate`` after a warm-up call; the native
 engine runs with ``--threads`` torch threads, vLLM with its CPU default (all cores but one).
 
 ``--profile`` runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model in this process, no
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from collections import Counter
 from importlib import resources
@@ -62,6 +69,12 @@ def top_k_ids(counts: Counter, k: int, vocab: int, specials) -> list[int]:
     """The K most frequent ids (ties and unseen ids filled by lowest id), plus the special tokens."""
     ranked = sorted(range(vocab), key=lambda t: (-counts.get(t, 0), t))
     return sorted(set(ranked[:k]) | set(specials))
+
+
+def span(res: dict, ref: dict) -> str:
+    """The lowest and highest ratio of two settings' tokens/s within one round."""
+    ratios = [a / b for a, b in zip(res["by_round"], ref["by_round"])]
+    return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
 def timed(fn, prompts, batch):
@@ -172,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the native engine")
     ap.add_argument("--engines", default="native,vllm")
+    ap.add_argument("--drafters", default="plain,eagle3", help="plain (layer-truncated), eagle3, or both")
+    ap.add_argument("--eagle3", default="smollm2-135m-eagle3", help="the EAGLE-3 drafter (a folder or the shipped name)")
+    ap.add_argument("--eagle3-gamma", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="vLLM in-process, with its forwards and proposer timed")
     args = ap.parse_args(argv)
     if args.profile:
@@ -179,6 +195,7 @@ def main(argv=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     torch.set_num_threads(args.threads)
 
+    from vocabtrim import eagle3 as e3
     from vocabtrim.head.io import drafter_architecture, save_head
     from vocabtrim.head.trimmed import head_from_ids
     from vocabtrim.models import head_rows_fingerprint, load_pair, resolve_model, tokenizer_fingerprint, truncate_layers
@@ -186,6 +203,7 @@ def main(argv=None):
     from vocabtrim.engine.sampling import SamplingParams
 
     engines = args.engines.split(",")
+    families = args.drafters.split(",")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     pair = load_pair("smollm2-135m", need_drafter=False, dtype="float32", device="cpu")
     target, tok = pair.target, pair.tokenizer
@@ -207,18 +225,28 @@ def main(argv=None):
     print(f"# calibration: {sum(counts.values())} target tokens on {len(calib_prompts)} prompts; head keeps {len(kept)} of {vocab} ids",
           flush=True)
 
+    eagle3 = wide = None
+    if "eagle3" in families:
+        eagle3 = load_pair("smollm2-135m", args.eagle3, dtype="float32", device="cpu").drafter
+        wide = e3.widen(eagle3, target.get_output_embeddings().weight)
+        print(f"# EAGLE-3 drafter {args.eagle3}: draft vocabulary {eagle3.config.draft_vocab_size} of {vocab} ids", flush=True)
+
     greedy = SamplingParams(temperature=0)
     settings: dict[str, callable] = {}
     closers = []
     timer = None
     if "native" in engines:
-        for name, d, h in (("target alone", None, None), ("drafter, full head", drafter, None),
-                           ("drafter, trimmed head", drafter, head)):
-            eng = make_engine(target, d, h, gamma=args.gamma if d is not None else None, sampling=greedy,
+        native = [("target alone", None, None, None)]
+        if "plain" in families:
+            native += [("drafter, full head", drafter, None, args.gamma), ("drafter, trimmed head", drafter, head, args.gamma)]
+        if "eagle3" in families:
+            native += [("EAGLE-3, full head", wide, None, args.eagle3_gamma), ("EAGLE-3, trimmed head", eagle3, None, args.eagle3_gamma)]
+        for name, d, h, gamma in native:
+            eng = make_engine(target, d, h, gamma=gamma, sampling=greedy,
                               max_new_tokens=args.max_new_tokens, batch_size=max(batches))
             settings[f"native | {name}"] = eng.generate
     if "vllm" in engines:
-        from vocabtrim.vllm_backend import VllmEngine, drafter_folder
+        from vocabtrim.vllm_backend import VllmEngine, drafter_folder, eagle3_spec
 
         head_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"vocabtrim-bench-head-{args.drafter_layers}-{len(kept)}"
         save_head(head, head_dir, {"kind": "vocabtrim-head", "k": head.k, "vocab_size": vocab,
@@ -229,14 +257,26 @@ def main(argv=None):
         trimmed_folder = drafter_folder("smollm2-135m", args.drafter_layers, str(head_dir))
         folder = resolve_model("smollm2-135m")
         timer = StepTimer(target.config.num_hidden_layers) if args.profile else None
-        for name, spec, local_argmax in (
-            ("target alone", None, True),
-            ("drafter, full head", {"method": "draft_model", "model": full_folder}, True),
-            ("drafter, trimmed head", {"method": "draft_model", "model": trimmed_folder}, True),
-            ("drafter, trimmed head, placed", {"method": "draft_model", "model": trimmed_folder}, False),
-        ):
+        runs = [("target alone", None, True, args.gamma)]
+        if "plain" in families:
+            runs += [
+                ("drafter, full head", {"method": "draft_model", "model": full_folder}, True, args.gamma),
+                ("drafter, trimmed head", {"method": "draft_model", "model": trimmed_folder}, True, args.gamma),
+                ("drafter, trimmed head, placed", {"method": "draft_model", "model": trimmed_folder}, False, args.gamma),
+            ]
+        if "eagle3" in families:
+            wide_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"vocabtrim-bench-eagle3-full-{os.getpid()}"
+            e3.save_eagle3(wide, wide_dir)
+            closers.append(lambda: shutil.rmtree(wide_dir, ignore_errors=True))
+            spec = eagle3_spec(args.eagle3, folder, tok)
+            runs += [
+                ("EAGLE-3, full head", eagle3_spec(str(wide_dir), folder, tok), True, args.eagle3_gamma),
+                ("EAGLE-3, trimmed head", spec, True, args.eagle3_gamma),
+                ("EAGLE-3, trimmed head, placed", spec, False, args.eagle3_gamma),
+            ]
+        for name, spec, local_argmax, gamma in runs:
             start = time.perf_counter()
-            eng = VllmEngine(folder, spec, gamma=args.gamma, temperature=0.0, max_new_tokens=args.max_new_tokens,
+            eng = VllmEngine(folder, spec, gamma=gamma, temperature=0.0, max_new_tokens=args.max_new_tokens,
                              max_num_seqs=max(batches), max_model_len=2048, local_argmax=local_argmax)
             print(f"# vLLM engine '{name}' started in {time.perf_counter() - start:.1f} s", flush=True)
             settings[f"vllm | {name}"] = eng.generate
@@ -253,7 +293,9 @@ def main(argv=None):
                 outs, wall = timed(fn, eval_prompts, b)
                 if timer is not None:
                     timer.current = None
-                res = results.setdefault((b, name), {"seconds": 0.0, "tokens": 0, "proposed": 0, "accepted": 0, "outs": outs})
+                res = results.setdefault((b, name), {"seconds": 0.0, "tokens": 0, "proposed": 0, "accepted": 0, "outs": outs,
+                                                     "by_round": []})
+                res["by_round"].append(sum(len(o.token_ids) for o in outs) / wall)
                 res["seconds"] += wall
                 res["tokens"] += sum(len(o.token_ids) for o in outs)
                 res["proposed"] += sum(o.proposed for o in outs)
@@ -265,21 +307,24 @@ def main(argv=None):
     load = os.getloadavg()
     print()
     print(f"Bundled SmolLM2-135M, float32, greedy, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
-          f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}, {args.rounds} interleaved "
+          f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}; "
+          + (f"EAGLE-3 drafter {args.eagle3} (K={eagle3.config.draft_vocab_size}), gamma {args.eagle3_gamma}; " if eagle3 is not None else "")
+          + f"{args.rounds} interleaved "
           f"round(s); load average {load[0]:.2f} (1 min) on {os.cpu_count()} cores.")
     print()
-    print("| batch | engine | setting | tokens/s | × same engine's target alone | × same engine's full-head drafter | acceptance | same as target alone |")
+    print("| batch | engine | setting | tokens/s | × same engine's target alone (by round) | "
+          "× same engine's full-head drafter (by round) | acceptance | same as target alone |")
     print("|---|---|---|---|---|---|---|---|")
     for (b, name), res in results.items():
         engine, setting = name.split(" | ")
         tps = res["tokens"] / res["seconds"]
         base = results[(b, f"{engine} | target alone")]
-        full = results.get((b, f"{engine} | drafter, full head"))
-        vs_base = tps / (base["tokens"] / base["seconds"])
-        vs_full = tps / (full["tokens"] / full["seconds"]) if full and "trimmed" in setting else None
+        full = results.get((b, f"{engine} | {setting.split(',')[0]}, full head"))
+        vs_base = f"{tps / (base['tokens'] / base['seconds']):.2f} ({span(res, base)})"
+        vs_full = f"{tps / (full['tokens'] / full['seconds']):.2f} ({span(res, full)})" if full and "trimmed" in setting else "–"
         acc = res["accepted"] / res["proposed"] if res["proposed"] else None
         same = sum(o.token_ids == e.token_ids for o, e in zip(res["outs"], base["outs"]))
-        print(f"| {b} | {engine} | {setting} | {tps:.1f} | {vs_base:.2f} | {'–' if vs_full is None else f'{vs_full:.2f}'} | "
+        print(f"| {b} | {engine} | {setting} | {tps:.1f} | {vs_base} | {vs_full} | "
               f"{'–' if acc is None else f'{acc:.3f}'} | {same}/{len(res['outs'])} |")
 
     if timer is not None:

@@ -402,6 +402,29 @@ def test_widen_gives_the_same_drafter_a_full_vocabulary_head_and_retrim_undoes_i
         e3.widen(drafter, target_head[:-1])
 
 
+def test_a_full_draft_vocabulary_is_saved_without_d2t_as_vllm_loads_it(tiny, tmp_path):
+    """vLLM's Eagle3LlamaForCausalLM has no d2t parameter when the draft vocabulary is the target's whole
+    vocabulary and refuses a checkpoint that carries one; such a folder (and one without t2d too) loads here."""
+    from safetensors.torch import load_file, save_file
+
+    drafter = load_for(tiny, write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"]))
+    wide = e3.widen(drafter, tiny["target"].lm_head.weight)
+    e3.save_eagle3(wide, tmp_path / "wide")
+    stored = load_file(str(tmp_path / "wide" / e3.WEIGHTS_FILE))
+    assert "d2t" not in stored and bool(stored["t2d"].all())
+    for folder in (tmp_path / "wide", tmp_path / "bare"):
+        if folder.name == "bare":  # neither d2t nor t2d: the identity
+            folder.mkdir()
+            (folder / "config.json").write_text((tmp_path / "wide" / "config.json").read_text())
+            save_file({k: v for k, v in stored.items() if k != "t2d"}, str(folder / e3.WEIGHTS_FILE))
+        back = load_for(tiny, folder)
+        for k, v in wide.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), (folder.name, k)
+    # A trimmed draft vocabulary still needs its d2t.
+    e3.save_eagle3(drafter, tmp_path / "trimmed")
+    assert "d2t" in load_file(str(tmp_path / "trimmed" / e3.WEIGHTS_FILE))
+
+
 def test_specforge_export_of_a_plain_head(tmp_path):
     from vocabtrim.head.export import export_specforge
 

@@ -467,10 +467,13 @@ def load_eagle3(
     with_embedding = "embed_tokens.weight" in tensors
     model = Eagle3Model(config, with_embedding=with_embedding)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    V, K = config.vocab_size, config.draft_vocab_size
+    if K == V:  # a full draft vocabulary: vLLM's loader refuses a d2t then, so it may be absent (the identity)
+        tensors.setdefault("d2t", torch.zeros(K, dtype=torch.int64))
+        tensors.setdefault("t2d", torch.ones(V, dtype=torch.bool))
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise UserError(f"EAGLE-3 checkpoint {shown} lacks tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    V, K = config.vocab_size, config.draft_vocab_size
     d2t, t2d = tensors["d2t"], tensors["t2d"]
     for name, shape in expected.items():
         if name in ("d2t", "t2d"):
@@ -523,7 +526,10 @@ def load_eagle3(
 
 
 def save_eagle3(model: Eagle3Model, folder: str | os.PathLike, *, dtype: torch.dtype | None = None, extra_files: dict | None = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` in SpecForge's layout (``d2t`` int64, ``t2d`` bool)."""
+    """Write ``config.json`` and ``model.safetensors`` in SpecForge's layout (``d2t`` int64, ``t2d`` bool).
+
+    A draft vocabulary that is the target's whole vocabulary is written without ``d2t`` (the identity), as
+    vLLM's ``Eagle3LlamaForCausalLM`` loads it: it has no ``d2t`` parameter then and refuses one."""
     from safetensors.torch import save_file
 
     from vocabtrim import storage
@@ -536,6 +542,8 @@ def save_eagle3(model: Eagle3Model, folder: str | os.PathLike, *, dtype: torch.d
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous()
+    if model.config.draft_vocab_size == model.config.vocab_size:
+        del tensors["d2t"]
     raw = dict(model.config.raw)
     raw["architectures"] = [ARCHITECTURE]
     raw["draft_vocab_size"] = int(model.config.draft_vocab_size)

@@ -250,8 +250,9 @@ class VllmEngine:
             speculative = {"num_speculative_tokens": gamma, **{k: v for k, v in drafter_spec.items() if k != "trimmed"}}
             if drafter_spec["method"] == NGRAM:
                 speculative.update(prompt_lookup_min=1, prompt_lookup_max=4)
-            elif local_argmax and drafter_spec["method"] == "draft_model":
-                # Greedy drafting through get_top_tokens: a trimmed head's argmax over its K rows, no [n, V] tensor.
+            elif local_argmax and drafter_spec["method"] in ("draft_model", "eagle3"):
+                # Greedy drafting through get_top_tokens: a trimmed head's argmax over its K rows, mapped to a
+                # target id (an EAGLE-3 drafter's through its d2t), no [n, V] tensor.
                 speculative["use_local_argmax_reduction"] = True
         kwargs = dict(
             model=target,

@@ -310,9 +310,8 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     shares = {}
     for cell in cells:
         folder = head_dir(out, cell)
-        if cfg.eagle3:  # an EAGLE-3 folder: its draft vocabulary is i + d2t[i]
-            d2t = load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["d2t"].numpy()
-            kept = np.arange(d2t.shape[0]) + d2t
+        if cfg.eagle3:  # an EAGLE-3 folder: t2d marks its draft vocabulary
+            kept = np.flatnonzero(load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["t2d"].numpy())
         else:
             kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"].numpy()
         shares[cell.name] = float(np.isin(ids, kept).mean())
