@@ -106,6 +106,24 @@ def test_engine_vllm_without_vllm_says_how_to_install(tiny_pair_dirs, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_calibrate_engine_vllm_refusals(tiny_pair_dirs, tmp_path, capsys, monkeypatch):
+    """calibrate --engine vllm: counting a corpus runs no model (refused, vLLM or not); without vLLM, the line
+    says how to install it. Nothing is written."""
+    target, _ = tiny_pair_dirs
+    good = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["hi there"]}), good)
+    base = ["calibrate", "--engine", "vllm", "--drafter", target, "--corpus", str(good), "--out", str(tmp_path / "out")]
+    for argv, says in ((base, "--source target or --source drafter"),
+                       (base + ["--source", "target", "--target", target], "pip install 'vocabtrim[vllm]'")):
+        if "target" in argv:
+            monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees where vLLM is not installed
+        capsys.readouterr()
+        code = cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and says in err, err
+        assert not (tmp_path / "out").exists()
+
+
 def test_ngram_needs_the_vllm_engine(tiny_pair_dirs, tmp_path, capsys):
     target, _ = tiny_pair_dirs
     good = tmp_path / "p.parquet"
@@ -328,6 +346,38 @@ def test_generate_with_vllm_rows_errors_resume_and_summary(ray_local, tiny_dirs,
     with pytest.raises(UserError, match="other settings") as e:
         run_generate(replace(base, engine="native"))
     assert "engine" in str(e.value)
+
+
+@needs_vllm
+def test_calibrate_with_vllm_counts_what_the_native_engine_generates(ray_local, tiny_dirs, prompt_files, tmp_path):
+    """calibrate --source target --engine vllm: the target's greedy completions counted, as the native engine
+    counts them (the same histogram); the engine is part of the ledger's settings; a rerun resumes."""
+    from vocabtrim import histogram
+    from vocabtrim.calibrate import CalibrateConfig, run_calibrate
+
+    target, _, _, _ = tiny_dirs
+    out = tmp_path / "vllm"
+    argv = ["calibrate", "--engine", "vllm", "--drafter", target, "--target", target, "--source", "target",
+            "--corpus", str(prompt_files / "a.parquet"), "--text-column", "prompt", "--temperature", "0",
+            "--max-new-tokens", "10", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(argv) == 0
+    cfg = CalibrateConfig(drafter=target, target=target, source="target", corpus=[str(prompt_files / "a.parquet")],
+                          text_column="prompt", temperature=0.0, max_new_tokens=10, batch_size=4, show_progress=False,
+                          engine="native", out=str(tmp_path / "native"))
+    native = run_calibrate(cfg)
+    got = json.loads((out / "manifest.json").read_text())
+    assert got["engine"] == "vllm" and native["engine"] == "native"
+    assert got["rows"] == native["rows"] == 6 and got["skipped_rows"] == 2  # None and "" rows are skipped
+    assert got["total_tokens"] == native["total_tokens"] > 0
+    v = got["vocab_size"]
+    assert (histogram.load(str(out / "histogram.parquet"), v) == histogram.load(str(tmp_path / "native" / "histogram.parquet"), v)).all()
+
+    again = run_calibrate(replace(cfg, engine="vllm", out=str(out)))  # every shard in the ledger: vLLM not started
+    assert (again["shards_counted"], again["shards_resumed"]) == (0, got["shards"])
+    with pytest.raises(UserError, match="other settings"):
+        run_calibrate(replace(cfg, out=str(out)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class CalibrateConfig:
     depth: int = 2  # calls in flight per actor
     show_progress: bool = True
     chat_template: str = "auto"  # generated sources: vocabtrim.chat's rule for the corpus rows used as prompts
+    engine: str = "native"  # generated sources: native | vllm (vocabtrim.vllm_backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +185,9 @@ class CounterSpec:
     trust_remote_code: bool = False
     threads: int = 1
     use_gpu: bool = False
+    gpus: float = 0.0  # GPUs per actor (vLLM's tensor parallelism)
     wrap_prompts: bool = True  # generated sources: each row as a user message in the chat template (vocabtrim.chat)
+    engine: str = "native"  # generated sources: native | vllm
 
 
 def build_prompt(tokenizer, text: str, limit: int, wrap: bool = True) -> list[int]:
@@ -252,12 +255,23 @@ class ShardCounter:
     def _load_engine(self) -> None:
         import torch
 
+        spec = self.spec
+        if spec.engine == "vllm":
+            from vocabtrim.vllm_backend import load_for_calibrate
+
+            self.engine, width = load_for_calibrate(
+                spec.model, spec.model_layers, self.tokenizer, temperature=spec.temperature, max_new_tokens=spec.max_new_tokens,
+                batch_rows=spec.batch_rows, dtype=spec.dtype, gpus=spec.gpus, trust_remote_code=spec.trust_remote_code,
+            )
+            self.vocab_size = max(self.vocab_size, width)
+            self.prompt_limit = max(1, self.engine.context_length - spec.max_new_tokens)
+            return
+
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
         from vocabtrim.models import load_drafter, load_model, logits_width
         from vocabtrim.special_tokens import eos_ids, of_model
 
-        spec = self.spec
         device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         if spec.model_layers is not None:
             model, _ = load_drafter(spec.model, spec.model_layers, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
@@ -459,6 +473,8 @@ class _Plan:
 
 
 def _check_config(config: CalibrateConfig) -> None:
+    from vocabtrim.vllm_backend import check_calibrate_engine  # imports no vLLM
+
     validate.one_of("source", config.source, SOURCES)
     validate.pool(config.workers, config.gpus_per_worker, config.cpus_per_worker)
     if config.batch_size is not None:
@@ -469,6 +485,7 @@ def _check_config(config: CalibrateConfig) -> None:
     validate.drafter_layers(config.drafter_layers)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
+    check_calibrate_engine(config.engine, config.source, config.gpus_per_worker)
 
 
 def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
@@ -510,6 +527,8 @@ def plan(config: CalibrateConfig) -> _Plan:
         )
         if config.chat_template != "auto":  # auto is what ledgers written before the flag did: they stay resumable
             run_key["chat_template"] = config.chat_template
+        if config.engine != "native":  # likewise: native is what ledgers written before --engine did
+            run_key["engine"] = config.engine
     fast = getattr(tokenizer, "_tokenizer", None)
     spec = CounterSpec(
         source=config.source,
@@ -525,7 +544,9 @@ def plan(config: CalibrateConfig) -> _Plan:
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
         use_gpu=config.gpus_per_worker > 0,
+        gpus=config.gpus_per_worker,
         wrap_prompts=wrap,
+        engine=config.engine,
     )
     return _Plan(fingerprint, len(tokenizer), shards, spec, run_key, generator)
 
@@ -595,6 +616,7 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
         "seed": config.seed if p.generator else None,
         "text_column": config.text_column,
         "chat_template": config.chat_template if p.generator else None,
+        "engine": config.engine if p.generator else None,
         "prompts_wrapped": p.spec.wrap_prompts if p.generator else None,
         "total_tokens": total,
         "distinct_tokens": int(np.count_nonzero(counts)),

@@ -397,10 +397,50 @@ def check_generate_config(cfg) -> None:
         raise UserError(SAMPLED_SPECULATION_ON_CPU)
 
 
+def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float) -> None:
+    """Refuse, in one line and before Ray starts, what ``calibrate --engine`` cannot do."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "native":
+        return
+    if source == "corpus":
+        raise UserError("--engine vllm generates: it takes --source target or --source drafter (--source corpus runs no model)")
+    require_vllm()
+    if gpus_per_worker and gpus_per_worker != int(gpus_per_worker):
+        raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {gpus_per_worker}")
+
+
+def _eos_ids(folder: str, tokenizer) -> list[int]:
+    """The stop ids of the model in ``folder`` (its tokenizer's and its generation_config.json's)."""
+    from vocabtrim.special_tokens import eos_ids
+
+    gen = Path(folder) / "generation_config.json"
+    return eos_ids(tokenizer, json.loads(gen.read_text()) if gen.is_file() else None)
+
+
+def _dtype(dtype: str) -> str:
+    from vocabtrim.models import default_device, resolve_dtype
+
+    return str(resolve_dtype(dtype, default_device())).removeprefix("torch.")
+
+
+def load_for_calibrate(model: str, layers: int | None, tokenizer, *, temperature: float, max_new_tokens: int,
+                       batch_rows: int, dtype: str = "auto", gpus: float = 0, trust_remote_code: bool = False):
+    """A ``VllmEngine`` that generates with ``model`` alone (its first ``layers`` decoder layers when given,
+    written once as a folder vLLM loads), for calibrate's generated sources; and its logits width."""
+    folder = drafter_folder(model, layers, trust_remote_code=trust_remote_code)
+    engine = VllmEngine(
+        folder, None, temperature=temperature, eos_token_ids=_eos_ids(folder, tokenizer), max_new_tokens=max_new_tokens,
+        dtype=_dtype(dtype), max_num_seqs=batch_rows, tensor_parallel_size=max(1, int(gpus or 0)),
+        trust_remote_code=trust_remote_code,
+    )
+    width = int(engine.llm.llm_engine.model_config.get_vocab_size())
+    return engine, width
+
+
 def load_for_generate(cfg):
     """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
-    from vocabtrim.models import default_device, is_eagle3, load_tokenizer, resolve_dtype, resolve_model
-    from vocabtrim.special_tokens import eos_ids
+    from vocabtrim.models import is_eagle3, load_tokenizer, resolve_model
 
     target = resolve_model(cfg.target)
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
@@ -414,13 +454,10 @@ def load_for_generate(cfg):
             name = cfg.drafter if cfg.drafter is not None else cfg.target
             folder = drafter_folder(name, cfg.drafter_layers, cfg.head, trust_remote_code=cfg.trust_remote_code)
             drafter_spec = {"method": "draft_model", "model": folder}
-    gen = Path(target) / "generation_config.json"
-    eos = eos_ids(tokenizer, json.loads(gen.read_text()) if gen.is_file() else None)
     gpus = int(cfg.gpus_per_worker or 0)
-    dtype = str(resolve_dtype(cfg.dtype, default_device())).removeprefix("torch.")
     engine = VllmEngine(
         target, drafter_spec, gamma=validate.gamma(cfg.gamma), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        eos_token_ids=eos, max_new_tokens=cfg.max_new_tokens, dtype=dtype, max_num_seqs=cfg.batch_size,
+        eos_token_ids=_eos_ids(target, tokenizer), max_new_tokens=cfg.max_new_tokens, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.batch_size,
         tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
     )
     return engine, tokenizer, max_prompt_tokens(engine.context_length, cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for generated sources (0: greedy)")
     parser.add_argument("--seed", type=int, default=0, help="row seeds derive from it and each row's position")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per encode / generate call (default: 1024 corpus, 16 generated)")
+    parser.add_argument("--engine", choices=["native", "vllm"], default="native",
+                        help="generated sources: the engine that generates (vllm: `pip install 'vocabtrim[vllm]'`)")
     parser.add_argument("--chat-template", choices=MODES, default="auto", help=f"generated sources: {HELP}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
@@ -49,6 +51,7 @@ def config_from_args(args) -> "CalibrateConfig":  # noqa: F821 (imported lazily:
         trust_remote_code=args.trust_remote_code,
         show_progress=not args.no_progress,
         chat_template=args.chat_template,
+        engine=args.engine,
         out=args.out,
     )
 
