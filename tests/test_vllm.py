@@ -5,10 +5,11 @@
 - losslessness with the trimmed-head drafter inside vLLM (chi-square against the target's exact law);
 - ``generate --engine vllm`` through Ray on tiny models: greedy completions equal the native target
   alone, error rows, resume, the summary's vLLM metrics;
+- ``calibrate --engine vllm`` on a tiny target: the native engine's histogram, resume, refusals;
 - on the bundled model: greedy completions of vLLM equal the native engine's, target alone and with a
   drafter (full and trimmed head).
 
-Each vLLM engine start costs 20-90 s on 2 cores: the module starts five (two tiny, three bundled).
+Each vLLM engine start costs 20-90 s on 2 cores: the module starts seven (three tiny, four bundled).
 Without vLLM the tests that need it skip, unless ``VOCABTRIM_REQUIRE_VLLM=1`` (CI) makes that a failure.
 """
 
