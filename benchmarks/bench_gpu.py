@@ -3,12 +3,15 @@
     python benchmarks/bench_gpu.py                 # on a CUDA GPU (H200-class: about 5 minutes)
     python benchmarks/bench_gpu.py --smoke         # tiny shapes on CPU: checks the script runs
 
-Target: 32 layers, hidden 4096, 32 heads / 8 KV heads, MLP 14336 (Llama-3-8B's shape). Drafter: 16
-layers, hidden 2048. Vocabulary 128,256; the trimmed head keeps K = 32,768 ids. Weights are random,
-so drafts are almost never accepted: the table is about step costs (drafter forward, verify pass)
-and what they give in tokens/s at a fixed gamma, not about acceptance. For each batch size (1, 16,
-64): target alone, drafter with its full head, drafter with the trimmed head, each eager and with
-``--compile``; settings interleaved over ``--rounds`` rounds, ranges reported.
+Target: 32 layers, hidden 4096, 32 heads / 8 KV heads, MLP 14336 (Llama-3.1-8B's shape). Drafter: 16
+layers, hidden 2048. Vocabulary 128,256; the trimmed head keeps K = 32,768 ids. EAGLE-3 drafter: one
+decoder layer of the target's shape reading three target layers, draft vocabulary 32,000 ids (the
+published Llama-3.1-8B EAGLE-3 drafters' shape), and the same drafter with a full 128,256-row head
+(``eagle3.widen``). Weights are random, so drafts are almost never accepted: the table is about step
+costs (drafter step, verify pass) and what they give in tokens/s at a fixed gamma, not about acceptance.
+For each batch size (1, 16, 64): target alone, drafter with its full head, drafter with the trimmed
+head, the EAGLE-3 drafter trimmed and full, each eager and with ``--compile``; settings interleaved over
+``--rounds`` rounds, ranges reported.
 """
 
 from __future__ import annotations
@@ -31,6 +34,29 @@ def build(layers: int, hidden: int, heads: int, kv_heads: int, mlp: int, vocab: 
     return model
 
 
+def build_eagle3(target, draft_vocab: int, seed: int):
+    """A random-weight EAGLE-3 drafter for ``target`` (one layer of its shape), on its device and dtype: its
+    draft vocabulary is ``draft_vocab`` random ids, its head starts as the target's rows for them."""
+    import torch
+
+    from vocabtrim import eagle3 as e3
+
+    head = target.get_output_embeddings().weight
+    config = e3.Eagle3Config.from_dict(e3.make_config(target.config, draft_vocab))
+    torch.manual_seed(seed)
+    with torch.device(head.device):
+        model = e3.Eagle3Model(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+        ids = torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(seed))[:draft_vocab].sort().values
+        model.lm_head.weight.copy_(head[ids.to(head.device)])
+    model.set_vocabulary(ids)
+    model.to(head.dtype).eval().requires_grad_(False)
+    model.set_embedding(target.get_input_embeddings().weight)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
@@ -44,28 +70,32 @@ def main() -> None:
 
     import torch
 
+    from vocabtrim import eagle3 as e3
     from vocabtrim.engine import make_engine
     from vocabtrim.engine.sampling import SamplingParams
     from vocabtrim.head.trimmed import head_from_ids
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
-        shapes = dict(vocab=4096, k=1024, target=(2, 64, 4, 2, 128), drafter=(1, 32, 4, 2, 64))
+        shapes = dict(vocab=4096, k=1024, eagle3_k=1000, target=(4, 64, 4, 2, 128), drafter=(1, 32, 4, 2, 64))
         args.batches, args.new_tokens, args.prompt_tokens, args.rounds = "1,4", 8, 16, 1
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU here: run with --smoke to check the script on CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        shapes = dict(vocab=128_256, k=32_768, target=(32, 4096, 32, 8, 14336), drafter=(16, 2048, 16, 8, 5632))
+        shapes = dict(vocab=128_256, k=32_768, eagle3_k=32_000, target=(32, 4096, 32, 8, 14336), drafter=(16, 2048, 16, 8, 5632))
     t0 = time.perf_counter()
     target = build(*shapes["target"], shapes["vocab"], dtype, device, seed=0)
     drafter = build(*shapes["drafter"], shapes["vocab"], dtype, device, seed=1)
     kept = torch.randperm(shapes["vocab"], generator=torch.Generator().manual_seed(0))[: shapes["k"]]
     head = head_from_ids(drafter, kept)
+    eagle3 = build_eagle3(target, shapes["eagle3_k"], seed=2)
+    eagle3_full = e3.widen(eagle3, target.get_output_embeddings().weight)
     print(f"models built in {time.perf_counter() - t0:.0f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
 
     greedy = SamplingParams(temperature=0)
-    settings = [("target alone", None, None), ("full head", drafter, None), (f"trimmed head K={shapes['k']}", drafter, head)]
+    settings = [("target alone", None, None), ("full head", drafter, None), (f"trimmed head K={shapes['k']}", drafter, head),
+                (f"EAGLE-3 full head ({shapes['vocab']:,})", eagle3_full, None), (f"EAGLE-3 K={shapes['eagle3_k']:,}", eagle3, None)]
     modes = [False] + ([] if args.no_compile else [True])
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
