@@ -564,13 +564,15 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     alone = make_engine(pair.target, None, batch_size=4, max_new_tokens=10).generate(prompts, [0, 1, 2, 3])
     spec = make_engine(pair.target, pair.drafter, batch_size=4, max_new_tokens=10, gamma=3).generate(prompts, [0, 1, 2, 3])
     assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
-    # A rerun with one more epoch resumes: no feature extracted again, one epoch trained.
-    assert cli([*args, "--epochs", "5"]) == 0
+    # A rerun with one more epoch resumes: no feature extracted again, one epoch trained, at the rerun's
+    # --learning-rate (the optimizer's saved state holds the first run's).
+    assert cli([*[("1e-3" if a == "3e-3" else a) for a in args], "--epochs", "5"]) == 0
     m2 = json.loads((out / "manifest.json").read_text())
     assert m2["shards_extracted"] == 0 and [r["epoch"] for r in m2["epochs_run"]] == [5]
     assert [r["epoch"] for r in m2["history"]] == [1, 2, 3, 4, 5] and m2["history"][:4] == runs
+    assert [r["learning_rate"] for r in m2["history"]] == [3e-3] * 4 + [1e-3]
     state = torch.load(out / "train_state.pt", weights_only=True)
-    assert int(state["epoch"]) == 5
+    assert int(state["epoch"]) == 5 and state["optimizer"]["param_groups"][0]["lr"] == 1e-3
 
 
 def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_path, capsys):

@@ -397,6 +397,8 @@ class DrafterTrainer:
             state = torch.load(io.BytesIO(storage.read_bytes(state_path)), weights_only=True)
             model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
+            for group in self.opt.param_groups:  # the optimizer's state keeps its old rate: --learning-rate applies from here on
+                group["lr"] = c.learning_rate
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.history = json.loads(state["history"]) if isinstance(state.get("history"), str) else []
 
@@ -460,7 +462,8 @@ class DrafterTrainer:
         """Evaluate on the held-out shards, write the drafter and the resume state; the epoch's record."""
         losses = self._losses
         self.epoch += 1
-        record = {"epoch": self.epoch, "steps": self.step, "loss": float(np.mean(losses)) if losses else None,
+        record = {"epoch": self.epoch, "steps": self.step, "learning_rate": self.opt.param_groups[0]["lr"],
+                  "loss": float(np.mean(losses)) if losses else None,
                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                   "train_acceptance": self._correct / self._counted if self._counted else None, **self.evaluate()}
         self.history.append(record)
