@@ -198,7 +198,7 @@ def main(argv=None):
     from vocabtrim import eagle3 as e3
     from vocabtrim.head.io import drafter_architecture, save_head
     from vocabtrim.head.trimmed import head_from_ids
-    from vocabtrim.models import head_rows_fingerprint, load_pair, resolve_model, tokenizer_fingerprint, truncate_layers
+    from vocabtrim.models import head_rows_fingerprint, load_eagle3_for, load_pair, resolve_model, tokenizer_fingerprint, truncate_layers
     from vocabtrim.engine import make_engine
     from vocabtrim.engine.sampling import SamplingParams
 
@@ -227,7 +227,7 @@ def main(argv=None):
 
     eagle3 = wide = None
     if "eagle3" in families:
-        eagle3 = load_pair("smollm2-135m", args.eagle3, dtype="float32", device="cpu").drafter
+        eagle3 = load_eagle3_for(args.eagle3, target, target_tokenizer=tok)
         wide = e3.widen(eagle3, target.get_output_embeddings().weight)
         print(f"# EAGLE-3 drafter {args.eagle3}: draft vocabulary {eagle3.config.draft_vocab_size} of {vocab} ids", flush=True)
 

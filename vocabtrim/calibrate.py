@@ -184,8 +184,7 @@ class CounterSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     threads: int = 1
-    use_gpu: bool = False
-    gpus: float = 0.0  # GPUs per actor (vLLM's tensor parallelism)
+    gpus: float = 0.0  # GPUs per actor: the native engine's device, vLLM's tensor parallelism
     wrap_prompts: bool = True  # generated sources: each row as a user message in the chat template (vocabtrim.chat)
     engine: str = "native"  # generated sources: native | vllm
 
@@ -272,7 +271,7 @@ class ShardCounter:
         from vocabtrim.models import load_drafter, load_model, logits_width
         from vocabtrim.special_tokens import eos_ids, of_model
 
-        device = torch.device("cuda") if spec.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device("cuda") if spec.gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
         if spec.model_layers is not None:
             model, _ = load_drafter(spec.model, spec.model_layers, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
         else:
@@ -543,7 +542,6 @@ def plan(config: CalibrateConfig) -> _Plan:
         seed=config.seed,
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
-        use_gpu=config.gpus_per_worker > 0,
         gpus=config.gpus_per_worker,
         wrap_prompts=wrap,
         engine=config.engine,

@@ -649,11 +649,11 @@ def run_train(config: TrainConfig) -> dict:
                 log.info("epoch %d: %s", epoch, record)
         finally:
             bar.close()
+        all_epochs = ray.get(trainer.records.remote())
         if not history:  # nothing left to train: report the state reached
-            history = ray.get(trainer.records.remote())[-1:]
+            history = all_epochs[-1:]
             if not storage.is_file(storage.join(c.out, e3.WEIGHTS_FILE)):
                 ray.get(trainer.save.remote())
-        all_epochs = ray.get(trainer.records.remote())
     finally:
         ray.kill(trainer, no_restart=True)
     train_seconds = time.perf_counter() - t1

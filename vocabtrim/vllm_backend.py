@@ -376,11 +376,21 @@ def eagle3_spec(name: str, target: str, tokenizer=None, trust_remote_code: bool 
     return {"method": "eagle3", "model": str(folder)}
 
 
+def _check_engine_name(engine: str) -> None:
+    if engine not in ENGINES:
+        raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
+
+
+def _check_whole_gpus(gpus_per_worker: float) -> None:
+    """vLLM takes whole GPUs (its tensor parallelism), not a share of one."""
+    if gpus_per_worker and gpus_per_worker != int(gpus_per_worker):
+        raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {gpus_per_worker}")
+
+
 def check_generate_config(cfg) -> None:
     """Refuse, in one line and before Ray starts, what ``--engine`` cannot do (``cfg``: a ``GenerateConfig``)."""
     engine = getattr(cfg, "engine", "native")
-    if engine not in ENGINES:
-        raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
+    _check_engine_name(engine)
     ngram = not cfg.no_draft and cfg.drafter == NGRAM
     if engine == "native":
         if ngram:
@@ -391,23 +401,20 @@ def check_generate_config(cfg) -> None:
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
         raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
-    if cfg.gpus_per_worker and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
-        raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {cfg.gpus_per_worker}")
+    _check_whole_gpus(cfg.gpus_per_worker)
     if not cfg.no_draft and cfg.temperature > 0 and not cfg.gpus_per_worker:
         raise UserError(SAMPLED_SPECULATION_ON_CPU)
 
 
 def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float) -> None:
     """Refuse, in one line and before Ray starts, what ``calibrate --engine`` cannot do."""
-    if engine not in ENGINES:
-        raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
+    _check_engine_name(engine)
     if engine == "native":
         return
     if source == "corpus":
         raise UserError("--engine vllm generates: it takes --source target or --source drafter (--source corpus runs no model)")
     require_vllm()
-    if gpus_per_worker and gpus_per_worker != int(gpus_per_worker):
-        raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {gpus_per_worker}")
+    _check_whole_gpus(gpus_per_worker)
 
 
 def _eos_ids(folder: str, tokenizer) -> list[int]:
