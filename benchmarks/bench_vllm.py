@@ -211,19 +211,21 @@ def main(argv=None):
     prompts, kinds = shipped_prompts(tok)
     eval_prompts, calib_prompts = split_prompts(prompts, kinds, args.prompts, args.calib_prompts)
 
-    calib = make_engine(target, sampling=SamplingParams(temperature=0.7), max_new_tokens=args.max_new_tokens, batch_size=16)
-    counts: Counter = Counter()
-    for i in range(0, len(calib_prompts), 16):
-        chunk = calib_prompts[i : i + 16]
-        for o in calib.generate(chunk, list(range(i, i + len(chunk)))):
-            counts.update(o.token_ids)
-    specials = [t for t in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if t is not None]
-    specials += tok.convert_tokens_to_ids(tok.all_special_tokens)
-    kept = top_k_ids(counts, args.k, vocab, specials)
-    drafter = truncate_layers(target, args.drafter_layers)
-    head = head_from_ids(drafter, kept)
-    print(f"# calibration: {sum(counts.values())} target tokens on {len(calib_prompts)} prompts; head keeps {len(kept)} of {vocab} ids",
-          flush=True)
+    kept = drafter = head = None
+    if "plain" in families:
+        calib = make_engine(target, sampling=SamplingParams(temperature=0.7), max_new_tokens=args.max_new_tokens, batch_size=16)
+        counts: Counter = Counter()
+        for i in range(0, len(calib_prompts), 16):
+            chunk = calib_prompts[i : i + 16]
+            for o in calib.generate(chunk, list(range(i, i + len(chunk)))):
+                counts.update(o.token_ids)
+        specials = [t for t in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if t is not None]
+        specials += tok.convert_tokens_to_ids(tok.all_special_tokens)
+        kept = top_k_ids(counts, args.k, vocab, specials)
+        drafter = truncate_layers(target, args.drafter_layers)
+        head = head_from_ids(drafter, kept)
+        print(f"# calibration: {sum(counts.values())} target tokens on {len(calib_prompts)} prompts; head keeps {len(kept)} of {vocab} ids",
+              flush=True)
 
     eagle3 = wide = None
     if "eagle3" in families:
@@ -248,17 +250,17 @@ def main(argv=None):
     if "vllm" in engines:
         from vocabtrim.vllm_backend import VllmEngine, drafter_folder, eagle3_spec
 
-        head_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"vocabtrim-bench-head-{args.drafter_layers}-{len(kept)}"
-        save_head(head, head_dir, {"kind": "vocabtrim-head", "k": head.k, "vocab_size": vocab,
-                                   "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-                                   "drafter_fingerprint": head_rows_fingerprint(drafter),
-                                   "drafter_architecture": drafter_architecture(drafter)})
-        full_folder = drafter_folder("smollm2-135m", args.drafter_layers)
-        trimmed_folder = drafter_folder("smollm2-135m", args.drafter_layers, str(head_dir))
         folder = resolve_model("smollm2-135m")
         timer = StepTimer(target.config.num_hidden_layers) if args.profile else None
         runs = [("target alone", None, True, args.gamma)]
         if "plain" in families:
+            head_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"vocabtrim-bench-head-{args.drafter_layers}-{len(kept)}"
+            save_head(head, head_dir, {"kind": "vocabtrim-head", "k": head.k, "vocab_size": vocab,
+                                       "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                                       "drafter_fingerprint": head_rows_fingerprint(drafter),
+                                       "drafter_architecture": drafter_architecture(drafter)})
+            full_folder = drafter_folder("smollm2-135m", args.drafter_layers)
+            trimmed_folder = drafter_folder("smollm2-135m", args.drafter_layers, str(head_dir))
             runs += [
                 ("drafter, full head", {"method": "draft_model", "model": full_folder}, True, args.gamma),
                 ("drafter, trimmed head", {"method": "draft_model", "model": trimmed_folder}, True, args.gamma),
@@ -307,7 +309,7 @@ def main(argv=None):
     load = os.getloadavg()
     print()
     print(f"Bundled SmolLM2-135M, float32, greedy, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
-          f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}; "
+          + (f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}; " if kept is not None else "")
           + (f"EAGLE-3 drafter {args.eagle3} (K={eagle3.config.draft_vocab_size}), gamma {args.eagle3_gamma}; " if eagle3 is not None else "")
           + f"{args.rounds} interleaved "
           f"round(s); load average {load[0]:.2f} (1 min) on {os.cpu_count()} cores.")
@@ -334,12 +336,13 @@ def main(argv=None):
         print("\n".join(timer.table(results)))
 
     hidden = target.config.hidden_size
+    k = len(kept) if kept is not None else eagle3.config.draft_vocab_size
     print()
-    print(f"Placing K={len(kept)} logits into a [rows, {vocab}] -inf tensor (ms per call, {torch.get_num_threads()} thread):")
+    print(f"Placing K={k} logits into a [rows, {vocab}] -inf tensor (ms per call, {torch.get_num_threads()} thread):")
     print()
     print("| rows | head matmul [rows, K] | fresh -inf tensor + index_copy | reused buffer + index_copy | plain [rows, K] copy |")
     print("|---|---|---|---|---|")
-    for row in placement_costs(hidden, vocab, len(kept), [8, 32, 160]):
+    for row in placement_costs(hidden, vocab, k, [8, 32, 160]):
         print(f"| {row['rows']} | {row['matmul']:.3f} | {row['fresh']:.3f} | {row['reused']:.3f} | {row['copy']:.3f} |")
 
 
