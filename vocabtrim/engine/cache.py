@@ -18,6 +18,7 @@ It implements what Hugging Face decoder layers call on a cache (``update``, ``ge
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 
 
 class StaticKVCache:
@@ -28,6 +29,10 @@ class StaticKVCache:
         shape = (slots, kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        for buf in (*self.k, *self.v):
+            # Fixed addresses: a compiled step writes them in place and still replays as a CUDA graph (one
+            # whose inputs are mutated is otherwise run without graphs).
+            torch._dynamo.mark_static_address(buf)
         self.slots, self.capacity = slots, capacity
         self._mode = None
 
