@@ -1,7 +1,9 @@
 """GPU benchmark of the engine: a random-weight Llama-3-shaped pair in bfloat16.
 
-    python benchmarks/bench_gpu.py                 # on a CUDA GPU (H200-class: about 5 minutes)
-    python benchmarks/bench_gpu.py --smoke         # tiny shapes on CPU: checks the script runs
+    python benchmarks/bench_gpu.py --no-compile    # on a CUDA GPU (an H200: about 3 minutes)
+    python benchmarks/bench_gpu.py                 # eager and compiled (each setting compiles for 35-76 s
+                                                   # per batch size on an H200: about 12 minutes)
+    python benchmarks/bench_gpu.py --smoke         # tiny shapes (on the GPU when there is one): checks the script runs
 
 Target: 32 layers, hidden 4096, 32 heads / 8 KV heads, MLP 14336 (Llama-3.1-8B's shape). Drafter: 16
 layers, hidden 2048. Vocabulary 128,256; the trimmed head keeps K = 32,768 ids. EAGLE-3 drafter: one
@@ -9,9 +11,11 @@ decoder layer of the target's shape reading three target layers, draft vocabular
 published Llama-3.1-8B EAGLE-3 drafters' shape), and the same drafter with a full 128,256-row head
 (``eagle3.widen``). Weights are random, so drafts are almost never accepted: the table is about step
 costs (drafter step, verify pass) and what they give in tokens/s at a fixed gamma, not about acceptance.
+Its "break-even acceptance" is derived from those costs: the acceptance per draft (independent, at the
+fixed gamma) at which the setting would match the target alone run in the same mode; lower is better.
 For each batch size (1, 16, 64): target alone, drafter with its full head, drafter with the trimmed
 head, the EAGLE-3 drafter trimmed and full, each eager and with ``--compile``; settings interleaved over
-``--rounds`` rounds, ranges reported.
+``--rounds`` rounds, ranges reported. Each batch size's rows are printed as soon as it is done.
 """
 
 from __future__ import annotations
@@ -57,15 +61,35 @@ def build_eagle3(target, draft_vocab: int, seed: int):
     return model
 
 
+def break_even(cost_ratio: float, gamma: int) -> float | None:
+    """The acceptance per draft at which a speculative setting matches the target alone, derived from its
+    measured speed per step: ``cost_ratio`` is its tokens/s over the target's at one token a step each
+    (tokens/s ratio × the target's tokens per step / the setting's). With each draft accepted independently
+    with probability a, a step yields (1 - a**(gamma+1)) / (1 - a) tokens; None when even a = 1 does not
+    pay for the step."""
+    need = 1.0 / cost_ratio
+    if need <= 1.0:
+        return 0.0
+    if need > gamma + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        a = (lo + hi) / 2
+        lo, hi = (a, hi) if sum(a ** i for i in range(gamma + 1)) < need else (lo, a)
+    return (lo + hi) / 2
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, on the GPU when there is one")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--gamma", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--settings", default="target,full,trimmed,eagle3-full,eagle3",
+                    help="which to run (the target alone, eager, always runs: it is the baseline)")
     args = ap.parse_args()
 
     import torch
@@ -76,7 +100,8 @@ def main() -> None:
     from vocabtrim.head.trimmed import head_from_ids
 
     if args.smoke:
-        device, dtype = torch.device("cpu"), torch.float32
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         shapes = dict(vocab=4096, k=1024, eagle3_k=1000, target=(4, 64, 4, 2, 128), drafter=(1, 32, 4, 2, 64))
         args.batches, args.new_tokens, args.prompt_tokens, args.rounds = "1,4", 8, 16, 1
     else:
@@ -94,41 +119,58 @@ def main() -> None:
     print(f"models built in {time.perf_counter() - t0:.0f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
 
     greedy = SamplingParams(temperature=0)
-    settings = [("target alone", None, None), ("full head", drafter, None), (f"trimmed head K={shapes['k']}", drafter, head),
-                (f"EAGLE-3 full head ({shapes['vocab']:,})", eagle3_full, None), (f"EAGLE-3 K={shapes['eagle3_k']:,}", eagle3, None)]
+    chosen = set(args.settings.split(","))
+    settings = [(key, label, d, h) for key, label, d, h in [
+        ("target", "target alone", None, None), ("full", "full head", drafter, None),
+        ("trimmed", f"trimmed head K={shapes['k']}", drafter, head),
+        ("eagle3-full", f"EAGLE-3 full head ({shapes['vocab']:,})", eagle3_full, None),
+        ("eagle3", f"EAGLE-3 K={shapes['eagle3_k']:,}", eagle3, None)] if key in chosen or key == "target"]
     modes = [False] + ([] if args.no_compile else [True])
+
+    def rng(xs, spec):
+        xs = [x for x in xs if x is not None]
+        return "-" if not xs else (format(min(xs), spec) if max(xs) - min(xs) < 1e-9 else f"{format(min(xs), spec)}–{format(max(xs), spec)}")
+
+    header = ("| batch | setting | mode | tokens/s | × target alone (eager) | tokens / step | break-even acceptance (same mode) | "
+              "drafter step ms | verify pass ms | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{header}", flush=True)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         g = torch.Generator().manual_seed(b)
         prompts = [torch.randint(3, shapes["vocab"], (args.prompt_tokens,), generator=g).tolist() for _ in range(b)]
         engines = {}
-        for name, d, h in settings:
+        for _, name, d, h in settings:
             for compiled in modes:
                 e = make_engine(target, d, h, sampling=greedy, gamma=None if d is None else args.gamma,
                                 batch_size=b, max_new_tokens=args.new_tokens, compile=compiled)
                 t = time.perf_counter()
                 e.generate(prompts, list(range(b)), max_new_tokens=4)  # warm-up (compiles)
                 engines[(name, compiled)] = (e, time.perf_counter() - t, [])
+                print(f"  batch {b}: {name}, {'compiled' if compiled else 'eager'}: warm in "
+                      f"{time.perf_counter() - t:.0f} s", flush=True)
         for _ in range(args.rounds):
             for key, (e, _, runs) in engines.items():
                 out = e.generate(prompts, list(range(b)))
                 st = e.last_stats
                 runs.append((sum(len(o.token_ids) for o in out) / st.wall_seconds,
-                             st.drafter_step_ms or None, 1000 * st.target_seconds / st.target_passes))
+                             st.drafter_step_ms or None, 1000 * st.target_seconds / st.target_passes,
+                             st.generated_tokens / max(st.rows_stepped, 1)))
         base = engines[("target alone", False)][2]
+        batch_rows = []
         for (name, compiled), (e, warm, runs) in engines.items():
-            rows.append((b, name, "compiled" if compiled else "eager", runs, base, warm))
-
-    def rng(xs, spec):
-        xs = [x for x in xs if x is not None]
-        return "-" if not xs else (format(min(xs), spec) if max(xs) - min(xs) < 1e-9 else f"{format(min(xs), spec)}–{format(max(xs), spec)}")
-
-    print(f"\n| batch | setting | mode | tokens/s | × target alone (eager) | drafter step ms | verify pass ms | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for b, name, mode, runs, base, warm in rows:
-        print(f"| {b} | {name} | {mode} | {rng([r[0] for r in runs], '.1f')} | "
-              f"{rng([r[0] / x[0] for r, x in zip(runs, base)], '.2f')}× | {rng([r[1] for r in runs], '.2f')} | "
-              f"{rng([r[2] for r in runs], '.2f')} | {warm:.0f} |")
+            ratios = [r[0] / x[0] for r, x in zip(runs, base)]
+            same = engines[("target alone", compiled)][2]  # break-even against the target alone in the same mode
+            even = "-" if e.drafter is None else rng(
+                [break_even(r[0] / x[0] * x[3] / r[3], args.gamma) for r, x in zip(runs, same)], ".2f")
+            batch_rows.append(f"| {b} | {name} | {'compiled' if compiled else 'eager'} | {rng([r[0] for r in runs], '.1f')} | "
+                              f"{rng(ratios, '.2f')}× | {rng([r[3] for r in runs], '.2f')} | {even} | "
+                              f"{rng([r[1] for r in runs], '.2f')} | {rng([r[2] for r in runs], '.2f')} | {warm:.0f} |")
+        print("\n".join(batch_rows), flush=True)
+        rows += batch_rows
+        del engines
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{header}\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
