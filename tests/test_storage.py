@@ -159,3 +159,26 @@ def test_settings_key(tmp_path, monkeypatch):
     assert storage.settings_key("org/name") == "org/name"  # a hub id (no such folder here)
     assert storage.settings_key("s3://b/k?region=x") == "s3://b/k?region=x"
     assert storage.settings_key(None) is None
+
+
+def test_a_local_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="cannot create folder .*Not a directory") as e:
+        storage.makedirs(str(tmp_path / "f" / "sub"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="cannot create folder"):
+        storage.write_json(str(tmp_path / "f" / "sub" / "x.json"), {})
+
+
+def test_machine_faults_are_told_from_user_mistakes():
+    import errno
+
+    from vocabtrim.errors import machine_fault
+
+    faults = [MemoryError(), OSError(errno.ENOSPC, "No space left on device"), ConnectionResetError(),
+              OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7"),
+              RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+    mistakes = [FileNotFoundError(errno.ENOENT, "No such file or directory"), PermissionError(errno.EACCES, "Permission denied"),
+                NotADirectoryError(errno.ENOTDIR, "Not a directory"), ValueError("bad"), OSError("Path does not exist 'x'")]
+    assert all(machine_fault(e) for e in faults)
+    assert not any(machine_fault(e) for e in mistakes)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from vocabtrim import storage
 from vocabtrim.errors import UserError
 from vocabtrim.models import BUNDLED_EAGLE3
 from vocabtrim.sweep.cells import Cell, SweepConfig, plan_cells
@@ -265,7 +266,7 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     from vocabtrim.sweep.run import ensure_calibration, ensure_head, eval_coverage, gen_dir, generate_cell, head_dir
 
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(str(out))
     where = f"working folder {out}" if cfg.out else "working in a temporary folder, deleted at the end (--out DIR keeps it)"
     also = f" and the EAGLE-3 drafter {cfg.eagle3}" if cfg.eagle3 else ""
     echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers{also}; {where}")

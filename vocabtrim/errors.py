@@ -22,3 +22,30 @@ class RunFailed(Exception):
     one line and exit code 1. What was written before it stays complete, so a rerun resumes."""
 
     exit_code = 1
+
+
+_FAULT_ERRNOS = {"ENOMEM", "ENOSPC", "EIO", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED",
+                 "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EPIPE"}
+
+
+def machine_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the machine, never the user's input: memory (host or device)
+    exhausted, a full disk, an I/O or network error. Such a fault is retried, never reported as a user
+    error or written as a user's error row."""
+    import errno
+
+    if isinstance(exc, (MemoryError, ConnectionError, TimeoutError)):  # pyarrow's ArrowMemoryError too
+        return True
+    if isinstance(exc, OSError) and exc.errno is not None and errno.errorcode.get(exc.errno) in _FAULT_ERRNOS:
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA, XPU, ...)
+        return True
+    text = str(exc).lower()
+    return any(m in text for m in _FAULT_MESSAGES)
+
+
+# Memory exhausted (torch's CPU allocator), and object stores' transient errors as pyarrow's and fsspec's
+# clients word them (they raise plain OSErrors without an errno).
+_FAULT_MESSAGES = ("out of memory", "can't allocate memory", "network_connection", "curlcode", "timed out",
+                   "connection reset", "connection aborted", "slow_down", "slowdown", "service unavailable",
+                   "serviceunavailable", "internalerror", "internal_failure")

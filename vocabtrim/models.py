@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from vocabtrim import validate
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, machine_fault
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ def gguf_folder(gguf: Path) -> Path:
     try:
         _convert_gguf(gguf, out)
     except Exception as exc:  # a corrupt or unsupported GGUF file is the user's input
+        if machine_fault(exc):
+            raise
         raise UserError(f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     return out
 
@@ -191,11 +193,13 @@ def load_model(
     _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except Exception as exc:
+        if machine_fault(exc):
+            raise
         msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise UserError(f"cannot load model {name}: {msg}") from exc
+        raise UserError(f"cannot load model {name} (weights are read from safetensors or GGUF only): {msg}") from exc
     model.to(device)
     model.eval()
     model.requires_grad_(False)

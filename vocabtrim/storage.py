@@ -29,7 +29,7 @@ import tempfile
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from vocabtrim.errors import UserError, first_line
+from vocabtrim.errors import UserError, first_line, machine_fault
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
@@ -314,10 +314,26 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _local_folder(path: str) -> None:
+    """``os.makedirs``; a folder the user named that cannot be made (no permission, a file on its path) is
+    the user's mistake, a full disk or an I/O error a fault of the machine."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        if machine_fault(exc):
+            raise
+        raise UserError(f"cannot create folder {path}: {exc.strerror or first_line(exc)}") from exc
+
+
 def _atomic_local(path: str, write: Callable[[str], None]) -> None:
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    _local_folder(os.path.dirname(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    except OSError as exc:
+        if machine_fault(exc):
+            raise
+        raise UserError(f"cannot write in {os.path.dirname(path)}: {exc.strerror or first_line(exc)}") from exc
     os.close(fd)
     try:
         write(tmp)
@@ -340,6 +356,8 @@ def _upload(where: str, fill: Callable) -> None:
         with fs.open_output_stream(path) as dst:
             fill(dst)
     except OSError as exc:
+        if machine_fault(exc):
+            raise
         raise UserError(f"cannot write {display(where)}: {first_line(exc)}") from exc
 
 
@@ -383,7 +401,7 @@ def atomic_write(where, data) -> None:
 def makedirs(where: str) -> None:
     """Create a local folder (object stores have no folders: nothing to do there)."""
     if is_local(where):
-        os.makedirs(local_path(where), exist_ok=True)
+        _local_folder(local_path(where))
 
 
 def delete(where: str) -> None:

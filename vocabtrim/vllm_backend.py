@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +261,7 @@ class VllmEngine:
             speculative_config=speculative,
             seed=seed,
             trust_remote_code=trust_remote_code,
+            load_format="safetensors",  # target and drafter: never pickled .bin/.pt weights
             disable_log_stats=False,  # vLLM's speculative counters (get_metrics)
         )
         if tensor_parallel_size == 1:
