@@ -35,7 +35,8 @@ import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import wraps_strings
-from vocabtrim.errors import UserError
+from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +225,10 @@ def _limit_threads(threads: int, torch_too: bool) -> None:
         torch.set_num_threads(threads)
 
 
-class ShardCounter:
+class ShardCounter(StartingActor):
     """Counts the tokens of one shard at a time: ``count(shard) -> ShardCount``."""
 
-    def __init__(self, spec: CounterSpec):
+    def _build(self, spec: CounterSpec):
         _limit_threads(spec.threads, torch_too=spec.source != "corpus")
         self.spec = spec
         self.engine = None
@@ -286,9 +287,6 @@ class ShardCounter:
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_rows,
         )
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added (the fast Rust path when there is one)."""
@@ -378,8 +376,8 @@ class CounterPool:
         try:
             wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors",
                        shape=(self._options["num_cpus"] or 0, self._options["num_gpus"] or 0))
-        except ray.exceptions.RayActorError as exc:
-            raise user_error_in(exc) or RuntimeError(f"a counting actor failed to start: {exc}") from exc
+        except ray.exceptions.RayError as exc:
+            raise user_error_in(exc) or RunFailed(f"a worker failed to start: {first_line(exc)}") from exc
 
     def pids(self) -> list[int]:
         import ray

@@ -14,6 +14,7 @@ import os
 import sys
 
 from vocabtrim.errors import RunFailed, UserError
+from vocabtrim.ray_utils import user_error_in
 from vocabtrim.validate import SettingError
 
 COMMANDS = {
@@ -86,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
-        code = args._main(args)
+        try:
+            code = args._main(args)
+        except Exception as exc:  # a UserError raised inside a Ray actor arrives wrapped: unwrap it
+            unwrapped = user_error_in(exc) if getattr(exc, "cause", None) is not None else None
+            if unwrapped is None:
+                raise
+            raise unwrapped from exc
     except SettingError as exc:
         print(f"vocabtrim {args.command}: error: {flag(exc.setting)} {exc.rule}", file=sys.stderr)
         return exc.exit_code

@@ -205,9 +205,35 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
 # ---------------------------------------------------------------------------------------------
 
 
+class StartingActor:
+    """Base of actors that load models when they start. ``__init__`` runs ``_build`` and keeps a
+    UserError it raises (a mismatched pair, a bad setting only the model reveals); ``pid()``, the call
+    the driver waits on, raises it again, so it reaches the driver as that UserError (Ray reports an
+    ``__init__`` that raised as an ActorDiedError, which does not keep the cause)."""
+
+    def __init__(self, *args, **kwargs):
+        self._startup_error: UserError | None = None
+        try:
+            self._build(*args, **kwargs)
+        except UserError as exc:
+            self._startup_error = exc
+
+    def _build(self, *args, **kwargs) -> None:
+        raise NotImplementedError
+
+    def pid(self) -> int:
+        if self._startup_error is not None:
+            raise self._startup_error
+        return os.getpid()
+
+
 def user_error_in(exc) -> UserError | None:
-    """The UserError an actor raised (Ray wraps it in a RayTaskError, maybe twice), as a plain UserError."""
-    for e in (exc, getattr(exc, "cause", None), getattr(getattr(exc, "cause", None), "cause", None)):
+    """The UserError an actor raised (Ray wraps it in a RayTaskError, maybe twice), as a plain UserError
+    with the actor's own message (the innermost one: a wrapper's text carries Ray's remote traceback)."""
+    chain = [exc]
+    while getattr(chain[-1], "cause", None) is not None and len(chain) < 4:
+        chain.append(chain[-1].cause)
+    for e in reversed(chain):
         if isinstance(e, validate.SettingError) and hasattr(e, "setting"):
             return validate.SettingError(e.setting, e.rule)
         if isinstance(e, UserError):

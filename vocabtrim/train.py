@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,8 @@ import numpy as np
 from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger
 from vocabtrim.special_tokens import eos_ids, of_model
-from vocabtrim.errors import UserError
+from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,10 @@ class ExtractorSpec:
     batch_rows: int = 8
 
 
-class FeatureExtractor:
+class FeatureExtractor(StartingActor):
     """Turns one shard into a ``FeatureShard``: ``extract(shard)``."""
 
-    def __init__(self, spec: ExtractorSpec):
+    def _build(self, spec: ExtractorSpec):
         import torch
 
         from vocabtrim.models import load_model, load_tokenizer
@@ -170,9 +170,6 @@ class FeatureExtractor:
                 self.model, None, sampling=SamplingParams(temperature=spec.temperature), batch_size=spec.batch_rows,
                 max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def _rows(self, texts: list[str], keys: list[str]) -> list[tuple[list[int], int]]:
         """(token ids, index of the first loss-bearing token) per row."""
@@ -352,10 +349,24 @@ def replay_chains(predictions: list, target_next, start: int, length: int) -> tu
     return accepted, proposed, steps
 
 
-class DrafterTrainer:
+def check_resumable(saved: dict, fresh: dict, out: str) -> None:
+    """Refuse, in one line, to resume a drafter saved with another draft vocabulary (``--top-k``,
+    ``--histogram``) or other shapes (``--intermediate-size``) than this run's."""
+    import torch
+
+    differ = sorted(k for k in fresh if k not in saved or saved[k].shape != fresh[k].shape)
+    if not differ:
+        differ = [k for k in ("d2t", "t2d") if k in fresh and not torch.equal(saved[k].to(fresh[k].device), fresh[k])]
+    if differ:
+        raise UserError(
+            f"{storage.display(out)} holds a drafter trained with another draft vocabulary or shape ({', '.join(differ[:3])} "
+            "differ: --top-k, --histogram or --intermediate-size changed): use a new --out, or the run's own settings")
+
+
+class DrafterTrainer(StartingActor):
     """Holds the drafter, the optimizer and the feature files; trains epoch by epoch on request."""
 
-    def __init__(self, cfg: dict, draft_ids: list[int], feature_layers: tuple, train_ids: list[str], eval_ids: list[str], threads: int):
+    def _build(self, cfg: dict, draft_ids: list[int], feature_layers: tuple, train_ids: list[str], eval_ids: list[str], threads: int):
         import torch
 
         from vocabtrim import eagle3 as e3
@@ -395,15 +406,13 @@ class DrafterTrainer:
         state_path = storage.join(c.out, STATE_FILE)
         if storage.is_file(state_path):
             state = torch.load(io.BytesIO(storage.read_bytes(state_path)), weights_only=True)
+            check_resumable(state["model"], model.state_dict(), c.out)
             model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             for group in self.opt.param_groups:  # the optimizer's state keeps its old rate: --learning-rate applies from here on
                 group["lr"] = c.learning_rate
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.history = json.loads(state["history"]) if isinstance(state.get("history"), str) else []
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def position(self) -> tuple[int, int]:
         return self.epoch, self.step
@@ -565,7 +574,7 @@ def run_train(config: TrainConfig) -> dict:
     from vocabtrim.calibrate import CounterPool, count_shards
     from vocabtrim.progress import Progress
     from vocabtrim.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray
+    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray, user_error_in
 
     c = config
     wall = time.perf_counter()
@@ -622,6 +631,10 @@ def run_train(config: TrainConfig) -> dict:
     trainer = Trainer.remote(asdict(c), draft_ids, tuple(feature_layers), train_ids, eval_ids, max(1, int(trainer_cpus)))
     t1 = time.perf_counter()
     try:
+        try:
+            ray.get(trainer.pid.remote())
+        except ray.exceptions.RayError as exc:
+            raise user_error_in(exc) or RunFailed(f"the training actor failed to start: {first_line(exc)}") from exc
         epoch, _ = ray.get(trainer.position.remote())
         bar = tqdm(total=c.epochs, initial=min(epoch, c.epochs), unit="epoch", desc="train", dynamic_ncols=True,
                    disable=not (c.show_progress and sys.stderr.isatty()))
