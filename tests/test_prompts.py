@@ -77,6 +77,13 @@ def test_bad_files_refused_in_one_line(tmp_path):
         inspect_prompt_files([str(f)], "prompt", "id")
 
 
+def test_an_id_column_of_lists_is_refused_in_one_line(tmp_path):
+    f = write(tmp_path / "f.parquet", prompt=["a", "b"], id=[[1], [2]])
+    with pytest.raises(UserError, match="ids must be strings or integers") as e:
+        inspect_prompt_files([str(f)], "prompt", "id")
+    assert "\n" not in str(e.value)
+
+
 def test_an_id_in_two_rows_is_refused_before_any_work(tmp_path, tiny_pair_dirs, capsys):
     """Two rows with one --id-column value would share a seed and an output identity: the file is refused in
     one line (exit 2) before a model is loaded or --out is made. Null ids (stable ids instead) and one id in

@@ -160,6 +160,19 @@ def test_other_settings_into_the_same_folder_are_refused(second, config):
         run_sweep(replace(config, max_new_tokens=9))
 
 
+def test_missing_prompts_are_refused_before_the_out_folder_is_claimed(config, tmp_path):
+    """Every cell would fail on them: refused in one line before any model loads, and --out stays free for
+    the corrected command."""
+    from dataclasses import replace
+
+    out = tmp_path / "s"
+    with pytest.raises(UserError, match="typo.parquet"):
+        run_sweep(replace(config, prompts=[str(tmp_path / "typo.parquet")], out=str(out)))
+    with pytest.raises(UserError, match="no column 'body'"):
+        run_sweep(replace(config, text_column="body", out=str(out)))
+    assert not out.exists()
+
+
 def test_cli_errors_are_one_line(config, capsys):
     args = ["sweep", "--target", config.target, "--drafter", config.drafter, "--corpus", *config.corpus,
             "--prompts", *config.prompts, "--out", config.out + "-cli"]

@@ -129,6 +129,9 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
     id_type = schema.field(id_column).type if id_column and id_column in names else None
     prompt_type = schema.field(prompt_column).type
     if id_type is not None:
+        value_type = id_type.value_type if pa.types.is_dictionary(id_type) else id_type
+        if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_integer(value_type)):
+            raise UserError(f"{shown}: --id-column {id_column!r} holds {id_type} values: ids must be strings or integers")
         _check_unique_ids(path, id_column)
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
 

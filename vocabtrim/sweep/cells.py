@@ -246,6 +246,18 @@ def check_config(cfg: SweepConfig) -> None:
             raise UserError(f"--sources takes {', '.join(SOURCES)}; got {s!r}")
     if storage.is_file(cfg.out):
         raise UserError(f"--out {storage.display(cfg.out)} is a file: pass a folder")
+    check_inputs(cfg)
+
+
+def check_inputs(cfg: SweepConfig) -> None:
+    """Refuse, in one line, prompts and a corpus that every cell would fail on: files missing or
+    unreadable, columns absent (the files' footers are read, not their rows)."""
+    from vocabtrim import corpus
+    from vocabtrim.prompts import inspect_prompt_files
+
+    inspect_prompt_files(cfg.prompts, cfg.prompt_column, cfg.id_column)
+    if any(k is not None for k in cfg.k):
+        corpus.make_shards(cfg.corpus, cfg.text_column)
 
 
 # ---------------------------------------------------------------------------------------------
