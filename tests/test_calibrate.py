@@ -231,6 +231,17 @@ def test_a_corpus_with_no_tokens_is_refused(ray_local, data, tmp_path):
         run_calibrate(cfg)
 
 
+def test_a_user_error_found_while_the_workers_start_is_one_line(ray_local, data, tmp_path, capsys):
+    """--drafter-layers beyond the model's layers shows only when a worker loads the model: the user gets
+    that one line and exit 2, not Ray's traceback of an actor that died starting."""
+    (tmp_path / "p.txt").write_text("hello there\n")
+    code = cli(["calibrate", "--drafter", data["model"], "--drafter-layers", "5", "--source", "drafter",
+                "--corpus", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--workers", "1",
+                "--cpus-per-worker", "0.4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--drafter-layers" in err, err
+
+
 # These fail before Ray starts: no ray_local fixture needed.
 
 
@@ -254,15 +265,19 @@ def test_cli_refuses_bad_input_with_exit_2_and_one_line(data, tmp_path, capsys, 
     assert code == 2 and err.count("\n") == 1 and match in err, err
 
 
-def test_cli_refuses_an_unreadable_file(data, tmp_path, capsys):
+def test_cli_refuses_an_unreadable_file(data, tmp_path, capsys, monkeypatch):
     path = tmp_path / "locked.txt"
     path.write_text("x\n")
     path.chmod(0)
-    if os.access(path, os.R_OK):  # root reads anything: use a folder we cannot list instead
-        path = tmp_path / "missing.jsonl"
+    if os.access(path, os.R_OK):  # root reads anything: its read fails here as it does for other users
+
+        def denied(where):
+            raise PermissionError(13, "Permission denied", where)
+
+        monkeypatch.setattr(corpus, "_check_text", denied)
     code = cli(["calibrate", "--drafter", data["model"], "--corpus", str(path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and ("cannot read" in err or "no such corpus file" in err)
+    assert code == 2 and err.count("\n") == 1 and "cannot read" in err and "ermission denied" in err, err
 
 
 @pytest.mark.bundled

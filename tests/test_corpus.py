@@ -128,6 +128,28 @@ def test_bad_files_are_refused_in_one_line(tmp_path, make, match):
     assert "\n" not in str(info.value)
 
 
+def test_a_network_fault_while_reading_a_shard_is_not_a_user_error(tmp_path, monkeypatch):
+    """A shard whose read breaks on the network is retried by the pool (a fault of the machine); a file
+    gone missing is the user's, in one line."""
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "c.parquet")
+    (shard,) = corpus.make_shards([str(tmp_path / "c.parquet")])
+
+    def failing(error):
+        def read(*args, **kwargs):
+            raise error
+            yield
+
+        return read
+
+    monkeypatch.setattr(corpus, "_iter_parquet", failing(OSError("AWS Error NETWORK_CONNECTION during GetObject: curlCode: 7")))
+    with pytest.raises(OSError, match="NETWORK_CONNECTION") as e:
+        list(corpus.iter_shard(shard))
+    assert not isinstance(e.value, UserError)
+    monkeypatch.setattr(corpus, "_iter_parquet", failing(FileNotFoundError(2, "No such file or directory")))
+    with pytest.raises(UserError, match="cannot read .*No such file or directory"):
+        list(corpus.iter_shard(shard))
+
+
 def test_missing_paths_and_empty_globs_are_refused(tmp_path):
     with pytest.raises(UserError, match="no such corpus file or folder"):
         corpus.expand_paths([str(tmp_path / "nope.parquet")])
@@ -150,6 +172,12 @@ def test_an_empty_file_has_no_shards_and_known_rows_are_summed(tmp_path):
     assert corpus.make_shards([str(tmp_path / "e.txt")]) == []
     shards = corpus.make_shards([str(tmp_path / "e.parquet")])
     assert corpus.file_rows(shards) == 0
+    pq.write_table(pa.table({"text": ["a"] * 5}), tmp_path / "five.parquet")
+    pq.write_table(pa.table({"text": ["b"] * 7}), tmp_path / "seven.parquet", row_group_size=3)
+    (tmp_path / "r.jsonl").write_text('{"text": "c"}\n')
+    parquet = corpus.make_shards([str(tmp_path / "five.parquet"), str(tmp_path / "seven.parquet")])
+    assert corpus.file_rows(parquet) == 12
+    assert corpus.file_rows(parquet + corpus.make_shards([str(tmp_path / "r.jsonl")])) is None  # rows of a byte range: unknown
 
 
 def upload(local_root, remote_root: str) -> None:

@@ -41,9 +41,10 @@ def test_a_routed_module_follows_its_weights_and_stays_trainable():
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     ref = copy.deepcopy(m)
     assert pack_linears(m) == 2 and pack_linears(m) == 0  # a second call routes nothing again
-    x = torch.randn(3, 16)
+    x = torch.randn(8, 16)  # rows enough for the packed path (fewer go to F.linear: plain_is_faster)
     with torch.inference_mode():
         torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert all(m[i].forward.linear.packed is not None for i in (0, 2))  # the packed weights served it
     with torch.no_grad():  # an in-place update is packed again
         m[0].weight.mul_(2)
         ref[0].weight.mul_(2)

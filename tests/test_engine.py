@@ -250,10 +250,10 @@ def test_gumbel_completions_do_not_depend_on_drafter_head_gamma_or_batch(pair64,
         return [o.token_ids for o in engine.generate(prompts, seeds)], engine
 
     alone, _ = run(None, None, None, 1)
-    full, e_full = run(drafter, None, 3, 8)
+    full, _ = run(drafter, None, 3, 8)
     auto, e_auto = run(drafter, head, None, 8)
     assert full == alone and auto == alone
-    assert sum(e_full.last_stats.gamma_hist[1:]) > 0  # the speculative runs did draft
+    assert sum(e_auto.last_stats.gamma_hist[1:]) > 0  # the auto-gamma run drafted too (the fixed one always does)
     other_seed = make_engine(target, sampling=params, max_new_tokens=20, batch_size=8).generate(
         prompts, [row_seed(43, f"row-{i}") for i in range(8)])
     assert [o.token_ids for o in other_seed] != alone  # the seed matters

@@ -41,7 +41,7 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed (pip in
 os.environ.setdefault("VOCABTRIM_VLLM_ENFORCE_EAGER", "1")  # no torch.compile: engine starts in tests take ~20 s less
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-ALPHA = 1e-4  # false-alarm rate of each distribution check (as in test_speculative.py)
+ALPHA = 1e-4  # false-alarm rate of each distribution check (as in test_engine_sampling.py)
 
 
 def tiny_llama(vocab_size, layers=2, seed=0):
@@ -272,8 +272,10 @@ def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine):
     assert accepted > 100 and proposed - accepted > 100  # both the accept and the reject paths were taken often
     s = engine.last_stats
     assert s.spec_draft_tokens >= proposed and s.spec_accepted_tokens >= accepted > 0
-    # The check has the power to tell a lossy trimmed decoder (the target renormalised over the kept ids) apart.
-    assert chi_square_pvalue(counts, exact_first_tokens(target, support=KEPT)) < ALPHA
+    # Power: as many draws from a lossy trimmed decoder (the target renormalised over the kept ids) fail the check.
+    lossy = exact_first_tokens(target, support=KEPT).float()
+    draws = torch.multinomial(lossy, N_SAMPLES, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert chi_square_pvalue(torch.bincount(draws, minlength=SMALL_V**3), exact_first_tokens(target)) < ALPHA
     p = chi_square_pvalue(counts, exact_first_tokens(target))
     if not torch.cuda.is_available():
         assert p <= ALPHA, (f"vLLM's CPU build now keeps the target's law at T=1 (chi-square p = {p:.3g}): "
@@ -298,7 +300,8 @@ def test_trimmed_head_drafter_in_vllm_greedy_equals_native_target_alone(small_en
     native = make_engine(target, sampling=SamplingParams(temperature=0), max_new_tokens=8, batch_size=16)
     expected = native.generate(prompts, list(range(16)))
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
-    assert all(o.finish_reason == "length" and len(o.accepted_hist) == 3 for o in got)
+    assert all(o.finish_reason == "length" for o in got)
+    assert sum(o.proposed for o in got) > 0  # the trimmed-head drafter drafted
 
 
 # ------------------------------------------------------------------------------------------------
