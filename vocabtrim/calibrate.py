@@ -35,7 +35,7 @@ import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import wraps_strings
-from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.errors import UserError
 from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
@@ -369,15 +369,10 @@ class CounterPool:
 
     def wait_ready(self) -> None:
         """Block until every actor has built itself (its tokenizer and model are loaded)."""
-        import ray
+        from vocabtrim.ray_utils import wait_ready
 
-        from vocabtrim.ray_utils import user_error_in, wait_ready
-
-        try:
-            wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors",
-                       shape=(self._options["num_cpus"] or 0, self._options["num_gpus"] or 0))
-        except ray.exceptions.RayError as exc:
-            raise user_error_in(exc) or RunFailed(f"a worker failed to start: {first_line(exc)}") from exc
+        wait_ready([a.pid.remote() for a in self.actors], f"{len(self.actors)} counting actors",
+                   shape=(self._options["num_cpus"] or 0, self._options["num_gpus"] or 0))
 
     def pids(self) -> list[int]:
         import ray

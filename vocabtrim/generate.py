@@ -581,7 +581,7 @@ def start_workers(cfg: GenerateConfig):
     """The actor pool (``ray_utils.ActorPool``), once every actor has loaded its models."""
     import ray
 
-    from vocabtrim.ray_utils import ActorPool, check_resources, default_cpus_per_worker, user_error_in, wait_ready
+    from vocabtrim.ray_utils import ActorPool, check_resources, default_cpus_per_worker, wait_ready
 
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else default_cpus_per_worker(cfg.workers)
     check_resources(cfg.workers, cfg.gpus_per_worker, cpus)
@@ -600,9 +600,6 @@ def start_workers(cfg: GenerateConfig):
     try:
         infos = wait_ready([a.info.remote() for a in pool.actors], f"{cfg.workers} generate workers",
                            shape=(cpus, cfg.gpus_per_worker))
-    except ray.exceptions.RayError as exc:  # a worker died starting (out of memory, a device error)
-        pool.shutdown()
-        raise user_error_in(exc) or RunFailed(f"a generate worker failed to start: {first_line(exc)}") from exc
     except BaseException:
         pool.shutdown()
         raise

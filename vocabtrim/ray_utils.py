@@ -172,7 +172,9 @@ def _cluster_status(gcs=None):
 
 
 def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tuple[float, float] | None = None) -> list:
-    """``ray.get`` actor start-up refs, failing in one line if they do not come up in time.
+    """``ray.get`` actor start-up refs, failing in one line if they do not come up in time, or as the
+    UserError an actor raised while starting, or (an actor died starting: a fault of the machine) as
+    RunFailed.
 
     ``shape``: the actors' ``(cpus, gpus)``. While they wait to be placed, the autoscaler is asked
     every few seconds whether it can ever place them; if it says no, fail at once rather than at the
@@ -197,7 +199,10 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
                 f"{what} cannot be placed: the autoscaler has no node type with {cpus:g} CPUs and {gpus:g} GPUs "
                 "for one actor (check --gpus-per-worker and --cpus-per-worker against the cluster's node types)"
             )
-    return ray.get(refs)
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as exc:
+        raise user_error_in(exc) or RunFailed(f"{what} failed to start: {first_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

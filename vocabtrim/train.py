@@ -35,7 +35,7 @@ import numpy as np
 from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger
 from vocabtrim.special_tokens import eos_ids, of_model
-from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.errors import UserError
 from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
@@ -574,7 +574,7 @@ def run_train(config: TrainConfig) -> dict:
     from vocabtrim.calibrate import CounterPool, count_shards
     from vocabtrim.progress import Progress
     from vocabtrim.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray, user_error_in
+    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray, wait_ready
 
     c = config
     wall = time.perf_counter()
@@ -631,10 +631,7 @@ def run_train(config: TrainConfig) -> dict:
     trainer = Trainer.remote(asdict(c), draft_ids, tuple(feature_layers), train_ids, eval_ids, max(1, int(trainer_cpus)))
     t1 = time.perf_counter()
     try:
-        try:
-            ray.get(trainer.pid.remote())
-        except ray.exceptions.RayError as exc:
-            raise user_error_in(exc) or RunFailed(f"the training actor failed to start: {first_line(exc)}") from exc
+        wait_ready([trainer.pid.remote()], "the training actor", shape=(trainer_cpus, gpus))
         epoch, _ = ray.get(trainer.position.remote())
         bar = tqdm(total=c.epochs, initial=min(epoch, c.epochs), unit="epoch", desc="train", dynamic_ncols=True,
                    disable=not (c.show_progress and sys.stderr.isatty()))
