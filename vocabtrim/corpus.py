@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from vocabtrim import storage
-from vocabtrim.errors import UserError, first_line, machine_fault
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt", ".arrow": "arrow"}
 FOLDER_SUFFIXES = (".parquet", ".jsonl", ".txt")  # what a plain folder is searched for
@@ -456,13 +456,11 @@ def iter_shard(shard: Shard, text_column: str = "text", batch_rows: int = 1024) 
             yield from _iter_bytes(shard, text_column, batch_rows)
     except UserError:
         raise
-    except Exception as exc:
-        if machine_fault(exc):  # a network or memory fault: the shard is retried on a fresh actor
-            raise
+    except Exception as exc:  # a network or memory fault is re-raised: the shard is retried on a fresh actor
         if isinstance(exc, OSError):
-            raise UserError(f"cannot read {storage.display(shard.path)}: {exc.strerror or first_line(exc)}") from exc
+            user_error_unless_fault(exc, f"cannot read {storage.display(shard.path)}: {exc.strerror or first_line(exc)}")
         if type(exc).__module__.startswith("pyarrow"):
-            raise UserError(f"cannot read {storage.display(shard.path)} (shard {shard.shard_id}): {first_line(exc)}") from exc
+            user_error_unless_fault(exc, f"cannot read {storage.display(shard.path)} (shard {shard.shard_id}): {first_line(exc)}")
         raise
 
 

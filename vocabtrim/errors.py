@@ -4,6 +4,8 @@ Anything raised as ``UserError`` is printed by the CLI as a single line and exit
 everything else is a bug and keeps its traceback.
 """
 
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A mistake in the user's input (flags, files, models): one line, exit code 2."""
@@ -42,6 +44,14 @@ def machine_fault(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(m in text for m in _FAULT_MESSAGES)
+
+
+def user_error_unless_fault(exc: BaseException, message: str) -> NoReturn:
+    """Raise ``exc`` itself when it is a fault of the machine (``machine_fault``), else UserError(message)
+    from it: for the places where a failure is the user's input unless the machine is at fault."""
+    if machine_fault(exc):
+        raise exc
+    raise UserError(message) from exc
 
 
 # Memory exhausted (torch's CPU allocator), and object stores' transient errors as pyarrow's and fsspec's

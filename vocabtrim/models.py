@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from vocabtrim import validate
-from vocabtrim.errors import UserError, machine_fault
+from vocabtrim.errors import UserError, user_error_unless_fault
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,7 @@ def gguf_folder(gguf: Path) -> Path:
     try:
         _convert_gguf(gguf, out)
     except Exception as exc:  # a corrupt or unsupported GGUF file is the user's input
-        if machine_fault(exc):
-            raise
-        raise UserError(f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        user_error_unless_fault(exc, f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
     return out
 
 
@@ -196,10 +194,8 @@ def load_model(
             where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except Exception as exc:
-        if machine_fault(exc):
-            raise
         msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise UserError(f"cannot load model {name} (weights are read from safetensors or GGUF only): {msg}") from exc
+        user_error_unless_fault(exc, f"cannot load model {name} (weights are read from safetensors or GGUF only): {msg}")
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -29,7 +29,7 @@ import tempfile
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from vocabtrim.errors import UserError, first_line, machine_fault
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
@@ -320,9 +320,7 @@ def _local_folder(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        if machine_fault(exc):
-            raise
-        raise UserError(f"cannot create folder {path}: {exc.strerror or first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot create folder {path}: {exc.strerror or first_line(exc)}")
 
 
 def _atomic_local(path: str, write: Callable[[str], None]) -> None:
@@ -331,9 +329,7 @@ def _atomic_local(path: str, write: Callable[[str], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
     except OSError as exc:
-        if machine_fault(exc):
-            raise
-        raise UserError(f"cannot write in {os.path.dirname(path)}: {exc.strerror or first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot write in {os.path.dirname(path)}: {exc.strerror or first_line(exc)}")
     os.close(fd)
     try:
         write(tmp)
@@ -356,9 +352,7 @@ def _upload(where: str, fill: Callable) -> None:
         with fs.open_output_stream(path) as dst:
             fill(dst)
     except OSError as exc:
-        if machine_fault(exc):
-            raise
-        raise UserError(f"cannot write {display(where)}: {first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot write {display(where)}: {first_line(exc)}")
 
 
 def write_with(where: str, write: Callable[[str], None]) -> None:
