@@ -496,6 +496,58 @@ def test_engine_drafts_what_the_drafter_was_trained_to_draft(tiny, eagle_pair, b
     assert len(seen) > 20 and all(seen), f"{seen.count(False)} of {len(seen)} proposals differ from the recompute"
 
 
+@torch.no_grad()
+def test_compiled_eagle3_drafter_drafts_the_same_with_two_graphs(tiny, eagle_pair, monkeypatch):
+    """--compile: the drafter's passes cover every slot (8 rows through 4 slots: padding rows at the tail)
+    and round each catch-up window up to a power of two (recomputing entries). Its proposals equal the
+    training-time-test recompute, under a verify rule that accepts 0..gamma drafts in turn so that windows
+    of every size occur; then, under the real rule, the same engine's greedy output is the target alone's.
+    The drafter compiles at most its two graphs (one entry per row; several) beside the target's two, and
+    nothing breaks a graph."""
+    import itertools
+
+    import torch._dynamo
+    import torch._dynamo.utils as dynamo_utils
+
+    from vocabtrim.engine import make_engine, scheduler
+    from vocabtrim.engine.drafters.eagle3 import Eagle3Drafter
+    from vocabtrim.engine.sampling import SamplingParams, Verdict
+
+    target, model = eagle_pair.target, eagle_pair.drafter
+    gamma, seen, windows = 3, [], []
+    propose, calls = Eagle3Drafter.propose, itertools.count()
+
+    def checked(self, batch):
+        windows.append(max(p - self.done[r] for r, p in enumerate(batch.pos_host[: batch.n])))
+        out = propose(self, batch)
+        for r in range(batch.n):
+            ref = _reference_drafts(model, target, self.feature_layers, batch.history[r].clone(), batch.pos_host[r], gamma)
+            seen.append(out.tokens[r].tolist() == ref)
+        return out
+
+    def accept_in_turn(draft_tokens, target_tokens):
+        accepted = torch.full((draft_tokens.shape[0],), next(calls) % (gamma + 1), dtype=torch.long)
+        return Verdict(accepted=accepted, next_token=target_tokens.gather(1, accepted[:, None])[:, 0])
+
+    prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT * 2]
+    seeds = list(range(len(prompts)))
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    engine = make_engine(target, model, sampling=SamplingParams(temperature=0), batch_size=4, max_new_tokens=16,
+                         gamma=gamma, max_gamma=gamma, compile=True)
+    with monkeypatch.context() as m:
+        m.setattr(Eagle3Drafter, "propose", checked)
+        m.setattr(scheduler, "verify_exact", accept_in_turn)
+        engine.generate(prompts, seeds)
+    assert len(seen) > 20 and all(seen), f"{seen.count(False)} of {len(seen)} proposals differ from the recompute"
+    assert {1, 2, 3, 4} <= set(windows), windows  # 3 is rounded up to 4
+    out = engine.generate(prompts, seeds)
+    alone = make_engine(target, None, sampling=SamplingParams(temperature=0), max_new_tokens=16).generate(prompts, seeds)
+    assert [o.token_ids for o in out] == [o.token_ids for o in alone]
+    assert 0 < dynamo_utils.counters["stats"]["unique_graphs"] <= 4
+    assert sum(dynamo_utils.counters["graph_break"].values()) == 0
+
+
 ALPHA = 1e-4  # false-alarm rate of each chi-square check (fixed seeds: deterministic; over fresh seeds, 1 in 10,000)
 T_FLAT = 20.0  # a random drafter agrees with the target only where both are flat: acceptance 0.3-0.45 here, 0.003 at T = 1
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -327,7 +328,10 @@ class KVCache:
         c = model.config
         shape = (slots, c.kv_heads, capacity + 1, c.head_dim)
         dtype, device = model.fc.weight.dtype, device or model.fc.weight.device
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        for buf in (k, v):  # written in place by compiled passes, which replay as CUDA graphs only then
+            torch._dynamo.mark_static_address(buf)
+        return cls(k, v)
 
     @property
     def capacity(self) -> int:
@@ -335,12 +339,12 @@ class KVCache:
 
 
 def cached_forward(
-    model: Eagle3Model, cache: KVCache, rows: torch.Tensor, emb: torch.Tensor, feature: torch.Tensor,
+    model: Eagle3Model, cache: KVCache, rows: torch.Tensor | None, emb: torch.Tensor, feature: torch.Tensor,
     positions: torch.Tensor, span: int,
 ) -> torch.Tensor:
     """One drafter pass for Q positions per row, written into the cache at those positions.
 
-    rows:      [n] int64 cache slots.
+    rows:      [n] int64 cache slots, or None for every slot in order (n = slots; no copy of the cache).
     emb:       [n, Q, hidden] the tokens' embeddings (the token at position p + 1 for entry p).
     feature:   [n, Q, hidden] the fused target feature at p, or the drafter's own previous output.
     positions: [n, Q] int64 entry positions; -1 marks a padding query (written to the scratch column).
@@ -349,10 +353,13 @@ def cached_forward(
     """
     q, k, v, residual = layer_in(model, emb, feature, positions)
     cols = torch.where(positions >= 0, positions, torch.full_like(positions, cache.capacity))
-    r = rows[:, None].expand_as(cols)
+    r = (torch.arange(cols.shape[0], device=cols.device) if rows is None else rows)[:, None].expand_as(cols)
     cache.k[r, :, cols] = k.transpose(1, 2)
     cache.v[r, :, cols] = v.transpose(1, 2)
-    keys, values = cache.k[rows, :, :span], cache.v[rows, :, :span]
+    if rows is None:
+        keys, values = cache.k[:, :, :span], cache.v[:, :, :span]
+    else:
+        keys, values = cache.k[rows, :, :span], cache.v[rows, :, :span]
     key_pos = torch.arange(span, device=positions.device)
     mask = (key_pos[None, None, :] <= positions[:, :, None]) | (key_pos[None, None, :] == 0)  # a padding query sees column 0
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=c_gqa(model))

@@ -166,9 +166,9 @@ class Engine:
         return self.top_gamma
 
     def _compile(self) -> None:
-        runners = [self.target] + ([self.drafter.runner] if isinstance(getattr(self.drafter, "runner", None), ModelRunner) else [])
-        for r in runners:
-            r.compile()
+        self.target.compile()
+        if self.drafter is not None:
+            self.drafter.compile()
 
     # -- public -------------------------------------------------------------------------------
 

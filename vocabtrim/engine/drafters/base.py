@@ -103,6 +103,9 @@ class Drafter(Protocol):
     #: whose states the drafter reads, concatenated in this order; () for a drafter that reads none.
     feature_layers: tuple[int, ...]
 
+    def compile(self) -> None:
+        """Run the drafter's passes through ``torch.compile`` from now on (``EngineConfig.compile``)."""
+
     def allocate(self, slots: int, capacity: int) -> None:
         """Preallocate per-slot state for ``slots`` rows of up to ``capacity`` positions."""
 

@@ -39,6 +39,9 @@ class CausalLMDrafter:
         self.start = np.zeros(0, dtype=np.int64)
         self.capacity = 0
 
+    def compile(self) -> None:
+        self.runner.compile()
+
     def allocate(self, slots: int, capacity: int) -> None:
         self.runner.allocate(slots, capacity)
         self.valid = np.zeros(slots, dtype=np.int64)

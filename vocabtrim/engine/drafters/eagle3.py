@@ -12,6 +12,11 @@ last output gives draft 1. Draft i + 1 comes from entry pos-1+i, which reads dra
 as its feature, entry pos-2+i's own pre-norm output (EAGLE's chain). These chain entries are written
 at their positions and overwritten when the row's real tokens get there: a rejected draft needs no
 rollback.
+
+Compiled (``compile``), each pass covers every slot and attends to every position, rows not stepped
+being padding (position -1: they write the cache's scratch column), and the catch-up window is rounded
+up to a power of two (recomputing an entry rewrites the same values): one graph for the chain's single
+entries and one for the windows, as the ``ModelRunner``'s steps.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from vocabtrim import eagle3 as e3
-from vocabtrim.engine.cpu_gemm import pack_linears
+from vocabtrim.engine.cpu_gemm import pack_linears, unpack_linears
+from vocabtrim.engine.model import STATIC_CAPACITY_STEP
 from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Proposal
 
 
@@ -35,10 +41,31 @@ class Eagle3Drafter:
         self.cache: e3.KVCache | None = None
         self.fused: torch.Tensor | None = None  # [slots, capacity + 1, hidden]
         self.done: list[int] = []
+        self.static = False  # passes at fixed shapes (set by ``compile``)
+        self.graphs = False  # ... replayed as CUDA graphs
+        self.pass_fn = self._pass
+
+    def compile(self) -> None:
+        """Run the drafter's passes through ``torch.compile`` at fixed shapes (CUDA graphs on a GPU)."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        unpack_linears(self.model)  # traced as plain linears
+        self.graphs = self.device.type == "cuda"
+        self.pass_fn = torch.compile(self._pass, dynamic=None, mode="reduce-overhead" if self.graphs else None)
+        self.static = True
 
     # -- slots --------------------------------------------------------------------------------
 
     def allocate(self, slots: int, capacity: int) -> None:
+        """Compiled, the cache is kept while large enough and grows by ``STATIC_CAPACITY_STEP`` positions
+        (each new shape compiles again), as the ``ModelRunner``'s."""
+        if self.static:
+            if self.cache is not None and self.cache.k.shape[0] >= slots and self.cache.capacity >= capacity:
+                self.done = [0] * self.cache.k.shape[0]
+                return
+            slots = max(slots, self.cache.k.shape[0] if self.cache is not None else 0)
+            capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
         self.cache = e3.KVCache.allocate(self.model, slots, capacity, self.device)
         hidden = self.model.config.hidden_size
         self.fused = torch.zeros(slots, capacity + 1, hidden, dtype=self.model.fc.weight.dtype, device=self.device)
@@ -78,6 +105,26 @@ class Eagle3Drafter:
         emb = e3.embed(self.model, tokens)
         return e3.cached_forward(self.model, self.cache, rows, emb, feature, positions, span)
 
+    def _pass(self, tokens, feature, positions, span: int):
+        """Entries for rows 0..n-1 (tokens, positions [n, Q]; feature [n, Q, hidden]) → (the last entry's
+        output [n, 1, hidden], its logits over the draft vocabulary [n, K] float32)."""
+        out = self._entries(None if self.static else torch.arange(tokens.shape[0], device=self.device),
+                            tokens, feature, positions, span)[:, -1:]
+        return out, e3.logits(self.model, out[:, 0]).float()
+
+    def _step(self, n: int, tokens, feature, positions, span: int):
+        """``_pass`` for rows 0..n-1; compiled, over every slot with the others as padding."""
+        if not self.static:
+            return self.pass_fn(tokens, feature, positions, span)
+        pad = self.cache.k.shape[0] - n
+        tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
+        feature = torch.cat([feature, feature.new_zeros(pad, *feature.shape[1:])])
+        positions = torch.cat([positions, positions.new_full((pad, positions.shape[1]), -1)])
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last pass's outputs are consumed or cloned
+        out, step_logits = self.pass_fn(tokens, feature, positions, self.cache.capacity)
+        return (out[:n].clone() if self.graphs else out[:n]), step_logits[:n]
+
     # -- drafting -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -87,6 +134,8 @@ class Eagle3Drafter:
         pos = batch.pos.to(self.device)
         pos_host = batch.pos_host
         M = max(1, max(p - self.done[r] for r, p in enumerate(pos_host[:n])))
+        if self.static:
+            M = 1 << (M - 1).bit_length()  # few window sizes, few graphs
         # Catch-up: entries pos-M .. pos-1 of every row (recomputing a computed one is harmless).
         p = pos[:, None] - M + torch.arange(M, device=self.device)[None]
         positions = torch.where(p >= 0, p, torch.full_like(p, -1))
@@ -94,16 +143,15 @@ class Eagle3Drafter:
         history = batch.history.to(self.device)
         tokens = history[rows[:, None], (safe + 1).clamp(max=history.shape[1] - 1)]
         feature = self.fused[rows[:, None], safe]
-        span = min(max(pos_host[:n]) + G, self.cache.capacity)
-        out = self._entries(rows, tokens, feature, positions, max(span, 1))[:, -1:]  # [n, 1, hidden]
+        span = max(1, min(max(pos_host[:n]) + G, self.cache.capacity))
+        out, step_logits = self._step(n, tokens, feature, positions, span)  # [n, 1, hidden], [n, K]
         for r in range(n):
             self.done[r] = pos_host[r]
         draft_tokens, qs = [], []
         for i in range(G):
             if i > 0:
                 last = draft_tokens[-1][:, None]
-                out = self._entries(rows, last, out, (pos - 1 + i)[:, None], span)
-            step_logits = e3.logits(self.model, out[:, 0]).float()  # [n, K]
+                out, step_logits = self._step(n, last, out, (pos - 1 + i)[:, None], span)
             index, q = batch.choose(step_logits, i)
             draft_tokens.append(self.support[index])
             qs.append(q)
