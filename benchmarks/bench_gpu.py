@@ -15,7 +15,10 @@ Its "break-even acceptance" is derived from those costs: the acceptance per draf
 fixed gamma) at which the setting would match the target alone run in the same mode; lower is better.
 For each batch size (1, 16, 64): target alone, drafter with its full head, drafter with the trimmed
 head, the EAGLE-3 drafter trimmed and full, each eager and with ``--compile``; settings interleaved over
-``--rounds`` rounds, ranges reported. Each batch size's rows are printed as soon as it is done.
+``--rounds`` rounds, ranges reported. Each batch size's rows are printed as soon as it is done. The
+last column counts the rows whose greedy completion equals the target alone's in the same mode, over
+all rounds (bfloat16: a verify pass of gamma + 1 tokens may round a near-tie differently from a
+one-token step, so a row can differ where two logits tie to bfloat16 precision).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--settings", default="target,full,trimmed,eagle3-full,eagle3",
                     help="which to run (the target alone, eager, always runs: it is the baseline)")
     args = ap.parse_args()
@@ -107,7 +111,7 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU here: run with --smoke to check the script on CPU")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
         shapes = dict(vocab=128_256, k=32_768, eagle3_k=32_000, target=(32, 4096, 32, 8, 14336), drafter=(16, 2048, 16, 8, 5632))
     t0 = time.perf_counter()
     target = build(*shapes["target"], shapes["vocab"], dtype, device, seed=0)
@@ -132,7 +136,8 @@ def main() -> None:
         return "-" if not xs else (format(min(xs), spec) if max(xs) - min(xs) < 1e-9 else f"{format(min(xs), spec)}–{format(max(xs), spec)}")
 
     header = ("| batch | setting | mode | tokens/s | × target alone (eager) | tokens / step | break-even acceptance (same mode) | "
-              "drafter step ms | verify pass ms | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|")
+              "drafter step ms | verify pass ms | warm-up s | rows as the target alone (same mode) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"\n{header}", flush=True)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
@@ -145,26 +150,30 @@ def main() -> None:
                                 batch_size=b, max_new_tokens=args.new_tokens, compile=compiled)
                 t = time.perf_counter()
                 e.generate(prompts, list(range(b)), max_new_tokens=4)  # warm-up (compiles)
-                engines[(name, compiled)] = (e, time.perf_counter() - t, [])
+                engines[(name, compiled)] = (e, time.perf_counter() - t, [], [])
                 print(f"  batch {b}: {name}, {'compiled' if compiled else 'eager'}: warm in "
                       f"{time.perf_counter() - t:.0f} s", flush=True)
         for _ in range(args.rounds):
-            for key, (e, _, runs) in engines.items():
+            for key, (e, _, runs, outs) in engines.items():
                 out = e.generate(prompts, list(range(b)))
+                outs.append([o.token_ids for o in out])
                 st = e.last_stats
                 runs.append((sum(len(o.token_ids) for o in out) / st.wall_seconds,
                              st.drafter_step_ms or None, 1000 * st.target_seconds / st.target_passes,
                              st.generated_tokens / max(st.rows_stepped, 1)))
         base = engines[("target alone", False)][2]
         batch_rows = []
-        for (name, compiled), (e, warm, runs) in engines.items():
+        for (name, compiled), (e, warm, runs, outs) in engines.items():
             ratios = [r[0] / x[0] for r, x in zip(runs, base)]
-            same = engines[("target alone", compiled)][2]  # break-even against the target alone in the same mode
+            _, _, same, alone = engines[("target alone", compiled)]  # against the target alone in the same mode
             even = "-" if e.drafter is None else rng(
                 [break_even(r[0] / x[0] * x[3] / r[3], args.gamma) for r, x in zip(runs, same)], ".2f")
+            identical = "-" if e.drafter is None else (
+                f"{sum(a == t for o, ref in zip(outs, alone) for a, t in zip(o, ref))}/{b * len(outs)}")
             batch_rows.append(f"| {b} | {name} | {'compiled' if compiled else 'eager'} | {rng([r[0] for r in runs], '.1f')} | "
                               f"{rng(ratios, '.2f')}× | {rng([r[3] for r in runs], '.2f')} | {even} | "
-                              f"{rng([r[1] for r in runs], '.2f')} | {rng([r[2] for r in runs], '.2f')} | {warm:.0f} |")
+                              f"{rng([r[1] for r in runs], '.2f')} | {rng([r[2] for r in runs], '.2f')} | {warm:.0f} | "
+                              f"{identical} |")
         print("\n".join(batch_rows), flush=True)
         rows += batch_rows
         del engines

@@ -325,7 +325,7 @@ def test_generate_with_vllm_rows_errors_resume_and_summary(ray_local, tiny_dirs,
     with contextlib.redirect_stdout(printed):
         assert cli.main(argv) == 0
     s = json.loads((Path(base.out) / "summary.json").read_text())
-    native = run_generate(replace(base, engine="native", drafter=None, head=None, no_draft=True, out=str(tmp_path / "native")))
+    run_generate(replace(base, engine="native", drafter=None, head=None, no_draft=True, out=str(tmp_path / "native")))
 
     for name in ("a.parquet", "b.parquet"):
         got, expected = rows(base.out, name), rows(tmp_path / "native", name)
