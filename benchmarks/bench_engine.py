@@ -15,6 +15,8 @@ setting in a fresh process (1 compute thread), and reports the range over rounds
   prompts and at most 64 new tokens (the compile time is reported apart, not counted in tokens/s).
 - ``compile-bulk``: the same at ``--batch-size`` on all ``--prompts`` × ``--max-new-tokens``, where the
   slots stay full but for the run's tail.
+- ``compile-eagle3``: as ``compile`` with the shipped EAGLE-3 drafter at gamma 3, on 16 prompts
+  (``--compile`` compiles the target's steps and the drafter's passes).
 - ``gemm``: the new engine at ``--batch-size`` on all ``--prompts``, target alone and with the 4-layer
   drafter at gamma 4: its CPU matmuls through oneDNN with packed weights (the default) against
   ``F.linear`` (``VOCABTRIM_PACKED_GEMM=0``); then each of the model's matmul shapes alone, ms per product
@@ -55,8 +57,8 @@ def run_setting(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from vocabtrim.models import load_pair
 
-    pair = load_pair("smollm2-135m", drafter_layers=spec.get("drafter_layers"), dtype="float32", device="cpu",
-                     need_drafter=spec.get("drafter_layers") is not None)
+    pair = load_pair("smollm2-135m", spec.get("drafter"), drafter_layers=spec.get("drafter_layers"), dtype="float32",
+                     device="cpu", need_drafter=spec.get("drafter") is not None or spec.get("drafter_layers") is not None)
     tok = pair.tokenizer
     prompts = shipped_prompts(tok, spec["prompts"])
     eos = [tok.eos_token_id]
@@ -242,6 +244,12 @@ def main() -> None:
             small = {**common, "engine": "new", "batch_size": b, "prompts": min(args.prompts, 2 * b), "max_new_tokens": min(args.max_new_tokens, 64)}
             print(run_case("compile", {f"eager, batch {b}": small, f"--compile, batch {b}": {**small, "compile": True}},
                            args.rounds, None, f"eager, batch {b}") + "\n")
+    if "compile-eagle3" in cases:
+        for b in (1, 8):
+            small = {**common, "engine": "new", "batch_size": b, "prompts": min(args.prompts, 16),
+                     "max_new_tokens": min(args.max_new_tokens, 64), "drafter": "smollm2-135m-eagle3", "gamma": 3}
+            print(run_case("compile-eagle3", {f"EAGLE-3 eager, batch {b}": small, f"EAGLE-3 --compile, batch {b}": {**small, "compile": True}},
+                           args.rounds, None, f"EAGLE-3 eager, batch {b}") + "\n")
     if "compile-bulk" in cases:
         b = args.batch_size
         print(run_case("compile-bulk", {f"eager, batch {b}": {**common, "engine": "new"},
