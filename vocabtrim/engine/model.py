@@ -34,6 +34,15 @@ def pad_rows(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor 
     return tokens, positions, start
 
 
+def compile_step(fn, device: torch.device):
+    """``fn`` through ``torch.compile`` as the engine's fixed-shape steps are: shapes specialised until a
+    second size is seen (then that size symbolic), replayed as CUDA graphs on a GPU."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=None, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def base_model(model):
     """The decoder stack without its head (hidden states after the final norm)."""
     base = getattr(model, model.base_model_prefix, None)
@@ -87,12 +96,8 @@ class ModelRunner:
 
         On a CPU a step's cost grows with its rows, so the padding costs time at a run's tail (when
         fewer rows than slots are left)."""
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         unpack_linears(self.base)  # the layers traced as plain linears
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.forward_fn = torch.compile(self._forward, dynamic=None, mode=mode)
+        self.forward_fn = compile_step(self._forward, self.device)
         self.static = True
 
     def allocate(self, slots: int, capacity: int) -> None:

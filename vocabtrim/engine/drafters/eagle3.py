@@ -25,8 +25,8 @@ import torch
 
 from vocabtrim import eagle3 as e3
 from vocabtrim.engine.cpu_gemm import pack_linears, unpack_linears
-from vocabtrim.engine.model import STATIC_CAPACITY_STEP
 from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Proposal
+from vocabtrim.engine.model import STATIC_CAPACITY_STEP, compile_step
 
 
 class Eagle3Drafter:
@@ -47,12 +47,9 @@ class Eagle3Drafter:
 
     def compile(self) -> None:
         """Run the drafter's passes through ``torch.compile`` at fixed shapes (CUDA graphs on a GPU)."""
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         unpack_linears(self.model)  # traced as plain linears
         self.graphs = self.device.type == "cuda"
-        self.pass_fn = torch.compile(self._pass, dynamic=None, mode="reduce-overhead" if self.graphs else None)
+        self.pass_fn = compile_step(self._pass, self.device)
         self.static = True
 
     # -- slots --------------------------------------------------------------------------------
