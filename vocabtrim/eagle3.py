@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
