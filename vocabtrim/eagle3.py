@@ -343,7 +343,7 @@ def cached_forward(
 ) -> torch.Tensor:
     """One drafter pass for Q positions per row, written into the cache at those positions.
 
-    rows:      [n] int64 cache slots, or None for every slot in order (n = slots; no copy of the cache).
+    rows:      [n] int64 cache slots, or None for slots 0..n-1 (read in place: no copy of the cache).
     emb:       [n, Q, hidden] the tokens' embeddings (the token at position p + 1 for entry p).
     feature:   [n, Q, hidden] the fused target feature at p, or the drafter's own previous output.
     positions: [n, Q] int64 entry positions; -1 marks a padding query (written to the scratch column).
@@ -356,7 +356,7 @@ def cached_forward(
     cache.k[r, :, cols] = k.transpose(1, 2)
     cache.v[r, :, cols] = v.transpose(1, 2)
     if rows is None:
-        keys, values = cache.k[:, :, :span], cache.v[:, :, :span]
+        keys, values = cache.k[: cols.shape[0], :, :span], cache.v[: cols.shape[0], :, :span]
     else:
         keys, values = cache.k[rows, :, :span], cache.v[rows, :, :span]
     key_pos = torch.arange(span, device=positions.device)

@@ -34,6 +34,15 @@ def pad_rows(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor 
     return tokens, positions, start
 
 
+def static_cache_shape(have: tuple[int, int] | None, slots: int, capacity: int) -> tuple[int, int] | None:
+    """The (slots, capacity) a compiled runner's cache needs, given the one it has (``have``; None before
+    any): None while ``have`` is large enough to keep, else never fewer slots than before and the
+    capacity rounded up to ``STATIC_CAPACITY_STEP`` (each new shape compiles again)."""
+    if have is not None and have[0] >= slots and have[1] >= capacity:
+        return None
+    return max(slots, have[0] if have else 0), -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+
+
 def compile_step(fn, device: torch.device):
     """``fn`` through ``torch.compile`` as the engine's fixed-shape steps are: shapes specialised until a
     second size is seen (then that size symbolic), replayed as CUDA graphs on a GPU."""
@@ -104,9 +113,9 @@ class ModelRunner:
         """A cache of at least ``slots`` rows and ``capacity`` positions (exactly ``slots`` when eager;
         compiled, it is kept while large enough and grows by ``STATIC_CAPACITY_STEP`` positions)."""
         if self.static:
-            if self.cache is None or self.cache.slots < slots or self.cache.capacity < capacity:
-                rounded = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
-                self.cache = StaticKVCache.for_model(self.model, max(slots, self.cache.slots if self.cache else 0), rounded)
+            shape = static_cache_shape(None if self.cache is None else (self.cache.slots, self.cache.capacity), slots, capacity)
+            if shape is not None:
+                self.cache = StaticKVCache.for_model(self.model, *shape)
         elif self.cache is None or self.cache.slots != slots or self.cache.capacity < capacity:
             self.cache = StaticKVCache.for_model(self.model, slots, capacity)
 

@@ -26,7 +26,7 @@ import torch
 from vocabtrim import eagle3 as e3
 from vocabtrim.engine.cpu_gemm import pack_linears, unpack_linears
 from vocabtrim.engine.drafters.base import CommitInfo, DraftBatch, Proposal
-from vocabtrim.engine.model import STATIC_CAPACITY_STEP, compile_step
+from vocabtrim.engine.model import compile_step, static_cache_shape
 
 
 class Eagle3Drafter:
@@ -42,27 +42,25 @@ class Eagle3Drafter:
         self.fused: torch.Tensor | None = None  # [slots, capacity + 1, hidden]
         self.done: list[int] = []
         self.static = False  # passes at fixed shapes (set by ``compile``)
-        self.graphs = False  # ... replayed as CUDA graphs
         self.pass_fn = self._pass
 
     def compile(self) -> None:
         """Run the drafter's passes through ``torch.compile`` at fixed shapes (CUDA graphs on a GPU)."""
         unpack_linears(self.model)  # traced as plain linears
-        self.graphs = self.device.type == "cuda"
         self.pass_fn = compile_step(self._pass, self.device)
         self.static = True
 
     # -- slots --------------------------------------------------------------------------------
 
     def allocate(self, slots: int, capacity: int) -> None:
-        """Compiled, the cache is kept while large enough and grows by ``STATIC_CAPACITY_STEP`` positions
-        (each new shape compiles again), as the ``ModelRunner``'s."""
+        """Compiled, the cache is kept while large enough (``static_cache_shape``), as the ``ModelRunner``'s."""
         if self.static:
-            if self.cache is not None and self.cache.k.shape[0] >= slots and self.cache.capacity >= capacity:
+            shape = static_cache_shape(
+                None if self.cache is None else (self.cache.k.shape[0], self.cache.capacity), slots, capacity)
+            if shape is None:
                 self.done = [0] * self.cache.k.shape[0]
                 return
-            slots = max(slots, self.cache.k.shape[0] if self.cache is not None else 0)
-            capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+            slots, capacity = shape
         self.cache = e3.KVCache.allocate(self.model, slots, capacity, self.device)
         hidden = self.model.config.hidden_size
         self.fused = torch.zeros(slots, capacity + 1, hidden, dtype=self.model.fc.weight.dtype, device=self.device)
@@ -105,8 +103,7 @@ class Eagle3Drafter:
     def _pass(self, tokens, feature, positions, span: int):
         """Entries for rows 0..n-1 (tokens, positions [n, Q]; feature [n, Q, hidden]) → (the last entry's
         output [n, 1, hidden], its logits over the draft vocabulary [n, K] float32)."""
-        out = self._entries(None if self.static else torch.arange(tokens.shape[0], device=self.device),
-                            tokens, feature, positions, span)[:, -1:]
+        out = self._entries(None, tokens, feature, positions, span)[:, -1:]
         return out, e3.logits(self.model, out[:, 0]).float()
 
     def _step(self, n: int, tokens, feature, positions, span: int):
@@ -117,10 +114,11 @@ class Eagle3Drafter:
         tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
         feature = torch.cat([feature, feature.new_zeros(pad, *feature.shape[1:])])
         positions = torch.cat([positions, positions.new_full((pad, positions.shape[1]), -1)])
-        if self.graphs:
+        graphs = self.device.type == "cuda"  # compile_step replays CUDA graphs there
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last pass's outputs are consumed or cloned
         out, step_logits = self.pass_fn(tokens, feature, positions, self.cache.capacity)
-        return (out[:n].clone() if self.graphs else out[:n]), step_logits[:n]
+        return (out[:n].clone() if graphs else out[:n]), step_logits[:n]
 
     # -- drafting -----------------------------------------------------------------------------
 
