@@ -171,17 +171,21 @@ class FeatureExtractor(StartingActor):
                 max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
 
+    def _prompts(self, texts: list[str], limit: int) -> list[list[int]]:
+        """``--source target``: each row's text as a user message in the chat template, at most ``limit`` tokens."""
+        from vocabtrim.calibrate import build_prompt
+
+        return [build_prompt(self.tokenizer, t, limit) for t in texts]
+
     def _rows(self, texts: list[str], keys: list[str]) -> list[tuple[list[int], int]]:
         """(token ids, index of the first loss-bearing token) per row."""
-        from vocabtrim.calibrate import build_prompt
         from vocabtrim.engine.sampling import row_seed
 
         spec = self.spec
         if self.engine is None:
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             return [(i[: spec.max_length], 1) for i in ids]
-        limit = max(1, spec.max_length - spec.max_new_tokens)
-        prompts = [build_prompt(self.tokenizer, t, limit) for t in texts]
+        prompts = self._prompts(texts, max(1, spec.max_length - spec.max_new_tokens))
         outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for k in keys])
         return [((p + o.token_ids)[: spec.max_length], len(p)) for p, o in zip(prompts, outs)]
 
@@ -210,7 +214,9 @@ class FeatureExtractor(StartingActor):
                 out = getattr(self.model, self.model.base_model_prefix)(input_ids=block.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True)
                 aux = torch.cat([out.hidden_states[i] for i in spec.feature_layers], dim=-1)
                 final = out.last_hidden_state
-                nxt = self.model.get_output_embeddings()(final).argmax(-1)
+                head = self.model.get_output_embeddings()
+                # The greedy tokens a few rows at a time: a whole batch's logits [rows, T, V] can outgrow the device.
+                nxt = torch.cat([head(final[i : i + 16]).argmax(-1) for i in range(0, final.shape[0], 16)])
             for r, (ids, start) in enumerate(got):
                 n = len(ids)
                 loss = torch.zeros(n, dtype=torch.uint8)
@@ -247,9 +253,9 @@ def split_rows(tensors: dict) -> list[dict]:
     return out
 
 
-def pad_rows(rows: list[dict]):
+def pad_rows(rows: list[dict], device=None):
     """Rows → padded batch tensors: input_ids [b, T], loss_mask [b, T] bool, aux [b, T, 3H], final [b, T, H],
-    target_next [b, T], lengths [b]."""
+    target_next [b, T], lengths [b]; on ``device`` when given."""
     import torch
 
     T = max(r["input_ids"].shape[0] for r in rows)
@@ -263,10 +269,11 @@ def pad_rows(rows: list[dict]):
             out[i, : r[key].shape[0]] = r[key]
         return out
 
-    return {
+    batch = {
         "input_ids": pad("input_ids"), "loss_mask": pad("loss_mask").bool(), "aux": pad("aux"), "final": pad("final"),
         "target_next": pad("target_next"), "lengths": torch.tensor([r["input_ids"].shape[0] for r in rows]),
     }
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
 def ttt_loss(model, batch: dict, target_head, steps: int, predictions: list | None = None):
@@ -287,17 +294,17 @@ def ttt_loss(model, batch: dict, target_head, steps: int, predictions: list | No
     b, T = ids.shape
     Tp = T - 1  # entries 0..T-2
     fused = e3.fuse(model, batch["aux"][:, :Tp].to(dtype))
-    j = torch.arange(Tp)[None]
+    j = torch.arange(Tp, device=ids.device)[None]
     valid = j < (lengths[:, None] - 1)
     emb_steps = []
     for s in range(steps):
-        tok = torch.zeros(b, Tp, dtype=torch.long)
+        tok = torch.zeros(b, Tp, dtype=torch.long, device=ids.device)
         width = max(0, min(Tp, T - 1 - s))
         tok[:, :width] = ids[:, 1 + s : 1 + s + width]
         emb_steps.append(e3.embed(model, tok))
     outs = e3.ttt_forward(model, emb_steps, fused, valid)
     t2d = model.t2d
-    loss = torch.zeros((), dtype=torch.float32)
+    loss = torch.zeros((), dtype=torch.float32, device=ids.device)
     stats = []
     for s, out in enumerate(outs):
         width = max(0, min(Tp, T - 2 - s))
@@ -392,10 +399,11 @@ class DrafterTrainer(StartingActor):
             model.lm_head.weight.copy_(target.lm_head.weight[ids])
             model.norm.weight.copy_(target.model.norm.weight)
         model.set_vocabulary(ids)
-        self.embedding = target.get_input_embeddings().weight.detach().clone()
-        model.set_embedding(self.embedding)
-        self.target_head = target.lm_head.weight.detach()[ids].clone()
         self.model = model.to(self.device)
+        # The target's embedding and head rows live beside the drafter (on its GPU when it has one).
+        self.embedding = target.get_input_embeddings().weight.detach().to(self.device, copy=True)
+        model.set_embedding(self.embedding)
+        self.target_head = target.lm_head.weight.detach()[ids].to(self.device)
         self.feature_layers = tuple(feature_layers)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.learning_rate, weight_decay=0.0)
         self.ledger = FeatureLedger(storage.join(c.out, "features"))
@@ -449,7 +457,7 @@ class DrafterTrainer(StartingActor):
         self.model.requires_grad_(True)
         losses, correct, counted = [], 0, 0
         for rows in self._epoch[self._cursor : self._cursor + k]:
-            loss, stats = ttt_loss(self.model, pad_rows(rows), self.target_head, c.ttt_length)
+            loss, stats = ttt_loss(self.model, pad_rows(rows, self.device), self.target_head, c.ttt_length)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
@@ -495,10 +503,10 @@ class DrafterTrainer(StartingActor):
         losses = []
         with torch.no_grad():
             for rows in self._batches(ids, None):
-                batch = pad_rows(rows)
                 preds: list = []
-                loss, stats = ttt_loss(self.model, batch, self.target_head, self.cfg.ttt_length, predictions=preds)
+                loss, stats = ttt_loss(self.model, pad_rows(rows, self.device), self.target_head, self.cfg.ttt_length, predictions=preds)
                 losses.append(float(loss.detach()))
+                preds = [p.cpu() for p in preds]  # the replay reads them one by one
                 for s, (a, n) in enumerate(stats):
                     totals[s][0] += a
                     totals[s][1] += n
