@@ -1,0 +1,74 @@
+"""``benchmarks/eagle3_gpu_train.py`` (train-drafter's extractor and trainer in one process, on conversations the
+target writes for itself), run on CPU with a tiny target and a tiny EAGLE-3 drafter in SpecForge's layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tiny import make_model, make_tokenizer, save_model, write_specforge_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import eagle3_gpu_train as script  # noqa: E402
+
+
+def test_user_turns_keep_finished_turns_of_three_words_or_more():
+    tok = make_tokenizer(300)
+    header = tok.decode(script.header_ids(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]))
+    assert header.endswith("<|im_start|>user\n") and "hello" in header and script.MARK not in header
+
+    class Engine:
+        def generate(self, prompts, seeds):
+            assert len(set(seeds)) == len(seeds) and all(p[-len(end):] == end for p in prompts)
+            texts = ["count the ants please", "too short", "this one ran out of room", "write me a poem now"]
+            reasons = ["stop", "stop", "length", "stop"]
+            return [SimpleNamespace(token_ids=tok(t)["input_ids"], finish_reason=r) for t, r in zip(texts, reasons)]
+
+    end = tok("<|im_start|>user\n")["input_ids"]
+    got = script.user_turns(Engine(), tok, [[]] * 4, ["a", "b", "c", "d"], seed=0)
+    assert got == ["count the ants please", None, None, "write me a poem now"]
+
+
+def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the_given_prompts(tmp_path):
+    tok = make_tokenizer(300)
+    V = len(tok)
+    target = make_model(V, layers=4, hidden=64, max_positions=512)
+    tdir = save_model(target, tok, tmp_path / "target")
+    init = write_specforge_checkpoint(tmp_path / "e3", target, list(range(0, V, 2)) + [1], seed=3)
+    shipped = pq.read_table(ROOT / "vocabtrim" / "data" / "prompts.parquet").to_pylist()
+    base = [f"tell me about item {i} and the sea" for i in range(11)] + [shipped[0]["prompt"]]
+    pq.write_table(pa.table({"prompt": base}), tmp_path / "base.parquet")
+    pq.write_table(pa.Table.from_pylist(shipped[:6]), tmp_path / "eval.parquet")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eagle3_gpu_train.py"), "--target", tdir, "--init", str(init),
+         "--base-prompts", str(tmp_path / "base.parquet"), "--eval-messages", str(tmp_path / "eval.parquet"),
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--save-rows", str(tmp_path / "rows.parquet"),
+         "--self-prompts", "8", "--chunk", "8", "--gen-batch", "8", "--shard-rows", "8", "--max-new-tokens", "12",
+         "--max-turn-tokens", "12", "--max-answer-tokens", "12", "--max-length", "48", "--epochs", "2", "--batch-size", "4",
+         "--budget", "120", "--prompts-until", "0.1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "rows.parquet").to_pylist()
+    assert sum(r["origin"] == "base" for r in rows) == 11  # the shipped prompt among them is left out
+    banned = script.shipped_texts()
+    assert all(m["content"].strip().lower() not in banned for r in rows for m in json.loads(r["messages"]))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["held_out"] == "eval.parquet" and manifest["held_out_shards"] == 1
+    assert manifest["held_out_at_start"]["held_out_tokens"] > 0 and len(manifest["history"]) == 2
+    assert manifest["history"][-1]["held_out_chain_acceptance"] is not None
+
+    from vocabtrim import eagle3 as e3
+
+    before = e3.load_eagle3(init, target_vocab=V, target_hidden=64)
+    after = e3.load_eagle3(tmp_path / "out", target_vocab=V, target_hidden=64)
+    assert torch.equal(after.token_ids, before.token_ids)  # the starting drafter's draft vocabulary
+    assert not torch.equal(after.fc.weight.float(), before.fc.weight.to(torch.bfloat16).float())  # and trained from its weights
