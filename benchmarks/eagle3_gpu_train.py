@@ -61,13 +61,23 @@ def header_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text[: text.index(MARK)], add_special_tokens=False)["input_ids"]
 
 
+def conversation_key(turns: list[dict]) -> tuple:
+    return tuple(m["content"].strip().lower() for m in turns)
+
+
 def shipped_texts() -> set[str]:
-    """Every message text of the shipped prompts, normalised (none may be a training prompt)."""
+    """Every message text of the shipped prompts, normalised (no user turn the target writes may be one)."""
     table = pq.read_table(SHIPPED / "prompts.parquet").to_pylist()
     out = {r["prompt"].strip().lower() for r in table}
     for r in table:
         out.update(m["content"].strip().lower() for m in (r.get("messages") or []))
     return out
+
+
+def shipped_conversations() -> set[tuple]:
+    """The shipped prompts as conversations (no training conversation may be one)."""
+    table = pq.read_table(SHIPPED / "prompts.parquet").to_pylist()
+    return {conversation_key(r.get("messages") or [{"content": r["prompt"]}]) for r in table}
 
 
 def user_turns(engine, tokenizer, contexts: list[list[dict]], keys: list[str], seed: int) -> list[str | None]:
@@ -88,15 +98,18 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
                          max_new_tokens=a.max_turn_tokens, eos_token_ids=eos)
     greedy = make_engine(model, None, sampling=SamplingParams(temperature=0.0), batch_size=a.gen_batch,
                          max_new_tokens=a.max_answer_tokens, eos_token_ids=eos)  # first answers: kept when finished
-    banned = shipped_texts()
+    banned, shipped = shipped_texts(), shipped_conversations()
     seen: set[str] = set()
     rows = []
     if a.base_prompts:
-        for p in pq.read_table(a.base_prompts, columns=["prompt"]).column("prompt").to_pylist():
-            if p.strip().lower() not in banned:
-                rows.append({"messages": json.dumps([{"role": "user", "content": p}]), "origin": "base"})
-                seen.add(p.strip().lower())
-        log(t0, f"base prompts: {len(rows)}")
+        table = pq.read_table(a.base_prompts)
+        for r in table.to_pylist():
+            turns = r["messages"] if r.get("messages") else [{"role": "user", "content": r["prompt"]}]
+            turns = [{"role": m["role"], "content": m["content"]} for m in turns]
+            if conversation_key(turns) not in shipped and conversation_key(turns[-1:]) not in shipped:
+                rows.append({"messages": json.dumps(turns), "origin": "base"})
+                seen.add(turns[-1]["content"].strip().lower())
+        log(t0, f"base conversations: {len(rows)}")
     made = tried = 0
     while made < a.self_prompts and time.perf_counter() < deadline:
         n = min(a.chunk, a.self_prompts - made)
@@ -123,6 +136,19 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
         log(t0, f"self prompts: {made} kept of {tried} sampled")
     random.Random(a.seed).shuffle(rows)
     return rows
+
+
+def by_kind(trainer, eval_by_kind: dict) -> dict:
+    """Replayed chain acceptance (gamma = TTT steps) on each kind's evaluation shards."""
+    out, keep = {}, trainer.eval_ids
+    if len(eval_by_kind) > 1:
+        for kind, ids in eval_by_kind.items():
+            trainer.eval_ids = ids
+            r = trainer.evaluate()
+            out[kind] = {"chain_acceptance": r["held_out_chain_acceptance"], "first_step_accuracy": r["held_out_acceptance"]}
+        trainer.eval_ids = keep
+        print("held out by kind:", json.dumps(out), flush=True)
+    return out
 
 
 class MessagesExtractor(train.FeatureExtractor):
@@ -196,24 +222,27 @@ def main() -> None:
                                dtype="float32", trust_remote_code=False, threads=a.threads, use_gpu=cuda, batch_rows=a.shard_rows)
     extractor = MessagesExtractor(spec)
     extractor.pid()
-    eval_ids = []
+    eval_by_kind: dict[str, list[str]] = {}
     if a.eval_messages:
-        eval_path = work / "eval.parquet"
-        conversations = [json.dumps([{"role": m["role"], "content": m["content"]} for m in r["messages"]])
-                         for r in pq.read_table(a.eval_messages, columns=["messages"]).to_pylist()]
-        pq.write_table(pa.table({"messages": conversations}), eval_path)
-        for s in corpus.make_shards([str(eval_path)], "messages", 16 << 20, a.shard_rows):
-            ledger.record(extractor.extract(s))
-            eval_ids.append(s.shard_id)
-        log(t0, f"features of the {len(conversations)} evaluation conversations: {len(eval_ids)} shards")
+        table = pq.read_table(a.eval_messages).to_pylist()
+        for kind in sorted({r.get("kind") or "all" for r in table}):
+            path = work / f"eval-{kind}.parquet"
+            pq.write_table(pa.table({"messages": [json.dumps([{"role": m["role"], "content": m["content"]} for m in r["messages"]])
+                                                  for r in table if (r.get("kind") or "all") == kind]}), path)
+            for s in corpus.make_shards([str(path)], "messages", 16 << 20, a.shard_rows):
+                if not ledger.done(s.shard_id):  # a rerun in the same --work reuses them
+                    ledger.record(extractor.extract(s))
+                eval_by_kind.setdefault(kind, []).append(s.shard_id)
+        log(t0, f"features of the {len(table)} evaluation conversations: {sum(map(len, eval_by_kind.values()))} shards")
+    eval_ids = [i for ids in eval_by_kind.values() for i in ids]
     done_ids, tokens = [], 0
     for s in shards:
         if time.perf_counter() > t0 + a.features_until * a.budget:
             break
-        result = extractor.extract(s)
-        ledger.record(result)
+        if not ledger.done(s.shard_id):
+            ledger.record(extractor.extract(s))
         done_ids.append(s.shard_id)
-        tokens += result.tokens
+        tokens += int(ledger.read(s.shard_id)["row_lengths"].sum())
         log(t0, f"features: {len(done_ids)}/{len(shards)} shards, {tokens} tokens")
     del extractor
     if cuda:
@@ -235,6 +264,7 @@ def main() -> None:
     trainer.model.load_state_dict(init.state_dict())
     start = trainer.evaluate()
     log(t0, f"held out, starting weights: {json.dumps(start)}")
+    start_by_kind = by_kind(trainer, eval_by_kind)
     begin, deadline = time.perf_counter(), t0 + a.budget
     history = []
     for e in range(a.epochs):
@@ -267,6 +297,8 @@ def main() -> None:
             "held_out_acceptance": record["held_out_acceptance"], "held_out_chain_acceptance": record["held_out_chain_acceptance"],
             "wall_seconds": round(time.perf_counter() - t0, 1), "weights_dtype": "bfloat16",
         }
+        if time.perf_counter() >= deadline or e + 1 == a.epochs:
+            manifest["held_out_by_kind"] = {"start": start_by_kind, "end": by_kind(trainer, eval_by_kind)}
         e3.save_eagle3(trainer.model, out, dtype=torch.bfloat16,
                        extra_files={"manifest.json": json.dumps(manifest, indent=2).encode()})
         log(t0, f"wrote {out}")

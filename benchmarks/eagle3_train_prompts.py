@@ -2,9 +2,10 @@
 
 The templates of ``vocabtrim/data/prompts.parquet`` (instructions, questions, code) plus more of the
 same kinds, over other topics and other coding tasks: no training prompt is one of the shipped prompts
-the drafter is measured on (checked below). Deterministic; the first N rows of the shuffled grid:
+the drafter is measured on (checked below). Deterministic; the first N rows of the shuffled grid, then
+CHATS multi-turn chats (the shipped chat kind's turns over the training topics; ``messages`` column only):
 
-    python benchmarks/eagle3_train_prompts.py runs/eagle3/train_prompts.parquet [N]
+    python benchmarks/eagle3_train_prompts.py runs/eagle3/train_prompts.parquet [N [CHATS]]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vocabtrim.data.make_prompts import CODE_TASKS, CODE_TEMPLATES, INSTRUCTIONS, QUESTIONS, TOPICS  # noqa: E402
+from vocabtrim.data.make_prompts import CHATS, CODE_TASKS, CODE_TEMPLATES, INSTRUCTIONS, QUESTIONS, TOPICS  # noqa: E402
 
 TRAIN_TOPICS = [
     "glaciers", "the Silk Road", "jet engines", "octopuses", "the periodic table", "mushrooms", "hurricanes",
@@ -145,7 +146,7 @@ assert not set(TRAIN_TOPICS) & set(TOPICS), "a training topic is a shipped promp
 assert not {f for _, f in TRAIN_TASKS} & {f for _, f in CODE_TASKS}, "a training task is a shipped prompt's task"
 
 
-def make_rows(n: int) -> list[dict]:
+def make_rows(n: int, chats: int = 0) -> list[dict]:
     rng = random.Random(20261202)
     text = INSTRUCTIONS + QUESTIONS + EXTRA_INSTRUCTIONS + EXTRA_QUESTIONS
     grid = [tpl.format(t=t) for tpl in text for t in TRAIN_TOPICS]
@@ -156,13 +157,20 @@ def make_rows(n: int) -> list[dict]:
     n_code = min(len(code), n // 3)
     rows = grid[: n - n_code] + code[:n_code]
     rng.shuffle(rows)
-    return [{"id": f"train-{i:05d}", "prompt": p} for i, p in enumerate(rows)]
+    out = [{"id": f"train-{i:05d}", "prompt": p, "messages": [{"role": "user", "content": p}]} for i, p in enumerate(rows)]
+    # multi-turn chats (the shipped chat kind's turns over the training topics): a messages column only,
+    # prompt null (train-drafter's --text-column prompt skips them)
+    talks = [[{"role": r, "content": c.format(t=t, T=t[:1].upper() + t[1:])} for r, c in turns] for turns in CHATS for t in TRAIN_TOPICS]
+    random.Random(20261204).shuffle(talks)
+    out += [{"id": f"chat-{i:05d}", "prompt": None, "messages": m} for i, m in enumerate(talks[:chats])]
+    return out
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+    chats = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = make_rows(n)
+    rows = make_rows(n, chats)
     pq.write_table(pa.Table.from_pylist(rows), out)
     print(f"wrote {len(rows)} prompts to {out}")

@@ -62,9 +62,13 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     banned = script.shipped_texts()
     assert all(m["content"].strip().lower() not in banned for r in rows for m in json.loads(r["messages"]))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["held_out"] == "eval.parquet" and manifest["held_out_shards"] == 1
+    kinds = sorted({r["kind"] for r in shipped[:6]})
+    assert len(kinds) > 1 and manifest["held_out"] == "eval.parquet" and manifest["held_out_shards"] == len(kinds)
     assert manifest["held_out_at_start"]["held_out_tokens"] > 0 and len(manifest["history"]) == 2
     assert manifest["history"][-1]["held_out_chain_acceptance"] is not None
+    by_kind = manifest["held_out_by_kind"]
+    assert sorted(by_kind["start"]) == sorted(by_kind["end"]) == kinds
+    assert all(0 <= v["chain_acceptance"] <= 1 for v in by_kind["end"].values())
 
     from vocabtrim import eagle3 as e3
 
