@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from vocabtrim import corpus, eagle3 as e3, train  # noqa: E402
 from vocabtrim.engine import make_engine  # noqa: E402
@@ -242,7 +243,8 @@ def main() -> None:
         if not ledger.done(s.shard_id):
             ledger.record(extractor.extract(s))
         done_ids.append(s.shard_id)
-        tokens += int(ledger.read(s.shard_id)["row_lengths"].sum())
+        with safe_open(ledger.path(s.shard_id), "pt") as f:  # the header only
+            tokens += int(f.metadata()["tokens"])
         log(t0, f"features: {len(done_ids)}/{len(shards)} shards, {tokens} tokens")
     del extractor
     if cuda:

@@ -64,7 +64,7 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     kinds = sorted({r["kind"] for r in shipped[:6]})
     assert len(kinds) > 1 and manifest["held_out"] == "eval.parquet" and manifest["held_out_shards"] == len(kinds)
-    assert manifest["held_out_at_start"]["held_out_tokens"] > 0 and len(manifest["history"]) == 2
+    assert manifest["held_out_at_start"]["held_out_tokens"] > 0 and len(manifest["history"]) == 2 and manifest["tokens"] > 0
     assert manifest["history"][-1]["held_out_chain_acceptance"] is not None
     by_kind = manifest["held_out_by_kind"]
     assert sorted(by_kind["start"]) == sorted(by_kind["end"]) == kinds
