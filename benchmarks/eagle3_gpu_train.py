@@ -66,19 +66,13 @@ def conversation_key(turns: list[dict]) -> tuple:
     return tuple(m["content"].strip().lower() for m in turns)
 
 
-def shipped_texts() -> set[str]:
-    """Every message text of the shipped prompts, normalised (no user turn the target writes may be one)."""
+def shipped() -> tuple[set[str], set[tuple]]:
+    """The shipped prompts, normalised: every message text (no user turn the target writes may be one) and
+    every conversation (no training conversation may be one)."""
     table = pq.read_table(SHIPPED / "prompts.parquet").to_pylist()
-    out = {r["prompt"].strip().lower() for r in table}
-    for r in table:
-        out.update(m["content"].strip().lower() for m in (r.get("messages") or []))
-    return out
-
-
-def shipped_conversations() -> set[tuple]:
-    """The shipped prompts as conversations (no training conversation may be one)."""
-    table = pq.read_table(SHIPPED / "prompts.parquet").to_pylist()
-    return {conversation_key(r.get("messages") or [{"content": r["prompt"]}]) for r in table}
+    conversations = [r.get("messages") or [{"content": r["prompt"]}] for r in table]
+    texts = {r["prompt"].strip().lower() for r in table} | {m["content"].strip().lower() for c in conversations for m in c}
+    return texts, {conversation_key(c) for c in conversations}
 
 
 def user_turns(engine, tokenizer, contexts: list[list[dict]], keys: list[str], seed: int) -> list[str | None]:
@@ -99,7 +93,7 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
                          max_new_tokens=a.max_turn_tokens, eos_token_ids=eos)
     greedy = make_engine(model, None, sampling=SamplingParams(temperature=0.0), batch_size=a.gen_batch,
                          max_new_tokens=a.max_answer_tokens, eos_token_ids=eos)  # first answers: kept when finished
-    banned, shipped = shipped_texts(), shipped_conversations()
+    banned, conversations = shipped()
     seen: set[str] = set()
     rows = []
     if a.base_prompts:
@@ -107,7 +101,7 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
         for r in table.to_pylist():
             turns = r["messages"] if r.get("messages") else [{"role": "user", "content": r["prompt"]}]
             turns = [{"role": m["role"], "content": m["content"]} for m in turns]
-            if conversation_key(turns) not in shipped and conversation_key(turns[-1:]) not in shipped:
+            if conversation_key(turns) not in conversations and conversation_key(turns[-1:]) not in conversations:
                 rows.append({"messages": json.dumps(turns), "origin": "base"})
                 seen.add(turns[-1]["content"].strip().lower())
         log(t0, f"base conversations: {len(rows)}")

@@ -59,7 +59,7 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "rows.parquet").to_pylist()
     assert sum(r["origin"] == "base" for r in rows) == 11  # the shipped prompt among them is left out
-    banned = script.shipped_texts()
+    banned, _ = script.shipped()
     assert all(m["content"].strip().lower() not in banned for r in rows for m in json.loads(r["messages"]))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     kinds = sorted({r["kind"] for r in shipped[:6]})
