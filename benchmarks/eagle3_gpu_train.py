@@ -1,21 +1,26 @@
-"""Train the bundled EAGLE-3 drafter on one GPU machine, on conversations the target writes for itself.
+"""Train an EAGLE-3 drafter on one GPU machine, on conversations, some of them written by the target itself.
 
 ``vocabtrim train-drafter`` needs Ray; this script drives the same pieces in one process (a machine without
 Ray, a GPU beside it), in three stages under one time budget:
 
-1. Prompts: the synthetic training prompts (``--base-prompts``, from ``eagle3_train_prompts.py``) plus user
-   turns the target writes itself: sampled (temperature 1, top-p 0.95) right after its chat template's user
-   header, as Magpie does (arXiv 2406.08464); ``--second-turns`` of them go on to a second user turn after the
-   target's own greedy answer. Kept: turns that end on the end-of-turn token, at least three words, no
-   duplicate, none equal to a shipped prompt's text (``vocabtrim/data/prompts.parquet``, what the drafter is
-   measured on).
+1. Conversations: ``--base-prompts`` (a ``messages`` column, else ``prompt``: ``eagle3_train_prompts.py``
+   writes single prompts and multi-turn chats) plus user turns the target writes itself: sampled (temperature
+   1, ``--top-p``) right after its chat template's user header, as Magpie does (arXiv 2406.08464);
+   ``--second-turns`` of them go on to a second user turn after the target's own greedy answer. Kept: turns
+   that end on the end-of-turn token, at least three words, no duplicate, none equal to a message of the
+   shipped prompts (``vocabtrim/data/prompts.parquet``, what the drafter is measured on); no base
+   conversation that is a shipped one.
 2. Features: ``train.FeatureExtractor`` (the target's greedy response to each conversation, its three EAGLE-3
-   layers, final hidden state and greedy tokens), shard by shard into a ``train.FeatureLedger``.
+   layers, final hidden state and greedy tokens), shard by shard into a ``train.FeatureLedger`` (a rerun in
+   the same ``--work`` reuses them). ``--eval-messages`` (the shipped prompts) are extracted first and are the
+   held-out rows, reported by kind; else the last ``--held-out`` share of the shards.
 3. Training: ``train.DrafterTrainer`` (train-drafter's loss, held-out replay and checkpoint), from ``--init``'s
-   weights and draft vocabulary, epoch by epoch (the rate decaying by cosine over the time left), until the budget; the held-out figures
-   of the starting weights are measured first. After each epoch the drafter is written to ``--out`` in bf16.
+   weights and draft vocabulary, epoch by epoch (the rate decaying by cosine over the time left) until the
+   budget; the held-out figures of the starting weights are measured first. After each epoch the drafter is
+   written to ``--out`` in bf16 with a manifest.
 
-    python benchmarks/eagle3_gpu_train.py --target smollm2-135m --work /tmp/work --out runs/eagle3-gpu --budget 540
+    python benchmarks/eagle3_gpu_train.py --target smollm2-135m --base-prompts runs/train_prompts.parquet \
+        --eval-messages vocabtrim/data/prompts.parquet --work /tmp/work --out runs/eagle3-gpu --budget 3600
 """
 
 from __future__ import annotations
@@ -158,7 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--init", default=str(SHIPPED / "smollm2-135m-eagle3"), help="EAGLE-3 folder: starting weights and draft vocabulary")
-    p.add_argument("--base-prompts", default=None, help="Parquet with a prompt column (eagle3_train_prompts.py)")
+    p.add_argument("--base-prompts", default=None, help="Parquet with a messages column, else a prompt column (eagle3_train_prompts.py)")
     p.add_argument("--self-prompts", type=int, default=36000)
     p.add_argument("--second-turns", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=0.95, help="user turns: top-p at temperature 1")
