@@ -67,6 +67,11 @@ def header_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text[: text.index(MARK)], add_special_tokens=False)["input_ids"]
 
 
+def plain_turns(messages) -> list[dict]:
+    """A conversation as [{role, content}] (Parquet's structs may carry other fields)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def conversation_key(turns: list[dict]) -> tuple:
     return tuple(m["content"].strip().lower() for m in turns)
 
@@ -104,8 +109,7 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
     if a.base_prompts:
         table = pq.read_table(a.base_prompts)
         for r in table.to_pylist():
-            turns = r["messages"] if r.get("messages") else [{"role": "user", "content": r["prompt"]}]
-            turns = [{"role": m["role"], "content": m["content"]} for m in turns]
+            turns = plain_turns(r["messages"]) if r.get("messages") else [{"role": "user", "content": r["prompt"]}]
             if conversation_key(turns) not in conversations and conversation_key(turns[-1:]) not in conversations:
                 rows.append({"messages": json.dumps(turns), "origin": "base"})
                 seen.add(turns[-1]["content"].strip().lower())
@@ -208,9 +212,10 @@ def main() -> None:
     # 1. prompts
     rows_path = work / "rows.parquet"
     rows = make_rows(a, model, tokenizer, t0, t0 + a.prompts_until * a.budget)
-    pq.write_table(pa.Table.from_pylist(rows), rows_path, row_group_size=max(1, len(rows)), compression="zstd")
+    rows_table = pa.Table.from_pylist(rows)
+    pq.write_table(rows_table, rows_path, row_group_size=max(1, len(rows)), compression="zstd")
     if a.save_rows:
-        pq.write_table(pa.Table.from_pylist(rows), a.save_rows, compression="zstd")
+        pq.write_table(rows_table, a.save_rows, compression="zstd")
     origins = {o: sum(r["origin"] == o for r in rows) for o in ("base", "self", "self-2")}
     log(t0, f"rows: {len(rows)} {origins}")
 
@@ -227,7 +232,7 @@ def main() -> None:
         table = pq.read_table(a.eval_messages).to_pylist()
         for kind in sorted({r.get("kind") or "all" for r in table}):
             path = work / f"eval-{kind}.parquet"
-            pq.write_table(pa.table({"messages": [json.dumps([{"role": m["role"], "content": m["content"]} for m in r["messages"]])
+            pq.write_table(pa.table({"messages": [json.dumps(plain_turns(r["messages"]))
                                                   for r in table if (r.get("kind") or "all") == kind]}), path)
             for s in corpus.make_shards([str(path)], "messages", 16 << 20, a.shard_rows):
                 if not ledger.done(s.shard_id):  # a rerun in the same --work reuses them

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vocabtrim.data.make_prompts import CHATS, CODE_TASKS, CODE_TEMPLATES, INSTRUCTIONS, QUESTIONS, TOPICS  # noqa: E402
+from vocabtrim.data.make_prompts import CHATS, CODE_TASKS, CODE_TEMPLATES, INSTRUCTIONS, QUESTIONS, TOPICS, _cap  # noqa: E402
 
 TRAIN_TOPICS = [
     "glaciers", "the Silk Road", "jet engines", "octopuses", "the periodic table", "mushrooms", "hurricanes",
@@ -160,7 +160,7 @@ def make_rows(n: int, chats: int = 0) -> list[dict]:
     out = [{"id": f"train-{i:05d}", "prompt": p, "messages": [{"role": "user", "content": p}]} for i, p in enumerate(rows)]
     # multi-turn chats (the shipped chat kind's turns over the training topics): a messages column only,
     # prompt null (train-drafter's --text-column prompt skips them)
-    talks = [[{"role": r, "content": c.format(t=t, T=t[:1].upper() + t[1:])} for r, c in turns] for turns in CHATS for t in TRAIN_TOPICS]
+    talks = [[{"role": r, "content": c.format(t=t, T=_cap(t))} for r, c in turns] for turns in CHATS for t in TRAIN_TOPICS]
     random.Random(20261204).shuffle(talks)
     out += [{"id": f"chat-{i:05d}", "prompt": None, "messages": m} for i, m in enumerate(talks[:chats])]
     return out
