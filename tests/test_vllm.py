@@ -16,7 +16,6 @@ Without vLLM the tests that need it skip, unless ``VOCABTRIM_REQUIRE_VLLM=1`` (C
 import contextlib
 import importlib.util
 import io
-import itertools
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from stats import chi_square_pvalue
+from stats import chi_square_pvalue, exact_first_tokens
 from tiny import make_model, make_tokenizer, noisy_copy, save_model
 
 from vocabtrim import cli
@@ -154,16 +153,13 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
         (["--drafter", other], "tokenizers differ"),
         (["--no-draft", "--head", head], "--head needs a drafter"),
         (["--drafter", drafter, "--gpus-per-worker", "0.5"], "whole GPUs"),
-        (["--drafter", drafter, "--temperature", "0.7"], "drafts only at --temperature 0"),
-        (["--drafter", "ngram", "--temperature", "1"], "drafts only at --temperature 0"),
         (["--drafter", drafter, "--gamma", "auto"], "--gamma must be a number from 1 to 64 with --engine vllm"),
     ]
     capsys.readouterr()
     for extra, message in cases:
         out = tmp_path / "out"
-        greedy = [] if "--temperature" in extra else ["--temperature", "0"]
         gamma = [] if "--gamma" in extra else ["--gamma", "2"]
-        assert cli.main(["generate", "--engine", "vllm", "--target", target, *extra, *greedy, *gamma, "--prompts", str(good),
+        assert cli.main(["generate", "--engine", "vllm", "--target", target, *extra, *gamma, "--prompts", str(good),
                          "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (message, err)
@@ -213,6 +209,20 @@ def test_trimmed_head_places_the_kept_logits_and_argmaxes_over_them():
     assert torch.allclose(head(h), before, atol=1e-4) and torch.equal(head.top_tokens(h), top)
 
 
+def test_rows_settings_expand_to_their_draft_tokens():
+    """What vLLM's rejection sampler needs of ``expand_batch_to_tokens``: each row's temperature, top-k or top-p
+    for each of its draft tokens (rows without drafts take none), greedy's -1 temperature replaced by 1."""
+    from vocabtrim.vllm_backend import expand_batch_to_tokens
+
+    cu = torch.tensor([2, 2, 5], dtype=torch.int32)  # rows with 2, 0 and 3 draft tokens
+    temperature = torch.tensor([0.7, 0.5, -1.0])
+    assert expand_batch_to_tokens(temperature, cu, 5, replace_from=-1, replace_to=1).tolist() == pytest.approx(
+        [0.7, 0.7, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([5, 3, 2], dtype=torch.int32)
+    got = expand_batch_to_tokens(top_k, cu, 5)
+    assert got.dtype == torch.int32 and got.tolist() == [5, 5, 2, 2, 2]
+
+
 # ------------------------------------------------------------------------------------------------
 # Losslessness: the first three tokens follow the target's exact law (tiny vocabulary, no tokenizer)
 # ------------------------------------------------------------------------------------------------
@@ -241,30 +251,20 @@ def small_engine(tmp_path_factory):
     engine.close()
 
 
-def exact_first_tokens(target, n_tokens=3, support=None):
-    """The target's exact joint law of its first ``n_tokens`` tokens after PROMPT at T=1: [V**n].
-    ``support``: the law of a decoder that renormalises the target over those ids only (a lossy trim)."""
-    seqs = torch.tensor(list(itertools.product(range(SMALL_V), repeat=n_tokens)))
-    inputs = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], dim=1)
-    with torch.no_grad():
-        logits = target(inputs).logits[:, len(PROMPT) - 1 : -1].double()  # [V^n, n, V]
-    if support is not None:
-        mask = torch.full((SMALL_V,), float("-inf"), dtype=torch.float64)
-        mask[support] = 0
-        logits = logits + mask
-    probs = logits.softmax(-1)
-    return probs.gather(-1, seqs.unsqueeze(-1)).squeeze(-1).prod(-1)
-
-
 @needs_vllm
-def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine):
-    """At T=1 the first three tokens must follow the target's law. vLLM 0.32's CPU build fails this with any
-    draft model (measured: with a plain draft model too, greedy and probabilistic drafts), which is why
-    ``--engine vllm`` refuses to draft at temperature > 0 on CPU; this test turns into a failure the day
-    vLLM keeps the distribution there, so that the refusal can be lifted."""
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine, temperature, top_p):
+    """The first three tokens follow the target's law (at T=0.7 with top-p 0.9, the law of those settings).
+    vLLM 0.32's CPU build alone fails this (chi-square p-value 0 at T=1: its C++ expansion of each row's
+    temperature and top-p to its draft tokens leaves them uninitialised); vocabtrim's plugin replaces it."""
+    from vocabtrim.engine.sampling import SamplingParams
+
     target, engine = small_engine
-    engine.temperature = 1.0
-    outs = engine.generate([PROMPT] * N_SAMPLES, list(range(N_SAMPLES)))
+    engine.temperature, engine.top_p = temperature, top_p
+    try:
+        outs = engine.generate([PROMPT] * N_SAMPLES, list(range(N_SAMPLES)))
+    finally:
+        engine.temperature, engine.top_p = 1.0, 1.0
     assert all(len(o.token_ids) == 3 for o in outs)
     index = torch.tensor([sum(t * SMALL_V ** (2 - k) for k, t in enumerate(o.token_ids)) for o in outs])
     counts = torch.bincount(index, minlength=SMALL_V**3)
@@ -272,16 +272,12 @@ def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine):
     assert accepted > 100 and proposed - accepted > 100  # both the accept and the reject paths were taken often
     s = engine.last_stats
     assert s.spec_draft_tokens >= proposed and s.spec_accepted_tokens >= accepted > 0
+    exact = exact_first_tokens(target, PROMPT, SamplingParams(temperature=temperature, top_p=top_p))
     # Power: as many draws from a lossy trimmed decoder (the target renormalised over the kept ids) fail the check.
-    lossy = exact_first_tokens(target, support=KEPT).float()
-    draws = torch.multinomial(lossy, N_SAMPLES, replacement=True, generator=torch.Generator().manual_seed(0))
-    assert chi_square_pvalue(torch.bincount(draws, minlength=SMALL_V**3), exact_first_tokens(target)) < ALPHA
-    p = chi_square_pvalue(counts, exact_first_tokens(target))
-    if not torch.cuda.is_available():
-        assert p <= ALPHA, (f"vLLM's CPU build now keeps the target's law at T=1 (chi-square p = {p:.3g}): "
-                            "lift --engine vllm's refusal to draft at --temperature > 0 on CPU")
-        pytest.xfail(f"vLLM's CPU speculative decoding at T=1 is not lossless (chi-square p = {p:.3g})")
-    assert p > ALPHA
+    lossy = exact_first_tokens(target, PROMPT, SamplingParams(temperature=temperature, top_p=top_p), support=KEPT)
+    draws = torch.multinomial(lossy.float(), N_SAMPLES, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert chi_square_pvalue(torch.bincount(draws, minlength=SMALL_V**3), exact) < ALPHA
+    assert chi_square_pvalue(counts, exact) > ALPHA
 
 
 @needs_vllm

