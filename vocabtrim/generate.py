@@ -765,10 +765,11 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "mean_acceptance_length": 1 + sum(j * n for j, n in enumerate(hist)) / sum(hist) if sum(hist) else None,
         "accepted_length_histogram": hist,
         "gamma_histogram": get("gamma_hist", []),
-        "batch_occupancy": get("target_rows_stepped", 0) / get("slot_passes") if get("slot_passes") else None,
+        # None where the engine reports neither its batches nor its passes' times (vLLM).
+        "batch_occupancy": get("target_rows_stepped", 0) / get("slot_passes") if get("target_rows_stepped") else None,
         "per_position_acceptance": per_position_acceptance(hist),
         "drafter_step_ms": 1000 * get("drafter_seconds", 0) / get("drafter_forwards") if get("drafter_forwards") else None,
-        "target_pass_ms": 1000 * get("target_seconds", 0) / get("target_passes") if get("target_passes") else None,
+        "target_pass_ms": 1000 * get("target_seconds", 0) / get("target_passes") if get("target_seconds") else None,
         "engine_seconds": get("engine_seconds", 0.0),
         "tokens_per_engine_second": tokens / get("engine_seconds") if get("engine_seconds") else None,
         "tokens_per_second": run_tokens / wall if run_tokens and wall > 0 else None,
