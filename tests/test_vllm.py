@@ -252,19 +252,19 @@ def small_engine(tmp_path_factory):
 
 
 @needs_vllm
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine, temperature, top_p):
-    """The first three tokens follow the target's law (at T=0.7 with top-p 0.9, the law of those settings).
-    vLLM 0.32's CPU build alone fails this (chi-square p-value 0 at T=1: its C++ expansion of each row's
-    temperature and top-p to its draft tokens leaves them uninitialised); vocabtrim's plugin replaces it."""
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.0, 1.0, 3)])
+def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine, temperature, top_p, top_k):
+    """The first three tokens follow the target's law under each row's sampling settings. vLLM 0.32's CPU
+    build alone fails this (chi-square p-value 0 at T=1: its C++ expansion of each row's temperature, top-p
+    and top-k to its draft tokens leaves them uninitialised); vocabtrim's plugin replaces that expansion."""
     from vocabtrim.engine.sampling import SamplingParams
 
     target, engine = small_engine
-    engine.temperature, engine.top_p = temperature, top_p
+    engine.temperature, engine.top_p, engine.top_k = temperature, top_p, top_k
     try:
         outs = engine.generate([PROMPT] * N_SAMPLES, list(range(N_SAMPLES)))
     finally:
-        engine.temperature, engine.top_p = 1.0, 1.0
+        engine.temperature, engine.top_p, engine.top_k = 1.0, 1.0, 0
     assert all(len(o.token_ids) == 3 for o in outs)
     index = torch.tensor([sum(t * SMALL_V ** (2 - k) for k, t in enumerate(o.token_ids)) for o in outs])
     counts = torch.bincount(index, minlength=SMALL_V**3)
@@ -272,9 +272,10 @@ def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine, temperature, top
     assert accepted > 100 and proposed - accepted > 100  # both the accept and the reject paths were taken often
     s = engine.last_stats
     assert s.spec_draft_tokens >= proposed and s.spec_accepted_tokens >= accepted > 0
-    exact = exact_first_tokens(target, PROMPT, SamplingParams(temperature=temperature, top_p=top_p))
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    exact = exact_first_tokens(target, PROMPT, params)
     # Power: as many draws from a lossy trimmed decoder (the target renormalised over the kept ids) fail the check.
-    lossy = exact_first_tokens(target, PROMPT, SamplingParams(temperature=temperature, top_p=top_p), support=KEPT)
+    lossy = exact_first_tokens(target, PROMPT, params, support=KEPT)
     draws = torch.multinomial(lossy.float(), N_SAMPLES, replacement=True, generator=torch.Generator().manual_seed(0))
     assert chi_square_pvalue(torch.bincount(draws, minlength=SMALL_V**3), exact) < ALPHA
     assert chi_square_pvalue(counts, exact) > ALPHA

@@ -62,17 +62,34 @@ def require_vllm() -> None:
 
 
 def register_vllm_models() -> None:
-    """Register vocabtrim's out-of-tree models with vLLM and, on its CPU platform, a correct
-    ``expand_batch_to_tokens`` (idempotent; vLLM's plugin entry point calls it in each of its processes)."""
+    """Register vocabtrim's out-of-tree models with vLLM and, on its CPU platform, mend its rejection sampler
+    (idempotent; vLLM's plugin entry point calls it in each of its processes)."""
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
     if TRIMMED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(TRIMMED_ARCHITECTURE, TRIMMED_MODULE)
     if current_platform.is_cpu():
-        from vllm.v1.sample import rejection_sampler
+        _mend_cpu_rejection_sampler()
 
-        rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+def _mend_cpu_rejection_sampler() -> None:
+    """Two faults of vLLM 0.32's CPU build in the rejection sampler's sampling settings, which make speculative
+    decoding at temperature > 0 lossy or crash it: the settings' expansion to draft tokens (below), and top-k on
+    a step with no draft tokens at all (each request's first decode step), where its CPU top-k takes ``k.max()``
+    of an empty tensor and the engine dies. The filter is skipped when there are no draft tokens to filter."""
+    from vllm.v1.sample import rejection_sampler
+
+    if getattr(rejection_sampler, "_vocabtrim_mended", False):
+        return
+    top_k_top_p = rejection_sampler.apply_top_k_top_p
+
+    def apply_top_k_top_p(logits, k, p):
+        return logits if logits.shape[0] == 0 else top_k_top_p(logits, k, p)
+
+    rejection_sampler.apply_top_k_top_p = apply_top_k_top_p
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+    rejection_sampler._vocabtrim_mended = True
 
 
 def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from=0, replace_to=0):
