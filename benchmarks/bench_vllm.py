@@ -12,8 +12,10 @@ then each round runs every setting at every batch size in turn (interleaved: the
 drifts between settings). A batch of B is B prompts given to one ``generate`` call (native: one
 static batch; vLLM: ``max_num_seqs`` = the largest batch, so a call of B rows decodes B together).
 
-All runs are greedy and ignore EOS (every row gets ``--max-new-tokens`` tokens); each speculative
-output is compared token for token with the same engine's target alone ("same" column). The trimmed
+All runs are greedy (or sample at ``--temperature``, each row with its own seed) and ignore EOS (every row
+gets ``--max-new-tokens`` tokens); each speculative output is compared token for token with the same engine's
+target alone ("same" column; when sampling, the native engine only: its Gumbel coupling makes a row's
+sampled completion independent of the drafter, vLLM's does not). The trimmed
 head keeps the K ids the target emits most often on other prompts (disjoint from the timed prompts)
 plus the special tokens. The EAGLE-3 drafter (``--eagle3``, the shipped one by default) runs with its own
 draft vocabulary (vLLM: greedy drafting through ``get_top_tokens``, the argmax over its K rows mapped by
@@ -188,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--drafters", default="plain,eagle3", help="plain (layer-truncated), eagle3, or both")
     ap.add_argument("--eagle3", default="smollm2-135m-eagle3", help="the EAGLE-3 drafter (a folder or the shipped name)")
     ap.add_argument("--eagle3-gamma", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above 0 every row samples with its own seed (the same seed in every setting)")
     ap.add_argument("--profile", action="store_true", help="vLLM in-process, with its forwards and proposer timed")
     args = ap.parse_args(argv)
     if args.profile:
@@ -233,7 +237,7 @@ def main(argv=None):
         wide = e3.widen(eagle3, target.get_output_embeddings().weight)
         print(f"# EAGLE-3 drafter {args.eagle3}: draft vocabulary {eagle3.config.draft_vocab_size} of {vocab} ids", flush=True)
 
-    greedy = SamplingParams(temperature=0)
+    sampling = SamplingParams(temperature=args.temperature)
     settings: dict[str, callable] = {}
     closers = []
     timer = None
@@ -244,7 +248,7 @@ def main(argv=None):
         if "eagle3" in families:
             native += [("EAGLE-3, full head", wide, None, args.eagle3_gamma), ("EAGLE-3, trimmed head", eagle3, None, args.eagle3_gamma)]
         for name, d, h, gamma in native:
-            eng = make_engine(target, d, h, gamma=gamma, sampling=greedy,
+            eng = make_engine(target, d, h, gamma=gamma, sampling=sampling,
                               max_new_tokens=args.max_new_tokens, batch_size=max(batches))
             settings[f"native | {name}"] = eng.generate
     if "vllm" in engines:
@@ -278,7 +282,7 @@ def main(argv=None):
             ]
         for name, spec, local_argmax, gamma in runs:
             start = time.perf_counter()
-            eng = VllmEngine(folder, spec, gamma=gamma, temperature=0.0, max_new_tokens=args.max_new_tokens,
+            eng = VllmEngine(folder, spec, gamma=gamma, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              max_num_seqs=max(batches), max_model_len=2048, local_argmax=local_argmax)
             print(f"# vLLM engine '{name}' started in {time.perf_counter() - start:.1f} s", flush=True)
             settings[f"vllm | {name}"] = eng.generate
@@ -308,7 +312,8 @@ def main(argv=None):
 
     load = os.getloadavg()
     print()
-    print(f"Bundled SmolLM2-135M, float32, greedy, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g} (a seed per row)"
+    print(f"Bundled SmolLM2-135M, float32, {how}, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
           + (f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}; " if kept is not None else "")
           + (f"EAGLE-3 drafter {args.eagle3} (K={eagle3.config.draft_vocab_size}), gamma {args.eagle3_gamma}; " if eagle3 is not None else "")
           + f"{args.rounds} interleaved "
@@ -325,9 +330,11 @@ def main(argv=None):
         vs_base = f"{tps / (base['tokens'] / base['seconds']):.2f} ({span(res, base)})"
         vs_full = f"{tps / (full['tokens'] / full['seconds']):.2f} ({span(res, full)})" if full and "trimmed" in setting else "–"
         acc = res["accepted"] / res["proposed"] if res["proposed"] else None
-        same = sum(o.token_ids == e.token_ids for o, e in zip(res["outs"], base["outs"]))
+        same = f"{sum(o.token_ids == e.token_ids for o, e in zip(res['outs'], base['outs']))}/{len(res['outs'])}"
+        if args.temperature > 0 and engine == "vllm":
+            same = "–"  # vLLM's sampled completions depend on the drafter; the native engine's Gumbel coupling does not
         print(f"| {b} | {engine} | {setting} | {tps:.1f} | {vs_base} | {vs_full} | "
-              f"{'–' if acc is None else f'{acc:.3f}'} | {same}/{len(res['outs'])} |")
+              f"{'–' if acc is None else f'{acc:.3f}'} | {same} |")
 
     if timer is not None:
         print()

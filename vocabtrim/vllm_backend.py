@@ -82,6 +82,9 @@ def _mend_cpu_rejection_sampler() -> None:
 
     if getattr(rejection_sampler, "_vocabtrim_mended", False):
         return
+    if not all(hasattr(rejection_sampler, name) for name in ("apply_top_k_top_p", "expand_batch_to_tokens")):
+        log.warning("vLLM's rejection sampler is not vLLM 0.32's: its CPU sampling faults are left unmended")
+        return
     top_k_top_p = rejection_sampler.apply_top_k_top_p
 
     def apply_top_k_top_p(logits, k, p):
