@@ -1,7 +1,6 @@
 """The engine: greedy identity, losslessness of both samplers, reproducibility, continuous batching,
 static caches, adaptive gamma, refusals."""
 
-
 import numpy as np
 import pytest
 import torch

@@ -256,7 +256,8 @@ def small_engine(tmp_path_factory):
 def test_trimmed_head_drafter_in_vllm_is_lossless(small_engine, temperature, top_p, top_k):
     """The first three tokens follow the target's law under each row's sampling settings. vLLM 0.32's CPU
     build alone fails this (chi-square p-value 0 at T=1: its C++ expansion of each row's temperature, top-p
-    and top-k to its draft tokens leaves them uninitialised); vocabtrim's plugin replaces that expansion."""
+    and top-k to its draft tokens leaves them uninitialised; with top-k its engine dies on the first decode
+    step); vocabtrim's plugin mends both (``vllm_backend._mend_cpu_rejection_sampler``)."""
     from vocabtrim.engine.sampling import SamplingParams
 
     target, engine = small_engine
