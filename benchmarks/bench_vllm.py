@@ -190,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--drafters", default="plain,eagle3", help="plain (layer-truncated), eagle3, or both")
     ap.add_argument("--eagle3", default="smollm2-135m-eagle3", help="the EAGLE-3 drafter (a folder or the shipped name)")
     ap.add_argument("--eagle3-gamma", type=int, default=3)
+    ap.add_argument("--vllm-dtype", default="float32", help="vLLM's weights and activations (the native engine stays float32)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy; above 0 every row samples with its own seed (the same seed in every setting)")
     ap.add_argument("--profile", action="store_true", help="vLLM in-process, with its forwards and proposer timed")
@@ -283,7 +284,7 @@ def main(argv=None):
         for name, spec, local_argmax, gamma in runs:
             start = time.perf_counter()
             eng = VllmEngine(folder, spec, gamma=gamma, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             max_num_seqs=max(batches), max_model_len=2048, local_argmax=local_argmax)
+                             max_num_seqs=max(batches), max_model_len=2048, local_argmax=local_argmax, dtype=args.vllm_dtype)
             print(f"# vLLM engine '{name}' started in {time.perf_counter() - start:.1f} s", flush=True)
             settings[f"vllm | {name}"] = eng.generate
             closers.append(eng.close)
@@ -313,7 +314,8 @@ def main(argv=None):
     load = os.getloadavg()
     print()
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g} (a seed per row)"
-    print(f"Bundled SmolLM2-135M, float32, {how}, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
+    dtypes = "float32" if args.vllm_dtype == "float32" or "vllm" not in engines else f"native float32, vLLM {args.vllm_dtype}"
+    print(f"Bundled SmolLM2-135M, {dtypes}, {how}, {len(eval_prompts)} prompts x {args.max_new_tokens} new tokens (EOS ignored), "
           + (f"drafter = first {args.drafter_layers} layers, gamma {args.gamma}, trimmed head K={len(kept)}; " if kept is not None else "")
           + (f"EAGLE-3 drafter {args.eagle3} (K={eagle3.config.draft_vocab_size}), gamma {args.eagle3_gamma}; " if eagle3 is not None else "")
           + f"{args.rounds} interleaved "
