@@ -124,6 +124,34 @@ def test_calibrate_engine_vllm_refusals(tiny_pair_dirs, tmp_path, capsys, monkey
         assert not (tmp_path / "out").exists()
 
 
+def test_a_cluster_driver_without_vllm_leaves_the_check_to_the_workers(tiny_pair_dirs, tmp_path, monkeypatch):
+    """A run joining a cluster (``--address`` or ``RAY_ADDRESS``: a job's driver on a head node whose image has
+    no vLLM) is not refused by the driver; each worker checks before it loads, and a worker without vLLM gives
+    the install line naming its node, reported by ``info()`` (which the driver prints as one line)."""
+    from vocabtrim.generate import GenerateWorker
+    from vocabtrim.vllm_backend import INSTALL_HINT, check_calibrate_engine, check_generate_config, load_for_calibrate
+
+    target, drafter = tiny_pair_dirs
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees where vLLM is not installed
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = GenerateConfig(target=target, drafter=drafter, prompts=[], out=str(tmp_path / "o"), engine="vllm", gamma=3)
+    with pytest.raises(UserError, match="vocabtrim\\[vllm\\]"):  # a local run: refused on the driver
+        check_generate_config(cfg)
+    with pytest.raises(UserError, match="vocabtrim\\[vllm\\]"):
+        check_calibrate_engine("vllm", "target", 0)
+    check_generate_config(replace(cfg, address="ray://head:10001"))
+    check_calibrate_engine("vllm", "target", 0, "ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    check_generate_config(cfg)
+    check_calibrate_engine("vllm", "target", 0)
+
+    error = GenerateWorker({**cfg.__dict__, "address": None}, threads=1).info()["error"]
+    assert error.startswith(INSTALL_HINT) and "Ray worker node" in error and "\n" not in error, error
+    with pytest.raises(UserError) as refused:
+        load_for_calibrate(target, None, None, temperature=0.0, max_new_tokens=4, batch_rows=2)
+    assert str(refused.value) == error
+
+
 def test_ngram_needs_the_vllm_engine(tiny_pair_dirs, tmp_path, capsys):
     target, _ = tiny_pair_dirs
     good = tmp_path / "p.parquet"
@@ -164,6 +192,32 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (message, err)
         assert not out.exists()
+
+
+@needs_vllm
+def test_gpus_per_worker_become_vllms_tensor_parallelism(tiny_dirs, tmp_path, monkeypatch):
+    """``--gpus-per-worker G`` reaches vLLM as ``tensor_parallel_size=G``; with G > 1 its workers are its own
+    processes on the actor's node (``mp``), never its Ray backend (which would ask Ray for the GPUs the actor
+    holds), and with one GPU or none the model runs in vLLM's engine process (``uni``). vLLM's ``LLM`` is
+    replaced by a recorder: no engine starts."""
+    import vllm
+
+    from vocabtrim.vllm_backend import load_for_generate
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+            self.llm_engine = type("E", (), {"model_config": type("M", (), {"max_model_len": 512})()})()
+
+    monkeypatch.setattr(vllm, "LLM", Recorder)
+    target, drafter, head, _ = tiny_dirs
+    cfg = GenerateConfig(target=target, drafter=drafter, prompts=[], out=str(tmp_path / "o"), engine="vllm", gamma=3)
+    for gpus, backend in ((0, "uni"), (1, "uni"), (2, "mp"), (4, "mp")):
+        engine, _, _ = load_for_generate(replace(cfg, gpus_per_worker=float(gpus)))
+        assert (seen[-1]["tensor_parallel_size"], seen[-1]["distributed_executor_backend"]) == (max(1, gpus), backend)
+        assert seen[-1]["speculative_config"]["num_speculative_tokens"] == 3 and engine.gamma == 3
 
 
 @needs_vllm

@@ -477,7 +477,7 @@ def _check_config(config: CalibrateConfig) -> None:
     validate.drafter_layers(config.drafter_layers)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
-    check_calibrate_engine(config.engine, config.source, config.gpus_per_worker)
+    check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address)
 
 
 def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:

@@ -19,12 +19,15 @@ vLLM drafts greedily (its default ``draft_sample_method``): a draft is the draft
 rejection sampler treats its distribution as one-hot, which is lossless for any drafter.
 
 This module imports vLLM only inside functions: without vLLM installed it still imports, and
-``require_vllm`` refuses ``--engine vllm`` in one line.
+``require_vllm`` refuses ``--engine vllm`` in one line: on the driver before a local run starts Ray
+(``require_vllm_for``), and in each worker before it loads (a cluster's driver, on its head node, may have no
+vLLM: the workers run it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -53,12 +56,30 @@ INSTALL_HINT = (
 _SMALL_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
-def require_vllm() -> None:
-    """Refuse ``--engine vllm`` in one line when vLLM cannot be imported."""
-    import importlib.util
+def require_vllm(where: str = "") -> None:
+    """Refuse ``--engine vllm`` in one line when vLLM cannot be imported here (``where``: this process's
+    place, added to the line)."""
+    try:
+        found = importlib.util.find_spec("vllm") is not None
+    except ValueError:  # sys.modules["vllm"] is None: an import of vllm fails
+        found = False
+    if not found:
+        raise UserError(INSTALL_HINT + where)
 
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(INSTALL_HINT)
+
+def require_vllm_for(address: str | None) -> None:
+    """The driver's check: a run that starts its own Ray (no ``--address``, no ``RAY_ADDRESS``) runs vLLM in
+    this machine's processes, so refuse at once without it. A run that joins a cluster runs vLLM in the
+    workers, and their nodes may have it where the driver's (the head's) has not: each worker checks before it
+    loads (``require_vllm`` in ``load_for_generate`` and ``load_for_calibrate``)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        require_vllm()
+
+
+def _on_this_node() -> str:
+    import socket
+
+    return f" (on the Ray worker node {socket.gethostname()}: every node that runs workers needs it)"
 
 
 def register_vllm_models() -> None:
@@ -300,8 +321,10 @@ class VllmEngine:
             load_format="safetensors",  # target and drafter: never pickled .bin/.pt weights
             disable_log_stats=False,  # vLLM's speculative counters (get_metrics)
         )
-        if tensor_parallel_size == 1:
-            kwargs["distributed_executor_backend"] = "uni"  # the model runs in vLLM's engine process: no worker process
+        # One GPU: the model runs in vLLM's engine process. Several: vLLM's tensor-parallel workers are its own
+        # processes on this node, on the GPUs this Ray actor holds (vLLM's Ray backend, its choice inside a
+        # placement group, would ask Ray for GPUs again).
+        kwargs["distributed_executor_backend"] = "uni" if tensor_parallel_size == 1 else "mp"
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if os.environ.get("VOCABTRIM_VLLM_ENFORCE_EAGER") == "1":  # no torch.compile: faster engine start (tests)
@@ -432,7 +455,7 @@ def check_generate_config(cfg) -> None:
         if ngram:
             raise UserError("--drafter ngram needs --engine vllm")
         return
-    require_vllm()
+    require_vllm_for(cfg.address)
     if ngram and (cfg.head or cfg.drafter_layers is not None):
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
@@ -440,14 +463,14 @@ def check_generate_config(cfg) -> None:
     _check_whole_gpus(cfg.gpus_per_worker)
 
 
-def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float) -> None:
+def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float, address: str | None = None) -> None:
     """Refuse, in one line and before Ray starts, what ``calibrate --engine`` cannot do."""
     _check_engine_name(engine)
     if engine == "native":
         return
     if source == "corpus":
         raise UserError("--engine vllm generates: it takes --source target or --source drafter (--source corpus runs no model)")
-    require_vllm()
+    require_vllm_for(address)
     _check_whole_gpus(gpus_per_worker)
 
 
@@ -469,6 +492,7 @@ def load_for_calibrate(model: str, layers: int | None, tokenizer, *, temperature
                        batch_rows: int, dtype: str = "auto", gpus: float = 0, trust_remote_code: bool = False):
     """A ``VllmEngine`` that generates with ``model`` alone (its first ``layers`` decoder layers when given,
     written once as a folder vLLM loads), for calibrate's generated sources; and its logits width."""
+    require_vllm(_on_this_node())
     folder = drafter_folder(model, layers, trust_remote_code=trust_remote_code)
     engine = VllmEngine(
         folder, None, temperature=temperature, eos_token_ids=_eos_ids(folder, tokenizer), max_new_tokens=max_new_tokens,
@@ -483,6 +507,7 @@ def load_for_generate(cfg):
     """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
     from vocabtrim.models import is_eagle3, load_tokenizer, resolve_model
 
+    require_vllm(_on_this_node())
     target = resolve_model(cfg.target)
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter_spec = None
