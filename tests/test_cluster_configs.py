@@ -186,8 +186,8 @@ def test_vllm_jobs_run_on_images_built_with_the_tested_vllm():
     dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
     builds = dict(re.findall(r"--build-arg VLLM=(vllm==[\w.]+) -t (\S+)", dockerfile))
     assert builds == {f"vllm=={version}": "REGISTRY/vocabtrim:0.1.0-gpu-vllm"}, builds
-    install = next(line for line in dockerfile.splitlines() if line.startswith("RUN "))
-    assert install.index('"$VLLM"') < dockerfile[dockerfile.index(install):].index("/home/ray/vocabtrim")
+    run = dockerfile[dockerfile.index("\nRUN "):]  # the install step (the COPY before it names the checkout too)
+    assert run.index('pip install --no-cache-dir "$VLLM"') < run.index("pip install --no-cache-dir /home/ray/vocabtrim")
     jobs = [(path, doc) for path, doc in _k8s_docs() if doc["kind"] == "RayJob"
             and "--engine vllm" in " ".join(doc["spec"]["entrypoint"].split())]
     assert jobs, "a RayJob shows --engine vllm"
