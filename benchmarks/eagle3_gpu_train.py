@@ -55,6 +55,19 @@ def log(t0: float, *args) -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s]", *args, flush=True)
 
 
+def write_if_changed(table: pa.Table, path: Path, **kwargs) -> bool:
+    """Write ``table`` to ``path`` unless the file there already holds the same rows. A shard's id depends on
+    its file's path, size and modification time, so an unchanged file keeps the features extracted from it."""
+    if path.exists():
+        try:
+            if pq.read_table(path).equals(table):
+                return False
+        except (OSError, pa.ArrowException):  # unreadable: written again
+            pass
+    pq.write_table(table, path, **kwargs)
+    return True
+
+
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` in the chat template, followed by the assistant's header."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -213,7 +226,7 @@ def main() -> None:
     rows_path = work / "rows.parquet"
     rows = make_rows(a, model, tokenizer, t0, t0 + a.prompts_until * a.budget)
     rows_table = pa.Table.from_pylist(rows)
-    pq.write_table(rows_table, rows_path, row_group_size=max(1, len(rows)), compression="zstd")
+    write_if_changed(rows_table, rows_path, row_group_size=max(1, len(rows)), compression="zstd")
     if a.save_rows:
         pq.write_table(rows_table, a.save_rows, compression="zstd")
     origins = {o: sum(r["origin"] == o for r in rows) for o in ("base", "self", "self-2")}
@@ -232,8 +245,8 @@ def main() -> None:
         table = pq.read_table(a.eval_messages).to_pylist()
         for kind in sorted({r.get("kind") or "all" for r in table}):
             path = work / f"eval-{kind}.parquet"
-            pq.write_table(pa.table({"messages": [json.dumps(plain_turns(r["messages"]))
-                                                  for r in table if (r.get("kind") or "all") == kind]}), path)
+            write_if_changed(pa.table({"messages": [json.dumps(plain_turns(r["messages"]))
+                                                    for r in table if (r.get("kind") or "all") == kind]}), path)
             for s in corpus.make_shards([str(path)], "messages", 16 << 20, a.shard_rows):
                 if not ledger.done(s.shard_id):  # a rerun in the same --work reuses them
                     ledger.record(extractor.extract(s))

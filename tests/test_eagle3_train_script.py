@@ -37,6 +37,23 @@ def test_user_turns_keep_finished_turns_of_three_words_or_more():
     assert got == ["count the ants please", None, None, "write me a poem now"]
 
 
+def test_a_rerun_keeps_unchanged_row_files_so_their_shards_keep_their_ids(tmp_path):
+    from vocabtrim import corpus
+
+    path = tmp_path / "rows.parquet"
+    rows = pa.table({"messages": [json.dumps([{"role": "user", "content": f"question {i}"}]) for i in range(5)]})
+    assert script.write_if_changed(rows, path)
+    ids = [s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2)]
+    stamp = path.stat().st_mtime_ns
+    assert not script.write_if_changed(pa.table({"messages": rows["messages"].to_pylist()}), path)  # the same rows
+    assert path.stat().st_mtime_ns == stamp
+    assert [s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2)] == ids
+    assert script.write_if_changed(rows.slice(1), path)  # other rows: written, and new ids
+    assert not set(s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2)) & set(ids)
+    path.write_bytes(b"not parquet")
+    assert script.write_if_changed(rows, path) and pq.read_table(path).equals(rows)
+
+
 def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the_given_prompts(tmp_path):
     tok = make_tokenizer(300)
     V = len(tok)
