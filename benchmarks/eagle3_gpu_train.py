@@ -278,6 +278,9 @@ def main() -> None:
                             batch_size=a.batch_size, ttt_length=3, seed=a.seed, max_length=a.max_length,
                             max_new_tokens=a.max_new_tokens, gpus_per_worker=1.0 if cuda else 0.0,
                             intermediate_size=init.config.intermediate_size)
+    # Every run starts from --init's weights with a new optimizer: an earlier run's state in --work (which the
+    # trainer would resume: its optimizer moments, epoch and step) is dropped; its features are kept.
+    (work / "drafter" / train.STATE_FILE).unlink(missing_ok=True)
     trainer = train.DrafterTrainer(asdict(cfg), draft_ids, layers, train_ids, eval_ids, a.threads)
     trainer.pid()
     trainer.model.load_state_dict(init.state_dict())

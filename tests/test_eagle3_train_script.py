@@ -87,6 +87,17 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     assert sorted(by_kind["start"]) == sorted(by_kind["end"]) == kinds
     assert all(0 <= v["chain_acceptance"] <= 1 for v in by_kind["end"].values())
 
+    # A second run in the same --work (no self-written prompts: its rows are the base ones): the evaluation
+    # features are reused, no file rewritten, and the run starts afresh from --init (not from the first run's
+    # optimizer, epoch and step).
+    evals = {f: f.stat().st_mtime_ns for f in (tmp_path / "work").rglob("eval-*.safetensors")}
+    args = dict(zip(proc.args[2::2], proc.args[3::2])) | {"--out": str(tmp_path / "out2"), "--self-prompts": "0", "--epochs": "1"}
+    again = subprocess.run(proc.args[:2] + [x for kv in args.items() for x in kv], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(evals) == len(kinds) and {f: f.stat().st_mtime_ns for f in evals} == evals
+    rerun = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert [h["epoch"] for h in rerun["history"]] == [1] and rerun["held_out_at_start"] == manifest["held_out_at_start"]
+
     from vocabtrim import eagle3 as e3
 
     before = e3.load_eagle3(init, target_vocab=V, target_hidden=64)
