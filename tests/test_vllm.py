@@ -29,7 +29,7 @@ import torch
 from stats import chi_square_pvalue, exact_first_tokens
 from tiny import make_model, make_tokenizer, noisy_copy, save_model
 
-from vocabtrim import cli
+from vocabtrim import cli, vllm_sockets
 from vocabtrim.errors import UserError
 from vocabtrim.generate import GenerateConfig, run_generate
 
@@ -471,10 +471,13 @@ def bundled_vllm(target_folder, drafter_spec, prompts):
 
     engine = VllmEngine(target_folder, drafter_spec, gamma=4, temperature=0.0, eos_token_ids=[2],
                         max_new_tokens=BUNDLED_TOKENS, max_num_seqs=8, max_model_len=1024)
+    sockets = engine.socket_files  # vLLM's IPC socket files, in this process's own folder
     try:
         return engine.generate(prompts, list(range(len(prompts))))
     finally:
         engine.close()
+        assert sockets and all(p.parent == vllm_sockets.root() / str(os.getpid()) for p in sockets)
+        assert not any(p.exists() for p in sockets), "an engine's socket files outlived it"
 
 
 def same_rows(got, expected) -> int:

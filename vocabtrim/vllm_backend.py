@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vocabtrim import validate
+from vocabtrim import validate, vllm_sockets
 from vocabtrim.engine.scheduler import EngineStats
 from vocabtrim.errors import UserError
 from vocabtrim.prompts import max_prompt_tokens
@@ -332,7 +332,14 @@ class VllmEngine:
         kwargs.update(engine_kwargs)
         if speculative is not None:
             kwargs["per_request_spec_decode_metrics"] = "summary"
-        self.llm = LLM(**kwargs)
+        folder = vllm_sockets.claim()  # vLLM's IPC socket files go to this process's own folder
+        self._claimed, before = folder is not None, vllm_sockets.entries(folder)
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            self.socket_files = vllm_sockets.entries(folder) - before  # removed by close()
+            if getattr(self, "llm", None) is None:  # the engine did not start
+                self._release()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
         self.last_stats = VllmStats()
 
@@ -413,6 +420,12 @@ class VllmEngine:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:
                 log.debug("vLLM shutdown", exc_info=True)
+        self._release()
+
+    def _release(self) -> None:
+        if getattr(self, "_claimed", False):
+            self._claimed = False
+            vllm_sockets.release(self.socket_files)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""A folder of this process's own for vLLM's IPC sockets.
+
+vLLM names one ZMQ IPC socket file per engine channel under ``VLLM_RPC_BASE_PATH`` (the temp folder by
+default, ``<temp>/<uuid4>``) and leaves the files there when its engine shuts down (seven for one engine
+of vLLM 0.32's CPU build, target alone), never removed. Unless the user set ``VLLM_RPC_BASE_PATH``,
+``VllmEngine`` points it at ``<temp>/vocabtrim-vllm-<uid>/<pid>`` (``claim``); an engine's own files (those
+that appeared while it started) go when it closes, everything in the folder when the process's last engine
+closes (``release``), and the folder at exit. A process killed before that (a Ray actor ended by
+``ray.kill``) leaves its folder; the next ``claim`` on the node removes the folders of processes that are
+no longer alive.
+
+The variable is set once a process: vLLM caches its environment after an in-process engine starts, so
+every engine of a process uses the same folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ENV = "VLLM_RPC_BASE_PATH"
+
+_folder: Path | None = None  # this process's folder, once claimed
+_open = 0  # engines of this process using it
+
+
+def root() -> Path:
+    """The folder that holds one socket folder per process (per user, so users do not share it)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"vocabtrim-vllm-{uid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead(under: Path) -> list[Path]:
+    """Remove the socket folders under ``under`` whose process (the folder's name) is not alive; returns them."""
+    gone = []
+    for d in under.iterdir() if under.is_dir() else ():
+        if d.is_dir() and d.name.isdigit() and int(d.name) != os.getpid() and not _alive(int(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def claim() -> Path | None:
+    """Before an engine starts: this process's socket folder (made, and ``ENV`` set to it, on the first call).
+    Returns None, changing nothing, when the user set ``ENV``; a value naming another process's folder under
+    ``root()`` was inherited from a parent (Ray's workers inherit the environment of the process that
+    started Ray) and is replaced."""
+    global _folder, _open
+    if _folder is None:
+        base = root()
+        chosen = os.environ.get(ENV)
+        if chosen and Path(chosen).parent != base:  # the user's choice (a parent's folder here is inherited)
+            return None
+        base.mkdir(mode=0o700, exist_ok=True)
+        remove_dead(base)
+        folder = base / str(os.getpid())
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.environ[ENV] = str(folder)
+        atexit.register(shutil.rmtree, folder, True)
+        _folder = folder
+    _open += 1
+    return _folder
+
+
+def entries(folder: Path | None) -> set[Path]:
+    """What ``folder`` holds now (empty for None)."""
+    return set(folder.iterdir()) if folder is not None and folder.is_dir() else set()
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def release(made: set[Path] = frozenset()) -> None:
+    """After an engine that ``claim``ed has shut down: remove ``made`` (what appeared in the folder while it
+    started), and when it was the process's last open engine, everything else its engines left (the folder
+    stays: the variable may be cached)."""
+    global _open
+    if _folder is None or _open == 0:
+        return
+    _open -= 1
+    for entry in made:
+        _remove(entry)
+    if _open == 0:
+        for entry in entries(_folder):
+            _remove(entry)
