@@ -476,7 +476,7 @@ def bundled_vllm(target_folder, drafter_spec, prompts):
         return engine.generate(prompts, list(range(len(prompts))))
     finally:
         engine.close()
-        if Path(os.environ.get(vllm_sockets.ENV, vllm_sockets.root())).parent == vllm_sockets.root():  # not the user's
+        if not vllm_sockets.user_chose():  # a folder the user chose is theirs
             assert sockets and all(p.parent == vllm_sockets.root() / str(os.getpid()) for p in sockets)
             assert not any(p.exists() for p in sockets), "an engine's socket files outlived it"
 

@@ -53,17 +53,22 @@ def remove_dead(under: Path) -> list[Path]:
     return gone
 
 
+def user_chose() -> bool:
+    """Whether ``ENV`` is the user's: set, and not a process's folder under ``root()`` (one there was set by
+    vocabtrim, in this process or in a parent whose environment it inherited: Ray's workers inherit the
+    environment of the process that started Ray)."""
+    chosen = os.environ.get(ENV)
+    return bool(chosen) and Path(chosen).parent != root()
+
+
 def claim() -> Path | None:
     """Before an engine starts: this process's socket folder (made, and ``ENV`` set to it, on the first call).
-    Returns None, changing nothing, when the user set ``ENV``; a value naming another process's folder under
-    ``root()`` was inherited from a parent (Ray's workers inherit the environment of the process that
-    started Ray) and is replaced."""
+    Returns None, changing nothing, when ``user_chose()``; another process's folder, inherited, is replaced."""
     global _folder, _open
     if _folder is None:
-        base = root()
-        chosen = os.environ.get(ENV)
-        if chosen and Path(chosen).parent != base:  # the user's choice (a parent's folder here is inherited)
+        if user_chose():
             return None
+        base = root()
         base.mkdir(mode=0o700, exist_ok=True)
         remove_dead(base)
         folder = base / str(os.getpid())
