@@ -90,3 +90,24 @@ def test_a_folder_inherited_from_the_process_that_started_ray_is_replaced(fresh,
     assert mine == vllm_sockets.root() / str(os.getpid()) and os.environ[vllm_sockets.ENV] == str(mine)
     vllm_sockets.release()
     assert keep.exists()  # the parent's files are the parent's to remove
+
+
+@pytest.mark.parametrize("make", ["writable by others", "a link"])
+def test_a_root_folder_that_is_not_the_users_own_is_not_used(fresh, tmp_path, monkeypatch, make, caplog):
+    base = vllm_sockets.root()
+    if make == "writable by others":  # anyone may make a name in the temp folder, so it may be another's
+        base.mkdir(mode=0o700)
+        base.chmod(0o777)
+    else:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        base.symlink_to(elsewhere)
+    dead = base / str(dead_pid())
+    dead.mkdir()
+    inherited = base / str(os.getppid())
+    monkeypatch.setenv(vllm_sockets.ENV, str(inherited))  # a parent's folder under that root
+    assert vllm_sockets.claim() is None
+    assert vllm_sockets.ENV not in os.environ  # vLLM keeps its default
+    assert dead.is_dir() and not (base / str(os.getpid())).exists()  # nothing made or removed there
+    assert "not a folder of this user's own" in caplog.text
+    vllm_sockets.release()  # nothing claimed: nothing to do

@@ -7,7 +7,8 @@ of vLLM 0.32's CPU build, target alone), never removed. Unless the user set ``VL
 that appeared while it started) go when it closes, everything in the folder when the process's last engine
 closes (``release``), and the folder at exit. A process killed before that (a Ray actor ended by
 ``ray.kill``) leaves its folder; the next ``claim`` on the node removes the folders of processes that are
-no longer alive.
+no longer alive. A root folder that is not this user's own (a link, another owner, writable by others:
+anyone may create a name in the temp folder) is not used: vLLM then keeps its default, and a warning says so.
 
 The variable is set once a process: vLLM caches its environment after an in-process engine starts, so
 every engine of a process uses the same folder.
@@ -16,10 +17,14 @@ every engine of a process uses the same folder.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 ENV = "VLLM_RPC_BASE_PATH"
 
@@ -29,8 +34,17 @@ _open = 0  # engines of this process using it
 
 def root() -> Path:
     """The folder that holds one socket folder per process (per user, so users do not share it)."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"vocabtrim-vllm-{uid}"
+    return Path(tempfile.gettempdir()) / f"vocabtrim-vllm-{_uid()}"
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def private(folder: Path) -> bool:
+    """Whether ``folder`` is a directory, not a link, owned by this user, and no one else may write in it."""
+    st = os.lstat(folder)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == _uid() and not st.st_mode & 0o022
 
 
 def _alive(pid: int) -> bool:
@@ -63,13 +77,19 @@ def user_chose() -> bool:
 
 def claim() -> Path | None:
     """Before an engine starts: this process's socket folder (made, and ``ENV`` set to it, on the first call).
-    Returns None, changing nothing, when ``user_chose()``; another process's folder, inherited, is replaced."""
+    Returns None when ``user_chose()`` (changing nothing) and when ``root()`` is not ``private`` (``ENV`` then
+    unset: vLLM's default); another process's folder, inherited, is replaced."""
     global _folder, _open
     if _folder is None:
         if user_chose():
             return None
         base = root()
         base.mkdir(mode=0o700, exist_ok=True)
+        if not private(base):
+            log.warning("%s is not a folder of this user's own (a link, another owner, or writable by others): "
+                        "vLLM's socket files go to its default place", base)
+            os.environ.pop(ENV, None)  # unset, or a parent's folder under this root
+            return None
         remove_dead(base)
         folder = base / str(os.getpid())
         folder.mkdir(mode=0o700, exist_ok=True)
