@@ -9,6 +9,10 @@ Model (Leviathan et al. 2023, with measured costs in place of a fixed cost ratio
 - expected tokens per row and step with gamma g: (1 - alpha^(g+1)) / (1 - alpha).
 - cost of a step with gamma g: g * (drafter forward) + verify(g), each an exponential moving average
   of measured seconds; a verify length never measured is interpolated linearly from those that were.
+The first step of a run measures first touches, not costs (the caches were just allocated, and the drafter
+may never have run in this process: measured at batch 8 on the bundled pair, a first target step took
+218 ms against 62 ms for the next ones), so its timings are not cost samples; the run starts with two
+steps at ``warmup_gamma`` and one without drafting, so both sides are measured warm.
 gamma 0 is the target alone, and drafting is chosen only when its expected rate beats the target
 alone's by ``margin`` (5%). While drafting is off nothing new is learnt about alpha, so it probes
 with gamma 1 after ``probe_after`` target-alone steps, doubling that wait (up to ``max_probe_after``)
@@ -39,7 +43,9 @@ class GammaController:
         self.successes, self.trials = 1.0, 2.0  # prior: alpha 0.5
         self.draft_seconds: float | None = None  # one drafter forward
         self.verify_seconds = np.full(max_gamma + 1, np.nan)  # one target pass, by gamma
-        self.plan = [min(warmup_gamma, max_gamma), 0] if max_gamma > 0 else []  # measure both sides first
+        w = min(warmup_gamma, max_gamma)
+        self.plan = [w, w, 0] if max_gamma > 0 else []  # measure both sides first (the first step is cold)
+        self.steps = 0  # steps observed
         self.probe_after = self.base_probe_after = probe_after
         self.max_probe_after = max_probe_after
         self.off_steps = 0
@@ -105,12 +111,17 @@ class GammaController:
         return 0
 
     def observe(self, gamma: int, accepted: np.ndarray, draft_seconds: float, verify_seconds: float) -> None:
-        """accepted: [n] drafts accepted per row this step; seconds: this step's drafting and verify."""
+        """accepted: [n] drafts accepted per row this step; seconds: this step's drafting and verify (the
+        first step's are not cost samples)."""
+        cold, self.steps = self.steps == 0, self.steps + 1
         if gamma > 0:
             trials = np.minimum(accepted + 1, gamma).sum()
             keep = self.decay ** (len(accepted) / self.decay_rows)
             self.successes = keep * self.successes + float(accepted.sum())
             self.trials = keep * self.trials + float(trials)
+        if cold:
+            return
+        if gamma > 0:
             per_forward = draft_seconds / gamma
             if self.probing:  # a probe's first forward catches up on the target-alone steps: not a cost sample
                 per_forward = self.draft_seconds if self.draft_seconds is not None else per_forward
