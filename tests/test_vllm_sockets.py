@@ -92,22 +92,29 @@ def test_a_folder_inherited_from_the_process_that_started_ray_is_replaced(fresh,
     assert keep.exists()  # the parent's files are the parent's to remove
 
 
-@pytest.mark.parametrize("make", ["writable by others", "a link"])
+@pytest.mark.parametrize("make", ["writable by others", "a link", "a dangling link", "a file"])
 def test_a_root_folder_that_is_not_the_users_own_is_not_used(fresh, tmp_path, monkeypatch, make, caplog):
     base = vllm_sockets.root()
+    elsewhere = tmp_path / "elsewhere"
     if make == "writable by others":  # anyone may make a name in the temp folder, so it may be another's
         base.mkdir(mode=0o700)
         base.chmod(0o777)
-    else:
-        elsewhere = tmp_path / "elsewhere"
+    elif make == "a link":
         elsewhere.mkdir(mode=0o700)
         base.symlink_to(elsewhere)
+    elif make == "a dangling link":
+        base.symlink_to(elsewhere)
+    else:
+        base.write_text("")
     dead = base / str(dead_pid())
-    dead.mkdir()
+    if base.is_dir():
+        dead.mkdir()
     inherited = base / str(os.getppid())
     monkeypatch.setenv(vllm_sockets.ENV, str(inherited))  # a parent's folder under that root
     assert vllm_sockets.claim() is None
     assert vllm_sockets.ENV not in os.environ  # vLLM keeps its default
-    assert dead.is_dir() and not (base / str(os.getpid())).exists()  # nothing made or removed there
+    assert dead.is_dir() == base.is_dir() and not (base / str(os.getpid())).exists()  # nothing made or removed there
+    if make == "a dangling link":
+        assert not elsewhere.exists()  # not followed
     assert "not a folder of this user's own" in caplog.text
     vllm_sockets.release()  # nothing claimed: nothing to do
