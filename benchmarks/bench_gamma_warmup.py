@@ -7,7 +7,8 @@ previous rule (warm-up plan [3, 0], the first step's timings used as cost sample
 The first step of a run pays for first touches (a cache just allocated, a drafter's first forward); with
 ``--fresh`` every ``generate`` call gets a new engine, as the first task of each ``vocabtrim generate``
 worker and every setting of ``vocabtrim demo`` do; without it the engines are built and warmed once, as in
-``bench_eagle3.py``. Greedy; the shipped prompts' ``messages`` with the chat template, cut into
+``bench_eagle3.py``. Greedy; the first ``--rows`` shipped prompts' ``messages`` with the chat template
+(``bench_engine.shipped_prompts``), cut into
 ``--rounds`` parts, each part run by every setting in an order rotated from round to round. Prints tokens/s,
 the ratio to the target alone (its range over the rounds), the steps taken at each gamma, and how many
 completions equal the target alone's.
@@ -23,7 +24,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--drafter", default="smollm2-135m-eagle3")
-    ap.add_argument("--prompts", default="vocabtrim/data/prompts.parquet")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
@@ -33,8 +33,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
+    from bench_engine import shipped_prompts  # this folder is on sys.path when the script runs
 
     from vocabtrim.engine import gamma as gamma_mod
     from vocabtrim.engine import make_engine
@@ -44,13 +44,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     pair = load_pair(args.target, args.drafter, dtype="float32", device="cpu")
-    tok = pair.tokenizer
-    prompts = []
-    for r in pq.read_table(args.prompts).to_pylist()[: args.rows]:
-        ids = tok.apply_chat_template(r["messages"], add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
-        prompts.append(ids[0].tolist())
-    eos = tuple(eos_ids(tok, of_model(pair.target)))
+    prompts = shipped_prompts(pair.tokenizer, args.rows)
+    eos = tuple(eos_ids(pair.tokenizer, of_model(pair.target)))
 
     previous_rule = [False]  # set while a "previous rule" engine runs
     init = gamma_mod.GammaController.__init__

@@ -8,7 +8,8 @@ that appeared while it started) go when it closes, everything in the folder when
 closes (``release``), and the folder at exit. A process killed before that (a Ray actor ended by
 ``ray.kill``) leaves its folder; the next ``claim`` on the node removes the folders of processes that are
 no longer alive. A root folder that is not this user's own (a file, a link, another owner, writable by
-others: anyone may create a name in the temp folder) is not used: vLLM then keeps its default, and a warning says so.
+others: anyone may create a name in the temp folder) is not used: vLLM then keeps its default, and a
+warning says so.
 
 The variable is set once a process: vLLM caches its environment after an in-process engine starts, so
 every engine of a process uses the same folder.
@@ -89,8 +90,8 @@ def claim() -> Path | None:
         except FileExistsError:  # a folder, or something else in its place (checked next)
             pass
         if not private(base):
-            log.warning("%s is not a folder of this user's own (a file, a link, another owner, or writable by others): "
-                        "vLLM's socket files go to its default place", base)
+            log.warning("%s is not a folder of this user's own (a file, a link, another owner, or writable by "
+                        "others): vLLM's socket files go to its default place", base)
             os.environ.pop(ENV, None)  # unset, or a parent's folder under this root
             return None
         remove_dead(base)
