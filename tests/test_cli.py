@@ -80,3 +80,61 @@ def test_a_bad_setting_is_refused_in_one_line_naming_its_flag(capsys, tmp_path, 
     err = capsys.readouterr().err
     assert err == f"vocabtrim {argv[0]}: error: {line}\n"
     assert not out.exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet"],
+    ["calibrate", "--drafter", "m", "--corpus", "c.txt"],
+    ["train-drafter", "--target", "m", "--corpus", "c.txt", "--histogram", "h", "--top-k", "8"],
+    ["sweep", "--target", "m", "--drafter-layers", "1", "--corpus", "c.txt", "--prompts", "p.parquet"],
+    ["demo", "--quick"],
+])
+@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
+def test_a_cluster_address_that_does_not_answer_is_refused_in_one_line(capsys, tmp_path, monkeypatch, command, via):
+    """Ray's own ``ray.init`` retries a closed port for minutes, printing a warning every few seconds; every
+    command that joins a cluster checks the address first."""
+    address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if via == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        extra = []
+    else:
+        extra = ["--address", address]
+    out = tmp_path / "out"
+    assert main([*command, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vocabtrim {command[0]}: error: cannot reach the Ray cluster at {address} (connection refused): "
+                   "check --address (or RAY_ADDRESS) and that the cluster's head node is up\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("address, target", [
+    ("10.0.0.5:6379", ("10.0.0.5", 6379)), ("ray://head:10001", ("head", 10001)), ("[::1]:6379", ("::1", 6379)),
+    ("auto", None), ("local", None), ("head", None),
+])
+def test_the_host_and_port_of_a_ray_address(address, target):
+    from vocabtrim.ray_utils import host_and_port
+
+    assert host_and_port(address) == target
+
+
+@pytest.mark.parametrize("command", [["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet"],
+                                     ["train-drafter", "--target", "m", "--corpus", "c.txt", "--histogram", "h", "--top-k", "8"]])
+def test_an_unknown_dtype_is_refused_before_any_model_loads(capsys, command):
+    from vocabtrim.commands.common import DTYPES
+    from vocabtrim.models import DTYPES as loadable
+
+    assert set(DTYPES) == {"auto", *loadable}
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--dtype", "float8", "--out", "o"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --dtype: invalid choice: 'float8'" in err

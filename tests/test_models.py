@@ -105,6 +105,20 @@ def test_bad_model_names_are_user_errors(tmp_path):
         models.resolve_model(str(tmp_path / "empty"))
 
 
+def test_a_model_folder_without_a_tokenizer_is_refused_in_one_line(tmp_path, tiny_pair_dirs):
+    """transformers' own message for it spans five lines and names no file."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_pair_dirs[0], bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "*.model"))
+    assert (bare / "config.json").exists()
+    with pytest.raises(UserError) as refused:
+        models.load_tokenizer(str(bare))
+    assert str(refused.value) == (f"{bare} holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json or "
+                                  "*.model): copy the model's tokenizer files into it")
+    assert models.load_tokenizer(tiny_pair_dirs[0]) is not None
+
+
 def test_pickled_weights_are_never_loaded(tmp_path):
     """Weights come from safetensors or GGUF only: a folder with pytorch_model.bin is refused in one line."""
     model = make_model(300, layers=1, seed=0)

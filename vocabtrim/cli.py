@@ -14,7 +14,7 @@ import os
 import sys
 
 from vocabtrim.errors import RunFailed, UserError
-from vocabtrim.ray_utils import user_error_in
+from vocabtrim.ray_utils import check_reachable, user_error_in
 from vocabtrim.validate import SettingError
 
 COMMANDS = {
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
         try:
+            if getattr(args, "address", None) or (hasattr(args, "address") and os.environ.get("RAY_ADDRESS")):
+                check_reachable(args.address or os.environ["RAY_ADDRESS"])  # before any work
             code = args._main(args)
         except Exception as exc:  # a UserError raised inside a Ray actor arrives wrapped: unwrap it
             unwrapped = user_error_in(exc) if getattr(exc, "cause", None) is not None else None

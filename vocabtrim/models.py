@@ -165,14 +165,22 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+# Files of which a Hugging Face tokenizer folder holds at least one (or a sentencepiece ``*.model``).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     where = resolve_model(name)
+    if os.path.isdir(where) and not any(f in TOKENIZER_FILES or f.endswith(".model") for f in os.listdir(where)):
+        raise UserError(f"{name} holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json or *.model): "
+                        "copy the model's tokenizer files into it")
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer of {name}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        why = " ".join(str(exc).split()) or repr(exc)  # transformers' messages span lines: one line here
+        raise UserError(f"cannot load the tokenizer of {name}: {why}") from exc
 
 
 def load_model(

@@ -28,6 +28,8 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -37,6 +39,36 @@ def init_ray(address: str | None = None) -> None:
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from exc
+
+
+def host_and_port(address: str) -> tuple[str, int] | None:
+    """The host and port a Ray address names (``host:port``, ``[v6]:port``, ``ray://host:port``); None for
+    ``auto`` and ``local`` or an address without a port, which Ray resolves itself."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse in one line a cluster address whose port does not answer.
+
+    Ray's own ``ray.init`` retries a closed or filtered port for minutes, printing a warning every few
+    seconds; a TCP connect finds out in at most ``timeout_s``.
+    """
+    import socket
+
+    target = host_and_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout_s).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or first_line(exc)).lower()
+        raise UserError(f"cannot reach the Ray cluster at {address} ({why}): check --address (or RAY_ADDRESS) and that "
+                        f"the cluster's head node is up") from exc
 
 
 def local_run_token(env) -> bool:

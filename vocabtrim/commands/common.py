@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the names models.resolve_dtype takes
+
 
 def add_ray_arguments(parser: argparse.ArgumentParser, *, workers: int = 1) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -21,5 +23,5 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, target: bool, drafte
         drafter_help = "drafter model (default with --drafter-layers: the target)"
     parser.add_argument("--drafter", default=None, required=drafter_required, help=drafter_help)
     parser.add_argument("--drafter-layers", type=int, default=None, help="drafter = first N layers + final norm + head")
-    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off by default)")

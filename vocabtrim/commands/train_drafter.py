@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vocabtrim.commands.common import add_ray_arguments
+from vocabtrim.commands.common import DTYPES, add_ray_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shards", type=int, default=None, metavar="N",
                         help="extract and train on the first N shards of the corpus only (%(default)s: all); a rerun with more extracts the rest")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help="the target's dtype while extracting features")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="the target's dtype while extracting features (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off by default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_ray_arguments(parser)
