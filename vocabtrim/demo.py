@@ -260,6 +260,20 @@ def preset(cfg: DemoConfig, out: Path, calibration: Path, evaluation: list[Path]
     )
 
 
+def check(cfg: DemoConfig, sweep: SweepConfig, eagle3: SweepConfig | None) -> None:
+    """Refuse in one line, before any stage runs, what a stage would refuse later: the settings, the pair (the
+    truncated drafter and the EAGLE-3 drafter, each against the target) and --top-k against the vocabulary."""
+    from vocabtrim import validate
+    from vocabtrim.sweep.cells import check_config, measure_sizes
+
+    validate.trim(cfg.top_k, None)
+    validate.gamma(cfg.gamma)  # generate's rule: auto or a number; the sweep's own check wants a number
+    check_config(dataclasses.replace(sweep, gamma=1))
+    validate.trim(cfg.top_k, None, measure_sizes(sweep).vocab_size)
+    if eagle3 is not None:
+        measure_sizes(eagle3)
+
+
 def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     from vocabtrim.head.select import describe_kept, unseen_warning
     from vocabtrim.ray_utils import init_ray
@@ -278,6 +292,7 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     if cfg.eagle3:  # the EAGLE-3 drafter as it ships: its own draft vocabulary, no --head
         cells["eagle3"] = Cell(name="eagle3", kind="own")
         sweeps["eagle3"] = dataclasses.replace(sweep, drafter=cfg.eagle3, drafter_layers=None)
+    check(cfg, sweep, sweeps.get("eagle3"))
     init_ray(cfg.address)
     timings = {}
 
