@@ -138,3 +138,12 @@ def test_an_unknown_dtype_is_refused_before_any_model_loads(capsys, command):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --dtype: invalid choice: 'float8'" in err
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"vocabtrim {version('vocabtrim')}\n"

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from vocabtrim import __version__
 from vocabtrim.errors import RunFailed, UserError
 from vocabtrim.ray_utils import check_reachable, user_error_in
 from vocabtrim.validate import SettingError
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=os.environ.get("VOCABTRIM_LOG", "WARNING"), type=str.upper, choices=LOG_LEVELS,
         help="how much vocabtrim logs on stderr; INFO adds what each stage is doing (default: $VOCABTRIM_LOG, else WARNING)",
     )
+    parser.add_argument("--version", action="version", version=f"vocabtrim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
