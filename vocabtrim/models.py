@@ -165,15 +165,17 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-# Files of which a Hugging Face tokenizer folder holds at least one (or a sentencepiece ``*.model``).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
+def _holds_a_tokenizer(folder: str) -> bool:
+    """Whether a model folder has any file a tokenizer is read from (tokenizer.json, tokenizer_config.json,
+    vocab.json, vocab.txt, a sentencepiece ``*.model``, Mistral's tekken.json, ...)."""
+    return any("token" in f or "vocab" in f or "tekken" in f or f.endswith(".model") for f in os.listdir(folder))
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     where = resolve_model(name)
-    if os.path.isdir(where) and not any(f in TOKENIZER_FILES or f.endswith(".model") for f in os.listdir(where)):
+    if os.path.isdir(where) and not _holds_a_tokenizer(where):
         raise UserError(f"{name} holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json or *.model): "
                         "copy the model's tokenizer files into it")
     try:
