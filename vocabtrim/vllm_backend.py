@@ -320,6 +320,7 @@ class VllmEngine:
             trust_remote_code=trust_remote_code,
             load_format="safetensors",  # target and drafter: never pickled .bin/.pt weights
             disable_log_stats=False,  # vLLM's speculative counters (get_metrics)
+            use_tqdm_on_load=False,  # no weight-loading bars in the job's output (nor from the native engine)
         )
         # One GPU: the model runs in vLLM's engine process. Several: vLLM's tensor-parallel workers are its own
         # processes on this node, on the GPUs this Ray actor holds (vLLM's Ray backend, its choice inside a
