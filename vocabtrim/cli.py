@@ -15,7 +15,7 @@ import sys
 
 from vocabtrim import __version__
 from vocabtrim.errors import RunFailed, UserError
-from vocabtrim.ray_utils import check_reachable, user_error_in
+from vocabtrim.ray_utils import check_reachable, cluster_address, user_error_in
 from vocabtrim.validate import SettingError
 
 COMMANDS = {
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
         try:
-            if getattr(args, "address", None) or (hasattr(args, "address") and os.environ.get("RAY_ADDRESS")):
-                check_reachable(args.address or os.environ["RAY_ADDRESS"])  # before any work
+            address = cluster_address(getattr(args, "address", None)) if hasattr(args, "address") else None
+            if address:
+                check_reachable(address)  # before any work (init_ray checks again where it is called from code)
             code = args._main(args)
         except Exception as exc:  # a UserError raised inside a Ray actor arrives wrapped: unwrap it
             unwrapped = user_error_in(exc) if getattr(exc, "cause", None) is not None else None

@@ -17,6 +17,11 @@ ACTOR_START_TIMEOUT_S = float(os.environ.get("VOCABTRIM_ACTOR_START_TIMEOUT", "9
 POLL_S = 5.0  # how often a waiting pool asks the autoscaler whether it can place the actors
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a run joins: ``--address``, else ``RAY_ADDRESS``; None when it starts its own local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(address: str | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray for this run. Idempotent.
 
@@ -27,7 +32,7 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         check_reachable(address)
     try:

@@ -72,7 +72,9 @@ def require_vllm_for(address: str | None) -> None:
     this machine's processes, so refuse at once without it. A run that joins a cluster runs vLLM in the
     workers, and their nodes may have it where the driver's (the head's) has not: each worker checks before it
     loads (``require_vllm`` in ``load_for_generate`` and ``load_for_calibrate``)."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    from vocabtrim.ray_utils import cluster_address
+
+    if not cluster_address(address):
         require_vllm()
 
 
