@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
         try:
-            address = cluster_address(getattr(args, "address", None)) if hasattr(args, "address") else None
+            address = cluster_address(args.address) if hasattr(args, "address") else None
             if address:
                 check_reachable(address)  # before any work (init_ray checks again where it is called from code)
             code = args._main(args)
