@@ -21,8 +21,10 @@ plus the special tokens. The EAGLE-3 drafter (``--eagle3``, the shipped one by d
 draft vocabulary (vLLM: greedy drafting through ``get_top_tokens``, the argmax over its K rows mapped by
 ``d2t``; "placed": vLLM's own ``compute_logits``, which scatters the K logits into a vocabulary-wide -inf
 tensor) and with a full-vocabulary head (``eagle3.widen``: its own rows at its draft ids, the target's
-LM-head rows elsewhere; written as a folder vLLM loads). tokens/s is measured around ``generate`` after a warm-up call; the native
-engine runs with ``--threads`` torch threads, vLLM with its CPU default (all cores but one).
+LM-head rows elsewhere; written as a folder vLLM loads). ``--eagle3-retrimmed`` adds drafters that
+``vocabtrim build-head`` re-trimmed from it (a smaller K, the same weights), each against that same full head.
+tokens/s is measured around ``generate`` after a warm-up call; the native engine runs with ``--threads``
+torch threads, vLLM with its CPU default (all cores but one).
 
 ``--profile`` runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model in this process, no
 engine-core process) and times, per setting, the target's forward, the drafter's forward, the drafter's
@@ -129,10 +131,10 @@ class StepTimer:
 
     Wraps methods on vLLM's classes, so vLLM must run in this process. LlamaModel.forward is compiled by
     vLLM and cannot be wrapped; LlamaForCausalLM.forward (which calls it) is, and its layer count tells the
-    target from the drafter."""
+    target from a plain drafter; an EAGLE-3 drafter's forward is Eagle3LlamaForCausalLM's own."""
 
     def __init__(self, target_layers: int):
-        from vllm.model_executor.models import llama
+        from vllm.model_executor.models import llama, llama_eagle3
         from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -157,6 +159,7 @@ class StepTimer:
 
         wrap(llama.LlamaForCausalLM, "forward",
              lambda m: "target forward" if len(m.model.layers) == target_layers else "drafter forward")
+        wrap(llama_eagle3.Eagle3LlamaForCausalLM, "forward", lambda _: "drafter forward")
         wrap(SpecDecodeBaseProposer, "_greedy_sample", lambda _: "drafter head + argmax")
         wrap(SpecDecodeBaseProposer, "propose", lambda _: "proposal (drafter forwards + heads)")
         wrap(GPUModelRunner, "execute_model", lambda _: "steps")
@@ -190,6 +193,9 @@ def main(argv=None):
     ap.add_argument("--drafters", default="plain,eagle3", help="plain (layer-truncated), eagle3, or both")
     ap.add_argument("--eagle3", default="smollm2-135m-eagle3", help="the EAGLE-3 drafter (a folder or the shipped name)")
     ap.add_argument("--eagle3-gamma", type=int, default=3)
+    ap.add_argument("--eagle3-retrimmed", default="",
+                    help="comma-separated folders that `vocabtrim build-head --drafter EAGLE3 --top-k K` wrote from the "
+                         "--eagle3 drafter: each runs as 'EAGLE-3, trimmed head K=k', against the same full head")
     ap.add_argument("--vllm-dtype", default="float32", help="vLLM's weights and activations (the native engine stays float32)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy; above 0 every row samples with its own seed (the same seed in every setting)")
@@ -233,10 +239,17 @@ def main(argv=None):
               flush=True)
 
     eagle3 = wide = None
+    retrimmed: list = []  # (setting, folder, drafter)
     if "eagle3" in families:
         eagle3 = load_eagle3_for(args.eagle3, target, target_tokenizer=tok)
         wide = e3.widen(eagle3, target.get_output_embeddings().weight)
         print(f"# EAGLE-3 drafter {args.eagle3}: draft vocabulary {eagle3.config.draft_vocab_size} of {vocab} ids", flush=True)
+        for path in filter(None, args.eagle3_retrimmed.split(",")):
+            model = load_eagle3_for(path, target, target_tokenizer=tok)
+            if not bool(eagle3.t2d.cpu()[model.token_ids.cpu()].all()):
+                raise SystemExit(f"{path}: its draft vocabulary is not a subset of {args.eagle3}'s: not a re-trim of it")
+            retrimmed.append((f"EAGLE-3, trimmed head K={model.config.draft_vocab_size}", path, model))
+            print(f"# re-trimmed EAGLE-3 drafter {path}: draft vocabulary {model.config.draft_vocab_size}", flush=True)
 
     sampling = SamplingParams(temperature=args.temperature)
     settings: dict[str, callable] = {}
@@ -248,6 +261,7 @@ def main(argv=None):
             native += [("drafter, full head", drafter, None, args.gamma), ("drafter, trimmed head", drafter, head, args.gamma)]
         if "eagle3" in families:
             native += [("EAGLE-3, full head", wide, None, args.eagle3_gamma), ("EAGLE-3, trimmed head", eagle3, None, args.eagle3_gamma)]
+            native += [(name, model, None, args.eagle3_gamma) for name, _, model in retrimmed]
         for name, d, h, gamma in native:
             eng = make_engine(target, d, h, gamma=gamma, sampling=sampling,
                               max_new_tokens=args.max_new_tokens, batch_size=max(batches))
@@ -281,6 +295,7 @@ def main(argv=None):
                 ("EAGLE-3, trimmed head", spec, True, args.eagle3_gamma),
                 ("EAGLE-3, trimmed head, placed", spec, False, args.eagle3_gamma),
             ]
+            runs += [(name, eagle3_spec(path, folder, tok), True, args.eagle3_gamma) for name, path, _ in retrimmed]
         for name, spec, local_argmax, gamma in runs:
             start = time.perf_counter()
             eng = VllmEngine(folder, spec, gamma=gamma, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
