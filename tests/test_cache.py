@@ -91,3 +91,14 @@ def test_a_regenerated_gguf_file_converts_once_and_its_old_conversion_goes(tmp_p
     third = models.gguf_folder(venv2)
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [third.name]
     assert len(conversions) == 3
+
+
+def test_an_entry_that_cannot_be_removed_stays_and_publishing_still_returns(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"w")
+    cache.publish_folder(root / "models" / "m-1", _entry_writer("m"), sources=[src])
+    _touch_later(src)
+    monkeypatch.setattr(cache.shutil, "rmtree", lambda *a, **k: None)  # a folder this user may not delete
+    cache.publish_folder(root / "models" / "m-2", _entry_writer("m"), sources=[src])
+    assert (root / "models" / "m-1").is_dir() and (root / "models" / "m-2" / "config.json").is_file()

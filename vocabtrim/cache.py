@@ -75,8 +75,8 @@ def prune(root: Path, keep: Path | None = None) -> list[Path]:
     removed: list[Path] = []
     while True:
         now = time.time()
-        stale = [e for e in sorted(root.glob("*/*")) if e.is_dir() and e != keep and (
-            is_abandoned(e, now) if ".tmp-" in e.name else is_stale(e))]
+        stale = [e for e in sorted(root.glob("*/*")) if e.is_dir() and e != keep and e not in removed and (
+            is_abandoned(e, now) if ".tmp-" in e.name else is_stale(e))]  # tried once: one it cannot remove stays
         if not stale:
             return removed
         for entry in stale:
