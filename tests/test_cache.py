@@ -13,6 +13,10 @@ def _entry_writer(text):
     return write
 
 
+def _record(sources, *params):
+    return cache.entry_record(cache.stamps(sources), *params)
+
+
 def _touch_later(path, seconds=10):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
@@ -23,9 +27,9 @@ def test_an_entry_whose_source_changed_or_vanished_goes_when_another_is_publishe
     a, b, gone = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "gone.gguf"
     for f in (a, b, gone):
         f.write_bytes(f.name.encode())
-    cache.publish_folder(root / "models" / "a-1", _entry_writer("a"), sources=[a])
-    cache.publish_folder(root / "models" / "b-1", _entry_writer("b"), sources=[b])
-    cache.publish_folder(root / "models" / "gone-1", _entry_writer("gone"), sources=[gone])
+    cache.publish_folder(root / "models" / "a-1", _entry_writer("a"), _record([a]))
+    cache.publish_folder(root / "models" / "b-1", _entry_writer("b"), _record([b]))
+    cache.publish_folder(root / "models" / "gone-1", _entry_writer("gone"), _record([gone]))
     (root / "models" / "legacy").mkdir()  # no record: never ours to remove
     (root / "models" / "legacy" / "config.json").write_text("{}")
     record = json.loads((root / "models" / "a-1" / cache.RECORD).read_text())
@@ -33,10 +37,42 @@ def test_an_entry_whose_source_changed_or_vanished_goes_when_another_is_publishe
 
     gone.unlink()
     _touch_later(a)  # a reinstall: same path, new modification time
-    cache.publish_folder(root / "models" / "a-2", _entry_writer("a again"), sources=[a])
+    cache.publish_folder(root / "models" / "a-2", _entry_writer("a again"), _record([a]))
     left = sorted(p.name for p in (root / "models").iterdir())
     assert left == ["a-2", "b-1", "legacy"]
     assert json.loads((root / "models" / "a-2" / "config.json").read_text()) == {"made_from": "a again"}
+
+
+def test_the_key_is_made_from_the_record_the_entry_keeps(tmp_path):
+    """What the key covers and what pruning checks are one record: a change the record would call stale is
+    a new key, and so is another setting."""
+    a = tmp_path / "a.gguf"
+    a.write_bytes(b"a")
+    key = cache.entry_key(_record([a], "layers=4"))
+    assert cache.entry_key(_record([a], "layers=4")) == key
+    assert cache.entry_key(_record([a], "layers=2")) != key
+    entry = tmp_path / "cache" / "models" / f"a-{key}"
+    cache.publish_folder(entry, _entry_writer("a"), _record([a], "layers=4"))
+    assert json.loads((entry / cache.RECORD).read_text()) == _record([a], "layers=4")
+    _touch_later(a)
+    assert cache.is_stale(entry)
+    assert cache.entry_key(_record([a], "layers=4")) != key
+
+
+def test_an_entry_under_an_earlier_key_goes_when_the_same_record_is_published(tmp_path):
+    """A new version's keys must not strand the old entries of files that still exist (517 MB a conversion):
+    the same sources and settings under another name are superseded; other settings are not."""
+    root = tmp_path / "cache"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"weights")
+    old = root / "models" / "m-oldkey"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    (old / cache.RECORD).write_text(json.dumps({"sources": cache.stamps([gguf])}))  # the first version's record
+    cache.publish_folder(root / "vllm-drafters" / "m-layers4", _entry_writer("d"), _record([gguf], "layers=4"))
+    new = root / "models" / f"m-{cache.entry_key(_record([gguf]))}"
+    cache.publish_folder(new, _entry_writer("m"), _record([gguf]))
+    assert not old.exists() and new.is_dir() and (root / "vllm-drafters" / "m-layers4").is_dir()
 
 
 def test_an_entry_made_from_a_removed_entry_goes_with_it(tmp_path):
@@ -44,11 +80,11 @@ def test_an_entry_made_from_a_removed_entry_goes_with_it(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"weights")
     conversion = root / "models" / "m-1"
-    cache.publish_folder(conversion, _entry_writer("m"), sources=[gguf])
+    cache.publish_folder(conversion, _entry_writer("m"), _record([gguf]))
     drafter = root / "vllm-drafters" / "m-1-x"
-    cache.publish_folder(drafter, _entry_writer("drafter"), sources=sorted(conversion.iterdir()))
+    cache.publish_folder(drafter, _entry_writer("drafter"), _record(sorted(conversion.iterdir())))
     _touch_later(gguf)
-    cache.publish_folder(root / "models" / "m-2", _entry_writer("m"), sources=[gguf])
+    cache.publish_folder(root / "models" / "m-2", _entry_writer("m"), _record([gguf]))
     assert not conversion.exists() and not drafter.exists()
     assert (root / "models" / "m-2" / "config.json").is_file()
 
@@ -63,7 +99,7 @@ def test_a_killed_writers_temporary_folder_goes_a_day_later(tmp_path):
         (d / "model.safetensors").write_bytes(b"partial")
     day_ago = time.time() - cache.ABANDONED_S - 60
     os.utime(old, (day_ago, day_ago))
-    cache.publish_folder(root / "models" / "m-1", _entry_writer("m"), sources=[src])
+    cache.publish_folder(root / "models" / "m-1", _entry_writer("m"), _record([src]))
     assert not old.exists() and fresh.exists()  # a writer may still be filling the fresh one
 
 
@@ -97,8 +133,8 @@ def test_an_entry_that_cannot_be_removed_stays_and_publishing_still_returns(tmp_
     root = tmp_path / "cache"
     src = tmp_path / "m.gguf"
     src.write_bytes(b"w")
-    cache.publish_folder(root / "models" / "m-1", _entry_writer("m"), sources=[src])
+    cache.publish_folder(root / "models" / "m-1", _entry_writer("m"), _record([src]))
     _touch_later(src)
     monkeypatch.setattr(cache.shutil, "rmtree", lambda *a, **k: None)  # a folder this user may not delete
-    cache.publish_folder(root / "models" / "m-2", _entry_writer("m"), sources=[src])
+    cache.publish_folder(root / "models" / "m-2", _entry_writer("m"), _record([src]))
     assert (root / "models" / "m-1").is_dir() and (root / "models" / "m-2" / "config.json").is_file()

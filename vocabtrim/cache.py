@@ -1,9 +1,9 @@
 """The cache of model folders derived from a user's files: a GGUF file's safetensors conversion
 (``models.gguf_folder``) and the drafter folders vLLM loads (``vllm_backend.drafter_folder``).
 
-Each entry is keyed by its sources' paths, sizes and modification times, so an entry whose source is
-deleted or changed (a reinstalled package, a removed virtual environment or clone) can never be looked
-up again. Each entry records those sources in ``RECORD``; publishing an entry removes the entries under
+Each entry is keyed by its sources' stamps (paths, sizes and modification times: ``entry_key``), so an
+entry whose source is deleted or changed (a reinstalled package, a removed virtual environment or clone)
+can never be looked up again. Each entry records the same stamps (and its settings) in ``RECORD``; publishing an entry removes the entries under
 the same cache root whose recorded sources are gone or changed, so the cache holds one entry per live
 source rather than one per install. Entries without a record are never removed; the temporary folder
 of a writer that was killed is, a day later.
@@ -11,6 +11,7 @@ of a writer that was killed is, a day later.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,18 +42,40 @@ def stamp(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def stamps(paths: Iterable[Path]) -> list[dict]:
+    """``stamp`` of each source file, in the order given."""
+    return [stamp(Path(p)) for p in paths]
+
+
+def entry_record(sources: list[dict], *params: str) -> dict:
+    """What an entry is made from: its source files' ``stamps`` and its settings (``"layers=4"``, ...).
+    Its key is made from it (``entry_key``) and it is written into the entry as ``RECORD``."""
+    return {"sources": sources, "params": list(params)}
+
+
+def entry_key(record: dict) -> str:
+    """The key (16 hex digits) of the entry ``record`` describes: a source file changed or moved, or another
+    setting, is another key."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_record(entry: Path) -> dict | None:
+    try:
+        record = json.loads((entry / RECORD).read_text())
+        return {"sources": list(record["sources"]), "params": list(record.get("params", []))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no record (or an unreadable one): not ours to judge
+
+
 def is_stale(entry: Path) -> bool:
     """True when ``entry`` records its sources and one of them is gone or changed."""
-    try:
-        sources = json.loads((entry / RECORD).read_text())["sources"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # no record (or an unreadable one): not ours to judge
-    for s in sources:
+    record = _read_record(entry)
+    for s in record["sources"] if record else []:
         try:
             st = os.stat(s["path"])
-        except OSError:
+        except (OSError, KeyError, TypeError):
             return True
-        if (st.st_size, st.st_mtime_ns) != (s["size"], s["mtime_ns"]):
+        if (st.st_size, st.st_mtime_ns) != (s.get("size"), s.get("mtime_ns")):
             return True
     return False
 
@@ -66,36 +89,47 @@ def is_abandoned(entry: Path, now: float) -> bool:
 
 
 def prune(root: Path, keep: Path | None = None) -> list[Path]:
-    """Remove the stale entries (``root/KIND/ENTRY``) under ``root``, and abandoned temporary folders;
-    returns those removed.
+    """Remove the stale entries (``root/KIND/ENTRY``) under ``root``, abandoned temporary folders, and the
+    entries ``keep`` supersedes (the same record under another name: a key from an earlier version of
+    ``entry_key``); returns those removed.
 
     Runs until nothing more is stale: an entry derived from a removed one (a drafter folder whose
     weights link into a removed conversion) goes in the same call.
     """
+    kept = _read_record(keep) if keep is not None else None
+
+    def why(e: Path, now: float) -> str | None:
+        if ".tmp-" in e.name:
+            return "a writer left it unfinished a day ago" if is_abandoned(e, now) else None
+        if is_stale(e):
+            return "a file it was made from is gone or changed"
+        if kept is not None and e.parent == keep.parent and _read_record(e) == kept:
+            return f"{keep.name} is made from the same files and settings"
+        return None
+
     removed: list[Path] = []
     while True:
         now = time.time()
-        stale = [e for e in sorted(root.glob("*/*")) if e.is_dir() and e != keep and e not in removed and (
-            is_abandoned(e, now) if ".tmp-" in e.name else is_stale(e))]  # tried once: one it cannot remove stays
-        if not stale:
+        stale = [(e, w) for e in sorted(root.glob("*/*"))
+                 if e.is_dir() and e != keep and e not in removed and (w := why(e, now))]
+        if not stale:  # each entry is tried once: one it cannot remove stays
             return removed
-        for entry in stale:
-            log.info("removing the cached folder %s: a file it was made from is gone or changed", entry)
+        for entry, reason in stale:
+            log.info("removing the cached folder %s: %s", entry, reason)
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
 
 
-def publish_folder(out: Path, write: Callable[[Path], None], sources: Iterable[Path]) -> None:
+def publish_folder(out: Path, write: Callable[[Path], None], record: dict) -> None:
     """Make the cached folder ``out`` appear whole: ``write(tmp)`` fills a temporary folder beside it,
-    which gets ``RECORD`` (the ``sources``, stamped before writing) and is then renamed. If another
-    process published ``out`` first, its complete folder is kept. Then the stale entries under
-    ``out``'s cache root (``out.parent.parent``) are removed."""
-    stamps = [stamp(Path(p)) for p in sources]
+    which gets ``RECORD`` (``record``, the ``entry_record`` its key was made from, stamped before writing)
+    and is then renamed. If another process published ``out`` first, its complete folder is kept. Then the
+    entries under ``out``'s cache root (``out.parent.parent``) that ``prune`` removes go."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         write(tmp)
-        (tmp / RECORD).write_text(json.dumps({"sources": stamps}, indent=1))
+        (tmp / RECORD).write_text(json.dumps(record, indent=1))
         try:
             os.rename(tmp, out)
         except OSError:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vocabtrim import validate
-from vocabtrim.cache import cache_root, publish_folder
+from vocabtrim.cache import cache_root, entry_key, entry_record, publish_folder, stamps
 from vocabtrim.errors import UserError, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,13 @@ def gguf_folder(gguf: Path) -> Path:
     The cache key is the file's resolved path, size and modification time: a changed file converts again,
     and the conversion of the file as it was is removed then (``cache.publish_folder``).
     """
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "models" / f"{gguf.stem}-{key}"
+    record = entry_record(stamps([gguf]))
+    out = cache_root() / "models" / f"{gguf.stem}-{entry_key(record)}"
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors (once; cached at %s)", gguf, out)
     try:
-        publish_folder(out, lambda tmp: _convert_gguf(gguf, tmp), sources=[gguf])
+        publish_folder(out, lambda tmp: _convert_gguf(gguf, tmp), record)
     except Exception as exc:  # a corrupt or unsupported GGUF file is the user's input
         user_error_unless_fault(exc, f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
     return out

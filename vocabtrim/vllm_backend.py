@@ -140,16 +140,6 @@ def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from=0, re
 # ---------------------------------------------------------------------------------------------
 
 
-def _source_key(folder: Path) -> str:
-    """Identifies a model folder's contents cheaply: names, sizes and modification times of its files."""
-    h = hashlib.sha256(str(folder.resolve()).encode())
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
 def _head_sha(head_dir: str) -> str:
     from vocabtrim import storage
 
@@ -169,9 +159,9 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
     - ``head``: the drafter's weights (linked, or the truncated copy), ``HEAD_TENSORS`` and a config
       naming ``TRIMMED_ARCHITECTURE``. The head is checked against the drafter once, when written.
 
-    The cache key covers the drafter folder's files, N and the head file's bytes.
+    The cache key covers the drafter folder's files (``_drafter_sources``), N and the head file's bytes.
     """
-    from vocabtrim.cache import cache_root
+    from vocabtrim.cache import cache_root, entry_key, entry_record, stamps
     from vocabtrim.models import resolve_model
 
     source = Path(resolve_model(drafter))
@@ -184,17 +174,17 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
     if head is not None and config.get("architectures", [None])[0] != "LlamaForCausalLM":
         raise UserError(f"--head with --engine vllm supports Llama drafters (LlamaForCausalLM); {drafter} is "
                         f"{(config.get('architectures') or ['unknown'])[0]}")
-    key_src = f"{_source_key(source)}|layers={drafter_layers}|head={_head_sha(head) if head else None}"
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    out = Path(cache or cache_root()) / "vllm-drafters" / f"{source.name}-{key}"
+    record = entry_record(stamps(_drafter_sources(source, head)),
+                          f"layers={drafter_layers}", f"head={_head_sha(head) if head else None}")
+    out = Path(cache or cache_root()) / "vllm-drafters" / f"{source.name}-{entry_key(record)}"
     if (out / "config.json").is_file():
         return str(out)
-    _write_drafter_folder(source, drafter_layers, head, out, trust_remote_code)
+    _write_drafter_folder(source, drafter_layers, head, out, record, trust_remote_code)
     return str(out)
 
 
 def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | None, out: Path,
-                          trust_remote_code: bool) -> None:
+                          record: dict, trust_remote_code: bool) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -238,7 +228,7 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
             config["vocabtrim_head_bias"] = trimmed.bias is not None
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    publish_folder(out, write, sources=_drafter_sources(source, head))
+    publish_folder(out, write, record)
 
 
 def _drafter_sources(source: Path, head: str | None) -> list[Path]:
