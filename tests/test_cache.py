@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import time
 
 from vocabtrim import cache, models
@@ -53,7 +54,7 @@ def test_the_key_is_made_from_the_record_the_entry_keeps(tmp_path):
     assert cache.entry_key(_record([a], "layers=2")) != key
     entry = tmp_path / "cache" / "models" / f"a-{key}"
     cache.publish_folder(entry, _entry_writer("a"), _record([a], "layers=4"))
-    assert json.loads((entry / cache.RECORD).read_text()) == _record([a], "layers=4")
+    assert json.loads((entry / cache.RECORD).read_text()) == {**_record([a], "layers=4"), "host": socket.gethostname()}
     _touch_later(a)
     assert cache.is_stale(entry)
     assert cache.entry_key(_record([a], "layers=4")) != key
@@ -73,6 +74,27 @@ def test_an_entry_under_an_earlier_key_goes_when_the_same_record_is_published(tm
     new = root / "models" / f"m-{cache.entry_key(_record([gguf]))}"
     cache.publish_folder(new, _entry_writer("m"), _record([gguf]))
     assert not old.exists() and new.is_dir() and (root / "vllm-drafters" / "m-layers4").is_dir()
+
+
+def test_an_entry_another_machine_recorded_goes_only_once_unused_for_a_day(tmp_path):
+    """A cache shared by machines (a home directory on NFS): a path recorded by another machine may not
+    exist here though its file is live there, so its entry is judged only after a day without a lookup."""
+    root = tmp_path / "cache"
+    here, there = tmp_path / "m.gguf", "/nonexistent/other-machine/m.gguf"
+    here.write_bytes(b"w")
+    entry = root / "models" / "m-there"
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text("{}")
+    (entry / cache.RECORD).write_text(json.dumps({"sources": [{"path": there, "size": 1, "mtime_ns": 1}],
+                                                  "params": [], "host": "another-machine"}))
+    cache.publish_folder(root / "models" / "m-here", _entry_writer("m"), _record([here]))
+    assert entry.is_dir()  # in use there, for all this machine can tell
+    day_ago = time.time() - cache.ABANDONED_S - 60
+    os.utime(entry, (day_ago, day_ago))
+    assert cache.lookup(entry)  # a lookup there marks it used
+    assert cache.prune(root) == [] and entry.is_dir()
+    os.utime(entry, (day_ago, day_ago))
+    assert cache.prune(root) == [entry] and not entry.exists()
 
 
 def test_an_entry_made_from_a_removed_entry_goes_with_it(tmp_path):

@@ -7,6 +7,10 @@ can never be looked up again. Each entry records the same stamps (and its settin
 the same cache root whose recorded sources are gone or changed, so the cache holds one entry per live
 source rather than one per install. Entries without a record are never removed; the temporary folder
 of a writer that was killed is, a day later.
+
+A cache root may be shared by several machines (a home directory on NFS): a source path recorded by one
+machine may not exist, or be another file, on the next. An entry recorded by another machine is judged
+stale only once it has gone unused (``lookup``) for a day.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -59,18 +64,49 @@ def entry_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _ours_to_judge(entry: Path, record: dict, now: float | None) -> bool:
+    """An entry this machine recorded (or a record that names no machine), or one unused for ``ABANDONED_S``."""
+    if record["host"] in (None, socket.gethostname()):
+        return True
+    try:
+        return (now if now is not None else time.time()) - entry.stat().st_mtime > ABANDONED_S
+    except OSError:
+        return False
+
+
+def _same_entry(a: dict | None, b: dict | None) -> bool:
+    """Two records of the same sources and settings, whichever machine wrote them."""
+    return a is not None and b is not None and (a["sources"], a["params"]) == (b["sources"], b["params"])
+
+
 def _read_record(entry: Path) -> dict | None:
     try:
         record = json.loads((entry / RECORD).read_text())
-        return {"sources": list(record["sources"]), "params": list(record.get("params", []))}
+        return {"sources": list(record["sources"]), "params": list(record.get("params", [])),
+                "host": record.get("host")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # no record (or an unreadable one): not ours to judge
 
 
-def is_stale(entry: Path) -> bool:
-    """True when ``entry`` records its sources and one of them is gone or changed."""
+def lookup(entry: Path) -> bool:
+    """Whether the cached folder ``entry`` is complete; if so it is marked used now (its modification time),
+    which keeps another machine sharing the cache from judging it (``is_stale``)."""
+    if not (entry / "config.json").is_file():
+        return False
+    try:
+        os.utime(entry)
+    except OSError:  # a read-only cache is still a cache
+        pass
+    return True
+
+
+def is_stale(entry: Path, now: float | None = None) -> bool:
+    """True when ``entry`` records its sources and one of them is gone or changed, as this machine sees them;
+    for an entry another machine recorded, only once it has gone unused for ``ABANDONED_S``."""
     record = _read_record(entry)
-    for s in record["sources"] if record else []:
+    if record is None or not _ours_to_judge(entry, record, now):
+        return False
+    for s in record["sources"]:
         try:
             st = os.stat(s["path"])
         except (OSError, KeyError, TypeError):
@@ -101,9 +137,10 @@ def prune(root: Path, keep: Path | None = None) -> list[Path]:
     def why(e: Path, now: float) -> str | None:
         if ".tmp-" in e.name:
             return "a writer left it unfinished a day ago" if is_abandoned(e, now) else None
-        if is_stale(e):
+        if is_stale(e, now):
             return "a file it was made from is gone or changed"
-        if kept is not None and e.parent == keep.parent and _read_record(e) == kept:
+        if kept is not None and e.parent == keep.parent and _same_entry(record := _read_record(e), kept) \
+                and _ours_to_judge(e, record, now):
             return f"{keep.name} is made from the same files and settings"
         return None
 
@@ -122,14 +159,15 @@ def prune(root: Path, keep: Path | None = None) -> list[Path]:
 
 def publish_folder(out: Path, write: Callable[[Path], None], record: dict) -> None:
     """Make the cached folder ``out`` appear whole: ``write(tmp)`` fills a temporary folder beside it,
-    which gets ``RECORD`` (``record``, the ``entry_record`` its key was made from, stamped before writing)
-    and is then renamed. If another process published ``out`` first, its complete folder is kept. Then the
-    entries under ``out``'s cache root (``out.parent.parent``) that ``prune`` removes go."""
+    which gets ``RECORD`` (``record``, the ``entry_record`` its key was made from, stamped before writing,
+    and this machine's name) and is then renamed. If another process published ``out`` first, its complete
+    folder is kept. Then the entries under ``out``'s cache root (``out.parent.parent``) that ``prune``
+    removes go."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         write(tmp)
-        (tmp / RECORD).write_text(json.dumps(record, indent=1))
+        (tmp / RECORD).write_text(json.dumps({**record, "host": socket.gethostname()}, indent=1))
         try:
             os.rename(tmp, out)
         except OSError:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vocabtrim import validate
-from vocabtrim.cache import cache_root, entry_key, entry_record, publish_folder, stamps
+from vocabtrim.cache import cache_root, entry_key, entry_record, lookup, publish_folder, stamps
 from vocabtrim.errors import UserError, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def gguf_folder(gguf: Path) -> Path:
     """
     record = entry_record(stamps([gguf]))
     out = cache_root() / "models" / f"{gguf.stem}-{entry_key(record)}"
-    if (out / "config.json").is_file():
+    if lookup(out):
         return out
     log.info("converting %s to safetensors (once; cached at %s)", gguf, out)
     try:

@@ -161,7 +161,7 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
 
     The cache key covers the drafter folder's files (``_drafter_sources``), N and the head file's bytes.
     """
-    from vocabtrim.cache import cache_root, entry_key, entry_record, stamps
+    from vocabtrim.cache import cache_root, entry_key, entry_record, lookup, stamps
     from vocabtrim.models import resolve_model
 
     source = Path(resolve_model(drafter))
@@ -177,7 +177,7 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
     record = entry_record(stamps(_drafter_sources(source, head)),
                           f"layers={drafter_layers}", f"head={_head_sha(head) if head else None}")
     out = Path(cache or cache_root()) / "vllm-drafters" / f"{source.name}-{entry_key(record)}"
-    if (out / "config.json").is_file():
+    if lookup(out):
         return str(out)
     _write_drafter_folder(source, drafter_layers, head, out, record, trust_remote_code)
     return str(out)
