@@ -1,12 +1,13 @@
 """The cache of model folders derived from a user's files: a GGUF file's safetensors conversion
 (``models.gguf_folder``) and the drafter folders vLLM loads (``vllm_backend.drafter_folder``).
 
-Each entry is keyed by its sources' stamps (paths, sizes and modification times: ``entry_key``), so an
-entry whose source is deleted or changed (a reinstalled package, a removed virtual environment or clone)
-can never be looked up again. Each entry records the same stamps (and its settings) in ``RECORD``; publishing an entry removes the entries under
-the same cache root whose recorded sources are gone or changed, so the cache holds one entry per live
-source rather than one per install. Entries without a record are never removed; the temporary folder
-of a writer that was killed is, a day later.
+Each entry is keyed by its record (``entry_record``: its sources' paths, sizes and modification times,
+and its settings), so an entry whose source is deleted or changed (a reinstalled package, a removed
+virtual environment or clone) can never be looked up again. Each entry keeps that record in ``RECORD``;
+publishing an entry removes the entries under the same cache root whose recorded sources are gone or
+changed, and those with the same record under an earlier version's key, so the cache holds one entry per
+live source rather than one per install. Entries without a record are never removed; the temporary
+folder of a writer that was killed is, a day later.
 
 A cache root may be shared by several machines (a home directory on NFS): a source path recorded by one
 machine may not exist, or be another file, on the next. An entry recorded by another machine is judged
