@@ -75,9 +75,21 @@ def _ours_to_judge(entry: Path, record: dict, now: float | None) -> bool:
         return False
 
 
-def _same_entry(a: dict | None, b: dict | None) -> bool:
+def _same_entry(a: dict, b: dict) -> bool:
     """Two records of the same sources and settings, whichever machine wrote them."""
-    return a is not None and b is not None and (a["sources"], a["params"]) == (b["sources"], b["params"])
+    return (a["sources"], a["params"]) == (b["sources"], b["params"])
+
+
+def _sources_changed(record: dict) -> bool:
+    """Whether a source the record stamps is gone or changed, as this machine sees it."""
+    for s in record["sources"]:
+        try:
+            st = os.stat(s["path"])
+        except (OSError, KeyError, TypeError):
+            return True
+        if (st.st_size, st.st_mtime_ns) != (s.get("size"), s.get("mtime_ns")):
+            return True
+    return False
 
 
 def _read_record(entry: Path) -> dict | None:
@@ -105,16 +117,7 @@ def is_stale(entry: Path, now: float | None = None) -> bool:
     """True when ``entry`` records its sources and one of them is gone or changed, as this machine sees them;
     for an entry another machine recorded, only once it has gone unused for ``ABANDONED_S``."""
     record = _read_record(entry)
-    if record is None or not _ours_to_judge(entry, record, now):
-        return False
-    for s in record["sources"]:
-        try:
-            st = os.stat(s["path"])
-        except (OSError, KeyError, TypeError):
-            return True
-        if (st.st_size, st.st_mtime_ns) != (s.get("size"), s.get("mtime_ns")):
-            return True
-    return False
+    return record is not None and _ours_to_judge(entry, record, now) and _sources_changed(record)
 
 
 def is_abandoned(entry: Path, now: float) -> bool:
@@ -138,10 +141,12 @@ def prune(root: Path, keep: Path | None = None) -> list[Path]:
     def why(e: Path, now: float) -> str | None:
         if ".tmp-" in e.name:
             return "a writer left it unfinished a day ago" if is_abandoned(e, now) else None
-        if is_stale(e, now):
+        record = _read_record(e)
+        if record is None or not _ours_to_judge(e, record, now):
+            return None
+        if _sources_changed(record):
             return "a file it was made from is gone or changed"
-        if kept is not None and e.parent == keep.parent and _same_entry(record := _read_record(e), kept) \
-                and _ours_to_judge(e, record, now):
+        if kept is not None and e.parent == keep.parent and _same_entry(record, kept):
             return f"{keep.name} is made from the same files and settings"
         return None
 
