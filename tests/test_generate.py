@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("s3")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """a.parquet: int64 ids, string prompts with bad rows; sub/b.parquet: no id column, message lists;
-    c.parquet: a prompt column of the wrong type."""
+    c.parquet: a prompt column of nulls only (Arrow type null)."""
     root = tmp_path_factory.mktemp("prompts")
     a = [
         "the quick brown fox",
@@ -65,7 +65,7 @@ def inputs(tmp_path_factory):
     ]
     (root / "sub").mkdir()
     pq.write_table(pa.table({"prompt": pa.array(b, msgs), "other": list(range(len(b)))}), root / "sub" / "b.parquet")
-    pq.write_table(pa.table({"id": ["c0", "c1"], "prompt": [1, 2]}), root / "c.parquet")
+    pq.write_table(pa.table({"id": ["c0", "c1"], "prompt": pa.array([None, None], pa.null())}), root / "c.parquet")
     return root
 
 
@@ -133,7 +133,7 @@ def test_rows_one_to_one_ids_and_types(first_run, base, inputs):
             assert (r["completion_tokens"] == 12) == (r["finish_reason"] == "length") or r["finish_reason"] == "stop"
             assert 0 <= r["draft_accepted"] <= r["draft_proposed"] and r["draft_proposed"] % 3 == 0
     c = read(out, "c.parquet").to_pylist()
-    assert [r["finish_reason"] for r in c] == ["error", "error"] and "got int" in c[0]["error"]
+    assert [r["finish_reason"] for r in c] == ["error", "error"] and c[0]["error"] == "prompt is null"
 
     s, printed = first_run
     assert s["rows"] == 9 + 6 + 2 and s["errored_rows"] == 6 + 2

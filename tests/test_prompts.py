@@ -84,6 +84,43 @@ def test_an_id_column_of_lists_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+@pytest.mark.parametrize("values, shown, why", [
+    (pa.array([1, 2]), "int64", "prompts must be strings or lists of {role, content} messages"),
+    (pa.array([1.5, None]), "double", "prompts must be strings or lists of {role, content} messages"),
+    (pa.array([b"a", b"b"]), "binary", "prompts must be strings or lists of {role, content} messages"),
+    (pa.array([["a"], ["b"]]), "list<element: string>", "its lists hold string, not {role, content} structs"),
+    (pa.array([[{"role": "user", "text": "a"}]]), "list<element: struct<role: string, text: string>>",
+     "its messages have no 'content' field"),
+    (pa.array([[{"role": "user", "content": 7}]]), "list<element: struct<role: string, content: int64>>",
+     "its messages' 'content' field holds int64, not strings"),
+])
+def test_a_prompt_column_of_another_type_is_refused_in_one_line(tmp_path, values, shown, why):
+    """A prompt column whose Arrow type holds no prompt in any row is a bad file, as a corpus column that is not
+    text is: one line naming the file, the column and the type, not an error row for every row."""
+    f = write(tmp_path / "f.parquet", prompt=values)
+    with pytest.raises(UserError) as e:
+        inspect_prompt_files([str(f)], "prompt", "id")
+    assert str(e.value) == f"{f}: --prompt-column 'prompt' holds {shown} values: " + (
+        why if why.startswith("prompts") else f"prompts must be strings or lists of {{role, content}} messages ({why})")
+
+
+@pytest.mark.parametrize("values", [
+    pa.array(["a", None]),
+    pa.array(["a", "b"], pa.large_string()),
+    pa.array(["a", "b", "a"]).dictionary_encode(),
+    pa.array([None, None], pa.null()),
+    pa.array([[{"role": "user", "content": "hi"}], None], pa.list_(MESSAGE)),
+    pa.array([[{"role": "user", "content": "hi", "name": "x"}]]),
+    pa.array([[{"role": "user", "content": "hi"}]], pa.large_list(MESSAGE)),
+])
+def test_prompt_columns_of_strings_messages_or_nulls_are_taken(tmp_path, values):
+    f = write(tmp_path / "f.parquet", prompt=values)
+    assert inspect_prompt_files([str(f)], "prompt", "id")[0].prompt_type == values.type
+
+
 def test_an_id_in_two_rows_is_refused_before_any_work(tmp_path, tiny_pair_dirs, capsys):
     """Two rows with one --id-column value would share a seed and an output identity: the file is refused in
     one line (exit 2) before a model is loaded or --out is made. Null ids (stable ids instead) and one id in

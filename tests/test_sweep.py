@@ -170,7 +170,31 @@ def test_missing_prompts_are_refused_before_the_out_folder_is_claimed(config, tm
         run_sweep(replace(config, prompts=[str(tmp_path / "typo.parquet")], out=str(out)))
     with pytest.raises(UserError, match="no column 'body'"):
         run_sweep(replace(config, text_column="body", out=str(out)))
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"prompt": [1, 2]}), numbers)
+    with pytest.raises(UserError, match="--prompt-column 'prompt' holds int64 values: prompts must be strings"):
+        run_sweep(replace(config, prompts=[str(numbers)], out=str(out)))
     assert not out.exists()
+
+
+def test_error_rows_are_counted_and_a_cell_of_error_rows_only_fails(ray_local, config, tmp_path):
+    """Error rows are left out of every figure and the report's setup says how many there were; a cell whose rows
+    are all error rows measured nothing: it fails with one line instead of a row of blanks counted as done."""
+    from dataclasses import replace
+
+    some = tmp_path / "some.parquet"
+    pq.write_table(pa.table({"prompt": ["the quick brown fox", "", "def add(a, b):"]}), some)
+    result = run_sweep(replace(config, prompts=[str(some)], k=[None], sources=[], out=str(tmp_path / "some")))
+    assert result["failed"] == 0 and [r["errored_rows"] for r in result["rows"]] == [1, 1]
+    assert "(column `prompt`, 3 rows, 1 of them error rows, left out of every figure)" in (tmp_path / "some" / "report.md").read_text()
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": ["", "  "]}), empty)
+    result = run_sweep(replace(config, prompts=[str(empty)], k=[None], sources=[], out=str(tmp_path / "empty")))
+    assert result["failed"] == 2
+    for r in result["rows"]:
+        assert r["status"] == "failed" and r["error"].startswith("generate: all 2 evaluation rows are error rows (their reasons: ")
+    assert "all 2 evaluation rows are error rows" in (tmp_path / "empty" / "report.md").read_text()
 
 
 def test_cli_errors_are_one_line(config, capsys):

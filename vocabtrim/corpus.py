@@ -209,7 +209,8 @@ def expand_paths(paths: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_text_type(t) -> bool:
+def is_text_type(t) -> bool:
+    """Whether Arrow type ``t`` holds strings (string, large_string, string_view)."""
     import pyarrow as pa
 
     return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
@@ -221,7 +222,7 @@ def _check_text_field(schema, path: str, text_column: str) -> int:
             f"{storage.display(path)}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
         )
     field = schema.field(text_column)
-    if not _is_text_type(field.type):
+    if not is_text_type(field.type):
         raise UserError(f"{storage.display(path)}: column {text_column!r} is {field.type}, not text; pass --text-column")
     return schema.get_field_index(text_column)
 

@@ -43,7 +43,7 @@ from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
 from vocabtrim.errors import RunFailed, UserError, first_line
 from vocabtrim.head.files import HEAD_FILE
-from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
+from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, is_messages_type, max_prompt_tokens, read_chunks
 from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
-        if pa.types.is_list(f.prompt_type) or pa.types.is_large_list(f.prompt_type):
+        if is_messages_type(f.prompt_type):
             if cfg.chat_template == "never":
                 raise UserError(
                     f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}, which need the chat template: "

@@ -250,7 +250,9 @@ def _setup_lines(rows: list[dict], ctx: ReportContext) -> list[str]:
         f"({sz['drafter_body']:,} parameters without its LM head; head {sz['vocab_size']:,} × {sz['hidden']} = "
         f"{sz['vocab_size'] * sz['hidden']:,}).",
         f"- Evaluation: {', '.join(storage.name(p) for p in st['prompts'])} (column `{st['prompt_column']}`"
-        + (f", {target['rows']} rows" if target else "") + f"), {st['max_new_tokens']} new tokens per row, "
+        + (f", {target['rows']} rows" if target else "")
+        + (f", {target['errored_rows']} of them error rows, left out of every figure" if target and target["errored_rows"] else "")
+        + f"), {st['max_new_tokens']} new tokens per row, "
         f"temperature {st['temperature']:g}, γ = {st['gamma']} draft tokens per step, batch size {st['batch_size']}, "
         f"{st['workers']} worker(s).",
         f"- Calibration corpus: {', '.join(storage.name(p) for p in st['corpus'])} (column `{st['text_column']}`); generated "

@@ -243,6 +243,17 @@ def ensure_generation(cfg: SweepConfig, out: str, cell: Cell, run: int) -> tuple
 # ---------------------------------------------------------------------------------------------
 
 
+def check_measured(summary: dict, folder: str) -> None:
+    """Refuse, in one line, a cell's generation that measured nothing: no evaluation rows, or error rows only
+    (each row's reason is in the ``error`` column of the outputs in ``folder``)."""
+    rows = summary.get("rows") or 0
+    if rows == 0:
+        raise UserError("the evaluation prompts hold no rows: nothing to measure")
+    if summary.get("errored_rows") == rows:
+        raise UserError(f"all {rows} evaluation rows are error rows (their reasons: column `error` of the outputs in "
+                        f"{storage.display(folder)}): nothing to measure")
+
+
 def _error_line(exc: BaseException) -> str:
     """A failed cell's error: a user mistake's line as it is, anything else with its type name."""
     return first_line(exc) if isinstance(exc, UserError) or not str(exc).strip() else f"{type(exc).__name__}: {first_line(exc)}"
@@ -272,6 +283,7 @@ def run_cell(cfg: SweepConfig, out: str, cell: Cell, sizes: ModelSizes, run: int
             ensure_full_eagle3(cfg, out, cell)
             stage = "generate"
         summary, measured = ensure_generation(cfg, out, cell, run)
+        check_measured(summary, gen_dir(out, cell))
     except Exception as exc:
         if not isinstance(exc, UserError):
             log.warning("cell %s failed in %s", cell.name, stage, exc_info=exc)
