@@ -679,6 +679,23 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert "--top-k must be at most the target's vocabulary" in capsys.readouterr().err
     assert cli([*base, "--histogram", good, "--top-k", "64", "--ttt-length", "0"]) == 2
     assert "--ttt-length must be >= 1" in capsys.readouterr().err
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--intermediate-size", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: --intermediate-size must be >= 1, got 0\n")
+
+
+def test_train_drafter_refuses_a_corpus_with_no_row_to_train_on(tiny, tmp_path, ray_local, capsys):
+    """Rows of one token each give no training position: one line and exit 2, not an untrained drafter written
+    as if trained."""
+    from vocabtrim.cli import main as cli
+
+    good, _ = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    (tmp_path / "c.txt").write_text("a\nb\n\nc\n")
+    out = tmp_path / "o"
+    assert cli(["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "c.txt"), "--histogram", good,
+                "--top-k", "64", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to train on: every row of the training shards is empty or shorter than 3 tokens" in err
+    assert not (out / "model.safetensors").exists()
 
 
 def test_vocabtrim_generate_with_an_eagle3_drafter_equals_the_target_alone(tiny, tmp_path, ray_local, capsys):

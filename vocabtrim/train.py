@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("corpus", "target")
 MANIFEST_KIND = "vocabtrim-eagle3-train"
 STATE_FILE = "train_state.pt"
+MIN_ROW_TOKENS = 3  # a training row: a token, the next token it is fed, and the one after that it predicts
 
 
 @dataclass
@@ -201,7 +202,7 @@ class FeatureExtractor(StartingActor):
             if not keep:
                 continue
             got = self._rows([batch.texts[i] for i in keep], [f"{shard.name}:{batch.keys[i]}" for i in keep])
-            got = [(ids, start) for ids, start in got if len(ids) >= 3]
+            got = [(ids, start) for ids, start in got if len(ids) >= MIN_ROW_TOKENS]
             if not got:
                 continue
             width = max(len(ids) for ids, _ in got)
@@ -546,8 +547,9 @@ def _check_config(c: TrainConfig) -> None:
     validate.sampling(c.temperature)
     for name, low in (("top_k", 1), ("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
         validate.at_least(name, getattr(c, name), low)
-    if c.max_shards is not None:
-        validate.at_least("max_shards", c.max_shards, 1)
+    for name in ("max_shards", "intermediate_size"):
+        if getattr(c, name) is not None:
+            validate.at_least(name, getattr(c, name), 1)
     validate.above("learning_rate", c.learning_rate, 0)
     if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
         raise validate.SettingError("held_out", f"must be in [0, 1), got {c.held_out}")
@@ -647,6 +649,11 @@ def run_train(config: TrainConfig) -> dict:
         try:
             while epoch < c.epochs:
                 steps = ray.get(trainer.begin_epoch.remote())
+                if steps == 0:
+                    raise UserError(
+                        f"nothing to train on: every row of the training shards is empty or shorter than {MIN_ROW_TOKENS} tokens "
+                        f"(--corpus {' '.join(c.corpus)}, --text-column {c.text_column})"
+                    )
                 done = 0
                 while True:
                     part = ray.get(trainer.train_steps.remote(max(1, min(20, steps // 20 or 1))))
