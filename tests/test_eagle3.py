@@ -322,7 +322,7 @@ def test_build_head_retrims_an_eagle3_drafter_and_greedy_output_stays_the_target
     calib, counts = _calibration(tmp_path / "calib", tiny["tokenizer"])
     out = tmp_path / "retrimmed"
     code = cli(["build-head", "--histogram", calib, "--drafter", str(src), "--target", tiny["target_dir"], "--top-k", "64",
-                "--export", "specforge,sglang", "--out", str(out)])
+                "--export", "specforge", "--out", str(out)])
     assert code == 0
     assert f"kept K=64 of {len(tiny['draft_ids'])} draft ids" in capsys.readouterr().out
     before = load_for(tiny, src)
@@ -364,6 +364,38 @@ def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokeni
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert "larger than the drafter's draft vocabulary of " in err and err.count("\n") == 1
+    # SGLang ignores --speculative-token-map for EAGLE-3 drafters (they carry d2t): that export is refused.
+    assert cli([*args[:-4], "--top-k", "64", "--export", "specforge,sglang", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "SGLang ignores for an EAGLE-3 drafter" in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_an_eagle3_drafter_where_a_model_must_run_alone_is_refused_in_one_line(tiny, tmp_path, capsys):
+    """As a target (generate, calibrate, train-drafter, sweep, build-head's --target) or as the model calibrate counts
+    with: one line naming the flag, before any work."""
+    from vocabtrim.cli import main as cli
+
+    src = str(write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"]))
+    (tmp_path / "c.txt").write_text("hello world\n")
+    (tmp_path / "calib").mkdir()
+    corpus, calib, out = str(tmp_path / "c.txt"), str(tmp_path / "calib"), str(tmp_path / "o")
+    target = tiny["target_dir"]
+    for argv, flag in [
+        (["generate", "--target", src, "--no-draft", "--prompts", "p.parquet"], "--target"),
+        (["calibrate", "--drafter", target, "--target", src, "--source", "target", "--corpus", corpus], "--target"),
+        (["calibrate", "--drafter", src, "--corpus", corpus], "--drafter"),  # it counts with the drafter's tokenizer
+        (["train-drafter", "--target", src, "--corpus", corpus, "--histogram", calib, "--top-k", "8"], "--target"),
+        (["sweep", "--target", src, "--drafter-layers", "1", "--corpus", corpus, "--prompts", "p.parquet"], "--target"),
+        (["build-head", "--histogram", calib, "--drafter", src, "--target", src, "--top-k", "8"], "--target"),
+    ]:
+        assert cli([*argv, "--out", out]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"error: {flag} {src} is an EAGLE-3 drafter: it drafts from a target's hidden states and does not run alone" in err
+        if flag == "--drafter":
+            assert err.endswith("pass the target it drafts for (calibrate counts with its tokenizer), then re-trim the EAGLE-3 "
+                                "drafter with `vocabtrim build-head --drafter` and the calibration\n")
+    assert not (tmp_path / "o").exists()
 
 
 def test_replayed_chains_accept_what_greedy_speculative_steps_would():

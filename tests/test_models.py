@@ -112,6 +112,9 @@ def test_a_model_folder_without_a_tokenizer_is_refused_in_one_line(tmp_path, tin
     bare = tmp_path / "bare"
     shutil.copytree(tiny_pair_dirs[0], bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "*.model"))
     assert (bare / "config.json").exists()
+    # Files whose names merely contain "token" (build-head's SGLang export, a special-tokens map) are no tokenizer.
+    (bare / "sglang_token_map.pt").write_bytes(b"")
+    (bare / "special_tokens_map.json").write_text("{}")
     with pytest.raises(UserError) as refused:
         models.load_tokenizer(str(bare))
     assert str(refused.value) == (f"{bare} holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json or "

@@ -109,6 +109,7 @@ def check_config(cfg: GenerateConfig) -> None:
     validate.at_least("max_new_tokens", cfg.max_new_tokens, 1)
     validate.at_least("batch_size", cfg.batch_size, 1)
     validate.drafter_layers(cfg.drafter_layers)
+    validate.runs_alone("target", cfg.target)
     if cfg.no_draft:
         if cfg.head:
             raise UserError("--head needs a drafter: drop --no-draft or --head")

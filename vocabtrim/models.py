@@ -139,7 +139,7 @@ def _quiet_transformers() -> None:
 def _holds_a_tokenizer(folder: str) -> bool:
     """Whether a model folder has any file a tokenizer is read from (tokenizer.json, tokenizer_config.json,
     vocab.json, vocab.txt, a sentencepiece ``*.model``, Mistral's tekken.json, ...)."""
-    return any("token" in f or "vocab" in f or "tekken" in f or f.endswith(".model") for f in os.listdir(folder))
+    return any(f.startswith(("tokenizer", "vocab", "tekken")) or f.endswith((".model", ".tiktoken")) for f in os.listdir(folder))
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -38,7 +38,13 @@ class BuildHeadConfig:
 
 
 def _check_build_config(config: BuildHeadConfig) -> None:
+    from vocabtrim.models import is_eagle3
+
     validate.trim(config.top_k, config.coverage)
+    validate.runs_alone("target", config.target)
+    if "sglang" in config.export and is_eagle3(config.drafter):
+        raise UserError("--export sglang writes SGLang's --speculative-token-map, which SGLang ignores for an EAGLE-3 drafter "
+                        "(it reads the d2t in the checkpoint: serve the folder build-head writes): drop --export sglang")
     unknown = [e for e in config.export if e not in EXPORTS]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}: use {', '.join(EXPORTS)}")

@@ -225,6 +225,7 @@ def check_config(cfg: SweepConfig) -> None:
         validate.at_least(name, getattr(cfg, name), 1)
     validate.between("gamma", cfg.gamma, 1, validate.MAX_GAMMA)
     validate.drafter_layers(cfg.drafter_layers)
+    validate.runs_alone("target", cfg.target)
     validate.temperature(cfg.temperature)
     if cfg.calib_temperature is not None:
         validate.temperature(cfg.calib_temperature, "calib_temperature")
