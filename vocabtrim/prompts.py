@@ -10,7 +10,7 @@ Words used here:
 
 A bad *file* (missing, not Parquet, no prompt column, a prompt column of a type that holds no prompts, one id in
 two rows) is a ``UserError`` before any work starts.
-A bad *row* (null, empty, wrong type, malformed messages, too long for the context) is not an exception:
+A bad *row* (null, empty, malformed messages, too long for the context) is not an exception:
 ``encode_prompt`` returns an error string for it, and that row alone is reported as an error.
 """
 
