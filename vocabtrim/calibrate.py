@@ -465,6 +465,7 @@ class _Plan:
 
 
 def _check_config(config: CalibrateConfig) -> None:
+    from vocabtrim.models import check_runs_alone
     from vocabtrim.vllm_backend import check_calibrate_engine  # imports no vLLM
 
     validate.one_of("source", config.source, SOURCES)
@@ -475,9 +476,9 @@ def _check_config(config: CalibrateConfig) -> None:
         validate.at_least("max_new_tokens", config.max_new_tokens, 1)
         validate.sampling(config.temperature)
     validate.drafter_layers(config.drafter_layers)
-    validate.runs_alone("drafter", config.drafter, " (calibrate counts with its tokenizer), then re-trim the EAGLE-3 drafter "
+    check_runs_alone("drafter", config.drafter, " (calibrate counts with its tokenizer), then re-trim the EAGLE-3 drafter "
                         "with `vocabtrim build-head --drafter` and the calibration")
-    validate.runs_alone("target", config.target)
+    check_runs_alone("target", config.target)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
     check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address)

@@ -100,6 +100,7 @@ class GenerateConfig:
 def check_config(cfg: GenerateConfig) -> None:
     """Refuse flag combinations that can never work, in one line."""
     from vocabtrim.engine.scheduler import SAMPLERS
+    from vocabtrim.models import check_runs_alone
     from vocabtrim.vllm_backend import check_generate_config  # --engine (imports no vLLM)
 
     check_generate_config(cfg)
@@ -109,7 +110,7 @@ def check_config(cfg: GenerateConfig) -> None:
     validate.at_least("max_new_tokens", cfg.max_new_tokens, 1)
     validate.at_least("batch_size", cfg.batch_size, 1)
     validate.drafter_layers(cfg.drafter_layers)
-    validate.runs_alone("target", cfg.target)
+    check_runs_alone("target", cfg.target)
     if cfg.no_draft:
         if cfg.head:
             raise UserError("--head needs a drafter: drop --no-draft or --head")

@@ -416,6 +416,15 @@ def is_eagle3(name: str | None) -> bool:
     return name == BUNDLED_EAGLE3 or is_eagle3_folder(name)
 
 
+def check_runs_alone(setting: str, name: str | None, then: str = "") -> None:
+    """Refuse an EAGLE-3 drafter where a model must run on its own: a target, or a model that counts with its
+    own tokenizer or generates. ``setting`` is the config field (the CLI names its flag); ``then`` ends the
+    line with what to do instead."""
+    if name and is_eagle3(name):
+        raise validate.SettingError(setting, f"{name} is an EAGLE-3 drafter: it drafts from a target's hidden states and "
+                                             f"does not run alone; pass the target it drafts for{then}")
+
+
 def eagle3_folder(name: str) -> str:
     """The folder of an EAGLE-3 drafter name (the bundled one's inside the package)."""
     if name == BUNDLED_EAGLE3:

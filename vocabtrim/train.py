@@ -542,6 +542,8 @@ class DrafterTrainer(StartingActor):
 
 
 def _check_config(c: TrainConfig) -> None:
+    from vocabtrim.models import check_runs_alone
+
     validate.one_of("source", c.source, SOURCES)
     validate.pool(c.workers, c.gpus_per_worker, c.cpus_per_worker)
     validate.sampling(c.temperature)
@@ -551,7 +553,7 @@ def _check_config(c: TrainConfig) -> None:
         if getattr(c, name) is not None:
             validate.at_least(name, getattr(c, name), 1)
     validate.above("learning_rate", c.learning_rate, 0)
-    validate.runs_alone("target", c.target)
+    check_runs_alone("target", c.target)
     if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
         raise validate.SettingError("held_out", f"must be in [0, 1), got {c.held_out}")
     if not c.corpus:

@@ -99,16 +99,6 @@ def max_gamma(value: int) -> None:
     between("max_gamma", value, 0, MAX_GAMMA)
 
 
-def runs_alone(setting: str, name: str | None, then: str = "") -> None:
-    """Refuse an EAGLE-3 drafter where a model must run on its own: a target, or a model that counts with its
-    own tokenizer or generates. ``then`` ends the line with what to do instead."""
-    from vocabtrim.models import is_eagle3
-
-    if name and is_eagle3(name):
-        raise SettingError(setting, f"{name} is an EAGLE-3 drafter: it drafts from a target's hidden states and does not run "
-                                    f"alone; pass the target it drafts for{then}")
-
-
 def trim(top_k: int | None, coverage: float | None, vocab_size: int | None = None) -> None:
     """How a head is trimmed: exactly one of ``top_k`` (1 to ``vocab_size`` when known) and ``coverage`` (in (0, 1])."""
     if (top_k is None) == (coverage is None):

@@ -38,10 +38,10 @@ class BuildHeadConfig:
 
 
 def _check_build_config(config: BuildHeadConfig) -> None:
-    from vocabtrim.models import is_eagle3
+    from vocabtrim.models import check_runs_alone, is_eagle3
 
     validate.trim(config.top_k, config.coverage)
-    validate.runs_alone("target", config.target)
+    check_runs_alone("target", config.target)
     if "sglang" in config.export and is_eagle3(config.drafter):
         raise UserError("--export sglang writes SGLang's --speculative-token-map, which SGLang ignores for an EAGLE-3 drafter "
                         "(it reads the d2t in the checkpoint: serve the folder build-head writes): drop --export sglang")

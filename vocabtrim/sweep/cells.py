@@ -220,12 +220,14 @@ def plan_cells(ks: list, sources: list[str]) -> list[Cell]:
 
 def check_config(cfg: SweepConfig) -> None:
     """Refuse, in one line, flags that can never work (before any model is loaded)."""
+    from vocabtrim.models import check_runs_alone
+
     validate.pool(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
     for name in ("max_new_tokens", "calib_max_new_tokens", "batch_size"):
         validate.at_least(name, getattr(cfg, name), 1)
     validate.between("gamma", cfg.gamma, 1, validate.MAX_GAMMA)
     validate.drafter_layers(cfg.drafter_layers)
-    validate.runs_alone("target", cfg.target)
+    check_runs_alone("target", cfg.target)
     validate.temperature(cfg.temperature)
     if cfg.calib_temperature is not None:
         validate.temperature(cfg.calib_temperature, "calib_temperature")
