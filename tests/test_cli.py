@@ -116,6 +116,52 @@ def test_a_cluster_address_that_does_not_answer_is_refused_in_one_line(capsys, t
     assert not out.exists()
 
 
+def test_an_address_that_is_no_ray_cluster_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
+    """The dashboard's URL (what `ray job submit` takes) made ``ray.init`` raise a traceback; a port that answers
+    in another protocol (an HTTP/1 server here, as the dashboard's 8265 is) made it wait for minutes."""
+    import http.server
+    import threading
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the server's request log would share stderr with the command's line
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    command = ["calibrate", "--drafter", "m", "--corpus", "c.txt", "--out", str(tmp_path / "out")]
+    try:
+        assert main([*command, "--address", f"http://127.0.0.1:{port}"]) == 2
+        assert capsys.readouterr().err == (
+            f"vocabtrim calibrate: error: http://127.0.0.1:{port} is an HTTP address (Ray's dashboard and jobs API, which "
+            "`ray job submit` takes), not a cluster to join: pass the head node's GCS address, host:6379 by default\n")
+        assert main([*command, "--address", f"127.0.0.1:{port}"]) == 2
+        assert capsys.readouterr().err == (
+            f"vocabtrim calibrate: error: 127.0.0.1:{port} answers but is not a Ray cluster (no gRPC server on port {port}): "
+            "pass the head node's GCS address, host:6379 by default (8265 is the dashboard)\n")
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grpc_server_passes_the_handshake_check():
+    """The other side of the check above: a port with a gRPC server (as a Ray GCS is) is taken."""
+    from concurrent import futures
+
+    import grpc
+
+    from vocabtrim.ray_utils import speaks_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert speaks_grpc("127.0.0.1", port, timeout_s=5.0)
+    finally:
+        server.stop(None)
+
+
 @pytest.mark.parametrize("address, target", [
     ("10.0.0.5:6379", ("10.0.0.5", 6379)), ("ray://head:10001", ("head", 10001)), ("[::1]:6379", ("::1", 6379)),
     ("auto", None), ("local", None), ("head", None),

@@ -42,7 +42,7 @@ def init_ray(address: str | None = None) -> None:
             if local_run_token(os.environ):
                 _reload_ray_config()
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-    except ConnectionError as exc:
+    except (ConnectionError, ValueError) as exc:  # ValueError: an address Ray cannot parse
         raise UserError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from exc
 
 
@@ -58,13 +58,19 @@ def host_and_port(address: str) -> tuple[str, int] | None:
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse in one line a cluster address whose port does not answer.
+    """Refuse in one line a cluster address that is no Ray cluster: an HTTP URL (the dashboard's, which
+    ``ray job submit`` takes), a port that does not answer, or one that answers without gRPC (the dashboard's
+    8265 given as ``host:port``, a web server).
 
     Ray's own ``ray.init`` retries a closed or filtered port for minutes, printing a warning every few
-    seconds; a TCP connect finds out in at most ``timeout_s``.
+    seconds, and waits on a port that answers in another protocol as long; a TCP connect and a gRPC handshake
+    find out in at most ``timeout_s`` each.
     """
     import socket
 
+    if address.lower().startswith(("http://", "https://")):
+        raise UserError(f"{address} is an HTTP address (Ray's dashboard and jobs API, which `ray job submit` takes), not a "
+                        f"cluster to join: pass the head node's GCS address, host:6379 by default")
     target = host_and_port(address)
     if target is None:
         return
@@ -74,6 +80,27 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or first_line(exc)).lower()
         raise UserError(f"cannot reach the Ray cluster at {address} ({why}): check --address (or RAY_ADDRESS) and that "
                         f"the cluster's head node is up") from exc
+    if not speaks_grpc(*target, timeout_s=timeout_s):
+        raise UserError(f"{address} answers but is not a Ray cluster (no gRPC server on port {target[1]}): pass the head "
+                        f"node's GCS address, host:6379 by default (8265 is the dashboard)")
+
+
+def speaks_grpc(host: str, port: int, timeout_s: float = 5.0) -> bool:
+    """Whether ``host:port`` completes a plaintext gRPC (HTTP/2) handshake within ``timeout_s``, as a Ray GCS
+    and a Ray Client server do. True without trying when Ray runs with TLS (``RAY_USE_TLS``): a plaintext
+    handshake cannot tell those apart."""
+    import grpc
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true", "yes"):
+        return True
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 def local_run_token(env) -> bool:
