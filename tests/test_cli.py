@@ -140,6 +140,11 @@ def test_an_address_that_is_no_ray_cluster_is_refused_in_one_line(capsys, tmp_pa
         assert capsys.readouterr().err == (
             f"vocabtrim calibrate: error: 127.0.0.1:{port} answers but is not a Ray cluster (no gRPC server on port {port}): "
             "pass the head node's GCS address, host:6379 by default (8265 is the dashboard)\n")
+        # With TLS a plaintext handshake proves nothing: only the port is checked.
+        from vocabtrim.ray_utils import speaks_grpc
+
+        monkeypatch.setenv("RAY_USE_TLS", "1")
+        assert speaks_grpc("127.0.0.1", port, timeout_s=1.0)
     finally:
         server.shutdown()
     assert not (tmp_path / "out").exists()
