@@ -93,7 +93,10 @@ def speaks_grpc(host: str, port: int, timeout_s: float = 5.0) -> bool:
 
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true", "yes"):
         return True
-    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    # Through an HTTP proxy only where Ray's own channels go through one (RAY_grpc_enable_http_proxy).
+    proxy = int(os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true"))
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                                    options=[("grpc.enable_http_proxy", proxy)])
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
         return True
