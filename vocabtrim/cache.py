@@ -65,12 +65,15 @@ def entry_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _ours_to_judge(entry: Path, record: dict, now: float | None) -> bool:
+def _ours_to_judge(entry: Path, record: dict, now: float) -> bool:
     """An entry this machine recorded (or a record that names no machine), or one unused for ``ABANDONED_S``."""
-    if record["host"] in (None, socket.gethostname()):
-        return True
+    return record["host"] in (None, socket.gethostname()) or _untouched(entry, now)
+
+
+def _untouched(entry: Path, now: float) -> bool:
+    """Whether ``entry`` has not been modified (or marked used by ``lookup``) for ``ABANDONED_S``."""
     try:
-        return (now if now is not None else time.time()) - entry.stat().st_mtime > ABANDONED_S
+        return now - entry.stat().st_mtime > ABANDONED_S
     except OSError:
         return False
 
@@ -103,7 +106,7 @@ def _read_record(entry: Path) -> dict | None:
 
 def lookup(entry: Path) -> bool:
     """Whether the cached folder ``entry`` is complete; if so it is marked used now (its modification time),
-    which keeps another machine sharing the cache from judging it (``is_stale``)."""
+    which keeps another machine sharing the cache from judging it (``is_stale``, ``prune``)."""
     if not (entry / "config.json").is_file():
         return False
     try:
@@ -115,17 +118,16 @@ def lookup(entry: Path) -> bool:
 
 def is_stale(entry: Path, now: float | None = None) -> bool:
     """True when ``entry`` records its sources and one of them is gone or changed, as this machine sees them;
-    for an entry another machine recorded, only once it has gone unused for ``ABANDONED_S``."""
+    for an entry another machine recorded, only once it has gone unused for ``ABANDONED_S``. (``prune``
+    judges the same way from the one read of each record it also compares.)"""
     record = _read_record(entry)
-    return record is not None and _ours_to_judge(entry, record, now) and _sources_changed(record)
+    return (record is not None and _ours_to_judge(entry, record, time.time() if now is None else now)
+            and _sources_changed(record))
 
 
 def is_abandoned(entry: Path, now: float) -> bool:
     """True for a temporary folder of ``publish_folder`` untouched for ``ABANDONED_S`` (its writer was killed)."""
-    try:
-        return ".tmp-" in entry.name and now - entry.stat().st_mtime > ABANDONED_S
-    except OSError:
-        return False
+    return ".tmp-" in entry.name and _untouched(entry, now)
 
 
 def prune(root: Path, keep: Path | None = None) -> list[Path]:
