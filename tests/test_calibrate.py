@@ -224,6 +224,40 @@ def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_loca
     assert (m["chat_template"], m["prompts_wrapped"]) == (chat_template, wrapped)
 
 
+def test_generated_source_reads_message_lists_through_the_chat_template(ray_local, data, tmp_path):
+    """A column of {role, content} lists (the prompts files `generate` reads) works as the rows of a generated source:
+    each conversation through the chat template with the generation prompt; rows that are no conversation are
+    skipped, as blank rows are."""
+    from vocabtrim.models import load_model
+    from vocabtrim.engine.sampling import SamplingParams, row_seed
+    from vocabtrim.engine import make_engine
+
+    firsts = [t.split("\n")[0] for t in TRAINING_TEXT[:8]]
+    rows = [[{"role": "user", "content": f}] if i % 2 else
+            [{"role": "user", "content": f}, {"role": "assistant", "content": "yes"}, {"role": "user", "content": "and then?"}]
+            for i, f in enumerate(firsts)]
+    bad = {3: [], 6: [{"role": "user", "content": None}], 9: None}  # no message; no content; null
+    column = [bad[i] if i in bad else rows.pop(0) for i in range(len(rows) + len(bad))]
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": column}), path, row_group_size=4)
+    m = run_calibrate(CalibrateConfig(
+        drafter=data["model"], corpus=[str(path)], out=str(tmp_path / "out"), source="drafter", text_column="messages",
+        max_new_tokens=6, temperature=1.0, seed=11, workers=2, cpus_per_worker=0.4, batch_size=3, show_progress=False,
+    ))
+
+    tok = data["tok"]
+    model = load_model(data["model"], device="cpu")
+    engine = make_engine(model, sampling=SamplingParams(temperature=1.0), eos_token_ids=(tok.eos_token_id,), max_new_tokens=6)
+    good = [i for i in range(len(column)) if i not in bad]
+    ids = [tok(tok.apply_chat_template(column[i], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+           for i in good]
+    assert all(len(p) > 10 for p in ids)
+    outs = engine.generate(ids, [row_seed(11, f"chats.parquet:{i}") for i in good])
+    expected = np.bincount(np.concatenate([np.asarray(o.token_ids, dtype=np.int64) for o in outs]), minlength=len(tok))
+    assert np.array_equal(written(tmp_path / "out"), expected)
+    assert (m["rows"], m["skipped_rows"]) == (len(good), len(bad)) and m["total_tokens"] == sum(len(o.token_ids) for o in outs)
+
+
 def test_a_corpus_with_no_tokens_is_refused(ray_local, data, tmp_path):
     (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": null}\n')
     cfg = CalibrateConfig(drafter=data["model"], corpus=[str(tmp_path / "blank.jsonl")], out=str(tmp_path / "o"), cpus_per_worker=0.4, show_progress=False)
@@ -255,6 +289,12 @@ def test_a_user_error_found_while_the_workers_start_is_one_line(ray_local, data,
         (lambda d: (d / "e.parquet").write_bytes(b"\x00garbage"), [], "cannot read Parquet file"),
         (lambda d: (d / "e.txt").write_text("x\n"), ["--source", "target"], "--source target needs --target"),
         (lambda d: (d / "e.txt").write_text("x\n"), ["--workers", "0"], "--workers must be >= 1"),
+        (lambda d: pq.write_table(pa.table({"m": [[{"role": "user", "content": "hi"}]]}), d / "e.parquet"), ["--text-column", "m"],
+         "column 'm' is list<element: struct<role: string, content: string>>, not text; message lists are read only where rows are "
+         "prompts (a generated --source)"),
+        (lambda d: pq.write_table(pa.table({"m": [[{"role": "user", "content": "hi"}]]}), d / "e.parquet"),
+         ["--text-column", "m", "--source", "drafter", "--chat-template", "never"],
+         "holds message lists in 'm', which need the chat template: drop --chat-template never"),
     ],
 )
 def test_cli_refuses_bad_input_with_exit_2_and_one_line(data, tmp_path, capsys, setup, extra, match):

@@ -75,6 +75,35 @@ def test_shard_rows_caps_the_rows_of_parquet_and_arrow_shards(tmp_path):
     assert [t for _, _, t in read_all(shards)] == LINES
 
 
+CHATS = [[{"role": "user", "content": f"question {i}: " + "word " * (i % 5)}] if i % 3 else
+         [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more?"}]
+         for i in range(60)]
+
+
+def test_message_lists_are_read_where_rows_are_prompts_and_refused_elsewhere(tmp_path):
+    """A column of {role, content} lists (Parquet, Arrow, JSONL) is read with ``messages=True``: every row exactly
+    once, as its list of dicts, its shards flagged; without it the column is refused in one line."""
+    datasets = pytest.importorskip("datasets")
+    pq.write_table(pa.table({"messages": CHATS}), tmp_path / "m.parquet", row_group_size=25)
+    datasets.Dataset.from_dict({"messages": CHATS}).save_to_disk(str(tmp_path / "ds"))
+    with open(tmp_path / "m.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": c}) + "\n" for c in CHATS)
+    for path in (tmp_path / "m.parquet", tmp_path / "ds", tmp_path / "m.jsonl"):
+        shards = corpus.make_shards([str(path)], "messages", shard_bytes=200, shard_rows=8, messages=True)
+        assert len(shards) >= 8 and all(s.messages for s in shards), path  # the nested column's bytes are counted
+        assert [t for _, _, t in read_all(shards, "messages")] == CHATS, path
+        with pytest.raises(UserError, match="not text; message lists are read only where rows are prompts") as info:
+            corpus.make_shards([str(path)], "messages")
+        assert "\n" not in str(info.value)
+    # A text column stays a text column with messages=True; a list of another kind is refused.
+    pq.write_table(pa.table({"text": LINES[:5]}), tmp_path / "t.parquet")
+    assert [s.messages for s in corpus.make_shards([str(tmp_path / "t.parquet")], messages=True)] == [False]
+    pq.write_table(pa.table({"messages": [["a", "b"]]}), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"column 'messages' is list<element: string>: prompts must be strings or lists of "
+                                        r"\{role, content\} messages \(its lists hold string, not \{role, content\} structs\)"):
+        corpus.make_shards([str(tmp_path / "bad.parquet")], "messages", messages=True)
+
+
 def test_same_corpus_same_ids_and_a_changed_file_gets_new_ones(files):
     first = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
     again = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)

@@ -696,6 +696,37 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert err.count("\n") == 1 and "another draft vocabulary" in err, err
 
 
+def test_source_target_features_read_message_lists_through_the_chat_template(tiny, tmp_path):
+    """train-drafter --source target on a column of {role, content} lists: each training row is the conversation in
+    the chat template plus the target's greedy response (the loss on the response only); rows that are no
+    conversation are skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vocabtrim import corpus, train
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+
+    tok = tiny["tokenizer"]
+    chats = [[{"role": "user", "content": t}] for t in PROMPTS_TEXT[:2]]
+    chats.append([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}])
+    column = chats[:1] + [[]] + chats[1:] + [None]
+    pq.write_table(pa.table({"messages": column}), tmp_path / "c.parquet")
+    (shard,) = corpus.make_shards([str(tmp_path / "c.parquet")], "messages", messages=True)
+    spec = train.ExtractorSpec(target=tiny["target_dir"], source="target", text_column="messages",
+                               feature_layers=e3.default_feature_layers(4), max_length=64, max_new_tokens=5, temperature=0.0,
+                               seed=0, dtype="float32", trust_remote_code=False)
+    got = train.split_rows(train.FeatureExtractor(spec).extract(shard).tensors)
+    prompts = [tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+               for c in chats]
+    greedy = SamplingParams(temperature=0.0)
+    outs = make_engine(tiny["target"], None, sampling=greedy, batch_size=3, max_new_tokens=5).generate(prompts, [0, 0, 0])
+    assert len(got) == 3 and all(len(o.token_ids) == 5 for o in outs)
+    for row, p, o in zip(got, prompts, outs):
+        assert row["input_ids"].tolist() == p + list(o.token_ids)
+        assert row["loss_mask"].tolist() == [0] * len(p) + [1] * len(o.token_ids)
+
+
 def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_path, capsys):
     from vocabtrim.cli import main as cli
 

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
-from vocabtrim.chat import wraps_strings
+from vocabtrim.chat import check_message_lists, wraps_strings
 from vocabtrim.errors import UserError
 from vocabtrim.ray_utils import StartingActor
 
@@ -190,27 +190,45 @@ class CounterSpec:
     engine: str = "native"  # generated sources: native | vllm
 
 
-def build_prompt(tokenizer, text: str, limit: int, wrap: bool = True) -> list[int]:
-    """Token ids of ``text`` as a prompt: with ``wrap``, a user message in the tokenizer's chat template
-    (``vocabtrim.chat``: the caller decides ``wrap`` from ``--chat-template``); else the text as it is.
+def prompt_value(value):
+    """A corpus row as a prompt: a non-blank string as it is, a list of {role, content} messages made clean
+    (``prompts.check_messages``), or None for a row that is neither (skipped, as an empty row is)."""
+    from vocabtrim.prompts import check_messages
 
-    A prompt longer than ``limit`` tokens keeps the start of the user text (the template around it
-    stays whole) and, failing that, its last ``limit`` tokens.
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, list):
+        return check_messages(value)[0]
+    return None
+
+
+def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] | None:
+    """Token ids of a row's ``prompt_value`` as a prompt, or None where the chat template rejects its messages.
+
+    A string: with ``wrap``, a user message in the tokenizer's chat template (``vocabtrim.chat``: the caller
+    decides ``wrap`` from ``--chat-template``); else the text as it is. A string longer than ``limit`` tokens
+    keeps the start of the user text (the template around it stays whole) and, failing that, its last
+    ``limit`` tokens. A list of messages: the chat template with the generation prompt added, its last
+    ``limit`` tokens (the latest turns).
     """
 
     def encode(t: str) -> list[int]:
         return tokenizer(t, add_special_tokens=False)["input_ids"]
 
-    def template(t: str) -> str:
-        if wrap:
-            return tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-        return t
+    def template(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    ids = encode(template(text))
+    if not isinstance(value, str):
+        try:
+            return encode(template(value))[-limit:]
+        except Exception:  # the template rejects these messages (an unsupported role, say): the row is skipped
+            return None
+    ids = encode(template([{"role": "user", "content": value}]) if wrap else value)
     if len(ids) > limit:
-        content = encode(text)
+        content = encode(value)
         budget = max(1, len(content) - (len(ids) - limit))
-        ids = encode(template(tokenizer.decode(content[:budget])))
+        cut = tokenizer.decode(content[:budget])
+        ids = encode(template([{"role": "user", "content": cut}]) if wrap else cut)
         ids = ids[-limit:]
     return ids
 
@@ -294,11 +312,16 @@ class ShardCounter(StartingActor):
             return [e.ids for e in self._fast.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def generate(self, texts: list[str], row_ids: list[str]) -> list[list[int]]:
-        """Generated token ids (only the generated ones) for each prompt text."""
+    def generate(self, values: list, row_ids: list[str]) -> list[list[int]]:
+        """Generated token ids (only the generated ones) for each row's ``prompt_value``; rows whose messages
+        the chat template rejects are left out."""
         from vocabtrim.engine.sampling import row_seed
 
-        prompts = [build_prompt(self.tokenizer, t, self.prompt_limit, self.spec.wrap_prompts) for t in texts]
+        built = [(build_prompt(self.tokenizer, v, self.prompt_limit, self.spec.wrap_prompts), r) for v, r in zip(values, row_ids)]
+        prompts = [p for p, _ in built if p is not None]
+        row_ids = [r for p, r in built if p is not None]
+        if not prompts:
+            return []
         seeds = [row_seed(self.spec.seed, r) for r in row_ids]
         return [list(out.token_ids) for out in self.engine.generate(prompts, seeds)]
 
@@ -312,11 +335,10 @@ class ShardCounter(StartingActor):
                 texts = [t for t in batch.texts if isinstance(t, str)]
                 ids = self.encode(texts)
             else:
-                keep = [i for i, t in enumerate(batch.texts) if isinstance(t, str) and t.strip()]
-                texts = [batch.texts[i] for i in keep]
-                ids = self.generate(texts, [f"{shard.name}:{batch.keys[i]}" for i in keep]) if keep else []
-            rows += len(texts)
-            skipped += len(batch.texts) - len(texts)
+                keep = [(k, v) for k, t in zip(batch.keys, batch.texts) if (v := prompt_value(t)) is not None]
+                ids = self.generate([v for _, v in keep], [f"{shard.name}:{k}" for k, _ in keep])
+            rows += len(ids)  # one token list per row counted
+            skipped += len(batch.texts) - len(ids)
             part = histogram.count_ids(ids, self.vocab_size)
             tokens += int(part.sum())
             total = histogram.add_into(total, part)
@@ -511,9 +533,13 @@ def plan(config: CalibrateConfig) -> _Plan:
     generated = config.source != "corpus"
     shard_bytes = config.shard_bytes or (GENERATED_SHARD_BYTES if generated else corpus.DEFAULT_SHARD_BYTES)
     shard_rows = config.shard_rows or (GENERATED_SHARD_ROWS if generated else None)
-    shards = corpus.make_shards(config.corpus, config.text_column, shard_bytes, shard_rows)
+    shards = corpus.make_shards(config.corpus, config.text_column, shard_bytes, shard_rows, messages=generated)
     if not shards or corpus.file_rows(shards) == 0:
         raise UserError(f"the corpus is empty: no rows in {' '.join(config.corpus)}")
+    with_messages = next((s for s in shards if s.messages), None)
+    if with_messages is not None:
+        check_message_lists(config.chat_template, tokenizer, config.drafter,
+                            f"{storage.display(with_messages.path)} holds message lists in {config.text_column!r}")
     fingerprint = tokenizer_fingerprint(tokenizer)
     run_key = {"version": 1, "tokenizer_fingerprint": fingerprint, "source": config.source, "text_column": config.text_column}
     if generator is not None:

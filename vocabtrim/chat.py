@@ -38,3 +38,13 @@ def as_user_message(prompt):
     if isinstance(prompt, str) and prompt.strip():
         return [{"role": "user", "content": prompt}]
     return prompt
+
+
+def check_message_lists(mode: str, tokenizer, model_name: str, where: str) -> None:
+    """Refuse (one line) message lists that cannot be fed: they always go through the chat template, so not
+    under ``never`` nor with a tokenizer that has none. ``where`` names what holds them, as
+    "FILE holds message lists in 'COLUMN'"."""
+    if mode == "never":
+        raise UserError(f"{where}, which need the chat template: drop --chat-template never")
+    if not has_chat_template(tokenizer):
+        raise UserError(f"{where} but {model_name}'s tokenizer has no chat template")

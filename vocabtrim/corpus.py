@@ -51,6 +51,7 @@ class Shard:
                  bytes [start, stop) for jsonl and txt.
     row_group: the Parquet row group holding the rows (-1 for the other kinds).
     rows:  the number of rows, where known before reading (parquet, arrow), else None.
+    messages: the rows are lists of {role, content} messages rather than strings (``make_shards(messages=True)``).
     """
 
     shard_id: str
@@ -60,6 +61,7 @@ class Shard:
     stop: int
     row_group: int = -1
     rows: int | None = None
+    messages: bool = False
 
     @property
     def name(self) -> str:
@@ -68,7 +70,8 @@ class Shard:
 
 @dataclass(frozen=True)
 class RowBatch:
-    """Rows read from a shard: ``texts[i]`` is a string, or None where the row has no usable text.
+    """Rows read from a shard: ``texts[i]`` is the row's value: a string (a list of {role, content} messages in
+    a shard of messages; a JSONL row's list as it is), or None where the row has no value.
 
     keys[i] is the row's stable position in its file: the row number (parquet, arrow) or the byte
     offset where its line starts (jsonl, txt).
@@ -216,15 +219,65 @@ def is_text_type(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
 
 
-def _check_text_field(schema, path: str, text_column: str) -> int:
+def unwrap_dictionary(t):
+    """A dictionary type's value type; any other type as it is."""
+    import pyarrow as pa
+
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def is_messages_type(t) -> bool:
+    """Whether a column of Arrow type ``t`` holds message lists (their fields checked by ``prompt_type_problem``)."""
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def prompt_type_problem(t) -> str | None:
+    """What makes a prompt column of Arrow type ``t`` unable to hold a prompt in any row, or None.
+
+    A prompt column holds strings, or lists of ``{role, content}`` messages (a list of structs whose
+    ``role`` and ``content`` fields hold strings; other fields are ignored). A column of nulls only is
+    allowed: each row is then an error row, as a null in any column is.
+    """
+    import pyarrow as pa
+
+    if pa.types.is_null(t) or is_text_type(unwrap_dictionary(t)):
+        return None
+    wanted = "prompts must be strings or lists of {role, content} messages"
+    if not is_messages_type(t):
+        return wanted
+    message = t.value_type
+    if not pa.types.is_struct(message):
+        return f"{wanted} (its lists hold {message}, not {{role, content}} structs)"
+    for name in ("role", "content"):
+        index = message.get_field_index(name)
+        if index < 0:
+            return f"{wanted} (its messages have no {name!r} field)"
+        if not (pa.types.is_null(message.field(index).type) or is_text_type(unwrap_dictionary(message.field(index).type))):
+            return f"{wanted} (its messages' {name!r} field holds {message.field(index).type}, not strings)"
+    return None
+
+
+def _check_text_field(schema, path: str, text_column: str, messages: bool = False) -> bool:
+    """Check that ``text_column`` holds text (or, with ``messages``, lists of {role, content} messages);
+    returns whether it holds messages."""
     if text_column not in schema.names:
         raise UserError(
             f"{storage.display(path)}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
         )
-    field = schema.field(text_column)
-    if not is_text_type(field.type):
-        raise UserError(f"{storage.display(path)}: column {text_column!r} is {field.type}, not text; pass --text-column")
-    return schema.get_field_index(text_column)
+    t = schema.field(text_column).type
+    if is_text_type(t):
+        return False
+    where = f"{storage.display(path)}: column {text_column!r} is {t}"
+    if is_messages_type(t) and messages:
+        problem = prompt_type_problem(t)
+        if problem:
+            raise UserError(f"{where}: {problem}; pass --text-column")
+        return True
+    if is_messages_type(t):
+        raise UserError(f"{where}, not text; message lists are read only where rows are prompts (a generated --source); pass --text-column")
+    raise UserError(f"{where}, not text; pass --text-column")
 
 
 def _pieces(rows: int, nbytes: int, shard_bytes: int, shard_rows: int | None) -> int:
@@ -237,7 +290,7 @@ def _pieces(rows: int, nbytes: int, shard_bytes: int, shard_rows: int | None) ->
     return max(1, min(rows, pieces))
 
 
-def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
+def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None, messages: bool) -> list[Shard]:
     import pyarrow.parquet as pq
 
     try:
@@ -248,26 +301,29 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
     except Exception as exc:
         raise UserError(f"cannot read Parquet file {storage.display(path)}: {first_line(exc)}") from exc
     with source, pf:
-        _check_text_field(pf.schema_arrow, path, text_column)
+        holds_messages = _check_text_field(pf.schema_arrow, path, text_column, messages)
         md = pf.metadata
         prefix = _shard_prefix(path)
-        leaf = next(i for i in range(md.num_columns) if md.schema.column(i).path == text_column)
+        # A string column is one leaf; a message list's fields are leaves under its name.
+        leaves = [i for i in range(md.num_columns)
+                  if md.schema.column(i).path == text_column or md.schema.column(i).path.startswith(text_column + ".")]
         shards: list[Shard] = []
         first = 0
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
             n = rg.num_rows
-            pieces = _pieces(n, rg.column(leaf).total_uncompressed_size, shard_bytes, shard_rows)
+            pieces = _pieces(n, sum(rg.column(i).total_uncompressed_size for i in leaves), shard_bytes, shard_rows)
             step = math.ceil(n / pieces) if pieces else 0
             for s in range(first, first + n, step or 1):
                 e = min(s + step, first + n)
                 tag = f"rg{g:05d}" if pieces == 1 else f"rg{g:05d}-r{s}-{e}"
-                shards.append(Shard(f"{prefix}-{tag}", path, "parquet", s, e, g, e - s))
+                shards.append(Shard(f"{prefix}-{tag}", path, "parquet", s, e, g, e - s, holds_messages))
             first += n
     return shards
 
 
-def _check_jsonl(path: str, text_column: str) -> None:
+def _check_jsonl(path: str, text_column: str, messages: bool) -> bool:
+    """Check the first row (a JSON object with ``text_column``); returns whether its value is a message list."""
     with storage.open_binary(path, buffer_size=1 << 16) as f:
         for line in f:
             if not line.strip():
@@ -281,7 +337,11 @@ def _check_jsonl(path: str, text_column: str) -> None:
             if text_column not in row:
                 keys = ", ".join(list(row)[:10])
                 raise UserError(f"{storage.display(path)}: no key {text_column!r} in the first row (keys: {keys}); pass --text-column")
-            return
+            if isinstance(row[text_column], list) and not messages:
+                raise UserError(f"{storage.display(path)}: key {text_column!r} of the first row is a list, not text; message lists are read "
+                                "only where rows are prompts (a generated --source); pass --text-column")
+            return isinstance(row[text_column], list)
+    return False
 
 
 def _check_text(path: str) -> None:
@@ -296,11 +356,11 @@ def _check_text(path: str) -> None:
             raise UserError(f"{storage.display(path)}: not UTF-8 text (bad byte at offset {exc.start})") from exc
 
 
-def _byte_shards(path: str, kind: str, shard_bytes: int) -> list[Shard]:
+def _byte_shards(path: str, kind: str, shard_bytes: int, messages: bool = False) -> list[Shard]:
     size, _ = storage.stat(path)
     prefix = _shard_prefix(path)
     return [
-        Shard(f"{prefix}-b{s}-{min(s + shard_bytes, size)}", path, kind, s, min(s + shard_bytes, size))
+        Shard(f"{prefix}-b{s}-{min(s + shard_bytes, size)}", path, kind, s, min(s + shard_bytes, size), messages=messages)
         for s in range(0, size, shard_bytes)
     ]
 
@@ -317,12 +377,12 @@ def _open_arrow(path: str):
         return pa.ipc.open_file(source).read_all()
 
 
-def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
+def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None, messages: bool) -> list[Shard]:
     try:
         table = _open_arrow(path)
     except Exception as exc:
         raise UserError(f"cannot read Arrow file {storage.display(path)}: {first_line(exc)}") from exc
-    _check_text_field(table.schema, path, text_column)
+    holds_messages = _check_text_field(table.schema, path, text_column, messages)
     n = table.num_rows
     if n == 0:
         return []
@@ -330,19 +390,22 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int
     step = math.ceil(n / pieces)
     prefix = _shard_prefix(path)
     return [
-        Shard(f"{prefix}-r{s}-{min(s + step, n)}", path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s)
+        Shard(f"{prefix}-r{s}-{min(s + step, n)}", path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s, holds_messages)
         for s in range(0, n, step)
     ]
 
 
 def make_shards(
-    paths: list[str], text_column: str = "text", shard_bytes: int = DEFAULT_SHARD_BYTES, shard_rows: int | None = None
+    paths: list[str], text_column: str = "text", shard_bytes: int = DEFAULT_SHARD_BYTES, shard_rows: int | None = None,
+    messages: bool = False,
 ) -> list[Shard]:
     """Check every file (readable, has the text column) and cut the corpus into shards.
 
     A shard holds about ``shard_bytes`` of text and, for Parquet and Arrow files, at most
     ``shard_rows`` rows when given (generated sources: a row costs a whole generation, not its bytes).
     The result depends only on the files and these sizes: same corpus, same shard ids, same order.
+    With ``messages`` (rows used as prompts), the column may instead hold lists of {role, content} messages;
+    such a file's shards say so (``Shard.messages``).
     Raises UserError (one line) for a missing or unreadable file or a missing text column.
     """
     if shard_bytes < 1:
@@ -354,12 +417,11 @@ def make_shards(
             raise UserError(f"cannot read {storage.display(path)}: permission denied")
         try:
             if kind == "parquet":
-                shards.extend(_parquet_shards(path, text_column, shard_bytes, shard_rows))
+                shards.extend(_parquet_shards(path, text_column, shard_bytes, shard_rows, messages))
             elif kind == "arrow":
-                shards.extend(_arrow_shards(path, text_column, shard_bytes, shard_rows))
+                shards.extend(_arrow_shards(path, text_column, shard_bytes, shard_rows, messages))
             elif kind == "jsonl":
-                _check_jsonl(path, text_column)
-                shards.extend(_byte_shards(path, kind, shard_bytes))
+                shards.extend(_byte_shards(path, kind, shard_bytes, _check_jsonl(path, text_column, messages)))
             else:
                 _check_text(path)
                 shards.extend(_byte_shards(path, kind, shard_bytes))
@@ -425,7 +487,7 @@ def _jsonl_text(shard: Shard, offset: int, line: bytes, text_column: str):
     except ValueError as exc:
         raise UserError(f"{storage.display(shard.path)}: the line at byte {offset} is not valid JSON ({first_line(exc)})") from exc
     value = row.get(text_column) if isinstance(row, dict) else None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, (str, list)) else None
 
 
 def _iter_bytes(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:

@@ -40,10 +40,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage, validate
-from vocabtrim.chat import as_user_message, has_chat_template, wraps_strings
+from vocabtrim.chat import as_user_message, check_message_lists, wraps_strings
+from vocabtrim.corpus import is_messages_type
 from vocabtrim.errors import RunFailed, UserError, first_line
 from vocabtrim.head.files import HEAD_FILE
-from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, is_messages_type, max_prompt_tokens, read_chunks
+from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
 from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
@@ -160,15 +161,8 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
         if is_messages_type(f.prompt_type):
-            if cfg.chat_template == "never":
-                raise UserError(
-                    f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}, which need the chat template: "
-                    "drop --chat-template never"
-                )
-            if not has_chat_template(target_tok):
-                raise UserError(
-                    f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r} but {cfg.target}'s tokenizer has no chat template"
-                )
+            check_message_lists(cfg.chat_template, target_tok, cfg.target,
+                                f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}")
     return tokenizer_fingerprint(target_tok), wrap
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
+from vocabtrim.corpus import prompt_type_problem, unwrap_dictionary
 from vocabtrim.errors import UserError, first_line
 
 
@@ -132,46 +133,11 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
     if problem:
         raise UserError(f"{shown}: --prompt-column {prompt_column!r} holds {prompt_type} values: {problem}")
     if id_type is not None:
-        value_type = _value_type(id_type)
+        value_type = unwrap_dictionary(id_type)
         if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_integer(value_type)):
             raise UserError(f"{shown}: --id-column {id_column!r} holds {id_type} values: ids must be strings or integers")
         _check_unique_ids(path, id_column)
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
-
-
-def _value_type(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
-def is_messages_type(t: pa.DataType) -> bool:
-    """Whether a prompt column of Arrow type ``t`` holds message lists (checked by ``prompt_type_problem``)."""
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-def prompt_type_problem(t: pa.DataType) -> str | None:
-    """What makes a prompt column of Arrow type ``t`` unable to hold a prompt in any row, or None.
-
-    A prompt column holds strings, or lists of ``{role, content}`` messages (a list of structs whose
-    ``role`` and ``content`` fields hold strings; other fields are ignored). A column of nulls only is
-    allowed: each row is then an error row, as a null in any column is.
-    """
-    from vocabtrim.corpus import is_text_type
-
-    if pa.types.is_null(t) or is_text_type(_value_type(t)):
-        return None
-    wanted = "prompts must be strings or lists of {role, content} messages"
-    if not is_messages_type(t):
-        return wanted
-    message = t.value_type
-    if not pa.types.is_struct(message):
-        return f"{wanted} (its lists hold {message}, not {{role, content}} structs)"
-    for name in ("role", "content"):
-        index = message.get_field_index(name)
-        if index < 0:
-            return f"{wanted} (its messages have no {name!r} field)"
-        if not (pa.types.is_null(message.field(index).type) or is_text_type(_value_type(message.field(index).type))):
-            return f"{wanted} (its messages' {name!r} field holds {message.field(index).type}, not strings)"
-    return None
 
 
 def _check_unique_ids(path: str, id_column: str) -> None:

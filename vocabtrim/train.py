@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vocabtrim import corpus, storage, validate
-from vocabtrim.calibrate import Ledger
+from vocabtrim.calibrate import Ledger, build_prompt, prompt_value
+from vocabtrim.chat import check_message_lists, has_chat_template
 from vocabtrim.special_tokens import eos_ids, of_model
 from vocabtrim.errors import UserError
 from vocabtrim.ray_utils import StartingActor
@@ -147,6 +148,7 @@ class ExtractorSpec:
     threads: int = 1
     use_gpu: bool = False
     batch_rows: int = 8
+    wrap_prompts: bool = True  # --source target: a string row as a user message in the chat template (vocabtrim.chat's auto)
 
 
 class FeatureExtractor(StartingActor):
@@ -172,22 +174,23 @@ class FeatureExtractor(StartingActor):
                 max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
 
-    def _prompts(self, texts: list[str], limit: int) -> list[list[int]]:
-        """``--source target``: each row's text as a user message in the chat template, at most ``limit`` tokens."""
-        from vocabtrim.calibrate import build_prompt
-
-        return [build_prompt(self.tokenizer, t, limit) for t in texts]
-
-    def _rows(self, texts: list[str], keys: list[str]) -> list[tuple[list[int], int]]:
-        """(token ids, index of the first loss-bearing token) per row."""
+    def _rows(self, values: list, keys: list[str]) -> list[tuple[list[int], int]]:
+        """(token ids, index of the first loss-bearing token) per row: ``--source corpus``, the text;
+        ``--source target``, the row's ``calibrate.prompt_value`` as a prompt of at most max_length -
+        max_new_tokens tokens (``calibrate.build_prompt``) and the target's response (rows whose messages the
+        chat template rejects are left out)."""
         from vocabtrim.engine.sampling import row_seed
 
         spec = self.spec
         if self.engine is None:
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(values, add_special_tokens=False)["input_ids"]
             return [(i[: spec.max_length], 1) for i in ids]
-        prompts = self._prompts(texts, max(1, spec.max_length - spec.max_new_tokens))
-        outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for k in keys])
+        limit = max(1, spec.max_length - spec.max_new_tokens)
+        built = [(build_prompt(self.tokenizer, v, limit, spec.wrap_prompts), k) for v, k in zip(values, keys)]
+        prompts = [p for p, _ in built if p is not None]
+        if not prompts:
+            return []
+        outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for p, k in built if p is not None])
         return [((p + o.token_ids)[: spec.max_length], len(p)) for p, o in zip(prompts, outs)]
 
     def extract(self, shard: corpus.Shard) -> FeatureShard:
@@ -198,10 +201,13 @@ class FeatureExtractor(StartingActor):
         parts: dict[str, list] = {k: [] for k in ("input_ids", "row_lengths", "loss_mask", "aux", "final", "target_next")}
         rows = tokens = 0
         for batch in corpus.iter_shard(shard, spec.text_column, spec.batch_rows):
-            keep = [i for i, t in enumerate(batch.texts) if isinstance(t, str) and t.strip()]
+            if self.engine is None:
+                keep = [(k, t) for k, t in zip(batch.keys, batch.texts) if isinstance(t, str) and t.strip()]
+            else:
+                keep = [(k, v) for k, t in zip(batch.keys, batch.texts) if (v := prompt_value(t)) is not None]
             if not keep:
                 continue
-            got = self._rows([batch.texts[i] for i in keep], [f"{shard.name}:{batch.keys[i]}" for i in keep])
+            got = self._rows([v for _, v in keep], [f"{shard.name}:{k}" for k, _ in keep])
             got = [(ids, start) for ids, start in got if len(ids) >= MIN_ROW_TOKENS]
             if not got:
                 continue
@@ -603,9 +609,12 @@ def run_train(config: TrainConfig) -> dict:
     V = max(int(tcfg.vocab_size), len(tokenizer))
     draft_ids, vocab_info = draft_vocabulary(c, tokenizer, int(tcfg.vocab_size))
     feature_layers = e3.default_feature_layers(int(tcfg.num_hidden_layers))
-    shards = corpus.make_shards(c.corpus, c.text_column, 16 << 10, c.shard_rows)
+    shards = corpus.make_shards(c.corpus, c.text_column, 16 << 10, c.shard_rows, messages=c.source == "target")
     if not shards or corpus.file_rows(shards) == 0:
         raise UserError(f"the corpus is empty: no rows in {' '.join(c.corpus)}")
+    with_messages = next((s for s in shards if s.messages), None)
+    if with_messages is not None:
+        check_message_lists("auto", tokenizer, c.target, f"{storage.display(with_messages.path)} holds message lists in {c.text_column!r}")
     shards = shards[: c.max_shards] if c.max_shards is not None else shards
     ledger = FeatureLedger(storage.join(c.out, "features"))
     fp = tokenizer_fingerprint(tokenizer)
@@ -625,6 +634,7 @@ def run_train(config: TrainConfig) -> dict:
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, dtype=c.dtype,
             trust_remote_code=c.trust_remote_code, threads=max(1, int(cpus)), use_gpu=c.gpus_per_worker > 0,
             batch_rows=c.shard_rows if c.source == "target" else 8,  # generation: one batch per shard
+            wrap_prompts=has_chat_template(tokenizer),
         )
         with CounterPool(spec, min(c.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
                          actor_class=FeatureExtractor) as pool:

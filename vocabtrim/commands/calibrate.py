@@ -11,7 +11,7 @@ from vocabtrim.commands.common import add_model_arguments, add_ray_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, target=False, drafter_required=True)
     parser.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="files, folders or globs: .parquet, .jsonl, .txt")
-    parser.add_argument("--text-column", default="text", help="the text column (Parquet) or key (JSONL)")
+    parser.add_argument("--text-column", default="text", help="the text column (Parquet, Arrow) or key (JSONL); rows used as prompts may hold {role, content} message lists instead")
     parser.add_argument(
         "--source", choices=("corpus", "drafter", "target"), default="corpus",
         help="count the corpus's tokens, or the tokens the drafter / target generates from corpus rows as prompts",

@@ -10,7 +10,7 @@ from vocabtrim.commands.common import DTYPES, add_ray_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="the target: model folder, hub id, .gguf file or smollm2-135m")
     parser.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="training rows: .parquet, .jsonl, .txt (prompts, for --source target)")
-    parser.add_argument("--text-column", default="text", help="the text column (Parquet) or key (JSONL)")
+    parser.add_argument("--text-column", default="text", help="the text column (Parquet, Arrow) or key (JSONL); rows used as prompts may hold {role, content} message lists instead")
     parser.add_argument("--source", choices=("corpus", "target"), default="corpus",
                         help="train on the corpus text, or on the target's own responses to corpus rows as prompts")
     parser.add_argument("--histogram", required=True, metavar="DIR", help="a `vocabtrim calibrate` folder: the draft vocabulary is its top-K")
