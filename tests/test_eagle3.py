@@ -727,6 +727,48 @@ def test_source_target_features_read_message_lists_through_the_chat_template(tin
         assert row["loss_mask"].tolist() == [0] * len(p) + [1] * len(o.token_ids)
 
 
+def test_train_drafter_init_fine_tunes_a_drafter_from_its_weights_and_vocabulary(tiny, tmp_path, ray_local, capsys):
+    """--init: the run starts from that drafter (its weights, its draft vocabulary unless a histogram gives one,
+    where ids it lacks start from the target's head rows) and trains on from there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from tiny import corpus_rows
+    from vocabtrim.cli import main as cli
+
+    init = write_specforge_checkpoint(tmp_path / "init", tiny["target"], tiny["draft_ids"], std=0.05, with_embedding=True)
+    ref = load_file(str(init / "model.safetensors"))
+    pq.write_table(pa.table({"text": corpus_rows(160, seed=2)}), tmp_path / "corpus.parquet")
+    base = ["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "corpus.parquet"), "--init", str(init),
+            "--batch-size", "8", "--ttt-length", "2", "--held-out", "0.2", "--no-progress"]
+    # A rate too small to move a weight: what is written is --init's drafter (the target's embedding, not its own).
+    out = tmp_path / "own"
+    assert cli([*base, "--epochs", "1", "--learning-rate", "1e-12", "--out", str(out)]) == 0
+    got = load_file(str(out / "model.safetensors"))
+    assert set(got) == set(ref) - {"embed_tokens.weight"}
+    for k in got:
+        assert torch.equal(got[k], ref[k]) if k in ("d2t", "t2d") else torch.allclose(got[k], ref[k], atol=1e-6), k
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["init"] == str(init) and m["draft_vocab_size"] == len(tiny["draft_ids"]) and "histogram" not in m
+    # Trained on from there (resumed at a real rate): the held-out loss falls from --init's.
+    assert cli([*base, "--epochs", "3", "--learning-rate", "3e-3", "--out", str(out)]) == 0
+    h = json.loads((out / "manifest.json").read_text())["history"]
+    assert [r["epoch"] for r in h] == [1, 2, 3] and h[-1]["held_out_loss"] < 0.9 * h[0]["held_out_loss"]
+    # Another draft vocabulary: ids --init drafts keep its head rows, the others start from the target's.
+    calib, _ = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    out2 = tmp_path / "retrimmed"
+    assert cli([*base, "--histogram", calib, "--top-k", "64", "--epochs", "1", "--learning-rate", "1e-12", "--out", str(out2)]) == 0
+    got2 = load_file(str(out2 / "model.safetensors"))
+    ids = (torch.arange(got2["d2t"].numel()) + got2["d2t"]).tolist()
+    own = {t: r for r, t in enumerate(torch.tensor(tiny["draft_ids"]).tolist())}
+    target_head = tiny["target"].lm_head.weight.detach()
+    assert len(ids) == 64 and 0 < sum(t in own for t in ids) < 64
+    for r, t in enumerate(ids):
+        assert torch.allclose(got2["lm_head.weight"][r], ref["lm_head.weight"][own[t]] if t in own else target_head[t], atol=1e-6), t
+    assert torch.allclose(got2["fc.weight"], ref["fc.weight"], atol=1e-6)
+
+
 def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_path, capsys):
     from vocabtrim.cli import main as cli
 
@@ -744,6 +786,21 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert "--ttt-length must be >= 1" in capsys.readouterr().err
     assert cli([*base, "--histogram", good, "--top-k", "64", "--intermediate-size", "0"]) == 2
     assert capsys.readouterr().err.endswith("error: --intermediate-size must be >= 1, got 0\n")
+    # The draft vocabulary comes from a histogram or from --init; --init must be a drafter for this target and keeps its shape.
+    assert cli(base) == 2
+    assert "pass --histogram DIR --top-k K (the draft vocabulary), or --init DRAFTER" in capsys.readouterr().err
+    assert cli([*base, "--histogram", good]) == 2
+    assert "--histogram and --top-k go together" in capsys.readouterr().err
+    other_target = write_specforge_checkpoint(tmp_path / "other", tiny["target"], tiny["draft_ids"], t2d_len=tiny["V"] + 8)
+    assert cli([*base, "--init", str(other_target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is for a vocabulary of {tiny['V'] + 8} ids (t2d length), the target has {tiny['V']}" in err, err
+    init = write_specforge_checkpoint(tmp_path / "init", tiny["target"], tiny["draft_ids"])
+    assert cli([*base, "--init", str(init), "--intermediate-size", "7"]) == 2
+    assert "--intermediate-size 7 differs from --init's" in capsys.readouterr().err
+    assert cli([*base, "--init", tiny["target_dir"]]) == 2
+    assert "is not an EAGLE-3 checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_drafter_refuses_a_corpus_with_no_row_to_train_on(tiny, tmp_path, ray_local, capsys):

@@ -2,7 +2,7 @@
 
 Flow (``run_train``):
 1. On the driver: check the flags; the draft vocabulary is the histogram's top-K ids (special tokens
-   always in, as ``build-head`` keeps them); cut the corpus into shards (``vocabtrim.corpus``).
+   always in, as ``build-head`` keeps them), or ``--init``'s own; cut the corpus into shards (``vocabtrim.corpus``).
 2. Feature extraction, shard by shard, on a pool of ``FeatureExtractor`` actors (the calibrate pool,
    ledger and driver loop: ``calibrate.CounterPool`` / ``count_shards``): each row becomes token ids
    (``--source corpus``: the row's text; ``--source target``: the row as a chat prompt plus the
@@ -14,7 +14,9 @@ Flow (``run_train``):
    output, loss weights 0.8^s) against the target's distribution over the draft vocabulary (soft
    cross-entropy, as SpecForge's KL loss), on positions whose target token is in the draft vocabulary.
    Shards ending in a held-out fraction are not trained on: after every epoch the trainer reports the
-   held-out acceptance (step-0 greedy agreement with the target, and per TTT step).
+   held-out acceptance (step-0 greedy agreement with the target, and per TTT step). The drafter starts
+   from ``--init``'s weights when given (``initial_drafter``), else from random weights with the target's
+   head rows and final norm.
 4. After every epoch: the drafter in SpecForge's layout (``DIR/config.json``, ``DIR/model.safetensors``,
    the target's tokenizer files) and ``DIR/train_state.pt`` (weights, optimizer, epoch; read back with
    ``torch.load(weights_only=True)``): a rerun with more ``--epochs`` resumes from the last epoch.
@@ -53,8 +55,8 @@ class TrainConfig:
 
     target: str
     corpus: list[str]
-    histogram: str
-    top_k: int
+    histogram: str | None  # None only with ``init``: its own draft vocabulary
+    top_k: int | None
     out: str
     source: str = "corpus"
     text_column: str = "text"
@@ -78,6 +80,7 @@ class TrainConfig:
     max_shards: int | None = None  # only the first N shards of the corpus (a quick run); None: all
     show_progress: bool = True
     max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
+    init: str | None = None  # an EAGLE-3 drafter (folder or the bundled name) to start from: fine-tuning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +366,19 @@ def replay_chains(predictions: list, target_next, start: int, length: int) -> tu
     return accepted, proposed, steps
 
 
+def initial_drafter(init, target_head, draft_ids):
+    """The drafter a fine-tuning run starts from: ``init``'s weights (an ``Eagle3Model``) over the draft
+    vocabulary ``draft_ids`` (int64 [K], sorted), each id's head row ``init``'s own where it has one and the
+    target's (``target_head`` [V, hidden]) elsewhere; trainable, with no ``embed_tokens`` of its own (the
+    target's embedding is used, as by every drafter trained here)."""
+    from vocabtrim import eagle3 as e3
+
+    model = e3.retrim(e3.widen(init, target_head), draft_ids)
+    model.embed_tokens = None
+    model.requires_grad_(True)
+    return model
+
+
 def check_resumable(saved: dict, fresh: dict, out: str) -> None:
     """Refuse, in one line, to resume a drafter saved with another draft vocabulary (``--top-k``,
     ``--histogram``) or other shapes (``--intermediate-size``) than this run's."""
@@ -392,20 +408,25 @@ class DrafterTrainer(StartingActor):
         self.device = torch.device("cuda") if c.gpus_per_worker > 0 and torch.cuda.is_available() else torch.device("cpu")
         target = load_model(c.target, dtype="float32", device="cpu", trust_remote_code=c.trust_remote_code)
         ids = torch.tensor(draft_ids, dtype=torch.int64)
-        raw = e3.make_config(target.config, len(draft_ids), intermediate_size=c.intermediate_size)
-        config = e3.Eagle3Config.from_dict(raw)
-        torch.manual_seed(c.seed)
-        model = e3.Eagle3Model(config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02)
-            # The head starts as the target's own rows for the draft vocabulary, the output norm as its final norm.
-            model.lm_head.weight.copy_(target.lm_head.weight[ids])
-            model.norm.weight.copy_(target.model.norm.weight)
-        model.set_vocabulary(ids)
+        if c.init is not None:
+            from vocabtrim.models import load_eagle3_for
+
+            model = initial_drafter(load_eagle3_for(c.init, target), target.lm_head.weight.detach(), ids)
+        else:
+            raw = e3.make_config(target.config, len(draft_ids), intermediate_size=c.intermediate_size)
+            config = e3.Eagle3Config.from_dict(raw)
+            torch.manual_seed(c.seed)
+            model = e3.Eagle3Model(config)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, 0.02)
+                # The head starts as the target's own rows for the draft vocabulary, the output norm as its final norm.
+                model.lm_head.weight.copy_(target.lm_head.weight[ids])
+                model.norm.weight.copy_(target.model.norm.weight)
+            model.set_vocabulary(ids)
         self.model = model.to(self.device)
         # The target's embedding and head rows live beside the drafter (on its GPU when it has one).
         self.embedding = target.get_input_embeddings().weight.detach().to(self.device, copy=True)
@@ -553,9 +574,14 @@ def _check_config(c: TrainConfig) -> None:
     validate.one_of("source", c.source, SOURCES)
     validate.pool(c.workers, c.gpus_per_worker, c.cpus_per_worker)
     validate.sampling(c.temperature)
-    for name, low in (("top_k", 1), ("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
+    if (c.histogram is None) != (c.top_k is None):
+        raise UserError("--histogram and --top-k go together: the draft vocabulary is the histogram's top K")
+    if c.histogram is None and c.init is None:
+        raise UserError("pass --histogram DIR --top-k K (the draft vocabulary), or --init DRAFTER to fine-tune a drafter "
+                        "over its own draft vocabulary")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
         validate.at_least(name, getattr(c, name), low)
-    for name in ("max_shards", "intermediate_size"):
+    for name in ("top_k", "max_shards", "intermediate_size"):
         if getattr(c, name) is not None:
             validate.at_least(name, getattr(c, name), 1)
     validate.above("learning_rate", c.learning_rate, 0)
@@ -587,6 +613,7 @@ def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list
 def run_train(config: TrainConfig) -> dict:
     """Extract features (resumable), train (resumable by epoch), write the drafter; returns the manifest."""
     import ray
+    import torch
     from tqdm.auto import tqdm
 
     from vocabtrim import eagle3 as e3
@@ -607,8 +634,23 @@ def run_train(config: TrainConfig) -> dict:
     if getattr(tcfg, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
         log.warning("train-drafter was tested on Llama targets; %s may need another drafter layout", getattr(tcfg, "model_type", None))
     V = max(int(tcfg.vocab_size), len(tokenizer))
-    draft_ids, vocab_info = draft_vocabulary(c, tokenizer, int(tcfg.vocab_size))
     feature_layers = e3.default_feature_layers(int(tcfg.num_hidden_layers))
+    init_info = {}
+    if c.init is not None:
+        from vocabtrim.models import load_eagle3_checked
+
+        init = load_eagle3_checked(c.init, int(tcfg.vocab_size), int(tcfg.hidden_size), target_tokenizer=tokenizer,
+                                   trust_remote_code=c.trust_remote_code, dtype=torch.float32)
+        if c.intermediate_size is not None and c.intermediate_size != init.config.intermediate_size:
+            raise UserError(f"--intermediate-size {c.intermediate_size} differs from --init's {init.config.intermediate_size}: "
+                            "a fine-tuned drafter keeps its shape (leave the flag out)")
+        feature_layers = init.feature_layers(int(tcfg.num_hidden_layers))
+        init_info = {"init": storage.display(c.init)}
+    if c.histogram is not None:
+        draft_ids, vocab_info = draft_vocabulary(c, tokenizer, int(tcfg.vocab_size))
+    else:
+        draft_ids, vocab_info = [int(i) for i in init.token_ids], {}
+    vocab_info.update(init_info)
     shards = corpus.make_shards(c.corpus, c.text_column, 16 << 10, c.shard_rows, messages=c.source == "target")
     if not shards or corpus.file_rows(shards) == 0:
         raise UserError(f"the corpus is empty: no rows in {' '.join(c.corpus)}")
