@@ -110,7 +110,7 @@ def user_turns(engine, tokenizer, contexts: list[list[dict]], keys: list[str], s
 
 
 def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
-    """Stage 1: the training conversations, as rows {"messages": JSON text, "origin": str}."""
+    """Stage 1: the training conversations, as rows {"messages": [{role, content}, ...], "origin": str}."""
     eos = tuple(eos_ids(tokenizer, of_model(model)))
     sample = make_engine(model, None, sampling=SamplingParams(temperature=1.0, top_p=a.top_p), batch_size=a.gen_batch,
                          max_new_tokens=a.max_turn_tokens, eos_token_ids=eos)
@@ -124,7 +124,7 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
         for r in table.to_pylist():
             turns = plain_turns(r["messages"]) if r.get("messages") else [{"role": "user", "content": r["prompt"]}]
             if conversation_key(turns) not in conversations and conversation_key(turns[-1:]) not in conversations:
-                rows.append({"messages": json.dumps(turns), "origin": "base"})
+                rows.append({"messages": turns, "origin": "base"})
                 seen.add(turns[-1]["content"].strip().lower())
         log(t0, f"base conversations: {len(rows)}")
     made = tried = 0
@@ -138,7 +138,7 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
         seen.update(q.lower() for q in firsts)
         k2 = int(round(len(firsts) * a.second_turns))
         singles, doubles = firsts[k2:], firsts[:k2]
-        rows += [{"messages": json.dumps([{"role": "user", "content": q}]), "origin": "self"} for q in singles]
+        rows += [{"messages": [{"role": "user", "content": q}], "origin": "self"} for q in singles]
         if doubles:
             outs = greedy.generate([chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in doubles], [0] * len(doubles))
             answers = [tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() if o.finish_reason == "stop" else None
@@ -148,7 +148,7 @@ def make_rows(a, model, tokenizer, t0: float, deadline: float) -> list[dict]:
             seconds = user_turns(sample, tokenizer, contexts, [f"q2:{q}" for q, _ in pairs], a.seed)
             for c, q2 in zip(contexts, seconds):
                 if q2 is not None and q2.lower() not in banned:
-                    rows.append({"messages": json.dumps(c + [{"role": "user", "content": q2}]), "origin": "self-2"})
+                    rows.append({"messages": c + [{"role": "user", "content": q2}], "origin": "self-2"})
         made = sum(r["origin"] != "base" for r in rows)
         log(t0, f"self prompts: {made} kept of {tried} sampled")
     random.Random(a.seed).shuffle(rows)
@@ -166,14 +166,6 @@ def by_kind(trainer, eval_by_kind: dict) -> dict:
         trainer.eval_ids = keep
         print("held out by kind:", json.dumps(out), flush=True)
     return out
-
-
-class MessagesExtractor(train.FeatureExtractor):
-    """Rows are JSON conversations (a list of {role, content}); the prompt is the whole conversation in the
-    chat template with the assistant's header, its last ``limit`` tokens."""
-
-    def _prompts(self, texts: list[str], limit: int) -> list[list[int]]:
-        return [chat_ids(self.tokenizer, json.loads(t))[-limit:] for t in texts]
 
 
 def main() -> None:
@@ -233,21 +225,20 @@ def main() -> None:
     log(t0, f"rows: {len(rows)} {origins}")
 
     # 2. features
-    shards = corpus.make_shards([str(rows_path)], "messages", 16 << 20, a.shard_rows)
+    shards = corpus.make_shards([str(rows_path)], "messages", 16 << 20, a.shard_rows, messages=True)
     ledger = train.FeatureLedger(str(work / "drafter" / "features"))
     spec = train.ExtractorSpec(target=a.target, source="target", text_column="messages", feature_layers=layers,
                                max_length=a.max_length, max_new_tokens=a.max_new_tokens, temperature=0.0, seed=a.seed,
                                dtype="float32", trust_remote_code=False, threads=a.threads, use_gpu=cuda, batch_rows=a.shard_rows)
-    extractor = MessagesExtractor(spec)
+    extractor = train.FeatureExtractor(spec)  # each conversation in the chat template: calibrate.build_prompt
     extractor.pid()
     eval_by_kind: dict[str, list[str]] = {}
     if a.eval_messages:
         table = pq.read_table(a.eval_messages).to_pylist()
         for kind in sorted({r.get("kind") or "all" for r in table}):
             path = work / f"eval-{kind}.parquet"
-            write_if_changed(pa.table({"messages": [json.dumps(plain_turns(r["messages"]))
-                                                    for r in table if (r.get("kind") or "all") == kind]}), path)
-            for s in corpus.make_shards([str(path)], "messages", 16 << 20, a.shard_rows):
+            write_if_changed(pa.table({"messages": [plain_turns(r["messages"]) for r in table if (r.get("kind") or "all") == kind]}), path)
+            for s in corpus.make_shards([str(path)], "messages", 16 << 20, a.shard_rows, messages=True):
                 if not ledger.done(s.shard_id):  # a rerun in the same --work reuses them
                     ledger.record(extractor.extract(s))
                 eval_by_kind.setdefault(kind, []).append(s.shard_id)
@@ -273,17 +264,15 @@ def main() -> None:
         train_ids, eval_ids = done_ids[:-n_eval], done_ids[-n_eval:]
 
     # 3. training
-    cfg = train.TrainConfig(target=a.target, corpus=[str(rows_path)], histogram=str(a.init), top_k=len(draft_ids),
+    cfg = train.TrainConfig(target=a.target, corpus=[str(rows_path)], histogram=None, top_k=None, init=str(a.init),
                             out=str(work / "drafter"), source="target", epochs=a.epochs, learning_rate=a.learning_rate,
                             batch_size=a.batch_size, ttt_length=3, seed=a.seed, max_length=a.max_length,
-                            max_new_tokens=a.max_new_tokens, gpus_per_worker=1.0 if cuda else 0.0,
-                            intermediate_size=init.config.intermediate_size)
+                            max_new_tokens=a.max_new_tokens, gpus_per_worker=1.0 if cuda else 0.0)
     # Every run starts from --init's weights with a new optimizer: an earlier run's state in --work (which the
     # trainer would resume: its optimizer moments, epoch and step) is dropped; its features are kept.
     (work / "drafter" / train.STATE_FILE).unlink(missing_ok=True)
     trainer = train.DrafterTrainer(asdict(cfg), draft_ids, layers, train_ids, eval_ids, a.threads)
-    trainer.pid()
-    trainer.model.load_state_dict(init.state_dict())
+    trainer.pid()  # the drafter starts as --init's (TrainConfig.init)
     start = trainer.evaluate()
     log(t0, f"held out, starting weights: {json.dumps(start)}")
     start_by_kind = by_kind(trainer, eval_by_kind)

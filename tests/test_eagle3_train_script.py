@@ -41,15 +41,15 @@ def test_a_rerun_keeps_unchanged_row_files_so_their_shards_keep_their_ids(tmp_pa
     from vocabtrim import corpus
 
     path = tmp_path / "rows.parquet"
-    rows = pa.table({"messages": [json.dumps([{"role": "user", "content": f"question {i}"}]) for i in range(5)]})
+    rows = pa.table({"messages": [[{"role": "user", "content": f"question {i}"}] for i in range(5)]})
     assert script.write_if_changed(rows, path)
-    ids = [s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2)]
+    ids = [s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2, messages=True)]
     stamp = path.stat().st_mtime_ns
     assert not script.write_if_changed(pa.table({"messages": rows["messages"].to_pylist()}), path)  # the same rows
     assert path.stat().st_mtime_ns == stamp
-    assert [s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2)] == ids
+    assert [s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2, messages=True)] == ids
     assert script.write_if_changed(rows.slice(1), path)  # other rows: written, and new ids
-    assert not set(s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2)) & set(ids)
+    assert not set(s.shard_id for s in corpus.make_shards([str(path)], "messages", 1 << 20, 2, messages=True)) & set(ids)
     path.write_bytes(b"not parquet")
     assert script.write_if_changed(rows, path) and pq.read_table(path).equals(rows)
 
@@ -77,7 +77,7 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     rows = pq.read_table(tmp_path / "rows.parquet").to_pylist()
     assert sum(r["origin"] == "base" for r in rows) == 11  # the shipped prompt among them is left out
     banned, _ = script.shipped()
-    assert all(m["content"].strip().lower() not in banned for r in rows for m in json.loads(r["messages"]))
+    assert all(m["content"].strip().lower() not in banned for r in rows for m in r["messages"])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     kinds = sorted({r["kind"] for r in shipped[:6]})
     assert len(kinds) > 1 and manifest["held_out"] == "eval.parquet" and manifest["held_out_shards"] == len(kinds)
