@@ -305,8 +305,8 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
         md = pf.metadata
         prefix = _shard_prefix(path)
         # A string column is one leaf; a message list's fields are leaves under its name.
-        leaves = [i for i in range(md.num_columns)
-                  if md.schema.column(i).path == text_column or md.schema.column(i).path.startswith(text_column + ".")]
+        leaves = [i for i in range(md.num_columns) if md.schema.column(i).path == text_column
+                  or (holds_messages and md.schema.column(i).path.startswith(text_column + "."))]
         shards: list[Shard] = []
         first = 0
         for g in range(md.num_row_groups):
