@@ -800,6 +800,8 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert "--intermediate-size 7 differs from --init's" in capsys.readouterr().err
     assert cli([*base, "--init", tiny["target_dir"]]) == 2
     assert "is not an EAGLE-3 checkpoint" in capsys.readouterr().err
+    assert cli([*base, "--init", str(tmp_path / "nowhere")]) == 2
+    assert f"--init {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

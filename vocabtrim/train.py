@@ -579,6 +579,13 @@ def _check_config(c: TrainConfig) -> None:
     if c.histogram is None and c.init is None:
         raise UserError("pass --histogram DIR --top-k K (the draft vocabulary), or --init DRAFTER to fine-tune a drafter "
                         "over its own draft vocabulary")
+    if c.init is not None:
+        from pathlib import Path
+
+        from vocabtrim.models import BUNDLED_EAGLE3, eagle3_folder
+
+        if not Path(eagle3_folder(c.init)).expanduser().is_dir():
+            raise UserError(f"--init {c.init}: no such folder (pass an EAGLE-3 drafter's folder, or {BUNDLED_EAGLE3})")
     for name, low in (("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
         validate.at_least(name, getattr(c, name), low)
     for name in ("top_k", "max_shards", "intermediate_size"):
