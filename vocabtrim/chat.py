@@ -1,4 +1,5 @@
-"""The one rule for plain-string prompts, shared by ``calibrate`` (generated sources) and ``generate``.
+"""The one rule for plain-string prompts, shared by ``calibrate`` (generated sources), ``generate`` and
+``train-drafter --source target`` (which has no flag: ``auto``).
 
 ``--chat-template``:
 - ``auto`` (default): a string prompt is wrapped as one user message in the tokenizer's chat template when
