@@ -233,6 +233,15 @@ def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] |
     return ids
 
 
+def batch_prompts(tokenizer, texts: list, keys: list[str], limit: int, wrap: bool = True) -> tuple[list[list[int]], list[str]]:
+    """The prompts of a batch of corpus rows and their keys: each row's ``prompt_value`` through
+    ``build_prompt``; rows that are no prompt (blank, not text, malformed messages) or whose messages the chat
+    template rejects are left out."""
+    kept = [(p, k) for t, k in zip(texts, keys)
+            if (v := prompt_value(t)) is not None and (p := build_prompt(tokenizer, v, limit, wrap)) is not None]
+    return [p for p, _ in kept], [k for _, k in kept]
+
+
 def _limit_threads(threads: int, torch_too: bool) -> None:
     """One tokenizer (and torch) thread pool of ``threads`` per actor; set before the first encode."""
     os.environ["RAYON_NUM_THREADS"] = str(threads)
@@ -312,14 +321,10 @@ class ShardCounter(StartingActor):
             return [e.ids for e in self._fast.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def generate(self, values: list, row_ids: list[str]) -> list[list[int]]:
-        """Generated token ids (only the generated ones) for each row's ``prompt_value``; rows whose messages
-        the chat template rejects are left out."""
+    def generate(self, prompts: list[list[int]], row_ids: list[str]) -> list[list[int]]:
+        """Generated token ids (only the generated ones) for each prompt, sampled with its row's seed."""
         from vocabtrim.engine.sampling import row_seed
 
-        built = [(build_prompt(self.tokenizer, v, self.prompt_limit, self.spec.wrap_prompts), r) for v, r in zip(values, row_ids)]
-        prompts = [p for p, _ in built if p is not None]
-        row_ids = [r for p, r in built if p is not None]
         if not prompts:
             return []
         seeds = [row_seed(self.spec.seed, r) for r in row_ids]
@@ -335,8 +340,8 @@ class ShardCounter(StartingActor):
                 texts = [t for t in batch.texts if isinstance(t, str)]
                 ids = self.encode(texts)
             else:
-                keep = [(k, v) for k, t in zip(batch.keys, batch.texts) if (v := prompt_value(t)) is not None]
-                ids = self.generate([v for _, v in keep], [f"{shard.name}:{k}" for k, _ in keep])
+                keys = [f"{shard.name}:{k}" for k in batch.keys]
+                ids = self.generate(*batch_prompts(self.tokenizer, batch.texts, keys, self.prompt_limit, spec.wrap_prompts))
             rows += len(ids)  # one token list per row counted
             skipped += len(batch.texts) - len(ids)
             part = histogram.count_ids(ids, self.vocab_size)

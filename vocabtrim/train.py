@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vocabtrim import corpus, storage, validate
-from vocabtrim.calibrate import Ledger, build_prompt, prompt_value
+from vocabtrim.calibrate import Ledger, batch_prompts
 from vocabtrim.chat import check_message_lists, has_chat_template
 from vocabtrim.special_tokens import eos_ids, of_model
 from vocabtrim.errors import UserError
@@ -177,23 +177,22 @@ class FeatureExtractor(StartingActor):
                 max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
 
-    def _rows(self, values: list, keys: list[str]) -> list[tuple[list[int], int]]:
-        """(token ids, index of the first loss-bearing token) per row: ``--source corpus``, the text;
-        ``--source target``, the row's ``calibrate.prompt_value`` as a prompt of at most max_length -
-        max_new_tokens tokens (``calibrate.build_prompt``) and the target's response (rows whose messages the
-        chat template rejects are left out)."""
+    def _rows(self, shard_name: str, batch) -> list[tuple[list[int], int]]:
+        """(token ids, index of the first loss-bearing token) per row of a corpus batch: ``--source corpus``,
+        each non-blank text; ``--source target``, each row's prompt of at most max_length - max_new_tokens
+        tokens (``calibrate.batch_prompts``) and the target's response."""
         from vocabtrim.engine.sampling import row_seed
 
         spec = self.spec
         if self.engine is None:
-            ids = self.tokenizer(values, add_special_tokens=False)["input_ids"]
+            texts = [t for t in batch.texts if isinstance(t, str) and t.strip()]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             return [(i[: spec.max_length], 1) for i in ids]
         limit = max(1, spec.max_length - spec.max_new_tokens)
-        built = [(build_prompt(self.tokenizer, v, limit, spec.wrap_prompts), k) for v, k in zip(values, keys)]
-        prompts = [p for p, _ in built if p is not None]
+        prompts, keys = batch_prompts(self.tokenizer, batch.texts, [f"{shard_name}:{k}" for k in batch.keys], limit, spec.wrap_prompts)
         if not prompts:
             return []
-        outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for p, k in built if p is not None])
+        outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for k in keys])
         return [((p + o.token_ids)[: spec.max_length], len(p)) for p, o in zip(prompts, outs)]
 
     def extract(self, shard: corpus.Shard) -> FeatureShard:
@@ -204,14 +203,7 @@ class FeatureExtractor(StartingActor):
         parts: dict[str, list] = {k: [] for k in ("input_ids", "row_lengths", "loss_mask", "aux", "final", "target_next")}
         rows = tokens = 0
         for batch in corpus.iter_shard(shard, spec.text_column, spec.batch_rows):
-            if self.engine is None:
-                keep = [(k, t) for k, t in zip(batch.keys, batch.texts) if isinstance(t, str) and t.strip()]
-            else:
-                keep = [(k, v) for k, t in zip(batch.keys, batch.texts) if (v := prompt_value(t)) is not None]
-            if not keep:
-                continue
-            got = self._rows([v for _, v in keep], [f"{shard.name}:{k}" for k, _ in keep])
-            got = [(ids, start) for ids, start in got if len(ids) >= MIN_ROW_TOKENS]
+            got = [(ids, start) for ids, start in self._rows(shard.name, batch) if len(ids) >= MIN_ROW_TOKENS]
             if not got:
                 continue
             width = max(len(ids) for ids, _ in got)
