@@ -224,6 +224,29 @@ def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_loca
     assert (m["chat_template"], m["prompts_wrapped"]) == (chat_template, wrapped)
 
 
+def test_batch_prompts_keeps_the_rows_that_are_prompts_with_their_keys(data):
+    """Strings and conversations are prompts; blank, non-text and malformed rows are left out with their keys.
+    Without the chat template (--chat-template never) strings go raw and conversations are left out, as in a
+    JSONL file whose first row is a string and a later one a list."""
+    from vocabtrim.calibrate import batch_prompts
+
+    tok = data["tok"]
+    chat = [{"role": "user", "content": "the cat"}]
+    texts = ["the dog", "  ", None, chat, [], 7, [{"role": "user", "content": None}]]
+    keys = [f"f:{i}" for i in range(len(texts))]
+
+    def enc(t):
+        return tok(t, add_special_tokens=False)["input_ids"]
+
+    wrapped, wrapped_keys = batch_prompts(tok, texts, keys, 1000, wrap=True)
+    assert wrapped_keys == ["f:0", "f:3"]
+    assert wrapped == [enc(tok.apply_chat_template([{"role": "user", "content": "the dog"}], add_generation_prompt=True, tokenize=False)),
+                       enc(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))]
+    raw, raw_keys = batch_prompts(tok, texts, keys, 1000, wrap=False)
+    assert (raw, raw_keys) == ([enc("the dog")], ["f:0"])
+    assert batch_prompts(tok, [None, ""], ["a", "b"], 1000) == ([], [])
+
+
 def test_generated_source_reads_message_lists_through_the_chat_template(ray_local, data, tmp_path):
     """A column of {role, content} lists (the prompts files `generate` reads) works as the rows of a generated source:
     each conversation through the chat template with the generation prompt; rows that are no conversation are

@@ -209,7 +209,7 @@ def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] |
     decides ``wrap`` from ``--chat-template``); else the text as it is. A string longer than ``limit`` tokens
     keeps the start of the user text (the template around it stays whole) and, failing that, its last
     ``limit`` tokens. A list of messages: the chat template with the generation prompt added, its last
-    ``limit`` tokens (the latest turns).
+    ``limit`` tokens (the latest turns); without ``wrap`` (no template is to be applied) it is no prompt (None).
     """
 
     def encode(t: str) -> list[int]:
@@ -219,6 +219,8 @@ def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] |
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     if not isinstance(value, str):
+        if not wrap:  # --chat-template never: the row is skipped (a JSONL file may mix strings and lists)
+            return None
         try:
             return encode(template(value))[-limit:]
         except Exception:  # the template rejects these messages (an unsupported role, say): the row is skipped
