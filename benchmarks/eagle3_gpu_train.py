@@ -230,7 +230,7 @@ def main() -> None:
     spec = train.ExtractorSpec(target=a.target, source="target", text_column="messages", feature_layers=layers,
                                max_length=a.max_length, max_new_tokens=a.max_new_tokens, temperature=0.0, seed=a.seed,
                                dtype="float32", trust_remote_code=False, threads=a.threads, use_gpu=cuda, batch_rows=a.shard_rows)
-    extractor = train.FeatureExtractor(spec)  # each conversation in the chat template: calibrate.build_prompt
+    extractor = train.FeatureExtractor(spec)  # each conversation in the chat template: calibrate.batch_prompts
     extractor.pid()
     eval_by_kind: dict[str, list[str]] = {}
     if a.eval_messages:
