@@ -219,7 +219,7 @@ def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] |
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     if not isinstance(value, str):
-        if not wrap:  # --chat-template never: the row is skipped (a JSONL file may mix strings and lists)
+        if not wrap:  # no template applied (--chat-template never, or none in the tokenizer): the row is skipped
             return None
         try:
             return encode(template(value))[-limit:]
