@@ -769,6 +769,47 @@ def test_train_drafter_init_fine_tunes_a_drafter_from_its_weights_and_vocabulary
     assert torch.allclose(got2["fc.weight"], ref["fc.weight"], atol=1e-6)
 
 
+def test_train_drafter_init_from_target_starts_the_layer_as_the_targets_layer(tiny, tmp_path, ray_local):
+    """--init-from-target: the new drafter's layer starts as the target decoder layer that reads the highest
+    feature layer (its attention, MLP and norms; fc passes that feature layer through), the token half of q/k/v
+    and the head as without the flag; then it trains like any drafter."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from tiny import corpus_rows
+    from vocabtrim.cli import main as cli
+
+    pq.write_table(pa.table({"text": corpus_rows(160, seed=3)}), tmp_path / "corpus.parquet")
+    calib, _ = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    base = ["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "corpus.parquet"), "--histogram", calib,
+            "--top-k", "64", "--batch-size", "8", "--ttt-length", "2", "--held-out", "0.2", "--epochs", "1",
+            "--learning-rate", "1e-12", "--no-progress"]
+    assert cli([*base, "--init-from-target", "--out", str(tmp_path / "from")]) == 0
+    assert cli([*base, "--out", str(tmp_path / "random")]) == 0
+    got, plain = load_file(str(tmp_path / "from" / "model.safetensors")), load_file(str(tmp_path / "random" / "model.safetensors"))
+    index = e3.default_feature_layers(4)[-1]  # hidden state i is decoder layer i's input
+    assert json.loads((tmp_path / "from" / "manifest.json").read_text())["init_from_target_layer"] == index
+    layer = {k: v.detach() for k, v in tiny["target"].model.layers[index].state_dict().items()}
+    H = tiny["target"].config.hidden_size
+    for name in ("q_proj", "k_proj", "v_proj"):
+        w = got[f"midlayer.self_attn.{name}.weight"]
+        assert torch.allclose(w[:, H:], layer[f"self_attn.{name}.weight"], atol=1e-6), name
+        assert torch.allclose(w[:, :H], plain[f"midlayer.self_attn.{name}.weight"][:, :H], atol=1e-6), name
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "post_attention_layernorm"):
+        assert torch.allclose(got[f"midlayer.{name}.weight"], layer[f"{name}.weight"], atol=1e-6), name
+    assert torch.allclose(got["midlayer.hidden_norm.weight"], layer["input_layernorm.weight"], atol=1e-6)
+    fc = torch.zeros(H, 3 * H)
+    fc[:, 2 * H :] = torch.eye(H)
+    assert torch.allclose(got["fc.weight"], fc, atol=1e-6)
+    for k in ("lm_head.weight", "norm.weight", "midlayer.input_layernorm.weight", "d2t", "t2d"):
+        assert torch.equal(got[k], plain[k]), k
+    # From there it trains: a rerun at a real rate lowers the held-out loss.
+    assert cli([*[("3e-3" if a == "1e-12" else a) for a in base], "--epochs", "3", "--init-from-target", "--out", str(tmp_path / "from")]) == 0
+    h = json.loads((tmp_path / "from" / "manifest.json").read_text())["history"]
+    assert [r["epoch"] for r in h] == [1, 2, 3] and h[-1]["held_out_loss"] < h[0]["held_out_loss"]
+
+
 def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_path, capsys):
     from vocabtrim.cli import main as cli
 
@@ -802,6 +843,12 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert "is not an EAGLE-3 checkpoint" in capsys.readouterr().err
     assert cli([*base, "--init", str(tmp_path / "nowhere")]) == 2
     assert f"--init {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    # --init-from-target copies a target layer into a new drafter: not with --init, not at another MLP width.
+    assert cli([*base, "--init", str(init), "--init-from-target"]) == 2
+    assert "--init-from-target starts a new drafter; --init fine-tunes one" in capsys.readouterr().err
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--init-from-target", "--intermediate-size", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--intermediate-size 7 differs from the target's" in err, err
     assert not (tmp_path / "o").exists()
 
 

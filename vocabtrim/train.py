@@ -81,6 +81,7 @@ class TrainConfig:
     show_progress: bool = True
     max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
     init: str | None = None  # an EAGLE-3 drafter (folder or the bundled name) to start from: fine-tuning
+    init_from_target: bool = False  # a new drafter's layer starts as the target's layer that reads the highest feature layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +372,36 @@ def initial_drafter(init, target_head, draft_ids):
     return model
 
 
+def target_layer_index(feature_layers, target_layers: int) -> int:
+    """The target decoder layer (0-based) whose input is the highest feature layer ``fc`` reads: hidden state
+    ``i`` (of ``L + 1``, 0 the embeddings) is decoder layer ``i``'s input; the last layer where ``i`` is ``L``."""
+    return min(int(feature_layers[-1]), target_layers - 1)
+
+
+def start_from_target_layer(model, layer) -> None:
+    """Set a new drafter's weights (an ``Eagle3Model``, in place) so that its decoder layer starts as the target's
+    decoder layer ``layer`` (a transformers Llama-style layer) applied to the highest of the three feature layers:
+    ``fc`` passes that block [.., 2H:3H] through unchanged and zeroes the other two; the feature half of
+    q/k/v ([.., H:2H]) and o_proj, the MLP, the feature norm (``hidden_norm``, as the layer's input norm) and the
+    post-attention norm are the layer's. The token half of q/k/v keeps its initialisation. Shapes must match."""
+    import torch
+
+    m, H = model.midlayer, model.config.hidden_size
+    pairs = [(getattr(m.self_attn, n).weight[:, H:], getattr(layer.self_attn, n).weight) for n in ("q_proj", "k_proj", "v_proj")]
+    pairs += [(m.self_attn.o_proj.weight, layer.self_attn.o_proj.weight)]
+    pairs += [(getattr(m.mlp, n).weight, getattr(layer.mlp, n).weight) for n in ("gate_proj", "up_proj", "down_proj")]
+    pairs += [(m.hidden_norm.weight, layer.input_layernorm.weight), (m.post_attention_layernorm.weight, layer.post_attention_layernorm.weight)]
+    for mine, theirs in pairs:
+        if mine.shape != theirs.shape:
+            raise UserError(f"--init-from-target: the target's layer has a {tuple(theirs.shape)} weight where the drafter's has "
+                            f"{tuple(mine.shape)} (this target's layer shape is not the drafter's: leave the flag out)")
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+        model.fc.weight.zero_()
+        model.fc.weight[:, 2 * H : 3 * H].copy_(torch.eye(H, dtype=model.fc.weight.dtype))
+
+
 def check_resumable(saved: dict, fresh: dict, out: str) -> None:
     """Refuse, in one line, to resume a drafter saved with another draft vocabulary (``--top-k``,
     ``--histogram``) or other shapes (``--intermediate-size``) than this run's."""
@@ -418,6 +449,9 @@ class DrafterTrainer(StartingActor):
                 # The head starts as the target's own rows for the draft vocabulary, the output norm as its final norm.
                 model.lm_head.weight.copy_(target.lm_head.weight[ids])
                 model.norm.weight.copy_(target.model.norm.weight)
+            if c.init_from_target:
+                index = target_layer_index(feature_layers, len(target.model.layers))
+                start_from_target_layer(model, target.model.layers[index])
             model.set_vocabulary(ids)
         self.model = model.to(self.device)
         # The target's embedding and head rows live beside the drafter (on its GPU when it has one).
@@ -576,6 +610,8 @@ def _check_config(c: TrainConfig) -> None:
 
         from vocabtrim.models import BUNDLED_EAGLE3, eagle3_folder
 
+        if c.init_from_target:
+            raise UserError("--init-from-target starts a new drafter; --init fine-tunes one: pass one of them")
         if not Path(eagle3_folder(c.init)).expanduser().is_dir():
             raise UserError(f"--init {c.init}: no such folder (pass an EAGLE-3 drafter's folder, or {BUNDLED_EAGLE3})")
     for name, low in (("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
@@ -635,6 +671,11 @@ def run_train(config: TrainConfig) -> dict:
     V = max(int(tcfg.vocab_size), len(tokenizer))
     feature_layers = e3.default_feature_layers(int(tcfg.num_hidden_layers))
     init_info = {}
+    if c.init_from_target:
+        if c.intermediate_size not in (None, int(tcfg.intermediate_size)):
+            raise UserError(f"--intermediate-size {c.intermediate_size} differs from the target's {tcfg.intermediate_size}: "
+                            "--init-from-target copies a target layer (leave one of the flags out)")
+        init_info = {"init_from_target_layer": target_layer_index(feature_layers, int(tcfg.num_hidden_layers))}
     if c.init is not None:
         from vocabtrim.models import load_eagle3_checked
 

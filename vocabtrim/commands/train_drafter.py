@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", metavar="DRAFTER",
                         help="an EAGLE-3 drafter to start from (a folder or smollm2-135m-eagle3): fine-tune it on the corpus; its own "
                              "draft vocabulary unless --histogram and --top-k give one (ids it lacks start from the target's head rows)")
+    parser.add_argument("--init-from-target", action="store_true",
+                        help="a new drafter's layer starts as the target's layer that reads the highest feature layer (its "
+                             "attention and MLP weights; fc passes that feature layer through) instead of random weights")
     parser.add_argument("--epochs", type=int, default=1, help="epochs in all (a rerun with more resumes)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
@@ -48,7 +51,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         held_out=args.held_out, max_shards=args.max_shards, intermediate_size=args.intermediate_size, seed=args.seed, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, address=args.address, out=args.out,
-        init=args.init,
+        init=args.init, init_from_target=args.init_from_target,
     )
 
 
