@@ -849,6 +849,17 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert cli([*base, "--histogram", good, "--top-k", "64", "--init-from-target", "--intermediate-size", "7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--intermediate-size 7 differs from the target's" in err, err
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny import save_model
+
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=tiny["V"], hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    wide_dir = save_model(wide, tiny["tokenizer"], tmp_path / "wide")
+    capsys.readouterr()
+    assert cli([*[wide_dir if a == tiny["target_dir"] else a for a in base], "--histogram", good, "--top-k", "64", "--init-from-target"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the target's attention is 4 heads of 16, not its hidden size of 32" in err, err
     assert not (tmp_path / "o").exists()
 
 

@@ -675,6 +675,11 @@ def run_train(config: TrainConfig) -> dict:
         if c.intermediate_size not in (None, int(tcfg.intermediate_size)):
             raise UserError(f"--intermediate-size {c.intermediate_size} differs from the target's {tcfg.intermediate_size}: "
                             "--init-from-target copies a target layer (leave one of the flags out)")
+        heads, hidden = int(tcfg.num_attention_heads), int(tcfg.hidden_size)
+        head_dim = int(getattr(tcfg, "head_dim", None) or hidden // heads)
+        if heads * head_dim != hidden:
+            raise UserError(f"--init-from-target: the target's attention is {heads} heads of {head_dim}, not its hidden size of {hidden}, "
+                            "and a drafter layer's is: its layer cannot start as the target's (leave the flag out)")
         init_info = {"init_from_target_layer": target_layer_index(feature_layers, int(tcfg.num_hidden_layers))}
     if c.init is not None:
         from vocabtrim.models import load_eagle3_checked
