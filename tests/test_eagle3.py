@@ -843,7 +843,7 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert "is not an EAGLE-3 checkpoint" in capsys.readouterr().err
     assert cli([*base, "--init", str(tmp_path / "nowhere")]) == 2
     assert f"--init {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
-    # --init-from-target copies a target layer into a new drafter: not with --init, not at another MLP width.
+    # --init-from-target copies a target layer into a new drafter: not with --init, not at another MLP or attention width.
     assert cli([*base, "--init", str(init), "--init-from-target"]) == 2
     assert "--init-from-target starts a new drafter; --init fine-tunes one" in capsys.readouterr().err
     assert cli([*base, "--histogram", good, "--top-k", "64", "--init-from-target", "--intermediate-size", "7"]) == 2
