@@ -198,7 +198,7 @@ def drafts_always_win(draft_tokens, target_tokens):
     return Verdict(accepted=accepted, next_token=target_tokens[:, g])
 
 
-@pytest.mark.parametrize("case", ["T1-full", "T1-trimmed"])
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("sampler,name,broken", [("rejection", "verify_sampled", naive_verify),
                                                  ("gumbel", "verify_exact", drafts_always_win)])
 def test_the_same_check_rejects_a_wrong_rule(small_pair, case, sampler, name, broken, monkeypatch):

@@ -7,6 +7,7 @@ from stats import chi_square_pvalue
 from vocabtrim.errors import UserError
 from vocabtrim.engine.sampling import (
     SamplingParams,
+    Verdict,
     first_rejection,
     logits_to_probs,
     row_seed,
@@ -83,7 +84,7 @@ def test_verify_greedy_accepts_while_equal_to_argmax():
     assert v.accepted.tolist() == [3] and v.next_token.tolist() == [0]  # bonus token
 
 
-def _one_step_output_distribution(p, q, n, support=None, seed=0):
+def _one_step_output_distribution(p, q, n, support=None, seed=0, verify=verify_sampled):
     """Run one gamma=1 verification for n independent rows; return counts of the emitted token.
 
     The emitted token is the draft if accepted, else the recovered token: its law must be p.
@@ -93,7 +94,7 @@ def _one_step_output_distribution(p, q, n, support=None, seed=0):
     kq = q.shape[-1]
     draft_idx = sample_from_probs(q.expand(n, -1), torch.rand(n, generator=g))
     draft = draft_idx if support is None else support[draft_idx]
-    verdict = verify_sampled(
+    verdict = verify(
         draft[:, None],
         q.expand(n, 1, kq),
         p.expand(n, 2, v),
@@ -115,6 +116,27 @@ def test_one_step_emits_exactly_p_with_full_and_trimmed_drafter():
     q_trim = torch.tensor([0.2, 0.5, 0.3])
     counts = _one_step_output_distribution(p[None], q_trim[None], 200_000, support)
     assert chi_square_pvalue(counts, p) > ALPHA
+
+
+def _recover_from_p(draft_tokens, draft_q, target_p, u_accept, u_recover, draft_support=None):
+    """A wrong rule: the right acceptance test, but a rejected draft is replaced by a sample from p, not from
+    the residual max(p - q, 0)."""
+    v = verify_sampled(draft_tokens, draft_q, target_p, u_accept, u_recover, draft_support)
+    rows = torch.arange(draft_tokens.shape[0])
+    from_p = sample_from_probs(target_p[rows, v.accepted], u_recover)
+    return Verdict(accepted=v.accepted, next_token=torch.where(v.accepted == draft_tokens.shape[1], v.next_token, from_p))
+
+
+@pytest.mark.parametrize("head", ["full", "trimmed"])
+def test_the_same_check_rejects_a_sampler_that_recovers_from_p(head):
+    """Power of the check above (the same sample size, alpha 1e-4): the wrong rule's output law is detected."""
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.0, 0.2])
+    if head == "full":
+        q, support = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.15, 0.05]), None
+    else:
+        q, support = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([1, 2, 4])
+    counts = _one_step_output_distribution(p[None], q[None], 200_000, support, verify=_recover_from_p)
+    assert chi_square_pvalue(counts, p) < ALPHA
 
 
 def test_the_check_has_power_against_a_wrong_distribution():
