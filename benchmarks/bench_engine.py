@@ -213,7 +213,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--old-tree", help="a checkout of the old engine (for the bulk case)")
-    ap.add_argument("--cases", default="bulk,auto,compile")
+    ap.add_argument("--cases", default=None, help="comma-separated; default auto,compile (and bulk first with --old-tree)")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -225,7 +225,7 @@ def main() -> None:
         print(json.dumps(run_setting(json.loads(args.setting))))
         return
     common = dict(prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, threads=args.threads)
-    cases = args.cases.split(",")
+    cases = (args.cases or ("bulk,auto,compile" if args.old_tree else "auto,compile")).split(",")
     print(f"SmolLM2-135M, float32, greedy, {args.prompts} shipped chat prompts, max {args.max_new_tokens} new tokens "
           f"(EOS ends a row), {args.threads} thread(s), {args.rounds} interleaved rounds; ranges over rounds.\n")
     if "bulk" in cases:

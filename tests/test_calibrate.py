@@ -193,6 +193,17 @@ def test_corpus_and_out_on_s3_give_the_exact_histogram_and_resume(ray_local, s3,
     assert np.array_equal(histogram.load(out + "/histogram.parquet", 300), expected)
 
 
+def test_an_out_with_a_query_string_is_shown_without_it(ray_local, s3, data, capsys):
+    """The query of an object-store location (endpoints, keys) is used but never printed."""
+    bucket, host = s3.bucket(), s3.endpoint.removeprefix("http://")
+    code = cli(["calibrate", "--drafter", data["model"], "--corpus", data["corpus"], "--out",
+                f"{bucket}/calib?endpoint_override={host}&scheme=http", "--workers", "1", "--cpus-per-worker", "0.4", "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0 and storage.exists(f"{bucket}/calib/histogram.parquet")
+    assert f"wrote {bucket}/calib/histogram.parquet and {bucket}/calib/manifest.json" in printed.out, printed.out
+    assert host not in printed.out + printed.err
+
+
 @pytest.mark.parametrize("chat_template, wrapped", [("auto", True), ("never", False)])
 def test_generated_source_counts_exactly_the_tokens_the_model_generates(ray_local, data, tmp_path, chat_template, wrapped):
     """Each row is a prompt, a user message in the chat template unless --chat-template never says raw."""

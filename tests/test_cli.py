@@ -45,6 +45,17 @@ def test_log_level_is_checked_in_one_line(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv, level", [
+    (["demo"], "WARNING"),
+    (["--log-level", "info", "demo"], "INFO"),
+    (["demo", "--log-level", "debug"], "DEBUG"),  # after the command too (jobs/*.py put the command first)
+    (["--log-level", "error", "demo", "--log-level", "info"], "INFO"),
+])
+def test_log_level_is_taken_before_or_after_the_command(argv, level, monkeypatch):
+    monkeypatch.delenv("VOCABTRIM_LOG", raising=False)
+    assert build_parser().parse_args(argv).log_level == level
+
+
 def test_generate_table_shows_whole_run_and_engine_throughput():
     from vocabtrim.commands.generate import summary_table
 

@@ -70,16 +70,18 @@ def flag(setting: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vocabtrim", description=DESCRIPTION)
-    parser.add_argument(
-        "--log-level", default=os.environ.get("VOCABTRIM_LOG", "WARNING"), type=str.upper, choices=LOG_LEVELS,
-        help="how much vocabtrim logs on stderr; INFO adds what each stage is doing (default: $VOCABTRIM_LOG, else WARNING)",
-    )
+    log_help = "how much vocabtrim logs on stderr; INFO adds what each stage is doing (default: $VOCABTRIM_LOG, else WARNING)"
+    parser.add_argument("--log-level", default=os.environ.get("VOCABTRIM_LOG", "WARNING"), type=str.upper, choices=LOG_LEVELS,
+                        help=log_help)
     parser.add_argument("--version", action="version", version=f"vocabtrim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        # also after the command (``vocabtrim generate --log-level INFO``, and in jobs/*.py); unset there, the
+        # value before the command stands
+        p.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS, help=log_help)
         p.set_defaults(_main=module.main)
     return parser
 

@@ -57,13 +57,15 @@ def config_from_args(args) -> "CalibrateConfig":  # noqa: F821 (imported lazily:
 
 
 def main(args) -> int:
+    from vocabtrim import storage
     from vocabtrim.calibrate import run_calibrate
 
     m = run_calibrate(config_from_args(args))
+    out = storage.display(args.out).rstrip("/")
     rate = f"{m['tokens_per_second']:,.0f} tokens/s" if m["tokens_per_second"] else "nothing left to count"
     print(
         f"{m['total_tokens']:,} tokens ({m['distinct_tokens']:,} distinct ids) from {m['rows']:,} rows in {m['shards']} shards "
         f"({m['shards_counted']} counted, {m['shards_resumed']} resumed); {rate}; {m['wall_seconds']:.1f} s\n"
-        f"wrote {args.out}/histogram.parquet and {args.out}/manifest.json"
+        f"wrote {out}/histogram.parquet and {out}/manifest.json"
     )
     return 0

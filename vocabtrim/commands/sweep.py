@@ -73,12 +73,13 @@ def config_from_args(args) -> "SweepConfig":  # noqa: F821 (imported lazily: kee
 def main(args) -> int:
     import sys
 
+    from vocabtrim import storage
     from vocabtrim.sweep import run_sweep
 
     result = run_sweep(config_from_args(args))
     print(f"{result['cells']} cells ({result['failed']} failed) in {result['wall_seconds']:.0f} s")
-    print(f"results: {result['results']}")
-    print(f"report:  {result['report']}")
+    print(f"results: {storage.display(result['results'])}")
+    print(f"report:  {storage.display(result['report'])}")
     if result["failed"]:
         print(f"vocabtrim sweep: {result['failed']} cell(s) failed (see report.md); rerun the same command to retry them", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a new drafter's layer starts as the target's layer that reads the highest feature layer (its "
                              "attention and MLP weights; fc passes that feature layer through) instead of random weights")
     parser.add_argument("--epochs", type=int, default=1, help="epochs in all (a rerun with more resumes)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's rate (a rerun resumes at the rerun's rate)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
     parser.add_argument("--ttt-length", type=int, default=3, help="training-time-test steps (EAGLE-3 chains)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per training row")
@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=float, default=0.1, help="share of shards held out for the acceptance report")
     parser.add_argument("--intermediate-size", type=int, default=None, help="the drafter layer's MLP width (default: the target's)")
     parser.add_argument("--max-shards", type=int, default=None, metavar="N",
-                        help="extract and train on the first N shards of the corpus only (%(default)s: all); a rerun with more extracts the rest")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="extract and train on the first N shards of the corpus only (default: all); a rerun with more extracts the rest")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order, and the responses at --temperature > 0")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="the target's dtype while extracting features (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off by default)")
@@ -56,6 +56,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
 
 
 def main(args) -> int:
+    from vocabtrim import storage
     from vocabtrim.train import run_train
 
     m = run_train(config_from_args(args))
@@ -69,5 +70,6 @@ def main(args) -> int:
         if loss is not None and acc is not None else "nothing trained\n",
         end="",
     )
-    print(f"wrote {args.out}/config.json, {args.out}/model.safetensors, {args.out}/manifest.json")
+    out = storage.display(args.out).rstrip("/")
+    print(f"wrote {out}/config.json, {out}/model.safetensors, {out}/manifest.json")
     return 0
