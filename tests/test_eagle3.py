@@ -456,6 +456,19 @@ def test_a_full_draft_vocabulary_is_saved_without_d2t_as_vllm_loads_it(tiny, tmp
     assert "d2t" in load_file(str(tmp_path / "trimmed" / e3.WEIGHTS_FILE))
 
 
+def test_the_engine_refuses_a_draft_vocabulary_out_of_id_order(tiny, tmp_path):
+    """A drafter built in Python with its vocabulary out of id order (the loader sorts a checkpoint's) is refused
+    in one line: the samplers look q(x) up by binary search over it."""
+    from vocabtrim.engine import make_engine
+
+    model = load_for(tiny, write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"]))
+    ids = model.token_ids.clone()
+    ids[[0, 1]] = ids[[1, 0]]
+    model.set_vocabulary(ids)
+    with pytest.raises(UserError, match="^the drafter's vocabulary must be sorted and unique"):
+        make_engine(tiny["target"], model)
+
+
 def test_specforge_export_of_a_plain_head(tmp_path):
     from vocabtrim.head.export import export_specforge
 

@@ -150,6 +150,9 @@ class Engine:
         support = getattr(drafter, "support", None)
         if support is not None and int(support.max()) >= self.vocab:
             raise UserError(f"the drafter proposes token id {int(support.max())} but the target has only {self.vocab} logits")
+        if support is not None and not bool((support[1:] > support[:-1]).all()):
+            # the samplers find q(x) by binary search over the support
+            raise UserError("the drafter's vocabulary must be sorted and unique (its head's rows in token-id order)")
         self.top_gamma = config.top_gamma if drafter is not None else 0
         self.context_length = int(getattr(target.config, "max_position_embeddings", 0) or 0)
         self.vocab_ids = torch.arange(self.vocab, device=self.device)
