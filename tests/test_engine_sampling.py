@@ -166,6 +166,40 @@ def test_noise_is_a_pure_function_of_seed_position_stream_and_token():
     assert all(len(set(row.tolist())) == 256 for row in keys)
 
 
+def test_uniforms_are_uniform_below_float32_resolution():
+    """The uniforms of the acceptance test and of inverse-CDF draws resolve probabilities far below 2**-23: the
+    part of u under 2**-23 is itself uniform (chi-square over 16 bins, false-alarm rate 1e-4). The control,
+    23-bit uniforms as float32 gives them, puts all of it in one bin."""
+    from vocabtrim.engine.sampling import STREAM_ACCEPT, noise_keys, noise_uniform, seed_words
+
+    keys = noise_keys(seed_words(torch.tensor([row_seed(3, str(i)) for i in range(1000)])), torch.arange(100).expand(1000, -1), STREAM_ACCEPT)
+    u = noise_uniform(keys)
+    assert u.dtype == torch.float64 and 0 < float(u.min()) and float(u.max()) < 1
+
+    def below_2_23(u):
+        return torch.bincount(((u.double() * 2**23) % 1 * 16).long().flatten(), minlength=16)
+
+    flat = torch.full((16,), 1 / 16)
+    assert chi_square_pvalue(below_2_23(u), flat) > ALPHA
+    u23 = ((keys >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(2.0**-23)
+    assert chi_square_pvalue(below_2_23(u23), flat) < ALPHA
+
+
+def test_gumbel_noise_is_the_gumbel_quantile_of_its_hash_out_to_the_far_tail():
+    """Each hash maps to the exact Gumbel quantile of its grid point (float64 reference), and the largest
+    noise is 22.2: an id 2e-10 as likely as the top one can win (float32 uniforms stop at 16.6, 6e-8)."""
+    from vocabtrim.engine.sampling import gumbel_of_hash
+
+    h = torch.tensor([0, -1, 1, 5, -1000, 2**20, 2**24 + 3, 123456789, -987654321, 2**30], dtype=torch.int32)
+    w = (h.double().abs() + 0.5) / 2**31
+    exact = -torch.log(-torch.log1p(-w))
+    assert torch.allclose(gumbel_of_hash(h).double(), exact, rtol=1e-5, atol=1e-6)
+    assert float(gumbel_of_hash(h).max()) > 22.1
+    # The last few hashes (w within 2**-24 of 1) share the smallest noise, finite.
+    ends = gumbel_of_hash(torch.tensor([-(2**31), 2**31 - 1, 2**31 - 2**7], dtype=torch.int32))
+    assert torch.isfinite(ends).all() and float(ends.max() - ends.min()) == 0 and float(ends[0]) < -2.8
+
+
 def test_gumbel_max_with_counter_noise_samples_the_distribution():
     from vocabtrim.engine.sampling import STREAM_GUMBEL, gumbel_argmax, gumbel_noise, noise_keys, seed_words
 

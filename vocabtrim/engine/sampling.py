@@ -24,8 +24,9 @@ Two samplers (``--sampler``):
 - ``rejection``: the optimal-acceptance rule above (min(1, p/q), residual); lossless too, and it
   accepts at least as often, but which tokens come out depends on the drafter.
 
-All randomness is counter-based: ``noise_uniform`` hashes (row seed, position, stream, token id) on
-the tensor's device, so a row's samples never depend on its batch-mates or on any generator state.
+All randomness is counter-based: ``noise_uniform`` and ``gumbel_noise`` hash (row seed, position, stream,
+token id) on the tensor's device, so a row's samples never depend on its batch-mates or on any generator
+state.
 """
 
 from __future__ import annotations
@@ -122,21 +123,45 @@ def noise_keys(words: torch.Tensor, positions: torch.Tensor, stream: int) -> tor
     return _mix32(x ^ words[:, 0:1])
 
 
-def noise_uniform(keys: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniforms in (0, 1), a pure function of the keys (and token ids).
+def _token_hash(keys: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+    """keys [n, m] int32 → the keys, or [n, m, K] int32: one hash per (row, position, token id)."""
+    return keys if token_ids is None else _mix32(keys.unsqueeze(-1) ^ (token_ids.to(torch.int32) * _GOLDEN))
 
-    keys: [n, m] int32 (``noise_keys``); token_ids: [K] int64 or None. Returns float32 [n, m] when
-    token_ids is None, else [n, m, K]: one uniform per (row, position, token id).
+
+def _unsigned(x: torch.Tensor) -> torch.Tensor:
+    """int32 → its 32 bits as a non-negative int64."""
+    return x.to(torch.int64) & 0xFFFFFFFF
+
+
+def noise_uniform(keys: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms in (0, 1) on a grid of 2**-53, a pure function of the keys (and token ids).
+
+    keys: [n, m] int32 (``noise_keys``); token_ids: [K] int64 or None. Returns float64 [n, m] when
+    token_ids is None, else [n, m, K]: one uniform per (row, position, token id). (k + 0.5) / 2**53 from
+    two 32-bit hashes (27 and 26 of their bits) is exact in float64 and never 0 or 1, so inverse-CDF
+    sampling and the acceptance test resolve probabilities far below float32's 2**-24.
     """
-    x = keys if token_ids is None else _mix32(keys.unsqueeze(-1) ^ (token_ids.to(torch.int32) * _GOLDEN))
-    # 23 bits: (k + 0.5) / 2**23 is exact in float32 and never 0 or 1.
-    return ((x >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(2.0**-23)
+    x = _token_hash(keys, token_ids)
+    hi = _unsigned(x) >> 5
+    lo = _unsigned(_mix32(x ^ 0x5BD1E995)) >> 6
+    return ((hi << 26) + lo).to(torch.float64).add_(0.5).mul_(2.0**-53)
 
 
 def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise per (row, position, token id): [n, m] keys, [K] ids → [n, m, K] float32."""
-    u = noise_uniform(keys, token_ids)
-    return u.log_().neg_().log_().neg_()
+    return gumbel_of_hash(_token_hash(keys, token_ids))
+
+
+def gumbel_of_hash(h: torch.Tensor) -> torch.Tensor:
+    """Signed 32-bit hashes (int32, uniform) → standard Gumbel noise, float32 of the same shape.
+
+    -log(-log(1 - w)) with w = (|h| + 0.5) / 2**31: uniform on a grid of 2**-31, and exact in float32 near 0,
+    where the largest noise comes from; so the noise reaches 22.2 and an id as unlikely as about 2e-10
+    against the top one can still win (from a float32 uniform u, -log(-log(u)) stops at 16.6: about 6e-8).
+    Away from 0, float32 rounds w to 24 bits (kept below 1), far from any winner's noise.
+    """
+    w = h.to(torch.float32).abs_().add_(0.5).mul_(2.0**-31).clamp_(max=1 - 2.0**-24)
+    return w.neg_().log1p_().neg_().log_().neg_()
 
 
 def gumbel_argmax(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:
