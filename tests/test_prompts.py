@@ -326,3 +326,19 @@ def test_shipped_prompts_are_varied_valid_and_reproducible(tok, tmp_path):
     spec.loader.exec_module(module)
     module.write(tmp_path / "again.parquet")
     assert pq.read_table(tmp_path / "again.parquet").equals(table)
+
+
+def test_damaged_data_pages_are_refused_in_one_line_where_they_are_read(tmp_path):
+    """A file whose footer reads but whose prompt column's pages are damaged passes the footer checks; reading
+    its rows then refuses it in one line (a UserError), not with pyarrow's traceback."""
+
+    path = tmp_path / "p.parquet"
+    rows = [f"sentence {i}: the quick brown fox jumps over the lazy dog" for i in range(200)]
+    pq.write_table(pa.table({"id": [str(i) for i in range(200)], "prompt": rows}), path, compression="snappy", use_dictionary=False)
+    column = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset + 40 : column.data_page_offset + 240] = b"\xab" * 200
+    path.write_bytes(bytes(data))
+    file = check_prompt_file(str(path), "p.parquet", "prompt", "id")  # the id column and the footer are intact
+    with pytest.raises(UserError, match=r"p\.parquet is not a readable Parquet file \("):
+        list(read_chunks(file, "prompt", "id", 50))

@@ -527,13 +527,14 @@ def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
 
 def plan(config: CalibrateConfig) -> _Plan:
     """Everything decided before Ray starts: checks, tokenizer, shards, the ledger's run key."""
-    from vocabtrim.models import check_pair, load_tokenizer, resolve_model, tokenizer_fingerprint
+    from vocabtrim.models import check_declared_widths, check_pair, load_tokenizer, resolve_model, tokenizer_fingerprint
 
     _check_config(config)
     generator, layers = _generator(config)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
     if generator is not None and generator != config.drafter:
         check_pair(load_tokenizer(generator, config.trust_remote_code), tokenizer)
+        check_declared_widths(generator, config.drafter, config.trust_remote_code)
     wrap = wraps_strings(config.chat_template, tokenizer, config.drafter) if generator is not None else False
     if generator is not None:
         resolve_model(generator)  # a GGUF model converts once here, not in every actor

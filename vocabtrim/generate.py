@@ -149,7 +149,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
     (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
     ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
-    from vocabtrim.models import check_pair, is_eagle3, load_tokenizer, tokenizer_fingerprint
+    from vocabtrim.models import check_declared_widths, check_pair, is_eagle3, load_tokenizer, tokenizer_fingerprint
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter = _drafter_name(cfg)
@@ -158,6 +158,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     if (drafter is not None and drafter != cfg.target and not is_eagle3(drafter)
             and not (cfg.engine == "vllm" and drafter == "ngram")):
         check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
+        check_declared_widths(cfg.target, drafter, cfg.trust_remote_code)
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
         if is_messages_type(f.prompt_type):

@@ -314,6 +314,28 @@ def check_pair(target_tokenizer, drafter_tokenizer, target_model=None, drafter_m
         )
 
 
+def declared_logits_width(name: str, trust_remote_code: bool = False) -> int | None:
+    """The logits width a model's config.json declares (``vocab_size``), read without loading weights; None when
+    the config cannot be read here (a hub id offline: the loaded models are checked again)."""
+    resolved = resolve_model(name)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        log.debug("config of %s unreadable here: %s", name, exc)
+        return None
+    width = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
+    return int(width) if width else None
+
+
+def check_declared_widths(target: str, drafter: str, trust_remote_code: bool = False) -> None:
+    """``check_pair``'s logits-width rule on the two configs, before any model is loaded."""
+    wt, wd = declared_logits_width(target, trust_remote_code), declared_logits_width(drafter, trust_remote_code)
+    if wt is not None and wd is not None and wt != wd:
+        raise UserError(f"target and drafter logits widths differ: {wt} vs {wd}")
+
+
 @dataclass
 class ModelPair:
     """A loaded target and drafter sharing one tokenizer (checked)."""

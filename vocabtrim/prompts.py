@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from typing import NoReturn
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage
 from vocabtrim.corpus import prompt_type_problem, unwrap_dictionary
-from vocabtrim.errors import UserError, first_line
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,11 @@ def _check_unique_ids(path: str, id_column: str) -> None:
     output identity). Nulls are not ids: those rows get stable ids."""
     import pyarrow.compute as pc
 
-    with storage.open_input_file(path) as f:
-        ids = pq.read_table(f, columns=[id_column]).column(0)
+    try:
+        with storage.open_input_file(path) as f:
+            ids = pq.read_table(f, columns=[id_column]).column(0)
+    except (pa.ArrowException, OSError) as exc:
+        _unreadable(path, exc)
     counts = pc.value_counts(ids.drop_null())
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):
@@ -189,9 +193,21 @@ def read_chunks(file: PromptFile, prompt_column: str, id_column: str | None, row
     columns = [prompt_column] + ([id_column] if file.id_type is not None and id_column != prompt_column else [])
     start = 0
     with storage.open_input_file(file.path) as source:
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=rows_per_chunk, columns=columns):
+        batches = pq.ParquetFile(source).iter_batches(batch_size=rows_per_chunk, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:  # pages the footer did not vouch for
+                _unreadable(file.path, exc)
+            if batch is None:
+                return
             yield _chunk(file, batch, start, prompt_column, id_column)
             start += batch.num_rows
+
+
+def _unreadable(path: str, exc: BaseException) -> NoReturn:
+    """A file whose data cannot be read is the user's input (one line), unless the machine is at fault."""
+    user_error_unless_fault(exc, f"{storage.display(path)} is not a readable Parquet file ({first_line(exc)})")
 
 
 def _chunk(file: PromptFile, batch: pa.RecordBatch, start: int, prompt_column: str, id_column: str | None) -> PromptChunk:
