@@ -353,6 +353,33 @@ def test_a_target_with_another_logits_width_is_refused_before_anything_runs(data
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["calibrate", "build-head"])
+@pytest.mark.parametrize("found", ["vocabtrim-head", "vocabtrim-histogram", "vocabtrim-eagle3-train", None])
+def test_another_commands_out_folder_is_refused_not_overwritten(ray_local, data, tmp_path, capsys, command, found):
+    """An --out holding another command's manifest.json (or one vocabtrim did not write) is refused in one
+    line and left as it was; the command's own kind is its rerun."""
+    own = {"calibrate": "vocabtrim-histogram", "build-head": "vocabtrim-head"}[command]
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = json.dumps({"kind": found} if found else {"name": "someone else's"})
+    (out / "manifest.json").write_text(manifest)
+    calibrate = ["calibrate", "--drafter", data["model"], "--corpus", data["corpus"], "--workers", "1", "--cpus-per-worker", "0.4",
+                 "--no-progress"]
+    if command == "calibrate":
+        argv = calibrate
+    else:
+        assert cli([*calibrate, "--out", str(tmp_path / "calib")]) == 0
+        argv = ["build-head", "--histogram", str(tmp_path / "calib"), "--drafter", data["model"], "--top-k", "64"]
+    capsys.readouterr()
+    code = cli([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    if found == own:
+        assert code == 0, err
+    else:
+        assert code == 2 and err.count("\n") == 1 and "it is another command's output; use a new --out" in err, err
+        assert (out / "manifest.json").read_text() == manifest
+
+
 def test_cli_refuses_an_unreadable_file(data, tmp_path, capsys, monkeypatch):
     path = tmp_path / "locked.txt"
     path.write_text("x\n")

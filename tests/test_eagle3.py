@@ -914,6 +914,43 @@ def test_train_drafter_refuses_a_corpus_with_no_row_to_train_on(tiny, tmp_path, 
     assert not (out / "model.safetensors").exists()
 
 
+def test_train_drafter_refuses_a_draft_vocabulary_that_holds_none_of_the_targets_tokens(tiny, tmp_path, ray_local, capsys):
+    """A draft vocabulary that holds none of the tokens the target predicts on the training rows gives no position
+    to learn from: one line and exit 2, no drafter written (it crashed in backward before)."""
+    import numpy as np
+
+    from vocabtrim import histogram
+    from vocabtrim.cli import main as cli
+    from vocabtrim.models import tokenizer_fingerprint
+    from vocabtrim.special_tokens import special_token_ids
+
+    tok, target = tiny["tokenizer"], tiny["target"]
+    rows = ["the quick brown fox jumps over the lazy dog", "def add(a, b): return a + b"]
+    (tmp_path / "c.txt").write_text("\n".join(rows) + "\n")
+    predicted = set()
+    with torch.no_grad():
+        for r in rows:
+            predicted |= set(target(torch.tensor([tok(r)["input_ids"]])).logits[0].argmax(-1).tolist())
+    specials = set(special_token_ids(tok))
+    counts = np.zeros(tiny["V"], dtype=np.int64)
+    for i in range(tiny["V"]):
+        if i not in predicted and i not in specials:
+            counts[i] = 1 + i
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    histogram.save(counts, str(calib / "histogram.parquet"))
+    (calib / "manifest.json").write_text(json.dumps({"kind": "vocabtrim-histogram", "version": 1,
+                                                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "source": "corpus"}))
+    assert not predicted & specials, "a special token is among the target's predictions: pick other rows"
+    capsys.readouterr()
+    out = tmp_path / "o"
+    code = cli(["train-drafter", "--target", tiny["target_dir"], "--corpus", str(tmp_path / "c.txt"), "--histogram", str(calib),
+                "--top-k", "32", "--held-out", "0", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nothing to train on: no training row's next token" in err, err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_vocabtrim_generate_with_an_eagle3_drafter_equals_the_target_alone(tiny, agreeing, tmp_path, ray_local, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -604,6 +604,7 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     wall = time.perf_counter()
     p = plan(config)
     out = config.out
+    storage.check_out_kind(out, histogram.MANIFEST_KIND)
     ledger = Ledger(storage.join(out, "shards"))
     ledger.claim(p.run_key)
     todo = [s for s in p.shards if not ledger.done(s.shard_id)]

@@ -424,6 +424,21 @@ def settings_key(name: str | None) -> str | None:
     return os.path.realpath(path) if os.path.exists(path) else name
 
 
+def check_out_kind(folder: str, kind: str) -> None:
+    """Refuse, in one line, an ``--out`` whose ``manifest.json`` is of another kind than ``kind`` (another
+    command's output, or a file vocabtrim did not write): the run would overwrite it."""
+    path = join(folder, "manifest.json")
+    if is_file(folder) or not is_file(path):
+        return
+    try:
+        found = json.loads(read_text(path)).get("kind")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != kind:
+        what = f"a {found!r} manifest.json" if isinstance(found, str) else "a manifest.json vocabtrim did not write"
+        raise UserError(f"--out {display(folder)} holds {what}, not {kind!r}: it is another command's output; use a new --out")
+
+
 def claim(folder: str, record: str, settings: dict, *, key: str | None = None, what: str = "outputs",
           binds: Callable[[], bool] | None = None, stray: Callable[[str], bool] = lambda name: True) -> dict:
     """Claim the output folder ``folder`` for a run with ``settings``, so that a rerun resumes only with the

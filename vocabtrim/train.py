@@ -510,8 +510,11 @@ class DrafterTrainer(StartingActor):
         self.model.train()
         self.model.requires_grad_(True)
         losses, correct, counted = [], 0, 0
-        for rows in self._epoch[self._cursor : self._cursor + k]:
+        batches = self._epoch[self._cursor : self._cursor + k]
+        for rows in batches:
             loss, stats = ttt_loss(self.model, pad_rows(rows, self.device), self.target_head, c.ttt_length)
+            if not loss.requires_grad:  # no position of the batch counts (no target token in the draft vocabulary)
+                continue
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
@@ -520,18 +523,21 @@ class DrafterTrainer(StartingActor):
             losses.append(float(loss.detach()))
             correct += stats[0][0]
             counted += stats[0][1]
-        self._cursor += len(losses)
+        self._cursor += len(batches)
         self._losses += losses
         self._correct += correct
         self._counted += counted
         self.model.eval()
         self.model.requires_grad_(False)
-        return {"steps": len(losses), "loss": float(np.mean(losses)) if losses else None,
+        return {"steps": len(batches), "loss": float(np.mean(losses)) if losses else None,
                 "train_acceptance": correct / counted if counted else None, "done": self._cursor >= len(self._epoch)}
 
     def end_epoch(self) -> dict:
         """Evaluate on the held-out shards, write the drafter and the resume state; the epoch's record."""
         losses = self._losses
+        if not losses:
+            raise UserError(f"nothing to train on: no training row's next token (the target's) is in the draft vocabulary of "
+                            f"{self.model.config.draft_vocab_size:,} ids: calibrate on text like the training rows, or raise --top-k")
         self.epoch += 1
         record = {"epoch": self.epoch, "steps": self.step, "learning_rate": self.opt.param_groups[0]["lr"],
                   "loss": float(np.mean(losses)) if losses else None,
@@ -703,6 +709,7 @@ def run_train(config: TrainConfig) -> dict:
     if with_messages is not None:
         check_message_lists("auto", tokenizer, c.target, f"{storage.display(with_messages.path)} holds message lists in {c.text_column!r}")
     shards = shards[: c.max_shards] if c.max_shards is not None else shards
+    storage.check_out_kind(c.out, MANIFEST_KIND)
     ledger = FeatureLedger(storage.join(c.out, "features"))
     fp = tokenizer_fingerprint(tokenizer)
     ledger.claim({"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,

@@ -71,6 +71,7 @@ def build_head(config: BuildHeadConfig) -> dict:
     )
     head = head_from_ids(model, selection.token_ids)
     out = os.fspath(config.out)
+    storage.check_out_kind(out, MANIFEST_KIND)
     storage.makedirs(out)
     manifest = {
         "kind": MANIFEST_KIND,
@@ -160,6 +161,7 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     keep = torch.from_numpy(draft_ids[selection.token_ids])
     trimmed = eagle3.retrim(model, keep)
     out = os.fspath(config.out)
+    storage.check_out_kind(out, EAGLE3_MANIFEST_KIND)
     storage.makedirs(out)
     eagle3.save_eagle3(trimmed, out)
     src = Path(eagle3_folder(config.drafter)).expanduser()
