@@ -469,15 +469,6 @@ def test_bad_locations_are_refused_in_one_line(s3, tiny_pair_dirs, tmp_path, cap
     bucket = s3.bucket()
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"prompt": ["hi"]}), good)
-    tok = make_tokenizer()
-    wide = save_model(make_model(len(tok) + 20, layers=1), tok, tmp_path / "wide")  # same tokenizer, 20 more logits
-    # A file whose footer reads but whose data pages are damaged.
-    rows = [f"sentence {i}: the quick brown fox" for i in range(200)]
-    pq.write_table(pa.table({"id": [str(i) for i in range(200)], "prompt": rows}), tmp_path / "ok.parquet",
-                   compression="snappy", use_dictionary=False)
-    damaged = bytearray((tmp_path / "ok.parquet").read_bytes())
-    damaged[60 : len(damaged) // 2] = b"\xab" * (len(damaged) // 2 - 60)
-    (tmp_path / "damaged.parquet").write_bytes(bytes(damaged))
     capsys.readouterr()
     cases = [
         (["--prompts", "nosuchscheme://bucket/p.parquet", "--out", str(tmp_path / "out")], "cannot open nosuchscheme://bucket/p.parquet"),
