@@ -97,6 +97,21 @@ def test_refuses_a_checkpoint_for_another_target_in_one_line(tiny, tmp_path, kw,
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"num_attention_heads": 3}, "its config.json does not describe a drafter (ValueError: The hidden size (32) is not a multiple of "
+                                 "the number of attention heads (3).)"),
+    ({"hidden_size": None}, "not an EAGLE-3 config.json"),
+    ("{broken", "config.json is not valid JSON ("),
+])
+def test_a_config_json_that_describes_no_drafter_is_refused_in_one_line(tiny, tmp_path, config, message):
+    folder = write_specforge_checkpoint(tmp_path / "bad", tiny["target"], tiny["draft_ids"])
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps({**raw, **config}))
+    with pytest.raises(UserError) as err:
+        load_for(tiny, folder)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_cli_refuses_a_mismatched_eagle3_drafter_with_exit_2(tiny, tmp_path, capsys):
     from vocabtrim.models import load_pair
 

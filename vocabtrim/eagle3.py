@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vocabtrim.errors import UserError, first_line
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 ARCHITECTURES = (ARCHITECTURE, "Eagle3LlamaForCausalLM")
@@ -430,9 +430,11 @@ def is_eagle3_folder(name: str | os.PathLike | None) -> bool:
         return False
     try:
         raw = json.loads(config.read_text())
-    except (OSError, ValueError):
+    except ValueError as exc:  # no folder's config.json may be broken: say so, not what it lacks for its kind
+        raise UserError(f"{config} is not valid JSON ({first_line(exc)})") from exc
+    except OSError:
         return False
-    return any(a in ARCHITECTURES for a in raw.get("architectures") or [])
+    return isinstance(raw, dict) and any(a in ARCHITECTURES for a in raw.get("architectures") or [])
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -451,6 +453,12 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _reason(exc: BaseException) -> str:
+    """The last non-empty line of an error's message (transformers' validation errors end with the reason)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def load_eagle3(
     folder: str | os.PathLike, *, target_vocab: int | None = None, target_hidden: int | None = None,
     target_embedding: torch.Tensor | None = None, dtype: torch.dtype | None = None, device=None,
@@ -465,11 +473,17 @@ def load_eagle3(
     folder = Path(os.fspath(folder)).expanduser()
     if not is_eagle3_folder(folder):
         raise UserError(f"{folder} is not an EAGLE-3 checkpoint (config.json architectures must name {ARCHITECTURE})")
-    config = Eagle3Config.from_dict(json.loads((folder / "config.json").read_text()))
+    shown = str(folder)
+    try:
+        config = Eagle3Config.from_dict(json.loads((folder / "config.json").read_text()))
+        config.llama_config()  # transformers' own checks of the layer's shape (heads dividing the hidden size, ...)
+    except UserError:
+        raise
+    except Exception as exc:
+        user_error_unless_fault(exc, f"EAGLE-3 checkpoint {shown}: its config.json does not describe a drafter ({_reason(exc)})")
     if config.raw.get("fc_norm"):
         raise UserError(f"{folder}: fc_norm EAGLE-3 variants are not supported")
     tensors = _read_tensors(folder)
-    shown = str(folder)
     with_embedding = "embed_tokens.weight" in tensors
     model = Eagle3Model(config, with_embedding=with_embedding)
     expected = {k: v.shape for k, v in model.state_dict().items()}
