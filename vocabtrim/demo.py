@@ -264,12 +264,14 @@ def check(cfg: DemoConfig, sweep: SweepConfig, eagle3: SweepConfig | None) -> No
     """Refuse in one line, before any stage runs, what a stage would refuse later: the settings, the pair (the
     truncated drafter and the EAGLE-3 drafter, each against the target) and --top-k against the vocabulary."""
     from vocabtrim import validate
-    from vocabtrim.sweep.cells import check_config, measure_sizes
+    from vocabtrim.sweep.cells import check_config, check_k, measure_sizes
 
     validate.trim(cfg.top_k, None)
     validate.gamma(cfg.gamma)  # generate's rule: auto or a number; the sweep's own check wants a number
     check_config(dataclasses.replace(sweep, gamma=1))
-    validate.trim(cfg.top_k, None, measure_sizes(sweep).vocab_size)
+    sizes = measure_sizes(sweep)
+    validate.trim(cfg.top_k, None, sizes.vocab_size)
+    check_k([cfg.top_k], sizes, "--top-k")
     if eagle3 is not None:
         measure_sizes(eagle3)
 

@@ -279,6 +279,7 @@ class ModelSizes:
     head_bias: bool
     vocab_size: int
     draft_vocab_size: int | None = None  # an EAGLE-3 drafter's own draft vocabulary: trimmed cells keep ids inside it
+    special_tokens: int = 0  # ids every trimmed head keeps (inside the draft vocabulary for an EAGLE-3 drafter)
 
     def drafter(self, head_rows: int) -> int:
         return drafter_params(self.drafter_body, head_rows, self.hidden, self.head_bias)
@@ -291,6 +292,7 @@ def measure_sizes(cfg: SweepConfig) -> ModelSizes:
     """Load the pair once on the CPU (checking it: one line if the tokenizers or widths differ) and count."""
     from vocabtrim.eagle3 import Eagle3Model
     from vocabtrim.models import load_pair, logits_width, num_parameters
+    from vocabtrim.special_tokens import of_model, special_token_ids
 
     pair = load_pair(
         cfg.target, cfg.drafter, cfg.drafter_layers, dtype=cfg.dtype, device="cpu", trust_remote_code=cfg.trust_remote_code
@@ -298,8 +300,10 @@ def measure_sizes(cfg: SweepConfig) -> ModelSizes:
     if isinstance(pair.drafter, Eagle3Model):  # its body: one layer and fc (the embedding lookup reads one row)
         d = pair.drafter
         body = sum(p.numel() for n, p in d.named_parameters() if not n.startswith(("lm_head.", "embed_tokens.")))
+        in_draft = set(d.token_ids.tolist())
         return ModelSizes(target=num_parameters(pair.target), drafter_body=body, hidden=int(d.lm_head.weight.shape[1]),
-                          head_bias=False, vocab_size=logits_width(pair.target), draft_vocab_size=int(d.config.draft_vocab_size))
+                          head_bias=False, vocab_size=logits_width(pair.target), draft_vocab_size=int(d.config.draft_vocab_size),
+                          special_tokens=sum(i in in_draft for i in special_token_ids(pair.tokenizer)))
     head = pair.drafter.get_output_embeddings()
     return ModelSizes(
         target=num_parameters(pair.target),
@@ -307,7 +311,24 @@ def measure_sizes(cfg: SweepConfig) -> ModelSizes:
         hidden=int(head.weight.shape[1]),
         head_bias=getattr(head, "bias", None) is not None,
         vocab_size=logits_width(pair.drafter),
+        special_tokens=len(special_token_ids(pair.tokenizer, of_model(pair.drafter))),
     )
+
+
+def check_k(ks, sizes: ModelSizes, flag: str = "--k") -> None:
+    """Refuse, in one line before any stage runs, a K that build-head would refuse: more ids than the drafter
+    has (or than an EAGLE-3 drafter's draft vocabulary), or fewer than the special tokens every head keeps."""
+    ks = [k for k in ks if k is not None]
+    too_big = [k for k in ks if k > sizes.vocab_size]
+    if too_big:
+        raise UserError(f"{flag} {too_big[0]} exceeds the drafter's vocabulary of {sizes.vocab_size}: use 'full' for the whole head")
+    too_big = [k for k in ks if sizes.draft_vocab_size is not None and k > sizes.draft_vocab_size]
+    if too_big:
+        raise UserError(f"{flag} {too_big[0]} exceeds the EAGLE-3 drafter's draft vocabulary of {sizes.draft_vocab_size:,} (re-trimming "
+                        "only removes ids): use K up to it, and 'full' for the whole vocabulary")
+    too_small = [k for k in ks if k < sizes.special_tokens]
+    if too_small:
+        raise UserError(f"{flag} {too_small[0]} is smaller than the {sizes.special_tokens} special tokens that every trimmed head keeps")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from vocabtrim.sweep.cells import (
     SweepConfig,
     add_speedups,
     check_config,
+    check_k,
     empty_row,
     measure_sizes,
     metrics_row,
@@ -389,13 +390,7 @@ def _run_sweep(cfg: SweepConfig, echo: Callable[[str], None]) -> dict:
     wall = time.perf_counter()
     check_config(cfg)
     sizes = measure_sizes(cfg)
-    too_big = [k for k in cfg.k if k is not None and k > sizes.vocab_size]
-    if too_big:
-        raise UserError(f"--k {too_big[0]} exceeds the drafter's vocabulary of {sizes.vocab_size}: use 'full' for the whole head")
-    too_big = [k for k in cfg.k if k is not None and sizes.draft_vocab_size is not None and k > sizes.draft_vocab_size]
-    if too_big:
-        raise UserError(f"--k {too_big[0]} exceeds the EAGLE-3 drafter's draft vocabulary of {sizes.draft_vocab_size:,} (re-trimming "
-                        "only removes ids): use K up to it, and 'full' for the whole vocabulary")
+    check_k(cfg.k, sizes)
     out = cfg.out
     run = claim_out(out, settings_of(cfg))
     rows, calibrations = run_cells(cfg, out, sizes, run, echo)
