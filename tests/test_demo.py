@@ -114,6 +114,8 @@ def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
 @pytest.mark.parametrize("change, message", [
     (["--top-k", "1000000"], "--top-k must be between 1 and the drafter's vocabulary size 300, got 1000000"),
     (["--top-k", "2"], "--top-k 2 is smaller than the 3 special tokens that every trimmed head keeps"),
+    (["--eval-prompts", "0"], "--eval-prompts must be >= 1, got 0"),
+    (["--rounds", "9"], "--rounds must be between 1 and --eval-prompts (8), got 9"),
     (["--eagle3", "NO-SUCH"], "no such model: NO-SUCH (pass a model folder, a .gguf file, a hub id or smollm2-135m)"),
     (["--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),

@@ -233,6 +233,7 @@ def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
     other = save_model(make_model(len(other_tok), layers=1), other_tok, tmp_path / "other")
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"prompt": ["hi"]}), good)
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     tok = make_tokenizer()
     wide = save_model(make_model(len(tok) + 20, layers=1), tok, tmp_path / "wide")  # same tokenizer, 20 more logits
     # A file whose footer reads but whose data pages are damaged.
@@ -250,6 +251,7 @@ def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):
         (["--drafter", other, "--prompts", str(good)], "tokenizers differ"),
         (["--drafter", wide, "--prompts", str(good)], f"target and drafter logits widths differ: {len(tok)} vs {len(tok) + 20}"),
         (["--drafter", drafter, "--prompts", str(tmp_path / "damaged.parquet")], "damaged.parquet is not a readable Parquet file"),
+        (["--drafter", drafter, "--prompts", str(tmp_path / "empty.parquet")], "the prompts are empty: no rows in"),
         (["--prompts", str(good)], "no drafter"),
         (["--no-draft", "--head", str(tmp_path), "--prompts", str(good)], "--head needs a drafter"),
     ]

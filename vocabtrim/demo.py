@@ -91,8 +91,10 @@ def split_prompts(out: Path, calibration: int, evaluation: int, rounds: int = 1)
     table = pq.read_table(PROMPTS)
     if calibration + evaluation > table.num_rows:
         raise UserError(f"the demo ships {table.num_rows} prompts: calibration + evaluation must not exceed that")
+    if evaluation < 1:
+        raise UserError(f"--eval-prompts must be >= 1, got {evaluation}")
     if not 1 <= rounds <= evaluation:
-        raise UserError(f"rounds must be between 1 and the {evaluation} evaluation prompts, got {rounds}")
+        raise UserError(f"--rounds must be between 1 and --eval-prompts ({evaluation}), got {rounds}")
     folder = out / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
     cal = folder / "calibration.parquet"

@@ -806,6 +806,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     wall = time.perf_counter()
     check_config(cfg)
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
+    if sum(f.num_rows for f in files) == 0:
+        raise UserError(f"the prompts are empty: no rows in {' '.join(storage.display(f.path) for f in files)}")
     fingerprint, wrap_strings = check_models(cfg, files)
     check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
