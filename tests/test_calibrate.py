@@ -300,14 +300,45 @@ def test_a_corpus_with_no_tokens_is_refused(ray_local, data, tmp_path):
 
 
 def test_a_user_error_found_while_the_workers_start_is_one_line(ray_local, data, tmp_path, capsys):
-    """--drafter-layers beyond the model's layers shows only when a worker loads the model: the user gets
-    that one line and exit 2, not Ray's traceback of an actor that died starting."""
+    """Damaged weights (config.json intact) show only when a worker loads the model: the user gets that one line
+    and exit 2, not Ray's traceback of an actor that died starting."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(data["model"], model)
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[100:400] = b"\xab" * 300
+    (model / "model.safetensors").write_bytes(bytes(weights))
     (tmp_path / "p.txt").write_text("hello there\n")
-    code = cli(["calibrate", "--drafter", data["model"], "--drafter-layers", "5", "--source", "drafter",
+    code = cli(["calibrate", "--drafter", str(model), "--source", "drafter",
                 "--corpus", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--workers", "1",
                 "--cpus-per-worker", "0.4", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "--drafter-layers" in err, err
+    assert code == 2 and err.count("\n") == 1 and "cannot load model" in err, err
+
+
+def test_an_out_inside_the_corpus_folder_is_refused(data, tmp_path, capsys):
+    """Its histogram and manifest would be read as corpus files on the rerun that should resume."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(data["corpus"], corpus)
+    for out in (corpus, corpus / "calib"):
+        assert cli(["calibrate", "--drafter", data["model"], "--corpus", str(corpus), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} is inside the corpus folder {corpus}" in err, err
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(p.name for p in Path(data["corpus"]).iterdir())
+
+
+def test_drafter_layers_beyond_the_model_are_refused_for_every_source(data, tmp_path, capsys):
+    """The manifest records --drafter-layers and build-head builds that drafter: it must exist, whatever the source
+    (it was accepted with --source corpus, exit 0)."""
+    for source in ("corpus", "drafter"):
+        code = cli(["calibrate", "--drafter", data["model"], "--drafter-layers", "5", "--source", source,
+                    "--corpus", data["corpus"], "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "--drafter-layers must be between 1 and 1, got 5" in err, err
+        assert not (tmp_path / "o").exists()
 
 
 # These fail before Ray starts: no ray_local fixture needed.

@@ -105,6 +105,15 @@ def test_bad_model_names_are_user_errors(tmp_path):
         models.resolve_model(str(tmp_path / "empty"))
 
 
+def test_a_mistyped_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """'runs/drafter' where runs/ exists but runs/drafter does not: one line at once, not the hub's retries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match=r"^no such model folder: runs/drafter \(runs/ is a local folder"):
+        models.resolve_model("runs/drafter")
+    assert models.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # no such local folder: a hub id
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused_in_one_line(tmp_path, tiny_pair_dirs):
     """transformers' own message for it spans five lines and names no file."""
     import shutil

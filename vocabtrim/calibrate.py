@@ -510,6 +510,13 @@ def _check_config(config: CalibrateConfig) -> None:
     check_runs_alone("target", config.target)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
+    out = storage.canonical(config.out)
+    for where in config.corpus:
+        if storage.is_local(where) and os.path.isdir(storage.local_path(where)):
+            folder = storage.canonical(where)
+            if out == folder or out.startswith(folder.rstrip(os.sep) + os.sep):
+                raise UserError(f"--out {storage.display(config.out)} is inside the corpus folder {storage.display(where)}: a rerun "
+                                "would read its files as corpus; use an --out outside it")
     check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address)
 
 
@@ -527,9 +534,13 @@ def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
 
 def plan(config: CalibrateConfig) -> _Plan:
     """Everything decided before Ray starts: checks, tokenizer, shards, the ledger's run key."""
-    from vocabtrim.models import check_declared_widths, check_pair, load_tokenizer, resolve_model, tokenizer_fingerprint
+    from vocabtrim.models import check_declared_widths, check_pair, declared_config, load_tokenizer, resolve_model, tokenizer_fingerprint
 
     _check_config(config)
+    if config.drafter_layers is not None:  # recorded in the manifest, and build-head reads it: the drafter must have them
+        drafter_config = declared_config(config.drafter, config.trust_remote_code)
+        if drafter_config is not None:
+            validate.drafter_layers(config.drafter_layers, getattr(drafter_config, "num_hidden_layers", None))
     generator, layers = _generator(config)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
     if generator is not None and generator != config.drafter:

@@ -202,19 +202,11 @@ def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
 def _drafter_config(cfg: GenerateConfig) -> dict | None:
     """The drafter's architecture as its config.json gives it (``--drafter-layers`` applied), or None if unreadable."""
     from vocabtrim.head.io import ARCHITECTURE_KEYS
-    from vocabtrim.models import resolve_model
+    from vocabtrim.models import declared_config
 
-    name = _drafter_name(cfg)
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=cfg.trust_remote_code)
-    except UserError:
-        raise
-    except Exception as exc:  # e.g. a hub id with no network: the workers check the loaded drafter
-        log.debug("drafter config of %s unreadable on the driver: %s", name, exc)
+    text = declared_config(_drafter_name(cfg), cfg.trust_remote_code)
+    if text is None:  # e.g. a hub id with no network: the workers check the loaded drafter
         return None
-    text = getattr(config, "get_text_config", lambda: config)()
     found = {k: getattr(text, k, None) for k in ARCHITECTURE_KEYS}
     layers = found["num_hidden_layers"]
     if cfg.drafter_layers is not None:

@@ -121,6 +121,9 @@ def resolve_model(name: str) -> str:
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"no such model: {name} (pass a model folder, a .gguf file, a hub id or {BUNDLED})")
+    if path.parent.is_dir():  # "runs/drafter" mistyped, not a hub id whose owner is a local folder's name
+        raise UserError(f"no such model folder: {name} ({path.parent}/ is a local folder; a hub id cannot be read "
+                        "where a local folder has its owner's name)")
     return name  # a hub id: from_pretrained reaches the hub if it can
 
 
@@ -314,9 +317,10 @@ def check_pair(target_tokenizer, drafter_tokenizer, target_model=None, drafter_m
         )
 
 
-def declared_logits_width(name: str, trust_remote_code: bool = False) -> int | None:
-    """The logits width a model's config.json declares (``vocab_size``), read without loading weights; None when
-    the config cannot be read here (a hub id offline: the loaded models are checked again)."""
+def declared_config(name: str, trust_remote_code: bool = False):
+    """A model's config (its text config for a multimodal one), read without loading weights; None when it
+    cannot be read here (a hub id offline: the loaded model is checked again where it loads). A name that
+    resolves to nothing is refused (UserError) as by ``resolve_model``."""
     resolved = resolve_model(name)
     try:
         from transformers import AutoConfig
@@ -325,7 +329,12 @@ def declared_logits_width(name: str, trust_remote_code: bool = False) -> int | N
     except Exception as exc:
         log.debug("config of %s unreadable here: %s", name, exc)
         return None
-    width = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+def declared_logits_width(name: str, trust_remote_code: bool = False) -> int | None:
+    """The logits width a model's config declares (``vocab_size``), or None (``declared_config``)."""
+    width = getattr(declared_config(name, trust_remote_code), "vocab_size", None)
     return int(width) if width else None
 
 
