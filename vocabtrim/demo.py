@@ -85,6 +85,9 @@ class Row:
     speedup: float | None
 
 
+DEMO_RECORD = "demo.json"  # marks a demo's working folder
+
+
 def split_prompts(out: Path, calibration: int, evaluation: int, rounds: int = 1) -> tuple[Path, list[Path]]:
     """The first ``calibration`` shipped prompts as one Parquet file, and the last ``evaluation`` ones cut into
     ``rounds`` consecutive files ``eval-<r>.parquet`` (sizes differ by at most one row)."""
@@ -284,7 +287,8 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     from vocabtrim.sweep.run import ensure_calibration, ensure_head, eval_coverage, gen_dir, generate_cell, head_dir
 
     start = time.perf_counter()
-    storage.makedirs(str(out))
+    # A folder the demo made before is reused (each stage checks its own settings); any other non-empty one is refused.
+    storage.claim(str(out), DEMO_RECORD, {"kind": "vocabtrim-demo"}, binds=lambda: False)
     where = f"working folder {out}" if cfg.out else "working in a temporary folder, deleted at the end (--out DIR keeps it)"
     also = f" and the EAGLE-3 drafter {cfg.eagle3}" if cfg.eagle3 else ""
     echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers{also}; {where}")

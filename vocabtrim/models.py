@@ -119,6 +119,8 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"{name} is not a Hugging Face model folder (no config.json)")
         return str(path)
+    if path.is_file():
+        raise UserError(f"{name} is a file, not a model (pass a model folder, a .gguf file, a hub id or {BUNDLED})")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"no such model: {name} (pass a model folder, a .gguf file, a hub id or {BUNDLED})")
     if path.parent.is_dir():  # "runs/drafter" mistyped, not a hub id whose owner is a local folder's name
