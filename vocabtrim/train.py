@@ -503,7 +503,8 @@ class DrafterTrainer(StartingActor):
         return len(self._epoch)
 
     def train_steps(self, k: int) -> dict:
-        """Up to ``k`` optimizer steps of the current epoch: their mean loss and step-0 acceptance."""
+        """Up to ``k`` batches of the current epoch, one optimizer step each (none for a batch with no counted
+        position): ``steps`` the batches done, their mean loss and step-0 acceptance."""
         import torch
 
         c = self.cfg
