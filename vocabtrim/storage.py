@@ -428,7 +428,7 @@ def check_out_kind(folder: str, kind: str) -> None:
     """Refuse, in one line, an ``--out`` whose ``manifest.json`` is of another kind than ``kind`` (another
     command's output, or a file vocabtrim did not write): the run would overwrite it."""
     path = join(folder, "manifest.json")
-    if is_file(folder) or not is_file(path):
+    if not is_file(path):  # no manifest to overwrite (also when --out is a file)
         return
     try:
         found = json.loads(read_text(path)).get("kind")
