@@ -300,21 +300,43 @@ def test_a_corpus_with_no_tokens_is_refused(ray_local, data, tmp_path):
 
 
 def test_a_user_error_found_while_the_workers_start_is_one_line(ray_local, data, tmp_path, capsys):
-    """Damaged weights (config.json intact) show only when a worker loads the model: the user gets that one line
-    and exit 2, not Ray's traceback of an actor that died starting."""
+    """Weights of other shapes than config.json says (each file readable) show only when a worker loads the
+    model: the user gets that one line and exit 2, not Ray's traceback of an actor that died starting."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(data["model"], model)
-    weights = bytearray((model / "model.safetensors").read_bytes())
-    weights[100:400] = b"\xab" * 300
-    (model / "model.safetensors").write_bytes(bytes(weights))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
     (tmp_path / "p.txt").write_text("hello there\n")
     code = cli(["calibrate", "--drafter", str(model), "--source", "drafter",
                 "--corpus", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--workers", "1",
                 "--cpus-per-worker", "0.4", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "cannot load model" in err, err
+
+
+def test_damaged_weights_are_refused_before_ray_starts(data, tmp_path, capsys, monkeypatch):
+    """A safetensors header that cannot be read is found on the driver (headers only): one line, exit 2, no Ray."""
+    import shutil
+
+    from vocabtrim import ray_utils
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_utils, "init_ray", no_ray)
+    model = tmp_path / "model"
+    shutil.copytree(data["model"], model)
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[100:400] = b"\xab" * 300
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    (tmp_path / "p.txt").write_text("hello there\n")
+    code = cli(["calibrate", "--drafter", str(model), "--source", "drafter", "--corpus", str(tmp_path / "p.txt"),
+                "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot load model {model} (weights are read from safetensors or GGUF only): model.safetensors: Error while deserializing header" in err, err
 
 
 def test_an_out_inside_the_corpus_folder_is_refused(data, tmp_path, capsys):

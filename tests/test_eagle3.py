@@ -146,6 +146,46 @@ def test_generate_refuses_head_and_drafter_layers_with_an_eagle3_drafter_before_
         assert not out.exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("t2d", "(t2d length), the target has"),
+    ("truncated", "model.safetensors: Error while deserializing header: incomplete metadata, file not fully covered"),
+    ("lm_head", "lm_head.weight has shape"),
+])
+def test_generate_refuses_a_bad_eagle3_checkpoint_before_ray_starts(tiny, tmp_path, capsys, monkeypatch, damage, message):
+    """The driver reads the checkpoint's config, safetensors headers, d2t and t2d (no weights): a checkpoint for
+    another target or a damaged one is one line, exit 2, before Ray starts or --out is claimed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from vocabtrim import cli, ray_utils
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_utils, "init_ray", no_ray)
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), prompts)
+    folder = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"],
+                                        **({"t2d_len": tiny["V"] + 8} if damage == "t2d" else {}))
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-64])
+    elif damage == "lm_head":
+        t = load_file(str(weights))
+        t["lm_head.weight"] = t["lm_head.weight"][:-1].contiguous()
+        save_file(t, str(weights))
+    out = tmp_path / "out"
+    import importlib.util
+
+    for engine in ("native", "vllm") if importlib.util.find_spec("vllm") else ("native",):  # vLLM: no engine started
+        assert cli.main(["generate", "--target", str(tiny["target_dir"]), "--drafter", str(folder), "--engine", engine,
+                         "--gamma", "3", "--prompts", str(prompts), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+        assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The forward: the position-indexed cache computes exactly what training's TTT computes
 # ---------------------------------------------------------------------------------------------

@@ -375,6 +375,49 @@ def test_a_head_for_other_drafter_layers_is_refused_before_the_out_folder_is_cla
     assert "--drafter-layers must be between 1 and 3" in capsys.readouterr().err and not out.exists()
 
 
+def _damage_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[100:400] = b"\xab" * 300
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ("target", "cannot load model {target} (weights are read from safetensors or GGUF only): model.safetensors: Error while deserializing header"),
+    ("drafter", "cannot load model {drafter} (weights are read from safetensors or GGUF only): model.safetensors: Error while deserializing header"),
+    ("drafter-truncated", "cannot load model {drafter} (weights are read from safetensors or GGUF only): model.safetensors: "
+                          "Error while deserializing header: incomplete metadata, file not fully covered"),
+    ("head", "cannot read {head}/head.safetensors: "),
+])
+def test_damaged_weights_and_heads_are_refused_before_ray_starts(base, heads, tmp_path, capsys, monkeypatch, damaged, message):
+    """The driver reads the safetensors headers of the target and drafter and the whole head file: one line, exit 2,
+    Ray never started and --out never claimed (the workers would find them only after loading for seconds)."""
+    import shutil
+
+    from vocabtrim import ray_utils
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_utils, "init_ray", no_ray)
+    target, drafter, head = tmp_path / "target", tmp_path / "drafter", tmp_path / "head"
+    shutil.copytree(base.target, target)
+    shutil.copytree(base.drafter, drafter)
+    shutil.copytree(heads["independent"], head)
+    if damaged == "drafter-truncated":
+        weights = (drafter / "model.safetensors").read_bytes()
+        (drafter / "model.safetensors").write_bytes(weights[:-1000])
+    else:
+        _damage_header({"target": target, "drafter": drafter, "head": head}[damaged] /
+                       ("head.safetensors" if damaged == "head" else "model.safetensors"))
+    out = tmp_path / "out"
+    code = cli.main(["generate", "--target", str(target), "--drafter", str(drafter), "--head", str(head),
+                     "--prompts", *base.prompts, "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert message.format(target=target, drafter=drafter, head=head) in err, err
+    assert not out.exists()
+
+
 def test_a_refused_run_leaves_its_out_folder_reusable_with_other_settings(ray_local, base, heads, tmp_path):
     """The workers refuse a head whose rows are another drafter's (one line, no rows written); the same --out
     then takes a run with other settings, since it holds no outputs."""

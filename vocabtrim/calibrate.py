@@ -534,7 +534,7 @@ def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
 
 def plan(config: CalibrateConfig) -> _Plan:
     """Everything decided before Ray starts: checks, tokenizer, shards, the ledger's run key."""
-    from vocabtrim.models import check_declared_widths, check_pair, declared_config, load_tokenizer, resolve_model, tokenizer_fingerprint
+    from vocabtrim.models import check_declared_widths, check_pair, check_weights, declared_config, load_tokenizer, tokenizer_fingerprint
 
     _check_config(config)
     if config.drafter_layers is not None:  # recorded in the manifest, and build-head reads it: the drafter must have them
@@ -548,7 +548,7 @@ def plan(config: CalibrateConfig) -> _Plan:
         check_declared_widths(generator, config.drafter, config.trust_remote_code)
     wrap = wraps_strings(config.chat_template, tokenizer, config.drafter) if generator is not None else False
     if generator is not None:
-        resolve_model(generator)  # a GGUF model converts once here, not in every actor
+        check_weights(generator)  # a GGUF model converts once here, not in every actor; damaged weights refused now
     generated = config.source != "corpus"
     shard_bytes = config.shard_bytes or (GENERATED_SHARD_BYTES if generated else corpus.DEFAULT_SHARD_BYTES)
     shard_rows = config.shard_rows or (GENERATED_SHARD_ROWS if generated else None)

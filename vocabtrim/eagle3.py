@@ -437,19 +437,47 @@ def is_eagle3_folder(name: str | os.PathLike | None) -> bool:
     return isinstance(raw, dict) and any(a in ARCHITECTURES for a in raw.get("architectures") or [])
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class _Stored:
+    """Where a checkpoint tensor is and its shape, as the safetensors header says (its data not read)."""
+
+    path: Path
+    shape: tuple[int, ...]
+
+
+def _stored_tensors(folder: Path) -> dict[str, _Stored]:
+    """The tensors of a folder's safetensors files, read from their headers only. A damaged header or a file
+    shorter than its header says is refused in one line."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"EAGLE-3 folder {folder} has no .safetensors weights (only safetensors are read)")
-    tensors: dict[str, torch.Tensor] = {}
+    stored: dict[str, _Stored] = {}
     for f in files:
         try:
-            tensors.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt") as reader:
+                for name in reader.keys():
+                    stored[name] = _Stored(f, tuple(reader.get_slice(name).get_shape()))
         except (SafetensorError, OSError) as exc:
-            raise UserError(f"cannot read {f}: {first_line(exc)}") from exc
+            user_error_unless_fault(exc, f"cannot read {f}: {first_line(exc)}")
+    return stored
+
+
+def _load_stored(stored: dict[str, _Stored], names) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (each in ``stored``), read from their files."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(stored[name].path, []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for f, in_file in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt") as reader:
+                tensors.update({name: reader.get_tensor(name) for name in in_file})
+        except (SafetensorError, OSError) as exc:
+            user_error_unless_fault(exc, f"cannot read {f}: {first_line(exc)}")
     return tensors
 
 
@@ -459,16 +487,33 @@ def _reason(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def load_eagle3(
+@dataclass
+class CheckedCheckpoint:
+    """An EAGLE-3 checkpoint folder whose config and tensor layout passed ``check_eagle3``."""
+
+    folder: Path
+    config: Eagle3Config
+    stored: dict[str, _Stored]
+    expected: dict[str, tuple[int, ...]]  # the model's state_dict shapes (d2t and t2d included)
+    token_ids: torch.Tensor  # int64 [K]: the target id of each draft id, in the checkpoint's order
+    t2d: torch.Tensor  # bool [V]
+
+    @property
+    def with_embedding(self) -> bool:
+        return "embed_tokens.weight" in self.stored
+
+
+def check_eagle3(
     folder: str | os.PathLike, *, target_vocab: int | None = None, target_hidden: int | None = None,
-    target_embedding: torch.Tensor | None = None, dtype: torch.dtype | None = None, device=None,
-) -> Eagle3Model:
-    """Read an EAGLE-3 checkpoint folder and check it against its target.
+    embedding_width: int | None = None,
+) -> CheckedCheckpoint:
+    """Check an EAGLE-3 checkpoint folder against its target, reading the config, the safetensors headers and
+    ``d2t``/``t2d`` only (no weights).
 
     One-line refusals (UserError): a config that is not EAGLE-3, missing or misshapen tensors, ``t2d``
-    not as long as the target's vocabulary, ``d2t`` mapping outside it (or to one id twice), ``t2d`` and
-    ``d2t`` disagreeing, a hidden size that is not the target's. A draft vocabulary stored out of id order is
-    sorted (lm_head rows permuted with it), so ``token_ids`` is always ascending.
+    not as long as the target's vocabulary (``target_vocab``), ``d2t`` mapping outside it (or to one id
+    twice), ``t2d`` and ``d2t`` disagreeing, a hidden size that is not the target's (``target_hidden``), no
+    ``embed_tokens`` and a hidden size that is not the target embedding's width (``embedding_width``).
     """
     folder = Path(os.fspath(folder)).expanduser()
     if not is_eagle3_folder(folder):
@@ -483,23 +528,22 @@ def load_eagle3(
         user_error_unless_fault(exc, f"EAGLE-3 checkpoint {shown}: its config.json does not describe a drafter ({_reason(exc)})")
     if config.raw.get("fc_norm"):
         raise UserError(f"{folder}: fc_norm EAGLE-3 variants are not supported")
-    tensors = _read_tensors(folder)
-    with_embedding = "embed_tokens.weight" in tensors
-    model = Eagle3Model(config, with_embedding=with_embedding)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    stored = _stored_tensors(folder)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Eagle3Model(config, with_embedding="embed_tokens.weight" in stored).state_dict().items()}
     V, K = config.vocab_size, config.draft_vocab_size
-    if K == V:  # a full draft vocabulary: vLLM's loader refuses a d2t then, so it may be absent (the identity)
-        tensors.setdefault("d2t", torch.zeros(K, dtype=torch.int64))
-        tensors.setdefault("t2d", torch.ones(V, dtype=torch.bool))
-    missing = sorted(set(expected) - set(tensors))
+    full = K == V  # a full draft vocabulary: vLLM's loader refuses a d2t then, so it may be absent (the identity)
+    missing = sorted(set(expected) - set(stored) - ({"d2t", "t2d"} if full else set()))
     if missing:
         raise UserError(f"EAGLE-3 checkpoint {shown} lacks tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    d2t, t2d = tensors["d2t"], tensors["t2d"]
     for name, shape in expected.items():
         if name in ("d2t", "t2d"):
             continue
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise UserError(f"EAGLE-3 checkpoint {shown}: {name} has shape {list(tensors[name].shape)}, its config says {list(shape)}")
+        if stored[name].shape != shape:
+            raise UserError(f"EAGLE-3 checkpoint {shown}: {name} has shape {list(stored[name].shape)}, its config says {list(shape)}")
+    maps = _load_stored(stored, [n for n in ("d2t", "t2d") if n in stored])
+    d2t = maps.get("d2t", torch.zeros(K, dtype=torch.int64))
+    t2d = maps.get("t2d", torch.ones(V, dtype=torch.bool))
     if target_vocab is not None and (t2d.dim() != 1 or t2d.shape[0] != target_vocab):
         raise UserError(
             f"EAGLE-3 checkpoint {shown} is for a vocabulary of {t2d.shape[0] if t2d.dim() == 1 else list(t2d.shape)} ids "
@@ -524,21 +568,35 @@ def load_eagle3(
         raise UserError(
             f"EAGLE-3 checkpoint {shown} reads target hidden size {hidden_in}, the target's is {target_hidden}: train a drafter for this target"
         )
-    if not with_embedding and target_embedding is not None and target_embedding.shape[1] != config.hidden_size:
+    if "embed_tokens.weight" not in stored and embedding_width is not None and embedding_width != config.hidden_size:
         raise UserError(
             f"EAGLE-3 checkpoint {shown} has no embed_tokens and hidden size {config.hidden_size}, the target's embedding has "
-            f"{target_embedding.shape[1]}"
+            f"{embedding_width}"
         )
+    return CheckedCheckpoint(folder=folder, config=config, stored=stored, expected=expected, token_ids=ids, t2d=mask)
+
+
+def load_eagle3(
+    folder: str | os.PathLike, *, target_vocab: int | None = None, target_hidden: int | None = None,
+    target_embedding: torch.Tensor | None = None, dtype: torch.dtype | None = None, device=None,
+) -> Eagle3Model:
+    """Read an EAGLE-3 checkpoint folder, after ``check_eagle3`` against its target (``target_embedding``:
+    the target's [V, hidden], used when the checkpoint has no ``embed_tokens``). A draft vocabulary stored out
+    of id order is sorted (lm_head rows permuted with it), so ``token_ids`` is always ascending."""
+    checked = check_eagle3(folder, target_vocab=target_vocab, target_hidden=target_hidden,
+                           embedding_width=None if target_embedding is None else int(target_embedding.shape[1]))
+    ids, K = checked.token_ids, checked.config.draft_vocab_size
+    state = _load_stored(checked.stored, [n for n in checked.expected if n not in ("d2t", "t2d")])
+    model = Eagle3Model(checked.config, with_embedding=checked.with_embedding)
     order = torch.argsort(ids)
-    state = {k: v for k, v in tensors.items() if k in expected}
-    state["lm_head.weight"] = tensors["lm_head.weight"][order]
+    state["lm_head.weight"] = state["lm_head.weight"][order]
     state["d2t"] = ids[order] - torch.arange(K)
-    state["t2d"] = mask
-    model.to(dtype or tensors["lm_head.weight"].dtype)  # the checkpoint's own dtype unless told otherwise
+    state["t2d"] = checked.t2d
+    model.to(dtype or state["lm_head.weight"].dtype)  # the checkpoint's own dtype unless told otherwise
     model.load_state_dict(state, strict=True)
     if device is not None:
         model.to(device)
-    if target_embedding is not None and not with_embedding:
+    if target_embedding is not None and not checked.with_embedding:
         model.set_embedding(target_embedding)
     model.eval()
     model.requires_grad_(False)

@@ -149,16 +149,19 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
     (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
     ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
-    from vocabtrim.models import check_declared_widths, check_pair, is_eagle3, load_tokenizer, tokenizer_fingerprint
+    from vocabtrim.models import (check_declared_widths, check_eagle3_drafter, check_pair, check_weights, is_eagle3, load_tokenizer,
+                                  tokenizer_fingerprint)
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
+    check_weights(cfg.target)
     drafter = _drafter_name(cfg)
-    # An EAGLE-3 folder usually has no tokenizer: the workers check its t2d against the target's vocabulary.
-    # vLLM's ngram drafter is no model.
-    if (drafter is not None and drafter != cfg.target and not is_eagle3(drafter)
-            and not (cfg.engine == "vllm" and drafter == "ngram")):
-        check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
-        check_declared_widths(cfg.target, drafter, cfg.trust_remote_code)
+    if drafter is not None and drafter != cfg.target and not (cfg.engine == "vllm" and drafter == "ngram"):  # ngram: no model
+        if is_eagle3(drafter):  # usually no tokenizer: its t2d is checked against the target's vocabulary
+            check_eagle3_drafter(drafter, cfg.target, target_tokenizer=target_tok, trust_remote_code=cfg.trust_remote_code)
+        else:
+            check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
+            check_declared_widths(cfg.target, drafter, cfg.trust_remote_code)
+            check_weights(drafter)
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
         if is_messages_type(f.prompt_type):
@@ -169,10 +172,11 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
 
 def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
     """Refuse, before ``--out`` is touched or Ray starts, ``--head`` or ``--drafter-layers`` with an EAGLE-3
-    drafter, a ``--drafter-layers`` the drafter does not have and a ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size or
-    architecture (``--drafter-layers`` included) than the drafter's config says. Only the config is read here;
-    the workers still compare the head's rows with the drafter's loaded LM head. A drafter whose config cannot
-    be read here (a hub id offline) is left to them."""
+    drafter, a ``--drafter-layers`` the drafter does not have, a ``--head`` file that is not a readable trimmed
+    head, and a ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size
+    or architecture (``--drafter-layers`` included) than the drafter's config says. The drafter's config is read
+    here, not its weights: the workers compare the head's rows with the drafter's loaded LM head. A drafter whose
+    config cannot be read here (a hub id offline) is left to them."""
     if cfg.no_draft or (not cfg.head and cfg.drafter_layers is None):
         return
     from vocabtrim.models import EAGLE3_NO_HEAD, EAGLE3_NO_LAYERS, is_eagle3
@@ -182,13 +186,14 @@ def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
     config = _drafter_config(cfg)
     if not cfg.head:
         return
-    from vocabtrim.head.io import ARCHITECTURE_KEYS, read_head_manifest
+    from vocabtrim.head.io import ARCHITECTURE_KEYS, load_head, read_head_manifest
 
     shown = storage.display(cfg.head)
     manifest = read_head_manifest(cfg.head)
     rebuild = "rebuild it with `vocabtrim build-head` for this drafter"
     if manifest.get("tokenizer_fingerprint") != fingerprint:
         raise UserError(f"head {shown} was built for another tokenizer ({manifest.get('tokenizer_fingerprint')}, this one is {fingerprint}): {rebuild}")
+    load_head(cfg.head)  # its file read and checked (shapes, K, ids); the workers compare its rows with the drafter's
     if config is None:
         return
     built_for = manifest.get("drafter_architecture") or {}

@@ -24,7 +24,7 @@ import torch
 
 from vocabtrim import validate
 from vocabtrim.cache import cache_root, entry_key, entry_record, lookup, publish_folder, stamps
-from vocabtrim.errors import UserError, user_error_unless_fault
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,28 @@ def check_declared_widths(target: str, drafter: str, trust_remote_code: bool = F
         raise UserError(f"target and drafter logits widths differ: {wt} vs {wd}")
 
 
+def check_weights(name: str) -> None:
+    """Refuse, in one line as ``load_model`` would, a local model folder whose weights cannot be read: no
+    safetensors file, a damaged header, a file shorter than its header says. Only headers are read; a hub id is
+    left to the loading. (Tensor data carries no checksum: damage inside it is found by no one.)"""
+    from safetensors import SafetensorError, safe_open
+
+    where = resolve_model(name)
+    folder = Path(where)
+    if not folder.is_dir():
+        return
+    refused = f"cannot load model {name} (weights are read from safetensors or GGUF only)"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{refused}: no .safetensors file in {where}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            user_error_unless_fault(exc, f"{refused}: {f.name}: {first_line(exc)}")
+
+
 @dataclass
 class ModelPair:
     """A loaded target and drafter sharing one tokenizer (checked)."""
@@ -468,6 +490,14 @@ def eagle3_folder(name: str) -> str:
     return name
 
 
+def _eagle3_folder_for(name: str, target_tokenizer, trust_remote_code: bool) -> str:
+    """The folder of the EAGLE-3 drafter ``name``; a tokenizer in it, when there is one, must be ``target_tokenizer``."""
+    folder = eagle3_folder(name)
+    if target_tokenizer is not None and (Path(folder).expanduser() / "tokenizer_config.json").is_file():
+        check_pair(target_tokenizer, load_tokenizer(folder, trust_remote_code))
+    return folder
+
+
 def load_eagle3_checked(name: str, target_vocab: int, target_hidden: int, *, target_tokenizer=None,
                         trust_remote_code: bool = False, **load_kwargs):
     """Load the EAGLE-3 folder ``name`` (or the bundled drafter's name), refusing (one line) a checkpoint for
@@ -475,10 +505,21 @@ def load_eagle3_checked(name: str, target_vocab: int, target_hidden: int, *, tar
     folder, when there is one, must be ``target_tokenizer``. ``load_kwargs``: ``eagle3.load_eagle3``'s."""
     from vocabtrim.eagle3 import load_eagle3
 
-    name = eagle3_folder(name)
-    if target_tokenizer is not None and (Path(name).expanduser() / "tokenizer_config.json").is_file():
-        check_pair(target_tokenizer, load_tokenizer(name, trust_remote_code))
-    return load_eagle3(name, target_vocab=target_vocab, target_hidden=target_hidden, **load_kwargs)
+    folder = _eagle3_folder_for(name, target_tokenizer, trust_remote_code)
+    return load_eagle3(folder, target_vocab=target_vocab, target_hidden=target_hidden, **load_kwargs)
+
+
+def check_eagle3_drafter(name: str, target: str, *, target_tokenizer=None, trust_remote_code: bool = False) -> str:
+    """``load_eagle3_checked``'s refusals with no weights read: the EAGLE-3 checkpoint's config, tensor headers,
+    ``d2t`` and ``t2d`` against the target's config (``declared_config``; when that is unreadable here, the
+    vocabulary and hidden size are left to the loading). Returns the checkpoint's folder."""
+    from vocabtrim.eagle3 import check_eagle3
+
+    folder = _eagle3_folder_for(name, target_tokenizer, trust_remote_code)
+    config = declared_config(target, trust_remote_code)
+    vocab, hidden = getattr(config, "vocab_size", None), getattr(config, "hidden_size", None)
+    check_eagle3(folder, target_vocab=None if vocab is None else int(vocab), target_hidden=None if hidden is None else int(hidden))
+    return folder
 
 
 def load_eagle3_for(name: str, target_model, *, target_tokenizer=None, trust_remote_code: bool = False):

@@ -661,7 +661,7 @@ def run_train(config: TrainConfig) -> dict:
     from vocabtrim import eagle3 as e3
     from vocabtrim.calibrate import CounterPool, count_shards
     from vocabtrim.progress import Progress
-    from vocabtrim.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from vocabtrim.models import check_weights, load_tokenizer, resolve_model, tokenizer_fingerprint
     from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray, wait_ready
 
     c = config
@@ -669,6 +669,7 @@ def run_train(config: TrainConfig) -> dict:
     _check_config(c)
     tokenizer = load_tokenizer(c.target, c.trust_remote_code)
     where = resolve_model(c.target)  # a GGUF model converts once here, not in every actor
+    check_weights(c.target)  # damaged weights refused now, not by the actors
     from transformers import AutoConfig
 
     tcfg = AutoConfig.from_pretrained(where, trust_remote_code=c.trust_remote_code)

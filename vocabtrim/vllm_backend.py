@@ -441,17 +441,12 @@ class VllmEngine:
 
 def eagle3_spec(name: str, target: str, tokenizer=None, trust_remote_code: bool = False) -> dict:
     """vLLM's ``eagle3`` proposer for the EAGLE-3 drafter ``name`` (a folder, or the bundled one's name), after
-    the checks the native engine makes (``models.load_eagle3_checked``, against the target's config and its
+    the checks the native engine makes (``models.check_eagle3_drafter``, against the target's config and its
     ``tokenizer``). vLLM loads the folder unchanged."""
-    from transformers import AutoConfig
+    from vocabtrim.models import check_eagle3_drafter
 
-    from vocabtrim.models import eagle3_folder, load_eagle3_checked
-
-    folder = Path(eagle3_folder(name)).expanduser().resolve()
-    config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-    load_eagle3_checked(str(folder), int(config.vocab_size), int(config.hidden_size), target_tokenizer=tokenizer,
-                        trust_remote_code=trust_remote_code)
-    return {"method": "eagle3", "model": str(folder)}
+    folder = check_eagle3_drafter(name, target, target_tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    return {"method": "eagle3", "model": str(Path(folder).expanduser().resolve())}
 
 
 def _check_engine_name(engine: str) -> None:
