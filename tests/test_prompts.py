@@ -342,3 +342,23 @@ def test_damaged_data_pages_are_refused_in_one_line_where_they_are_read(tmp_path
     file = check_prompt_file(str(path), "p.parquet", "prompt", "id")  # the id column and the footer are intact
     with pytest.raises(UserError, match=r"p\.parquet is not a readable Parquet file \("):
         list(read_chunks(file, "prompt", "id", 50))
+
+
+def test_a_fault_of_the_machine_reading_a_footer_is_not_the_users_error(tmp_path, monkeypatch):
+    """Garbage is the user's file (one line); an object store's dropped connection while reading the same footer is a
+    fault of the machine: it keeps its type, so the caller retries it instead of blaming the file."""
+    from vocabtrim import storage
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), path)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(UserError, match=r"bad\.parquet is not a readable Parquet file \("):
+        check_prompt_file(str(tmp_path / "bad.parquet"), "bad.parquet", "prompt", None)
+
+    def dropped(where):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset by peer")
+
+    monkeypatch.setattr(storage, "open_input_file", dropped)
+    with pytest.raises(OSError, match="connection reset") as raised:
+        check_prompt_file(str(path), "p.parquet", "prompt", None)
+    assert not isinstance(raised.value, UserError)

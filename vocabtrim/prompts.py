@@ -121,7 +121,7 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
             meta = pq.read_metadata(f)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{shown} is not a readable Parquet file ({first_line(exc)})") from exc
+        _unreadable(path, exc)
     names = schema.names
     if prompt_column not in names:
         raise UserError(
