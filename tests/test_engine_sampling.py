@@ -153,14 +153,17 @@ def test_the_check_has_power_against_a_wrong_distribution():
 
 
 def test_noise_is_a_pure_function_of_seed_position_stream_and_token():
-    from vocabtrim.engine.sampling import STREAM_DRAFT, noise_keys, noise_uniform, seed_words
+    from vocabtrim.engine.sampling import STREAM_DRAFT, gumbel_noise, noise_keys, noise_uniform, seed_words
 
     words = seed_words(torch.tensor([row_seed(0, "a"), row_seed(0, "b")]))
     positions = torch.arange(64).expand(2, -1)
-    u = noise_uniform(noise_keys(words, positions, STREAM_DRAFT), torch.arange(50))
-    again = noise_uniform(noise_keys(words[[1, 0]], positions, STREAM_DRAFT), torch.arange(50))[[1, 0]]
-    assert torch.equal(u, again)  # the same (seed, position, token) gives the same number, whatever the row order
+    u = noise_uniform(noise_keys(words, positions, STREAM_DRAFT))
+    assert torch.equal(u, noise_uniform(noise_keys(words[[1, 0]], positions, STREAM_DRAFT))[[1, 0]])  # whatever the row order
     assert 0 < float(u.min()) and float(u.max()) < 1
+    g = gumbel_noise(noise_keys(words, positions, STREAM_DRAFT), torch.arange(50))  # [2, 64, 50]
+    assert torch.equal(g, gumbel_noise(noise_keys(words[[1, 0]], positions, STREAM_DRAFT), torch.arange(50))[[1, 0]])
+    assert torch.equal(g[:, :, 10:20], gumbel_noise(noise_keys(words, positions, STREAM_DRAFT), torch.arange(10, 20)))  # per token id
+    assert g.flatten().unique().numel() > 0.99 * g.numel()  # one draw per (seed, position, token)
     # Every (position, stream) pair of a row gets its own key: no draw is reused for another purpose.
     keys = torch.cat([noise_keys(words, positions, s) for s in range(4)], dim=1)  # [2, 256]
     assert all(len(set(row.tolist())) == 256 for row in keys)

@@ -123,9 +123,9 @@ def noise_keys(words: torch.Tensor, positions: torch.Tensor, stream: int) -> tor
     return _mix32(x ^ words[:, 0:1])
 
 
-def _token_hash(keys: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-    """keys [n, m] int32 → the keys, or [n, m, K] int32: one hash per (row, position, token id)."""
-    return keys if token_ids is None else _mix32(keys.unsqueeze(-1) ^ (token_ids.to(torch.int32) * _GOLDEN))
+def _token_hash(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """keys [n, m] int32, token ids [K] → [n, m, K] int32: one hash per (row, position, token id)."""
+    return _mix32(keys.unsqueeze(-1) ^ (token_ids.to(torch.int32) * _GOLDEN))
 
 
 def _unsigned(x: torch.Tensor) -> torch.Tensor:
@@ -133,17 +133,13 @@ def _unsigned(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64) & 0xFFFFFFFF
 
 
-def noise_uniform(keys: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniforms in (0, 1) on a grid of 2**-53, a pure function of the keys (and token ids).
-
-    keys: [n, m] int32 (``noise_keys``); token_ids: [K] int64 or None. Returns float64 [n, m] when
-    token_ids is None, else [n, m, K]: one uniform per (row, position, token id). (k + 0.5) / 2**53 from
-    two 32-bit hashes (27 and 26 of their bits) is exact in float64 and never 0 or 1, so inverse-CDF
-    sampling and the acceptance test resolve probabilities far below float32's 2**-24.
+def noise_uniform(keys: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) on a grid of 2**-53, a pure function of the keys: [n, m] int32 (``noise_keys``) →
+    float64 [n, m]. (k + 0.5) / 2**53 from two 32-bit hashes (27 and 26 of their bits) is exact in float64 and
+    never 0 or 1, so inverse-CDF sampling and the acceptance test resolve probabilities far below float32's 2**-24.
     """
-    x = _token_hash(keys, token_ids)
-    hi = _unsigned(x) >> 5
-    lo = _unsigned(_mix32(x ^ 0x5BD1E995)) >> 6
+    hi = _unsigned(keys) >> 5
+    lo = _unsigned(_mix32(keys ^ 0x5BD1E995)) >> 6
     return ((hi << 26) + lo).to(torch.float64).add_(0.5).mul_(2.0**-53)
 
 
