@@ -208,6 +208,9 @@ def test_cli_errors_are_one_line(config, capsys):
     assert cli.main(args + ["--k", "2,full"]) == 2  # build-head would refuse it in each cell, after calibrating
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--k 2 is smaller than the 3 special tokens that every trimmed head keeps" in err
+    assert cli.main(args + ["--k", "64", "--sources", ""]) == 2  # not the default sources
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("--sources is empty: trimmed heads need a calibration source (corpus, drafter, target)"), err
 
 
 def test_parsing_and_plan():

@@ -39,7 +39,7 @@ def config_from_args(args) -> "SweepConfig":  # noqa: F821 (imported lazily: kee
     from vocabtrim.models import is_eagle3
     from vocabtrim.sweep import SweepConfig, parse_k, parse_sources
 
-    sources = args.sources or (EAGLE3_SOURCES if is_eagle3(args.drafter) else DEFAULT_SOURCES)
+    sources = args.sources if args.sources is not None else (EAGLE3_SOURCES if is_eagle3(args.drafter) else DEFAULT_SOURCES)
 
     return SweepConfig(
         target=args.target,
