@@ -315,6 +315,12 @@ def test_settings_refuse_before_ray(base, tmp_path):
     pq.write_table(pa.table({"x": [1]}), out / "stray.parquet")
     with pytest.raises(UserError, match="no settings.json"):
         run_generate(replace(base, out=str(out)))
+    head = tmp_path / "head"  # another command's output (build-head's): generate would mix its files in
+    head.mkdir()
+    (head / "manifest.json").write_text(json.dumps({"kind": "trimmed-head"}))
+    with pytest.raises(UserError, match=r"already holds files \(manifest.json\) but no settings.json"):
+        run_generate(replace(base, out=str(head)))
+    assert sorted(p.name for p in head.iterdir()) == ["manifest.json"]
 
 
 def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path, capsys):

@@ -265,7 +265,7 @@ def prepare_out(out: str, settings: dict) -> None:
     (``storage.claim``). Recorded settings bind the folder only once it holds a finished output: a folder
     whose earlier run was refused or stopped before any file was written takes the new settings."""
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out),
-                  stray=lambda name: name.endswith(".parquet"))
+                  stray=lambda name: name.endswith(".parquet") or name == "manifest.json")  # another command's output
 
 
 def remove_stale_temporaries(out: str) -> None:
