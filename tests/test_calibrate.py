@@ -392,13 +392,14 @@ def test_cli_refuses_bad_input_with_exit_2_and_one_line(data, tmp_path, capsys, 
     assert code == 2 and err.count("\n") == 1 and match in err, err
 
 
-def test_a_target_with_another_logits_width_is_refused_before_anything_runs(data, tmp_path, capsys):
-    """--source target with a target whose tokenizer is the drafter's but whose head has 20 more rows: one line,
-    exit 2, no --out (the histogram would count ids the drafter cannot keep)."""
+@pytest.mark.parametrize("source", ["target", "corpus", "drafter"])
+def test_a_target_with_another_logits_width_is_refused_before_anything_runs(data, tmp_path, capsys, source):
+    """A target whose tokenizer is the drafter's but whose head has 20 more rows: one line, exit 2, no --out (with
+    --source target the histogram would count ids the drafter cannot keep; with the others the pair is wrong)."""
     tok = data["tok"]
     wide = save_model(make_model(len(tok) + 20, layers=1, seed=6), tok, tmp_path / "wide")
     capsys.readouterr()
-    code = cli(["calibrate", "--drafter", data["model"], "--target", wide, "--source", "target", "--corpus", data["corpus"],
+    code = cli(["calibrate", "--drafter", data["model"], "--target", wide, "--source", source, "--corpus", data["corpus"],
                 "--max-new-tokens", "2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err

@@ -228,6 +228,25 @@ def test_cli_refuses_a_missing_histogram_and_another_tokenizer(tiny, tmp_path, c
     assert code == 2 and "another tokenizer" in err[-1] and len([line for line in err if "error:" in line]) == 1
 
 
+def test_cli_refuses_a_target_that_does_not_pair_with_the_drafter(tiny, tmp_path, capsys):
+    """--target with a causal drafter is the pair the head serves: another tokenizer or logits width is one line,
+    exit 2, and nothing written."""
+    drafter, calib, _ = tiny
+    tok = make_tokenizer()
+    wide = save_model(make_model(len(tok) + 20, layers=1, seed=6), tok, tmp_path / "wide")
+    other = save_model(make_model(200, layers=1, seed=6), make_tokenizer(200), tmp_path / "other")
+    for target, message in ((wide, f"target and drafter logits widths differ: {len(tok) + 20} vs {len(tok)}"),
+                            (other, f"target and drafter tokenizers differ: vocabulary size {len(make_tokenizer(200))} vs {len(tok)}")):
+        capsys.readouterr()
+        code = cli(["build-head", "--histogram", calib, "--drafter", drafter, "--target", target, "--top-k", "8",
+                    "--out", str(tmp_path / "h")])
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "h").exists()
+    assert cli(["build-head", "--histogram", calib, "--drafter", drafter, "--target", drafter, "--top-k", "8",
+                "--out", str(tmp_path / "h")]) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # load_head: the engine's check against the drafter
 # ---------------------------------------------------------------------------------------------

@@ -543,9 +543,9 @@ def plan(config: CalibrateConfig) -> _Plan:
             validate.drafter_layers(config.drafter_layers, getattr(drafter_config, "num_hidden_layers", None))
     generator, layers = _generator(config)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
-    if generator is not None and generator != config.drafter:
-        check_pair(load_tokenizer(generator, config.trust_remote_code), tokenizer)
-        check_declared_widths(generator, config.drafter, config.trust_remote_code)
+    for other in dict.fromkeys(m for m in (generator, config.target) if m is not None and m != config.drafter):
+        check_pair(load_tokenizer(other, config.trust_remote_code), tokenizer)  # --target too when it does not generate
+        check_declared_widths(other, config.drafter, config.trust_remote_code)
     wrap = wraps_strings(config.chat_template, tokenizer, config.drafter) if generator is not None else False
     if generator is not None:
         check_weights(generator)  # a GGUF model converts once here, not in every actor; damaged weights refused now

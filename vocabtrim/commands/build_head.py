@@ -11,7 +11,8 @@ from vocabtrim.commands.common import add_model_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--histogram", required=True, metavar="DIR", help="a folder written by `vocabtrim calibrate` (a path or a URI such as s3://bucket/calib)")
     add_model_arguments(parser, target=False, drafter_required=True)
-    parser.add_argument("--target", default=None, help="an EAGLE-3 drafter's target (its tokenizer, when the drafter's folder has none)")
+    parser.add_argument("--target", default=None, help="the target the drafter serves: an EAGLE-3 drafter's tokenizer when its folder has none; "
+                        "for a causal drafter, checked to share its tokenizer and logits width")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--top-k", type=int, default=None, metavar="K", help="keep K ids (special tokens included)")
     size.add_argument("--coverage", type=float, default=None, metavar="C", help="keep the fewest ids covering C of the counted tokens, C in (0, 1]")

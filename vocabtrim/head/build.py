@@ -55,12 +55,16 @@ def _check_build_config(config: BuildHeadConfig) -> None:
 def build_head(config: BuildHeadConfig) -> dict:
     """Histogram + drafter → the trimmed head folder; returns its manifest. An EAGLE-3 drafter is
     re-trimmed instead (``build_eagle3_head``)."""
-    from vocabtrim.models import head_rows_fingerprint, is_eagle3, load_drafter, load_tokenizer, logits_width, tokenizer_fingerprint
+    from vocabtrim.models import (check_declared_widths, check_pair, head_rows_fingerprint, is_eagle3, load_drafter, load_tokenizer,
+                                  logits_width, tokenizer_fingerprint)
 
     _check_build_config(config)
     if is_eagle3(config.drafter):
         return build_eagle3_head(config)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
+    if config.target is not None and config.target != config.drafter:  # the pair the head will serve
+        check_pair(load_tokenizer(config.target, config.trust_remote_code), tokenizer)
+        check_declared_widths(config.target, config.drafter, config.trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)
     hist_path, calibration, counts = histogram.read_calibration(config.histogram, fingerprint, "drafter")
     model, _ = load_drafter(config.drafter, config.drafter_layers, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)
