@@ -443,7 +443,7 @@ def test_calibrate_with_vllm_counts_what_the_native_engine_generates(ray_local, 
 # The bundled model: greedy completions of vLLM and of the native engine
 # ------------------------------------------------------------------------------------------------
 
-BUNDLED_ROWS = 16
+BUNDLED_ROWS = 20  # 95% of them: one row may differ on a float near-tie
 BUNDLED_TOKENS = 24
 
 
