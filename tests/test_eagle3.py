@@ -778,13 +778,18 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     m2 = json.loads((out / "manifest.json").read_text())
     assert m2["shards_extracted"] == 0 and [r["epoch"] for r in m2["epochs_run"]] == [5]
     assert [r["epoch"] for r in m2["history"]] == [1, 2, 3, 4, 5] and m2["history"][:4] == runs
+    assert m2["epochs_run"][0]["first_loss"] < (runs[0]["first_loss"] + runs[-1]["loss"]) / 2  # it went on from epoch 4's weights
     assert [r["learning_rate"] for r in m2["history"]] == [3e-3] * 4 + [1e-3]
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert int(state["epoch"]) == 5 and state["optimizer"]["param_groups"][0]["lr"] == 1e-3
-    # Resuming with another draft vocabulary is refused in one line (the training actor finds it).
-    assert cli([*[("100" if a == "128" else a) for a in args], "--epochs", "6"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "another draft vocabulary" in err, err
+    # Resuming with another draft vocabulary, held-out share or batch size is refused in one line, before Ray starts:
+    # the held-out figures would count rows trained on, or the drafter would go on under other settings.
+    for old, new, what in (("128", "100", "draft_vocabulary '128, sha256 "), ("0.2", "0.4", "train_shards '4, sha256 "),
+                           ("8", "4", "batch_size 8 now 4")):
+        assert cli([*[(new if a == old else a) for a in args], "--epochs", "6"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"holds a drafter made with other settings ({what}" in err, err
+    assert json.loads((out / "manifest.json").read_text())["history"] == m2["history"]
 
 
 def test_source_target_features_read_message_lists_through_the_chat_template(tiny, tmp_path):
@@ -952,6 +957,26 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the target's attention is 4 heads of 16, not its hidden size of 32" in err, err
     assert not (tmp_path / "o").exists()
+    # Target-generated rows need room for their prompt: a response as long as the row would leave one token of it.
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--source", "target", "--max-new-tokens", "512", "--max-length", "512"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-new-tokens 512 leaves no room for the prompt in rows of --max-length 512" in err, err
+    # A model's folder as --out (no manifest, no training record): its config.json and weights would be overwritten.
+    before = {p.name: p.read_bytes() for p in Path(wide_dir).iterdir() if p.is_file()}
+    assert cli([*base[:-1], wide_dir, "--histogram", good, "--top-k", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds config.json but no manifest.json: it is not a 'vocabtrim-eagle3-train' folder" in err, err
+    assert {p.name: p.read_bytes() for p in Path(wide_dir).iterdir() if p.is_file()} == before
+
+
+def test_the_held_out_split_holds_out_a_shard_whenever_asked_and_never_a_training_one():
+    from vocabtrim.train import held_out_split
+
+    ids = [f"s{i}" for i in range(25)]
+    assert held_out_split(ids, 0.1) == (ids[:23], ids[23:])
+    assert held_out_split(ids[:5], 0.1) == (ids[:4], ids[4:5])  # floor(0.5) shards would hold none out: one is
+    assert held_out_split(ids[:1], 0.1) == (ids[:1], [])  # a single shard is trained on; no held-out figure
+    assert held_out_split(ids, 0) == (ids, [])
 
 
 def test_train_drafter_refuses_a_corpus_with_no_row_to_train_on(tiny, tmp_path, ray_local, capsys):

@@ -35,7 +35,7 @@ import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import check_message_lists, wraps_strings
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,8 @@ class Ledger:
                 meta = json.loads(str(data["meta"]))
                 ids, counts = data["ids"], data["counts"]
         except Exception as exc:
-            raise UserError(
-                f"ledger entry {storage.display(path)} is unreadable ({exc}): delete it and rerun to count that shard again"
-            ) from exc
+            user_error_unless_fault(
+                exc, f"ledger entry {storage.display(path)} is unreadable ({first_line(exc)}): delete it and rerun to count that shard again")
         if meta["shard_id"] != shard_id:
             raise UserError(f"ledger entry {storage.display(path)} belongs to shard {meta['shard_id']}: delete it and rerun")
         return ShardCount(ids=ids, counts=counts, **meta)

@@ -625,8 +625,7 @@ def save_eagle3(model: Eagle3Model, folder: str | os.PathLike, *, dtype: torch.d
     raw = dict(model.config.raw)
     raw["architectures"] = [ARCHITECTURE]
     raw["draft_vocab_size"] = int(model.config.draft_vocab_size)
-    if dtype is not None:
-        raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    raw["torch_dtype"] = str(tensors["lm_head.weight"].dtype).removeprefix("torch.")  # what is written, not what was read
     storage.atomic_write(storage.join(folder, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     storage.atomic_write(storage.join(folder, "config.json"), json.dumps(raw, indent=2).encode())
     for name, data in (extra_files or {}).items():

@@ -424,11 +424,16 @@ def settings_key(name: str | None) -> str | None:
     return os.path.realpath(path) if os.path.exists(path) else name
 
 
-def check_out_kind(folder: str, kind: str) -> None:
+def check_out_kind(folder: str, kind: str, overwrites: tuple[str, ...] = ()) -> None:
     """Refuse, in one line, an ``--out`` whose ``manifest.json`` is of another kind than ``kind`` (another
-    command's output, or a file vocabtrim did not write): the run would overwrite it."""
+    command's output, or a file vocabtrim did not write), or that has no manifest but holds one of the files
+    ``overwrites`` (a model's folder, say): the run would overwrite it."""
     path = join(folder, "manifest.json")
     if not is_file(path):  # no manifest to overwrite (also when --out is a file)
+        found = next((name for name in overwrites if is_file(join(folder, name))), None)
+        if found is not None:
+            raise UserError(f"--out {display(folder)} holds {found} but no manifest.json: it is not a {kind!r} folder, and the run "
+                            "would overwrite it; use a new --out")
         return
     try:
         found = json.loads(read_text(path)).get("kind")

@@ -38,7 +38,7 @@ from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger, batch_prompts
 from vocabtrim.chat import check_message_lists, has_chat_template
 from vocabtrim.special_tokens import eos_ids, of_model
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("corpus", "target")
 MANIFEST_KIND = "vocabtrim-eagle3-train"
 STATE_FILE = "train_state.pt"
+TRAINING_FILE = "training.json"  # the settings the drafter in --out trains under (``storage.claim``)
 MIN_ROW_TOKENS = 3  # a training row: a token, the next token it is fed, and the one after that it predicts
 
 
@@ -129,7 +130,7 @@ class FeatureLedger(Ledger):
         try:
             return load(storage.read_bytes(path))
         except Exception as exc:
-            raise UserError(f"feature file {storage.display(path)} is unreadable ({exc}): delete it and rerun") from exc
+            user_error_unless_fault(exc, f"feature file {storage.display(path)} is unreadable ({first_line(exc)}): delete it and rerun")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +559,7 @@ class DrafterTrainer(StartingActor):
         """Held-out acceptance: greedy agreement with the target per TTT step, on the held-out shards."""
         import torch
 
-        ids = self.eval_ids or self.train_ids[-1:]
+        ids = self.eval_ids  # none: every figure None (the training rows are not held out)
         totals = [[0, 0] for _ in range(self.cfg.ttt_length)]
         chains = [0, 0, 0]  # accepted, proposed, steps
         losses = []
@@ -623,6 +624,9 @@ def _check_config(c: TrainConfig) -> None:
             raise UserError(f"--init {c.init}: no such folder (pass an EAGLE-3 drafter's folder, or {BUNDLED_EAGLE3})")
     for name, low in (("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
         validate.at_least(name, getattr(c, name), low)
+    if c.source == "target" and c.max_new_tokens >= c.max_length:
+        raise UserError(f"--max-new-tokens {c.max_new_tokens} leaves no room for the prompt in rows of --max-length {c.max_length}: "
+                        "raise --max-length or lower --max-new-tokens")
     for name in ("top_k", "max_shards", "intermediate_size"):
         if getattr(c, name) is not None:
             validate.at_least(name, getattr(c, name), 1)
@@ -634,6 +638,27 @@ def _check_config(c: TrainConfig) -> None:
         raise UserError("pass --corpus PATH [PATH ...]: the rows to train on (prompts, for --source target)")
     if storage.is_file(c.out):
         raise UserError(f"--out {storage.display(c.out)} is a file: pass a folder")
+
+
+def held_out_split(shard_ids: list[str], held_out: float) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards): the last ``held_out`` share of the shards, at least one when
+    ``held_out`` > 0 and there are two or more; none of a single shard (then no held-out figure is reported)."""
+    n = len(shard_ids)
+    n_eval = max(1, int(math.floor(n * held_out))) if held_out > 0 and n > 1 else 0
+    return shard_ids[: n - n_eval], shard_ids[n - n_eval :]
+
+
+def training_settings(c: TrainConfig, draft_ids: list[int], train_ids: list[str], eval_ids: list[str]) -> dict:
+    """What a resumed training must keep (``--epochs``, ``--learning-rate`` and the pool may change)."""
+    import hashlib
+
+    def digest(values) -> str:
+        return f"{len(values)}, sha256 {hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]}"
+
+    return {"version": 1, "train_shards": digest(train_ids), "held_out_shards": digest(eval_ids), "draft_vocabulary": digest(draft_ids),
+            "batch_size": c.batch_size, "ttt_length": c.ttt_length, "seed": c.seed, "max_steps": c.max_steps,
+            "intermediate_size": c.intermediate_size, "init": storage.settings_key(c.init) if c.init else None,
+            "init_from_target": c.init_from_target}
 
 
 def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list[int], dict]:
@@ -711,13 +736,18 @@ def run_train(config: TrainConfig) -> dict:
     if with_messages is not None:
         check_message_lists("auto", tokenizer, c.target, f"{storage.display(with_messages.path)} holds message lists in {c.text_column!r}")
     shards = shards[: c.max_shards] if c.max_shards is not None else shards
-    storage.check_out_kind(c.out, MANIFEST_KIND)
+    train_ids, eval_ids = held_out_split([s.shard_id for s in shards], c.held_out)
+    ours = any(storage.is_file(storage.join(c.out, name)) for name in (TRAINING_FILE, STATE_FILE))  # an interrupted run's
+    storage.check_out_kind(c.out, MANIFEST_KIND, overwrites=() if ours else ("config.json", e3.WEIGHTS_FILE))
     ledger = FeatureLedger(storage.join(c.out, "features"))
     fp = tokenizer_fingerprint(tokenizer)
     ledger.claim({"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
                   "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
                   "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
                   "dtype": c.dtype})
+    # A resumed drafter keeps training as it began: the same rows, the same held-out shards, batches and steps.
+    storage.claim(c.out, TRAINING_FILE, training_settings(c, draft_ids, train_ids, eval_ids), what="a drafter",
+                  binds=lambda: storage.is_file(storage.join(c.out, STATE_FILE)), stray=lambda name: False)
     todo = [s for s in shards if not ledger.done(s.shard_id)]
     init_ray(c.address)
     cpus = c.cpus_per_worker or default_cpus_per_worker(c.workers)
@@ -741,9 +771,6 @@ def run_train(config: TrainConfig) -> dict:
             finally:
                 bar.close()
         extract_seconds = time.perf_counter() - t0
-    ids = [s.shard_id for s in shards]
-    n_eval = int(math.floor(len(ids) * c.held_out)) if len(ids) > 1 else 0
-    train_ids, eval_ids = ids[: len(ids) - n_eval], ids[len(ids) - n_eval :]
     gpus = c.gpus_per_worker if c.gpus_per_worker > 0 else 0
     trainer_cpus = c.cpus_per_worker or default_cpus_per_worker(1)
     Trainer = ray.remote(DrafterTrainer).options(num_cpus=trainer_cpus, num_gpus=gpus)

@@ -64,10 +64,12 @@ def main(args) -> int:
     loss = m["loss"]
     chain = m.get("held_out_chain_acceptance")
     chained = f" (replayed gamma-{m['ttt_length']} chains: {chain:.3f} per draft)" if chain is not None else ""
+    held_out = (f"held-out acceptance {acc:.3f}{chained}" if acc is not None else
+                "no held-out figure (" + ("no shard held out: --held-out" if not m["held_out_shards"] else "no held-out position counted") + ")")
     print(
         f"EAGLE-3 drafter, draft vocabulary {m['draft_vocab_size']:,} of {m['vocab_size']:,} ids; {len(m['epochs_run'])} epoch(s) reported, "
-        f"loss {loss:.3f}; held-out acceptance {acc:.3f}{chained}; features {m['extract_seconds']:.0f} s, training {m['train_seconds']:.0f} s\n"
-        if loss is not None and acc is not None else "nothing trained\n",
+        f"loss {loss:.3f}; {held_out}; features {m['extract_seconds']:.0f} s, training {m['train_seconds']:.0f} s\n"
+        if loss is not None else "nothing trained\n",
         end="",
     )
     out = storage.display(args.out).rstrip("/")

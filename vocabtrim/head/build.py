@@ -165,7 +165,7 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     keep = torch.from_numpy(draft_ids[selection.token_ids])
     trimmed = eagle3.retrim(model, keep)
     out = os.fspath(config.out)
-    storage.check_out_kind(out, EAGLE3_MANIFEST_KIND)
+    storage.check_out_kind(out, EAGLE3_MANIFEST_KIND, overwrites=("config.json", eagle3.WEIGHTS_FILE))
     storage.makedirs(out)
     eagle3.save_eagle3(trimmed, out)
     src = Path(eagle3_folder(config.drafter)).expanduser()
