@@ -130,6 +130,26 @@ def test_the_ledger_keeps_one_entry_per_shard_id(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s-1.npz"]  # no temporary files left
 
 
+def test_a_ledger_entry_is_the_users_to_delete_only_when_it_is_damaged(tmp_path, monkeypatch):
+    """A damaged entry is one line telling the user to delete it; a dropped connection while reading a good one is
+    a fault of the machine (retried), never advice to delete counted work."""
+    from vocabtrim import storage
+
+    ledger = Ledger(tmp_path)
+    ledger.record(ShardCount("s-1", "f", np.array([3]), np.array([2]), rows=1, skipped_rows=0, tokens=2))
+    ledger.record(ShardCount("s-2", "f", np.array([3]), np.array([2]), rows=1, skipped_rows=0, tokens=2))
+    (tmp_path / "s-2.npz").write_bytes(b"damaged")
+    with pytest.raises(UserError, match=r"s-2\.npz is unreadable .*: delete it and rerun"):
+        ledger.read("s-2")
+
+    def dropped(where):
+        raise ConnectionResetError("Connection reset by peer")
+
+    monkeypatch.setattr(storage, "read_bytes", dropped)
+    with pytest.raises(ConnectionResetError):
+        ledger.read("s-1")
+
+
 def test_the_ledger_is_claimed_for_one_set_of_settings(tmp_path):
     """``Ledger.claim`` is ``storage.claim``: the same settings resume, other settings and unrecorded entries are refused."""
     ledger = Ledger(tmp_path / "shards")

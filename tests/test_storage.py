@@ -177,8 +177,18 @@ def test_machine_faults_are_told_from_user_mistakes():
 
     faults = [MemoryError(), OSError(errno.ENOSPC, "No space left on device"), ConnectionResetError(),
               OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7"),
-              RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+              RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              # Object stores' transient answers, as pyarrow's S3 and GCS clients word them.
+              OSError("AWS Error SERVICE_UNAVAILABLE during PutObject operation: Please reduce your request rate."),
+              OSError("AWS Error THROTTLING during ListObjectsV2 operation: Rate exceeded"),
+              OSError("AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body."),
+              OSError("AWS Error REQUEST_TIMEOUT during GetObject operation: Your socket connection to the server was not read"),
+              OSError("google::cloud::Status(UNAVAILABLE: Retry policy exhausted in GetObjectMetadata)"),
+              OSError("google::cloud::Status(DEADLINE_EXCEEDED: Retry policy exhausted in ReadObject)")]
     mistakes = [FileNotFoundError(errno.ENOENT, "No such file or directory"), PermissionError(errno.EACCES, "Permission denied"),
-                NotADirectoryError(errno.ENOTDIR, "Not a directory"), ValueError("bad"), OSError("Path does not exist 'x'")]
+                NotADirectoryError(errno.ENOTDIR, "Not a directory"), ValueError("bad"), OSError("Path does not exist 'x'"),
+                OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"),
+                OSError("AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation: The specified bucket does not exist"),
+                OSError("google::cloud::Status(NOT_FOUND: Permanent error in GetObjectMetadata)")]
     assert all(machine_fault(e) for e in faults)
     assert not any(machine_fault(e) for e in mistakes)

@@ -58,4 +58,6 @@ def user_error_unless_fault(exc: BaseException, message: str) -> NoReturn:
 # clients word them (they raise plain OSErrors without an errno).
 _FAULT_MESSAGES = ("out of memory", "can't allocate memory", "network_connection", "curlcode", "timed out",
                    "connection reset", "connection aborted", "slow_down", "slowdown", "service unavailable",
-                   "serviceunavailable", "internalerror", "internal_failure")
+                   "serviceunavailable", "service_unavailable", "internalerror", "internal_failure", "throttl",
+                   "request_timeout", "requesttimeout", "too many requests", "http status 429", "http status 500",
+                   "http status 502", "http status 503", "http status 504", "deadline_exceeded", "deadline exceeded", "status(unavailable")

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vocabtrim import storage
-from vocabtrim.errors import UserError, first_line
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 COLUMNS = ("token_id", "count")
 MANIFEST_KIND = "vocabtrim-histogram"  # the kind of a calibration folder's manifest.json
@@ -126,7 +126,7 @@ def load(path: str, vocab_size: int = 0) -> np.ndarray:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"cannot read histogram {storage.display(path)}: {first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot read histogram {storage.display(path)}: {first_line(exc)}")
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise UserError(f"{path} is not a histogram: no column {missing[0]!r}")

@@ -376,7 +376,7 @@ class ActorPool:
             actor, item = inflight.pop(ref)
             try:
                 result = ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            except ray.exceptions.RayError as exc:  # a task's error, a dead actor or node, a lost result object
                 user = user_error_in(exc)
                 if user is not None:
                     raise user from None

@@ -128,7 +128,7 @@ def _info(where: str):
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise UserError(f"cannot reach {display(where)}: {first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot reach {display(where)}: {first_line(exc)}")
 
 
 def is_file(where: str) -> bool:
@@ -163,7 +163,7 @@ def _listing(where: str) -> dict:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
-        raise UserError(f"cannot list {display(where)}: {first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot list {display(where)}: {first_line(exc)}")
     return {i.path[len(root):].lstrip("/"): i.type for i in infos if i.type != pafs.FileType.NotFound}
 
 
