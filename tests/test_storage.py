@@ -2,6 +2,7 @@
 
 import glob as globlib
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,6 +89,35 @@ def test_a_failed_write_leaves_no_file_and_an_old_file_untouched(s3, tmp_path, r
     with pytest.raises(RuntimeError):
         storage.write_with(where, half_then_fail)
     assert storage.read_bytes(where) == b"old" and storage.walk_files(root) == [where]
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_an_upload_interrupted_part_way_leaves_no_partial_object(s3, monkeypatch, staged):
+    """pyarrow completes an object upload when its stream closes, even on the way out of an exception: a copy
+    interrupted after 3 bytes must publish nothing. Staged (the default up to 5 GiB): the old object stays; in
+    place (over 5 GiB): the partial object is deleted."""
+    import shutil
+
+    root = s3.bucket()
+    where = storage.join(root, "out.bin")
+    storage.write_bytes(where, b"old")
+    if not staged:
+        monkeypatch.setattr(storage, "_SERVER_COPY_BYTES", 0)
+
+    def interrupted(src, dst, length=0):
+        dst.write(src.read(3))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfileobj", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            storage.write_with(where, lambda tmp: Path(tmp).write_bytes(b"new content"))
+    if staged:
+        assert storage.read_bytes(where) == b"old" and storage.walk_files(root) == [where]
+    else:
+        assert not storage.exists(where) and storage.walk_files(root) == []
+    storage.write_with(where, lambda tmp: Path(tmp).write_bytes(b"new content"))
+    assert storage.read_bytes(where) == b"new content" and storage.walk_files(root) == [where]
 
 
 def test_local_spellings(tmp_path, monkeypatch):

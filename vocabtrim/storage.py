@@ -18,6 +18,7 @@ of a finished local file, which the store publishes only when it completes).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import io
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -345,18 +347,31 @@ def _atomic_local(path: str, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
+_SERVER_COPY_BYTES = 5 << 30  # S3's CopyObject copies objects up to 5 GiB
+
+
 def _upload(where: str, fill: Callable) -> None:
-    """One object at ``where`` (not local), written by ``fill(output stream)``; published when it completes."""
+    """One object at ``where`` (not local), written by ``fill(output stream)``. pyarrow's object streams complete
+    the upload when closed, even while an exception propagates: an upload that fails part-way is deleted, so no
+    partial object stays at ``where``."""
     fs, path = resolve(where)
     try:
-        with fs.open_output_stream(path) as dst:
-            fill(dst)
+        try:
+            with fs.open_output_stream(path) as dst:
+                fill(dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.delete_file(path)
+            raise
     except OSError as exc:
         user_error_unless_fault(exc, f"cannot write {display(where)}: {first_line(exc)}")
 
 
 def write_with(where: str, write: Callable[[str], None]) -> None:
-    """Let ``write(local_path)`` produce a file, then publish it at ``where`` all at once."""
+    """Let ``write(local_path)`` produce a file, then publish it at ``where`` all at once: on an object store it
+    is uploaded beside ``where`` and copied into place on the server (readers see the old object or the whole new
+    one); a file over 5 GiB, more than one server-side copy takes, is uploaded in place (an upload that fails is
+    deleted, the old object with it)."""
     if is_local(where):
         _atomic_local(local_path(where), write)
         return
@@ -364,8 +379,19 @@ def write_with(where: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        staged = where if os.path.getsize(tmp) > _SERVER_COPY_BYTES else join(parent(where), f".{name(where)}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "rb") as src:
-            _upload(where, lambda dst: shutil.copyfileobj(src, dst, 8 << 20))
+            _upload(staged, lambda dst: shutil.copyfileobj(src, dst, 8 << 20))
+        if staged != where:
+            fs, path = resolve(where)
+            try:
+                fs.move(resolve(staged)[1], path)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(resolve(staged)[1])
+                if isinstance(exc, OSError):
+                    user_error_unless_fault(exc, f"cannot write {display(where)}: {first_line(exc)}")
+                raise
     finally:
         os.unlink(tmp)
 
