@@ -182,6 +182,7 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
         (["--no-draft", "--head", head], "--head needs a drafter"),
         (["--drafter", drafter, "--gpus-per-worker", "0.5"], "whole GPUs"),
         (["--drafter", drafter, "--gamma", "auto"], "--gamma must be a number from 1 to 64 with --engine vllm"),
+        (["--drafter", drafter, "--temperature", "0.005"], "--temperature must be 0 or at least 0.01 with --engine vllm"),
     ]
     capsys.readouterr()
     for extra, message in cases:
@@ -218,6 +219,25 @@ def test_gpus_per_worker_become_vllms_tensor_parallelism(tiny_dirs, tmp_path, mo
         engine, _, _ = load_for_generate(replace(cfg, gpus_per_worker=float(gpus)))
         assert (seen[-1]["tensor_parallel_size"], seen[-1]["distributed_executor_backend"]) == (max(1, gpus), backend)
         assert seen[-1]["speculative_config"]["num_speculative_tokens"] == 3 and engine.gamma == 3
+    # Greedy drafting through get_top_tokens only where vLLM's class has it (its Llama, not its Qwen2: that one would
+    # fail at the first step); stop ids from config.json where the target has no generation_config.json.
+    assert seen[-1]["speculative_config"]["use_local_argmax_reduction"] is True
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(target)
+    qwen = save_model(Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, num_key_value_heads=2)), tok, tmp_path / "qwen2")
+    load_for_generate(replace(cfg, drafter=qwen))
+    assert "use_local_argmax_reduction" not in seen[-1]["speculative_config"]
+    bare = tmp_path / "bare"
+    shutil.copytree(target, bare)
+    (bare / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "eos_token_id": [tok.eos_token_id, 7]}))
+    engine, _, _ = load_for_generate(replace(cfg, target=str(bare), drafter=None, no_draft=True))
+    assert engine.eos == sorted({tok.eos_token_id, 7})
 
 
 @needs_vllm
@@ -394,6 +414,9 @@ def test_generate_with_vllm_rows_errors_resume_and_summary(ray_local, tiny_dirs,
     assert s["rows"] == 11 and s["errored_rows"] == 4 and s["draft_proposed"] > 0
     assert len(s["accepted_length_histogram"]) == 4 and len(s["per_position_acceptance"]) == 3
     assert s["mean_acceptance_length"] >= 1
+    # A pass gives at most gamma + 1 tokens, and one more than it accepted: steps that drafted nothing count too.
+    assert s["target_passes"] >= s["generated_tokens"] - s["draft_accepted"] and s["tokens_per_target_pass"] <= 1 + 3
+    assert s["gamma_histogram"] is None  # vLLM's gamma is fixed: no histogram of it
     assert s["batch_occupancy"] is None and s["target_pass_ms"] is None  # vLLM reports neither
     v = s["vllm_spec_decode"]
     assert v["num_draft_tokens"] >= s["draft_proposed"] and len(v["accepted_per_position"]) == 3

@@ -758,8 +758,8 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         "tokens_per_target_pass": tokens / get("target_passes_rows") if get("target_passes_rows") else None,
         "mean_acceptance_length": 1 + sum(j * n for j, n in enumerate(hist)) / sum(hist) if sum(hist) else None,
         "accepted_length_histogram": hist,
-        "gamma_histogram": get("gamma_hist", []),
-        # None where the engine reports neither its batches nor its passes' times (vLLM).
+        # None where the engine reports neither its gamma per pass, its batches nor its passes' times (vLLM).
+        "gamma_histogram": None if settings.get("engine") == "vllm" else get("gamma_hist", []),
         "batch_occupancy": get("target_rows_stepped", 0) / get("slot_passes") if get("target_rows_stepped") else None,
         "per_position_acceptance": per_position_acceptance(hist),
         "drafter_step_ms": 1000 * get("drafter_seconds", 0) / get("drafter_forwards") if get("drafter_forwards") else None,

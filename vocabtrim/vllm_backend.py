@@ -311,7 +311,7 @@ class VllmEngine:
             speculative = {"num_speculative_tokens": gamma, **{k: v for k, v in drafter_spec.items() if k != "trimmed"}}
             if drafter_spec["method"] == NGRAM:
                 speculative.update(prompt_lookup_min=1, prompt_lookup_max=4)
-            elif local_argmax and drafter_spec["method"] in ("draft_model", "eagle3"):
+            elif local_argmax and drafter_spec["method"] in ("draft_model", "eagle3") and _has_top_tokens(drafter_spec["model"]):
                 # Greedy drafting through get_top_tokens: a trimmed head's argmax over its K rows, mapped to a
                 # target id (an EAGLE-3 drafter's through its d2t), no [n, V] tensor.
                 speculative["use_local_argmax_reduction"] = True
@@ -403,8 +403,9 @@ class VllmEngine:
                 finish_reason="stop" if c.finish_reason == "stop" else "length",
                 proposed=proposed,
                 accepted=accepted,
-                # One pass gives the first token (prefill); each verify step after it is one pass.
-                target_passes=(1 + sum(hist)) if self.gamma else len(ids),
+                # One pass gives the first token (prefill), and each pass after it one token more than it accepted; vLLM
+                # counts only the steps that drafted in ``hist``, so steps without drafts come from the token count.
+                target_passes=max(1 + sum(hist), len(ids) - accepted) if self.gamma else len(ids),
                 accepted_hist=hist,
             ))
         stats.generated_tokens = sum(len(o.token_ids) for o in outs)
@@ -460,6 +461,9 @@ def _check_whole_gpus(gpus_per_worker: float) -> None:
         raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {gpus_per_worker}")
 
 
+VLLM_MIN_TEMPERATURE = 0.01  # vLLM's SamplingParams raises a temperature in (0, 0.01) to it
+
+
 def check_generate_config(cfg) -> None:
     """Refuse, in one line and before Ray starts, what ``--engine`` cannot do (``cfg``: a ``GenerateConfig``)."""
     engine = getattr(cfg, "engine", "native")
@@ -474,6 +478,9 @@ def check_generate_config(cfg) -> None:
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
         raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
+    if 0 < cfg.temperature < VLLM_MIN_TEMPERATURE:
+        raise validate.SettingError("temperature", f"must be 0 or at least {VLLM_MIN_TEMPERATURE} with --engine vllm (vLLM samples "
+                                                   f"lower ones at {VLLM_MIN_TEMPERATURE}), got {cfg.temperature}")
     _check_whole_gpus(cfg.gpus_per_worker)
 
 
@@ -488,12 +495,31 @@ def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float, add
     _check_whole_gpus(gpus_per_worker)
 
 
-def _eos_ids(folder: str, tokenizer) -> list[int]:
-    """The stop ids of the model in ``folder`` (its tokenizer's and its generation_config.json's)."""
+def _eos_ids(target: str, tokenizer, trust_remote_code: bool = False) -> list[int]:
+    """The stop ids of the model ``target`` (a folder or hub id), as the native engine takes them: its tokenizer's
+    and its generation config's (generation_config.json, else the one its config.json implies)."""
+    from transformers import AutoConfig, GenerationConfig
+
     from vocabtrim.special_tokens import eos_ids
 
-    gen = Path(folder) / "generation_config.json"
-    return eos_ids(tokenizer, json.loads(gen.read_text()) if gen.is_file() else None)
+    try:
+        generation = GenerationConfig.from_pretrained(target)
+    except OSError:  # no generation_config.json
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code))
+    return eos_ids(tokenizer, generation)
+
+
+def _has_top_tokens(model: str) -> bool:
+    """Whether vLLM's class for the model folder ``model`` drafts through ``get_top_tokens`` (its local argmax):
+    vLLM 0.32 checks it for EAGLE drafters only, and a draft model without it fails at its first step."""
+    from vllm.model_executor.models import ModelRegistry
+
+    try:
+        architectures = json.loads((Path(model) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    registered = [ModelRegistry.models.get(a) for a in architectures]
+    return any(r is not None and hasattr(r.load_model_cls(), "get_top_tokens") for r in registered)
 
 
 def _dtype(dtype: str) -> str:
@@ -509,7 +535,7 @@ def load_for_calibrate(model: str, layers: int | None, tokenizer, *, temperature
     require_vllm(_on_this_node())
     folder = drafter_folder(model, layers, trust_remote_code=trust_remote_code)
     engine = VllmEngine(
-        folder, None, temperature=temperature, eos_token_ids=_eos_ids(folder, tokenizer), max_new_tokens=max_new_tokens,
+        folder, None, temperature=temperature, eos_token_ids=_eos_ids(folder, tokenizer, trust_remote_code), max_new_tokens=max_new_tokens,
         dtype=_dtype(dtype), max_num_seqs=batch_rows, tensor_parallel_size=max(1, int(gpus or 0)),
         trust_remote_code=trust_remote_code,
     )
@@ -537,7 +563,7 @@ def load_for_generate(cfg):
     gpus = int(cfg.gpus_per_worker or 0)
     engine = VllmEngine(
         target, drafter_spec, gamma=validate.gamma(cfg.gamma), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        eos_token_ids=_eos_ids(target, tokenizer), max_new_tokens=cfg.max_new_tokens, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.batch_size,
+        eos_token_ids=_eos_ids(target, tokenizer, cfg.trust_remote_code), max_new_tokens=cfg.max_new_tokens, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.batch_size,
         tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
     )
     return engine, tokenizer, max_prompt_tokens(engine.context_length, cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
