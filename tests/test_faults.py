@@ -95,3 +95,83 @@ def test_out_of_memory_on_a_batch_of_8_completes_with_smaller_batches(ray_local,
     summary = run_generate(replace(cfg, out=str(out), batch_size=8, rows_per_task=8, fault_injection="oom-above:3"))
     assert outputs(out) == reference  # completions do not depend on the rows in flight
     assert summary["batch_occupancy"] <= 2 / 8 + 1e-9  # it ran with 2 rows in flight (8 -> 4 -> 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The actor pool when a replacement cannot start
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool(ray, marker, size: int, replacement: dict):
+    """An ActorPool of ``size`` echo actors whose replacements are made with ``replacement`` (options, args). An echo
+    actor returns its items; the item "die" kills its process (the first time only: a marker file). The class is
+    defined here so that Ray ships it by value (its workers cannot import this test module)."""
+    from vocabtrim.ray_utils import ActorPool
+
+    class Echo:
+        def __init__(self, marker: str, start_error: str | None = None):
+            self.marker, self.start_error = marker, start_error
+
+        def pid(self) -> int:
+            import os
+
+            from vocabtrim.errors import UserError
+
+            if self.start_error:
+                raise UserError(self.start_error)
+            return os.getpid()
+
+        def run(self, item: str) -> str:
+            import os
+
+            if item == "die" and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(1)
+            return item
+
+    made = []
+
+    def start():
+        first = len(made) < size
+        cls = ray.remote(Echo).options(num_cpus=0.1, max_restarts=0, **({} if first else replacement.get("options", {})))
+        made.append(cls.remote(str(marker), *([] if first else replacement.get("args", []))))
+        return made[-1]
+
+    return ActorPool(start, lambda actor, item: actor.run.remote(item), size, depth=1, start_timeout_s=2)
+
+
+def test_a_replacement_the_cluster_cannot_place_is_given_up_and_the_others_finish_the_run(ray_local, tmp_path):
+    """A worker dies; its replacement asks for a resource no node has (the lost node's): the run neither hangs nor
+    fails, the survivor runs every item, each once."""
+    pool = _pool(ray_local, tmp_path / "died", 2, {"options": {"resources": {"lost-node": 1}}})
+    got = []
+    try:
+        pool.run(["a", "b", "die", "c", "d", "e"], lambda item, result: got.append(result))
+    finally:
+        pool.shutdown()
+    assert sorted(got) == ["a", "b", "c", "d", "die", "e"]
+    assert pool.replacements == 1 and len(pool.actors) == 0  # shutdown emptied it; one was given up
+
+
+def test_with_no_worker_left_the_run_fails_in_one_line(ray_local, tmp_path):
+    from vocabtrim.errors import RunFailed
+
+    pool = _pool(ray_local, tmp_path / "died", 1, {"options": {"resources": {"lost-node": 1}}})
+    try:
+        with pytest.raises(RunFailed, match=r"^no worker left to run die: the replacements of failed workers did not start within 2 s"):
+            pool.run(["die", "a"], lambda item, result: None)
+    finally:
+        pool.shutdown()
+
+
+def test_a_user_error_a_replacement_meets_starting_ends_the_run_as_that_error(ray_local, tmp_path):
+    """The replacement lands on a node that lacks what the first workers had: its start-up error is the run's, in
+    one line, not an AttributeError retried three times."""
+    from vocabtrim.errors import UserError
+
+    pool = _pool(ray_local, tmp_path / "died", 1, {"args": ["no model folder /data/target on this node"]})
+    try:
+        with pytest.raises(UserError, match=r"^no model folder /data/target on this node$"):
+            pool.run(["die", "a"], lambda item, result: None)
+    finally:
+        pool.shutdown()

@@ -511,6 +511,9 @@ class GenerateWorker:
         return {"error": self.error}
 
     def pid(self) -> int:
+        """This worker's process id, once started; the UserError it met starting, if any (``ray_utils.ActorPool``)."""
+        if self.error:
+            raise UserError(self.error)
         return os.getpid()
 
     def run(self, prompts: list, keys: list[str]) -> dict:

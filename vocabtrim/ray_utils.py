@@ -299,6 +299,9 @@ class StartingActor:
         return os.getpid()
 
 
+_END = object()
+
+
 def user_error_in(exc) -> UserError | None:
     """The UserError an actor raised (Ray wraps it in a RayTaskError, maybe twice), as a plain UserError
     with the actor's own message (the innermost one: a wrapper's text carries Ray's remote traceback)."""
@@ -316,7 +319,8 @@ def user_error_in(exc) -> UserError | None:
 class ActorPool:
     """Work items run on a fixed set of actors, ``depth`` calls in flight per actor.
 
-    ``start()`` makes one actor; ``call(actor, item)`` submits one item and returns its ObjectRef.
+    ``start()`` makes one actor; ``call(actor, item)`` submits one item and returns its ObjectRef; every actor
+    has ``pid()``, which answers once it has started and raises the UserError it met starting, if any.
     ``run(items, on_result)`` feeds the items (any iterable, read lazily) and calls
     ``on_result(item, result)`` as each one finishes, in completion order.
 
@@ -324,24 +328,61 @@ class ActorPool:
     UserError. Any other failure (the actor died, or raised: a device fault, out of memory) is a fault
     of the machine: the actor is killed and replaced by a fresh one, and every item it held is submitted
     again; an item that fails ``max_attempts`` times stops the run with ``RunFailed`` naming it.
+    A replacement gets items once it has started (a UserError it meets starting ends the run, as above); one
+    that does not start within ``start_timeout_s`` (the cluster lost the node and has no room for it) is
+    given up, and the run goes on with the actors it has, ending with ``RunFailed`` when none is left.
     Exactly-once is the caller's (a ledger, or one atomic output per input): an item may run twice.
     """
 
-    def __init__(self, start, call, size: int, *, depth: int = 2, max_attempts: int = 3, describe=str, actors=None):
+    def __init__(self, start, call, size: int, *, depth: int = 2, max_attempts: int = 3, describe=str, actors=None,
+                 start_timeout_s: float | None = None):
         """``actors``: a list of started actors to run on instead of ``size`` new ones (replacements are
         made in that same list)."""
         self._start, self._call = start, call
         self.depth, self.max_attempts, self.describe = depth, max_attempts, describe
         self.actors = actors if actors is not None else [start() for _ in range(size)]
+        self.start_timeout_s = ACTOR_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
         self.replacements = 0
+        self._starting: dict = {}  # pid() ObjectRef of a replacement -> (actor, deadline)
 
     def replace(self, actor) -> None:
+        """Kill ``actor`` and start another in its place; it takes items once its ``pid()`` has answered."""
         for i, a in enumerate(self.actors):
             if a._actor_id == actor._actor_id:
                 kill_actors([a])
                 self.actors[i] = self._start()
+                self._starting[self.actors[i].pid.remote()] = (self.actors[i], time.monotonic() + self.start_timeout_s)
                 self.replacements += 1
                 return
+
+    def _started(self, ref) -> None:
+        """A replacement's ``pid()`` answered: it takes items now, unless it met a UserError starting (ends the run)
+        or died starting (a fault of the machine: given up, as one that cannot be placed)."""
+        import ray
+
+        actor, _ = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            user = user_error_in(exc)
+            if user is not None:
+                raise user from None
+            log.warning("a replacement worker failed to start (%s); going on with the others", first_line(exc))
+            self._give_up(actor)
+
+    def _give_up(self, actor) -> None:
+        kill_actors([actor])
+        self.actors = [a for a in self.actors if a._actor_id != actor._actor_id]
+
+    def _overdue(self) -> None:
+        """Give up replacements that did not start in time."""
+        now = time.monotonic()
+        for ref, (actor, deadline) in list(self._starting.items()):
+            if now >= deadline:
+                del self._starting[ref]
+                log.warning("a replacement worker did not start within %.0f s (the cluster has no room for it); going on with "
+                            "%d worker(s)", self.start_timeout_s, len(self.actors) - 1)
+                self._give_up(actor)
 
     def run(self, items, on_result, describe=None) -> None:
         """``describe(item)``: how a failure message names an item (default: the pool's)."""
@@ -356,7 +397,8 @@ class ActorPool:
 
         def fill() -> None:
             nonlocal exhausted
-            for actor in list(self.actors):
+            starting = {a._actor_id for a, _ in self._starting.values()}
+            for actor in [a for a in self.actors if a._actor_id not in starting]:
                 while sum(1 for a, _ in inflight.values() if a is actor) < self.depth:
                     if retry:
                         item = retry.pop(0)
@@ -371,8 +413,17 @@ class ActorPool:
                     inflight[self._call(actor, item)] = (actor, item)
 
         fill()
-        while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+        while inflight or self._starting:
+            ready, _ = ray.wait([*inflight, *self._starting], num_returns=1, timeout=POLL_S if self._starting else None)
+            if not ready:
+                self._overdue()
+                fill()
+                continue
+            (ref,) = ready
+            if ref in self._starting:
+                self._started(ref)
+                fill()
+                continue
             actor, item = inflight.pop(ref)
             try:
                 result = ray.get(ref)
@@ -397,6 +448,10 @@ class ActorPool:
             attempts.pop(id(item), None)
             on_result(item, result)
             fill()
+        if retry or not exhausted and next(source, _END) is not _END:
+            raise RunFailed(f"no worker left to run {describe(retry[0]) if retry else 'the remaining items'}: the replacements "
+                            f"of failed workers did not start within {self.start_timeout_s:.0f} s (the cluster lost nodes "
+                            "and has no room for them); rerun to resume once it has")
 
     def shutdown(self) -> None:
         kill_actors(self.actors)
