@@ -106,6 +106,29 @@ def test_engine_vllm_without_vllm_says_how_to_install(tiny_pair_dirs, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_vllm_that_is_installed_but_cannot_be_imported_is_the_install_line_in_a_worker(monkeypatch):
+    """PyPI's torchvision beside the local torch breaks `from vllm import LLM`: a worker says so in one line with the
+    install advice (a UserError), instead of dying as a machine fault retried on fresh workers."""
+    import importlib.machinery
+    import types
+
+    from vocabtrim.vllm_backend import require_vllm
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError("operator torchvision::nms does not exist")
+
+    broken = Broken("vllm")
+    broken.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", broken)
+    require_vllm(" (on node n1)")  # installed: the driver's quick check passes
+    with pytest.raises(UserError) as refused:
+        require_vllm(" (on node n1)", load=True)
+    assert str(refused.value).startswith("vLLM is installed but cannot be imported (RuntimeError: operator torchvision::nms does not "
+                                         "exist): --engine vllm needs vLLM: `pip install 'vocabtrim[vllm]'`")
+    assert str(refused.value).endswith(" (on node n1)") and "\n" not in str(refused.value)
+
+
 def test_calibrate_engine_vllm_refusals(tiny_pair_dirs, tmp_path, capsys, monkeypatch):
     """calibrate --engine vllm: counting a corpus runs no model (refused, vLLM or not); without vLLM, the line
     says how to install it. Nothing is written."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from vocabtrim import validate, vllm_sockets
 from vocabtrim.engine.scheduler import EngineStats
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 from vocabtrim.prompts import max_prompt_tokens
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,22 @@ INSTALL_HINT = (
 _SMALL_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
-def require_vllm(where: str = "") -> None:
-    """Refuse ``--engine vllm`` in one line when vLLM cannot be imported here (``where``: this process's
-    place, added to the line)."""
+def require_vllm(where: str = "", *, load: bool = False) -> None:
+    """Refuse ``--engine vllm`` in one line when vLLM is not installed here (``where``: this process's place,
+    added to the line); with ``load`` (where an engine is about to start anyway), also when it is installed but
+    its import fails (a torchvision that does not match the torch beside it, say)."""
     try:
         found = importlib.util.find_spec("vllm") is not None
     except ValueError:  # sys.modules["vllm"] is None: an import of vllm fails
         found = False
     if not found:
         raise UserError(INSTALL_HINT + where)
+    if load:
+        try:
+            importlib.import_module("vllm").LLM  # vllm's heavy import, as VllmEngine makes it
+        except Exception as exc:
+            user_error_unless_fault(exc, f"vLLM is installed but cannot be imported ({type(exc).__name__}: {first_line(exc)}): "
+                                         f"{INSTALL_HINT}{where}")
 
 
 def require_vllm_for(address: str | None) -> None:
@@ -532,7 +539,7 @@ def load_for_calibrate(model: str, layers: int | None, tokenizer, *, temperature
                        batch_rows: int, dtype: str = "auto", gpus: float = 0, trust_remote_code: bool = False):
     """A ``VllmEngine`` that generates with ``model`` alone (its first ``layers`` decoder layers when given,
     written once as a folder vLLM loads), for calibrate's generated sources; and its logits width."""
-    require_vllm(_on_this_node())
+    require_vllm(_on_this_node(), load=True)
     folder = drafter_folder(model, layers, trust_remote_code=trust_remote_code)
     engine = VllmEngine(
         folder, None, temperature=temperature, eos_token_ids=_eos_ids(folder, tokenizer, trust_remote_code), max_new_tokens=max_new_tokens,
@@ -547,7 +554,7 @@ def load_for_generate(cfg):
     """A ``VllmEngine`` for a ``GenerateConfig``, its tokenizer, and the longest prompt it takes (in tokens)."""
     from vocabtrim.models import is_eagle3, load_tokenizer, resolve_model
 
-    require_vllm(_on_this_node())
+    require_vllm(_on_this_node(), load=True)
     target = resolve_model(cfg.target)
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
     drafter_spec = None
