@@ -567,7 +567,8 @@ class DrafterTrainer(StartingActor):
             for rows in self._batches(ids, None):
                 preds: list = []
                 loss, stats = ttt_loss(self.model, pad_rows(rows, self.device), self.target_head, self.cfg.ttt_length, predictions=preds)
-                losses.append(float(loss.detach()))
+                if stats[0][1]:  # a batch with no counted position has no loss (0 by convention): not averaged in
+                    losses.append(float(loss.detach()))
                 preds = [p.cpu() for p in preds]  # the replay reads them one by one
                 for s, (a, n) in enumerate(stats):
                     totals[s][0] += a
@@ -815,6 +816,12 @@ def run_train(config: TrainConfig) -> dict:
             history = all_epochs[-1:]
             if not storage.is_file(storage.join(c.out, e3.WEIGHTS_FILE)):
                 ray.get(trainer.save.remote())
+    except ray.exceptions.RayError as exc:  # the training actor died or raised (out of memory, a device fault)
+        from vocabtrim.errors import RunFailed
+        from vocabtrim.ray_utils import user_error_in
+
+        raise user_error_in(exc) or RunFailed(f"the training actor failed ({first_line(exc)}): rerun the same command to resume "
+                                              "from the last finished epoch") from exc
     finally:
         ray.kill(trainer, no_restart=True)
     train_seconds = time.perf_counter() - t1
@@ -824,7 +831,8 @@ def run_train(config: TrainConfig) -> dict:
         "kind": MANIFEST_KIND, "version": 1, "target": c.target, "tokenizer_fingerprint": fp, "source": c.source,
         "corpus": list(c.corpus), "text_column": c.text_column, "draft_vocab_size": len(draft_ids), "vocab_size": V,
         "feature_layers": list(feature_layers), **vocab_info, "shards": len(shards), "shards_extracted": len(todo),
-        "train_shards": len(train_ids), "held_out_shards": len(eval_ids), "epochs": c.epochs, "ttt_length": c.ttt_length,
+        "train_shards": len(train_ids), "held_out_shards": len(eval_ids), "epochs": max([c.epochs, *(r["epoch"] for r in all_epochs)]),
+        "ttt_length": c.ttt_length,
         "learning_rate": c.learning_rate, "batch_size": c.batch_size, "max_length": c.max_length,
         "objective": "EAGLE-3 training-time test (soft cross-entropy to the target over the draft vocabulary, step weights 0.8^s)",
         "epochs_run": history, "history": all_epochs, "loss": last.get("loss"), "held_out_acceptance": last.get("held_out_acceptance"),
