@@ -72,6 +72,13 @@ def test_load_refuses_what_is_not_a_histogram(tmp_path):
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(UserError, match="cannot read histogram"):
         histogram.load(str(junk))
+    for table, column in ((pa.table({"token_id": ["1", "2"], "count": [2, 3]}), "'token_id' column holds string"),
+                          (pa.table({"token_id": [1.7, 2.2], "count": [2, 3]}), "'token_id' column holds double"),  # not truncated
+                          (pa.table({"token_id": [1, 2], "count": [2.5, 3.0]}), "'count' column holds double")):
+        typed = tmp_path / "typed.parquet"
+        pq.write_table(table, typed)
+        with pytest.raises(UserError, match=f"is not a histogram: its {column} values, not integers"):
+            histogram.load(str(typed))
 
 
 def test_coverage_curve_and_ranking_on_a_known_histogram():
