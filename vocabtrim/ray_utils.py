@@ -256,8 +256,9 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
         left = deadline - time.monotonic()
         if left <= 0:
             raise UserError(
-                f"{what} did not start within {timeout_s:.0f} s: the cluster cannot place them "
-                "(check --workers, --gpus-per-worker, --cpus-per-worker against `ray status`)"
+                f"{what} did not start within {timeout_s:.0f} s: the cluster cannot place them (check --workers, "
+                "--gpus-per-worker, --cpus-per-worker against `ray status`), or loading their models takes longer "
+                "(VOCABTRIM_ACTOR_START_TIMEOUT sets the limit)"
             )
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(POLL_S, left))
         if pending and shape is not None and infeasible(*shape):
