@@ -416,9 +416,13 @@ def test_generate_with_vllm_rows_errors_resume_and_summary(ray_local, tiny_dirs,
     argv = ["generate", "--engine", "vllm", "--target", target, "--drafter", drafter, "--head", head, "--prompts",
             str(prompt_files), "--max-new-tokens", "10", "--temperature", "0", "--gamma", "3", "--batch-size", "4",
             "--no-progress", "--out", base.out]
+    before = set(vllm_sockets.root().glob("*")) if vllm_sockets.root().is_dir() else set()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert cli.main(argv) == 0
+    if not vllm_sockets.user_chose():  # the worker's engine closed before the pool killed it: no socket folder left
+        left = set(vllm_sockets.root().glob("*")) - before if vllm_sockets.root().is_dir() else set()
+        assert not [p for p in left if any(p.rglob("*"))], left
     s = json.loads((Path(base.out) / "summary.json").read_text())
     run_generate(replace(base, engine="native", drafter=None, head=None, no_draft=True, out=str(tmp_path / "native")))
 

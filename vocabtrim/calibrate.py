@@ -331,6 +331,12 @@ class ShardCounter(StartingActor):
         seeds = [row_seed(self.spec.seed, r) for r in row_ids]
         return [list(out.token_ids) for out in self.engine.generate(prompts, seeds)]
 
+    def close(self) -> None:
+        """Close a vLLM engine (its processes and socket files), before the pool kills this actor."""
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
+
     def count(self, shard: corpus.Shard) -> ShardCount:
         spec = self.spec
         cpu = time.process_time()

@@ -516,6 +516,12 @@ class GenerateWorker:
             raise UserError(self.error)
         return os.getpid()
 
+    def close(self) -> None:
+        """Close the engine (a vLLM engine's processes and socket files), before the pool kills this worker."""
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
+
     def run(self, prompts: list, keys: list[str]) -> dict:
         if self.error:
             raise UserError(self.error)

@@ -459,10 +459,25 @@ class ActorPool:
         self.actors = []
 
 
+CLOSE_TIMEOUT_S = 30.0  # how long kill_actors lets actors close what they hold (vLLM engines) before killing them
+
+
 def kill_actors(actors) -> None:
-    """Kill these actors for good (no restart); ones already gone are skipped."""
+    """Kill these actors for good (no restart); ones already gone are skipped. Actors with a ``close()`` method
+    (those holding a vLLM engine) are asked to close first, for ``CLOSE_TIMEOUT_S`` at most: ``ray.kill`` ends a
+    process without its exit handlers."""
     import ray
 
+    closing = []
+    for a in actors:
+        try:
+            closing.append(a.close.remote())
+        except AttributeError:  # no close(): nothing to close
+            pass
+        except Exception:  # already gone
+            pass
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
     for a in actors:
         try:
             ray.kill(a, no_restart=True)
