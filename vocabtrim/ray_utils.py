@@ -372,7 +372,7 @@ class ActorPool:
             self._give_up(actor)
 
     def _give_up(self, actor) -> None:
-        kill_actors([actor])
+        kill_actors([actor], close=False)  # it never started: nothing to close, and no answer would come
         self.actors = [a for a in self.actors if a._actor_id != actor._actor_id]
 
     def _overdue(self) -> None:
@@ -455,21 +455,23 @@ class ActorPool:
                             "and has no room for them); rerun to resume once it has")
 
     def shutdown(self) -> None:
-        kill_actors(self.actors)
-        self.actors = []
+        starting = {a._actor_id for a, _ in self._starting.values()}  # not started: nothing to close
+        kill_actors([a for a in self.actors if a._actor_id in starting], close=False)
+        kill_actors([a for a in self.actors if a._actor_id not in starting])
+        self.actors, self._starting = [], {}
 
 
 CLOSE_TIMEOUT_S = 30.0  # how long kill_actors lets actors close what they hold (vLLM engines) before killing them
 
 
-def kill_actors(actors) -> None:
-    """Kill these actors for good (no restart); ones already gone are skipped. Actors with a ``close()`` method
-    (those holding a vLLM engine) are asked to close first, for ``CLOSE_TIMEOUT_S`` at most: ``ray.kill`` ends a
-    process without its exit handlers."""
+def kill_actors(actors, *, close: bool = True) -> None:
+    """Kill these actors for good (no restart); ones already gone are skipped. With ``close``, actors with a
+    ``close()`` method (those holding a vLLM engine) are asked to close first, for ``CLOSE_TIMEOUT_S`` at most:
+    ``ray.kill`` ends a process without its exit handlers."""
     import ray
 
     closing = []
-    for a in actors:
+    for a in actors if close else ():
         try:
             closing.append(a.close.remote())
         except AttributeError:  # no close(): nothing to close
