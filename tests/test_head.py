@@ -228,6 +228,24 @@ def test_cli_refuses_a_missing_histogram_and_another_tokenizer(tiny, tmp_path, c
     assert code == 2 and "another tokenizer" in err[-1] and len([line for line in err if "error:" in line]) == 1
 
 
+def test_a_histogram_that_is_not_its_manifests_is_refused(tiny, tmp_path, capsys):
+    """A calibrate run stopped between writing histogram.parquet and manifest.json leaves one beside the other's
+    manifest: build-head refuses it in one line instead of trimming from counts the manifest does not describe."""
+    import shutil
+
+    drafter, calib, counts = tiny
+    folder = tmp_path / "calib"
+    shutil.copytree(calib, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "histogram_fingerprint": histogram.fingerprint(counts)}))
+    assert cli(["build-head", "--histogram", str(folder), "--drafter", drafter, "--top-k", "8", "--out", str(tmp_path / "h")]) == 0
+    histogram.save(counts * 2, str(folder / "histogram.parquet"))
+    capsys.readouterr()
+    assert cli(["build-head", "--histogram", str(folder), "--drafter", drafter, "--top-k", "8", "--out", str(tmp_path / "h2")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "is not the one its manifest.json describes (a calibrate run stopped between writing them?)" in err[0], err
+
+
 def test_cli_refuses_a_target_that_does_not_pair_with_the_drafter(tiny, tmp_path, capsys):
     """--target with a causal drafter is the pair the head serves: another tokenizer or logits width is one line,
     exit 2, and nothing written."""

@@ -77,6 +77,9 @@ def fingerprint(counts: np.ndarray) -> str:
     return "hist-" + h.hexdigest()[:24]
 
 
+_fingerprint_of = fingerprint  # for functions whose argument named ``fingerprint`` is a tokenizer's
+
+
 def coverage_curve(counts: np.ndarray) -> np.ndarray:
     """float64 [V]: ``curve[k-1]`` = share of all counted tokens covered by the k most frequent ids."""
     total = int(counts.sum())
@@ -175,4 +178,8 @@ def read_calibration(where: str, fingerprint: str, whose: str) -> tuple[str, dic
             f"the histogram in {storage.display(folder)} was counted with another tokenizer ({manifest['tokenizer_fingerprint']}, "
             f"{whose} {fingerprint}): calibrate with the {whose}'s tokenizer"
         )
-    return path, manifest, load(path)
+    counts = load(path)
+    if manifest.get("histogram_fingerprint") not in (None, _fingerprint_of(counts)):
+        raise UserError(f"the histogram in {storage.display(folder)} is not the one its manifest.json describes (a calibrate run "
+                        "stopped between writing them?): rerun that calibrate command (it resumes from its ledger)")
+    return path, manifest, counts
