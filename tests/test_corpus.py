@@ -186,6 +186,11 @@ def test_missing_paths_and_empty_globs_are_refused(tmp_path):
         corpus.expand_paths([str(tmp_path / "*.jsonl")])
     with pytest.raises(UserError, match="no .parquet, .jsonl or .txt files"):
         corpus.expand_paths([str(tmp_path)])
+    literal = tmp_path / "data[1].txt"  # a name with [ that exists is that file; the same spelling unmatched is a pattern
+    literal.write_text("hello\n")
+    assert corpus.expand_paths([str(literal)]) == [str(literal)]
+    with pytest.raises(UserError, match="no files match"):
+        corpus.expand_paths([str(tmp_path / "data[0-9].txt")])
 
 
 def test_a_bad_json_line_mid_file_names_its_offset(tmp_path):

@@ -188,7 +188,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 
     for raw in paths:
         p = raw if storage.is_uri(raw) else os.path.expanduser(raw)
-        if storage.has_glob(raw):
+        if storage.has_glob(raw) and not storage.exists(p):  # a name with [ that exists is that file, not a pattern
             matches = storage.glob_typed(p)
             if not matches:
                 raise UserError(f"no files match {storage.display(raw)}")

@@ -79,7 +79,7 @@ def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
         arg = os.fspath(arg)
         where = arg if storage.is_uri(arg) else os.path.expanduser(arg)
         shown = storage.display(arg)
-        if storage.has_glob(where):
+        if storage.has_glob(where) and not storage.exists(where):  # a name with [ that exists is that file, not a pattern
             matches = storage.glob_typed(where)
             if not matches:
                 raise UserError(f"--prompts {shown} matches no files")
