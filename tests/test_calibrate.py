@@ -372,6 +372,18 @@ def test_an_out_inside_the_corpus_folder_is_refused(data, tmp_path, capsys):
     assert sorted(p.name for p in corpus.iterdir()) == sorted(p.name for p in Path(data["corpus"]).iterdir())
 
 
+def test_an_out_inside_an_object_store_corpus_folder_is_refused(s3, data, capsys):
+    from vocabtrim import storage
+
+    bucket = s3.bucket()
+    storage.write_bytes(f"{bucket}/corpus/a.txt", b"hello there\n")
+    for out in (f"{bucket}/corpus", f"{bucket}/corpus/calib"):
+        assert cli(["calibrate", "--drafter", data["model"], "--corpus", f"{bucket}/corpus", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} is inside the corpus folder {bucket}/corpus" in err, err
+    assert storage.walk_files(bucket) == [f"{bucket}/corpus/a.txt"]
+
+
 def test_drafter_layers_beyond_the_model_are_refused_for_every_source(data, tmp_path, capsys):
     """The manifest records --drafter-layers and build-head builds that drafter: it must exist, whatever the source
     (it was accepted with --source corpus, exit 0)."""

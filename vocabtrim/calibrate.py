@@ -517,9 +517,12 @@ def _check_config(config: CalibrateConfig) -> None:
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
     out = storage.canonical(config.out)
     for where in config.corpus:
-        if storage.is_local(where) and os.path.isdir(storage.local_path(where)):
+        if storage.has_glob(where):
+            continue
+        if storage.is_local(where) and os.path.isdir(storage.local_path(where)) or not storage.is_local(where) and storage.is_dir(where):
             folder = storage.canonical(where)
-            if out == folder or out.startswith(folder.rstrip(os.sep) + os.sep):
+            sep = os.sep if storage.is_local(where) else "/"
+            if out == folder or out.startswith(folder.rstrip(sep) + sep):
                 raise UserError(f"--out {storage.display(config.out)} is inside the corpus folder {storage.display(where)}: a rerun "
                                 "would read its files as corpus; use an --out outside it")
     check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address)
