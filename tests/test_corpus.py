@@ -51,6 +51,22 @@ def test_every_row_is_read_exactly_once_whatever_the_shard_size(files, shard_byt
     assert len({s.shard_id for s in shards}) == len(shards)
 
 
+def test_a_line_longer_than_many_shards_is_read_once_by_the_shard_it_starts_in(tmp_path):
+    """The shards inside a 3 MiB line yield nothing (they scan for its end in blocks, up to their own end, keeping
+    nothing); the line is its first shard's row, whole."""
+    lines = ["first", "x" * (3 << 20), "after the long one", "y" * 70_000, "last"]
+    (tmp_path / "long.txt").write_text("\n".join(lines) + "\n")
+    shards = corpus.make_shards([str(tmp_path / "long.txt")], "text", 64 << 10)
+    assert len(shards) > 40
+    assert [t for _, _, t in read_all(shards)] == [line + "\n" for line in lines]
+    with open(tmp_path / "long.txt", "rb") as f:  # the scan stops at the shard's end, or just past a line break
+        f.seek(10)
+        assert corpus._past_line_end(f, 10, 1000, block=64) == 1000
+        f.seek(10)
+        assert corpus._past_line_end(f, 10, (3 << 20) + 100, block=4096) == len("first\n") + (3 << 20) + 1
+        assert f.read(5) == b"after"
+
+
 def test_crlf_blank_lines_and_jsonl_rows_without_text(tmp_path):
     (tmp_path / "w.txt").write_bytes(b"one\r\ntwo\r\n\r\nthree")
     rows = read_all(corpus.make_shards([str(tmp_path / "w.txt")], shard_bytes=4))

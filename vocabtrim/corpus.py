@@ -468,7 +468,7 @@ def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
         if pos > 0:
             f.seek(pos - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the previous shard
-                pos += len(f.readline())
+                pos = _past_line_end(f, pos, shard.stop)
         else:
             f.seek(0)
         while pos < shard.stop:
@@ -477,6 +477,22 @@ def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
                 break
             yield pos, line
             pos += len(line)
+
+
+def _past_line_end(f, pos: int, stop: int, block: int = 1 << 20) -> int:
+    """The offset just past the line break at or after ``pos`` (``f`` positioned there, ``f`` at ``pos`` on
+    entry), or ``stop`` when none comes before it (no line starts in [pos, stop)): read in blocks, nothing kept,
+    so a shard inside a long line costs at most its own bytes."""
+    while pos < stop:
+        chunk = f.read(min(block, stop - pos))
+        if not chunk:
+            return pos
+        end = chunk.find(b"\n")
+        if end >= 0:
+            f.seek(pos + end + 1)
+            return pos + end + 1
+        pos += len(chunk)
+    return stop
 
 
 def _jsonl_text(shard: Shard, offset: int, line: bytes, text_column: str):
