@@ -137,6 +137,8 @@ def test_calibrate_engine_vllm_refusals(tiny_pair_dirs, tmp_path, capsys, monkey
     pq.write_table(pa.table({"text": ["hi there"]}), good)
     base = ["calibrate", "--engine", "vllm", "--drafter", target, "--corpus", str(good), "--out", str(tmp_path / "out")]
     for argv, says in ((base, "--source target or --source drafter"),
+                       (base + ["--source", "target", "--target", target, "--temperature", "0.005"],
+                        "--temperature must be 0 or at least 0.01 with --engine vllm"),
                        (base + ["--source", "target", "--target", target], "pip install 'vocabtrim[vllm]'")):
         if "target" in argv:
             monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees where vLLM is not installed

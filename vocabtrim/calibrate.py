@@ -525,7 +525,7 @@ def _check_config(config: CalibrateConfig) -> None:
             if out == folder or out.startswith(folder.rstrip(sep) + sep):
                 raise UserError(f"--out {storage.display(config.out)} is inside the corpus folder {storage.display(where)}: a rerun "
                                 "would read its files as corpus; use an --out outside it")
-    check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address)
+    check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address, config.temperature)
 
 
 def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:

@@ -485,21 +485,27 @@ def check_generate_config(cfg) -> None:
         raise UserError("--drafter ngram takes neither --head nor --drafter-layers")
     if not cfg.no_draft and not validate.gamma(cfg.gamma):  # "auto" (None) or 0
         raise validate.SettingError("gamma", f"must be a number from 1 to {validate.MAX_GAMMA} with --engine vllm, got {cfg.gamma!r}")
-    if 0 < cfg.temperature < VLLM_MIN_TEMPERATURE:
-        raise validate.SettingError("temperature", f"must be 0 or at least {VLLM_MIN_TEMPERATURE} with --engine vllm (vLLM samples "
-                                                   f"lower ones at {VLLM_MIN_TEMPERATURE}), got {cfg.temperature}")
+    _check_temperature(cfg.temperature)
     _check_whole_gpus(cfg.gpus_per_worker)
 
 
-def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float, address: str | None = None) -> None:
+def check_calibrate_engine(engine: str, source: str, gpus_per_worker: float, address: str | None = None,
+                           temperature: float = 0.0) -> None:
     """Refuse, in one line and before Ray starts, what ``calibrate --engine`` cannot do."""
     _check_engine_name(engine)
     if engine == "native":
         return
     if source == "corpus":
         raise UserError("--engine vllm generates: it takes --source target or --source drafter (--source corpus runs no model)")
-    require_vllm_for(address)
     _check_whole_gpus(gpus_per_worker)
+    _check_temperature(temperature)
+    require_vllm_for(address)
+
+
+def _check_temperature(temperature: float) -> None:
+    if 0 < temperature < VLLM_MIN_TEMPERATURE:
+        raise validate.SettingError("temperature", f"must be 0 or at least {VLLM_MIN_TEMPERATURE} with --engine vllm (vLLM samples "
+                                                   f"lower ones at {VLLM_MIN_TEMPERATURE}), got {temperature}")
 
 
 def _eos_ids(target: str, tokenizer, trust_remote_code: bool = False) -> list[int]:
