@@ -109,7 +109,12 @@ def _pool(ray, marker, size: int, replacement: dict):
     from vocabtrim.ray_utils import ActorPool
 
     class Echo:
-        def __init__(self, marker: str, start_error: str | None = None):
+        def __init__(self, marker: str, start_error: str | None = None, die_starting: str | None = None):
+            import os
+
+            if die_starting and not os.path.exists(die_starting):  # the first start with this marker dies
+                open(die_starting, "w").close()
+                os._exit(1)
             self.marker, self.start_error = marker, start_error
 
         def pid(self) -> int:
@@ -160,6 +165,18 @@ def test_with_no_worker_left_the_run_fails_in_one_line(ray_local, tmp_path):
     try:
         with pytest.raises(RunFailed, match=r"^no worker left to run die: the replacements of failed workers did not start within 2 s"):
             pool.run(["die", "a"], lambda item, result: None)
+    finally:
+        pool.shutdown()
+
+
+def test_a_replacement_that_dies_starting_is_started_again(ray_local, tmp_path):
+    """A machine fault while a replacement starts (out of memory loading, say) is retried with another start: the
+    pool keeps its size and every item runs once."""
+    pool = _pool(ray_local, tmp_path / "died", 1, {"args": [None, str(tmp_path / "died-starting")]})
+    got = []
+    try:
+        pool.run(["a", "die", "b", "c"], lambda item, result: got.append(result))
+        assert sorted(got) == ["a", "b", "c", "die"] and pool.replacements == 2 and len(pool.actors) == 1
     finally:
         pool.shutdown()
 

@@ -330,7 +330,8 @@ class ActorPool:
     of the machine: the actor is killed and replaced by a fresh one, and every item it held is submitted
     again; an item that fails ``max_attempts`` times stops the run with ``RunFailed`` naming it.
     A replacement gets items once it has started (a UserError it meets starting ends the run, as above); one
-    that does not start within ``start_timeout_s`` (the cluster lost the node and has no room for it) is
+    that dies starting is started again (``max_attempts`` starts in all); one that does not start within
+    ``start_timeout_s`` (the cluster lost the node and has no room for it), or whose every start died, is
     given up, and the run goes on with the actors it has, ending with ``RunFailed`` when none is left.
     Exactly-once is the caller's (a ledger, or one atomic output per input): an item may run twice.
     """
@@ -344,32 +345,38 @@ class ActorPool:
         self.actors = actors if actors is not None else [start() for _ in range(size)]
         self.start_timeout_s = ACTOR_START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
         self.replacements = 0
-        self._starting: dict = {}  # pid() ObjectRef of a replacement -> (actor, deadline)
+        self._starting: dict = {}  # pid() ObjectRef of a replacement -> (actor, deadline, its start tries)
 
-    def replace(self, actor) -> None:
-        """Kill ``actor`` and start another in its place; it takes items once its ``pid()`` has answered."""
+    def replace(self, actor, *, tries: int = 1, close: bool = True) -> None:
+        """Kill ``actor`` and start another in its place (its ``tries``-th start); it takes items once its ``pid()``
+        has answered."""
         for i, a in enumerate(self.actors):
             if a._actor_id == actor._actor_id:
-                kill_actors([a])
+                kill_actors([a], close=close)
                 self.actors[i] = self._start()
-                self._starting[self.actors[i].pid.remote()] = (self.actors[i], time.monotonic() + self.start_timeout_s)
+                self._starting[self.actors[i].pid.remote()] = (self.actors[i], time.monotonic() + self.start_timeout_s, tries)
                 self.replacements += 1
                 return
 
     def _started(self, ref) -> None:
         """A replacement's ``pid()`` answered: it takes items now, unless it met a UserError starting (ends the run)
-        or died starting (a fault of the machine: given up, as one that cannot be placed)."""
+        or died starting (a fault of the machine: another is started, ``max_attempts`` starts in all, then it is
+        given up)."""
         import ray
 
-        actor, _ = self._starting.pop(ref)
+        actor, _, tries = self._starting.pop(ref)
         try:
             ray.get(ref)
         except ray.exceptions.RayError as exc:
             user = user_error_in(exc)
             if user is not None:
                 raise user from None
-            log.warning("a replacement worker failed to start (%s); going on with the others", first_line(exc))
-            self._give_up(actor)
+            if tries < self.max_attempts:
+                log.warning("a replacement worker died starting (%s); starting another", first_line(exc))
+                self.replace(actor, tries=tries + 1, close=False)
+            else:
+                log.warning("a replacement worker died starting %d times (%s); going on with the others", tries, first_line(exc))
+                self._give_up(actor)
 
     def _give_up(self, actor) -> None:
         kill_actors([actor], close=False)  # it never started: nothing to close, and no answer would come
@@ -378,7 +385,7 @@ class ActorPool:
     def _overdue(self) -> None:
         """Give up replacements that did not start in time."""
         now = time.monotonic()
-        for ref, (actor, deadline) in list(self._starting.items()):
+        for ref, (actor, deadline, _) in list(self._starting.items()):
             if now >= deadline:
                 del self._starting[ref]
                 log.warning("a replacement worker did not start within %.0f s (the cluster has no room for it); going on with "
@@ -398,7 +405,7 @@ class ActorPool:
 
         def fill() -> None:
             nonlocal exhausted
-            starting = {a._actor_id for a, _ in self._starting.values()}
+            starting = {a._actor_id for a, _, _ in self._starting.values()}
             for actor in [a for a in self.actors if a._actor_id not in starting]:
                 while sum(1 for a, _ in inflight.values() if a is actor) < self.depth:
                     if retry:
@@ -455,7 +462,7 @@ class ActorPool:
                             "and has no room for them); rerun to resume once it has")
 
     def shutdown(self) -> None:
-        starting = {a._actor_id for a, _ in self._starting.values()}  # not started: nothing to close
+        starting = {a._actor_id for a, _, _ in self._starting.values()}  # not started: nothing to close
         kill_actors([a for a in self.actors if a._actor_id in starting], close=False)
         kill_actors([a for a in self.actors if a._actor_id not in starting])
         self.actors, self._starting = [], {}
