@@ -517,9 +517,7 @@ def _check_config(config: CalibrateConfig) -> None:
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
     out = storage.canonical(config.out)
     for where in config.corpus:
-        if storage.has_glob(where):
-            continue
-        if storage.is_local(where) and os.path.isdir(storage.local_path(where)) or not storage.is_local(where) and storage.is_dir(where):
+        if not storage.has_glob(where) and storage.is_dir(where):
             folder = storage.canonical(where)
             sep = os.sep if storage.is_local(where) else "/"
             if out == folder or out.startswith(folder.rstrip(sep) + sep):

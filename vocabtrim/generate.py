@@ -134,17 +134,6 @@ def _drafter_name(cfg: GenerateConfig) -> str | None:
     return cfg.drafter if cfg.drafter is not None else cfg.target
 
 
-def _file_sha256(where: str) -> str:
-    h = hashlib.sha256()
-    with storage.open_input_file(where) as f:
-        while True:
-            block = f.read(1 << 20)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, bool]:
     """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
     (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
@@ -170,38 +159,39 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     return tokenizer_fingerprint(target_tok), wrap
 
 
-def check_drafter(cfg: GenerateConfig, fingerprint: str) -> None:
+def check_drafter(cfg: GenerateConfig, fingerprint: str) -> str | None:
     """Refuse, before ``--out`` is touched or Ray starts, ``--head`` or ``--drafter-layers`` with an EAGLE-3
     drafter, a ``--drafter-layers`` the drafter does not have, a ``--head`` file that is not a readable trimmed
     head, and a ``--head`` whose manifest does not fit the drafter: another tokenizer, or another vocabulary size
     or architecture (``--drafter-layers`` included) than the drafter's config says. The drafter's config is read
     here, not its weights: the workers compare the head's rows with the drafter's loaded LM head. A drafter whose
-    config cannot be read here (a hub id offline) is left to them."""
+    config cannot be read here (a hub id offline) is left to them. Returns the head file's sha256 (None without
+    ``--head``): the file is read once here."""
     if cfg.no_draft or (not cfg.head and cfg.drafter_layers is None):
-        return
+        return None
     from vocabtrim.models import EAGLE3_NO_HEAD, EAGLE3_NO_LAYERS, is_eagle3
 
     if is_eagle3(_drafter_name(cfg)):  # either engine
         raise UserError(EAGLE3_NO_HEAD if cfg.head else EAGLE3_NO_LAYERS)
     config = _drafter_config(cfg)
     if not cfg.head:
-        return
-    from vocabtrim.head.io import ARCHITECTURE_KEYS, load_head, read_head_manifest
+        return None
+    from vocabtrim.head.io import ARCHITECTURE_KEYS, load_head, read_head_file, read_head_manifest
 
     shown = storage.display(cfg.head)
     manifest = read_head_manifest(cfg.head)
     rebuild = "rebuild it with `vocabtrim build-head` for this drafter"
     if manifest.get("tokenizer_fingerprint") != fingerprint:
         raise UserError(f"head {shown} was built for another tokenizer ({manifest.get('tokenizer_fingerprint')}, this one is {fingerprint}): {rebuild}")
-    load_head(cfg.head)  # its file read and checked (shapes, K, ids); the workers compare its rows with the drafter's
-    if config is None:
-        return
+    data = read_head_file(cfg.head)
+    load_head(cfg.head, data=data)  # checked (shapes, K, ids); the workers compare its rows with the drafter's
     built_for = manifest.get("drafter_architecture") or {}
-    for key in ARCHITECTURE_KEYS:
+    for key in ARCHITECTURE_KEYS if config is not None else ():
         this = config.get(key)
         if key in built_for and this is not None and built_for[key] != this:
             flag = " (--drafter-layers)" if key == "num_hidden_layers" else ""
             raise UserError(f"head {shown} was built for another drafter ({key}{flag} {built_for[key]}, this drafter {this}): {rebuild}")
+    return hashlib.sha256(data).hexdigest()
 
 
 def _drafter_config(cfg: GenerateConfig) -> dict | None:
@@ -220,8 +210,9 @@ def _drafter_config(cfg: GenerateConfig) -> dict | None:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
-    """What decides a row's completion. A rerun into the same ``--out`` must match it exactly.
+def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None = None) -> dict:
+    """What decides a row's completion (``head_sha256``: ``check_drafter``'s). A rerun into the same ``--out``
+    must match it exactly.
 
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
@@ -233,7 +224,7 @@ def settings_of(cfg: GenerateConfig, fingerprint: str) -> dict:
         "target": storage.settings_key(cfg.target),
         "drafter": storage.settings_key(_drafter_name(cfg)),
         "drafter_layers": cfg.drafter_layers if draft else None,
-        "head_sha256": _file_sha256(storage.join(cfg.head, HEAD_FILE)) if cfg.head else None,
+        "head_sha256": head_sha256,
         "no_draft": cfg.no_draft,
         "gamma": ("auto" if validate.gamma(cfg.gamma) is None else validate.gamma(cfg.gamma)) if draft else None,
         "max_gamma": cfg.max_gamma if draft and validate.gamma(cfg.gamma) is None else None,
@@ -815,9 +806,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if sum(f.num_rows for f in files) == 0:
         raise UserError(f"the prompts are empty: no rows in {' '.join(storage.display(f.path) for f in files)}")
     fingerprint, wrap_strings = check_models(cfg, files)
-    check_drafter(cfg, fingerprint)
+    head_sha256 = check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
-    settings = settings_of(cfg, fingerprint)
+    settings = settings_of(cfg, fingerprint, head_sha256)
     prepare_out(out, settings)
     remove_stale_temporaries(out)
     todo = [f for f in files if not is_complete(out, f)]

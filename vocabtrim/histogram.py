@@ -77,8 +77,6 @@ def fingerprint(counts: np.ndarray) -> str:
     return "hist-" + h.hexdigest()[:24]
 
 
-_fingerprint_of = fingerprint  # for functions whose argument named ``fingerprint`` is a tokenizer's
-
 
 def coverage_curve(counts: np.ndarray) -> np.ndarray:
     """float64 [V]: ``curve[k-1]`` = share of all counted tokens covered by the k most frequent ids."""
@@ -167,19 +165,19 @@ def calibration_paths(where: str) -> tuple[str, str]:
     return folder, storage.join(folder, "histogram.parquet")
 
 
-def read_calibration(where: str, fingerprint: str, whose: str) -> tuple[str, dict, np.ndarray]:
+def read_calibration(where: str, tokenizer_fingerprint: str, whose: str) -> tuple[str, dict, np.ndarray]:
     """``(histogram.parquet location, manifest, counts)`` of the calibration at ``where`` (a folder or its
-    ``.parquet`` file), refused in one line unless it was counted with the tokenizer of ``fingerprint``
+    ``.parquet`` file), refused in one line unless it was counted with the tokenizer of ``tokenizer_fingerprint``
     (``whose`` tokenizer it is, for the message: "drafter", "target")."""
     folder, path = calibration_paths(where)
     manifest = read_manifest(folder)
-    if manifest["tokenizer_fingerprint"] != fingerprint:
+    if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
         raise UserError(
             f"the histogram in {storage.display(folder)} was counted with another tokenizer ({manifest['tokenizer_fingerprint']}, "
-            f"{whose} {fingerprint}): calibrate with the {whose}'s tokenizer"
+            f"{whose} {tokenizer_fingerprint}): calibrate with the {whose}'s tokenizer"
         )
     counts = load(path)
-    if manifest.get("histogram_fingerprint") not in (None, _fingerprint_of(counts)):
+    if manifest.get("histogram_fingerprint") not in (None, fingerprint(counts)):
         raise UserError(f"the histogram in {storage.display(folder)} is not the one its manifest.json describes (a calibrate run "
                         "stopped between writing them?): rerun that calibrate command (it resumes from its ledger)")
     return path, manifest, counts

@@ -50,8 +50,18 @@ def read_head_manifest(head_dir: str | os.PathLike, *, eagle3: bool = False) -> 
     )
 
 
-def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -> TrimmedHead:
+def read_head_file(head_dir: str | os.PathLike) -> bytes:
+    """The bytes of ``head_dir``'s head file; one UserError line when it cannot be read."""
+    path = storage.join(os.fspath(head_dir), HEAD_FILE)
+    try:
+        return storage.read_bytes(path)
+    except OSError as exc:
+        raise UserError(f"cannot read {storage.display(path)}: {first_line(exc)}") from exc
+
+
+def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None, data: bytes | None = None) -> TrimmedHead:
     """Read a head written by ``build_head`` and check that it belongs to this drafter and tokenizer.
+    ``data``: the head file's bytes when the caller has read them (``read_head_file``).
 
     Refused, in one UserError line: another tokenizer (fingerprint), another vocabulary size or
     architecture, rows that are not this drafter's LM-head rows (compared at the drafter's precision,
@@ -62,11 +72,11 @@ def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None) -
 
     head_dir = os.fspath(head_dir)
     manifest = read_head_manifest(head_dir)
-    path = storage.join(head_dir, HEAD_FILE)
+    data = read_head_file(head_dir) if data is None else data
     try:
-        tensors = load(storage.read_bytes(path))
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read {storage.display(path)}: {first_line(exc)}") from exc
+        tensors = load(data)
+    except SafetensorError as exc:
+        raise UserError(f"cannot read {storage.display(storage.join(head_dir, HEAD_FILE))}: {first_line(exc)}") from exc
     head_dir = storage.display(head_dir)  # for the messages below
     ids, weight, bias = tensors.get("token_ids"), tensors.get("weight"), tensors.get("bias")
     if ids is None or weight is None or ids.dtype != torch.int64 or ids.dim() != 1 or weight.dim() != 2:
