@@ -195,6 +195,25 @@ def test_a_network_fault_while_reading_a_shard_is_not_a_user_error(tmp_path, mon
         list(corpus.iter_shard(shard))
 
 
+def test_a_network_fault_while_cutting_shards_is_not_a_user_error(tmp_path, monkeypatch):
+    """Reading a file's footer to cut it into shards: a file the user cannot read is refused in one line, a
+    dropped connection to the object store keeps its type (the caller retries it)."""
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "c.parquet")
+
+    def failing(error):
+        def cut(*args, **kwargs):
+            raise error
+        return cut
+
+    monkeypatch.setattr(corpus, "_parquet_shards", failing(OSError("Parquet magic bytes not found in footer")))
+    with pytest.raises(UserError, match="cannot read .*c.parquet: Parquet magic bytes"):
+        corpus.make_shards([str(tmp_path / "c.parquet")])
+    monkeypatch.setattr(corpus, "_parquet_shards", failing(OSError("AWS Error SERVICE_UNAVAILABLE during GetObject")))
+    with pytest.raises(OSError, match="SERVICE_UNAVAILABLE") as raised:
+        corpus.make_shards([str(tmp_path / "c.parquet")])
+    assert not isinstance(raised.value, UserError)
+
+
 def test_missing_paths_and_empty_globs_are_refused(tmp_path):
     with pytest.raises(UserError, match="no such corpus file or folder"):
         corpus.expand_paths([str(tmp_path / "nope.parquet")])

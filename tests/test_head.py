@@ -304,6 +304,26 @@ def test_load_head_refuses_another_drafter_or_tokenizer(tiny, built, tmp_path):
         load_head(str(tmp_path))
 
 
+def test_a_head_file_that_cannot_be_read_is_the_users_unless_the_network_dropped(built, monkeypatch):
+    """An unreadable head file is refused in one line; an object store's dropped connection keeps its type,
+    so the caller retries it instead of blaming the user's head."""
+    from vocabtrim import storage
+    from vocabtrim.head.io import read_head_file
+
+    def failing(error):
+        def read(path):
+            raise error
+        return read
+
+    monkeypatch.setattr(storage, "read_bytes", failing(PermissionError(13, "Permission denied")))
+    with pytest.raises(UserError, match="cannot read .*head.safetensors: .*Permission denied"):
+        read_head_file(built)
+    monkeypatch.setattr(storage, "read_bytes", failing(OSError("AWS Error NETWORK_CONNECTION during GetObject: curlCode: 7")))
+    with pytest.raises(OSError, match="NETWORK_CONNECTION") as raised:
+        read_head_file(built)
+    assert not isinstance(raised.value, UserError)
+
+
 # ---------------------------------------------------------------------------------------------
 # Object storage: the histogram and the head folder on S3 (a local server: the `s3` fixture)
 # ---------------------------------------------------------------------------------------------

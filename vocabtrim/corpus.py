@@ -426,7 +426,7 @@ def make_shards(
                 _check_text(path)
                 shards.extend(_byte_shards(path, kind, shard_bytes))
         except OSError as exc:
-            raise UserError(f"cannot read {storage.display(path)}: {exc.strerror or first_line(exc)}") from exc
+            user_error_unless_fault(exc, f"cannot read {storage.display(path)}: {exc.strerror or first_line(exc)}")
     return shards
 
 

@@ -9,7 +9,7 @@ import torch
 
 from vocabtrim import storage
 from vocabtrim.engine.heads import check_support
-from vocabtrim.errors import UserError, first_line
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 from vocabtrim.head.files import EAGLE3_MANIFEST_KIND, HEAD_FILE, MANIFEST_FILE, MANIFEST_KIND
 from vocabtrim.head.trimmed import TrimmedHead
 
@@ -51,12 +51,13 @@ def read_head_manifest(head_dir: str | os.PathLike, *, eagle3: bool = False) -> 
 
 
 def read_head_file(head_dir: str | os.PathLike) -> bytes:
-    """The bytes of ``head_dir``'s head file; one UserError line when it cannot be read."""
+    """The bytes of ``head_dir``'s head file; one UserError line when it cannot be read, unless the machine is at
+    fault (``machine_fault``: the error itself, retried by the caller)."""
     path = storage.join(os.fspath(head_dir), HEAD_FILE)
     try:
         return storage.read_bytes(path)
     except OSError as exc:
-        raise UserError(f"cannot read {storage.display(path)}: {first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot read {storage.display(path)}: {first_line(exc)}")
 
 
 def load_head(head_dir: str | os.PathLike, drafter_model=None, tokenizer=None, data: bytes | None = None) -> TrimmedHead:
