@@ -36,7 +36,7 @@ import numpy as np
 from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import check_message_lists, wraps_strings
 from vocabtrim.errors import UserError, first_line, user_error_unless_fault
-from vocabtrim.ray_utils import StartingActor
+from vocabtrim.ray_utils import StartingActor, close_engine
 
 log = logging.getLogger(__name__)
 
@@ -332,10 +332,8 @@ class ShardCounter(StartingActor):
         return [list(out.token_ids) for out in self.engine.generate(prompts, seeds)]
 
     def close(self) -> None:
-        """Close a vLLM engine (its processes and socket files), before the pool kills this actor."""
-        close = getattr(getattr(self, "engine", None), "close", None)
-        if close is not None:
-            close()
+        """Close the engine before the pool kills this actor (``ray_utils.close_engine``)."""
+        close_engine(getattr(self, "engine", None))
 
     def count(self, shard: corpus.Shard) -> ShardCount:
         spec = self.spec

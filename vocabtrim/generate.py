@@ -508,10 +508,10 @@ class GenerateWorker:
         return os.getpid()
 
     def close(self) -> None:
-        """Close the engine (a vLLM engine's processes and socket files), before the pool kills this worker."""
-        close = getattr(getattr(self, "engine", None), "close", None)
-        if close is not None:
-            close()
+        """Close the engine before the pool kills this actor (``ray_utils.close_engine``)."""
+        from vocabtrim.ray_utils import close_engine
+
+        close_engine(getattr(self, "engine", None))
 
     def run(self, prompts: list, keys: list[str]) -> dict:
         if self.error:

@@ -468,6 +468,15 @@ class ActorPool:
         self.actors, self._starting = [], {}
 
 
+def close_engine(engine) -> None:
+    """Close ``engine`` when it holds something to close (a vLLM engine's processes and socket files); an
+    actor's ``close()`` calls this before ``kill_actors`` kills it. ``None`` (no engine yet) and engines
+    without ``close`` are left as they are."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
 CLOSE_TIMEOUT_S = 30.0  # how long kill_actors lets actors close what they hold (vLLM engines) before killing them
 
 
