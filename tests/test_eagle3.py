@@ -731,7 +731,9 @@ def test_the_eagle3_check_rejects_outputs_that_follow_the_drafter(tiny, eagle_pa
 # ---------------------------------------------------------------------------------------------
 
 
-def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(tiny, tmp_path, ray_local, capsys):
+def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(tiny, tmp_path, ray_local, capsys, monkeypatch):
+    import dataclasses
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -782,14 +784,34 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert [r["learning_rate"] for r in m2["history"]] == [3e-3] * 4 + [1e-3]
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert int(state["epoch"]) == 5 and state["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    # The training actor killed mid-epoch (as the out-of-memory killer would): the run ends in one line with exit 1,
+    # epoch 5's checkpoint kept; the same command then resumes from it and trains epoch 6.
+    from vocabtrim.commands import train_drafter as command
+
+    marker = tmp_path / "kill-the-trainer"
+    marker.touch()
+    built = command.config_from_args
+    monkeypatch.setattr(command, "config_from_args", lambda a: dataclasses.replace(built(a), fault_injection=f"sigkill-once:{marker}"))
+    args = [("1e-3" if a == "3e-3" else a) for a in args]
+    capsys.readouterr()
+    assert cli([*args, "--epochs", "6"]) == 1
+    err = capsys.readouterr().err
+    assert not marker.exists() and err.count("\n") == 1, err
+    assert "the training actor failed (" in err and "rerun the same command to resume from the last finished epoch" in err
+    assert json.loads((out / "manifest.json").read_text())["history"] == m2["history"]
+    assert int(torch.load(out / "train_state.pt", weights_only=True)["epoch"]) == 5
+    monkeypatch.undo()
+    assert cli([*args, "--epochs", "6"]) == 0
+    m3 = json.loads((out / "manifest.json").read_text())
+    assert [r["epoch"] for r in m3["epochs_run"]] == [6] and m3["history"][:5] == m2["history"] and m3["shards_extracted"] == 0
     # Resuming with another draft vocabulary, held-out share or batch size is refused in one line, before Ray starts:
     # the held-out figures would count rows trained on, or the drafter would go on under other settings.
     for old, new, what in (("128", "100", "draft_vocabulary '128, sha256 "), ("0.2", "0.4", "train_shards '4, sha256 "),
                            ("8", "4", "batch_size 8 now 4")):
-        assert cli([*[(new if a == old else a) for a in args], "--epochs", "6"]) == 2
+        assert cli([*[(new if a == old else a) for a in args], "--epochs", "7"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"holds a drafter made with other settings ({what}" in err, err
-    assert json.loads((out / "manifest.json").read_text())["history"] == m2["history"]
+    assert json.loads((out / "manifest.json").read_text())["history"] == m3["history"]
 
 
 def test_source_target_features_read_message_lists_through_the_chat_template(tiny, tmp_path):

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, check_message_lists, wraps_strings
 from vocabtrim.corpus import is_messages_type
 from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.faults import injected_fault
 from vocabtrim.head.files import HEAD_FILE
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
 from vocabtrim.special_tokens import eos_ids, of_model
@@ -89,7 +89,7 @@ class GenerateConfig:
     trust_remote_code: bool = False
     progress: bool = True
     rows_per_task: int | None = None  # rows sent to an actor at a time (default: 4 batches)
-    fault_injection: str | None = None  # tests only: see _injected_fault
+    fault_injection: str | None = None  # tests only: faults.injected_fault; "oom-above:<n>": the engine runs out of memory above n rows
     engine: str = "native"  # native | vllm (vocabtrim.vllm_backend)
 
 
@@ -516,7 +516,7 @@ class GenerateWorker:
     def run(self, prompts: list, keys: list[str]) -> dict:
         if self.error:
             raise UserError(self.error)
-        _injected_fault(self.cfg.fault_injection)
+        injected_fault(self.cfg.fault_injection)
         engine = self.engine
         if (self.cfg.fault_injection or "").startswith("oom-above:"):
             engine = _OutOfMemoryAbove(engine, int(self.cfg.fault_injection.split(":")[1]))
@@ -545,30 +545,6 @@ class _OutOfMemoryAbove:
         if min(len(prompts), batch_size or self.engine.config.batch_size) > self.limit:
             raise torch.OutOfMemoryError("injected: out of memory")
         return self.engine.generate(prompts, seeds, max_new_tokens, batch_size)
-
-
-def _injected_fault(spec: str | None) -> None:
-    """Tests only (``GenerateConfig.fault_injection``): ``once:<file>`` fails the first chunk that finds
-    ``<file>`` (and removes it), ``always`` fails every chunk, both as a device fault would;
-    ``sigkill-once:<file>``: the worker whose chunk finds ``<file>`` removes it and SIGKILLs its own process;
-    ``oom-above:<n>`` makes the engine run out of memory with more than n rows in flight."""
-    if not spec:
-        return
-    if spec == "always":
-        raise RuntimeError("injected device fault")
-    if spec.startswith("sigkill-once:") and _take_marker(spec[len("sigkill-once:"):]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if spec.startswith("once:") and _take_marker(spec[len("once:"):]):
-        raise RuntimeError("injected device fault (once)")
-
-
-def _take_marker(path: str) -> bool:
-    """Remove the marker file at ``path``: True for the one caller that removed it."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def start_workers(cfg: GenerateConfig):

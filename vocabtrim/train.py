@@ -83,6 +83,7 @@ class TrainConfig:
     max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
     init: str | None = None  # an EAGLE-3 drafter (folder or the bundled name) to start from: fine-tuning
     init_from_target: bool = False  # a new drafter's layer starts as the target's layer that reads the highest feature layer
+    fault_injection: str | None = None  # tests only: faults.injected_fault, at each training call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +509,10 @@ class DrafterTrainer(StartingActor):
         position): ``steps`` the batches done, their mean loss and step-0 acceptance."""
         import torch
 
+        from vocabtrim.faults import injected_fault
+
         c = self.cfg
+        injected_fault(c.fault_injection)
         self.model.train()
         self.model.requires_grad_(True)
         losses, correct, counted = [], 0, 0
