@@ -103,4 +103,11 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     before = e3.load_eagle3(init, target_vocab=V, target_hidden=64)
     after = e3.load_eagle3(tmp_path / "out", target_vocab=V, target_hidden=64)
     assert torch.equal(after.token_ids, before.token_ids)  # the starting drafter's draft vocabulary
-    assert not torch.equal(after.fc.weight.float(), before.fc.weight.to(torch.bfloat16).float())  # and trained from its weights
+    # Trained from its weights: it moved (compared at the written precision), but stayed near where it started:
+    # each tensor within 20% of its starting norm (moved about 1% here; a fresh start of the same shapes would be
+    # put its random projections about sqrt(2) of their starting norm away).
+    assert not torch.equal(after.fc.weight.float(), before.fc.weight.to(after.fc.weight.dtype).float())
+    start, trained = before.state_dict(), after.state_dict()
+    moved = {name: float((trained[name].float() - start[name].float()).norm() / start[name].float().norm())
+             for name in start if start[name].is_floating_point()}
+    assert len(moved) >= 10 and all(m < 0.2 for m in moved.values()), moved
