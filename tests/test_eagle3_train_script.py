@@ -104,7 +104,7 @@ def test_trains_a_drafter_on_target_written_conversations_and_measures_it_on_the
     after = e3.load_eagle3(tmp_path / "out", target_vocab=V, target_hidden=64)
     assert torch.equal(after.token_ids, before.token_ids)  # the starting drafter's draft vocabulary
     # Trained from its weights: it moved (compared at the written precision), but stayed near where it started:
-    # each tensor within 20% of its starting norm (moved about 1% here; a fresh start of the same shapes would be
+    # each tensor within 20% of its starting norm (moved about 1% here; a fresh start of the same shapes would
     # put its random projections about sqrt(2) of their starting norm away).
     assert not torch.equal(after.fc.weight.float(), before.fc.weight.to(after.fc.weight.dtype).float())
     start, trained = before.state_dict(), after.state_dict()
