@@ -1,5 +1,6 @@
 """Corpus files → shards with stable ids; every row read exactly once; bad input refused in one line."""
 
+import io
 import json
 import os
 import time
@@ -142,6 +143,55 @@ def test_folders_globs_and_dedup(files):
     assert names == ["a.parquet", "b.jsonl", "c.txt", "d.txt"]
 
 
+@pytest.mark.parametrize("kind", ["stream", "file"])
+def test_an_arrow_shard_is_read_a_record_batch_at_a_time_up_to_its_last_row(tmp_path, monkeypatch, kind):
+    """An Arrow IPC stream (as ``datasets`` writes) or file of 10 record batches of 20 rows, cut in shards of 50 rows:
+    every row read once in batches across record batches; the first shard reads no further into the file than
+    the record batch holding its last row (on an object store the rest is never downloaded)."""
+    table = pa.table({"text": LINES[:200]})
+    path = tmp_path / "t.arrow"
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = (pa.ipc.new_stream if kind == "stream" else pa.ipc.new_file)(sink, table.schema)
+        for batch in table.to_batches(max_chunksize=20):
+            writer.write_batch(batch)
+        writer.close()
+    shards = corpus.make_shards([str(path)], shard_rows=50)
+    assert [(s.start, s.stop) for s in shards] == [(0, 50), (50, 100), (100, 150), (150, 200)]
+    assert [(k, t) for _, k, t in read_all(shards, batch_rows=7)] == list(enumerate(LINES[:200]))
+
+    read = []
+
+    class Counting(io.RawIOBase):  # the file as an object store would serve it, counting the bytes sent
+        def __init__(self):
+            self.f = open(path, "rb")
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, offset, whence=0):
+            return self.f.seek(offset, whence)
+
+        def tell(self):
+            return self.f.tell()
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            read.append(n)
+            return n
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    monkeypatch.setattr(corpus, "_arrow_source", lambda p: pa.PythonFile(Counting(), mode="r"))
+    assert [t for b in corpus.iter_shard(shards[0], batch_rows=7) for t in b.texts] == LINES[:50]
+    assert 0 < sum(read) < 0.45 * path.stat().st_size  # 3 record batches of 10 (and the footer of an IPC file)
+    assert [t for b in corpus.iter_shard(shards[3], batch_rows=64) for t in b.texts] == LINES[150:200]
+
+
 def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": LINES}).save_to_disk(str(tmp_path / "ds"))
@@ -163,6 +213,9 @@ def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
         (lambda d: (d / "f.txt").write_bytes(b"\x00\x01\x02binary"), "not a text file"),
         (lambda d: (d / "f.txt").write_bytes(b"caf\xe9 latin-1 text"), "not UTF-8"),
         (lambda d: (d / "f.csv").write_text("a,b\n"), "unsupported corpus file"),
+        (lambda d: (d / "f.arrow").write_bytes(b"not arrow at all"), "cannot read Arrow file .*f.arrow: "),
+        (lambda d: (d / "f.arrow").write_bytes(b"ARROW1\x00\x00 a file cut short"), "cannot read Arrow file .*f.arrow: "),
+        (lambda d: pa.ipc.new_stream(str(d / "f.arrow"), pa.schema([("body", pa.string())])).close(), "no column 'text'"),
     ],
 )
 def test_bad_files_are_refused_in_one_line(tmp_path, make, match):

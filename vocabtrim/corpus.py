@@ -7,7 +7,7 @@ Supported inputs (``--corpus``):
 - ``.txt`` files: one row per line, the line break kept (so newline tokens are counted).
 - folders (searched recursively for the three kinds above), glob patterns, and folders written by
   Hugging Face ``datasets`` ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``; its Arrow files are
-  memory-mapped).
+  memory-mapped when local and streamed from an object store, a record batch at a time either way).
 
 A shard is a stable piece of one file: a Parquet row group (or a row slice of one), a byte range of a
 JSONL/text file (it owns the lines that *start* inside the range), or a row range of an Arrow file.
@@ -21,6 +21,7 @@ shards straight from the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -365,28 +366,47 @@ def _byte_shards(path: str, kind: str, shard_bytes: int, messages: bool = False)
     ]
 
 
-def _open_arrow(path: str):
-    """An Arrow table (``datasets`` writes IPC streams; plain IPC files work too): memory-mapped when
-    local, read whole from an object store."""
+def _arrow_source(path: str):
+    """The bytes of an Arrow file: memory-mapped when local, an input stream from an object store."""
     import pyarrow as pa
 
-    source = pa.memory_map(storage.local_path(path), "r") if storage.is_local(path) else storage.open_input_file(path)
-    try:
-        return pa.ipc.open_stream(source).read_all()
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(source).read_all()
+    return pa.memory_map(storage.local_path(path), "r") if storage.is_local(path) else storage.open_input_file(path)
+
+
+@contextlib.contextmanager
+def _arrow_batches(path: str):
+    """``(schema, record batches in row order)`` of an Arrow IPC stream (what ``datasets`` writes) or IPC file.
+    Batches are read as they are iterated: memory holds one batch, and a reader that stops early reads no
+    further (an object store sends no more of the file)."""
+    import pyarrow as pa
+
+    with _arrow_source(path) as source:
+        if source.read(6) == b"ARROW1":  # an IPC file's magic: read its footer, then the batches it lists
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            source.seek(0)
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        yield reader.schema, batches
 
 
 def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None, messages: bool) -> list[Shard]:
+    """The file's row ranges, cut from its row count and the text column's bytes (one pass over the file)."""
     try:
-        table = _open_arrow(path)
+        with _arrow_batches(path) as (schema, batches):
+            holds_messages = _check_text_field(schema, path, text_column, messages)
+            n = nbytes = 0
+            for batch in batches:
+                n += batch.num_rows
+                nbytes += batch.column(text_column).nbytes
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"cannot read Arrow file {storage.display(path)}: {first_line(exc)}") from exc
-    holds_messages = _check_text_field(table.schema, path, text_column, messages)
-    n = table.num_rows
+        user_error_unless_fault(exc, f"cannot read Arrow file {storage.display(path)}: {first_line(exc)}")
     if n == 0:
         return []
-    pieces = _pieces(n, table.column(text_column).nbytes, shard_bytes, shard_rows)
+    pieces = _pieces(n, nbytes, shard_bytes, shard_rows)
     step = math.ceil(n / pieces)
     prefix = _shard_prefix(path)
     return [
@@ -455,10 +475,24 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
 
 
 def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
-    column = _open_arrow(shard.path).column(text_column)
-    for s in range(shard.start, shard.stop, batch_rows):
-        e = min(s + batch_rows, shard.stop)
-        yield RowBatch(column.slice(s, e - s).to_pylist(), list(range(s, e)))
+    """Rows [start, stop) in batches of ``batch_rows`` (the last one shorter); the file is read up to the record
+    batch holding row stop - 1."""
+    texts: list = []
+    row = shard.start  # the key of texts[0]
+    with _arrow_batches(shard.path) as (_, batches):
+        first = 0  # the file row of this record batch's first row
+        for batch in batches:
+            lo, hi = max(first, shard.start), min(first + batch.num_rows, shard.stop)
+            if lo < hi:
+                texts.extend(batch.column(text_column).slice(lo - first, hi - lo).to_pylist())
+                while len(texts) >= batch_rows:
+                    yield RowBatch(texts[:batch_rows], list(range(row, row + batch_rows)))
+                    texts, row = texts[batch_rows:], row + batch_rows
+            first += batch.num_rows
+            if first >= shard.stop:
+                break
+    if texts:
+        yield RowBatch(texts, list(range(row, row + len(texts))))
 
 
 def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
