@@ -323,6 +323,32 @@ def test_settings_refuse_before_ray(base, tmp_path):
     assert sorted(p.name for p in head.iterdir()) == ["manifest.json"]
 
 
+def test_an_out_inside_the_prompts_folder_is_refused_before_ray(base, tmp_path):
+    """A rerun would read the outputs as prompts (and an --out equal to the folder would overwrite them)."""
+    for out in (Path(base.prompts[0]) / "gen", Path(base.prompts[0])):
+        with pytest.raises(UserError, match=f"--out {out} is inside the prompts folder {base.prompts[0]}: a rerun would read") as e:
+            run_generate(replace(base, out=str(out)))
+        assert "\n" not in str(e.value)
+    assert not (Path(base.prompts[0]) / "gen").exists()
+
+
+def test_an_output_of_any_extension_binds_the_settings(tmp_path):
+    """A prompt file named directly keeps its name (any extension) in --out: once that output exists, a rerun with
+    other settings is refused, as for .parquet names; before it exists the folder takes the new settings."""
+    from vocabtrim.generate import prepare_out
+    from vocabtrim.prompts import inspect_prompt_files
+
+    pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "data.pq")
+    files = inspect_prompt_files([str(tmp_path / "data.pq")], "prompt", None)
+    out = tmp_path / "out"
+    prepare_out(str(out), {"seed": 0}, files)
+    prepare_out(str(out), {"seed": 1}, files)  # no output yet: the record is rewritten
+    pq.write_table(pa.table({"prompt": ["hi"], "completion": ["x"]}), out / "data.pq")
+    with pytest.raises(UserError, match="holds outputs made with other settings .*seed 1 now 2"):
+        prepare_out(str(out), {"seed": 2}, files)
+    assert json.loads((out / "settings.json").read_text()) == {"seed": 1}
+
+
 def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path, capsys):
     """auto: a string prompt is fed as one user message (the tokenizer has a chat template), exactly as the same
     prompt given as a message list; never: the string is fed raw; message lists with never are refused."""

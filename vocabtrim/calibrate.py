@@ -513,14 +513,10 @@ def _check_config(config: CalibrateConfig) -> None:
     check_runs_alone("target", config.target)
     if storage.is_file(config.out):
         raise UserError(f"--out {storage.display(config.out)} is a file: pass a folder")
-    out = storage.canonical(config.out)
-    for where in config.corpus:
-        if not storage.has_glob(where) and storage.is_dir(where):
-            folder = storage.canonical(where)
-            sep = os.sep if storage.is_local(where) else "/"
-            if out == folder or out.startswith(folder.rstrip(sep) + sep):
-                raise UserError(f"--out {storage.display(config.out)} is inside the corpus folder {storage.display(where)}: a rerun "
-                                "would read its files as corpus; use an --out outside it")
+    folder = storage.input_folder_holding(config.out, config.corpus)
+    if folder is not None:
+        raise UserError(f"--out {storage.display(config.out)} is inside the corpus folder {storage.display(folder)}: a rerun "
+                        "would read its files as corpus; use an --out outside it")
     check_calibrate_engine(config.engine, config.source, config.gpus_per_worker, config.address, config.temperature)
 
 

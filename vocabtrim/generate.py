@@ -124,6 +124,10 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError(f"--head {storage.display(cfg.head)} holds no {HEAD_FILE}: pass a folder written by `vocabtrim build-head`")
     if not cfg.prompt_column:
         raise UserError("--prompt-column must not be empty")
+    folder = storage.input_folder_holding(os.fspath(cfg.out), cfg.prompts)
+    if folder is not None:
+        raise UserError(f"--out {storage.display(cfg.out)} is inside the prompts folder {storage.display(folder)}: a rerun would "
+                        "read its outputs as prompts; use an --out outside it")
     if cfg.id_column in RESULT_COLUMNS:
         raise UserError(f"--id-column {cfg.id_column!r} clashes with an output column: pick another name")
 
@@ -246,16 +250,20 @@ def _write_json(where: str, data: dict) -> None:
     storage.atomic_write(where, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def _holds_outputs(out: str) -> bool:
-    """Whether ``out`` holds a finished output (any Parquet file under its final name)."""
-    return any(storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".") for p in storage.walk_files(out))
+def _holds_outputs(out: str, names: list[str]) -> bool:
+    """Whether ``out`` holds a finished output: one of ``names`` (this run's output names, whatever their
+    extension), or any Parquet file under its final name."""
+    found = {storage.relative(p, out) for p in storage.walk_files(out)}
+    return any(n in found for n in names) or any(
+        storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".") for p in found)
 
 
-def prepare_out(out: str, settings: dict) -> None:
+def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     """Create ``--out`` and record the settings, or check them against the recorded ones
     (``storage.claim``). Recorded settings bind the folder only once it holds a finished output: a folder
     whose earlier run was refused or stopped before any file was written takes the new settings."""
-    storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out),
+    names = [f.name for f in files]
+    storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
                   stray=lambda name: name.endswith(".parquet") or name == "manifest.json")  # another command's output
 
 
@@ -785,7 +793,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     head_sha256 = check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
     settings = settings_of(cfg, fingerprint, head_sha256)
-    prepare_out(out, settings)
+    prepare_out(out, settings, files)
     remove_stale_temporaries(out)
     todo = [f for f in files if not is_complete(out, f)]
 

@@ -102,6 +102,20 @@ def canonical(where: str) -> str:
     return _split(where)[0].rstrip("/")
 
 
+def input_folder_holding(out: str, inputs) -> str | None:
+    """The first of ``inputs`` (as given) that is a folder holding ``out`` or equal to it, else None: an output
+    folder there would be read as input by a rerun. Globs are not followed."""
+    target = canonical(out)
+    for where in inputs:
+        where = os.fspath(where)
+        if not has_glob(where) and is_dir(where):
+            folder = canonical(where)
+            sep = os.sep if is_local(where) else "/"
+            if target == folder or target.startswith(folder.rstrip(sep) + sep):
+                return where
+    return None
+
+
 @functools.lru_cache(maxsize=32)
 def _root(root_uri: str):
     """``(filesystem, path of the root)`` for ``scheme://netloc/?query``: one filesystem per store and options."""
