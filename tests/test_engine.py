@@ -317,6 +317,26 @@ def test_a_drafter_that_never_agrees_is_soon_switched_off(target):
     assert st.drafter_forwards <= 0.2 * st.target_passes, st.gamma_hist
 
 
+def test_each_row_counts_the_draft_positions_its_steps_reached(target, drafter):
+    """reached_hist[i]: the row's steps that drafted position i + 1 and accepted every draft before it; the share
+    of those that accepted it is summary.json's per_position_acceptance. At a fixed gamma every step drafts gamma
+    tokens; with auto gamma, steps at gamma 0 (drafting off) reach no position."""
+    from vocabtrim.generate import per_position_acceptance
+
+    out = greedy(target, drafter, gamma=3, max_new_tokens=40).generate(prompts_mixed(8), list(range(8)))
+    for o in out:
+        assert o.reached_hist == [sum(o.accepted_hist[i:]) for i in range(3)]
+    stranger = make_model(V, layers=1, seed=123, init_std=1.0)
+    engine = greedy(target, stranger, gamma=None, max_new_tokens=200, batch_size=1)  # one row: its steps are the passes
+    (o,) = engine.generate(prompts_mixed(1), [0])
+    gammas = engine.last_stats.gamma_hist
+    assert gammas[0] > 0 and sum(gammas[1:]) > 0, gammas
+    assert o.reached_hist[0] == sum(gammas[1:]) and sum(o.accepted_hist) == sum(gammas)
+    for i in range(1, len(o.reached_hist)):
+        assert sum(o.accepted_hist[i + 1:]) <= o.reached_hist[i] <= min(sum(gammas[i + 1:]), o.reached_hist[i - 1])
+    assert per_position_acceptance(o.accepted_hist, o.reached_hist)[0] == sum(o.accepted_hist[1:]) / sum(gammas[1:])
+
+
 def test_a_switched_off_drafter_skips_prefills_and_probes_cheaply_and_rows_stay_exact(target, monkeypatch):
     """While auto gamma has drafting off, admitted rows get no drafter prefill, and a probe feeds each
     row at most PROBE_CONTEXT + 1 tokens; the completions stay the target's own."""

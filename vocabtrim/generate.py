@@ -312,6 +312,7 @@ class ChunkStats:
     """Engine statistics summed over a chunk, a file or a run (see ``EngineStats``)."""
 
     accepted_hist: list[int] = field(default_factory=list)  # [gamma + 1]
+    reached_hist: list[int] = field(default_factory=list)  # [gamma]: steps that reached draft i + 1 (RowOutput)
     gamma_hist: list[int] = field(default_factory=list)  # [gamma + 1]: target passes run with each gamma
     target_passes_rows: int = 0  # sum over rows of the target passes each took part in
     drafter_seconds: float = 0.0
@@ -329,7 +330,7 @@ class ChunkStats:
     spec_accepted_per_position: list[int] = field(default_factory=list)  # [gamma]
 
     def add(self, other: "ChunkStats") -> "ChunkStats":
-        lists = ("accepted_hist", "gamma_hist", "spec_accepted_per_position")
+        lists = ("accepted_hist", "reached_hist", "gamma_hist", "spec_accepted_per_position")
         return ChunkStats(
             **{k: _add_lists(getattr(self, k), getattr(other, k)) for k in lists},
             **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k not in lists},
@@ -365,7 +366,7 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
 
     n = len(prompts)
     cols = {c: [None] * n for c in RESULT_COLUMNS}
-    stats = ChunkStats(accepted_hist=[0] * (engine.gamma + 1), gamma_hist=[0] * (engine.gamma + 1))
+    stats = ChunkStats(accepted_hist=[0] * (engine.gamma + 1), reached_hist=[0] * engine.gamma, gamma_hist=[0] * (engine.gamma + 1))
     encoded = {}
     for i, value in enumerate(prompts):
         ids, problem = encode_prompt(value, tokenizer, max_prompt_tokens)
@@ -395,6 +396,7 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
             cols["finish_reason"][i] = out.finish_reason
             stats.target_passes_rows += out.target_passes
             stats.accepted_hist = _add_lists(stats.accepted_hist, out.accepted_hist)
+            stats.reached_hist = _add_lists(stats.reached_hist, out.reached_hist)
     return {"columns": cols, "stats": asdict(stats)}
 
 
@@ -708,14 +710,11 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
 # ---------------------------------------------------------------------------------------------
 
 
-def per_position_acceptance(hist: list[int]) -> list[float | None]:
-    """hist[j] = steps that accepted exactly j drafts → for each draft position i (1..gamma), the fraction of
-    steps that reached position i (accepted the i-1 drafts before it) and accepted draft i too."""
-    out = []
-    for i in range(1, len(hist)):
-        reached = sum(hist[i - 1 :])
-        out.append(sum(hist[i:]) / reached if reached else None)
-    return out
+def per_position_acceptance(hist: list[int], reached: list[int]) -> list[float | None]:
+    """hist[j] = steps that accepted exactly j drafts, reached[i - 1] = steps that reached draft i (drafted it and
+    accepted the i - 1 drafts before it) → for each draft position i (1..gamma), the share of the steps that
+    reached it that accepted it (a step accepts draft i only when it reached it: those are sum(hist[i:]))."""
+    return [sum(hist[i:]) / reached[i - 1] if i - 1 < len(reached) and reached[i - 1] else None for i in range(1, len(hist))]
 
 
 def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
@@ -745,7 +744,9 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
         # None where the engine reports neither its gamma per pass, its batches nor its passes' times (vLLM).
         "gamma_histogram": None if settings.get("engine") == "vllm" else get("gamma_hist", []),
         "batch_occupancy": get("target_rows_stepped", 0) / get("slot_passes") if get("target_rows_stepped") else None,
-        "per_position_acceptance": per_position_acceptance(hist),
+        # Outputs written before reached_hist was recorded leave it unknown: no share rather than a wrong one.
+        "per_position_acceptance": per_position_acceptance(
+            hist, get("reached_hist", []) if all("reached_hist" in s for s in file_stats) else []),
         "drafter_step_ms": 1000 * get("drafter_seconds", 0) / get("drafter_forwards") if get("drafter_forwards") else None,
         "target_pass_ms": 1000 * get("target_seconds", 0) / get("target_passes") if get("target_seconds") else None,
         "engine_seconds": get("engine_seconds", 0.0),

@@ -414,6 +414,7 @@ class VllmEngine:
                 # counts only the steps that drafted in ``hist``, so steps without drafts come from the token count.
                 target_passes=max(1 + sum(hist), len(ids) - accepted) if self.gamma else len(ids),
                 accepted_hist=hist,
+                reached_hist=[sum(hist[i:]) for i in range(self.gamma)],  # every step in ``hist`` drafted gamma tokens
             ))
         stats.generated_tokens = sum(len(o.token_ids) for o in outs)
         stats.target_passes = sum(o.target_passes for o in outs)

@@ -88,6 +88,7 @@ class RowOutput:
     proposed / accepted: drafts proposed and accepted over all steps.
     target_passes: target forward passes this row took part in (prefill excluded).
     accepted_hist: [top_gamma + 1] steps that accepted exactly j drafts (gamma-0 steps count at 0).
+    reached_hist: [top_gamma] steps that reached draft i + 1: drafted it, and accepted every draft before it.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -96,6 +97,7 @@ class RowOutput:
     accepted: int = 0
     target_passes: int = 0
     accepted_hist: list[int] = field(default_factory=list)
+    reached_hist: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -228,6 +230,7 @@ class _Run:
         self.proposed = np.zeros(s, dtype=np.int64)
         self.passes = np.zeros(s, dtype=np.int64)
         self.hist = np.zeros((s, engine.top_gamma + 1), dtype=np.int64)
+        self.reached = np.zeros((s, engine.top_gamma), dtype=np.int64)
         self.waiting = deque(range(len(prompts)))
         self.n = 0
         self.controller = GammaController(engine.top_gamma, None if engine.drafter is None else cfg.gamma)
@@ -256,6 +259,7 @@ class _Run:
                 accepted=int(sum(j * c for j, c in enumerate(hist))),
                 target_passes=int(self.passes[s]),
                 accepted_hist=hist,
+                reached_hist=self.reached[s].tolist(),
             )))
             self.row[s] = -1
         self.stats.generated_tokens += sum(len(o.token_ids) for _, o in done)
@@ -285,7 +289,7 @@ class _Run:
                 self.e.drafter.move(src, dst)
             for t in (self.history, self.pos, self.words):
                 t.index_copy_(0, index_dst, t.index_select(0, index_src))
-            for a in (self.pos_np, self.start_np, self.gen_np, self.row, self.proposed, self.passes, self.hist):
+            for a in (self.pos_np, self.start_np, self.gen_np, self.row, self.proposed, self.passes, self.hist, self.reached):
                 a[dst] = a[src]
             self.row[src] = -1
         self.n = n
@@ -310,6 +314,7 @@ class _Run:
         self.proposed[slots] = 0
         self.passes[slots] = 0
         self.hist[slots] = 0
+        self.reached[slots] = 0
         t0 = time.perf_counter()
         features = None
         if width > 1:
@@ -389,6 +394,7 @@ class _Run:
         self.proposed[:n] += gamma
         self.passes[:n] += 1
         self.hist[np.arange(n), acc] += 1
+        self.reached[:n, :gamma] += np.arange(gamma)[None, :] <= acc[:, None]  # draft i + 1 reached: i accepted before it
         if e.drafter is not None:
             e.drafter.commit(CommitInfo(
                 n=n, gamma=gamma, pos=pos, pos_host=pos_host.tolist(), accepted=accepted,
