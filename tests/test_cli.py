@@ -56,6 +56,27 @@ def test_log_level_is_taken_before_or_after_the_command(argv, level, monkeypatch
     assert build_parser().parse_args(argv).log_level == level
 
 
+def test_a_fault_of_the_machine_ends_a_command_in_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """Any command stopped by a fault of the machine (a dropped object-store connection, memory exhausted) says so
+    in one line with exit code 1 (every command resumes on a rerun); any other exception is a bug and is raised."""
+    from vocabtrim.commands import build_head
+
+    def fails(error):
+        def run(args):
+            raise error
+        return run
+
+    monkeypatch.setattr(build_head, "main", fails(OSError("AWS Error SERVICE_UNAVAILABLE during PutObject operation: slow down")))
+    assert main(["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8", "--out", "o"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vocabtrim build-head: error: a fault of the machine stopped the run "
+                                                   "(OSError: AWS Error SERVICE_UNAVAILABLE during PutObject operation")
+    assert err.rstrip().endswith("rerun the same command to resume")
+    monkeypatch.setattr(build_head, "main", fails(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8", "--out", "o"])
+
+
 def test_generate_table_shows_whole_run_and_engine_throughput():
     from vocabtrim.commands.generate import summary_table
 

@@ -349,6 +349,31 @@ def test_an_output_of_any_extension_binds_the_settings(tmp_path):
     assert json.loads((out / "settings.json").read_text()) == {"seed": 1}
 
 
+def test_an_output_that_cannot_be_read_is_the_users_unless_the_network_dropped(tmp_path, monkeypatch):
+    """is_complete on an existing output: garbage is refused in one line (delete it and rerun); an object store's
+    dropped connection keeps its type, so a good output is never called unreadable."""
+    from vocabtrim import storage
+    from vocabtrim.generate import is_complete
+    from vocabtrim.prompts import inspect_prompt_files
+
+    pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "p.parquet")
+    (file,) = inspect_prompt_files([str(tmp_path / "p.parquet")], "prompt", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert not is_complete(str(out), file)
+    (out / "p.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(UserError, match=r"p\.parquet is not a readable output \(.*\): delete it and rerun"):
+        is_complete(str(out), file)
+
+    def dropped(where):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset by peer")
+
+    monkeypatch.setattr(storage, "open_input_file", dropped)
+    with pytest.raises(OSError, match="connection reset") as raised:
+        is_complete(str(out), file)
+    assert not isinstance(raised.value, UserError)
+
+
 def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path, capsys):
     """auto: a string prompt is fed as one user message (the tokenizer has a chat template), exactly as the same
     prompt given as a message list; never: the string is fed raw; message lists with never are refused."""

@@ -168,6 +168,51 @@ def test_chunks_cover_every_row_once_with_stable_ids(tmp_path):
     assert [p for c in chunks for p in c.prompts] == [f"p{i}" for i in range(10)]
 
 
+def test_a_dropped_connection_while_reading_rows_is_retried_from_the_next_row(tmp_path, monkeypatch):
+    """A fault of the machine mid-file reopens it at the first row not yet yielded (here inside a row group):
+    every row once, in order; a fault on every try keeps its type (not the user's file) after READ_ATTEMPTS tries."""
+    from vocabtrim import prompts
+
+    f = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(10)]}), f, row_group_size=3)
+    info = check_prompt_file(str(f), "f.parquet", "prompt", None)
+    real, opened = prompts._chunks_from, []
+
+    def dropping(after):
+        def chunks(*args):
+            opened.append(args[-1])
+            for n, chunk in enumerate(real(*args)):
+                if n == after and len(opened) == 1:
+                    raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset by peer")
+                yield chunk
+        return chunks
+
+    monkeypatch.setattr(prompts, "_chunks_from", dropping(after=2))
+    chunks = list(read_chunks(info, "prompt", None, rows_per_chunk=4))
+    assert opened == [0, 8]  # reopened at row 8: the middle of the row group of rows 6-8
+    assert [p for c in chunks for p in c.prompts] == [f"p{i}" for i in range(10)]
+    assert [k for c in chunks for k in c.keys] == [stable_id("f.parquet", i) for i in range(10)]
+    assert [c.start for c in chunks] == [0, 4, 8]
+
+    def always(*args):
+        opened.append(args[-1])
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset by peer")
+        yield
+
+    opened.clear()
+    monkeypatch.setattr(prompts, "_chunks_from", always)
+    with pytest.raises(OSError, match="connection reset") as raised:
+        list(read_chunks(info, "prompt", None, rows_per_chunk=4))
+    assert not isinstance(raised.value, UserError) and len(opened) == prompts.READ_ATTEMPTS
+
+
+def test_two_columns_of_one_name_are_refused_in_one_line(tmp_path):
+    f = tmp_path / "f.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"]), f)
+    with pytest.raises(UserError, match=r"f\.parquet has 2 columns named 'prompt': one is read, so name them apart"):
+        check_prompt_file(str(f), "f.parquet", "prompt", None)
+
+
 def test_id_column_is_carried_and_null_ids_get_stable_keys(tmp_path):
     f = write(tmp_path / "f.parquet", id=pa.array([10, None, 12], pa.int64()), prompt=["a", "b", "c"])
     info = check_prompt_file(str(f), "f.parquet", "prompt", "id")
@@ -294,6 +339,23 @@ def test_too_long_for_the_context(tok):
     assert encode_prompt(text, tok, n)[1] is None
     ids, problem = encode_prompt(text, tok, n - 1)
     assert ids is None and f"prompt has {n} tokens" in problem
+
+
+def test_a_fault_of_the_machine_in_the_chat_template_is_no_error_row(tok, monkeypatch):
+    """A template that rejects the messages gives the row an error; memory running out while it renders is
+    raised (the chunk is retried), never written as the row's error."""
+    messages = [{"role": "user", "content": "hi"}]
+
+    def fails(error):
+        def render(*args, **kwargs):
+            raise error
+        return render
+
+    monkeypatch.setattr(tok, "apply_chat_template", fails(ValueError("unsupported role")))
+    assert encode_prompt(messages, tok, 100) == (None, "the chat template rejects these messages: unsupported role")
+    monkeypatch.setattr(tok, "apply_chat_template", fails(MemoryError()))
+    with pytest.raises(MemoryError):
+        encode_prompt(messages, tok, 100)
 
 
 def test_messages_without_a_chat_template(tmp_path):

@@ -14,7 +14,7 @@ import os
 import sys
 
 from vocabtrim import __version__
-from vocabtrim.errors import RunFailed, UserError
+from vocabtrim.errors import RunFailed, UserError, first_line, machine_fault
 from vocabtrim.ray_utils import check_reachable, cluster_address, user_error_in
 from vocabtrim.validate import SettingError
 
@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vocabtrim {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not machine_fault(exc):
+            raise  # a bug: its traceback
+        logging.getLogger("vocabtrim").info("the fault, in full:", exc_info=True)
+        print(f"vocabtrim {args.command}: error: a fault of the machine stopped the run ({type(exc).__name__}: {first_line(exc)}); "
+              "what was written before it is complete: rerun the same command to resume", file=sys.stderr)
+        return RunFailed.exit_code
     return int(code or 0)
 
 

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, check_message_lists, wraps_strings
 from vocabtrim.corpus import is_messages_type
-from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.errors import RunFailed, UserError, first_line, user_error_unless_fault
 from vocabtrim.faults import injected_fault
 from vocabtrim.head.files import HEAD_FILE
 from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
@@ -294,7 +294,7 @@ def is_complete(out: str, file: PromptFile) -> bool:
     except FileNotFoundError:
         return False
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{shown} is not a readable output ({first_line(exc)}): delete it and rerun") from exc
+        user_error_unless_fault(exc, f"{shown} is not a readable output ({first_line(exc)}): delete it and rerun")
     if rows != file.num_rows:
         raise UserError(
             f"{shown} has {rows} rows but {storage.display(file.path)} has {file.num_rows}: the input changed; use a new --out"

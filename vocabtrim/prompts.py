@@ -16,6 +16,7 @@ A bad *row* (null, empty, malformed messages, too long for the context) is not a
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage
 from vocabtrim.corpus import prompt_type_problem, unwrap_dictionary
-from vocabtrim.errors import UserError, first_line, user_error_unless_fault
+from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,12 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
         with storage.open_input_file(path) as f:
             meta = pq.read_metadata(f)
         schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # column names that are not UTF-8 too
         _unreadable(path, exc)
     names = schema.names
+    twice = next((c for c in (prompt_column, id_column) if c and names.count(c) > 1), None)
+    if twice is not None:
+        raise UserError(f"{shown} has {names.count(twice)} columns named {twice!r}: one is read, so name them apart")
     if prompt_column not in names:
         raise UserError(
             f"{shown} has no prompt column {prompt_column!r} (columns: {', '.join(names) or 'none'}): "
@@ -188,21 +194,46 @@ class PromptChunk:
     prompts: list
 
 
+READ_ATTEMPTS = 3  # tries of one file's reading, for faults of the machine (a dropped object-store connection)
+
+
 def read_chunks(file: PromptFile, prompt_column: str, id_column: str | None, rows_per_chunk: int) -> Iterator[PromptChunk]:
-    """Stream a file as chunks of at most ``rows_per_chunk`` rows, in row order."""
-    columns = [prompt_column] + ([id_column] if file.id_type is not None and id_column != prompt_column else [])
-    start = 0
-    with storage.open_input_file(file.path) as source:
-        batches = pq.ParquetFile(source).iter_batches(batch_size=rows_per_chunk, columns=columns)
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as exc:  # pages the footer did not vouch for
+    """Stream a file as chunks of at most ``rows_per_chunk`` rows, in row order. A fault of the machine while
+    reading is retried (``READ_ATTEMPTS`` tries in all), reopening the file at the first row not yet yielded;
+    data that cannot be read is the user's file (one line)."""
+    start, failures = 0, 0
+    while True:
+        try:
+            for chunk in _chunks_from(file, prompt_column, id_column, rows_per_chunk, start):
+                yield chunk
+                start += len(chunk.keys)
+            return
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # pages the footer did not vouch for
+            failures += 1
+            if not machine_fault(exc) or failures >= READ_ATTEMPTS:
                 _unreadable(file.path, exc)
-            if batch is None:
-                return
-            yield _chunk(file, batch, start, prompt_column, id_column)
-            start += batch.num_rows
+            log.warning("reading %s failed at row %d (%s); reading on from there", storage.display(file.path), start,
+                        first_line(exc))
+
+
+def _chunks_from(file: PromptFile, prompt_column: str, id_column: str | None, rows_per_chunk: int, start: int):
+    """``read_chunks`` from row ``start`` on: the file opened anew, read from the row group holding that row."""
+    columns = [prompt_column] + ([id_column] if file.id_type is not None and id_column != prompt_column else [])
+    with storage.open_input_file(file.path) as source:
+        parquet = pq.ParquetFile(source)
+        first, row = 0, 0  # the row group holding row start, and its first row
+        while first < parquet.num_row_groups and row + parquet.metadata.row_group(first).num_rows <= start:
+            row += parquet.metadata.row_group(first).num_rows
+            first += 1
+        batches = parquet.iter_batches(batch_size=rows_per_chunk, columns=columns,
+                                       row_groups=range(first, parquet.num_row_groups))
+        for batch in batches:
+            if row < start:  # rows before start in the row group: yielded before the fault
+                batch, row = batch.slice(min(start - row, batch.num_rows)), row + min(start - row, batch.num_rows)
+                if not batch.num_rows:
+                    continue
+            yield _chunk(file, batch, row, prompt_column, id_column)
+            row += batch.num_rows
 
 
 def _unreadable(path: str, exc: BaseException) -> NoReturn:
@@ -283,6 +314,8 @@ def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] |
         try:
             ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as exc:  # the template rejects these messages (e.g. an unsupported role)
+            if machine_fault(exc):
+                raise
             return None, f"the chat template rejects these messages: {first_line(exc)}"
     else:
         return None, f"prompt must be a string or a list of {{role, content}} messages, got {_type_name(value)}"
