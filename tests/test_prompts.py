@@ -206,6 +206,14 @@ def test_a_dropped_connection_while_reading_rows_is_retried_from_the_next_row(tm
     assert not isinstance(raised.value, UserError) and len(opened) == prompts.READ_ATTEMPTS
 
 
+def test_prompts_that_are_not_utf8_are_refused_in_one_line_where_they_are_read(tmp_path):
+    f = tmp_path / "f.parquet"  # writers other than pyarrow may store any bytes in a string column
+    pq.write_table(pa.table({"prompt": pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string())}), f)
+    info = check_prompt_file(str(f), "f.parquet", "prompt", None)
+    with pytest.raises(UserError, match=r"f\.parquet is not a readable Parquet file \('utf-8' codec can't decode"):
+        list(read_chunks(info, "prompt", None, 10))
+
+
 def test_two_columns_of_one_name_are_refused_in_one_line(tmp_path):
     f = tmp_path / "f.parquet"
     pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"]), f)
