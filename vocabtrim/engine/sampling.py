@@ -67,7 +67,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     logits: [..., V] (any float dtype). Returns [..., V] float32 with softmax = the sampling law.
     Requires params.temperature > 0.
     """
-    x = logits.float() / params.temperature
+    x = logits.float()
+    x = (x - x.amax(dim=-1, keepdim=True)) / params.temperature  # the max first: no overflow at any temperature > 0
     v = x.shape[-1]
     if 0 < params.top_k < v:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
