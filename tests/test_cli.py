@@ -93,6 +93,9 @@ def test_generate_table_shows_whole_run_and_engine_throughput():
     (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
     (["generate", "--target", "m", "--drafter", "m", "--prompts", "p.parquet", "--max-gamma", "65"], "--max-gamma must be between 0 and 64, got 65"),
+    # gamma sets the room a prompt has beside --max-new-tokens, the same with --no-draft (error rows in all runs or none)
+    (["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet", "--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
+    (["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet", "--max-gamma", "-3"], "--max-gamma must be between 0 and 64, got -3"),
     (["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet", "--workers", "0"], "--workers must be >= 1, got 0"),
     (["calibrate", "--drafter", "m", "--corpus", "c.txt", "--source", "drafter", "--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
     (["calibrate", "--drafter", "m", "--corpus", "c.txt", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0, got 0.0"),

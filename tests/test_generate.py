@@ -332,6 +332,19 @@ def test_an_out_inside_the_prompts_folder_is_refused_before_ray(base, tmp_path):
     assert not (Path(base.prompts[0]) / "gen").exists()
 
 
+def test_no_draft_runs_record_the_gamma_that_sets_a_prompts_room(base, tmp_path):
+    """--no-draft keeps the room of the speculative runs it is compared with (gamma + 1 positions past the last
+    token), so its gamma decides which rows are error rows: a resume with another gamma is another setting."""
+    from vocabtrim.generate import settings_of
+    from vocabtrim.prompts import max_prompt_tokens
+
+    alone = replace(base, drafter=None, no_draft=True)
+    assert max_prompt_tokens(100, 10, 2, 6) != max_prompt_tokens(100, 10, 5, 6)
+    assert settings_of(replace(alone, gamma="2"), "fp")["gamma"] == 2 and settings_of(replace(alone, gamma="5"), "fp")["gamma"] == 5
+    auto = [settings_of(replace(alone, gamma="auto", max_gamma=m), "fp") for m in (4, 6)]
+    assert [(a["gamma"], a["max_gamma"]) for a in auto] == [("auto", 4), ("auto", 6)]
+
+
 def test_an_output_of_any_extension_binds_the_settings(tmp_path):
     """A prompt file named directly keeps its name (any extension) in --out: once that output exists, a rerun with
     other settings is refused, as for .parquet names; before it exists the folder takes the new settings."""

@@ -112,12 +112,12 @@ def check_config(cfg: GenerateConfig) -> None:
     validate.at_least("batch_size", cfg.batch_size, 1)
     validate.drafter_layers(cfg.drafter_layers)
     check_runs_alone("target", cfg.target)
+    validate.gamma(cfg.gamma)  # with --no-draft too: gamma sets the room a prompt has
+    validate.max_gamma(cfg.max_gamma)
     if cfg.no_draft:
         if cfg.head:
             raise UserError("--head needs a drafter: drop --no-draft or --head")
     else:
-        validate.gamma(cfg.gamma)
-        validate.max_gamma(cfg.max_gamma)
         if cfg.drafter is None and cfg.drafter_layers is None:
             raise UserError("no drafter: pass --drafter MODEL, --drafter-layers N (drafter = first N target layers), or --no-draft")
     if cfg.head and not storage.is_file(storage.join(cfg.head, HEAD_FILE)):
@@ -230,8 +230,10 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         "drafter_layers": cfg.drafter_layers if draft else None,
         "head_sha256": head_sha256,
         "no_draft": cfg.no_draft,
-        "gamma": ("auto" if validate.gamma(cfg.gamma) is None else validate.gamma(cfg.gamma)) if draft else None,
-        "max_gamma": cfg.max_gamma if draft and validate.gamma(cfg.gamma) is None else None,
+        # Recorded with --no-draft too: gamma sets the room a prompt has (prompts.max_prompt_tokens), so which rows
+        # are error rows.
+        "gamma": "auto" if validate.gamma(cfg.gamma) is None else validate.gamma(cfg.gamma),
+        "max_gamma": cfg.max_gamma if validate.gamma(cfg.gamma) is None else None,
         "sampler": cfg.sampler,
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": float(cfg.temperature),
