@@ -345,6 +345,23 @@ def test_no_draft_runs_record_the_gamma_that_sets_a_prompts_room(base, tmp_path)
     assert [(a["gamma"], a["max_gamma"]) for a in auto] == [("auto", 4), ("auto", 6)]
 
 
+def test_max_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_ray(base, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from vocabtrim import ray_utils
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_utils, "init_ray", no_ray)
+    context = AutoConfig.from_pretrained(base.target).max_position_embeddings
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"--max-new-tokens {context - 4} leaves no room for a prompt in the target's context of "
+                                        f"{context} tokens"):
+        run_generate(replace(base, max_new_tokens=context - 4, gamma="3", out=str(out)))  # 4 positions past the last token
+    assert not out.exists()
+
+
 def test_an_output_of_any_extension_binds_the_settings(tmp_path):
     """A prompt file named directly keeps its name (any extension) in --out: once that output exists, a rerun with
     other settings is refused, as for .parquet names; before it exists the folder takes the new settings."""

@@ -142,8 +142,8 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
     (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
     ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
-    from vocabtrim.models import (check_declared_widths, check_eagle3_drafter, check_pair, check_weights, is_eagle3, load_tokenizer,
-                                  tokenizer_fingerprint)
+    from vocabtrim.models import (check_declared_widths, check_eagle3_drafter, check_pair, check_weights, declared_config, is_eagle3,
+                                  load_tokenizer, tokenizer_fingerprint)
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
     check_weights(cfg.target)
@@ -155,6 +155,10 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
             check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
             check_declared_widths(cfg.target, drafter, cfg.trust_remote_code)
             check_weights(drafter)
+    config = declared_config(cfg.target, cfg.trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if context:  # the workers check again with the loaded engine's context (vLLM's max_model_len)
+        max_prompt_tokens(int(context), cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
         if is_messages_type(f.prompt_type):
