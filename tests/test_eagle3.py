@@ -467,6 +467,66 @@ def test_replayed_chains_accept_what_greedy_speculative_steps_would():
     assert replay_chains([step0, step1], target_next, 8, 10) == (1, 1, 1)
 
 
+def test_retrim_checks_its_target_keeps_every_eos_and_leaves_no_stale_file(tiny, tmp_path, capsys):
+    """A re-trim checks --target against the checkpoint (t2d as long as its vocabulary), keeps the EOS ids the
+    target's generation config adds, refuses the drafter's own folder as --out, reports ids the histogram never
+    counted, and a rerun into the same --out removes the exports and tokenizer files it no longer writes."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from vocabtrim import histogram
+    from vocabtrim.cli import main as cli
+    from vocabtrim.models import tokenizer_fingerprint
+
+    src = write_specforge_checkpoint(tmp_path / "d", tiny["target"], tiny["draft_ids"])
+    calib, counts = _calibration(tmp_path / "calib", tiny["tokenizer"])
+    other = save_model(make_model(400, layers=4, seed=1), make_tokenizer(400), tmp_path / "other")
+    capsys.readouterr()
+    other_calib, _ = _calibration(tmp_path / "calib-other", make_tokenizer(400))  # counted for that target: it fits the histogram
+    out = tmp_path / "o"
+    args = ["build-head", "--histogram", calib, "--drafter", str(src), "--top-k", "64"]
+    assert cli([*args[:2], other_calib, *args[3:], "--target", other, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is for a vocabulary of {tiny['V']} ids (t2d length), the target has 400" in err, err
+    assert not out.exists()
+    # The target's generation config stops on one more id: a rare draft id, which frequency alone would not keep.
+    target = tmp_path / "target"
+    shutil.copytree(tiny["target_dir"], target)
+    rare = max(i for i in tiny["draft_ids"] if counts[i] == counts[tiny["draft_ids"]].min())
+    (target / "generation_config.json").write_text(json.dumps({"eos_token_id": [tiny["tokenizer"].eos_token_id, rare]}))
+    with_tokenizer = tmp_path / "d-tok"  # the same checkpoint with the target's tokenizer files beside it
+    shutil.copytree(src, with_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(target / name, with_tokenizer / name)
+    assert cli([*args[:4], str(with_tokenizer), *args[5:], "--target", str(target), "--export", "specforge,eagle", "--out", str(out)]) == 0
+    capsys.readouterr()
+    kept = load_file(str(out / "model.safetensors"))["t2d"].nonzero()[:, 0].tolist()
+    assert rare in kept and rare in json.loads((out / "manifest.json").read_text())["special_ids"]
+    assert {p.name for p in out.iterdir()} >= {"specforge_vocab_mapping.pt", "eagle_d2t.safetensors", "tokenizer.json"}
+    before = (out / "model.safetensors").read_bytes()
+    assert cli([*args[:4], str(out), "--top-k", "32", "--target", str(target), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the drafter's own folder" in err and (out / "model.safetensors").read_bytes() == before
+    # A rerun from the folder without tokenizer, with no export and a histogram that counted 6 ids only.
+    sparse = np.zeros(tiny["V"], dtype=np.int64)
+    sparse[tiny["draft_ids"][10:16]] = 5
+    (tmp_path / "sparse").mkdir()
+    histogram.save(sparse, str(tmp_path / "sparse" / "histogram.parquet"))
+    (tmp_path / "sparse" / "manifest.json").write_text(json.dumps({"kind": "vocabtrim-histogram", "version": 1, "source": "target",
+                                                                   "tokenizer_fingerprint": tokenizer_fingerprint(tiny["tokenizer"])}))
+    assert cli(["build-head", "--histogram", str(tmp_path / "sparse"), "--drafter", str(src), "--top-k", "40", "--target", str(target),
+                "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["k_frequent"] == 6 and m["k_unseen"] == 40 - 6 - len(m["special_ids"]) > 0 and m["exports"] == {}
+    assert f"6 by frequency, {len(m['special_ids'])} special tokens, {m['k_unseen']} never seen" in captured.out
+    assert "exceeds the 6 distinct ids counted" in captured.err
+    assert not {p.name for p in out.iterdir()} & {"specforge_vocab_mapping.pt", "eagle_d2t.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json"}
+
+
 def test_widen_gives_the_same_drafter_a_full_vocabulary_head_and_retrim_undoes_it(tiny, tmp_path):
     """The full-vocabulary head of the trimmed-vs-full comparison: the drafter's own rows at its draft ids, the
     target's rows elsewhere; on its draft ids its logits are the trimmed drafter's; retrim gives it back."""

@@ -334,6 +334,22 @@ def declared_config(name: str, trust_remote_code: bool = False):
     return getattr(config, "get_text_config", lambda: config)()
 
 
+def generation_config(name: str, trust_remote_code: bool = False):
+    """A model's generation config read without its weights: its ``generation_config.json``, else the one its
+    config.json implies (as ``from_pretrained`` gives a loaded model); None when neither can be read here."""
+    from transformers import AutoConfig, GenerationConfig
+
+    resolved = resolve_model(name)
+    try:
+        return GenerationConfig.from_pretrained(resolved)
+    except OSError:  # no generation_config.json
+        pass
+    try:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):
+        return None
+
+
 def declared_logits_width(name: str, trust_remote_code: bool = False) -> int | None:
     """The logits width a model's config declares (``vocab_size``), or None (``declared_config``)."""
     width = getattr(declared_config(name, trust_remote_code), "vocab_size", None)

@@ -676,7 +676,10 @@ def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list
     hist_path, calibration, counts = histogram.read_calibration(c.histogram, tokenizer_fingerprint(tokenizer), "target")
     if c.top_k > target_vocab:
         raise UserError(f"--top-k must be at most the target's vocabulary of {target_vocab}, got {c.top_k}")
-    sel = select_ids(counts, top_k=c.top_k, special_ids=special_token_ids(tokenizer), vocab_size=target_vocab)
+    from vocabtrim.models import generation_config
+
+    special = special_token_ids(tokenizer, generation_config(c.target, c.trust_remote_code))  # every EOS the target stops on
+    sel = select_ids(counts, top_k=c.top_k, special_ids=special, vocab_size=target_vocab)
     return [int(i) for i in sel.token_ids], {"coverage": sel.coverage, "k_frequent": sel.k_frequent,
                                               "histogram": storage.display(hist_path), "calibration_source": calibration.get("source"),
                                               "histogram_fingerprint": histogram.fingerprint(counts)}

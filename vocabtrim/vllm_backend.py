@@ -512,15 +512,10 @@ def _check_temperature(temperature: float) -> None:
 def _eos_ids(target: str, tokenizer, trust_remote_code: bool = False) -> list[int]:
     """The stop ids of the model ``target`` (a folder or hub id), as the native engine takes them: its tokenizer's
     and its generation config's (generation_config.json, else the one its config.json implies)."""
-    from transformers import AutoConfig, GenerationConfig
-
+    from vocabtrim.models import generation_config
     from vocabtrim.special_tokens import eos_ids
 
-    try:
-        generation = GenerationConfig.from_pretrained(target)
-    except OSError:  # no generation_config.json
-        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code))
-    return eos_ids(tokenizer, generation)
+    return eos_ids(tokenizer, generation_config(target, trust_remote_code))
 
 
 def _has_top_tokens(model: str) -> bool:

@@ -139,17 +139,23 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     import shutil
 
     from vocabtrim import eagle3
-    from vocabtrim.models import tokenizer_fingerprint
-
-    tokenizer = _eagle3_tokenizer(config)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    hist_path, calibration, counts = histogram.read_calibration(config.histogram, fingerprint, "target")
-    from vocabtrim.models import EAGLE3_NO_LAYERS, eagle3_folder
+    from vocabtrim.models import (BUNDLED, BUNDLED_EAGLE3, EAGLE3_NO_LAYERS, check_eagle3_drafter, eagle3_folder, generation_config,
+                                  load_tokenizer, tokenizer_fingerprint)
 
     if config.drafter_layers is not None:
         raise UserError(EAGLE3_NO_LAYERS)
-
-    model = eagle3.load_eagle3(eagle3_folder(config.drafter), target_vocab=None)
+    folder = eagle3_folder(config.drafter)
+    out = os.fspath(config.out)
+    if storage.is_local(out) and storage.canonical(out) == storage.canonical(folder):
+        raise UserError(f"--out {storage.display(out)} is the drafter's own folder: write the re-trimmed drafter to another folder")
+    tokenizer = _eagle3_tokenizer(config)
+    target = config.target or (BUNDLED if config.drafter == BUNDLED_EAGLE3 else None)
+    if target is not None:  # the checkpoint against its target: t2d length, d2t range, feature width, tokenizer
+        check_eagle3_drafter(folder, target, target_tokenizer=load_tokenizer(target, config.trust_remote_code),
+                             trust_remote_code=config.trust_remote_code)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    hist_path, calibration, counts = histogram.read_calibration(config.histogram, fingerprint, "target")
+    model = eagle3.load_eagle3(folder, target_vocab=None)
     vocab = model.config.vocab_size
     counts = np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)])
     draft_ids = model.token_ids.cpu().numpy()
@@ -157,21 +163,23 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     if config.top_k is not None and config.top_k > K0:
         raise UserError(f"--top-k {config.top_k} is larger than the drafter's draft vocabulary of {K0}: re-trimming only removes ids")
     in_draft = set(int(i) for i in draft_ids)
-    special = [int(np.searchsorted(draft_ids, i)) for i in special_token_ids(tokenizer) if i in in_draft]
+    generation = generation_config(target if target is not None else folder, config.trust_remote_code)  # its EOS ids
+    special = [int(np.searchsorted(draft_ids, i)) for i in special_token_ids(tokenizer, generation) if i in in_draft]
     sub_counts = counts[draft_ids]
     if int(sub_counts.sum()) == 0:
         raise UserError("no counted token falls inside the drafter's draft vocabulary: calibrate on text for this target")
     selection = select_ids(sub_counts, top_k=config.top_k, coverage=config.coverage, special_ids=special, vocab_size=K0)
     keep = torch.from_numpy(draft_ids[selection.token_ids])
     trimmed = eagle3.retrim(model, keep)
-    out = os.fspath(config.out)
     storage.check_out_kind(out, EAGLE3_MANIFEST_KIND, overwrites=("config.json", eagle3.WEIGHTS_FILE))
     storage.makedirs(out)
     eagle3.save_eagle3(trimmed, out)
-    src = Path(eagle3_folder(config.drafter)).expanduser()
+    src = Path(folder).expanduser()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (src / name).is_file() and storage.is_local(out):
             shutil.copyfile(src / name, Path(storage.local_path(out)) / name)
+        else:  # an earlier re-trim's, from another drafter: it would be taken for this one's
+            storage.delete(storage.join(out, name))
     kept = keep.numpy()
     manifest = {
         "kind": EAGLE3_MANIFEST_KIND,
@@ -179,6 +187,8 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
         "k": int(kept.shape[0]),
         "k_before": int(K0),
         "k_frequent": selection.k_frequent,
+        "k_unseen": selection.k_unseen,
+        "distinct_ids": selection.distinct_ids,
         "vocab_size": vocab,
         "top_k": config.top_k,
         "coverage_target": config.coverage,

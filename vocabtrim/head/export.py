@@ -56,12 +56,15 @@ WRITERS = {
 
 
 def write_exports(token_ids: torch.Tensor, vocab_size: int, folder: str, exports) -> dict:
-    """Write each export named in ``exports`` (of ``EXPORTS``) into ``folder``; returns ``{export: file name}``
-    for the manifest."""
+    """Write each export named in ``exports`` (of ``EXPORTS``) into ``folder``, and remove the others' files an
+    earlier build left there (they would map another vocabulary); returns ``{export: file name}`` for the
+    manifest."""
     written = {}
     for name in EXPORTS:
+        file, write = WRITERS[name]
         if name in exports:
-            file, write = WRITERS[name]
             write(token_ids, vocab_size, storage.join(folder, file))
             written[name] = file
+        else:
+            storage.delete(storage.join(folder, file))
     return written

@@ -303,7 +303,7 @@ def measure_sizes(cfg: SweepConfig) -> ModelSizes:
         in_draft = set(d.token_ids.tolist())
         return ModelSizes(target=num_parameters(pair.target), drafter_body=body, hidden=int(d.lm_head.weight.shape[1]),
                           head_bias=False, vocab_size=logits_width(pair.target), draft_vocab_size=int(d.config.draft_vocab_size),
-                          special_tokens=sum(i in in_draft for i in special_token_ids(pair.tokenizer)))
+                          special_tokens=sum(i in in_draft for i in special_token_ids(pair.tokenizer, of_model(pair.target))))
     head = pair.drafter.get_output_embeddings()
     return ModelSizes(
         target=num_parameters(pair.target),
