@@ -1,7 +1,9 @@
 """``vocabtrim demo``: the table from the three generate runs, the prompt split, a run on a tiny model,
 and ``vocabtrim demo --quick`` on the bundled model as CI runs it."""
 
+import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vocabtrim.demo import (
+    DEMO_RECORD,
     DemoConfig,
     format_rounds,
     format_table,
@@ -117,6 +120,8 @@ def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
     (["--eval-prompts", "0"], "--eval-prompts must be >= 1, got 0"),
     (["--rounds", "9"], "--rounds must be between 1 and --eval-prompts (8), got 9"),
     (["--eagle3", "NO-SUCH"], "no such model: NO-SUCH (pass a model folder, a .gguf file, a hub id or smollm2-135m)"),
+    (["--eagle3", "{model}"], "--eagle3 {model} is not an EAGLE-3 drafter (a folder whose config.json names LlamaForCausalLMEagle3, "
+                              "or smollm2-135m-eagle3): pass one, or --eagle3 none"),
     (["--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--drafter-layers", "9"], "--drafter-layers must be between 1 and 3, got 9"),
@@ -131,8 +136,8 @@ def test_what_a_stage_would_refuse_is_refused_before_the_first_stage(tiny_pair_d
     argv = ["demo", "--quick", "--model", tiny_pair_dirs[0], "--drafter-layers", "1", "--eagle3", "none", "--top-k", "64",
             "--eval-prompts", "8", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "demo")]
     capsys.readouterr()
-    assert main([*argv, *change]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"vocabtrim demo: error: {message}"
+    assert main([*argv, *(c.format(model=tiny_pair_dirs[0]) for c in change)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"vocabtrim demo: error: {message.format(model=tiny_pair_dirs[0])}"
     assert not ray.is_initialized()
     assert not (tmp_path / "demo" / "calib").exists()
 
@@ -153,6 +158,29 @@ def test_an_out_folder_that_is_not_a_demos_is_refused(tiny_pair_dirs, tmp_path, 
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"vocabtrim demo: error: --out {out} already holds files (sweep.json) but no demo.json: use a new or empty --out")
     assert not ray.is_initialized() and sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_a_demos_folder_with_other_settings_is_refused(tiny_pair_dirs, tmp_path, capsys):
+    """The demo's record binds its folder to its settings: a rerun with other evaluation prompts or rounds would reuse
+    outputs of the earlier prompts (the same row counts) and mix two prompt sets in one table."""
+    import ray
+
+    from vocabtrim.cli import main
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    argv = ["demo", "--quick", "--model", tiny_pair_dirs[0], "--drafter-layers", "1", "--eagle3", "none", "--top-k", "64",
+            "--eval-prompts", "8", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    earlier = {k: v for k, v in dataclasses.asdict(DemoConfig.quick(model=tiny_pair_dirs[0], drafter_layers=1, eagle3=None, top_k=64,
+                                                                     eval_prompts=8, batch_size=4)).items()
+               if k not in ("out", "address", "progress")}
+    (out / DEMO_RECORD).write_text(json.dumps({"kind": "vocabtrim-demo", **earlier, "rounds": 1}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vocabtrim demo: error: {out} holds a demo made with other settings (rounds 1 now 2): rerun with the same settings to "
+        "resume, or use a new --out")
+    assert not ray.is_initialized() and sorted(p.name for p in out.iterdir()) == [DEMO_RECORD]
 
 
 @pytest.mark.bundled

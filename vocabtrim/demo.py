@@ -278,7 +278,12 @@ def check(cfg: DemoConfig, sweep: SweepConfig, eagle3: SweepConfig | None) -> No
     validate.trim(cfg.top_k, None, sizes.vocab_size)
     check_k([cfg.top_k], sizes, "--top-k")
     if eagle3 is not None:
-        measure_sizes(eagle3)
+        from vocabtrim.models import is_eagle3
+
+        measure_sizes(eagle3)  # the pair: a name that is no model, another tokenizer or width
+        if not is_eagle3(eagle3.drafter):
+            raise UserError(f"--eagle3 {eagle3.drafter} is not an EAGLE-3 drafter (a folder whose config.json names "
+                            "LlamaForCausalLMEagle3, or smollm2-135m-eagle3): pass one, or --eagle3 none")
 
 
 def _run(cfg: DemoConfig, out: Path, echo) -> dict:
@@ -287,8 +292,11 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     from vocabtrim.sweep.run import ensure_calibration, ensure_head, eval_coverage, gen_dir, generate_cell, head_dir
 
     start = time.perf_counter()
-    # A folder the demo made before is reused (each stage checks its own settings); any other non-empty one is refused.
-    storage.claim(str(out), DEMO_RECORD, {"kind": "vocabtrim-demo"}, binds=lambda: False)
+    # A folder the demo made before with the same settings is reused (finished stages are skipped: the prompts it
+    # split, the calibration, the heads and the outputs depend on every setting but these three); a demo's folder
+    # with other settings, and any other non-empty folder, is refused.
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "address", "progress")}
+    storage.claim(str(out), DEMO_RECORD, {"kind": "vocabtrim-demo", **settings}, what="a demo")
     where = f"working folder {out}" if cfg.out else "working in a temporary folder, deleted at the end (--out DIR keeps it)"
     also = f" and the EAGLE-3 drafter {cfg.eagle3}" if cfg.eagle3 else ""
     echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers{also}; {where}")
