@@ -1,6 +1,6 @@
 """Calibration throughput: the Ray pipeline against the bare fast tokenizer, and 1 worker against 2.
 
-    RAY_AUTH_MODE=disabled python benchmarks/bench_calibrate.py [--mb 48] [--drafter smollm2-135m]
+    python benchmarks/bench_calibrate.py [--mb 32] [--drafter smollm2-135m]
 
 The corpus is the Python standard library's own source text (present wherever Python is, so nothing is
 downloaded), repeated to ``--mb`` megabytes and written as Parquet. Three measurements on the same text:
@@ -88,7 +88,9 @@ def main() -> int:
     cores = os.cpu_count() or 1
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the bare baseline uses every core
     os.environ["RAYON_NUM_THREADS"] = str(cores)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from vocabtrim.ray_utils import local_run_token
+
+    local_run_token(os.environ)  # Ray's token auth stays on, with a token made for this run (as vocabtrim's commands do)
     import ray
 
     from vocabtrim.models import load_tokenizer

@@ -36,11 +36,11 @@ def main() -> None:
     @torch.inference_mode()
     def hf_ms() -> float:
         cache = DynamicCache()
-        out = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(args.steps):
-            out = model(input_ids=token, cache=cache, use_cache=True)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         return (time.perf_counter() - start) / args.steps * 1000
 

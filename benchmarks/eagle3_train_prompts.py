@@ -167,9 +167,14 @@ def make_rows(n: int, chats: int = 0) -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
-    chats = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the Parquet file to write")
+    parser.add_argument("n", type=int, nargs="?", default=10_000, help="single prompts (default 10000)")
+    parser.add_argument("chats", type=int, nargs="?", default=0, help="multi-turn chats after them (default 0)")
+    args = parser.parse_args()
+    out, n, chats = args.out, args.n, args.chats
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = make_rows(n, chats)
     pq.write_table(pa.Table.from_pylist(rows), out)
