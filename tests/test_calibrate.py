@@ -278,6 +278,62 @@ def test_batch_prompts_keeps_the_rows_that_are_prompts_with_their_keys(data):
     assert batch_prompts(tok, [None, ""], ["a", "b"], 1000) == ([], [])
 
 
+def test_raw_prompts_are_encoded_as_generate_encodes_them_and_empty_ones_are_skipped(data):
+    """Without the chat template a string prompt gets the special tokens its tokenizer adds (a BOS here), exactly as
+    generate encodes it, also when cut to the limit (its start kept); a row that encodes to no token is left out,
+    not sent to the engine (which refuses an empty prompt and would end the run)."""
+    import copy
+
+    from tokenizers import normalizers, processors
+
+    from vocabtrim.calibrate import batch_prompts, build_prompt
+    from vocabtrim.prompts import encode_prompt
+
+    dropping = copy.deepcopy(data["tok"])
+    dropping._tokenizer.normalizer = normalizers.Replace("\x01", "")  # a character the tokenizer drops
+    assert batch_prompts(dropping, ["the dog", "\x01"], ["f:0", "f:1"], 1000, wrap=False)[1] == ["f:0"]
+    tok = copy.deepcopy(data["tok"])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                                  special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    raw, keys = batch_prompts(tok, ["the dog", "a cat"], ["f:0", "f:1"], 1000, wrap=False)
+    assert raw == [encode_prompt(t, tok, 1000)[0] for t in ("the dog", "a cat")] and raw[0][0] == tok.bos_token_id
+    cut = build_prompt(tok, "the quick brown fox jumps over the lazy dog", 6, wrap=False)
+    assert len(cut) <= 6 and cut[0] == tok.bos_token_id and tok.decode(cut[1:]).startswith("the")
+
+
+def test_prompts_follow_the_generating_models_template_and_its_context_before_ray(data, tmp_path):
+    """--source target with a base drafter (no chat template) and an instruct target (the same tokenizer with one):
+    prompts are built with the target's template, as generate builds them. A --max-new-tokens that leaves no room
+    for a prompt in the generating model's context is refused before Ray starts. A run on GPUs is keyed apart from
+    a CPU run (other floats; --dtype auto another dtype): an interrupted one does not resume as the other."""
+    import shutil
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from vocabtrim.calibrate import plan
+
+    base = tmp_path / "base"
+    shutil.copytree(data["model"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    for f in base.glob("chat_template.*"):
+        f.unlink()
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["the dog", "a cat"]}), prompts)
+    cfg = CalibrateConfig(drafter=str(base), target=data["model"], corpus=[str(prompts)], out=str(tmp_path / "out"), source="target",
+                          max_new_tokens=4, show_progress=False)
+    p = plan(cfg)
+    assert p.spec.wrap_prompts and p.spec.tokenizer == data["model"] and "device" not in p.run_key
+    assert not plan(replace(cfg, source="drafter")).spec.wrap_prompts  # the base drafter generates: no template
+    assert plan(replace(cfg, gpus_per_worker=1)).run_key["device"] == "cuda"
+    context = AutoConfig.from_pretrained(data["model"]).max_position_embeddings
+    with pytest.raises(UserError, match=f"--max-new-tokens {context} leaves no room for a prompt in {data['model']}'s context of "
+                                        f"{context} tokens"):
+        plan(replace(cfg, max_new_tokens=context))
+
+
 def test_generated_source_reads_message_lists_through_the_chat_template(ray_local, data, tmp_path):
     """A column of {role, content} lists (the prompts files `generate` reads) works as the rows of a generated source:
     each conversation through the chat template with the generation prompt; rows that are no conversation are

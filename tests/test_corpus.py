@@ -121,6 +121,16 @@ def test_message_lists_are_read_where_rows_are_prompts_and_refused_elsewhere(tmp
         corpus.make_shards([str(tmp_path / "bad.parquet")], "messages", messages=True)
 
 
+def test_dictionary_encoded_and_all_null_text_columns_are_read(tmp_path):
+    """A dictionary-encoded text column (pandas' Categorical) is text; a file whose column holds only nulls (typed
+    null) is read with every row null, which the counters skip, as they skip a null in a string column."""
+    words = ["a b", "c", "a b", None, "d"]
+    pq.write_table(pa.table({"text": pa.array(words).dictionary_encode()}), tmp_path / "dict.parquet")
+    pq.write_table(pa.table({"text": pa.nulls(3)}), tmp_path / "nulls.parquet")
+    shards = corpus.make_shards([str(tmp_path / "dict.parquet"), str(tmp_path / "nulls.parquet")])
+    assert [t for _, _, t in read_all(shards)] == words + [None] * 3
+
+
 def test_same_corpus_same_ids_and_a_changed_file_gets_new_ones(files):
     first = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
     again = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)

@@ -35,7 +35,7 @@ import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
 from vocabtrim.chat import check_message_lists, wraps_strings
-from vocabtrim.errors import UserError, first_line, user_error_unless_fault
+from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor, close_engine
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class CounterSpec:
     """What a counting actor needs to build itself."""
 
     source: str
-    tokenizer: str  # model name whose tokenizer counts (the drafter)
+    tokenizer: str  # model name whose tokenizer counts (the drafter; for generated sources the model that generates: the same
+    # ids, and its chat template builds the prompts)
     tokenizer_json: object = None  # the fast tokenizer serialized (str, or a Ray ObjectRef to one): corpus counting needs no transformers
     model: str | None = None  # model that generates (generated sources)
     model_layers: int | None = None  # --drafter-layers for source drafter
@@ -209,37 +210,41 @@ def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] |
     keeps the start of the user text (the template around it stays whole) and, failing that, its last
     ``limit`` tokens. A list of messages: the chat template with the generation prompt added, its last
     ``limit`` tokens (the latest turns); without ``wrap`` (no template is to be applied) it is no prompt (None).
+    A raw string is encoded as ``generate`` encodes it, with the special tokens the tokenizer adds (BOS).
     """
 
-    def encode(t: str) -> list[int]:
-        return tokenizer(t, add_special_tokens=False)["input_ids"]
+    def encode(t: str, special: bool = False) -> list[int]:
+        return tokenizer(t, add_special_tokens=special)["input_ids"]
 
     def template(messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def as_prompt(text: str) -> list[int]:  # a raw string gets the special tokens the tokenizer adds (BOS), as generate's
+        return encode(template([{"role": "user", "content": text}])) if wrap else encode(text, special=True)
 
     if not isinstance(value, str):
         if not wrap:  # no template applied (--chat-template never, or none in the tokenizer): the row is skipped
             return None
         try:
             return encode(template(value))[-limit:]
-        except Exception:  # the template rejects these messages (an unsupported role, say): the row is skipped
+        except Exception as exc:  # the template rejects these messages (an unsupported role, say): the row is skipped
+            if machine_fault(exc):
+                raise
             return None
-    ids = encode(template([{"role": "user", "content": value}]) if wrap else value)
+    ids = as_prompt(value)
     if len(ids) > limit:
         content = encode(value)
         budget = max(1, len(content) - (len(ids) - limit))
-        cut = tokenizer.decode(content[:budget])
-        ids = encode(template([{"role": "user", "content": cut}]) if wrap else cut)
-        ids = ids[-limit:]
+        ids = as_prompt(tokenizer.decode(content[:budget]))[-limit:]
     return ids
 
 
 def batch_prompts(tokenizer, texts: list, keys: list[str], limit: int, wrap: bool = True) -> tuple[list[list[int]], list[str]]:
     """The prompts of a batch of corpus rows and their keys: each row's ``prompt_value`` through
-    ``build_prompt``; rows that are no prompt (blank, not text, malformed messages) or whose messages the chat
-    template rejects are left out."""
+    ``build_prompt``; rows that are no prompt (blank, not text, malformed messages), whose messages the chat
+    template rejects, or that encode to no token are left out."""
     kept = [(p, k) for t, k in zip(texts, keys)
-            if (v := prompt_value(t)) is not None and (p := build_prompt(tokenizer, v, limit, wrap)) is not None]
+            if (v := prompt_value(t)) is not None and (p := build_prompt(tokenizer, v, limit, wrap))]
     return [p for p, _ in kept], [k for _, k in kept]
 
 
@@ -283,6 +288,8 @@ class ShardCounter(StartingActor):
     def _load_engine(self) -> None:
         import torch
 
+        from vocabtrim.prompts import max_prompt_tokens
+
         spec = self.spec
         if spec.engine == "vllm":
             from vocabtrim.vllm_backend import load_for_calibrate
@@ -292,7 +299,7 @@ class ShardCounter(StartingActor):
                 batch_rows=spec.batch_rows, dtype=spec.dtype, gpus=spec.gpus, trust_remote_code=spec.trust_remote_code,
             )
             self.vocab_size = max(self.vocab_size, width)
-            self.prompt_limit = max(1, self.engine.context_length - spec.max_new_tokens)
+            self.prompt_limit = max_prompt_tokens(self.engine.context_length, spec.max_new_tokens, 0, 0, whose=f"{spec.model}'s")
             return
 
         from vocabtrim.engine import make_engine
@@ -307,7 +314,7 @@ class ShardCounter(StartingActor):
             model = load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
         self.vocab_size = max(self.vocab_size, logits_width(model))
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 30
-        self.prompt_limit = max(1, context - spec.max_new_tokens)
+        self.prompt_limit = max_prompt_tokens(context, spec.max_new_tokens, 0, 0, whose=f"{spec.model}'s")
         self.engine = make_engine(
             model,
             sampling=SamplingParams(temperature=spec.temperature),
@@ -532,6 +539,17 @@ def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _check_room(model: str, max_new_tokens: int, trust_remote_code: bool) -> None:
+    """Refuse (one line) a --max-new-tokens that leaves no room for a prompt in ``model``'s context (its config's;
+    the actors check again with the loaded engine's)."""
+    from vocabtrim.models import declared_config
+    from vocabtrim.prompts import max_prompt_tokens
+
+    context = getattr(declared_config(model, trust_remote_code), "max_position_embeddings", None)
+    if context:
+        max_prompt_tokens(int(context), max_new_tokens, 0, 0, whose=f"{model}'s")
+
+
 def plan(config: CalibrateConfig) -> _Plan:
     """Everything decided before Ray starts: checks, tokenizer, shards, the ledger's run key."""
     from vocabtrim.models import check_declared_widths, check_pair, check_weights, declared_config, load_tokenizer, tokenizer_fingerprint
@@ -546,9 +564,15 @@ def plan(config: CalibrateConfig) -> _Plan:
     for other in dict.fromkeys(m for m in (generator, config.target) if m is not None and m != config.drafter):
         check_pair(load_tokenizer(other, config.trust_remote_code), tokenizer)  # --target too when it does not generate
         check_declared_widths(other, config.drafter, config.trust_remote_code)
-    wrap = wraps_strings(config.chat_template, tokenizer, config.drafter) if generator is not None else False
+    # Prompts are built with the chat template of the model that generates (tokenizers checked the same above, their
+    # templates may differ: a base drafter, an instruct target).
+    prompter, prompter_tokenizer = (generator, tokenizer if generator == config.drafter else load_tokenizer(generator, config.trust_remote_code)) \
+        if generator is not None else (config.drafter, tokenizer)
+    wrap = wraps_strings(config.chat_template, prompter_tokenizer, prompter) if generator is not None else False
     if generator is not None:
-        check_weights(generator)  # a GGUF model converts once here, not in every actor; damaged weights refused now
+        check_weights(generator)
+        if config.engine == "native":  # vLLM's max_model_len may differ (rope scaling): its actors check with it
+            _check_room(generator, config.max_new_tokens, config.trust_remote_code)  # a GGUF model converts once here, not in every actor; damaged weights refused now
     generated = config.source != "corpus"
     shard_bytes = config.shard_bytes or (GENERATED_SHARD_BYTES if generated else corpus.DEFAULT_SHARD_BYTES)
     shard_rows = config.shard_rows or (GENERATED_SHARD_ROWS if generated else None)
@@ -557,7 +581,7 @@ def plan(config: CalibrateConfig) -> _Plan:
         raise UserError(f"the corpus is empty: no rows in {' '.join(config.corpus)}")
     with_messages = next((s for s in shards if s.messages), None)
     if with_messages is not None:
-        check_message_lists(config.chat_template, tokenizer, config.drafter,
+        check_message_lists(config.chat_template, prompter_tokenizer, prompter,
                             f"{storage.display(with_messages.path)} holds message lists in {config.text_column!r}")
     fingerprint = tokenizer_fingerprint(tokenizer)
     run_key = {"version": 1, "tokenizer_fingerprint": fingerprint, "source": config.source, "text_column": config.text_column}
@@ -566,6 +590,8 @@ def plan(config: CalibrateConfig) -> _Plan:
             model=generator, model_layers=layers, max_new_tokens=config.max_new_tokens,
             temperature=config.temperature, seed=config.seed, dtype=config.dtype,
         )
+        if config.gpus_per_worker > 0:  # another device gives other floats (and --dtype auto another dtype); no key: the CPU,
+            run_key["device"] = "cuda"  # as ledgers written before it was recorded
         if config.chat_template != "auto":  # auto is what ledgers written before the flag did: they stay resumable
             run_key["chat_template"] = config.chat_template
         if config.engine != "native":  # likewise: native is what ledgers written before --engine did
@@ -573,7 +599,7 @@ def plan(config: CalibrateConfig) -> _Plan:
     fast = getattr(tokenizer, "_tokenizer", None)
     spec = CounterSpec(
         source=config.source,
-        tokenizer=config.drafter,
+        tokenizer=prompter,
         tokenizer_json=fast.to_str() if fast is not None and config.source == "corpus" else None,
         model=generator,
         model_layers=layers,

@@ -261,14 +261,16 @@ def prompt_type_problem(t) -> str | None:
 
 
 def _check_text_field(schema, path: str, text_column: str, messages: bool = False) -> bool:
-    """Check that ``text_column`` holds text (or, with ``messages``, lists of {role, content} messages);
-    returns whether it holds messages."""
+    """Check that ``text_column`` holds text (dictionary-encoded too, or nulls only: every row skipped) or, with
+    ``messages``, lists of {role, content} messages; returns whether it holds messages."""
+    import pyarrow as pa
+
     if text_column not in schema.names:
         raise UserError(
             f"{storage.display(path)}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
         )
     t = schema.field(text_column).type
-    if is_text_type(t):
+    if is_text_type(unwrap_dictionary(t)) or pa.types.is_null(t):
         return False
     where = f"{storage.display(path)}: column {text_column!r} is {t}"
     if is_messages_type(t) and messages:

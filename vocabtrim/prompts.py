@@ -282,13 +282,14 @@ def check_messages(messages) -> tuple[list[dict] | None, str | None]:
     return clean, None
 
 
-def max_prompt_tokens(context: int, max_new_tokens: int, gamma: int | None, max_gamma: int) -> int:
+def max_prompt_tokens(context: int, max_new_tokens: int, gamma: int | None, max_gamma: int, whose: str = "the target's") -> int:
     """The longest prompt (in tokens) a row may have: the target's ``context`` less ``max_new_tokens`` and
     one verify pass past the last generated token (gamma + 1 positions; ``max_gamma`` + 1 under auto gamma).
-    The same with and without a drafter and for either engine, so a row is an error row in all or in none."""
+    The same with and without a drafter and for either engine, so a row is an error row in all or in none.
+    ``whose``: the model named in the refusal."""
     reserve = max_new_tokens + (max_gamma if gamma is None else gamma) + 1
     if reserve >= context:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the target's context of {context} tokens")
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {whose} context of {context} tokens")
     return context - reserve
 
 
