@@ -71,7 +71,7 @@ def test_a_fault_of_the_machine_ends_a_command_in_one_line_and_a_bug_keeps_its_t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("vocabtrim build-head: error: a fault of the machine stopped the run "
                                                    "(OSError: AWS Error SERVICE_UNAVAILABLE during PutObject operation")
-    assert err.rstrip().endswith("rerun the same command to resume")
+    assert err.rstrip().endswith("rerun the same command (it resumes from what its --out already holds)")
     monkeypatch.setattr(build_head, "main", fails(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         main(["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8", "--out", "o"])

@@ -160,27 +160,38 @@ def test_an_out_folder_that_is_not_a_demos_is_refused(tiny_pair_dirs, tmp_path, 
     assert not ray.is_initialized() and sorted(p.name for p in out.iterdir()) == ["sweep.json"]
 
 
-def test_a_demos_folder_with_other_settings_is_refused(tiny_pair_dirs, tmp_path, capsys):
-    """The demo's record binds its folder to its settings: a rerun with other evaluation prompts or rounds would reuse
-    outputs of the earlier prompts (the same row counts) and mix two prompt sets in one table."""
+def test_a_demos_folder_with_other_settings_is_refused_once_a_stage_wrote_there(tiny_pair_dirs, tmp_path, capsys):
+    """The demo's record binds its folder to its settings once a stage has written there: a rerun with other
+    evaluation prompts or rounds would reuse outputs of the earlier prompts (the same row counts) and mix two prompt
+    sets in one table. A folder no stage wrote in (a refused run) takes other settings, and so does the folder of a
+    version whose record held no settings."""
     import ray
 
     from vocabtrim.cli import main
 
-    out = tmp_path / "demo"
-    out.mkdir()
     argv = ["demo", "--quick", "--model", tiny_pair_dirs[0], "--drafter-layers", "1", "--eagle3", "none", "--top-k", "64",
-            "--eval-prompts", "8", "--batch-size", "4", "--no-progress", "--out", str(out)]
+            "--eval-prompts", "8", "--batch-size", "4", "--no-progress"]
     earlier = {k: v for k, v in dataclasses.asdict(DemoConfig.quick(model=tiny_pair_dirs[0], drafter_layers=1, eagle3=None, top_k=64,
                                                                      eval_prompts=8, batch_size=4)).items()
                if k not in ("out", "address", "progress")}
-    (out / DEMO_RECORD).write_text(json.dumps({"kind": "vocabtrim-demo", **earlier, "rounds": 1}))
+    bound, free, legacy = (tmp_path / name for name in ("bound", "free", "legacy"))
+    for out, record in ((bound, {"kind": "vocabtrim-demo", **earlier, "rounds": 1}), (free, {"kind": "vocabtrim-demo", **earlier, "rounds": 1}),
+                        (legacy, {"kind": "vocabtrim-demo"})):
+        out.mkdir()
+        (out / DEMO_RECORD).write_text(json.dumps(record))
+    for out in (bound, legacy):
+        (out / "gen" / "target").mkdir(parents=True)
+        (out / "gen" / "target" / "eval-0.parquet").write_bytes(b"an output")
     capsys.readouterr()
-    assert main(argv) == 2
+    assert main([*argv, "--out", str(bound)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"vocabtrim demo: error: {out} holds a demo made with other settings (rounds 1 now 2): rerun with the same settings to "
+        f"vocabtrim demo: error: {bound} holds a demo made with other settings (rounds 1 now 2): rerun with the same settings to "
         "resume, or use a new --out")
-    assert not ray.is_initialized() and sorted(p.name for p in out.iterdir()) == [DEMO_RECORD]
+    for out in (free, legacy):  # taken: the run goes on to its own checks (here a --top-k that is refused)
+        assert main([*argv, "--top-k", "2", "--out", str(out)]) == 2
+        assert "--top-k 2 is smaller than the 3 special tokens" in capsys.readouterr().err.splitlines()[-1]
+        assert json.loads((out / DEMO_RECORD).read_text())["rounds"] == 2
+    assert not ray.is_initialized()
 
 
 @pytest.mark.bundled

@@ -470,7 +470,8 @@ def test_replayed_chains_accept_what_greedy_speculative_steps_would():
 def test_retrim_checks_its_target_keeps_every_eos_and_leaves_no_stale_file(tiny, tmp_path, capsys):
     """A re-trim checks --target against the checkpoint (t2d as long as its vocabulary), keeps the EOS ids the
     target's generation config adds, refuses the drafter's own folder as --out, reports ids the histogram never
-    counted, and a rerun into the same --out removes the exports and tokenizer files it no longer writes."""
+    counted, and a rerun into the same --out removes the exports and tokenizer files it no longer writes (those the
+    earlier build's manifest lists: a user's own files stay)."""
     import shutil
 
     import numpy as np
@@ -525,6 +526,13 @@ def test_retrim_checks_its_target_keeps_every_eos_and_leaves_no_stale_file(tiny,
     assert "exceeds the 6 distinct ids counted" in captured.err
     assert not {p.name for p in out.iterdir()} & {"specforge_vocab_mapping.pt", "eagle_d2t.safetensors", "tokenizer.json",
                                                   "tokenizer_config.json"}
+    # Files of the user's in a folder no build-head wrote stay: only what an earlier build's manifest lists is removed.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text("the user's")
+    (mine / "eagle_d2t.safetensors").write_text("the user's")
+    assert cli([*args, "--target", str(target), "--out", str(mine)]) == 0
+    assert (mine / "tokenizer.json").read_text() == (mine / "eagle_d2t.safetensors").read_text() == "the user's"
 
 
 def test_widen_gives_the_same_drafter_a_full_vocabulary_head_and_retrim_undoes_it(tiny, tmp_path):

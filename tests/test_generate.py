@@ -340,9 +340,10 @@ def test_no_draft_runs_record_the_gamma_that_sets_a_prompts_room(base, tmp_path)
 
     alone = replace(base, drafter=None, no_draft=True)
     assert max_prompt_tokens(100, 10, 2, 6) != max_prompt_tokens(100, 10, 5, 6)
-    assert settings_of(replace(alone, gamma="2"), "fp")["gamma"] == 2 and settings_of(replace(alone, gamma="5"), "fp")["gamma"] == 5
-    auto = [settings_of(replace(alone, gamma="auto", max_gamma=m), "fp") for m in (4, 6)]
-    assert [(a["gamma"], a["max_gamma"]) for a in auto] == [("auto", 4), ("auto", 6)]
+    rooms = [settings_of(replace(alone, gamma=g, max_gamma=m), "fp").get("prompt_room_gamma") for g, m in
+             (("2", 6), ("5", 6), ("auto", 4), ("auto", 6), ("6", 9))]
+    assert rooms == [2, 5, 4, None, None]  # the defaults' room (max_gamma 6) unrecorded, as settings written before it were
+    assert settings_of(alone, "fp")["gamma"] is None and "prompt_room_gamma" not in settings_of(base, "fp")
 
 
 def test_max_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_ray(base, tmp_path, monkeypatch):

@@ -170,6 +170,11 @@ def test_build_head_writes_head_manifest_plot_and_exports(tiny, tmp_path):
     assert maps["d2t"].dtype == torch.int64 and maps["t2d"].dtype == torch.bool
     assert (maps["d2t"] + torch.arange(maps["d2t"].shape[0])).tolist() == ids.tolist()
     assert maps["t2d"].shape == (len(tok),) and maps["t2d"].nonzero().flatten().tolist() == ids.tolist()
+    # A rebuild into the same folder with another K and one export: the other export's file, which maps the
+    # earlier vocabulary, is removed.
+    again = build_head(BuildHeadConfig(histogram=calib, drafter=drafter, top_k=20, export=["eagle"], out=str(out)))
+    assert again["exports"] == {"eagle": "eagle_d2t.safetensors"} and not (out / "sglang_token_map.pt").exists()
+    assert load_file(str(out / "eagle_d2t.safetensors"))["d2t"].shape == (20,)
 
 
 def test_coverage_mode_and_the_cli(tiny, tmp_path, capsys):

@@ -175,6 +175,12 @@ def test_missing_prompts_are_refused_before_the_out_folder_is_claimed(config, tm
     with pytest.raises(UserError, match="--prompt-column 'prompt' holds int64 values: prompts must be strings"):
         run_sweep(replace(config, prompts=[str(numbers)], out=str(out)))
     assert not out.exists()
+    # An --out inside the prompts or corpus folder: its outputs would be read as inputs by a rerun.
+    inputs = Path(config.prompts[0]).parent
+    for flag, given in (("--prompts", dict(prompts=[str(inputs)])), ("--corpus", dict(corpus=[str(inputs)]))):
+        with pytest.raises(UserError, match=f"--out {inputs / 'sweep'} is inside the {flag} folder {inputs}: a rerun would read"):
+            run_sweep(replace(config, **given, out=str(inputs / "sweep")))
+    assert not (inputs / "sweep").exists()
 
 
 def test_error_rows_are_counted_and_a_cell_of_error_rows_only_fails(ray_local, config, tmp_path):

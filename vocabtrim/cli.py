@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: its traceback
         logging.getLogger("vocabtrim").info("the fault, in full:", exc_info=True)
         print(f"vocabtrim {args.command}: error: a fault of the machine stopped the run ({type(exc).__name__}: {first_line(exc)}); "
-              "what was written before it is complete: rerun the same command to resume", file=sys.stderr)
+              "rerun the same command (it resumes from what its --out already holds)", file=sys.stderr)
         return RunFailed.exit_code
     return int(code or 0)
 

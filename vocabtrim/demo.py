@@ -29,6 +29,7 @@ EAGLE-3 row is the trained drafter against the target alone.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -278,12 +279,13 @@ def check(cfg: DemoConfig, sweep: SweepConfig, eagle3: SweepConfig | None) -> No
     validate.trim(cfg.top_k, None, sizes.vocab_size)
     check_k([cfg.top_k], sizes, "--top-k")
     if eagle3 is not None:
-        from vocabtrim.models import is_eagle3
+        from vocabtrim.models import is_eagle3, resolve_model
 
-        measure_sizes(eagle3)  # the pair: a name that is no model, another tokenizer or width
         if not is_eagle3(eagle3.drafter):
+            resolve_model(eagle3.drafter)  # a name that is no model says so
             raise UserError(f"--eagle3 {eagle3.drafter} is not an EAGLE-3 drafter (a folder whose config.json names "
                             "LlamaForCausalLMEagle3, or smollm2-135m-eagle3): pass one, or --eagle3 none")
+        measure_sizes(eagle3)  # the pair: another tokenizer or width
 
 
 def _run(cfg: DemoConfig, out: Path, echo) -> dict:
@@ -295,8 +297,16 @@ def _run(cfg: DemoConfig, out: Path, echo) -> dict:
     # A folder the demo made before with the same settings is reused (finished stages are skipped: the prompts it
     # split, the calibration, the heads and the outputs depend on every setting but these three); a demo's folder
     # with other settings, and any other non-empty folder, is refused.
+    # The record binds the folder once a stage has written there (a refused run leaves it free); a record of an earlier
+    # version, which held no settings, is replaced, as that version replaced it.
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "address", "progress")}
-    storage.claim(str(out), DEMO_RECORD, {"kind": "vocabtrim-demo", **settings}, what="a demo")
+    record = out / DEMO_RECORD
+    try:
+        legacy = json.loads(record.read_text()) == {"kind": "vocabtrim-demo"}
+    except (OSError, ValueError):  # no record yet, or not one to trust: claim says so
+        legacy = False
+    storage.claim(str(out), DEMO_RECORD, {"kind": "vocabtrim-demo", **settings}, what="a demo",
+                  binds=lambda: not legacy and any((out / stage).exists() for stage in ("calib", "heads", "gen")))
     where = f"working folder {out}" if cfg.out else "working in a temporary folder, deleted at the end (--out DIR keeps it)"
     also = f" and the EAGLE-3 drafter {cfg.eagle3}" if cfg.eagle3 else ""
     echo(f"vocabtrim demo: {cfg.model}, drafter = its first {cfg.drafter_layers} layers{also}; {where}")

@@ -157,7 +157,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
             check_weights(drafter)
     config = declared_config(cfg.target, cfg.trust_remote_code)
     context = getattr(config, "max_position_embeddings", None) if config is not None else None
-    if context:  # the workers check again with the loaded engine's context (vLLM's max_model_len)
+    if context and cfg.engine == "native":  # vLLM's max_model_len may differ (rope scaling): its workers check with it
         max_prompt_tokens(int(context), cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
@@ -225,6 +225,8 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
     draft = not cfg.no_draft
+    gamma = validate.gamma(cfg.gamma)
+    room = cfg.max_gamma if gamma is None else gamma  # the draft positions a verify pass may write past the last token
     # --engine vllm is recorded; native runs record no engine, so outputs written before --engine existed resume.
     engine = {"engine": cfg.engine} if cfg.engine != "native" else {}
     return {
@@ -234,10 +236,8 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         "drafter_layers": cfg.drafter_layers if draft else None,
         "head_sha256": head_sha256,
         "no_draft": cfg.no_draft,
-        # Recorded with --no-draft too: gamma sets the room a prompt has (prompts.max_prompt_tokens), so which rows
-        # are error rows.
-        "gamma": "auto" if validate.gamma(cfg.gamma) is None else validate.gamma(cfg.gamma),
-        "max_gamma": cfg.max_gamma if validate.gamma(cfg.gamma) is None else None,
+        "gamma": ("auto" if gamma is None else gamma) if draft else None,
+        "max_gamma": cfg.max_gamma if draft and gamma is None else None,
         "sampler": cfg.sampler,
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": float(cfg.temperature),
@@ -249,6 +249,13 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         "id_column": cfg.id_column,
         "dtype": cfg.dtype,
         "tokenizer": fingerprint,
+        # --no-draft: gamma still sets the room a prompt has (prompts.max_prompt_tokens: max_gamma + 1 or gamma + 1
+        # positions), so which rows are error rows; recorded where it is not the defaults' (as settings written
+        # before it was recorded).
+        **({"prompt_room_gamma": room} if not draft and room != GenerateConfig.max_gamma else {}),
+        # Another device gives other floats (and --dtype auto another dtype). No key on the CPU, as settings written
+        # before it was recorded.
+        **({"device": "cuda"} if cfg.gpus_per_worker > 0 else {}),
     }
 
 

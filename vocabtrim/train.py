@@ -752,7 +752,7 @@ def run_train(config: TrainConfig) -> dict:
     ledger.claim({"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
                   "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
                   "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
-                  "dtype": c.dtype})
+                  "dtype": c.dtype, **({"device": "cuda"} if c.gpus_per_worker > 0 else {})})  # no key on the CPU: older ledgers
     # A resumed drafter keeps training as it began: the same rows, the same held-out shards, batches and steps.
     storage.claim(c.out, TRAINING_FILE, training_settings(c, draft_ids, train_ids, eval_ids), what="a drafter",
                   binds=lambda: storage.is_file(storage.join(c.out, STATE_FILE)), stray=lambda name: False)

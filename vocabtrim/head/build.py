@@ -76,6 +76,7 @@ def build_head(config: BuildHeadConfig) -> dict:
     head = head_from_ids(model, selection.token_ids)
     out = os.fspath(config.out)
     storage.check_out_kind(out, MANIFEST_KIND)
+    earlier = _earlier_manifest(out)
     storage.makedirs(out)
     manifest = {
         "kind": MANIFEST_KIND,
@@ -101,7 +102,7 @@ def build_head(config: BuildHeadConfig) -> dict:
         "histogram_fingerprint": histogram.fingerprint(counts),
         "calibration_source": calibration.get("source"),
         "calibration_tokens": int(counts.sum()),
-        "exports": write_exports(head.token_ids, vocab, out, config.export),
+        "exports": write_exports(head.token_ids, vocab, out, config.export, earlier),
     }
     plot_coverage(
         np.concatenate([counts[:vocab], np.zeros(max(0, vocab - counts.shape[0]), dtype=np.int64)]),
@@ -114,6 +115,17 @@ def build_head(config: BuildHeadConfig) -> dict:
     manifest["plot"] = PLOT_FILE
     save_head(head, out, manifest)
     return manifest
+
+
+def _earlier_manifest(out: str) -> dict | None:
+    """The manifest an earlier build-head left in ``out`` (``check_out_kind`` has checked its kind), else None."""
+    path = storage.join(out, MANIFEST_FILE)
+    if not storage.is_file(path):
+        return None
+    try:
+        return json.loads(storage.read_text(path))
+    except ValueError:
+        return None
 
 
 def _eagle3_tokenizer(config: BuildHeadConfig):
@@ -172,13 +184,16 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     keep = torch.from_numpy(draft_ids[selection.token_ids])
     trimmed = eagle3.retrim(model, keep)
     storage.check_out_kind(out, EAGLE3_MANIFEST_KIND, overwrites=("config.json", eagle3.WEIGHTS_FILE))
+    earlier = _earlier_manifest(out)
     storage.makedirs(out)
     eagle3.save_eagle3(trimmed, out)
     src = Path(folder).expanduser()
+    copied = []  # the drafter's files copied beside it: the manifest lists them, so a rerun removes those it no longer copies
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (src / name).is_file() and storage.is_local(out):
             shutil.copyfile(src / name, Path(storage.local_path(out)) / name)
-        else:  # an earlier re-trim's, from another drafter: it would be taken for this one's
+            copied.append(name)
+        elif earlier is not None and name in earlier.get("copied", []):  # an earlier re-trim's copy, from another drafter
             storage.delete(storage.join(out, name))
     kept = keep.numpy()
     manifest = {
@@ -201,7 +216,8 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
         "histogram_fingerprint": histogram.fingerprint(counts),
         "calibration_source": calibration.get("source"),
         "calibration_tokens": int(counts.sum()),
-        "exports": write_exports(keep, vocab, out, config.export),
+        "exports": write_exports(keep, vocab, out, config.export, earlier),
+        "copied": copied,
     }
     plot_coverage(counts, manifest["k"], manifest["coverage"], storage.join(out, PLOT_FILE),
                   title=f"{Path(config.drafter).name} (EAGLE-3) re-trimmed: source {calibration.get('source')}, {int(counts.sum()):,} tokens")

@@ -55,16 +55,17 @@ WRITERS = {
 }
 
 
-def write_exports(token_ids: torch.Tensor, vocab_size: int, folder: str, exports) -> dict:
-    """Write each export named in ``exports`` (of ``EXPORTS``) into ``folder``, and remove the others' files an
-    earlier build left there (they would map another vocabulary); returns ``{export: file name}`` for the
-    manifest."""
+def write_exports(token_ids: torch.Tensor, vocab_size: int, folder: str, exports, earlier: dict | None = None) -> dict:
+    """Write each export named in ``exports`` (of ``EXPORTS``) into ``folder``; returns ``{export: file name}`` for the
+    manifest. ``earlier``: the manifest an earlier build left in ``folder``; the exports it lists that this build
+    does not write are removed (they would map another vocabulary)."""
     written = {}
     for name in EXPORTS:
         file, write = WRITERS[name]
         if name in exports:
             write(token_ids, vocab_size, storage.join(folder, file))
             written[name] = file
-        else:
+    for file in set((earlier or {}).get("exports", {}).values()) - set(written.values()):
+        if file in {f for f, _ in WRITERS.values()}:
             storage.delete(storage.join(folder, file))
     return written

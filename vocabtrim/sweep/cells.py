@@ -249,6 +249,11 @@ def check_config(cfg: SweepConfig) -> None:
             raise UserError(f"--sources takes {', '.join(SOURCES)}; got {s!r}")
     if storage.is_file(cfg.out):
         raise UserError(f"--out {storage.display(cfg.out)} is a file: pass a folder")
+    for flag, inputs, what in (("--prompts", cfg.prompts, "outputs as prompts"), ("--corpus", cfg.corpus, "files as corpus")):
+        folder = storage.input_folder_holding(cfg.out, inputs)
+        if folder is not None:
+            raise UserError(f"--out {storage.display(cfg.out)} is inside the {flag} folder {storage.display(folder)}: a rerun would read "
+                            f"its {what}; use an --out outside it")
     check_inputs(cfg)
 
 
