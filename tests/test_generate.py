@@ -344,6 +344,8 @@ def test_no_draft_runs_record_the_gamma_that_sets_a_prompts_room(base, tmp_path)
              (("2", 6), ("5", 6), ("auto", 4), ("auto", 6), ("6", 9))]
     assert rooms == [2, 5, 4, None, None]  # the defaults' room (max_gamma 6) unrecorded, as settings written before it were
     assert settings_of(alone, "fp")["gamma"] is None and "prompt_room_gamma" not in settings_of(base, "fp")
+    # A run on GPUs is another setting (other floats; --dtype auto another dtype); the CPU adds no key, as before.
+    assert settings_of(replace(base, gpus_per_worker=1), "fp")["device"] == "cuda" and "device" not in settings_of(base, "fp")
 
 
 def test_max_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_ray(base, tmp_path, monkeypatch):
