@@ -185,6 +185,39 @@ def test_an_address_that_is_no_ray_cluster_is_refused_in_one_line(capsys, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cluster_of_other_versions_or_another_token_is_refused_in_one_line(monkeypatch):
+    """Joining a cluster whose Ray or Python differs from this machine's, or with a token it refuses: one line each
+    (Ray raises a RuntimeError over several lines, and its AuthenticationError), not a traceback."""
+    import ray
+
+    from vocabtrim import ray_utils
+    from vocabtrim.errors import UserError
+
+    monkeypatch.setattr(ray_utils, "check_reachable", lambda address: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def refusing(error):
+        def init(*args, **kwargs):
+            raise error
+        return init
+
+    mismatch = RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: 3.11.9\n"
+                            "This process on node 10.0.0.2 was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n")
+    monkeypatch.setattr(ray, "init", refusing(mismatch))
+    with pytest.raises(UserError) as raised:
+        ray_utils.init_ray("head:6379")
+    assert str(raised.value) == ("cannot join the Ray cluster at head:6379: Version mismatch: The cluster was started with: Ray: "
+                                 "2.60.0 Python: 3.11.9 This process on node 10.0.0.2 was started with: Ray: 2.60.0 Python: 3.11.7 "
+                                 "(this machine's Ray and Python must be the cluster's)")
+    monkeypatch.setattr(ray, "init", refusing(ray.exceptions.AuthenticationError("Token mismatch")))
+    with pytest.raises(UserError, match=r"^the Ray cluster at head:6379 refused this machine's token \(.*\): set RAY_AUTH_TOKEN") as raised:
+        ray_utils.init_ray("head:6379")
+    assert "\n" not in str(raised.value)
+    monkeypatch.setattr(ray, "init", refusing(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        ray_utils.init_ray("head:6379")
+
+
 def test_a_grpc_server_passes_the_handshake_check():
     """The other side of the check above: a port with a gRPC server (as a Ray GCS is) is taken."""
     from concurrent import futures
@@ -210,6 +243,29 @@ def test_the_host_and_port_of_a_ray_address(address, target):
     from vocabtrim.ray_utils import host_and_port
 
     assert host_and_port(address) == target
+
+
+@pytest.mark.parametrize("nodes, workers, gpus, cpus, line", [
+    ([{"CPU": 2}], 2, 0, 1, None),
+    ([{"CPU": 2}], 5, 0, 0.4, None),  # fractional CPUs: 5 x 0.4 fill 2
+    ([{"CPU": 2}], 3, 0, 1, "--workers 3 of 1 CPUs each, but the Ray cluster holds 2 such workers at a time: use --workers 2 "
+                            "(or fewer CPUs or GPUs per worker)"),
+    ([{"CPU": 8}], 1, 1, 1, "--gpus-per-worker 1 but the Ray cluster has no GPUs: use --gpus-per-worker 0"),
+    ([{"CPU": 8, "GPU": 1}], 1, 2, 1, "--gpus-per-worker 2 but no node has more than 1 GPUs"),
+    ([{"CPU": 4}], 1, 0, 8, "--cpus-per-worker 8 but no node has more than 4 CPUs"),
+    # a CPU-only head and a GPU node with few CPUs: each request fits a node, the pair fits none
+    ([{"CPU": 16}, {"CPU": 4, "GPU": 1}], 1, 1, 8, "--gpus-per-worker 1 with --cpus-per-worker 8: no node has both (the nodes "
+                                                  "with 1 GPUs have at most 4 CPUs)"),
+    ([{"CPU": 16}, {"CPU": 4, "GPU": 2}], 4, 1, 2, "--workers 4 of 2 CPUs and 1 GPUs each, but the Ray cluster holds 2 such "
+                                                  "workers at a time: use --workers 2 (or fewer CPUs or GPUs per worker)"),
+    ([{"CPU": 16}, {"CPU": 4, "GPU": 2}], 2, 1, 2, None),
+])
+def test_a_pool_the_cluster_can_never_hold_is_named_in_one_line(nodes, workers, gpus, cpus, line):
+    """Every actor of a pool must start before work begins: a pool the live nodes can never hold at once (no node
+    with both its GPUs and CPUs, or too few places in all) is refused instead of waiting out the start timeout."""
+    from vocabtrim.ray_utils import placement_shortfall
+
+    assert placement_shortfall(nodes, workers, gpus, cpus) == line
 
 
 @pytest.mark.parametrize("command", [["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -44,6 +45,15 @@ def init_ray(address: str | None = None) -> None:
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as exc:  # ValueError: an address Ray cannot parse
         raise UserError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from exc
+    except ray.exceptions.AuthenticationError as exc:
+        raise UserError(f"the Ray cluster at {address} refused this machine's token ({first_line(exc)}): set RAY_AUTH_TOKEN to "
+                        "the cluster's token (`ray get-auth-token` on its head node), with RAY_AUTH_MODE=token") from exc
+    except RuntimeError as exc:
+        if not str(exc).startswith("Version mismatch"):
+            raise
+        versions = " ".join(str(exc).split())  # Ray's message spans lines: the cluster's versions, then this process's
+        raise UserError(f"cannot join the Ray cluster at {address}: {versions} (this machine's Ray and Python must be the "
+                        "cluster's)") from exc
 
 
 def host_and_port(address: str) -> tuple[str, int] | None:
@@ -133,13 +143,6 @@ def _reload_ray_config() -> None:
     Config.initialize("")
 
 
-def largest_node(resource: str) -> float:
-    """The most of ``resource`` that any one live node has (an actor cannot span nodes)."""
-    import ray
-
-    return max((n["Resources"].get(resource, 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-
-
 def autoscaler_running() -> bool:
     """Whether an autoscaler (``ray up`` or KubeRay with autoscaling) can still add nodes to this cluster.
 
@@ -174,31 +177,53 @@ def autoscaler_running() -> bool:
 
 
 def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
-    """Fail in one line, instead of waiting forever, when the cluster can never place one actor.
+    """Fail in one line, instead of waiting forever, when the cluster can never place the pool.
 
-    A request no live node can hold is refused, unless an autoscaler is running (it may add a node
-    that can: a GPU worker group scaled to zero, say). Ray Data is not used for the pools, so its
-    30-minute resource wait does not apply; actor start-up waits are bounded by
-    ``ACTOR_START_TIMEOUT_S`` (env ``VOCABTRIM_ACTOR_START_TIMEOUT``).
+    A request the live nodes can never hold (``placement_shortfall``) is refused, unless an autoscaler is running
+    (it may add a node that can: a GPU worker group scaled to zero, say). Ray Data is not used for the pools, so
+    its 30-minute resource wait does not apply; actor start-up waits are bounded by ``ACTOR_START_TIMEOUT_S``
+    (env ``VOCABTRIM_ACTOR_START_TIMEOUT``).
     """
+    import ray
+
     validate.pool(workers, gpus_per_worker, cpus_per_worker)
-    short = []
-    if gpus_per_worker > 0 and gpus_per_worker > largest_node("GPU"):
-        have = largest_node("GPU")
-        short.append(
-            f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has no GPUs"
-            if have == 0
-            else f"--gpus-per-worker {gpus_per_worker:g} but no node has more than {have:g} GPUs"
-        )
-    if cpus_per_worker > largest_node("CPU"):
-        short.append(f"--cpus-per-worker {cpus_per_worker:g} but no node has more than {largest_node('CPU'):g} CPUs")
-    if not short:
+    short = placement_shortfall([n["Resources"] for n in ray.nodes() if n.get("Alive")], workers, gpus_per_worker, cpus_per_worker)
+    if short is None:
         return
     if autoscaler_running():
-        log.warning("%s now; waiting up to %.0f s for the autoscaler to add a node", short[0], ACTOR_START_TIMEOUT_S)
+        log.warning("%s now; waiting up to %.0f s for the autoscaler to add a node", short, ACTOR_START_TIMEOUT_S)
         return
-    hint = ": use --gpus-per-worker 0" if "no GPUs" in short[0] else ""
-    raise UserError(short[0] + hint)
+    raise UserError(short)
+
+
+def placement_shortfall(nodes: list[dict], workers: int, gpus: float, cpus: float) -> str | None:
+    """Why nodes with these resources (``{"CPU": n, "GPU": m, ...}`` each) can never hold ``workers`` actors of
+    ``cpus`` CPUs and ``gpus`` GPUs at once (every actor of a pool must start), or None. Totals are compared, not
+    what is free now: what other jobs hold is freed in time."""
+    def most(resource: str) -> float:
+        return max((n.get(resource, 0.0) for n in nodes), default=0.0)
+
+    if gpus > 0 and gpus > most("GPU"):
+        if most("GPU") == 0:
+            return f"--gpus-per-worker {gpus:g} but the Ray cluster has no GPUs: use --gpus-per-worker 0"
+        return f"--gpus-per-worker {gpus:g} but no node has more than {most('GPU'):g} GPUs"
+    if cpus > most("CPU"):
+        return f"--cpus-per-worker {cpus:g} but no node has more than {most('CPU'):g} CPUs"
+
+    def holds(node: dict) -> int:  # actors one node can hold at once
+        counts = [math.floor(node.get(r, 0.0) / want + 1e-9) for r, want in (("CPU", cpus), ("GPU", gpus)) if want > 0]
+        return min(counts) if counts else workers
+
+    fits = [holds(n) for n in nodes]
+    if not any(fits):
+        gpu_cpus = max((n.get("CPU", 0.0) for n in nodes if n.get("GPU", 0.0) >= gpus), default=0.0)
+        return (f"--gpus-per-worker {gpus:g} with --cpus-per-worker {cpus:g}: no node has both (the nodes with {gpus:g} GPUs "
+                f"have at most {gpu_cpus:g} CPUs)")
+    if sum(fits) < workers:
+        each = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus > 0 else "")
+        return (f"--workers {workers} of {each} each, but the Ray cluster holds {sum(fits)} such workers at a time: use "
+                f"--workers {sum(fits)} (or fewer CPUs or GPUs per worker)")
+    return None
 
 
 def default_cpus_per_worker(workers: int) -> float:
