@@ -169,8 +169,13 @@ def test_an_address_that_is_no_ray_cluster_is_refused_in_one_line(capsys, tmp_pa
     try:
         assert main([*command, "--address", f"http://127.0.0.1:{port}"]) == 2
         assert capsys.readouterr().err == (
-            f"vocabtrim calibrate: error: http://127.0.0.1:{port} is an HTTP address (Ray's dashboard and jobs API, which "
+            f"vocabtrim calibrate: error: --address http://127.0.0.1:{port} is an HTTP address (Ray's dashboard and jobs API, which "
             "`ray job submit` takes), not a cluster to join: pass the head node's GCS address, host:6379 by default\n")
+        # The same address left in RAY_ADDRESS (as `ray job submit` wants it): the message names where it came from.
+        monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")
+        assert main(command) == 2
+        assert capsys.readouterr().err.startswith(f"vocabtrim calibrate: error: RAY_ADDRESS http://127.0.0.1:{port} is an HTTP")
+        monkeypatch.delenv("RAY_ADDRESS")
         assert main([*command, "--address", f"127.0.0.1:{port}"]) == 2
         assert capsys.readouterr().err == (
             f"vocabtrim calibrate: error: 127.0.0.1:{port} answers but is not a Ray cluster (no gRPC server on port {port}): "

@@ -79,7 +79,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     import socket
 
     if address.lower().startswith(("http://", "https://")):
-        raise UserError(f"{address} is an HTTP address (Ray's dashboard and jobs API, which `ray job submit` takes), not a "
+        given = "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "--address"  # the ray job submit address, left set
+        raise UserError(f"{given} {address} is an HTTP address (Ray's dashboard and jobs API, which `ray job submit` takes), not a "
                         f"cluster to join: pass the head node's GCS address, host:6379 by default")
     target = host_and_port(address)
     if target is None:
