@@ -11,6 +11,7 @@ from vocabtrim import cache, models
 def _entry_writer(text):
     def write(tmp):
         (tmp / "config.json").write_text(json.dumps({"made_from": text}))
+        (tmp / "model.safetensors").write_bytes(b"weights")
     return write
 
 
@@ -84,7 +85,7 @@ def test_an_entry_another_machine_recorded_goes_only_once_unused_for_a_day(tmp_p
     here.write_bytes(b"w")
     entry = root / "models" / "m-there"
     entry.mkdir(parents=True)
-    (entry / "config.json").write_text("{}")
+    _entry_writer("there")(entry)
     (entry / cache.RECORD).write_text(json.dumps({"sources": [{"path": there, "size": 1, "mtime_ns": 1}],
                                                   "params": [], "host": "another-machine"}))
     cache.publish_folder(root / "models" / "m-here", _entry_writer("m"), _record([here]))
@@ -134,6 +135,7 @@ def test_a_regenerated_gguf_file_converts_once_and_its_old_conversion_goes(tmp_p
     def fake_convert(gguf, folder):  # the dequantisation itself is exercised wherever the bundled model loads
         conversions.append(gguf)
         (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
     venv1, venv2 = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
@@ -149,6 +151,54 @@ def test_a_regenerated_gguf_file_converts_once_and_its_old_conversion_goes(tmp_p
     third = models.gguf_folder(venv2)
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [third.name]
     assert len(conversions) == 3
+
+
+def test_a_half_deleted_entry_is_written_again_and_one_writer_per_machine_converts(tmp_path, monkeypatch):
+    """A folder a removal left half-deleted (its weights gone) is not a cached model: it is written again in its
+    place (the rename onto it failed on every later run). Processes of one machine write an entry one at a time;
+    one that finds it written once its turn comes writes nothing."""
+    import threading
+
+    root = tmp_path / "cache"
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"w")
+    entry = root / "models" / "m-1"
+    cache.publish_folder(entry, _entry_writer("m"), _record([src]))
+    (entry / "model.safetensors").unlink()
+    assert not cache.lookup(entry)
+    cache.publish_folder(entry, _entry_writer("again"), _record([src]))
+    assert cache.lookup(entry) and json.loads((entry / "config.json").read_text()) == {"made_from": "again"}
+
+    writes, started = [], threading.Event()
+
+    def slow(tmp):
+        writes.append(tmp)
+        started.set()
+        time.sleep(0.5)
+        _entry_writer("slow")(tmp)
+
+    other = root / "models" / "m-2"
+    first = threading.Thread(target=cache.publish_folder, args=(other, slow, _record([src], "layers=2")))
+    first.start()
+    started.wait()
+    cache.publish_folder(other, slow, _record([src], "layers=2"))  # waits for the first writer, then finds the entry written
+    first.join()
+    assert len(writes) == 1 and cache.lookup(other)
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["m-1", "m-2"]  # no lock file among the entries
+
+
+def test_a_cache_folder_that_cannot_be_made_is_named_not_blamed_on_the_model(tmp_path, monkeypatch):
+    import pytest
+
+    from vocabtrim.errors import UserError
+
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("VOCABTRIM_CACHE", str(tmp_path / "afile"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf bytes")
+    with pytest.raises(UserError, match=f"^cannot use the cache folder {tmp_path / 'afile' / 'models'} \\(Not a directory\\): set "
+                                        "VOCABTRIM_CACHE to a writable folder$"):
+        models.gguf_folder(gguf)
 
 
 def test_an_entry_that_cannot_be_removed_stays_and_publishing_still_returns(tmp_path, monkeypatch):

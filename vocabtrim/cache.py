@@ -16,6 +16,7 @@ stale only once it has gone unused (``lookup``) for a day.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,10 +105,16 @@ def _read_record(entry: Path) -> dict | None:
         return None  # no record (or an unreadable one): not ours to judge
 
 
+def _complete(entry: Path) -> bool:
+    """Whether ``entry`` holds a model folder: its config and weights (a folder a removal left half-deleted, or
+    whose weight links point into a removed entry, does not)."""
+    return (entry / "config.json").is_file() and any(p.is_file() for p in entry.glob("*.safetensors"))
+
+
 def lookup(entry: Path) -> bool:
     """Whether the cached folder ``entry`` is complete; if so it is marked used now (its modification time),
     which keeps another machine sharing the cache from judging it (``is_stale``, ``prune``)."""
-    if not (entry / "config.json").is_file():
+    if not _complete(entry):
         return False
     try:
         os.utime(entry)
@@ -165,24 +172,66 @@ def prune(root: Path, keep: Path | None = None) -> list[Path]:
             removed.append(entry)
 
 
+def kind_folder(kind: str) -> Path:
+    """``cache_root() / kind``, made if need be; a cache folder that cannot be made (``VOCABTRIM_CACHE`` on a
+    read-only mount or a file on its path) is refused in one line naming it, unless the machine is at fault."""
+    from vocabtrim.errors import first_line, user_error_unless_fault
+
+    folder = cache_root() / kind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        user_error_unless_fault(exc, f"cannot use the cache folder {folder} ({exc.strerror or first_line(exc)}): set "
+                                     "VOCABTRIM_CACHE to a writable folder")
+    return folder
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """One writer of ``out`` at a time among the processes of this machine (an advisory lock in the cache root's
+    ``.locks``; empty files, one per entry ever written): the others wait, then find it written."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: writers race, and the first rename wins
+        yield
+        return
+    locks = out.parent.parent / ".locks"  # beside the kind folders, not among their entries
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{out.parent.name}-{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def publish_folder(out: Path, write: Callable[[Path], None], record: dict) -> None:
     """Make the cached folder ``out`` appear whole: ``write(tmp)`` fills a temporary folder beside it,
     which gets ``RECORD`` (``record``, the ``entry_record`` its key was made from, stamped before writing,
-    and this machine's name) and is then renamed. If another process published ``out`` first, its complete
-    folder is kept. Then the entries under ``out``'s cache root (``out.parent.parent``) that ``prune``
-    removes go."""
+    and this machine's name) and is then renamed. One process of a machine writes it at a time; one that
+    finds it complete once its turn comes writes nothing (N actors of one node convert a GGUF file once). An
+    incomplete folder in its place (left half-deleted) is replaced. Then the entries under ``out``'s cache
+    root (``out.parent.parent``) that ``prune`` removes go."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        (tmp / RECORD).write_text(json.dumps({**record, "host": socket.gethostname()}, indent=1))
+    with _writing(out):
+        if _complete(out):  # another process wrote it while this one waited
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
         try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # lost a race to another process: theirs is complete
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
+            (tmp / RECORD).write_text(json.dumps({**record, "host": socket.gethostname()}, indent=1))
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if _complete(out):  # lost a race to another machine sharing the cache: theirs is complete
+                    pass
+                elif out.is_dir():  # a folder a removal left half-deleted: replaced
+                    shutil.rmtree(out)
+                    os.rename(tmp, out)
+                else:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     try:
         prune(out.parent.parent, keep=out)
     except OSError as exc:  # removing old entries is housekeeping: never a reason to fail the caller

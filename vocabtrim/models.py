@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vocabtrim import validate
-from vocabtrim.cache import cache_root, entry_key, entry_record, lookup, publish_folder, stamps
+from vocabtrim.cache import entry_key, entry_record, kind_folder, lookup, publish_folder, stamps
 from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def gguf_folder(gguf: Path) -> Path:
     and the conversion of the file as it was is removed then (``cache.publish_folder``).
     """
     record = entry_record(stamps([gguf]))
-    out = cache_root() / "models" / f"{gguf.stem}-{entry_key(record)}"
+    out = kind_folder("models") / f"{gguf.stem}-{entry_key(record)}"
     if lookup(out):
         return out
     log.info("converting %s to safetensors (once; cached at %s)", gguf, out)

@@ -168,7 +168,7 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
 
     The cache key covers the drafter folder's files (``_drafter_sources``), N and the head file's bytes.
     """
-    from vocabtrim.cache import cache_root, entry_key, entry_record, lookup, stamps
+    from vocabtrim.cache import entry_key, entry_record, kind_folder, lookup, stamps
     from vocabtrim.models import resolve_model
 
     source = Path(resolve_model(drafter))
@@ -183,7 +183,7 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
                         f"{(config.get('architectures') or ['unknown'])[0]}")
     record = entry_record(stamps(_drafter_sources(source, head)),
                           f"layers={drafter_layers}", f"head={_head_sha(head) if head else None}")
-    out = Path(cache or cache_root()) / "vllm-drafters" / f"{source.name}-{entry_key(record)}"
+    out = (Path(cache) / "vllm-drafters" if cache else kind_folder("vllm-drafters")) / f"{source.name}-{entry_key(record)}"
     if lookup(out):
         return str(out)
     _write_drafter_folder(source, drafter_layers, head, out, record, trust_remote_code)
