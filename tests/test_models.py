@@ -117,6 +117,19 @@ def test_a_mistyped_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypa
     assert models.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # no such local folder: a hub id
 
 
+def test_a_name_read_as_a_hub_id_says_so_when_the_hub_has_nothing(tmp_path, monkeypatch):
+    """'runs/drafter' where no runs/ exists is a hub id to transformers: when the hub cannot give it, the line says
+    there was no local folder of that name (a mistyped path, most often), not only the hub's connection advice."""
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub's answer at once, not its retries
+    with pytest.raises(UserError, match=r"^cannot load the tokenizer of runs/drafter \(no local folder of that name; read as a hub "
+                                        r"id\): ") as raised:
+        models.load_tokenizer("runs/drafter")
+    assert "\n" not in str(raised.value)
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused_in_one_line(tmp_path, tiny_pair_dirs):
     """transformers' own message for it spans five lines and names no file."""
     import shutil

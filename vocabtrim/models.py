@@ -158,7 +158,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as exc:
         why = " ".join(str(exc).split()) or repr(exc)  # transformers' messages span lines: one line here
-        raise UserError(f"cannot load the tokenizer of {name}: {why}") from exc
+        hub = " (no local folder of that name; read as a hub id)" if where == name and not os.path.exists(name) else ""
+        raise UserError(f"cannot load the tokenizer of {name}{hub}: {why}") from exc
 
 
 def load_model(
