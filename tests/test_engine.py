@@ -445,6 +445,30 @@ def test_a_runs_cold_first_step_is_not_a_cost_sample():
     assert c.choose() > 0  # 2 of 3 drafts accepted at a drafter forward of 3 ms: drafting pays
 
 
+def test_catching_up_after_a_target_alone_step_is_not_a_cost_sample_and_the_warm_up_keeps_drafting_on():
+    """Rows admitted while drafting is off skip the drafter's prefill; the next drafting step catches the drafter up
+    on them (a whole prompt each), which measured 13x a drafter forward's usual cost and, taken as a cost sample,
+    switched a drafter whose drafts were all accepted off for the rest of the run. The warm-up's planned target-alone step
+    does not switch drafting off (its admissions keep their prefill); gamma fixed at 0 does."""
+    c = GammaController(max_gamma=6)
+    assert c.choose() == 3 and not c.off
+    c.observe(3, np.array([3, 3]), 0.090, 0.150)  # cold
+    assert c.choose() == 3
+    c.observe(3, np.array([3, 3]), 0.015, 0.062)  # warm: 5 ms a drafter forward
+    assert c.choose() == 0 and not c.off  # the warm-up's planned target-alone step
+    c.observe(0, np.array([0, 0]), 0.0, 0.058)
+    assert c.choose() > 0 and not c.off
+    c.observe(c.last, np.array([c.last, c.last]), 0.400, 0.070)  # 400 ms: a catch-up after the target-alone step
+    assert c.draft_seconds == pytest.approx(0.005) and c.choose() > 0
+    c.observe(c.last, np.array([c.last, c.last]), 0.400, 0.070)  # the same cost with no target-alone step before it
+    assert c.draft_seconds > 0.005
+    chosen_off = GammaController(max_gamma=6)
+    chosen_off.plan, chosen_off.draft_seconds = [], 1.0
+    chosen_off.verify_seconds[:] = 0.05
+    assert chosen_off.choose() == 0 and chosen_off.off  # chosen: new rows skip the drafter's prefill
+    assert GammaController(max_gamma=6, fixed=0).off and not GammaController(max_gamma=6, fixed=2).off
+
+
 def test_acceptance_estimate_remembers_as_many_rows_at_batch_1_as_at_batch_8():
     """The estimate forgets by rows observed, not by steps: at batch 1 a step holds one row, and forgetting
     per step would leave it a window of a few drafts, flipping gamma from step to step."""
