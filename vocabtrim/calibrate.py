@@ -539,20 +539,10 @@ def _generator(config: CalibrateConfig) -> tuple[str | None, int | None]:
     return None, None
 
 
-def _check_room(model: str, max_new_tokens: int, trust_remote_code: bool) -> None:
-    """Refuse (one line) a --max-new-tokens that leaves no room for a prompt in ``model``'s context (its config's;
-    the actors check again with the loaded engine's)."""
-    from vocabtrim.models import declared_config
-    from vocabtrim.prompts import max_prompt_tokens
-
-    context = getattr(declared_config(model, trust_remote_code), "max_position_embeddings", None)
-    if context:
-        max_prompt_tokens(int(context), max_new_tokens, 0, 0, whose=f"{model}'s")
-
-
 def plan(config: CalibrateConfig) -> _Plan:
     """Everything decided before Ray starts: checks, tokenizer, shards, the ledger's run key."""
     from vocabtrim.models import check_declared_widths, check_pair, check_weights, declared_config, load_tokenizer, tokenizer_fingerprint
+    from vocabtrim.prompts import check_room
 
     _check_config(config)
     if config.drafter_layers is not None:  # recorded in the manifest, and build-head reads it: the drafter must have them
@@ -560,19 +550,21 @@ def plan(config: CalibrateConfig) -> _Plan:
         if drafter_config is not None:
             validate.drafter_layers(config.drafter_layers, getattr(drafter_config, "num_hidden_layers", None))
     generator, layers = _generator(config)
-    tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)
+    tokenizers = {config.drafter: load_tokenizer(config.drafter, config.trust_remote_code)}
+    tokenizer = tokenizers[config.drafter]
     for other in dict.fromkeys(m for m in (generator, config.target) if m is not None and m != config.drafter):
-        check_pair(load_tokenizer(other, config.trust_remote_code), tokenizer)  # --target too when it does not generate
+        tokenizers[other] = load_tokenizer(other, config.trust_remote_code)
+        check_pair(tokenizers[other], tokenizer)  # --target too when it does not generate
         check_declared_widths(other, config.drafter, config.trust_remote_code)
     # Prompts are built with the chat template of the model that generates (tokenizers checked the same above, their
     # templates may differ: a base drafter, an instruct target).
-    prompter, prompter_tokenizer = (generator, tokenizer if generator == config.drafter else load_tokenizer(generator, config.trust_remote_code)) \
-        if generator is not None else (config.drafter, tokenizer)
+    prompter = generator if generator is not None else config.drafter
+    prompter_tokenizer = tokenizers[prompter]
     wrap = wraps_strings(config.chat_template, prompter_tokenizer, prompter) if generator is not None else False
     if generator is not None:
-        check_weights(generator)
+        check_weights(generator)  # a GGUF model converts once here, not in every actor; damaged weights refused now
         if config.engine == "native":  # vLLM's max_model_len may differ (rope scaling): its actors check with it
-            _check_room(generator, config.max_new_tokens, config.trust_remote_code)  # a GGUF model converts once here, not in every actor; damaged weights refused now
+            check_room(generator, config.max_new_tokens, 0, 0, config.trust_remote_code, whose=f"{generator}'s")
     generated = config.source != "corpus"
     shard_bytes = config.shard_bytes or (GENERATED_SHARD_BYTES if generated else corpus.DEFAULT_SHARD_BYTES)
     shard_rows = config.shard_rows or (GENERATED_SHARD_ROWS if generated else None)

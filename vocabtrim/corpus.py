@@ -227,6 +227,13 @@ def unwrap_dictionary(t):
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
+def holds_text(t) -> bool:
+    """Whether a column of Arrow type ``t`` holds text rows: strings (dictionary-encoded too), or nulls only."""
+    import pyarrow as pa
+
+    return pa.types.is_null(t) or is_text_type(unwrap_dictionary(t))
+
+
 def is_messages_type(t) -> bool:
     """Whether a column of Arrow type ``t`` holds message lists (their fields checked by ``prompt_type_problem``)."""
     import pyarrow as pa
@@ -243,7 +250,7 @@ def prompt_type_problem(t) -> str | None:
     """
     import pyarrow as pa
 
-    if pa.types.is_null(t) or is_text_type(unwrap_dictionary(t)):
+    if holds_text(t):
         return None
     wanted = "prompts must be strings or lists of {role, content} messages"
     if not is_messages_type(t):
@@ -263,14 +270,12 @@ def prompt_type_problem(t) -> str | None:
 def _check_text_field(schema, path: str, text_column: str, messages: bool = False) -> bool:
     """Check that ``text_column`` holds text (dictionary-encoded too, or nulls only: every row skipped) or, with
     ``messages``, lists of {role, content} messages; returns whether it holds messages."""
-    import pyarrow as pa
-
     if text_column not in schema.names:
         raise UserError(
             f"{storage.display(path)}: no column {text_column!r} (columns: {', '.join(schema.names[:10])}); pass --text-column"
         )
     t = schema.field(text_column).type
-    if is_text_type(unwrap_dictionary(t)) or pa.types.is_null(t):
+    if holds_text(t):
         return False
     where = f"{storage.display(path)}: column {text_column!r} is {t}"
     if is_messages_type(t) and messages:

@@ -44,7 +44,7 @@ from vocabtrim.corpus import is_messages_type
 from vocabtrim.errors import RunFailed, UserError, first_line, user_error_unless_fault
 from vocabtrim.faults import injected_fault
 from vocabtrim.head.files import HEAD_FILE
-from vocabtrim.prompts import PromptFile, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
+from vocabtrim.prompts import PromptFile, check_room, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
 from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
     """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
     (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
     ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
-    from vocabtrim.models import (check_declared_widths, check_eagle3_drafter, check_pair, check_weights, declared_config, is_eagle3,
+    from vocabtrim.models import (check_declared_widths, check_eagle3_drafter, check_pair, check_weights, is_eagle3,
                                   load_tokenizer, tokenizer_fingerprint)
 
     target_tok = load_tokenizer(cfg.target, cfg.trust_remote_code)
@@ -155,10 +155,8 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
             check_pair(target_tok, load_tokenizer(drafter, cfg.trust_remote_code))
             check_declared_widths(cfg.target, drafter, cfg.trust_remote_code)
             check_weights(drafter)
-    config = declared_config(cfg.target, cfg.trust_remote_code)
-    context = getattr(config, "max_position_embeddings", None) if config is not None else None
-    if context and cfg.engine == "native":  # vLLM's max_model_len may differ (rope scaling): its workers check with it
-        max_prompt_tokens(int(context), cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
+    if cfg.engine == "native":  # vLLM's max_model_len may differ (rope scaling): its workers check with it
+        check_room(cfg.target, cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma, cfg.trust_remote_code)
     wrap = wraps_strings(cfg.chat_template, target_tok, cfg.target)
     for f in files:
         if is_messages_type(f.prompt_type):

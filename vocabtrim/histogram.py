@@ -77,7 +77,6 @@ def fingerprint(counts: np.ndarray) -> str:
     return "hist-" + h.hexdigest()[:24]
 
 
-
 def coverage_curve(counts: np.ndarray) -> np.ndarray:
     """float64 [V]: ``curve[k-1]`` = share of all counted tokens covered by the k most frequent ids."""
     total = int(counts.sum())

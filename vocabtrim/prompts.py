@@ -293,6 +293,18 @@ def max_prompt_tokens(context: int, max_new_tokens: int, gamma: int | None, max_
     return context - reserve
 
 
+def check_room(model: str, max_new_tokens: int, gamma: int | None, max_gamma: int, trust_remote_code: bool = False,
+               whose: str = "the target's") -> None:
+    """``max_prompt_tokens`` against ``model``'s context as its config declares it, before any model loads: a
+    ``max_new_tokens`` that leaves no room for a prompt is refused in one line (the workers check again with the
+    loaded engine's context). Nothing is checked when the config cannot be read here."""
+    from vocabtrim.models import declared_config
+
+    context = getattr(declared_config(model, trust_remote_code), "max_position_embeddings", None)
+    if context:
+        max_prompt_tokens(int(context), max_new_tokens, gamma, max_gamma, whose=whose)
+
+
 def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] | None, str | None]:
     """Token ids for one prompt value, or the reason the row cannot be generated.
 

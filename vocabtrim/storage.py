@@ -464,24 +464,27 @@ def settings_key(name: str | None) -> str | None:
     return os.path.realpath(path) if os.path.exists(path) else name
 
 
-def check_out_kind(folder: str, kind: str, overwrites: tuple[str, ...] = ()) -> None:
+def check_out_kind(folder: str, kind: str, overwrites: tuple[str, ...] = ()) -> dict | None:
     """Refuse, in one line, an ``--out`` whose ``manifest.json`` is of another kind than ``kind`` (another
     command's output, or a file vocabtrim did not write), or that has no manifest but holds one of the files
-    ``overwrites`` (a model's folder, say): the run would overwrite it."""
+    ``overwrites`` (a model's folder, say): the run would overwrite it. Returns the manifest an earlier run of
+    this kind left there, else None."""
     path = join(folder, "manifest.json")
     if not is_file(path):  # no manifest to overwrite (also when --out is a file)
         found = next((name for name in overwrites if is_file(join(folder, name))), None)
         if found is not None:
             raise UserError(f"--out {display(folder)} holds {found} but no manifest.json: it is not a {kind!r} folder, and the run "
                             "would overwrite it; use a new --out")
-        return
+        return None
     try:
-        found = json.loads(read_text(path)).get("kind")
+        manifest = json.loads(read_text(path))
+        found = manifest.get("kind")
     except (OSError, ValueError, AttributeError):
         found = None
     if found != kind:
         what = f"a {found!r} manifest.json" if isinstance(found, str) else "a manifest.json vocabtrim did not write"
         raise UserError(f"--out {display(folder)} holds {what}, not {kind!r}: it is another command's output; use a new --out")
+    return manifest
 
 
 def claim(folder: str, record: str, settings: dict, *, key: str | None = None, what: str = "outputs",

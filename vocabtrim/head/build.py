@@ -75,8 +75,7 @@ def build_head(config: BuildHeadConfig) -> dict:
     )
     head = head_from_ids(model, selection.token_ids)
     out = os.fspath(config.out)
-    storage.check_out_kind(out, MANIFEST_KIND)
-    earlier = _earlier_manifest(out)
+    earlier = storage.check_out_kind(out, MANIFEST_KIND)
     storage.makedirs(out)
     manifest = {
         "kind": MANIFEST_KIND,
@@ -115,17 +114,6 @@ def build_head(config: BuildHeadConfig) -> dict:
     manifest["plot"] = PLOT_FILE
     save_head(head, out, manifest)
     return manifest
-
-
-def _earlier_manifest(out: str) -> dict | None:
-    """The manifest an earlier build-head left in ``out`` (``check_out_kind`` has checked its kind), else None."""
-    path = storage.join(out, MANIFEST_FILE)
-    if not storage.is_file(path):
-        return None
-    try:
-        return json.loads(storage.read_text(path))
-    except ValueError:
-        return None
 
 
 def _eagle3_tokenizer(config: BuildHeadConfig):
@@ -183,8 +171,7 @@ def build_eagle3_head(config: BuildHeadConfig) -> dict:
     selection = select_ids(sub_counts, top_k=config.top_k, coverage=config.coverage, special_ids=special, vocab_size=K0)
     keep = torch.from_numpy(draft_ids[selection.token_ids])
     trimmed = eagle3.retrim(model, keep)
-    storage.check_out_kind(out, EAGLE3_MANIFEST_KIND, overwrites=("config.json", eagle3.WEIGHTS_FILE))
-    earlier = _earlier_manifest(out)
+    earlier = storage.check_out_kind(out, EAGLE3_MANIFEST_KIND, overwrites=("config.json", eagle3.WEIGHTS_FILE))
     storage.makedirs(out)
     eagle3.save_eagle3(trimmed, out)
     src = Path(folder).expanduser()

@@ -65,7 +65,7 @@ def write_exports(token_ids: torch.Tensor, vocab_size: int, folder: str, exports
         if name in exports:
             write(token_ids, vocab_size, storage.join(folder, file))
             written[name] = file
-    for file in set((earlier or {}).get("exports", {}).values()) - set(written.values()):
-        if file in {f for f, _ in WRITERS.values()}:
-            storage.delete(storage.join(folder, file))
+    ours = {file for file, _ in WRITERS.values()}  # a name the manifest lists that is no export's is left alone
+    for file in set((earlier or {}).get("exports", {}).values()) & ours - set(written.values()):
+        storage.delete(storage.join(folder, file))
     return written
