@@ -192,3 +192,31 @@ def test_a_user_error_a_replacement_meets_starting_ends_the_run_as_that_error(ra
             pool.run(["die", "a"], lambda item, result: None)
     finally:
         pool.shutdown()
+
+
+def test_an_actor_that_fails_starting_says_why_while_another_still_waits_to_be_placed(ray_local):
+    """One worker's start-up error (a model folder missing on its node) ends the wait with that error, in one line,
+    while another worker still waits for a node: not the start-up timeout's message when the wait runs out."""
+    from vocabtrim.errors import UserError
+    from vocabtrim.ray_utils import wait_ready
+
+    class Starting:
+        def __init__(self, start_error: str | None):
+            self.start_error = start_error
+
+        def ready(self) -> bool:
+            from vocabtrim.errors import UserError
+
+            if self.start_error:
+                raise UserError(self.start_error)
+            return True
+
+    cls = ray_local.remote(Starting)
+    failing = cls.options(num_cpus=0.1, max_restarts=0).remote("no model folder /data/target on this node")
+    unplaced = cls.options(num_cpus=0.1, max_restarts=0, resources={"lost-node": 1}).remote(None)
+    try:
+        with pytest.raises(UserError, match=r"^no model folder /data/target on this node$"):
+            wait_ready([unplaced.ready.remote(), failing.ready.remote()], "workers", timeout_s=60)
+    finally:
+        for actor in (failing, unplaced):
+            ray_local.kill(actor)

@@ -275,6 +275,12 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
     """
     import ray
 
+    def get(some: list) -> list:
+        try:
+            return ray.get(some)
+        except ray.exceptions.RayError as exc:
+            raise user_error_in(exc) or RunFailed(f"{what} failed to start: {first_line(exc)}") from exc
+
     timeout_s = ACTOR_START_TIMEOUT_S if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
     pending = list(refs)
@@ -286,17 +292,15 @@ def wait_ready(refs: list, what: str, timeout_s: float | None = None, shape: tup
                 "--gpus-per-worker, --cpus-per-worker against `ray status`), or loading their models takes longer "
                 "(VOCABTRIM_ACTOR_START_TIMEOUT sets the limit)"
             )
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(POLL_S, left))
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(POLL_S, left))
+        get(ready)  # an actor that failed starting says why now, not after the others' timeout
         if pending and shape is not None and infeasible(*shape):
             cpus, gpus = shape
             raise UserError(
                 f"{what} cannot be placed: the autoscaler has no node type with {cpus:g} CPUs and {gpus:g} GPUs "
                 "for one actor (check --gpus-per-worker and --cpus-per-worker against the cluster's node types)"
             )
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayError as exc:
-        raise user_error_in(exc) or RunFailed(f"{what} failed to start: {first_line(exc)}") from exc
+    return get(refs)
 
 
 # ---------------------------------------------------------------------------------------------
