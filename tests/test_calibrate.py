@@ -278,6 +278,32 @@ def test_batch_prompts_keeps_the_rows_that_are_prompts_with_their_keys(data):
     assert batch_prompts(tok, [None, ""], ["a", "b"], 1000) == ([], [])
 
 
+def test_a_txt_lines_break_ends_the_line_not_the_prompt(data, tmp_path, monkeypatch):
+    """Generated sources on a .txt corpus: each line is a prompt without its line break, so the target answers what
+    it answers to the same rows in a Parquet file (greedy: the same counts), not those rows with a newline at the end
+    (which it answers otherwise)."""
+    import torch
+
+    from vocabtrim.calibrate import ShardCounter
+
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")  # the counter sets both for its process: restored after the test
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    rows = ["the quick brown fox", "a cat sat on the mat", "the dog and the bird"]
+    (tmp_path / "p.txt").write_bytes(b"the quick brown fox\na cat sat on the mat\r\nthe dog and the bird\n")
+    pq.write_table(pa.table({"text": rows}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"text": [r + "\n" for r in rows]}), tmp_path / "newlines.parquet")
+    counter = ShardCounter(CounterSpec(source="target", tokenizer=data["model"], model=data["model"], max_new_tokens=8,
+                                       temperature=0.0, threads=torch.get_num_threads()))
+
+    def counts(name):
+        (shard,) = corpus.make_shards([str(tmp_path / name)])
+        got = counter.count(shard)
+        assert got.rows == 3
+        return dict(zip(got.ids.tolist(), got.counts.tolist()))
+
+    assert counts("p.txt") == counts("p.parquet") != counts("newlines.parquet")
+
+
 def test_raw_prompts_are_encoded_as_generate_encodes_them_and_empty_ones_are_skipped(data):
     """Without the chat template a string prompt gets the special tokens its tokenizer adds (a BOS here), exactly as
     generate encodes it, also when cut to the limit (its start kept); a row that encodes to no token is left out,

@@ -190,12 +190,15 @@ class CounterSpec:
     engine: str = "native"  # generated sources: native | vllm
 
 
-def prompt_value(value):
-    """A corpus row as a prompt: a non-blank string as it is, a list of {role, content} messages made clean
+def prompt_value(value, line: bool = False):
+    """A corpus row as a prompt: a non-blank string as it is (``line``: a ``.txt`` row, whose line break ends the
+    line rather than the prompt, without it), a list of {role, content} messages made clean
     (``prompts.check_messages``), or None for a row that is neither (skipped, as an empty row is)."""
     from vocabtrim.prompts import check_messages
 
     if isinstance(value, str):
+        if line:
+            value = value.removesuffix("\n").removesuffix("\r")
         return value if value.strip() else None
     if isinstance(value, list):
         return check_messages(value)[0]
@@ -239,12 +242,13 @@ def build_prompt(tokenizer, value, limit: int, wrap: bool = True) -> list[int] |
     return ids
 
 
-def batch_prompts(tokenizer, texts: list, keys: list[str], limit: int, wrap: bool = True) -> tuple[list[list[int]], list[str]]:
+def batch_prompts(tokenizer, texts: list, keys: list[str], limit: int, wrap: bool = True,
+                  lines: bool = False) -> tuple[list[list[int]], list[str]]:
     """The prompts of a batch of corpus rows and their keys: each row's ``prompt_value`` through
     ``build_prompt``; rows that are no prompt (blank, not text, malformed messages), whose messages the chat
-    template rejects, or that encode to no token are left out."""
+    template rejects, or that encode to no token are left out. ``lines``: the rows are a ``.txt`` file's lines."""
     kept = [(p, k) for t, k in zip(texts, keys)
-            if (v := prompt_value(t)) is not None and (p := build_prompt(tokenizer, v, limit, wrap))]
+            if (v := prompt_value(t, lines)) is not None and (p := build_prompt(tokenizer, v, limit, wrap))]
     return [p for p, _ in kept], [k for _, k in kept]
 
 
@@ -353,7 +357,8 @@ class ShardCounter(StartingActor):
                 ids = self.encode(texts)
             else:
                 keys = [f"{shard.name}:{k}" for k in batch.keys]
-                ids = self.generate(*batch_prompts(self.tokenizer, batch.texts, keys, self.prompt_limit, spec.wrap_prompts))
+                ids = self.generate(*batch_prompts(self.tokenizer, batch.texts, keys, self.prompt_limit, spec.wrap_prompts,
+                                                   lines=shard.kind == "txt"))
             rows += len(ids)  # one token list per row counted
             skipped += len(batch.texts) - len(ids)
             part = histogram.count_ids(ids, self.vocab_size)

@@ -4,7 +4,8 @@ Supported inputs (``--corpus``):
 - ``.parquet`` files: the text column is read through pyarrow, one row group at a time (a large row
   group is cut into row slices); never a whole file into one list.
 - ``.jsonl`` files: one JSON object per line; the text column is a key of each object.
-- ``.txt`` files: one row per line, the line break kept (so newline tokens are counted).
+- ``.txt`` files: one row per line, the line break kept (so newline tokens are counted; a prompt of the
+  generated sources drops it: ``calibrate.prompt_value``).
 - folders (searched recursively for the three kinds above), glob patterns, and folders written by
   Hugging Face ``datasets`` ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``; its Arrow files are
   memory-mapped when local and streamed from an object store, a record batch at a time either way).

@@ -180,7 +180,7 @@ class FeatureExtractor(StartingActor):
                 max_new_tokens=spec.max_new_tokens, eos_token_ids=tuple(eos_ids(self.tokenizer, of_model(self.model))),
             )
 
-    def _rows(self, shard_name: str, batch) -> list[tuple[list[int], int]]:
+    def _rows(self, shard, batch) -> list[tuple[list[int], int]]:
         """(token ids, index of the first loss-bearing token) per row of a corpus batch: ``--source corpus``,
         each non-blank text; ``--source target``, each row's prompt of at most max_length - max_new_tokens
         tokens (``calibrate.batch_prompts``) and the target's response."""
@@ -192,7 +192,8 @@ class FeatureExtractor(StartingActor):
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             return [(i[: spec.max_length], 1) for i in ids]
         limit = max(1, spec.max_length - spec.max_new_tokens)
-        prompts, keys = batch_prompts(self.tokenizer, batch.texts, [f"{shard_name}:{k}" for k in batch.keys], limit, spec.wrap_prompts)
+        prompts, keys = batch_prompts(self.tokenizer, batch.texts, [f"{shard.name}:{k}" for k in batch.keys], limit,
+                                      spec.wrap_prompts, lines=shard.kind == "txt")
         if not prompts:
             return []
         outs = self.engine.generate(prompts, [row_seed(spec.seed, k) for k in keys])
@@ -206,7 +207,7 @@ class FeatureExtractor(StartingActor):
         parts: dict[str, list] = {k: [] for k in ("input_ids", "row_lengths", "loss_mask", "aux", "final", "target_next")}
         rows = tokens = 0
         for batch in corpus.iter_shard(shard, spec.text_column, spec.batch_rows):
-            got = [(ids, start) for ids, start in self._rows(shard.name, batch) if len(ids) >= MIN_ROW_TOKENS]
+            got = [(ids, start) for ids, start in self._rows(shard, batch) if len(ids) >= MIN_ROW_TOKENS]
             if not got:
                 continue
             width = max(len(ids) for ids, _ in got)
