@@ -710,12 +710,13 @@ def test_compiled_eagle3_drafter_drafts_the_same_with_two_graphs(tiny, eagle_pai
         windows.append(max(p - self.done[r] for r, p in enumerate(batch.pos_host[: batch.n])))
         out = propose(self, batch)
         for r in range(batch.n):
-            ref = _reference_drafts(model, target, self.feature_layers, batch.history[r].clone(), batch.pos_host[r], gamma)
+            ref = _reference_drafts(model, target, self.feature_layers, batch.history[r].clone(), batch.pos_host[r], batch.gamma)
             seen.append(out.tokens[r].tolist() == ref)
         return out
 
-    def accept_in_turn(draft_tokens, target_tokens):
-        accepted = torch.full((draft_tokens.shape[0],), next(calls) % (gamma + 1), dtype=torch.long)
+    def accept_in_turn(draft_tokens, target_tokens, drafts=None):
+        accepted = torch.full((draft_tokens.shape[0],), next(calls) % (draft_tokens.shape[1] + 1), dtype=torch.long)
+        accepted = accepted if drafts is None else torch.minimum(accepted, drafts)
         return Verdict(accepted=accepted, next_token=target_tokens.gather(1, accepted[:, None])[:, 0])
 
     prompts = [tiny["tokenizer"](t)["input_ids"] for t in PROMPTS_TEXT * 2]
@@ -743,8 +744,9 @@ T_FLAT = 20.0  # a random drafter agrees with the target only where both are fla
 
 @torch.no_grad()
 def eagle3_two_token_check(tiny, eagle_pair, sampler, n=3000):
-    """(first-token p-value, second-token p-value, acceptance): 3,000 rows of 2 tokens at T_FLAT, gamma 2,
-    against the exact laws p(x1) and sum_x1 p(x1) p(x2 | x1)."""
+    """(first-token p-value, second-token p-value, acceptance): 3,000 rows at T_FLAT, gamma 2, against the exact
+    laws p(x1) and sum_x1 p(x1) p(x2 | x1). Rows of 3 tokens, so that both tokens checked come from the first
+    step's two drafts (a step drafts at most the room a row has left less one)."""
     from stats import chi_square_pvalue
 
     from vocabtrim.engine import make_engine
@@ -752,7 +754,7 @@ def eagle3_two_token_check(tiny, eagle_pair, sampler, n=3000):
 
     target = eagle_pair.target
     prompt = tiny["tokenizer"]("the quick brown")["input_ids"]
-    engine = make_engine(target, eagle_pair.drafter, batch_size=100, max_new_tokens=2, gamma=2, sampler=sampler,
+    engine = make_engine(target, eagle_pair.drafter, batch_size=100, max_new_tokens=3, gamma=2, sampler=sampler,
                          sampling=SamplingParams(temperature=T_FLAT))
     outs = engine.generate([prompt] * n, list(range(n)))
     V = tiny["V"]
@@ -774,13 +776,14 @@ def test_engine_with_an_eagle3_drafter_samples_exactly_the_targets_distribution(
     assert p_first > ALPHA and p_second > ALPHA, (p_first, p_second)
 
 
-def keep_sampled_drafts(draft_tokens, draft_q, target_p, u_accept, u_recover, draft_support=None):
+def keep_sampled_drafts(draft_tokens, draft_q, target_p, u_accept, u_recover, draft_support=None, drafts=None):
     """A broken rejection rule: every draft kept, the target sampled only after them."""
     from vocabtrim.engine.sampling import Verdict, sample_from_probs
 
     b, g = draft_tokens.shape
-    u = u_recover[:, g] if u_recover.ndim == 2 else u_recover
-    return Verdict(accepted=torch.full((b,), g, dtype=torch.long), next_token=sample_from_probs(target_p[:, g], u))
+    accepted = torch.full((b,), g, dtype=torch.long) if drafts is None else drafts
+    u = u_recover.gather(1, accepted[:, None])[:, 0] if u_recover.ndim == 2 else u_recover
+    return Verdict(accepted=accepted, next_token=sample_from_probs(target_p[torch.arange(b), accepted], u))
 
 
 @pytest.mark.parametrize("sampler,name,broken", [("rejection", "verify_sampled", keep_sampled_drafts),

@@ -12,6 +12,7 @@ from vocabtrim.engine.sampling import (
     logits_to_probs,
     row_seed,
     sample_from_probs,
+    verify_exact,
     verify_greedy,
     verify_sampled,
 )
@@ -118,6 +119,39 @@ def _one_step_output_distribution(p, q, n, support=None, seed=0, verify=verify_s
     )
     emitted = torch.where(verdict.accepted == 1, draft, verdict.next_token)
     return torch.bincount(emitted, minlength=v)
+
+
+@pytest.mark.parametrize("support", [None, torch.tensor([0, 2, 3, 5])], ids=["full", "trimmed"])
+def test_a_row_that_made_fewer_drafts_gets_the_verdict_of_a_step_of_that_many(support):
+    """``drafts`` [B]: a row that made d < G drafts (the rest pad the batch) gets exactly what a step of d drafts gives it,
+    the bonus token included, from both verify rules; d = G changes nothing."""
+    g, v, b = 4, 6, 400
+    gen = torch.Generator().manual_seed(0)
+    k = v if support is None else len(support)
+    q = torch.softmax(3 * torch.randn(b, g, k, generator=gen), -1)
+    ids = torch.multinomial(q.reshape(-1, k), 1, generator=gen).reshape(b, g)
+    tokens = ids if support is None else support[ids]
+    p = torch.softmax(3 * torch.randn(b, g + 1, v, generator=gen), -1)
+    p[:, :g].scatter_add_(-1, tokens[..., None], torch.full((b, g, 1), 2.0))  # drafts often accepted
+    p = p / p.sum(-1, keepdim=True)
+    u_accept, u_recover = torch.rand(b, g, generator=gen), torch.rand(b, g + 1, generator=gen)
+    choices = torch.where(torch.rand(b, g + 1, generator=gen) < 0.7, torch.cat([tokens, tokens[:, :1]], 1),
+                          torch.randint(0, v, (b, g + 1), generator=gen))
+    made = torch.randint(0, g + 1, (b,), generator=gen)
+    sampled = verify_sampled(tokens, q, p, u_accept, u_recover, support, made)
+    exact = verify_exact(tokens, choices, made)
+    for r in range(b):
+        d = int(made[r])
+        one = verify_sampled(tokens[r : r + 1, :d], q[r : r + 1, :d], p[r : r + 1, : d + 1], u_accept[r : r + 1, :d],
+                             u_recover[r : r + 1, : d + 1], support)
+        assert (int(sampled.accepted[r]), int(sampled.next_token[r])) == (int(one.accepted), int(one.next_token)), r
+        one = verify_exact(tokens[r : r + 1, :d], choices[r : r + 1, : d + 1])
+        assert (int(exact.accepted[r]), int(exact.next_token[r])) == (int(one.accepted), int(one.next_token)), r
+    full = made == g
+    assert 0 < int(full.sum()) < b and bool((sampled.accepted[~full] == made[~full]).any())  # both kinds of rows, and
+    # rows that accepted every draft they made (whose bonus comes from p, not the residual)
+    plain = verify_sampled(tokens, q, p, u_accept, u_recover, support)
+    assert torch.equal(plain.accepted[full], sampled.accepted[full]) and torch.equal(plain.next_token[full], sampled.next_token[full])
 
 
 def test_one_step_emits_exactly_p_with_full_and_trimmed_drafter():

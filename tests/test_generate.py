@@ -131,7 +131,8 @@ def test_rows_one_to_one_ids_and_types(first_run, base, inputs):
             assert isinstance(r["completion"], str)
             assert 1 <= r["completion_tokens"] <= 12
             assert (r["completion_tokens"] == 12) == (r["finish_reason"] == "length") or r["finish_reason"] == "stop"
-            assert 0 <= r["draft_accepted"] <= r["draft_proposed"] and r["draft_proposed"] % 3 == 0
+            # gamma 3, and at least one token a pass; fewer drafts where the room left keeps fewer
+            assert 0 <= r["draft_accepted"] <= r["draft_proposed"] <= 3 * r["completion_tokens"]
     c = read(out, "c.parquet").to_pylist()
     assert [r["finish_reason"] for r in c] == ["error", "error"] and c[0]["error"] == "prompt is null"
 

@@ -118,12 +118,13 @@ class GammaController:
             return 1
         return 0
 
-    def observe(self, gamma: int, accepted: np.ndarray, draft_seconds: float, verify_seconds: float) -> None:
-        """accepted: [n] drafts accepted per row this step; seconds: this step's drafting and verify (the
-        first step's are not cost samples)."""
+    def observe(self, gamma: int, accepted: np.ndarray, draft_seconds: float, verify_seconds: float,
+                made: np.ndarray | None = None) -> None:
+        """accepted: [n] drafts accepted per row this step, of ``made`` [n] (gamma for every row when None: a row
+        near its end makes fewer); seconds: this step's drafting and verify (the first step's are not cost samples)."""
         cold, self.steps = self.steps == 0, self.steps + 1
         if gamma > 0:
-            trials = np.minimum(accepted + 1, gamma).sum()
+            trials = np.minimum(accepted + 1, gamma if made is None else made).sum()
             keep = self.decay ** (len(accepted) / self.decay_rows)
             self.successes = keep * self.successes + float(accepted.sum())
             self.trials = keep * self.trials + float(trials)

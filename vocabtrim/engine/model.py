@@ -149,7 +149,11 @@ class ModelRunner:
             tokens, positions, start = pad_rows(tokens, positions, start, self.cache.slots)
             attend = self.cache.capacity
         self.cache.step(tokens.shape[0], positions, attend)
-        hidden, feats = self.forward_fn(tokens, positions, causal_mask(positions, attend, start))
+        mask = causal_mask(positions, attend, start)
+        if self.static and tokens.shape[1] > 1:  # one graph for every verify length: gamma varies by step
+            for t, dim in ((tokens, 1), (positions, 1), (mask, 2)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+        hidden, feats = self.forward_fn(tokens, positions, mask)
         if self.static:
             hidden, feats = hidden[:n], None if feats is None else feats[:n]
         return hidden, feats

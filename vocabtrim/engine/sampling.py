@@ -202,15 +202,24 @@ def first_rejection(accept: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(accept.to(torch.int64), dim=-1).sum(-1)
 
 
-def verify_exact(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+def _made(accept: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
+    """accept [B, G] with the positions at or past ``drafts`` [B] (the drafts each row made) never accepted."""
+    if drafts is None:
+        return accept
+    return accept & (torch.arange(accept.shape[1], device=accept.device)[None] < drafts[:, None])
+
+
+def verify_exact(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, drafts: torch.Tensor | None = None) -> Verdict:
     """Accept while the draft equals the target's own choice; emit the target's choice after.
 
     draft_tokens: [B, G] full-vocabulary ids; target_tokens: [B, G + 1] the target's token at each
     verified position (its argmax at temperature 0, or its Gumbel-max sample with the noise the
     drafter used). The output is the target's choices, whatever the drafts were.
+    drafts: [B] int64, the drafts each row made where some made fewer than G (the others pad the batch): the
+    verdict is the one a step of that many drafts gives the row.
     """
     g = draft_tokens.shape[1]
-    accepted = first_rejection(draft_tokens == target_tokens[:, :g])
+    accepted = first_rejection(_made(draft_tokens == target_tokens[:, :g], drafts))
     next_token = target_tokens.gather(1, accepted.unsqueeze(1)).squeeze(1)
     return Verdict(accepted=accepted, next_token=next_token)
 
@@ -227,6 +236,7 @@ def verify_sampled(
     u_accept: torch.Tensor,
     u_recover: torch.Tensor,
     draft_support: torch.Tensor | None = None,
+    drafts: torch.Tensor | None = None,
 ) -> Verdict:
     """Lossless rejection sampling for one step of a batch.
 
@@ -238,6 +248,9 @@ def verify_sampled(
     u_recover:    [B] uniforms for the recovered or bonus token, or [B, G + 1]: one per position,
                   the one at the emitted token's position is used.
     draft_support: [K] int64 sorted full-vocabulary ids of a trimmed head, or None.
+    drafts:       [B] int64, the drafts each row made where some made fewer than G (the others pad the
+                  batch): the verdict is the one a step of that many drafts gives the row, its bonus token
+                  drawn from p at that position.
     """
     b, g = draft_tokens.shape
     v = target_p.shape[-1]
@@ -248,11 +261,11 @@ def verify_sampled(
         q_idx = torch.searchsorted(draft_support, draft_tokens)  # ids were drawn from the support
         q_x = draft_q.gather(-1, q_idx.unsqueeze(-1)).squeeze(-1)
     accept = u_accept * q_x < p_x  # u < p/q without dividing; q_x > 0 for a drawn token
-    accepted = first_rejection(accept)  # [B]
+    accepted = first_rejection(_made(accept, drafts))  # [B]
 
     rows = torch.arange(b, device=draft_tokens.device)
     p_at = target_p[rows, accepted]  # [B, V]: p at the first rejected position, or the bonus position
-    rejected = accepted < g
+    rejected = accepted < (g if drafts is None else drafts)
     q_at = torch.zeros_like(p_at)
     if bool(rejected.any()):
         q_pos = accepted.clamp(max=g - 1)

@@ -1,10 +1,11 @@
 """The engine: continuous batching over a stream of rows, one speculative step at a time.
 
 Up to ``batch_size`` rows are in flight, in slots 0..n-1 of static caches (``cache.py``). Each step:
-1. ``GammaController`` picks gamma (0 = the target alone);
+1. ``GammaController`` picks gamma (0 = the target alone), at most the drafts the rows' remaining room can keep;
 2. the drafter proposes gamma tokens per row (``drafters/``), drawn with the sampler's ``choose``;
 3. the target scores the pending token and the drafts in one pass;
-4. the sampler (``sampling.py``) decides how many drafts each row accepts and the next token;
+4. the sampler (``sampling.py``) decides how many drafts each row accepts (of those its room can keep) and the
+   next token;
 5. one device→host transfer brings back, per row, the accepted count, the tokens kept and whether
    the row stopped (EOS or the token limit): the only host sync of the step.
 Rows that finish are returned at once; waiting rows are prefilled together into the freed slots;
@@ -85,7 +86,8 @@ class RowOutput:
 
     token_ids: generated ids only (EOS included when the row stopped on it).
     finish_reason: "stop" (EOS) or "length" (max_new_tokens).
-    proposed / accepted: drafts proposed and accepted over all steps.
+    proposed / accepted: drafts proposed and accepted over all steps; a step's drafts past the row's room left less
+        one are padding for the other rows and no draft of this row (drafts past its EOS are).
     target_passes: target forward passes this row took part in (prefill excluded).
     accepted_hist: [top_gamma + 1] steps that accepted exactly j drafts (gamma-0 steps count at 0).
     reached_hist: [top_gamma] steps that reached draft i + 1: drafted it, and accepted every draft before it.
@@ -241,9 +243,15 @@ class _Run:
     def loop(self):
         self._admit(list(range(min(self.slots, len(self.waiting)))))
         while self.n:
-            finished = self._step(self.controller.choose())
+            finished = self._step(min(self.controller.choose(), self._draft_room()))
             if finished:
                 yield from self._finish(finished)
+
+    def _draft_room(self) -> int:
+        """The most drafts a step can use: a row keeps at most its accepted drafts + 1 tokens, so drafts past
+        every live row's remaining room - 1 would be drafted and verified for nothing (at ``max_new_tokens`` 1, a
+        drafter would cost its gamma forwards a row and add no token)."""
+        return int((self.limit - self.gen_np[: self.n]).max()) - 1
 
     def _finish(self, slots: list[int]):
         done = []
@@ -353,19 +361,23 @@ class _Run:
         _sync(dev)
         t1 = time.perf_counter()
 
+        # The drafts each row can keep (its room left less one): past them a row's verdict is the one a step of
+        # that many drafts gives, so a row's tokens and figures depend on no other row in the batch.
+        room = self.limit - torch.as_tensor(self.gen_np[:n], device=dev)
+        made = None if gamma == 0 else (room - 1).clamp(max=gamma)
         positions = pos[:, None] + torch.arange(gamma + 1, device=dev)[None]  # [n, G+1]
         hidden, features = e.target.step(tokens, positions, attend_length(int(pos_host.max()) + gamma, self.capacity))
         logits = e.target.head.logits(hidden)  # [n, G+1, V]
         out_positions = positions + 1  # the position of the token each verified slot predicts
         if params.greedy or cfg.sampler == "gumbel":
             noise = None if params.greedy else gumbel_noise(noise_keys(words, out_positions, STREAM_GUMBEL), e.vocab_ids)
-            verdict = verify_exact(drafts, gumbel_argmax(logits, params, noise))
+            verdict = verify_exact(drafts, gumbel_argmax(logits, params, noise), made)
         else:
             p = logits_to_probs(logits, params)
             u_recover = noise_uniform(noise_keys(words, out_positions, STREAM_RECOVER))  # [n, G+1]
             if gamma > 0:
                 u_accept = noise_uniform(noise_keys(words, out_positions[:, :gamma], STREAM_ACCEPT))
-                verdict = verify_sampled(drafts, q, p, u_accept, u_recover, e.drafter.support)
+                verdict = verify_sampled(drafts, q, p, u_accept, u_recover, e.drafter.support, made)
             else:
                 verdict = verify_exact(drafts, sample_from_probs(p[:, 0], u_recover[:, 0])[:, None])
         accepted, next_token = verdict.accepted, verdict.next_token
@@ -381,7 +393,6 @@ class _Run:
         j = torch.arange(gamma + 1, device=dev)[None]
         is_eos = torch.isin(emitted, e.eos) & (j <= accepted[:, None])
         first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), gamma + 1)
-        room = self.limit - torch.as_tensor(self.gen_np[:n], device=dev)
         kept = torch.minimum(torch.minimum(accepted + 1, first_eos + 1), room)
         stopped = (first_eos + 1 <= kept) | (kept >= room)
         self.pos[:n] = new_pos
@@ -389,18 +400,20 @@ class _Run:
         t2 = time.perf_counter()
 
         acc, kept_np, stop_np = result[:, 0], result[:, 1], result[:, 2]
+        made_np = np.minimum(gamma, self.limit - self.gen_np[:n] - 1)  # ``made`` on the host
         self.pos_np[:n] += acc + 1
         self.gen_np[:n] += kept_np
-        self.proposed[:n] += gamma
+        self.proposed[:n] += made_np
         self.passes[:n] += 1
         self.hist[np.arange(n), acc] += 1
-        self.reached[:n, :gamma] += np.arange(gamma)[None, :] <= acc[:, None]  # draft i + 1 reached: i accepted before it
+        i = np.arange(gamma)[None, :]
+        self.reached[:n, :gamma] += (i <= acc[:, None]) & (i < made_np[:, None])  # draft i + 1 made, i accepted before it
         if e.drafter is not None:
             e.drafter.commit(CommitInfo(
                 n=n, gamma=gamma, pos=pos, pos_host=pos_host.tolist(), accepted=accepted,
                 accepted_host=acc.tolist(), features=features,
             ))
-        self.controller.observe(gamma, acc, t1 - t0, t2 - t1)
+        self.controller.observe(gamma, acc, t1 - t0, t2 - t1, made_np)
         st = self.stats
         st.drafter_seconds += t1 - t0
         st.drafter_forwards += gamma
