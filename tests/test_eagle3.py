@@ -882,6 +882,14 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
         assert cli([*[(new if a == old else a) for a in args], "--epochs", "7"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"holds a drafter made with other settings ({what}" in err, err
+    # Its features removed (they are large, and their ledger's record goes with them), a rerun that would extract other
+    # rows is refused all the same: the training record holds the features' settings too.
+    import shutil
+
+    shutil.rmtree(out / "features")
+    assert cli([*args, "--epochs", "7", "--max-length", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a drafter made with other settings (features 'sha256 " in err, err
     assert json.loads((out / "manifest.json").read_text())["history"] == m3["history"]
 
 
@@ -1028,6 +1036,14 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     init = write_specforge_checkpoint(tmp_path / "init", tiny["target"], tiny["draft_ids"])
     assert cli([*base, "--init", str(init), "--intermediate-size", "7"]) == 2
     assert "--intermediate-size 7 differs from --init's" in capsys.readouterr().err
+    # A drafter of another width with its own embedding fits the target as --drafter, but trains on the target's embedding.
+    wider = write_specforge_checkpoint(tmp_path / "wider", make_model(tiny["V"], hidden=48), tiny["draft_ids"], with_embedding=True,
+                                       target_hidden=tiny["target"].config.hidden_size)
+    assert cli([*base, "--init", str(wider)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a drafter of hidden size 48 with its own embedding; train-drafter trains on the target's embedding, of 32" in err, err
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--seed", "-1"]) == 2
+    assert capsys.readouterr().err.endswith("error: --seed must be >= 0, got -1\n")
     assert cli([*base, "--init", tiny["target_dir"]]) == 2
     assert "is not an EAGLE-3 checkpoint" in capsys.readouterr().err
     assert cli([*base, "--init", str(tmp_path / "nowhere")]) == 2
@@ -1049,6 +1065,15 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert cli([*[wide_dir if a == tiny["target_dir"] else a for a in base], "--histogram", good, "--top-k", "64", "--init-from-target"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the target's attention is 4 heads of 16, not its hidden size of 32" in err, err
+    # A target whose layers the trainer cannot read (not the Llama layout) is refused before any feature is extracted.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2_dir = save_model(GPT2LMHeadModel(GPT2Config(vocab_size=tiny["V"], n_embd=32, n_layer=4, n_head=4, n_positions=256)),
+                          tiny["tokenizer"], tmp_path / "gpt2")
+    assert cli([*[gpt2_dir if a == tiny["target_dir"] else a for a in base], "--histogram", good, "--top-k", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(GPT2LMHeadModel) has no model.norm, model.layers" in err, err
+    assert "train-drafter trains EAGLE-3 drafters for targets of the Llama layout" in err
     assert not (tmp_path / "o").exists()
     # Target-generated rows need room for their prompt: a response as long as the row would leave one token of it.
     assert cli([*base, "--histogram", good, "--top-k", "64", "--source", "target", "--max-new-tokens", "512", "--max-length", "512"]) == 2

@@ -432,8 +432,8 @@ def is_eagle3_folder(name: str | os.PathLike | None) -> bool:
         raw = json.loads(config.read_text())
     except ValueError as exc:  # no folder's config.json may be broken: say so, not what it lacks for its kind
         raise UserError(f"{config} is not valid JSON ({first_line(exc)})") from exc
-    except OSError:
-        return False
+    except OSError as exc:  # an I/O fault is the machine's (retried); a permission, the user's to see
+        user_error_unless_fault(exc, f"{config} is unreadable ({first_line(exc)})")
     return isinstance(raw, dict) and any(a in ARCHITECTURES for a in raw.get("architectures") or [])
 
 

@@ -38,7 +38,7 @@ from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger, batch_prompts
 from vocabtrim.chat import check_message_lists, has_chat_template
 from vocabtrim.special_tokens import eos_ids, of_model
-from vocabtrim.errors import UserError, first_line, user_error_unless_fault
+from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor
 
 log = logging.getLogger(__name__)
@@ -637,6 +637,7 @@ def _check_config(c: TrainConfig) -> None:
         if getattr(c, name) is not None:
             validate.at_least(name, getattr(c, name), 1)
     validate.above("learning_rate", c.learning_rate, 0)
+    validate.at_least("seed", c.seed, 0)
     check_runs_alone("target", c.target)
     if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
         raise validate.SettingError("held_out", f"must be in [0, 1), got {c.held_out}")
@@ -654,8 +655,10 @@ def held_out_split(shard_ids: list[str], held_out: float) -> tuple[list[str], li
     return shard_ids[: n - n_eval], shard_ids[n - n_eval :]
 
 
-def training_settings(c: TrainConfig, draft_ids: list[int], train_ids: list[str], eval_ids: list[str]) -> dict:
-    """What a resumed training must keep (``--epochs``, ``--learning-rate`` and the pool may change)."""
+def training_settings(c: TrainConfig, draft_ids: list[int], train_ids: list[str], eval_ids: list[str],
+                      features: dict | None = None) -> dict:
+    """What a resumed training must keep (``--epochs``, ``--learning-rate`` and the pool may change); ``features``:
+    the feature ledger's settings (its record goes with ``features/``, this one stays with the drafter)."""
     import hashlib
 
     def digest(values) -> str:
@@ -664,7 +667,33 @@ def training_settings(c: TrainConfig, draft_ids: list[int], train_ids: list[str]
     return {"version": 1, "train_shards": digest(train_ids), "held_out_shards": digest(eval_ids), "draft_vocabulary": digest(draft_ids),
             "batch_size": c.batch_size, "ttt_length": c.ttt_length, "seed": c.seed, "max_steps": c.max_steps,
             "intermediate_size": c.intermediate_size, "init": storage.settings_key(c.init) if c.init else None,
-            "init_from_target": c.init_from_target}
+            "init_from_target": c.init_from_target,
+            **({"features": "sha256 " + hashlib.sha256(json.dumps(features, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+               if features is not None else {})}
+
+
+def check_target_layout(model: str, config, trust_remote_code: bool = False) -> None:
+    """Refuse, in one line, a target whose layers the trainer cannot read (``config``: its text config): it starts
+    the drafter's head and norm from the target's ``lm_head`` and ``model.norm`` and reads
+    ``config.intermediate_size`` (the Llama layout). Built on the meta device: no weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            target = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        if machine_fault(exc):
+            raise
+        raise UserError(f"--target {model}: no causal LM of its config ({first_line(exc)})") from exc
+    missing = [name for name, ok in (("lm_head", hasattr(target, "lm_head")),
+                                     ("model.norm", hasattr(getattr(target, "model", None), "norm")),
+                                     ("model.layers", hasattr(getattr(target, "model", None), "layers")),
+                                     ("config.intermediate_size", getattr(target.config, "intermediate_size", None) is not None))
+               if not ok]
+    if missing:
+        raise UserError(f"--target {model} ({type(target).__name__}) has no {', '.join(missing)}: train-drafter trains "
+                        "EAGLE-3 drafters for targets of the Llama layout (Llama, Mistral, Qwen2/3 and the like)")
 
 
 def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list[int], dict]:
@@ -684,6 +713,15 @@ def draft_vocabulary(c: TrainConfig, tokenizer, target_vocab: int) -> tuple[list
     return [int(i) for i in sel.token_ids], {"coverage": sel.coverage, "k_frequent": sel.k_frequent,
                                               "histogram": storage.display(hist_path), "calibration_source": calibration.get("source"),
                                               "histogram_fingerprint": histogram.fingerprint(counts)}
+
+
+def _recorded(out: str) -> dict:
+    """The training record in ``out`` (``TRAINING_FILE``), or {} where there is none to read (``storage.claim`` says why)."""
+    try:
+        record = json.loads(storage.read_text(storage.join(out, TRAINING_FILE)))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def run_train(config: TrainConfig) -> dict:
@@ -710,6 +748,7 @@ def run_train(config: TrainConfig) -> dict:
     tcfg = tcfg.get_text_config(decoder=True)
     if getattr(tcfg, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
         log.warning("train-drafter was tested on Llama targets; %s may need another drafter layout", getattr(tcfg, "model_type", None))
+        check_target_layout(c.target, tcfg, c.trust_remote_code)
     V = max(int(tcfg.vocab_size), len(tokenizer))
     feature_layers = e3.default_feature_layers(int(tcfg.num_hidden_layers))
     init_info = {}
@@ -728,6 +767,9 @@ def run_train(config: TrainConfig) -> dict:
 
         init = load_eagle3_checked(c.init, int(tcfg.vocab_size), int(tcfg.hidden_size), target_tokenizer=tokenizer,
                                    trust_remote_code=c.trust_remote_code, dtype=torch.float32)
+        if int(init.config.hidden_size) != int(tcfg.hidden_size):  # its embedding gives way to the target's
+            raise UserError(f"--init {c.init}: a drafter of hidden size {init.config.hidden_size} with its own embedding; "
+                            f"train-drafter trains on the target's embedding, of {tcfg.hidden_size}")
         if c.intermediate_size is not None and c.intermediate_size != init.config.intermediate_size:
             raise UserError(f"--intermediate-size {c.intermediate_size} differs from --init's {init.config.intermediate_size}: "
                             "a fine-tuned drafter keeps its shape (leave the flag out)")
@@ -750,12 +792,18 @@ def run_train(config: TrainConfig) -> dict:
     storage.check_out_kind(c.out, MANIFEST_KIND, overwrites=() if ours else ("config.json", e3.WEIGHTS_FILE))
     ledger = FeatureLedger(storage.join(c.out, "features"))
     fp = tokenizer_fingerprint(tokenizer)
-    ledger.claim({"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
-                  "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
-                  "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
-                  "dtype": c.dtype, **({"device": "cuda"} if c.gpus_per_worker > 0 else {})})  # no key on the CPU: older ledgers
-    # A resumed drafter keeps training as it began: the same rows, the same held-out shards, batches and steps.
-    storage.claim(c.out, TRAINING_FILE, training_settings(c, draft_ids, train_ids, eval_ids), what="a drafter",
+    features = {"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
+                "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
+                "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
+                "dtype": c.dtype, **({"device": "cuda"} if c.gpus_per_worker > 0 else {})}  # no key on the CPU: older ledgers
+    ledger_recorded = storage.is_file(storage.join(ledger.folder, ledger.RUN_FILE))
+    ledger.claim(features)
+    # A resumed drafter keeps training as it began: the same rows and features, the same held-out shards, batches and
+    # steps. The features' settings are recorded here too: removing features/ removes the ledger's own record.
+    settings = training_settings(c, draft_ids, train_ids, eval_ids, features)
+    if ledger_recorded and "features" not in _recorded(c.out):  # a record from before the key: the ledger checked them
+        settings.pop("features")
+    storage.claim(c.out, TRAINING_FILE, settings, what="a drafter",
                   binds=lambda: storage.is_file(storage.join(c.out, STATE_FILE)), stray=lambda name: False)
     todo = [s for s in shards if not ledger.done(s.shard_id)]
     init_ray(c.address)

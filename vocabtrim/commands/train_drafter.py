@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=float, default=0.1, help="share of shards held out for the acceptance report")
     parser.add_argument("--intermediate-size", type=int, default=None, help="the drafter layer's MLP width (default: the target's)")
     parser.add_argument("--max-shards", type=int, default=None, metavar="N",
-                        help="extract and train on the first N shards of the corpus only (default: all); a rerun with more extracts the rest")
+                        help="extract and train on the first N shards of the corpus only (default: all); a rerun with more extracts the "
+                             "rest until an epoch is done (then it is another training: a new --out)")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order, and the responses at --temperature > 0")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="the target's dtype while extracting features (auto: float32 on CPU, bfloat16 on CUDA)")
