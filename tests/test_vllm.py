@@ -206,6 +206,8 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
         (["--drafter", other], "tokenizers differ"),
         (["--no-draft", "--head", head], "--head needs a drafter"),
         (["--drafter", drafter, "--gpus-per-worker", "0.5"], "whole GPUs"),
+        (["--drafter", drafter, "--gpus-per-worker", "nan"], "whole GPUs"),
+        (["--drafter", drafter, "--gpus-per-worker", "inf"], "whole GPUs"),
         (["--drafter", drafter, "--gamma", "auto"], "--gamma must be a number from 1 to 64 with --engine vllm"),
         (["--drafter", drafter, "--temperature", "0.005"], "--temperature must be 0 or at least 0.01 with --engine vllm"),
     ]
@@ -218,6 +220,70 @@ def test_vllm_refusals_come_before_any_work(tiny_dirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (message, err)
         assert not out.exists()
+
+
+def test_a_truncated_drafter_of_a_sharded_checkpoint_is_one_folder_vllm_can_load(tmp_path):
+    """--drafter-layers N of a checkpoint saved in shards: the truncated copy is written whole, and the source's shard
+    index is not copied beside it (vLLM would look for the shards it names, and the folder is cached)."""
+    from safetensors import safe_open
+
+    from vocabtrim.vllm_backend import drafter_folder
+
+    tok = make_tokenizer(300)
+    source = tmp_path / "sharded"
+    tiny_llama(len(tok), layers=3, seed=0).save_pretrained(source, max_shard_size="40KB")
+    tok.save_pretrained(source)
+    assert (source / "model.safetensors.index.json").is_file() and len(list(source.glob("*.safetensors"))) > 1
+    folder = Path(drafter_folder(str(source), 1, cache=tmp_path / "cache"))
+    assert not list(folder.glob("*.index.json")), sorted(p.name for p in folder.iterdir())
+    (weights,) = folder.glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        layers = {k.split(".")[2] for k in f.keys() if k.startswith("model.layers.")}
+    assert layers == {"0"} and json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+@needs_vllm
+def test_settings_vllm_refuses_are_one_line_and_a_refused_engine_is_closed(tiny_dirs, tmp_path, monkeypatch):
+    """vLLM's own checks of its settings (a pydantic ValidationError, say heads that tensor parallelism cannot
+    split) reach the user as one line with vLLM's reason; a context too short for --max-new-tokens closes the engine
+    it refuses. vLLM's ``LLM`` is replaced: no engine starts."""
+    import vllm
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from vocabtrim.vllm_backend import load_for_generate
+
+    class ParallelConfig(BaseModel):
+        tensor_parallel_size: int
+
+        @field_validator("tensor_parallel_size")
+        @classmethod
+        def divides(cls, value):
+            raise ValueError("Total number of attention heads (9) must be divisible by tensor parallel size (2).")
+
+    with pytest.raises(ValidationError) as caught:
+        ParallelConfig(tensor_parallel_size=2)
+    closed = []
+
+    class Refusing:
+        def __init__(self, **kwargs):
+            raise caught.value
+
+    class Short:
+        def __init__(self, **kwargs):
+            core = type("C", (), {"shutdown": lambda self: closed.append(1)})()
+            self.llm_engine = type("E", (), {"model_config": type("M", (), {"max_model_len": 16})(), "engine_core": core})()
+
+    target, _, _, _ = tiny_dirs
+    cfg = GenerateConfig(target=target, prompts=[], out=str(tmp_path / "o"), engine="vllm", no_draft=True, max_new_tokens=64)
+    monkeypatch.setattr(vllm, "LLM", Refusing)
+    with pytest.raises(UserError) as refused:
+        load_for_generate(cfg)
+    assert str(refused.value) == ("vLLM cannot run these settings: Total number of attention heads (9) must be divisible by "
+                                  "tensor parallel size (2).")
+    monkeypatch.setattr(vllm, "LLM", Short)
+    with pytest.raises(UserError, match="leaves no room for a prompt"):
+        load_for_generate(cfg)
+    assert closed == [1]
 
 
 @needs_vllm

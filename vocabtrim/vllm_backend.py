@@ -181,8 +181,8 @@ def drafter_folder(drafter: str, drafter_layers: int | None = None, head: str | 
     if head is not None and config.get("architectures", [None])[0] != "LlamaForCausalLM":
         raise UserError(f"--head with --engine vllm supports Llama drafters (LlamaForCausalLM); {drafter} is "
                         f"{(config.get('architectures') or ['unknown'])[0]}")
-    record = entry_record(stamps(_drafter_sources(source, head)),
-                          f"layers={drafter_layers}", f"head={_head_sha(head) if head else None}")
+    record = entry_record(stamps(_drafter_sources(source, head)),  # "index=own": folders that copied a shard index go
+                          f"layers={drafter_layers}", f"head={_head_sha(head) if head else None}", "index=own")
     out = (Path(cache) / "vllm-drafters" if cache else kind_folder("vllm-drafters")) / f"{source.name}-{entry_key(record)}"
     if lookup(out):
         return str(out)
@@ -216,7 +216,9 @@ def _write_drafter_folder(source: Path, drafter_layers: int | None, head: str | 
                 if p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json":
                     os.symlink(p.resolve(), tmp / p.name)
         for p in source.iterdir():
-            if p.is_file() and p.name.endswith(_SMALL_FILES) and not (tmp / p.name).exists():
+            # the source's shard index belongs with its weights: beside one truncated file it names missing shards
+            if p.is_file() and p.name.endswith(_SMALL_FILES) and not p.name.endswith(".safetensors.index.json") \
+                    and not (tmp / p.name).exists():
                 shutil.copy2(p, tmp / p.name)
         if head is not None:
             has_tokenizer = any((source / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
@@ -349,6 +351,8 @@ class VllmEngine:
         self._claimed, before = folder is not None, vllm_sockets.entries(folder)
         try:
             self.llm = LLM(**kwargs)
+        except ValueError as exc:  # vLLM's checks of the settings (pydantic's ValidationError is one), in this process
+            user_error_unless_fault(exc, f"vLLM cannot run these settings: {_reason(exc)}")
         finally:
             self.socket_files = vllm_sockets.entries(folder) - before  # removed by close()
             if getattr(self, "llm", None) is None:  # the engine did not start
@@ -458,6 +462,16 @@ def eagle3_spec(name: str, target: str, tokenizer=None, trust_remote_code: bool 
     return {"method": "eagle3", "model": str(Path(folder).expanduser().resolve())}
 
 
+def _reason(exc: BaseException) -> str:
+    """vLLM's reason for refusing its settings, on one line: a pydantic ValidationError's first error (its first
+    line only names the config class), else the message's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if line.startswith("Value error,")), None)
+    if detail is None:
+        return first_line(exc)
+    return detail.removeprefix("Value error,").split(" [type=")[0].strip()
+
+
 def _check_engine_name(engine: str) -> None:
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -465,7 +479,7 @@ def _check_engine_name(engine: str) -> None:
 
 def _check_whole_gpus(gpus_per_worker: float) -> None:
     """vLLM takes whole GPUs (its tensor parallelism), not a share of one."""
-    if gpus_per_worker and gpus_per_worker != int(gpus_per_worker):
+    if gpus_per_worker and not float(gpus_per_worker).is_integer():  # nan and inf too
         raise UserError(f"--engine vllm needs whole GPUs per worker, got --gpus-per-worker {gpus_per_worker}")
 
 
@@ -575,4 +589,8 @@ def load_for_generate(cfg):
         eos_token_ids=_eos_ids(target, tokenizer, cfg.trust_remote_code), max_new_tokens=cfg.max_new_tokens, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.batch_size,
         tensor_parallel_size=max(1, gpus), seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
     )
-    return engine, tokenizer, max_prompt_tokens(engine.context_length, cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
+    try:
+        return engine, tokenizer, max_prompt_tokens(engine.context_length, cfg.max_new_tokens, validate.gamma(cfg.gamma), cfg.max_gamma)
+    except UserError:  # no room for a prompt in vLLM's context: the engine goes, with its sockets
+        engine.close()
+        raise
