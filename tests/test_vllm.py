@@ -287,6 +287,45 @@ def test_settings_vllm_refuses_are_one_line_and_a_refused_engine_is_closed(tiny_
 
 
 @needs_vllm
+def test_per_position_figures_count_the_drafts_each_step_made(tiny_dirs, monkeypatch):
+    """vLLM's ngram proposer drafts 0 to gamma tokens a step: a row's reached_hist (summary.json's per-position
+    acceptance) counts, per position, the steps that drafted it after accepting every draft before it, from vLLM's
+    per-step counts. vLLM's ``LLM`` is replaced: no engine starts."""
+    import vllm
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    from vocabtrim.vllm_backend import VllmEngine
+
+    metrics = RequestSpecDecodeMetrics.new(3)
+    for drafted, accepted in ((3, 3), (1, 1), (2, 0), (3, 1)):
+        metrics.observe(drafted, accepted, detailed=True)
+    seen = []
+
+    class Fake:
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+            self.llm_engine = type("E", (), {"model_config": type("M", (), {"max_model_len": 512})()})()
+
+        def generate(self, prompts, params, use_tqdm=False):
+            out = type("O", (), {"token_ids": list(range(10)), "finish_reason": "length", "spec_decode_metrics": metrics})()
+            return [type("R", (), {"outputs": [out]})() for _ in prompts]
+
+        def get_metrics(self):
+            return []
+
+    monkeypatch.setattr(vllm, "LLM", Fake)
+    engine = VllmEngine(tiny_dirs[0], {"method": "ngram"}, gamma=3)
+    try:
+        assert seen[-1]["per_request_spec_decode_metrics"] == "detailed"
+        (row,) = engine.generate([[5, 6, 7]], [0], max_new_tokens=10)
+    finally:
+        engine.close()
+    assert row.accepted_hist == [1, 2, 0, 1] and row.proposed == 9 and row.accepted == 5
+    # position 2 was drafted by the two steps of 3 drafts that accepted the first (not by the step of 1 draft)
+    assert row.reached_hist == [4, 2, 1]
+
+
+@needs_vllm
 def test_gpus_per_worker_become_vllms_tensor_parallelism(tiny_dirs, tmp_path, monkeypatch):
     """``--gpus-per-worker G`` reaches vLLM as ``tensor_parallel_size=G``; with G > 1 its workers are its own
     processes on the actor's node (``mp``), never its Ray backend (which would ask Ray for the GPUs the actor

@@ -345,8 +345,8 @@ class VllmEngine:
         if os.environ.get("VOCABTRIM_VLLM_ENFORCE_EAGER") == "1":  # no torch.compile: faster engine start (tests)
             kwargs["enforce_eager"] = True
         kwargs.update(engine_kwargs)
-        if speculative is not None:
-            kwargs["per_request_spec_decode_metrics"] = "summary"
+        if speculative is not None:  # per step: what each row drafted (ngram drafts 0..gamma) and accepted
+            kwargs["per_request_spec_decode_metrics"] = "detailed"
         folder = vllm_sockets.claim()  # vLLM's IPC socket files go to this process's own folder
         self._claimed, before = folder is not None, vllm_sockets.entries(folder)
         try:
@@ -409,6 +409,7 @@ class VllmEngine:
                 hist = list(m.histogram) + [0] * max(0, self.gamma + 1 - len(m.histogram))
                 proposed = int(m.num_draft_tokens)
             accepted = sum(j * n for j, n in enumerate(hist))
+            steps = list(zip(m.per_step_drafted, m.per_step_accepted)) if m is not None and m.per_step_drafted else None
             outs.append(RowOutput(
                 token_ids=ids,
                 finish_reason="stop" if c.finish_reason == "stop" else "length",
@@ -418,7 +419,10 @@ class VllmEngine:
                 # counts only the steps that drafted in ``hist``, so steps without drafts come from the token count.
                 target_passes=max(1 + sum(hist), len(ids) - accepted) if self.gamma else len(ids),
                 accepted_hist=hist,
-                reached_hist=[sum(hist[i:]) for i in range(self.gamma)],  # every step in ``hist`` drafted gamma tokens
+                # draft i + 1 reached: drafted, every draft before it accepted (without per-step counts, every step in
+                # ``hist`` is taken to have drafted gamma tokens)
+                reached_hist=[sum(d > i and a >= i for d, a in steps) if steps is not None else sum(hist[i:])
+                              for i in range(self.gamma)],
             ))
         stats.generated_tokens = sum(len(o.token_ids) for o in outs)
         stats.target_passes = sum(o.target_passes for o in outs)
