@@ -363,8 +363,10 @@ class _Run:
 
         # The drafts each row can keep (its room left less one): past them a row's verdict is the one a step of
         # that many drafts gives, so a row's tokens and figures depend on no other row in the batch.
-        room = self.limit - torch.as_tensor(self.gen_np[:n], device=dev)
-        made = None if gamma == 0 else (room - 1).clamp(max=gamma)
+        room_np = self.limit - self.gen_np[:n]  # tokens each row may still add
+        made_np = np.minimum(gamma, room_np - 1)
+        room = torch.as_tensor(room_np, device=dev)
+        made = None if gamma == 0 else (room - 1).clamp(max=gamma)  # ``made_np`` on the device
         positions = pos[:, None] + torch.arange(gamma + 1, device=dev)[None]  # [n, G+1]
         hidden, features = e.target.step(tokens, positions, attend_length(int(pos_host.max()) + gamma, self.capacity))
         logits = e.target.head.logits(hidden)  # [n, G+1, V]
@@ -400,7 +402,6 @@ class _Run:
         t2 = time.perf_counter()
 
         acc, kept_np, stop_np = result[:, 0], result[:, 1], result[:, 2]
-        made_np = np.minimum(gamma, self.limit - self.gen_np[:n] - 1)  # ``made`` on the host
         self.pos_np[:n] += acc + 1
         self.gen_np[:n] += kept_np
         self.proposed[:n] += made_np
