@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -922,6 +923,35 @@ def test_source_target_features_read_message_lists_through_the_chat_template(tin
     for row, p, o in zip(got, prompts, outs):
         assert row["input_ids"].tolist() == p + list(o.token_ids)
         assert row["loss_mask"].tolist() == [0] * len(p) + [1] * len(o.token_ids)
+
+
+def test_source_corpus_features_start_with_the_bos_the_tokenizer_adds(tiny, tmp_path):
+    """train-drafter --source corpus: each row is encoded as generate encodes a raw prompt, with the special tokens
+    the tokenizer adds (a Llama-3 tokenizer's BOS), so the target's hidden states are the ones the engine reads; the
+    loss starts at the first text token. A tokenizer that adds nothing gives the text's own ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import processors
+
+    from vocabtrim import corpus, train
+
+    texts = ["the quick brown fox", "", "ray actors count tokens"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "c.parquet")
+    (shard,) = corpus.make_shards([str(tmp_path / "c.parquet")], "text")
+    with_bos = copy.deepcopy(tiny["tokenizer"])
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, bos)])
+    folders = {"bos": save_model(tiny["target"], with_bos, tmp_path / "bos"), "plain": tiny["target_dir"]}
+    for kind, folder in folders.items():
+        spec = train.ExtractorSpec(target=folder, source="corpus", text_column="text",
+                                   feature_layers=e3.default_feature_layers(4), max_length=64, max_new_tokens=5,
+                                   temperature=0.0, seed=0, dtype="float32", trust_remote_code=False)
+        got = train.split_rows(train.FeatureExtractor(spec).extract(shard).tensors)
+        own = [tiny["tokenizer"](t, add_special_tokens=False)["input_ids"] for t in texts if t]
+        want = [[bos] + ids for ids in own] if kind == "bos" else own
+        assert [r["input_ids"].tolist() for r in got] == want, kind
+        assert [r["loss_mask"].tolist() for r in got] == [[0] + [1] * (len(w) - 1) for w in want], kind
 
 
 def test_train_drafter_init_fine_tunes_a_drafter_from_its_weights_and_vocabulary(tiny, tmp_path, ray_local, capsys):

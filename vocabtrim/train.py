@@ -182,14 +182,16 @@ class FeatureExtractor(StartingActor):
 
     def _rows(self, shard, batch) -> list[tuple[list[int], int]]:
         """(token ids, index of the first loss-bearing token) per row of a corpus batch: ``--source corpus``,
-        each non-blank text; ``--source target``, each row's prompt of at most max_length - max_new_tokens
+        each non-blank text with the special tokens the tokenizer adds; ``--source target``, each row's prompt of at most max_length - max_new_tokens
         tokens (``calibrate.batch_prompts``) and the target's response."""
         from vocabtrim.engine.sampling import row_seed
 
         spec = self.spec
         if self.engine is None:
             texts = [t for t in batch.texts if isinstance(t, str) and t.strip()]
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            # With the special tokens the tokenizer adds (BOS), as generate encodes a raw prompt: the target's
+            # hidden states are trained on as the engine reads them.
+            ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
             return [(i[: spec.max_length], 1) for i in ids]
         limit = max(1, spec.max_length - spec.max_new_tokens)
         prompts, keys = batch_prompts(self.tokenizer, batch.texts, [f"{shard.name}:{k}" for k in batch.keys], limit,
@@ -792,7 +794,8 @@ def run_train(config: TrainConfig) -> dict:
     storage.check_out_kind(c.out, MANIFEST_KIND, overwrites=() if ours else ("config.json", e3.WEIGHTS_FILE))
     ledger = FeatureLedger(storage.join(c.out, "features"))
     fp = tokenizer_fingerprint(tokenizer)
-    features = {"version": 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
+    # Version 2: --source corpus rows carry the tokenizer's special tokens (BOS); version 1 of them did not.
+    features = {"version": 2 if c.source == "corpus" else 1, "tokenizer_fingerprint": fp, "target": c.target, "source": c.source, "text_column": c.text_column,
                 "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
                 "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
                 "dtype": c.dtype, **({"device": "cuda"} if c.gpus_per_worker > 0 else {})}  # no key on the CPU: older ledgers
