@@ -216,12 +216,13 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_in_one_line(cluster, tiny_p
     started = time.monotonic()
     status, logs = wait_job(cluster, submit(cluster, [
         "jobs/generate.py", "--target", target, "--drafter", drafter, "--prompts", str(folder),
-        "--gpus-per-worker", "1", "--out", str(tmp_path / "gen")]), timeout=90)
+        "--gpus-per-worker", "1", "--out", str(tmp_path / "gen")]), timeout=JOB_TIMEOUT)
     assert status == "FAILED", logs[-2000:]
     assert "Traceback" not in logs, logs[-4000:]
     errors = [line for line in logs.splitlines() if line.startswith("vocabtrim generate: error:")]
     assert len(errors) == 1 and "GPU" in errors[0], logs[-2000:]
-    assert time.monotonic() - started < 90
+    # Failed at once: neither waited for an autoscaler nor ran out the actors' start-up timeout (900 s).
+    assert "for the autoscaler to add a node" not in logs and time.monotonic() - started < JOB_TIMEOUT, logs[-2000:]
 
 
 def test_the_three_stages_as_jobs_on_object_storage(cluster, s3, tiny_pair_dirs, small_corpus, prompt_files):

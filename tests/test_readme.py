@@ -74,6 +74,7 @@ def scratch_clone(tmp_path: Path) -> Path:
 
 
 @pytest.mark.bundled
+@pytest.mark.timeout(1200)  # the script's own limit (900 s, below) ends it first
 def test_the_readme_commands_run_as_pasted(tmp_path):
     blocks = [b for b, reason in bash_blocks((ROOT / "README.md").read_text()) if reason is None]
     script = []
