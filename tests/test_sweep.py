@@ -1,6 +1,7 @@
 """``vocabtrim sweep`` on tiny models: every output file with its columns, MBSU as defined, a failed
 cell recorded without stopping the sweep, and a rerun that reuses finished cells and retries the failed one."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ from vocabtrim.sweep import (
     plan_cells,
     run_sweep,
 )
+from vocabtrim.sweep.cells import ModelSizes, default_k
 
 REQUIRED_COLUMNS = [
     "cell", "kind", "source", "k", "acceptance_rate", "tokens_per_target_pass", "per_position_acceptance",
@@ -206,6 +208,9 @@ def test_error_rows_are_counted_and_a_cell_of_error_rows_only_fails(ray_local, c
 def test_cli_errors_are_one_line(config, capsys):
     args = ["sweep", "--target", config.target, "--drafter", config.drafter, "--corpus", *config.corpus,
             "--prompts", *config.prompts, "--out", config.out + "-cli"]
+    assert cli.main(args) == 2  # the default K: each is more than the tiny drafter's 300 ids
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("fits the drafter's vocabulary of 300: pass --k"), err
     assert cli.main(args + ["--k", "64,lots"]) == 2
     assert capsys.readouterr().err.strip().endswith("--k takes positive integers and 'full', comma-separated; got 'lots'")
     assert cli.main(args + ["--k", "100000"]) == 2
@@ -217,6 +222,17 @@ def test_cli_errors_are_one_line(config, capsys):
     assert cli.main(args + ["--k", "64", "--sources", ""]) == 2  # not the default sources
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.endswith("--sources is empty: trimmed heads need a calibration source (corpus, drafter, target)"), err
+
+
+def test_the_default_k_stop_at_the_drafters_vocabulary():
+    """Without --k: 1024 to 16384 in doublings as far as the drafter's vocabulary goes (an EAGLE-3 drafter's draft
+    vocabulary), and the full head."""
+    sizes = ModelSizes(target=1, drafter_body=1, hidden=8, head_bias=False, vocab_size=49152)
+    assert default_k(sizes) == [1024, 2048, 4096, 8192, 16384, None]
+    assert default_k(replace(sizes, draft_vocab_size=8192)) == [1024, 2048, 4096, 8192, None]
+    assert default_k(replace(sizes, vocab_size=3000)) == [1024, 2048, None]
+    with pytest.raises(UserError, match=r"fits the drafter's draft vocabulary of 300: pass --k$"):
+        default_k(replace(sizes, draft_vocab_size=300))
 
 
 def test_parsing_and_plan():

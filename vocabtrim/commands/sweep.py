@@ -6,7 +6,6 @@ import argparse
 
 from vocabtrim.commands.common import add_model_arguments, add_ray_arguments
 
-DEFAULT_K = "1024,2048,4096,8192,16384,full"
 DEFAULT_SOURCES = "corpus,drafter,target"
 EAGLE3_SOURCES = "corpus,target"  # an EAGLE-3 drafter cannot generate alone
 
@@ -20,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help="evaluation prompts: Parquet files, folders or globs")
     parser.add_argument("--prompt-column", default="prompt", help="a string, or a list of {role, content} messages")
     parser.add_argument("--id-column", default="id", help="the prompts' id column")
-    parser.add_argument("--k", default=DEFAULT_K, help=f"kept head rows to sweep, comma-separated; 'full' = the whole head (default {DEFAULT_K})")
+    parser.add_argument("--k", default=None,
+                        help="kept head rows to sweep, comma-separated; 'full' = the whole head (default: 1024 to 16384 "
+                             "in doublings, those up to the drafter's vocabulary (an EAGLE-3 drafter's draft vocabulary), "
+                             "and full)")
     parser.add_argument("--sources", default=None,
                         help=f"calibration sources, comma-separated (default {DEFAULT_SOURCES}; {EAGLE3_SOURCES} for an EAGLE-3 drafter)")
     parser.add_argument("--calib-max-new-tokens", type=int, default=64, help="tokens generated per corpus row (drafter/target sources)")
@@ -50,7 +52,7 @@ def config_from_args(args) -> "SweepConfig":  # noqa: F821 (imported lazily: kee
         prompts=list(args.prompts),
         prompt_column=args.prompt_column,
         id_column=args.id_column,
-        k=parse_k(args.k),
+        k=parse_k(args.k) if args.k is not None else None,
         sources=parse_sources(sources),
         calib_max_new_tokens=args.calib_max_new_tokens,
         calib_temperature=args.calib_temperature,

@@ -135,7 +135,7 @@ class SweepConfig:
     out: str
     drafter: str | None = None
     drafter_layers: int | None = None
-    k: list = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, None])  # None: the full head
+    k: list | None = None  # kept rows per trimmed head, None in it: the full head; None: default_k's
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -238,11 +238,11 @@ def check_config(cfg: SweepConfig) -> None:
                         "cannot generate alone): pass --sources corpus,target")
     if cfg.eagle3 and not storage.is_local(cfg.out):
         raise UserError("a sweep of an EAGLE-3 drafter writes its re-trimmed drafters as local folders: pass a local --out")
-    if not cfg.k:
+    if cfg.k is not None and not cfg.k:
         raise UserError("--k is empty: pass e.g. 1024,4096,full")
-    if any(k is not None and (not isinstance(k, int) or k < 1) for k in cfg.k):
+    if any(k is not None and (not isinstance(k, int) or k < 1) for k in cfg.k or ()):
         raise UserError(f"--k takes positive integers and 'full', got {cfg.k}")
-    if any(k is not None for k in cfg.k) and not cfg.sources:
+    if (cfg.k is None or any(k is not None for k in cfg.k)) and not cfg.sources:
         raise UserError("--sources is empty: trimmed heads need a calibration source (corpus, drafter, target)")
     for s in cfg.sources:
         if s not in SOURCES:
@@ -264,7 +264,7 @@ def check_inputs(cfg: SweepConfig) -> None:
     from vocabtrim.prompts import inspect_prompt_files
 
     inspect_prompt_files(cfg.prompts, cfg.prompt_column, cfg.id_column)
-    if any(k is not None for k in cfg.k):
+    if cfg.k is None or any(k is not None for k in cfg.k):  # None: default K, trimmed ones among them
         corpus.make_shards(cfg.corpus, cfg.text_column)
 
 
@@ -318,6 +318,20 @@ def measure_sizes(cfg: SweepConfig) -> ModelSizes:
         vocab_size=logits_width(pair.drafter),
         special_tokens=len(special_token_ids(pair.tokenizer, of_model(pair.drafter))),
     )
+
+
+DEFAULT_K = (1024, 2048, 4096, 8192, 16384)
+
+
+def default_k(sizes: ModelSizes) -> list:
+    """The K of a sweep not given any: those of ``DEFAULT_K`` up to the drafter's vocabulary (an EAGLE-3 drafter's
+    draft vocabulary: re-trimming only removes ids), then the full head (None)."""
+    limit = sizes.draft_vocab_size if sizes.draft_vocab_size is not None else sizes.vocab_size
+    ks = [k for k in DEFAULT_K if k <= limit]
+    if not ks:
+        raise UserError(f"none of the default K ({', '.join(map(str, DEFAULT_K))}) fits the drafter's "
+                        f"{'draft ' if sizes.draft_vocab_size is not None else ''}vocabulary of {limit:,}: pass --k")
+    return [*ks, None]
 
 
 def check_k(ks, sizes: ModelSizes, flag: str = "--k") -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -38,6 +38,7 @@ from vocabtrim.sweep.cells import (
     add_speedups,
     check_config,
     check_k,
+    default_k,
     empty_row,
     measure_sizes,
     metrics_row,
@@ -390,6 +391,8 @@ def _run_sweep(cfg: SweepConfig, echo: Callable[[str], None]) -> dict:
     wall = time.perf_counter()
     check_config(cfg)
     sizes = measure_sizes(cfg)
+    if cfg.k is None:
+        cfg = replace(cfg, k=default_k(sizes))
     check_k(cfg.k, sizes)
     out = cfg.out
     run = claim_out(out, settings_of(cfg))
