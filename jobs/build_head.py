@@ -1,9 +1,9 @@
-"""Ray job entry point for `vocabtrim build-head`: takes the same flags, joins the cluster it runs on.
+"""Ray job entry point for `vocabtrim build-head`: takes the same flags and runs in the job's driver process
+(build-head starts no Ray actors: it reads a histogram and writes a head).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/build_head.py --help
 
-Inside a Ray job the job supervisor sets RAY_ADDRESS to the cluster's GCS address, and vocabtrim
-joins it (`--address` is only needed outside a job). See jobs/README.md.
+See jobs/README.md.
 """
 
 import sys

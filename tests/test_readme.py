@@ -58,6 +58,33 @@ def test_the_readme_marks_every_block_it_does_not_run_with_a_reason():
     assert not any(re.search(r"\bMODEL\b|REGISTRY|my-bucket", b) for b in run), "placeholders in a block that runs"
 
 
+def readme_section_for_docs(readme: str, title: str) -> str:
+    """A README section as a page in docs/ holds it: the section (its heading to the next), without the README
+    test's markers, its relative links made relative to docs/."""
+    start = readme.index(f"\n## {title}\n") + 1
+    end = readme.find("\n## ", start + 1)
+    section = readme[start:] if end < 0 else readme[start : end + 1]
+    section = re.sub(r"^<!-- readme-test: .*-->\n", "", section, flags=re.M)
+
+    def link(m):
+        target = m.group(1)
+        if re.match(r"[a-z]+:|#", target):
+            return m.group(0)
+        return f"]({target[len('docs/'):] if target.startswith('docs/') else '../' + target})"
+
+    return re.sub(r"\]\(([^)]+)\)", link, section).rstrip("\n") + "\n"
+
+
+def test_docs_cluster_md_is_the_readme_s_section():
+    """docs/cluster.md (the link target of the cluster configs' comments) holds the README's section as it is."""
+    page = (ROOT / "docs" / "cluster.md").read_text()
+    want = readme_section_for_docs((ROOT / "README.md").read_text(), "Running on a cluster")
+    assert page == CLUSTER_PAGE_HEADER + want, "docs/cluster.md differs from the README's section: write it again from it"
+
+
+CLUSTER_PAGE_HEADER = "<!-- The \"Running on a cluster\" section of README.md, kept here for direct links. -->\n"
+
+
 def scratch_clone(tmp_path: Path) -> Path:
     work = tmp_path / "clone"
     work.mkdir()
