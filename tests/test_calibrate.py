@@ -548,6 +548,17 @@ def test_another_commands_out_folder_is_refused_not_overwritten(ray_local, data,
         assert (out / "manifest.json").read_text() == manifest
 
 
+def test_workers_beyond_the_shards_are_neither_started_nor_asked_of_the_cluster(ray_local, data, tmp_path, capsys):
+    """One shard to count and --workers 5 of 1 CPU on a 2-CPU Ray: one actor is started, and the run is not refused
+    for the 5 the cluster could not hold."""
+    (tmp_path / "one.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 5)
+    out = tmp_path / "o"
+    assert cli(["calibrate", "--drafter", data["model"], "--corpus", str(tmp_path / "one.txt"), "--workers", "5",
+                "--cpus-per-worker", "1", "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == 1 and manifest["rows"] == 5
+
+
 def test_cli_refuses_an_unreadable_file(data, tmp_path, capsys, monkeypatch):
     path = tmp_path / "locked.txt"
     path.write_text("x\n")

@@ -199,6 +199,9 @@ def test_vllm_jobs_run_on_images_built_with_the_tested_vllm():
         assert f"VLLM=vllm=={version}" in path.read_text(), f"{path.name} names how its image is built"
     for path in LAUNCHER_CONFIGS:  # `ray up`: the line that installs it on the GPU workers
         assert f"- pip install --quiet 'vllm=={version}'" in path.read_text(), path.name
+    from vocabtrim.vllm_backend import INSTALL_HINT
+
+    assert f"`pip install 'vllm=={version}'` on CUDA machines" in INSTALL_HINT  # --engine vllm's refusal names it too
 
 
 def _job_commands_in_k8s():

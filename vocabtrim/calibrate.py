@@ -648,10 +648,11 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     if todo:
         init_ray(config.address)
         cpus = cpus or default_cpus_per_worker(config.workers)
-        check_resources(config.workers, config.gpus_per_worker, cpus)
+        actors = min(config.workers, len(todo))  # workers beyond the shards to count are not started
+        check_resources(actors, config.gpus_per_worker, cpus)
         spec = CounterSpec(**{**asdict(p.spec), "threads": max(1, int(cpus))})
         t0 = time.perf_counter()
-        with CounterPool(spec, min(config.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=config.gpus_per_worker) as pool:
+        with CounterPool(spec, actors, cpus_per_worker=cpus, gpus_per_worker=config.gpus_per_worker) as pool:
             pool.wait_ready()
             startup = time.perf_counter() - t0
             bar = _progress_bar(config, len(p.shards), len(p.shards) - len(todo))

@@ -811,10 +811,11 @@ def run_train(config: TrainConfig) -> dict:
     todo = [s for s in shards if not ledger.done(s.shard_id)]
     init_ray(c.address)
     cpus = c.cpus_per_worker or default_cpus_per_worker(c.workers)
-    check_resources(c.workers, c.gpus_per_worker, cpus)
     t0 = time.perf_counter()
     extract_seconds = 0.0
     if todo:
+        actors = min(c.workers, len(todo))  # workers beyond the shards to extract are not started
+        check_resources(actors, c.gpus_per_worker, cpus)
         spec = ExtractorSpec(
             target=c.target, source=c.source, text_column=c.text_column, feature_layers=tuple(feature_layers), max_length=c.max_length,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, dtype=c.dtype,
@@ -822,7 +823,7 @@ def run_train(config: TrainConfig) -> dict:
             batch_rows=c.shard_rows if c.source == "target" else 8,  # generation: one batch per shard
             wrap_prompts=has_chat_template(tokenizer),
         )
-        with CounterPool(spec, min(c.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
+        with CounterPool(spec, actors, cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
                          actor_class=FeatureExtractor) as pool:
             pool.wait_ready()
             bar = Progress(len(shards), "shard", "features", initial=len(shards) - len(todo), enabled=c.show_progress)
@@ -833,6 +834,7 @@ def run_train(config: TrainConfig) -> dict:
         extract_seconds = time.perf_counter() - t0
     gpus = c.gpus_per_worker if c.gpus_per_worker > 0 else 0
     trainer_cpus = c.cpus_per_worker or default_cpus_per_worker(1)
+    check_resources(1, gpus, trainer_cpus)
     Trainer = ray.remote(DrafterTrainer).options(num_cpus=trainer_cpus, num_gpus=gpus)
     trainer = Trainer.remote(asdict(c), draft_ids, tuple(feature_layers), train_ids, eval_ids, max(1, int(trainer_cpus)))
     t1 = time.perf_counter()

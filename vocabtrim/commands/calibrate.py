@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["native", "vllm"], default="native",
                         help="generated sources: the engine that generates (vllm: `pip install 'vocabtrim[vllm]'`)")
     parser.add_argument("--chat-template", choices=MODES, default="auto", help=f"generated sources: {HELP}")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     add_ray_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (a rerun into it resumes)")
 

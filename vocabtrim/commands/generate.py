@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-draft", action="store_true", help="target alone, same batching: the baseline")
     parser.add_argument("--engine", choices=["native", "vllm"], default="native",
                         help="native: vocabtrim's engine; vllm: vLLM (`pip install 'vocabtrim[vllm]'`), --drafter also takes ngram")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     add_ray_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder, a path or a URI such as s3://bucket/out (a rerun with the same settings resumes)")
 
