@@ -205,8 +205,8 @@ def test_noise_is_a_pure_function_of_seed_position_stream_and_token():
 
     words = seed_words(torch.tensor([row_seed(0, "a"), row_seed(0, "b")]))
     positions = torch.arange(64).expand(2, -1)
-    u = noise_uniform(noise_keys(words, positions, STREAM_DRAFT))
-    assert torch.equal(u, noise_uniform(noise_keys(words[[1, 0]], positions, STREAM_DRAFT))[[1, 0]])  # whatever the row order
+    u = noise_uniform(words, positions, STREAM_DRAFT)
+    assert torch.equal(u, noise_uniform(words[[1, 0]], positions, STREAM_DRAFT)[[1, 0]])  # whatever the row order
     assert 0 < float(u.min()) and float(u.max()) < 1
     g = gumbel_noise(noise_keys(words, positions, STREAM_DRAFT), torch.arange(50))  # [2, 64, 50]
     assert torch.equal(g, gumbel_noise(noise_keys(words[[1, 0]], positions, STREAM_DRAFT), torch.arange(50))[[1, 0]])
@@ -217,14 +217,30 @@ def test_noise_is_a_pure_function_of_seed_position_stream_and_token():
     assert all(len(set(row.tolist())) == 256 for row in keys)
 
 
+def test_a_uniform_holds_more_than_its_32_bit_key():
+    """Two draws whose 32-bit keys collide (about 5 pairs among 200,000 keys) still get different uniforms: the
+    2**-53 grid is filled from two independent keys, not from one key's 2**32 values."""
+    from vocabtrim.engine.sampling import STREAM_ACCEPT, noise_keys, noise_uniform, seed_words
+
+    words = seed_words(torch.tensor([row_seed(11, str(i)) for i in range(2000)]))
+    positions = torch.arange(100).expand(2000, -1)
+    keys = noise_keys(words, positions, STREAM_ACCEPT).flatten()
+    u = noise_uniform(words, positions, STREAM_ACCEPT).flatten()
+    order = torch.argsort(keys, stable=True)
+    same = (keys[order][1:] == keys[order][:-1]).nonzero().flatten()
+    assert same.numel() >= 1  # the birthday bound at 2**32: the check has collisions to look at
+    assert bool((u[order][same] != u[order][same + 1]).all())
+
+
 def test_uniforms_are_uniform_below_float32_resolution():
     """The uniforms of the acceptance test and of inverse-CDF draws resolve probabilities far below 2**-23: the
     part of u under 2**-23 is itself uniform (chi-square over 16 bins, false-alarm rate 1e-4). The control,
     23-bit uniforms as float32 gives them, puts all of it in one bin."""
     from vocabtrim.engine.sampling import STREAM_ACCEPT, noise_keys, noise_uniform, seed_words
 
-    keys = noise_keys(seed_words(torch.tensor([row_seed(3, str(i)) for i in range(1000)])), torch.arange(100).expand(1000, -1), STREAM_ACCEPT)
-    u = noise_uniform(keys)
+    words, positions = seed_words(torch.tensor([row_seed(3, str(i)) for i in range(1000)])), torch.arange(100).expand(1000, -1)
+    keys = noise_keys(words, positions, STREAM_ACCEPT)
+    u = noise_uniform(words, positions, STREAM_ACCEPT)
     assert u.dtype == torch.float64 and 0 < float(u.min()) and float(u.max()) < 1
 
     def below_2_23(u):

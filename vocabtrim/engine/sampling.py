@@ -116,10 +116,13 @@ def seed_words(seeds: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).to(torch.int32)
 
 
-def noise_keys(words: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+_KEY_SALT, _LOW_SALT = 0x1234567, 0x3C6EF372  # the key of a draw; a second, independent one (``noise_uniform``)
+
+
+def noise_keys(words: torch.Tensor, positions: torch.Tensor, stream: int, salt: int = _KEY_SALT) -> torch.Tensor:
     """words: [n, 2] int32 (``seed_words``); positions: [n, m] int64 → [n, m] int32 keys."""
     counter = positions.to(torch.int32) * 4 + stream  # distinct for every (position < 2**29, stream)
-    x = _mix32(counter * _GOLDEN + 0x1234567)
+    x = _mix32(counter * _GOLDEN + salt)
     x = _mix32(x ^ words[:, 1:2])
     return _mix32(x ^ words[:, 0:1])
 
@@ -134,13 +137,14 @@ def _unsigned(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64) & 0xFFFFFFFF
 
 
-def noise_uniform(keys: torch.Tensor) -> torch.Tensor:
-    """Uniforms in (0, 1) on a grid of 2**-53, a pure function of the keys: [n, m] int32 (``noise_keys``) →
-    float64 [n, m]. (k + 0.5) / 2**53 from two 32-bit hashes (27 and 26 of their bits) is exact in float64 and
-    never 0 or 1, so inverse-CDF sampling and the acceptance test resolve probabilities far below float32's 2**-24.
+def noise_uniform(words: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """Uniforms in (0, 1) on a grid of 2**-53, a pure function of (row seed, position, stream): words [n, 2] int32
+    (``seed_words``), positions [n, m] → float64 [n, m]. (k + 0.5) / 2**53 from two independent 32-bit keys (27 and
+    26 of their bits; one key alone holds only 2**32 values) is exact in float64 and never 0 or 1, so inverse-CDF
+    sampling and the acceptance test resolve probabilities far below float32's 2**-24.
     """
-    hi = _unsigned(keys) >> 5
-    lo = _unsigned(_mix32(keys ^ 0x5BD1E995)) >> 6
+    hi = _unsigned(noise_keys(words, positions, stream)) >> 5
+    lo = _unsigned(noise_keys(words, positions, stream, salt=_LOW_SALT)) >> 6
     return ((hi << 26) + lo).to(torch.float64).add_(0.5).mul_(2.0**-53)
 
 

@@ -376,9 +376,9 @@ class _Run:
             verdict = verify_exact(drafts, gumbel_argmax(logits, params, noise), made)
         else:
             p = logits_to_probs(logits, params)
-            u_recover = noise_uniform(noise_keys(words, out_positions, STREAM_RECOVER))  # [n, G+1]
+            u_recover = noise_uniform(words, out_positions, STREAM_RECOVER)  # [n, G+1]
             if gamma > 0:
-                u_accept = noise_uniform(noise_keys(words, out_positions[:, :gamma], STREAM_ACCEPT))
+                u_accept = noise_uniform(words, out_positions[:, :gamma], STREAM_ACCEPT)
                 verdict = verify_sampled(drafts, q, p, u_accept, u_recover, e.drafter.support, made)
             else:
                 verdict = verify_exact(drafts, sample_from_probs(p[:, 0], u_recover[:, 0])[:, None])
@@ -437,6 +437,6 @@ class _Run:
                 noise = gumbel_noise(noise_keys(words, at, STREAM_GUMBEL), e.draft_ids)[:, 0]
                 return gumbel_argmax(logits, params, noise), None
             q = logits_to_probs(logits, params)
-            return sample_from_probs(q, noise_uniform(noise_keys(words, at, STREAM_DRAFT))[:, 0]), q
+            return sample_from_probs(q, noise_uniform(words, at, STREAM_DRAFT)[:, 0]), q
 
         return choose
