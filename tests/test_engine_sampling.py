@@ -57,12 +57,13 @@ def test_a_temperature_near_zero_gives_the_argmax_not_an_overflow():
     from vocabtrim.engine.sampling import gumbel_argmax
 
     logits = torch.tensor([[3.0, 9.5, -2.0, 9.5 - 1e-3], [-40.0, -1.0, 60.0, 59.0]])
-    tiny = SamplingParams(temperature=1e-40)
-    torch.testing.assert_close(logits_to_probs(logits, tiny), torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
     noise = torch.tensor([[0.0, -5.0, 30.0, 20.0], [30.0, 25.0, -5.0, 40.0]])
-    assert gumbel_argmax(logits, tiny, noise).tolist() == [1, 2]
     tie = torch.tensor([[1.0, 7.0, 7.0]])
-    torch.testing.assert_close(logits_to_probs(tie, tiny), torch.tensor([[0.0, 0.5, 0.5]]))
+    for t in (1e-40, 1e-50, 5e-324):  # 1e-50 and below: a divisor that float32 rounds to 0
+        tiny = SamplingParams(temperature=t)
+        torch.testing.assert_close(logits_to_probs(logits, tiny), torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+        assert gumbel_argmax(logits, tiny, noise).tolist() == [1, 2]
+        torch.testing.assert_close(logits_to_probs(tie, tiny), torch.tensor([[0.0, 0.5, 0.5]]))
 
 
 def test_bad_sampling_params_are_user_errors():

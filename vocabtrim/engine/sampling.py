@@ -68,7 +68,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     Requires params.temperature > 0.
     """
     x = logits.float()
-    x = (x - x.amax(dim=-1, keepdim=True)) / params.temperature  # the max first: no overflow at any temperature > 0
+    # The max first: no overflow at any temperature > 0. A temperature under float32's smallest normal (a divisor
+    # that would round to 0, and 0/0 at the max) divides as that smallest one: the law is the argmax's either way.
+    x = (x - x.amax(dim=-1, keepdim=True)) / max(params.temperature, torch.finfo(torch.float32).tiny)
     v = x.shape[-1]
     if 0 < params.top_k < v:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
