@@ -91,6 +91,28 @@ def test_a_failed_write_leaves_no_file_and_an_old_file_untouched(s3, tmp_path, r
     assert storage.read_bytes(where) == b"old" and storage.walk_files(root) == [where]
 
 
+def test_a_rewrite_whose_upload_fails_keeps_the_old_object(s3, monkeypatch):
+    """A settings record, a manifest or a training state rewritten in place on an object store: an upload that
+    fails (the network, say) leaves the old object, so the folder still resumes from it."""
+    root = s3.bucket()
+    where = storage.join(root, "state.json")
+    storage.write_bytes(where, b"epoch 1")
+    real = storage._upload
+
+    def failing(target, fill):
+        def partial_then_reset(dst):
+            dst.write(b"ep")
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        real(target, partial_then_reset)
+
+    monkeypatch.setattr(storage, "_upload", failing)
+    with pytest.raises(ConnectionResetError):  # a fault of the machine: raised as it is, for a retry
+        storage.write_bytes(where, b"epoch 2")
+    monkeypatch.undo()
+    assert storage.read_bytes(where) == b"epoch 1" and storage.walk_files(root) == [where]
+
+
 @pytest.mark.parametrize("staged", [True, False])
 def test_an_upload_interrupted_part_way_leaves_no_partial_object(s3, monkeypatch, staged):
     """pyarrow completes an object upload when its stream closes, even on the way out of an exception: a copy
@@ -182,6 +204,38 @@ def test_claim_binds_a_folder_to_its_settings(s3, tmp_path, remote):
         storage.claim(storage.join(root, "bad"), "settings.json", {"seed": 1})
 
 
+def test_a_fault_reading_a_record_or_opening_a_store_is_no_user_error(tmp_path, monkeypatch):
+    """An I/O error reading a settings record or a manifest, or a network error opening a store (pyarrow looks up a
+    bucket's region), is a fault of the machine, raised as it is for a retry: not a one-line "use a new --out"."""
+    import errno
+
+    from vocabtrim import corpus
+
+    root = str(tmp_path)
+    storage.claim(root, "settings.json", {"seed": 1})
+    storage.write_json(storage.join(root, "manifest.json"), {"kind": "vocabtrim-head"})
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "c.parquet")
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage, "read_text", eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        storage.claim(root, "settings.json", {"seed": 1})
+    with pytest.raises(OSError, match="Input/output error"):
+        storage.check_out_kind(root, "vocabtrim-head")
+    monkeypatch.setattr(storage, "open_input_file", eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        corpus.make_shards([str(tmp_path / "c.parquet")], "text")
+
+    def unreachable(uri):
+        raise OSError("When resolving region for bucket 'b': AWS Error NETWORK_CONNECTION during HeadBucket operation")
+
+    monkeypatch.setattr(storage, "_root", unreachable)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        storage.resolve("s3://b/key")
+
+
 def test_settings_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()
@@ -206,6 +260,7 @@ def test_machine_faults_are_told_from_user_mistakes():
     from vocabtrim.errors import machine_fault
 
     faults = [MemoryError(), OSError(errno.ENOSPC, "No space left on device"), ConnectionResetError(),
+              OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.ESTALE, "Stale file handle"),
               OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7"),
               RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
               # Object stores' transient answers, as pyarrow's S3 and GCS clients word them.

@@ -308,7 +308,7 @@ def _parquet_shards(path: str, text_column: str, shard_bytes: int, shard_rows: i
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"cannot read Parquet file {storage.display(path)}: {first_line(exc)}") from exc
+        user_error_unless_fault(exc, f"cannot read Parquet file {storage.display(path)}: {first_line(exc)}")
     with source, pf:
         holds_messages = _check_text_field(pf.schema_arrow, path, text_column, messages)
         md = pf.metadata

@@ -26,8 +26,8 @@ class RunFailed(Exception):
     exit_code = 1
 
 
-_FAULT_ERRNOS = {"ENOMEM", "ENOSPC", "EIO", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED",
-                 "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EPIPE"}
+_FAULT_ERRNOS = {"ENOMEM", "ENOSPC", "EDQUOT", "EIO", "EREMOTEIO", "ESTALE", "ENOBUFS", "EAGAIN", "ETIMEDOUT",
+                 "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EPIPE"}
 
 
 def machine_fault(exc: BaseException) -> bool:

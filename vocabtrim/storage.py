@@ -31,7 +31,7 @@ import uuid
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from vocabtrim.errors import UserError, first_line, user_error_unless_fault
+from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
@@ -133,8 +133,9 @@ def resolve(where: str):
     parts = urlsplit(str(where))
     try:
         fs, root = _root(urlunsplit((parts.scheme, parts.netloc, "/", parts.query, "")))
-    except Exception as exc:  # unknown scheme, bad query option, filesystem not built into this pyarrow
-        raise UserError(f"cannot open {display(where)}: {first_line(exc)}") from exc
+    except Exception as exc:  # unknown scheme, bad query option, filesystem not built into this pyarrow (a network
+        # error looking up the bucket's region is a fault)
+        user_error_unless_fault(exc, f"cannot open {display(where)}: {first_line(exc)}")
     key = parts.path.strip("/")
     return fs, (root.rstrip("/") + "/" + key if key else root.rstrip("/") or "/")
 
@@ -411,16 +412,17 @@ def write_with(where: str, write: Callable[[str], None]) -> None:
 
 
 def write_bytes(where: str, data: bytes) -> None:
-    """Publish ``data`` at ``where`` all at once (readers see the old object or the whole new one)."""
+    """Publish ``data`` at ``where`` all at once (readers see the old object or the whole new one; on an object
+    store through ``write_with``'s staged upload, so an upload that fails leaves the old object)."""
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
     if is_local(where):
-
-        def dump(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
         _atomic_local(local_path(where), dump)
-        return
-    _upload(where, lambda dst: dst.write(data))
+    else:
+        write_with(where, dump)
 
 
 def atomic_write(where, data) -> None:
@@ -479,7 +481,9 @@ def check_out_kind(folder: str, kind: str, overwrites: tuple[str, ...] = ()) -> 
     try:
         manifest = json.loads(read_text(path))
         found = manifest.get("kind")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError) as exc:
+        if machine_fault(exc):  # an I/O error reading it says nothing of whose folder it is
+            raise
         found = None
     if found != kind:
         what = f"a {found!r} manifest.json" if isinstance(found, str) else "a manifest.json vocabtrim did not write"
@@ -524,7 +528,7 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
         if not isinstance(old, dict):
             raise ValueError(f"not a JSON object: {old!r}"[:80])
     except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"{display(path)} is unreadable ({first_line(exc)}): use a new --out") from exc
+        user_error_unless_fault(exc, f"{display(path)} is unreadable ({first_line(exc)}): use a new --out")
     diffs = [f"{k} {old.get(k)!r} now {settings.get(k)!r}"
              for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
     if diffs:
