@@ -169,6 +169,31 @@ def test_other_settings_into_the_same_out_are_refused(first_run, base, capsys, f
     assert "\n" not in err and "other settings" in err and what in err
 
 
+def test_outputs_resume_only_from_the_inputs_they_were_generated_from(first_run, base, inputs, tmp_path, capsys):
+    """The prompts folder copied elsewhere: the outputs resume from the copy. One file written again with the same
+    name and row count but another prompt: its output is refused in one line, not resumed as that file's."""
+    import shutil
+
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    shutil.copytree(base.out, out)
+    shutil.copytree(inputs, copy)
+    argv = ["generate", "--target", base.target, "--drafter", base.drafter, "--prompts", str(copy), "--max-new-tokens", "12",
+            "--seed", "3", "--gamma", "3", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["files_resumed"] == 3
+    table = pq.read_table(copy / "a.parquet")
+    prompts = table.column("prompt").to_pylist()
+    prompts[0] = "an edited prompt"
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts, table.schema.field("prompt").type)),
+                   copy / "a.parquet")
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "a.parquet was generated from another version of" in err, err
+
+
 def test_same_row_same_completion_for_any_batch_size_and_workers(first_run, base, tmp_path):
     expected = results(base.out)
     for batch_size, workers in [(1, 1), (4, 2)]:

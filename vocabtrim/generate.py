@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 STATS_KEY = b"vocabtrim.generate"
+INPUT_KEY = b"vocabtrim.generate.input"  # the input file an output was generated from (its footer_sha256)
 IN_FLIGHT = 2  # chunks queued per actor: one running, one waiting
 RESULT_COLUMNS = ["completion", "completion_tokens", "draft_proposed", "draft_accepted", "finish_reason", "error"]
 RESULT_TYPES = [pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(), pa.string()]
@@ -296,20 +297,30 @@ def output_path(out: str, file: PromptFile) -> str:
 
 
 def is_complete(out: str, file: PromptFile) -> bool:
-    """An output exists under its final name only once fully written; its row count must match the input."""
+    """An output exists under its final name only once fully written; it must come from this input file as it
+    is now: its row count, and the input's footer (``footer_sha256``; outputs written before it was recorded are
+    checked by their row count alone)."""
     path = output_path(out, file)
     shown = storage.display(path)
     try:
         with storage.open_input_file(path) as f:
-            rows = pq.read_metadata(f).num_rows
+            meta = pq.read_metadata(f)
     except FileNotFoundError:
         return False
     except (pa.ArrowInvalid, OSError) as exc:
         user_error_unless_fault(exc, f"{shown} is not a readable output ({first_line(exc)}): delete it and rerun")
-    if rows != file.num_rows:
+    if meta.num_rows != file.num_rows:
         raise UserError(
-            f"{shown} has {rows} rows but {storage.display(file.path)} has {file.num_rows}: the input changed; use a new --out"
+            f"{shown} has {meta.num_rows} rows but {storage.display(file.path)} has {file.num_rows}: the input changed; "
+            "use a new --out"
         )
+    try:
+        made_from = json.loads((meta.metadata or {}).get(INPUT_KEY, b"{}")).get("footer_sha256")
+    except (ValueError, AttributeError):
+        made_from = None
+    if made_from and file.footer_sha256 and made_from != file.footer_sha256:
+        raise UserError(f"{shown} was generated from another version of {storage.display(file.path)} (its rows or values "
+                        "changed since): use a new --out, or delete that output to generate it again")
     return True
 
 
@@ -616,8 +627,10 @@ class _FileState:
     all_sent: bool = False
 
 
-def write_output(path: str, id_column: str, id_type, ids: list[pa.Array], columns: list[dict], stats: ChunkStats) -> dict:
-    """Write one output file atomically; returns its file-level statistics (also stored in its footer)."""
+def write_output(path: str, id_column: str, id_type, ids: list[pa.Array], columns: list[dict], stats: ChunkStats,
+                 input_footer: str | None = None) -> dict:
+    """Write one output file atomically; returns its file-level statistics (also stored in its footer, with the
+    input's ``footer_sha256``)."""
     id_arrays = [a.cast(id_type) if id_type is not None else a for a in ids]
     id_array = pa.concat_arrays(id_arrays) if id_arrays else pa.array([], type=id_type or pa.string())
     arrays = [id_array]
@@ -625,7 +638,9 @@ def write_output(path: str, id_column: str, id_type, ids: list[pa.Array], column
         arrays.append(pa.array([v for c in columns for v in c[name]], type=typ))
     table = pa.Table.from_arrays(arrays, names=[id_column] + RESULT_COLUMNS)
     file_stats = _file_stats(table, stats)
-    table = table.replace_schema_metadata({STATS_KEY: json.dumps(file_stats).encode()})
+    table = table.replace_schema_metadata({STATS_KEY: json.dumps(file_stats).encode(),
+                                           **({INPUT_KEY: json.dumps({"footer_sha256": input_footer}).encode()}
+                                              if input_footer else {})})
     storage.write_with(path, lambda tmp: pq.write_table(table, tmp))  # whole file or nothing
     return file_stats
 
@@ -684,6 +699,7 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
                 [st.ids[s] for s in starts],
                 [st.results[s] for s in starts],
                 st.stats,
+                st.file.footer_sha256,
             )
             del states[index]
             on_written(st.file, file_stats)

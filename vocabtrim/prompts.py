@@ -16,6 +16,7 @@ A bad *row* (null, empty, malformed messages, too long for the context) is not a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,7 @@ class PromptFile:
     num_rows:    rows in the file (from its footer).
     prompt_type: the Arrow type of its prompt column.
     id_type:     the Arrow type of its id column, or None when it has none (stable ids are made instead).
+    footer_sha256: ``footer_digest`` of the file as read, or None where not known.
     """
 
     path: str
@@ -48,6 +50,7 @@ class PromptFile:
     num_rows: int
     prompt_type: pa.DataType
     id_type: pa.DataType | None
+    footer_sha256: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +118,19 @@ def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
     return result
 
 
+def footer_digest(f) -> str:
+    """A hash (16 hex digits of sha256) of an open Parquet file's footer: its schema and row groups with their
+    offsets, sizes and statistics. The same file copied elsewhere gives the same one; a file written again with
+    other rows or values gives another."""
+    size = f.size()
+    f.seek(size - 8)
+    length = int.from_bytes(f.read(4), "little")
+    if not 0 < length <= size - 12:
+        raise pa.ArrowInvalid(f"Parquet footer length {length} does not fit a file of {size} bytes")
+    f.seek(size - 8 - length)
+    return hashlib.sha256(f.read(length)).hexdigest()[:16]
+
+
 def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str | None) -> PromptFile:
     """Read a file's footer and refuse it in one line if it is not Parquet or lacks the prompt column."""
     path = os.fspath(path)
@@ -122,6 +138,7 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
     try:
         with storage.open_input_file(path) as f:
             meta = pq.read_metadata(f)
+            footer = footer_digest(f)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # column names that are not UTF-8 too
         _unreadable(path, exc)
@@ -144,7 +161,8 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
         if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_integer(value_type)):
             raise UserError(f"{shown}: --id-column {id_column!r} holds {id_type} values: ids must be strings or integers")
         _check_unique_ids(path, id_column)
-    return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type)
+    return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type,
+                      footer_sha256=footer)
 
 
 def _check_unique_ids(path: str, id_column: str) -> None:
