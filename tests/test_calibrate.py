@@ -215,13 +215,25 @@ def test_corpus_and_out_on_s3_give_the_exact_histogram_and_resume(ray_local, s3,
 
 def test_an_out_with_a_query_string_is_shown_without_it(ray_local, s3, data, capsys):
     """The query of an object-store location (endpoints, keys) is used but never printed."""
+    import io
+
     bucket, host = s3.bucket(), s3.endpoint.removeprefix("http://")
-    code = cli(["calibrate", "--drafter", data["model"], "--corpus", data["corpus"], "--out",
-                f"{bucket}/calib?endpoint_override={host}&scheme=http", "--workers", "1", "--cpus-per-worker", "0.4", "--no-progress"])
+    query = f"?endpoint_override={host}&scheme=http"
+    storage.write_bytes(f"{bucket}/corpus/c.txt{query}", "\n".join(corpus_rows(40, seed=3)).encode())
+    code = cli(["calibrate", "--drafter", data["model"], "--corpus", data["corpus"], f"{bucket}/corpus{query}", "--out",
+                f"{bucket}/calib{query}", "--workers", "1", "--cpus-per-worker", "0.4", "--no-progress"])
     printed = capsys.readouterr()
     assert code == 0 and storage.exists(f"{bucket}/calib/histogram.parquet")
     assert f"wrote {bucket}/calib/histogram.parquet and {bucket}/calib/manifest.json" in printed.out, printed.out
     assert host not in printed.out + printed.err
+    written = storage.walk_files(f"{bucket}/calib{query}")  # nor is it written down: manifest, run record, ledger entries
+    assert any(storage.name(p).endswith(".npz") for p in written)
+    for path in written:
+        raw = storage.read_bytes(path)
+        if storage.name(path).endswith(".npz"):
+            with np.load(io.BytesIO(raw)) as entry:
+                raw = str(entry["meta"]).encode()
+        assert host.encode() not in raw, storage.display(path)
 
 
 @pytest.mark.parametrize("chat_template, wrapped", [("auto", True), ("never", False)])

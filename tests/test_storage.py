@@ -202,6 +202,9 @@ def test_claim_binds_a_folder_to_its_settings(s3, tmp_path, remote):
     storage.write_bytes(storage.join(root, "bad", "settings.json"), b"{not json")
     with pytest.raises(UserError, match="settings.json is unreadable"):
         storage.claim(storage.join(root, "bad"), "settings.json", {"seed": 1})
+    killed = storage.join(root, "killed")  # a run killed while it wrote its first record left a temporary file
+    storage.write_bytes(storage.join(killed, ".sweep.json.k3j2x9.tmp"), b"{")
+    assert storage.claim(killed, "sweep.json", {"k": 4}, key="settings") == {"settings": {"k": 4}}
 
 
 def test_a_fault_reading_a_record_or_opening_a_store_is_no_user_error(tmp_path, monkeypatch):
@@ -241,7 +244,7 @@ def test_settings_key(tmp_path, monkeypatch):
     (tmp_path / "model").mkdir()
     assert storage.settings_key("model") == str(tmp_path.resolve() / "model")  # a local folder: its absolute path
     assert storage.settings_key("org/name") == "org/name"  # a hub id (no such folder here)
-    assert storage.settings_key("s3://b/k?region=x") == "s3://b/k?region=x"
+    assert storage.settings_key("s3://b/k?region=x&secret_key=s") == "s3://b/k"  # no keys written down
     assert storage.settings_key(None) is None
 
 

@@ -127,6 +127,7 @@ class Ledger:
             self._recorded.add(result.shard_id)
             return False
         meta = {k: getattr(result, k) for k in ("shard_id", "path", "rows", "skipped_rows", "tokens")}
+        meta["path"] = storage.display(meta["path"])  # a URI's query (endpoints, keys) is not written down
         buf = io.BytesIO()
         np.savez_compressed(buf, ids=result.ids.astype(np.int64), counts=result.counts.astype(np.int64), meta=np.array(json.dumps(meta)))
         storage.atomic_write(target, buf.getvalue())
@@ -623,7 +624,8 @@ def _progress_bar(config: CalibrateConfig, total: int, initial: int):
 def _file_summary(entries: list[ShardCount]) -> list[dict]:
     files: dict[str, dict] = {}
     for e in entries:
-        f = files.setdefault(e.path, {"path": storage.display(e.path), "shards": 0, "rows": 0, "skipped_rows": 0, "tokens": 0})
+        shown = storage.display(e.path)  # entries record it so; earlier ones the location as given
+        f = files.setdefault(shown, {"path": shown, "shards": 0, "rows": 0, "skipped_rows": 0, "tokens": 0})
         f["shards"] += 1
         f["rows"] += e.rows
         f["skipped_rows"] += e.skipped_rows

@@ -455,13 +455,14 @@ def delete(where: str) -> None:
 
 
 def settings_key(name: str | None) -> str | None:
-    """A model, corpus or prompt name as recorded in settings: a local path that exists made absolute,
-    anything else (a hub id, a bundled model name, a URI) as given."""
+    """A model, corpus or prompt name as recorded in settings: a local path that exists made absolute, a URI
+    without its query (which may carry keys, and rotates with them), anything else (a hub id, a bundled model's
+    name) as given."""
     if name is None:
         return None
     name = str(name)
     if is_uri(name):
-        return name
+        return display(name)
     path = os.path.expanduser(name)
     return os.path.realpath(path) if os.path.exists(path) else name
 
@@ -513,7 +514,8 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
         raise UserError(f"--out {shown} is a file, not a folder")
     if not is_file(path):
         names = [name(p) for p in walk_files(folder)]
-        found = next((n for n in names if stray(n)), None)
+        # A temporary file of ours (``.<name>.<random>.tmp``: a run killed while it wrote) is no one's output.
+        found = next((n for n in names if stray(n) and not (n.startswith(".") and n.endswith(".tmp"))), None)
         if found is not None:
             raise UserError(f"--out {shown} already holds files ({found}) but no {record}: use a new or empty --out")
         makedirs(folder)

@@ -890,7 +890,7 @@ def run_train(config: TrainConfig) -> dict:
     last = history[-1] if history else {}
     manifest = {
         "kind": MANIFEST_KIND, "version": 1, "target": c.target, "tokenizer_fingerprint": fp, "source": c.source,
-        "corpus": list(c.corpus), "text_column": c.text_column, "draft_vocab_size": len(draft_ids), "vocab_size": V,
+        "corpus": [storage.display(p) for p in c.corpus], "text_column": c.text_column, "draft_vocab_size": len(draft_ids), "vocab_size": V,
         "feature_layers": list(feature_layers), **vocab_info, "shards": len(shards), "shards_extracted": len(todo),
         "train_shards": len(train_ids), "held_out_shards": len(eval_ids), "epochs": max([c.epochs, *(r["epoch"] for r in all_epochs)]),
         "ttt_length": c.ttt_length,
