@@ -364,7 +364,7 @@ def check_declared_widths(target: str, drafter: str, trust_remote_code: bool = F
         raise UserError(f"target and drafter logits widths differ: {wt} vs {wd}")
 
 
-MODEL_FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".json")  # weights, configs, tokenizer
+MODEL_FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".json", ".jinja", ".model")  # weights, configs, tokenizer, chat template
 
 
 def model_files_key(name: str | None) -> str | None:
