@@ -182,8 +182,8 @@ class FeatureExtractor(StartingActor):
 
     def _rows(self, shard, batch) -> list[tuple[list[int], int]]:
         """(token ids, index of the first loss-bearing token) per row of a corpus batch: ``--source corpus``,
-        each non-blank text with the special tokens the tokenizer adds; ``--source target``, each row's prompt of at most max_length - max_new_tokens
-        tokens (``calibrate.batch_prompts``) and the target's response."""
+        each non-blank text with the special tokens the tokenizer adds; ``--source target``, each row's prompt of
+        at most max_length - max_new_tokens tokens (``calibrate.batch_prompts``) and the target's response."""
         from vocabtrim.engine.sampling import row_seed
 
         spec = self.spec
@@ -811,6 +811,9 @@ def run_train(config: TrainConfig) -> dict:
     todo = [s for s in shards if not ledger.done(s.shard_id)]
     init_ray(c.address)
     cpus = c.cpus_per_worker or default_cpus_per_worker(c.workers)
+    gpus = c.gpus_per_worker if c.gpus_per_worker > 0 else 0
+    trainer_cpus = c.cpus_per_worker or default_cpus_per_worker(1)
+    check_resources(1, gpus, trainer_cpus)  # the training actor, before any extraction
     t0 = time.perf_counter()
     extract_seconds = 0.0
     if todo:
@@ -832,9 +835,6 @@ def run_train(config: TrainConfig) -> dict:
             finally:
                 bar.close()
         extract_seconds = time.perf_counter() - t0
-    gpus = c.gpus_per_worker if c.gpus_per_worker > 0 else 0
-    trainer_cpus = c.cpus_per_worker or default_cpus_per_worker(1)
-    check_resources(1, gpus, trainer_cpus)
     Trainer = ray.remote(DrafterTrainer).options(num_cpus=trainer_cpus, num_gpus=gpus)
     trainer = Trainer.remote(asdict(c), draft_ids, tuple(feature_layers), train_ids, eval_ids, max(1, int(trainer_cpus)))
     t1 = time.perf_counter()
