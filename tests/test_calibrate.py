@@ -561,8 +561,8 @@ def test_another_commands_out_folder_is_refused_not_overwritten(ray_local, data,
 
 
 def test_workers_beyond_the_shards_are_neither_started_nor_asked_of_the_cluster(ray_local, data, tmp_path, capsys):
-    """One shard to count and --workers 5 of 1 CPU on a 2-CPU Ray: one actor is started, and the run is not refused
-    for the 5 the cluster could not hold."""
+    """One shard to count and --workers 5 of 1 CPU on a 2-CPU Ray: the run is not refused for the 5 the cluster could
+    not hold, since only as many workers as shards left are started."""
     (tmp_path / "one.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 5)
     out = tmp_path / "o"
     assert cli(["calibrate", "--drafter", data["model"], "--corpus", str(tmp_path / "one.txt"), "--workers", "5",
