@@ -194,27 +194,6 @@ def test_outputs_resume_only_from_the_inputs_they_were_generated_from(first_run,
     assert "\n" not in err and "a.parquet was generated from another version of" in err, err
 
 
-def test_a_target_written_again_in_place_is_other_settings(ray_local, base, tmp_path, capsys):
-    """The target's folder written again (a fine-tune saved over it, say): a rerun into the same --out is refused,
-    not resumed with outputs of the old weights. Settings recorded before the model files were (no such key) still
-    resume."""
-    import os
-    import shutil
-
-    target = tmp_path / "target"
-    shutil.copytree(base.target, target)
-    cfg = replace(base, target=str(target), out=str(tmp_path / "out"))
-    assert run_generate(cfg)["files_generated"] == 3
-    weights = next(target.glob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # as a new save leaves it
-    with pytest.raises(UserError, match=r"other settings \(target_files "):
-        run_generate(cfg)
-    record = Path(cfg.out) / "settings.json"
-    settings = json.loads(record.read_text())
-    record.write_text(json.dumps({k: v for k, v in settings.items() if k not in ("target_files", "drafter_files")}))
-    assert run_generate(cfg)["files_resumed"] == 3
-
-
 def test_same_row_same_completion_for_any_batch_size_and_workers(first_run, base, tmp_path):
     expected = results(base.out)
     for batch_size, workers in [(1, 1), (4, 2)]:

@@ -217,9 +217,9 @@ def _drafter_config(cfg: GenerateConfig) -> dict | None:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None = None, model_files: dict | None = None) -> dict:
-    """What decides a row's completion (``head_sha256``: ``check_drafter``'s; ``model_files``: ``model_files_of``).
-    A rerun into the same ``--out`` must match it exactly.
+def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None = None) -> dict:
+    """What decides a row's completion (``head_sha256``: ``check_drafter``'s). A rerun into the same ``--out``
+    must match it exactly.
 
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
@@ -255,24 +255,7 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         # Another device gives other floats (and --dtype auto another dtype). No key on the CPU, as settings written
         # before it was recorded.
         **({"device": "cuda"} if cfg.gpus_per_worker > 0 else {}),
-        **(model_files or {}),
     }
-
-
-def model_files_of(cfg: GenerateConfig, out: str) -> dict:
-    """The model folders' files as they are now (``models.model_files_key``): a target or drafter written again in
-    place is other settings. Left out where ``out`` already records settings without them (written before they were
-    recorded), so those outputs resume as before."""
-    from vocabtrim.models import model_files_key
-
-    try:
-        recorded = json.loads(storage.read_text(storage.join(out, SETTINGS_FILE)))
-    except (OSError, ValueError):  # none yet (or unreadable: storage.claim says so)
-        recorded = None
-    if isinstance(recorded, dict) and "target_files" not in recorded:
-        return {}
-    return {"target_files": model_files_key(cfg.target),
-            "drafter_files": model_files_key(_drafter_name(cfg)) if not cfg.no_draft and cfg.drafter is not None else None}
 
 
 def _write_json(where: str, data: dict) -> None:
@@ -837,7 +820,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     fingerprint, wrap_strings = check_models(cfg, files)
     head_sha256 = check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
-    settings = settings_of(cfg, fingerprint, head_sha256, model_files_of(cfg, out))
+    settings = settings_of(cfg, fingerprint, head_sha256)
     prepare_out(out, settings, files)
     remove_stale_temporaries(out)
     todo = [f for f in files if not is_complete(out, f)]

@@ -364,31 +364,6 @@ def check_declared_widths(target: str, drafter: str, trust_remote_code: bool = F
         raise UserError(f"target and drafter logits widths differ: {wt} vs {wd}")
 
 
-MODEL_FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".json", ".jinja", ".model")  # weights, configs, tokenizer, chat template
-
-
-def model_files_key(name: str | None) -> str | None:
-    """For a local model folder (or file): a hash of its weight and config files' names, sizes and modification
-    times, which tells a model written again in place (fine-tuned into the same folder, say) from the one a run
-    used. None for anything else (a bundled model's name, a hub id, an object-store URI)."""
-    from vocabtrim import storage
-
-    if name is None or storage.is_uri(str(name)):
-        return None
-    path = Path(os.path.expanduser(str(name)))
-    if path.is_file():
-        found = [path]
-    elif path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)  # not sub-folders
-    else:
-        return None
-    h = hashlib.sha256()
-    for p in found:
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return "files-" + h.hexdigest()[:16]
-
-
 def check_weights(name: str) -> None:
     """Refuse, in one line as ``load_model`` would, a local model folder whose weights cannot be read: no
     safetensors file, a damaged header, a file shorter than its header says. Only headers are read; a hub id is
