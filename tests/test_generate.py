@@ -171,7 +171,8 @@ def test_other_settings_into_the_same_out_are_refused(first_run, base, capsys, f
 
 def test_outputs_resume_only_from_the_inputs_they_were_generated_from(first_run, base, inputs, tmp_path, capsys):
     """The prompts folder copied elsewhere: the outputs resume from the copy. One file written again with the same
-    name and row count but another prompt: its output is refused in one line, not resumed as that file's."""
+    name and row count but another first prompt (which changes its footer's statistics): its output is refused in
+    one line, not resumed as that file's."""
     import shutil
 
     out, copy = tmp_path / "out", tmp_path / "copy"
@@ -372,6 +373,10 @@ def test_no_draft_runs_record_the_gamma_that_sets_a_prompts_room(base, tmp_path)
     assert settings_of(alone, "fp")["gamma"] is None and "prompt_room_gamma" not in settings_of(base, "fp")
     # A run on GPUs is another setting (other floats; --dtype auto another dtype); the CPU adds no key, as before.
     assert settings_of(replace(base, gpus_per_worker=1), "fp")["device"] == "cuda" and "device" not in settings_of(base, "fp")
+    # The rejection sampler's uniforms changed (version 2): its outputs at temperature > 0 from before do not resume.
+    assert settings_of(replace(base, sampler="rejection"), "fp")["uniforms"] == 2
+    assert all("uniforms" not in settings_of(replace(base, **kw), "fp")
+               for kw in ({}, {"sampler": "rejection", "temperature": 0.0}))
 
 
 def test_max_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_ray(base, tmp_path, monkeypatch):

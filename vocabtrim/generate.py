@@ -255,6 +255,9 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         # Another device gives other floats (and --dtype auto another dtype). No key on the CPU, as settings written
         # before it was recorded.
         **({"device": "cuda"} if cfg.gpus_per_worker > 0 else {}),
+        # The rejection sampler's uniforms at temperature > 0 (sampling.noise_uniform): version 2 fills their 53 bits
+        # from two keys. Outputs of version 1 (no key) do not resume under it; greedy and Gumbel outputs are the same.
+        **({"uniforms": 2} if cfg.sampler == "rejection" and cfg.temperature > 0 and cfg.engine == "native" else {}),
     }
 
 
@@ -319,7 +322,7 @@ def is_complete(out: str, file: PromptFile) -> bool:
     except (ValueError, AttributeError):
         made_from = None
     if made_from and file.footer_sha256 and made_from != file.footer_sha256:
-        raise UserError(f"{shown} was generated from another version of {storage.display(file.path)} (its rows or values "
+        raise UserError(f"{shown} was generated from another version of {storage.display(file.path)} (its Parquet footer "
                         "changed since): use a new --out, or delete that output to generate it again")
     return True
 

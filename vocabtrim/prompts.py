@@ -120,8 +120,8 @@ def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
 
 def footer_digest(f) -> str:
     """A hash (16 hex digits of sha256) of an open Parquet file's footer: its schema and row groups with their
-    offsets, sizes and statistics. The same file copied elsewhere gives the same one; a file written again with
-    other rows or values gives another."""
+    offsets, sizes and min/max statistics. The same file copied elsewhere gives the same one; a file written
+    again gives another unless every size and statistic stayed the same (no data is read)."""
     size = f.size()
     f.seek(size - 8)
     length = int.from_bytes(f.read(4), "little")
