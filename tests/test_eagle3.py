@@ -928,6 +928,20 @@ def test_source_target_features_read_message_lists_through_the_chat_template(tin
         assert row["loss_mask"].tolist() == [0] * len(p) + [1] * len(o.token_ids)
 
 
+def test_feature_files_do_not_write_down_a_uris_query(tmp_path):
+    """A shard of a corpus on an object store: its feature file names the location without the URI's query, which
+    may carry an endpoint or keys."""
+    from safetensors import safe_open
+
+    from vocabtrim import train
+
+    ledger = train.FeatureLedger(str(tmp_path / "features"))
+    where = "s3://b/c.parquet?endpoint_override=h:1&secret_key=k"
+    assert ledger.record(train.FeatureShard("c-1", where, 1, 3, {"input_ids": torch.zeros(3, dtype=torch.int64)}, 0.0))
+    with safe_open(str(ledger.path("c-1")), "pt") as f:
+        assert f.metadata()["path"] == "s3://b/c.parquet"
+
+
 def test_source_corpus_features_start_with_the_bos_the_tokenizer_adds(tiny, tmp_path):
     """train-drafter --source corpus: each row is encoded as generate encodes a raw prompt, with the special tokens
     the tokenizer adds (a Llama-3 tokenizer's BOS), so the target's hidden states are the ones the engine reads; the

@@ -202,6 +202,12 @@ def test_claim_binds_a_folder_to_its_settings(s3, tmp_path, remote):
     storage.write_bytes(storage.join(root, "bad", "settings.json"), b"{not json")
     with pytest.raises(UserError, match="settings.json is unreadable"):
         storage.claim(storage.join(root, "bad"), "settings.json", {"seed": 1})
+    earlier = storage.join(root, "earlier")  # a record written when settings kept a URI's query resumes without it
+    storage.write_json(storage.join(earlier, "sweep.json"), {"settings": {"prompts": ["s3://b/p?endpoint_override=h:1"]}})
+    assert storage.claim(earlier, "sweep.json", {"prompts": [storage.settings_key("s3://b/p?endpoint_override=h:1")]},
+                         key="settings", what="a sweep")
+    with pytest.raises(UserError, match=r"prompts \['s3://b/p'\] now \['s3://b/q'\]"):  # and no query shown
+        storage.claim(earlier, "sweep.json", {"prompts": ["s3://b/q"]}, key="settings", what="a sweep")
     killed = storage.join(root, "killed")  # a run killed while it wrote its first record left a temporary file
     storage.write_bytes(storage.join(killed, ".sweep.json.k3j2x9.tmp"), b"{")
     assert storage.claim(killed, "sweep.json", {"k": 4}, key="settings") == {"settings": {"k": 4}}

@@ -531,14 +531,24 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
             raise ValueError(f"not a JSON object: {old!r}"[:80])
     except (OSError, ValueError, AttributeError) as exc:
         user_error_unless_fault(exc, f"{display(path)} is unreadable ({first_line(exc)}): use a new --out")
-    diffs = [f"{k} {old.get(k)!r} now {settings.get(k)!r}"
-             for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
+    diffs = [f"{k} {_without_queries(old.get(k))!r} now {settings.get(k)!r}"
+             for k in [*settings, *(k for k in old if k not in settings)] if _without_queries(old.get(k)) != settings.get(k)]
     if diffs:
         raise UserError(
             f"{shown} holds {what} made with other settings ({'; '.join(diffs[:3])}{'; …' if len(diffs) > 3 else ''}): "
             "rerun with the same settings to resume, or use a new --out"
         )
     return recorded
+
+
+def _without_queries(value):
+    """A recorded setting with each URI's query left out, as ``settings_key`` records it now (records written
+    before kept the query): a string, or a list of them; anything else as it is."""
+    if isinstance(value, str) and is_uri(value):
+        return display(value)
+    if isinstance(value, list):
+        return [_without_queries(v) for v in value]
+    return value
 
 
 def write_json(where: str, data) -> None:

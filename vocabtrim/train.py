@@ -119,7 +119,8 @@ class FeatureLedger(Ledger):
         if result.shard_id in self._recorded or storage.is_file(target):
             self._recorded.add(result.shard_id)
             return False
-        meta = {"shard_id": result.shard_id, "path": result.path, "rows": str(result.rows), "tokens": str(result.tokens)}
+        meta = {"shard_id": result.shard_id, "path": storage.display(result.path),  # a URI's query is not written down
+                "rows": str(result.rows), "tokens": str(result.tokens)}
         storage.atomic_write(target, save(result.tensors, metadata=meta))
         self._recorded.add(result.shard_id)
         return True
