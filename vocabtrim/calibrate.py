@@ -375,7 +375,8 @@ class ShardCounter(StartingActor):
 
 
 class CounterPool:
-    """``workers`` ShardCounter actors; ``replace`` swaps a dead one for a fresh one.
+    """``workers`` ShardCounter actors (refused in one line first where the cluster can never hold them:
+    ``ray_utils.check_resources``); ``replace`` swaps a dead one for a fresh one.
 
     Restarts are the driver's job (``count_shards`` runs the actors under ``ray_utils.ActorPool``, which
     replaces a dead actor in ``actors`` and resubmits the shards it held) rather than Ray's ``max_restarts``: the actors' constructor argument references the
@@ -396,6 +397,9 @@ class CounterPool:
     ):
         import ray
 
+        from vocabtrim.ray_utils import check_resources
+
+        check_resources(workers, gpus_per_worker, cpus_per_worker)
         self._cls = ray.remote(actor_class or ShardCounter)
         self._options = dict(
             num_cpus=cpus_per_worker,
@@ -635,7 +639,7 @@ def _file_summary(entries: list[ShardCount]) -> list[dict]:
 
 def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     """Count the corpus into ``config.out`` (resuming from its ledger) and return the manifest."""
-    from vocabtrim.ray_utils import check_resources, default_cpus_per_worker, init_ray
+    from vocabtrim.ray_utils import default_cpus_per_worker, init_ray
 
     wall = time.perf_counter()
     p = plan(config)
@@ -650,11 +654,10 @@ def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
     if todo:
         init_ray(config.address)
         cpus = cpus or default_cpus_per_worker(config.workers)
-        actors = min(config.workers, len(todo))  # workers beyond the shards to count are not started
-        check_resources(actors, config.gpus_per_worker, cpus)
         spec = CounterSpec(**{**asdict(p.spec), "threads": max(1, int(cpus))})
         t0 = time.perf_counter()
-        with CounterPool(spec, actors, cpus_per_worker=cpus, gpus_per_worker=config.gpus_per_worker) as pool:
+        # Workers beyond the shards to count are not started (nor asked of the cluster).
+        with CounterPool(spec, min(config.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=config.gpus_per_worker) as pool:
             pool.wait_ready()
             startup = time.perf_counter() - t0
             bar = _progress_bar(config, len(p.shards), len(p.shards) - len(todo))

@@ -818,8 +818,6 @@ def run_train(config: TrainConfig) -> dict:
     t0 = time.perf_counter()
     extract_seconds = 0.0
     if todo:
-        actors = min(c.workers, len(todo))  # workers beyond the shards to extract are not started
-        check_resources(actors, c.gpus_per_worker, cpus)
         spec = ExtractorSpec(
             target=c.target, source=c.source, text_column=c.text_column, feature_layers=tuple(feature_layers), max_length=c.max_length,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, dtype=c.dtype,
@@ -827,7 +825,8 @@ def run_train(config: TrainConfig) -> dict:
             batch_rows=c.shard_rows if c.source == "target" else 8,  # generation: one batch per shard
             wrap_prompts=has_chat_template(tokenizer),
         )
-        with CounterPool(spec, actors, cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
+        # Workers beyond the shards to extract are not started (nor asked of the cluster).
+        with CounterPool(spec, min(c.workers, len(todo)), cpus_per_worker=cpus, gpus_per_worker=c.gpus_per_worker,
                          actor_class=FeatureExtractor) as pool:
             pool.wait_ready()
             bar = Progress(len(shards), "shard", "features", initial=len(shards) - len(todo), enabled=c.show_progress)
