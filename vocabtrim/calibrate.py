@@ -638,7 +638,15 @@ def _file_summary(entries: list[ShardCount]) -> list[dict]:
 
 
 def run_calibrate(config: CalibrateConfig, *, on_recorded=None) -> dict:
-    """Count the corpus into ``config.out`` (resuming from its ledger) and return the manifest."""
+    """Count the corpus into ``config.out`` (resuming from its ledger; held by ``lease``: one run at a time) and
+    return the manifest."""
+    from vocabtrim.lease import lease
+
+    with lease(os.fspath(config.out)):
+        return _calibrate(config, on_recorded)
+
+
+def _calibrate(config: CalibrateConfig, on_recorded) -> dict:
     from vocabtrim.ray_utils import default_cpus_per_worker, init_ray
 
     wall = time.perf_counter()

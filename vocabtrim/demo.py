@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage
 from vocabtrim.errors import UserError
+from vocabtrim.lease import lease
 from vocabtrim.models import BUNDLED_EAGLE3
 from vocabtrim.sweep.cells import Cell, SweepConfig, plan_cells
 
@@ -239,7 +240,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """
     out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="vocabtrim-demo-"))
     try:
-        result = _run(cfg, out, echo)
+        with lease(str(out)):  # one run at a time in --out
+            result = _run(cfg, out, echo)
     finally:
         if not cfg.out:
             shutil.rmtree(out, ignore_errors=True)

@@ -33,7 +33,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -280,19 +279,6 @@ def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     names = [f.name for f in files]
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
                   stray=lambda name: name.endswith(".parquet") or name == "manifest.json")  # another command's output
-
-
-def remove_stale_temporaries(out: str) -> None:
-    """Partial files a killed run left behind in a local ``--out`` (never complete outputs: those have their
-    final names). Local writes go through ``storage`` (``.<name>.<random>.tmp`` beside the target; earlier
-    versions wrote ``.<name>.tmp-<random>``). Object stores hold no partial objects: an upload appears whole."""
-    if not storage.is_local(out):
-        return
-    root = Path(storage.local_path(out))
-    for pattern in (".*.tmp", ".*.tmp-*"):
-        for tmp in root.rglob(pattern):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
 
 
 def output_path(out: str, file: PromptFile) -> str:
@@ -812,7 +798,15 @@ def _vllm_spec_summary(total: dict) -> dict:
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
-    """Generate completions for every row of ``cfg.prompts`` into ``cfg.out``; returns the summary."""
+    """Generate completions for every row of ``cfg.prompts`` into ``cfg.out`` (held by ``lease``: one run at a
+    time); returns the summary."""
+    from vocabtrim.lease import lease
+
+    with lease(os.fspath(cfg.out)):
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> dict:
     from vocabtrim.ray_utils import init_ray
 
     wall = time.perf_counter()
@@ -825,7 +819,6 @@ def run_generate(cfg: GenerateConfig) -> dict:
     out = os.fspath(cfg.out)
     settings = settings_of(cfg, fingerprint, head_sha256)
     prepare_out(out, settings, files)
-    remove_stale_temporaries(out)
     todo = [f for f in files if not is_complete(out, f)]
 
     written: list[dict] = []

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 
+LOCK_FILE = ".vocabtrim.lock"  # ``vocabtrim.lease``'s, in each output folder a run holds
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
 
@@ -505,8 +506,18 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
     - A record with other settings: refused, naming the first differences, unless ``binds()`` says the
       folder holds nothing made under the recorded settings; then the record is rewritten with these.
 
-    Refusals are UserError, one line. Returns the record as it is in the file afterwards.
+    Refusals are UserError, one line. Returns the record as it is in the file afterwards. Once claimed, the
+    folder's partial files of killed runs are removed where this process holds its lease (``lease``).
     """
+    recorded = _claim(folder, record, settings, key=key, what=what, binds=binds, stray=stray)
+    from vocabtrim import lease
+
+    lease.remove_temporaries(folder)
+    return recorded
+
+
+def _claim(folder: str, record: str, settings: dict, *, key: str | None, what: str, binds: Callable[[], bool] | None,
+           stray: Callable[[str], bool]) -> dict:
     shown = display(folder)
     path = join(folder, record)
     fresh = {key: settings} if key else dict(settings)
@@ -514,8 +525,9 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
         raise UserError(f"--out {shown} is a file, not a folder")
     if not is_file(path):
         names = [name(p) for p in walk_files(folder)]
-        # A temporary file of ours (``.<name>.<random>.tmp``: a run killed while it wrote) is no one's output.
-        found = next((n for n in names if stray(n) and not (n.startswith(".") and n.endswith(".tmp"))), None)
+        # A temporary file of ours (``.<name>.<random>.tmp``: a run killed while it wrote) is no one's output, nor
+        # is the lease's lock file (``vocabtrim.lease``).
+        found = next((n for n in names if stray(n) and not (n.startswith(".") and n.endswith(".tmp")) and n != LOCK_FILE), None)
         if found is not None:
             raise UserError(f"--out {shown} already holds files ({found}) but no {record}: use a new or empty --out")
         makedirs(folder)

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -728,7 +729,15 @@ def _recorded(out: str) -> dict:
 
 
 def run_train(config: TrainConfig) -> dict:
-    """Extract features (resumable), train (resumable by epoch), write the drafter; returns the manifest."""
+    """Extract features (resumable), train (resumable by epoch), write the drafter into ``config.out`` (held by
+    ``lease``: one run at a time); returns the manifest."""
+    from vocabtrim.lease import lease
+
+    with lease(os.fspath(config.out)):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict:
     import ray
     import torch
     from tqdm.auto import tqdm

@@ -53,12 +53,19 @@ def _check_build_config(config: BuildHeadConfig) -> None:
 
 
 def build_head(config: BuildHeadConfig) -> dict:
-    """Histogram + drafter → the trimmed head folder; returns its manifest. An EAGLE-3 drafter is
-    re-trimmed instead (``build_eagle3_head``)."""
+    """Histogram + drafter → the trimmed head folder (``config.out``, held by ``lease``: one run at a time);
+    returns its manifest. An EAGLE-3 drafter is re-trimmed instead (``build_eagle3_head``)."""
+    from vocabtrim.lease import lease
+
+    _check_build_config(config)
+    with lease(os.fspath(config.out)):
+        return _build_head(config)
+
+
+def _build_head(config: BuildHeadConfig) -> dict:
     from vocabtrim.models import (check_declared_widths, check_pair, head_rows_fingerprint, is_eagle3, load_drafter, load_tokenizer,
                                   logits_width, tokenizer_fingerprint)
 
-    _check_build_config(config)
     if is_eagle3(config.drafter):
         return build_eagle3_head(config)
     tokenizer = load_tokenizer(config.drafter, config.trust_remote_code)

@@ -382,8 +382,11 @@ def _no_weight_loading_bars():
 
 
 def run_sweep(cfg: SweepConfig, echo: Callable[[str], None] | None = None) -> dict:
-    """Run (or resume) the whole sweep into ``cfg.out``; returns rows, counts and the written paths."""
-    with _no_weight_loading_bars():
+    """Run (or resume) the whole sweep into ``cfg.out`` (held by ``lease``: one run at a time); returns rows,
+    counts and the written paths."""
+    from vocabtrim.lease import lease
+
+    with _no_weight_loading_bars(), lease(cfg.out):
         return _run_sweep(cfg, echo or _echo_for(cfg))
 
 

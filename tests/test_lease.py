@@ -1,0 +1,121 @@
+"""One run at a time in an output folder (``vocabtrim.lease``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vocabtrim import storage
+from vocabtrim.cli import main
+from vocabtrim.errors import UserError
+from vocabtrim.lease import LOCK_FILE, lease, locked
+
+HOLD = textwrap.dedent("""
+    import sys
+    from vocabtrim.lease import lease
+    with lease(sys.argv[1]):
+        print("held", flush=True)
+        sys.stdin.read()
+""")
+
+
+@pytest.fixture
+def holder():
+    """Start a process that holds the lease on a folder until its stdin closes (or it is killed)."""
+    started = []
+
+    def start(folder):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_run_into_a_held_folder_is_refused_until_the_first_ends(tmp_path, holder):
+    out = tmp_path / "out"
+    proc = holder(out)
+    with pytest.raises(UserError) as err:
+        with lease(str(out)):
+            pass
+    assert str(err.value) == (f"--out {out} is in use by another vocabtrim run (pid {proc.pid} on {os.uname().nodename}): "
+                              "wait for it to end, or use another --out")
+    proc.stdin.close()
+    assert proc.wait() == 0
+    assert not (out / LOCK_FILE).exists()  # removed by its holder at the end
+    with lease(str(out)):
+        assert locked(str(out / "sub" / "x.parquet"))
+    assert not locked(str(out))
+
+
+def test_a_killed_holder_leaves_no_lease_behind(tmp_path, holder):
+    out = tmp_path / "out"
+    proc = holder(out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / LOCK_FILE).exists()  # its file stays; its lock went with the process
+    with lease(str(out)):
+        pass
+    assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--target", "m", "--no-draft", "--prompts", "p.parquet"],
+    ["calibrate", "--drafter", "m", "--corpus", "c.txt"],
+    ["train-drafter", "--target", "m", "--corpus", "c.txt", "--histogram", "h", "--top-k", "8"],
+    ["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8"],
+    ["sweep", "--target", "m", "--drafter-layers", "1", "--corpus", "c.txt", "--prompts", "p.parquet"],
+    ["demo", "--quick"],
+])
+def test_every_command_refuses_an_out_another_run_holds(capsys, tmp_path, holder, command):
+    out = tmp_path / "out"
+    proc = holder(out)
+    assert main([*command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vocabtrim {command[0]}: error: --out {out} is in use by another vocabtrim run (pid {proc.pid} on "
+                   f"{os.uname().nodename}): wait for it to end, or use another --out\n")
+
+
+def test_a_folder_held_in_this_process_is_held_again_and_an_empty_one_it_made_goes(tmp_path):
+    out = tmp_path / "out"
+    with lease(str(out)):
+        with lease(str(out)):  # a sweep's stage in the sweep's own folder, say
+            assert (out / LOCK_FILE).exists()
+        assert (out / LOCK_FILE).exists()
+    assert not out.exists()  # made by the lease, left empty (a refused run)
+    out.mkdir()
+    with lease(str(out)):
+        pass
+    assert out.is_dir() and not any(out.iterdir())  # the user's own folder stays
+
+
+def test_a_claimed_held_folder_loses_the_partial_files_of_killed_runs(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    partial = [out / ".part.parquet.k3j2x9ab.tmp", out / "sub" / ".x.npz.0123abcd.tmp", out / ".old.parquet.tmp-a1b2"]
+    kept = [out / "sub" / "done.parquet", out / "notes.tmp"]
+    for p in partial + kept:
+        p.write_bytes(b"x")
+    storage.claim(str(out), "record.json", {"a": 1}, stray=lambda name: name.endswith(".npz"))
+    assert all(p.exists() for p in partial)  # not held: a run may be writing them
+    with lease(str(out)):
+        storage.claim(str(out), "record.json", {"a": 1})
+    assert not any(p.exists() for p in partial)
+    assert all(p.exists() for p in kept)
+
+
+def test_the_lock_file_is_no_other_output_in_a_new_folder(tmp_path):
+    out = tmp_path / "out"
+    with lease(str(out)):
+        assert storage.claim(str(out), "sweep.json", {"a": 1}) == {"a": 1}  # a sweep claims a folder holding nothing else
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
