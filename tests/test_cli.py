@@ -294,3 +294,14 @@ def test_version_is_the_installed_packages(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out == f"vocabtrim {version('vocabtrim')}\n"
+
+
+def test_every_command_takes_address():
+    """SPEC: every command takes ``--address`` (a script passes it to each; build-head, which starts no Ray, too)."""
+    from vocabtrim.cli import COMMANDS
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subparsers) == set(COMMANDS)
+    for name, sub in subparsers.items():
+        assert any("--address" in a.option_strings for a in sub._actions), name

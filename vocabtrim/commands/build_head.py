@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default="", metavar="sglang,eagle,specforge",
                         help="also write an SGLang token map, EAGLE-3 d2t/t2d (safetensors) and/or SpecForge's torch.save'd {d2t, t2d}")
     parser.add_argument("--out", required=True, metavar="HEAD_DIR", help="output folder (a path or a URI such as s3://bucket/head)")
+    parser.add_argument("--address", default=None, help="accepted, as every command takes it; build-head starts no Ray work "
+                        "(it runs in this process), so it joins no cluster")
 
 
 def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
