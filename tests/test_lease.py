@@ -13,7 +13,8 @@ import pytest
 from vocabtrim import storage
 from vocabtrim.cli import main
 from vocabtrim.errors import UserError
-from vocabtrim.lease import LOCK_FILE, lease, locked
+from vocabtrim.lease import LOCK_FILE, lease
+from vocabtrim.storage import locked
 
 HOLD = textwrap.dedent("""
     import sys

@@ -20,7 +20,6 @@ import fcntl
 import logging
 import os
 import socket
-from pathlib import Path
 
 from vocabtrim import storage
 from vocabtrim.errors import UserError
@@ -28,10 +27,8 @@ from vocabtrim.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = storage.LOCK_FILE
-TEMPORARY_PATTERNS = (".*.tmp", ".*.tmp-*")  # storage's partial files; the second is an earlier version's
 
 _held: dict[str, int] = {}  # folders this process holds (real paths) and how many leases on each
-_locked: set[str] = set()  # those of them under a lock (not where the file system had none to take)
 
 
 @contextlib.contextmanager
@@ -53,13 +50,13 @@ def lease(out: str):
     storage.makedirs(path)
     fd = _acquire(path, storage.display(out))
     _held[path] = 1
-    if fd is not None:
-        _locked.add(path)
+    if fd is not None:  # under a lock (not where the file system had none to take)
+        storage.LOCKED.add(path)
     try:
         yield
     finally:
         del _held[path]
-        _locked.discard(path)
+        storage.LOCKED.discard(path)
         _release(path, fd, made)
 
 
@@ -112,23 +109,3 @@ def _release(path: str, fd: int | None, made: bool) -> None:
     if made:
         with contextlib.suppress(OSError):
             os.rmdir(path)  # only when empty
-
-
-def locked(where: str) -> bool:
-    """Whether this process holds the lock on the local folder ``where`` or on a folder above it."""
-    if not storage.is_local(where):
-        return False
-    path = os.path.realpath(storage.local_path(where))
-    return any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in _locked)
-
-
-def remove_temporaries(where: str) -> None:
-    """Partial files that killed runs left under the local folder ``where`` (never complete outputs: those have
-    their final names); nothing unless this process holds its lock (``locked``), so no run is writing them."""
-    if not locked(where):
-        return
-    root = Path(storage.local_path(where))
-    for pattern in TEMPORARY_PATTERNS:
-        for tmp in root.rglob(pattern):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)

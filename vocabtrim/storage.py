@@ -34,6 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 
 LOCK_FILE = ".vocabtrim.lock"  # ``vocabtrim.lease``'s, in each output folder a run holds
+LOCKED: set[str] = set()  # the local folders (real paths) this process holds locked (``vocabtrim.lease`` keeps it)
+TEMPORARY_PATTERNS = (".*.tmp", ".*.tmp-*")  # ``_atomic_local``'s partial files; the second is an earlier version's
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
 
@@ -510,9 +512,7 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
     folder's partial files of killed runs are removed where this process holds its lease (``lease``).
     """
     recorded = _claim(folder, record, settings, key=key, what=what, binds=binds, stray=stray)
-    from vocabtrim import lease
-
-    lease.remove_temporaries(folder)
+    remove_temporaries(folder)
     return recorded
 
 
@@ -551,6 +551,27 @@ def _claim(folder: str, record: str, settings: dict, *, key: str | None, what: s
             "rerun with the same settings to resume, or use a new --out"
         )
     return recorded
+
+
+def locked(where: str) -> bool:
+    """Whether this process holds the lock (``vocabtrim.lease``) on the local folder ``where`` or a folder above it."""
+    if not is_local(where):
+        return False
+    path = os.path.realpath(local_path(where))
+    return any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in LOCKED)
+
+
+def remove_temporaries(where: str) -> None:
+    """Partial files that killed runs left under the local folder ``where`` (never complete outputs: those have
+    their final names); nothing unless this process holds its lock (``locked``), so that no run is writing them."""
+    if not locked(where):
+        return
+    root = local_path(where)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if any(fnmatch.fnmatchcase(f, pattern) for pattern in TEMPORARY_PATTERNS):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, f))
 
 
 def _without_queries(value):
