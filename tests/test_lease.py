@@ -120,3 +120,19 @@ def test_the_lock_file_is_no_other_output_in_a_new_folder(tmp_path):
     with lease(str(out)):
         assert storage.claim(str(out), "sweep.json", {"a": 1}) == {"a": 1}  # a sweep claims a folder holding nothing else
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_an_out_nobody_may_write_in_is_refused_in_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):  # a folder of another owner's (the tests may run as root, who writes anywhere)
+        if str(path).endswith(LOCK_FILE):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(UserError, match=rf"^cannot write in --out {out}: Permission denied$"):
+        with lease(str(out)):
+            pass

@@ -22,7 +22,7 @@ import os
 import socket
 
 from vocabtrim import storage
-from vocabtrim.errors import UserError
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,8 @@ def _acquire(path: str, shown: str) -> int | None:
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            log.warning("no lease on %s (%s): nothing stops another run from writing there", shown, exc.strerror or exc)
-            return None
+        except OSError as exc:  # every command writes in its --out
+            user_error_unless_fault(exc, f"cannot write in --out {shown}: {exc.strerror or first_line(exc)}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
