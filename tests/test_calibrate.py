@@ -176,7 +176,11 @@ def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, dat
     assert not (tmp_path / "out" / "histogram.parquet").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
     assert len(before) == 5
+    partial = [tmp_path / "out" / ".histogram.parquet.k3j2x9ab.tmp", tmp_path / "out" / "shards" / ".f-00001.npz.0123abcd.tmp"]
+    for p in partial:  # what a run killed while it wrote leaves
+        p.write_bytes(b"x")
     m = run_calibrate(config(data, tmp_path / "out", workers=2))
+    assert not any(p.exists() for p in partial)
     assert m["shards_resumed"] == 5 and m["shards_counted"] == m["shards"] - 5
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
     assert all(after[name] == t for name, t in before.items())  # finished shards were not rewritten
