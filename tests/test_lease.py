@@ -92,27 +92,59 @@ def test_a_folder_held_in_this_process_is_held_again_and_an_empty_one_it_made_go
     with lease(str(out)):
         with lease(str(out)):  # a sweep's stage in the sweep's own folder, say
             assert (out / LOCK_FILE).exists()
+        with lease(str(out / "calib")):  # and in a folder inside it
+            assert (out / "calib" / LOCK_FILE).exists()
         assert (out / LOCK_FILE).exists()
     assert not out.exists()  # made by the lease, left empty (a refused run)
+    with lease(str(tmp_path / "a" / "b" / "c")):
+        pass
+    assert not (tmp_path / "a").exists()  # with the folders made above it
     out.mkdir()
     with lease(str(out)):
         pass
     assert out.is_dir() and not any(out.iterdir())  # the user's own folder stays
 
 
-def test_a_claimed_held_folder_loses_the_partial_files_of_killed_runs(tmp_path):
+def test_a_claimed_held_folder_loses_the_partial_files_of_killed_runs(tmp_path, holder):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
-    partial = [out / ".part.parquet.k3j2x9ab.tmp", out / "sub" / ".x.npz.0123abcd.tmp", out / ".old.parquet.tmp-a1b2"]
-    kept = [out / "sub" / "done.parquet", out / "notes.tmp"]
+    partial = [out / ".part.parquet.k3j2x9ab.tmp", out / ".manifest.json.0123abc_.tmp"]
+    kept = [out / "sub" / ".x.npz.0123abcd.tmp",  # a folder below: the command that writes there claims it
+            out / "done.parquet", out / "notes.tmp", out / ".bash_history.tmp", out / ".x.parquet.tmp-a1b2c3d4"]
     for p in partial + kept:
         p.write_bytes(b"x")
-    storage.claim(str(out), "record.json", {"a": 1}, stray=lambda name: name.endswith(".npz"))
+    storage.claim(str(out), "record.json", {"a": 1}, stray=lambda name: False)
     assert all(p.exists() for p in partial)  # not held: a run may be writing them
     with lease(str(out)):
         storage.claim(str(out), "record.json", {"a": 1})
     assert not any(p.exists() for p in partial)
     assert all(p.exists() for p in kept)
+    # a folder below one this process holds, which another run holds: its files are that run's
+    other = holder(out / "sub")
+    with lease(str(out)):
+        storage.remove_temporaries(str(out / "sub"))
+    assert (out / "sub" / ".x.npz.0123abcd.tmp").exists()
+    other.stdin.close()
+    other.wait()
+    with lease(str(out)):
+        storage.remove_temporaries(str(out / "sub"))
+    assert not (out / "sub" / ".x.npz.0123abcd.tmp").exists()
+
+
+def test_a_folder_inside_one_another_run_holds_is_refused(tmp_path, holder):
+    out = tmp_path / "out"
+    proc = holder(out)
+    with pytest.raises(UserError) as err:
+        with lease(str(out / "calib" / "target")):
+            pass
+    assert str(err.value) == (f"--out {out / 'calib' / 'target'} is inside {out}, which another vocabtrim run is writing "
+                              f"(pid {proc.pid} on {os.uname().nodename}): wait for it to end, or use another --out")
+    assert not (out / "calib").exists()  # the folders the refused lease made are gone
+    proc.stdin.close()
+    proc.wait()
+    with lease(str(out / "calib" / "target")):
+        assert (out / "calib" / "target").is_dir()
+    assert not (out / "calib").exists()
 
 
 def test_the_lock_file_is_no_other_output_in_a_new_folder(tmp_path):

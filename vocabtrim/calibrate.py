@@ -655,7 +655,7 @@ def _calibrate(config: CalibrateConfig, on_recorded) -> dict:
     storage.check_out_kind(out, histogram.MANIFEST_KIND)
     ledger = Ledger(storage.join(out, "shards"))
     ledger.claim(p.run_key)
-    storage.remove_temporaries(out)  # a claimed ledger makes --out this command's: killed runs' partial files go
+    storage.remove_temporaries(out)  # killed runs' partial manifest.json or histogram (the ledger's claim did shards/)
     todo = [s for s in p.shards if not ledger.done(s.shard_id)]
     stats = CountStats()
     startup = 0.0

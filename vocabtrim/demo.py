@@ -238,7 +238,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
     Without ``cfg.out`` the working folder is a new temporary folder, deleted at the end (also on failure).
     """
-    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="vocabtrim-demo-"))
+    out = Path(cfg.out).expanduser() if cfg.out else Path(tempfile.mkdtemp(prefix="vocabtrim-demo-"))
     try:
         with lease(str(out)):  # one run at a time in --out
             result = _run(cfg, out, echo)

@@ -275,10 +275,13 @@ def _holds_outputs(out: str, names: list[str]) -> bool:
 def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     """Create ``--out`` and record the settings, or check them against the recorded ones
     (``storage.claim``). Recorded settings bind the folder only once it holds a finished output: a folder
-    whose earlier run was refused or stopped before any file was written takes the new settings."""
+    whose earlier run was refused or stopped before any file was written takes the new settings. Killed runs'
+    partial files beside the outputs are removed (``storage.remove_temporaries``)."""
     names = [f.name for f in files]
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
                   stray=lambda name: name.endswith(".parquet") or name == "manifest.json")  # another command's output
+    for folder in {storage.parent(output_path(out, f)) for f in files}:  # outputs of files in subfolders: theirs
+        storage.remove_temporaries(folder)
 
 
 def output_path(out: str, file: PromptFile) -> str:

@@ -1,12 +1,14 @@
 """One run at a time in an output folder.
 
 ``lease(out)`` holds a local ``--out`` for the length of one command: a second vocabtrim run into the same
-folder, on this machine or on another that mounts it, is refused in one line while the first one runs. The
-holder's claim is an exclusive ``flock`` on ``out/.vocabtrim.lock``, which the kernel (or the NFS server,
-which Linux hands ``flock`` to as a whole-file lock) drops when the holder's process ends, killed or not:
-there is no stale lease to break. Once a run holding the lease has claimed the folder as its own
-(``storage.claim``), the partial files of killed runs there (``.<name>.<random>.tmp``, written by ``storage``
-before each rename) are removed: no run is writing them.
+folder, or into a folder inside it, on this machine or on another that mounts it, is refused in one line
+while the first one runs. The holder's claim is an exclusive ``flock`` on ``out/.vocabtrim.lock``. The kernel
+drops it when the holder's process ends, killed or not: there is no stale lease to break. On NFS, Linux turns
+``flock`` into a lock the server keeps (NFSv4, or v3 with lockd), which holds across machines and which a
+crashed client's machine keeps until the server's lease on it runs out; a mount with ``nolock`` or
+``local_lock`` locks for its own machine only. Once a run holding the lease has claimed a folder as its own
+(``storage.claim``), the partial files of killed runs in that folder (``.<name>.<random>.tmp``, written by
+``storage`` before each rename) are removed: no run is writing them.
 
 A folder on an object store has no lease (stores offer no lock that pyarrow reaches); two runs into one such
 folder are the user's to avoid. Within one process a folder already held is held again (a sweep's stages,
@@ -16,6 +18,7 @@ say), not refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -34,7 +37,8 @@ _held: dict[str, int] = {}  # folders this process holds (real paths) and how ma
 @contextlib.contextmanager
 def lease(out: str):
     """Hold the output folder ``out`` while the ``with`` block runs (see the module's doc). A local folder that
-    does not exist is made, and removed again at the end when the run left nothing in it."""
+    does not exist is made, and removed again at the end (with the folders made above it) when the run left
+    nothing in it."""
     if not storage.is_local(out) or os.path.isfile(storage.local_path(out)):  # a file: the command refuses it
         yield
         return
@@ -46,9 +50,15 @@ def lease(out: str):
         finally:
             _held[path] -= 1
         return
-    made = not os.path.exists(path)
+    shown = storage.display(out)
+    made = _missing_folders(path)
     storage.makedirs(path)
-    fd = _acquire(path, storage.display(out))
+    try:
+        _check_outer(path, shown)
+        fd = _acquire(path, shown)
+    except BaseException:
+        _remove_empty(made)
+        raise
     _held[path] = 1
     if fd is not None:  # under a lock (not where the file system had none to take)
         storage.LOCKED.add(path)
@@ -57,7 +67,56 @@ def lease(out: str):
     finally:
         del _held[path]
         storage.LOCKED.discard(path)
-        _release(path, fd, made)
+        _release(path, fd)
+        _remove_empty(made)
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and the folders above it that do not exist, innermost first."""
+    made = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:  # innermost first; one that is not empty stops the rest
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def _check_outer(path: str, shown: str) -> None:
+    """Refuse a folder inside one another run holds (its run may write where this one would)."""
+    outer = os.path.dirname(path)
+    while True:
+        if outer not in _held and os.path.exists(os.path.join(outer, LOCK_FILE)):
+            holder = _held_by_another(os.path.join(outer, LOCK_FILE))
+            if holder is not None:
+                raise UserError(f"--out {shown} is inside {outer}, which another vocabtrim run is writing{f' ({holder})' if holder else ''}: "
+                                "wait for it to end, or use another --out")
+        if os.path.dirname(outer) == outer:
+            return
+        outer = os.path.dirname(outer)
+
+
+def _held_by_another(lock: str) -> str | None:
+    """The holder's line ("" when unreadable) when another process holds ``lock``, else None."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock
+    return None
 
 
 def _acquire(path: str, shown: str) -> int | None:
@@ -66,7 +125,10 @@ def _acquire(path: str, shown: str) -> int | None:
     lock = os.path.join(path, LOCK_FILE)
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open(lock)
+        except FileNotFoundError:  # a holder that made the folder removed it as it ended
+            storage.makedirs(path)
+            continue
         except OSError as exc:  # every command writes in its --out
             user_error_unless_fault(exc, f"cannot write in --out {shown}: {exc.strerror or first_line(exc)}")
         try:
@@ -76,8 +138,12 @@ def _acquire(path: str, shown: str) -> int | None:
             os.close(fd)
             raise UserError(f"--out {shown} is in use by another vocabtrim run{f' ({holder})' if holder else ''}: "
                             "wait for it to end, or use another --out") from None
-        except OSError as exc:  # no lock manager (an NFS mount with nolock, say)
+        except OSError as exc:
             os.close(fd)
+            if exc.errno == errno.ESTALE:  # NFS: the file went as we locked it
+                continue
+            with contextlib.suppress(OSError):  # no lock manager: the file would only stay behind
+                os.unlink(lock)
             log.warning("no lease on %s (%s): nothing stops another run from writing there", shown, exc.strerror or exc)
             return None
         try:  # the holder before us removed the file after we opened it: lock the one at the path now
@@ -85,10 +151,22 @@ def _acquire(path: str, shown: str) -> int | None:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            with contextlib.suppress(OSError):  # a lock file of another user's, opened read-only, keeps its line
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
             return fd
         os.close(fd)
+
+
+def _open(lock: str) -> int:
+    """The lock file, made if missing (writable by whoever may write in the folder, as the umask allows); one
+    another user made is opened read-only, which ``flock`` takes as well."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if not os.path.isfile(lock):
+            raise
+        return os.open(lock, os.O_RDONLY)
 
 
 def _read_holder(fd: int) -> str:
@@ -98,13 +176,9 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
-def _release(path: str, fd: int | None, made: bool) -> None:
-    """Remove the lock file while still holding it (a run waiting to open it opens the next one), then unlock;
-    a folder the lease made and the run left empty goes too."""
+def _release(path: str, fd: int | None) -> None:
+    """Remove the lock file while still holding it (a run waiting to open it opens the next one), then unlock."""
     if fd is not None:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(path, LOCK_FILE))
         os.close(fd)
-    if made:
-        with contextlib.suppress(OSError):
-            os.rmdir(path)  # only when empty

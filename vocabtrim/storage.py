@@ -35,7 +35,7 @@ from vocabtrim.errors import UserError, first_line, machine_fault, user_error_un
 
 LOCK_FILE = ".vocabtrim.lock"  # ``vocabtrim.lease``'s, in each output folder a run holds
 LOCKED: set[str] = set()  # the local folders (real paths) this process holds locked (``vocabtrim.lease`` keeps it)
-TEMPORARY_PATTERNS = (".*.tmp", ".*.tmp-*")  # ``_atomic_local``'s partial files; the second is an earlier version's
+PARTIAL_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ``_atomic_local``'s (mkstemp's) ``.<name>.<8 random>.tmp``
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
 
@@ -562,16 +562,23 @@ def locked(where: str) -> bool:
 
 
 def remove_temporaries(where: str) -> None:
-    """Partial files that killed runs left under the local folder ``where`` (never complete outputs: those have
-    their final names); nothing unless this process holds its lock (``locked``), so that no run is writing them."""
+    """The partial files that killed runs left in the local folder ``where`` (not in folders below it):
+    ``_atomic_local``'s ``.<name>.<8 random characters>.tmp``, never a complete output (those have their final
+    names). Nothing unless this process holds the lock on ``where`` or a folder above it (``locked``), and no other
+    run's lock file is there: no run is writing them."""
     if not locked(where):
         return
-    root = local_path(where)
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            if any(fnmatch.fnmatchcase(f, pattern) for pattern in TEMPORARY_PATTERNS):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dirpath, f))
+    folder = os.path.realpath(local_path(where))
+    if folder not in LOCKED and os.path.exists(os.path.join(folder, LOCK_FILE)):  # another run's folder, or a killed one's
+        return
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for n in names:
+        if PARTIAL_FILE.match(n):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(os.path.join(folder, n))
 
 
 def _without_queries(value):
