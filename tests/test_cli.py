@@ -305,3 +305,25 @@ def test_every_command_takes_address():
     assert set(subparsers) == set(COMMANDS)
     for name, sub in subparsers.items():
         assert any("--address" in a.option_strings for a in sub._actions), name
+
+
+def test_build_head_does_not_check_a_cluster_address_it_does_not_use(capsys, tmp_path, monkeypatch):
+    """A stale RAY_ADDRESS (a cluster since stopped) refuses the commands that join it, not build-head."""
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    argv = ["build-head", "--histogram", str(tmp_path / "none"), "--drafter", "d", "--top-k", "8", "--out", str(tmp_path / "o")]
+    for extra in ([], ["--address", f"127.0.0.1:{_closed_port()}"]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == "vocabtrim build-head: error: no such model: d (pass a model folder, a .gguf file, a hub id or smollm2-135m)\n"
+
+
+def test_a_message_that_quotes_a_newline_is_still_one_line(capsys, monkeypatch):
+    from vocabtrim.commands import build_head
+    from vocabtrim.errors import UserError
+
+    def run(args):
+        raise UserError("the column 'a\nb' is not text")
+
+    monkeypatch.setattr(build_head, "main", run)
+    assert main(["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8", "--out", "o"]) == 2
+    assert capsys.readouterr().err == "vocabtrim build-head: error: the column 'a b' is not text\n"

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
     try:
         try:
-            address = cluster_address(args.address) if hasattr(args, "address") else None
+            address = cluster_address(args.address) if getattr(args, "uses_ray", hasattr(args, "address")) else None
             if address:
                 check_reachable(address)  # before any work (init_ray checks again where it is called from code)
             code = args._main(args)
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as exc:
         print(f"vocabtrim {args.command}: error: {flag(exc.setting)} {exc.rule}", file=sys.stderr)
         return exc.exit_code
-    except (UserError, RunFailed) as exc:
-        print(f"vocabtrim {args.command}: error: {exc}", file=sys.stderr)
+    except (UserError, RunFailed) as exc:  # one line, whatever a message quotes (a column name, a manifest's value)
+        print(f"vocabtrim {args.command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"vocabtrim {args.command}: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="HEAD_DIR", help="output folder (a path or a URI such as s3://bucket/head)")
     parser.add_argument("--address", default=None, help="accepted, as every command takes it; build-head starts no Ray work "
                         "(it runs in this process), so it joins no cluster")
+    parser.set_defaults(uses_ray=False)  # so the CLI does not check the address (nor RAY_ADDRESS)
 
 
 def config_from_args(args) -> "BuildHeadConfig":  # noqa: F821
