@@ -124,6 +124,8 @@ def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
     (["--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--drafter-layers", "9"], "--drafter-layers must be between 1 and 3, got 9"),
+    (["--model", "smollm2-135m-eagle3"], "--model smollm2-135m-eagle3 is an EAGLE-3 drafter: it drafts from a target's hidden "
+                                         "states and does not run alone; pass the target it drafts for"),
 ])
 def test_what_a_stage_would_refuse_is_refused_before_the_first_stage(tiny_pair_dirs, tmp_path, capsys, change, message):
     """Before Ray starts and before calibrate runs (a bad --top-k or EAGLE-3 drafter was refused only by the stage

@@ -1092,7 +1092,9 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert cli([*base, "--histogram", good, "--top-k", "64", "--seed", "-1"]) == 2
     assert capsys.readouterr().err.endswith("error: --seed must be >= 0, got -1\n")
     assert cli([*base, "--init", tiny["target_dir"]]) == 2
-    assert "is not an EAGLE-3 checkpoint" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(f"error: --init {tiny['target_dir']} is not an EAGLE-3 drafter (its config.json names no "
+                                            "LlamaForCausalLMEagle3): pass one (as SpecForge or train-drafter writes it), or "
+                                            "smollm2-135m-eagle3\n")
     assert cli([*base, "--init", str(tmp_path / "nowhere")]) == 2
     assert f"--init {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     # --init-from-target copies a target layer into a new drafter: not with --init, not at another MLP or attention width.
@@ -1117,6 +1119,7 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
 
     gpt2_dir = save_model(GPT2LMHeadModel(GPT2Config(vocab_size=tiny["V"], n_embd=32, n_layer=4, n_head=4, n_positions=256)),
                           tiny["tokenizer"], tmp_path / "gpt2")
+    capsys.readouterr()  # save_model's progress bar, where no earlier test turned transformers' bars off
     assert cli([*[gpt2_dir if a == tiny["target_dir"] else a for a in base], "--histogram", good, "--top-k", "64"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "(GPT2LMHeadModel) has no model.norm, model.layers" in err, err

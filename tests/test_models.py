@@ -211,3 +211,22 @@ def test_bundled_pair_greedy_identity_with_a_trimmed_head():
     outs = engine.generate(prompts, [0, 1])
     assert [o.token_ids for o in outs] == expected
     assert 0 < sum(o.accepted for o in outs) < sum(o.proposed for o in outs)
+
+
+@pytest.mark.parametrize("fault, is_users", [(MemoryError(), False), (OSError(28, "No space left on device"), False),
+                                             (ValueError("this tokenizer.json is not valid"), True)])
+def test_a_tokenizer_that_cannot_load_is_the_user_s_unless_the_machine_failed(tmp_path, monkeypatch, fault, is_users):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "m"
+    tok = make_tokenizer()
+    save_model(make_model(len(tok), layers=1), tok, folder)
+
+    def fails(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fails)
+    with pytest.raises(UserError if is_users else type(fault)) as err:
+        models.load_tokenizer(str(folder))
+    if is_users:
+        assert str(err.value) == f"cannot load the tokenizer of {folder}: this tokenizer.json is not valid"

@@ -286,3 +286,26 @@ def test_machine_faults_are_told_from_user_mistakes():
                 OSError("google::cloud::Status(NOT_FOUND: Permanent error in GetObjectMetadata)")]
     assert all(machine_fault(e) for e in faults)
     assert not any(machine_fault(e) for e in mistakes)
+
+
+def test_a_manifest_that_cannot_be_read_is_refused_in_one_line(tmp_path):
+    """A folder named manifest.json (or one without permission) was a traceback; an I/O error stays the machine's."""
+    from vocabtrim import histogram
+
+    (tmp_path / "calib" / "manifest.json").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"^.*/calib/manifest.json is unreadable \(Is a directory\): pass a folder that holds a "
+                                        r"calibration manifest$"):
+        histogram.read_manifest(str(tmp_path / "calib"))
+
+
+def test_an_io_error_reading_a_manifest_is_the_machine_s(tmp_path, monkeypatch):
+    import errno
+
+    (tmp_path / "manifest.json").write_text("{}")
+
+    def fails(where):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage, "read_text", fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        storage.read_manifest(str(tmp_path / "manifest.json"), "k", "thing", missing="none")

@@ -272,8 +272,10 @@ def check(cfg: DemoConfig, sweep: SweepConfig, eagle3: SweepConfig | None) -> No
     """Refuse in one line, before any stage runs, what a stage would refuse later: the settings, the pair (the
     truncated drafter and the EAGLE-3 drafter, each against the target) and --top-k against the vocabulary."""
     from vocabtrim import validate
+    from vocabtrim.models import check_runs_alone
     from vocabtrim.sweep.cells import check_config, check_k, measure_sizes
 
+    check_runs_alone("model", cfg.model)  # named as the demo's flag, before the sweep's checks name --target
     validate.trim(cfg.top_k, None)
     validate.gamma(cfg.gamma)  # generate's rule: auto or a number; the sweep's own check wants a number
     check_config(dataclasses.replace(sweep, gamma=1))

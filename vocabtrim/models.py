@@ -159,7 +159,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     except Exception as exc:
         why = " ".join(str(exc).split()) or repr(exc)  # transformers' messages span lines: one line here
         hub = " (no local folder of that name; read as a hub id)" if where == name and not os.path.exists(name) else ""
-        raise UserError(f"cannot load the tokenizer of {name}{hub}: {why}") from exc
+        user_error_unless_fault(exc, f"cannot load the tokenizer of {name}{hub}: {why}")  # a full disk, memory: the machine's
 
 
 def load_model(

@@ -318,6 +318,8 @@ def read_manifest(where: str, kind: str, what: str, missing: str) -> dict:
         raise UserError(missing) from exc
     except ValueError as exc:
         raise UserError(f"{display(where)} is not valid JSON: {exc}") from exc
+    except OSError as exc:  # a folder of that name, no permission (an I/O error: the machine's)
+        user_error_unless_fault(exc, f"{display(where)} is unreadable ({exc.strerror or first_line(exc)}): pass a folder that holds a {what}")
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         raise UserError(f"{display(where)} is not a {what}")
     return manifest
