@@ -580,7 +580,7 @@ def plan(config: CalibrateConfig) -> _Plan:
     shard_rows = config.shard_rows or (GENERATED_SHARD_ROWS if generated else None)
     shards = corpus.make_shards(config.corpus, config.text_column, shard_bytes, shard_rows, messages=generated)
     if not shards or corpus.file_rows(shards) == 0:
-        raise UserError(f"the corpus is empty: no rows in {' '.join(config.corpus)}")
+        raise UserError(f"the corpus is empty: no rows in {' '.join(map(storage.display, config.corpus))}")
     with_messages = next((s for s in shards if s.messages), None)
     if with_messages is not None:
         check_message_lists(config.chat_template, prompter_tokenizer, prompter,
@@ -677,7 +677,7 @@ def _calibrate(config: CalibrateConfig, on_recorded) -> dict:
     counts, entries = ledger.reduce([s.shard_id for s in p.shards], p.vocab_size)
     total = int(counts.sum())
     if total == 0:
-        raise UserError(f"the corpus gave no tokens: every row of {' '.join(config.corpus)} is empty or has no {config.text_column!r} text")
+        raise UserError(f"the corpus gave no tokens: every row of {' '.join(map(storage.display, config.corpus))} is empty or has no {config.text_column!r} text")
     histogram.save(counts, storage.join(out, "histogram.parquet"))
     wall = time.perf_counter() - wall
     manifest = {

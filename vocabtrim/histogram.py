@@ -129,18 +129,18 @@ def load(path: str, vocab_size: int = 0) -> np.ndarray:
         user_error_unless_fault(exc, f"cannot read histogram {storage.display(path)}: {first_line(exc)}")
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
-        raise UserError(f"{path} is not a histogram: no column {missing[0]!r}")
+        raise UserError(f"{storage.display(path)} is not a histogram: no column {missing[0]!r}")
     import pyarrow as pa
 
     wrong = next((c for c in COLUMNS if not pa.types.is_integer(table.schema.field(c).type)), None)
     if wrong is not None:
-        raise UserError(f"{path} is not a histogram: its {wrong!r} column holds {table.schema.field(wrong).type} values, not integers")
+        raise UserError(f"{storage.display(path)} is not a histogram: its {wrong!r} column holds {table.schema.field(wrong).type} values, not integers")
     ids = table.column("token_id").to_numpy().astype(np.int64)
     values = table.column("count").to_numpy().astype(np.int64)
     if ids.size and (ids.min() < 0 or values.min() < 0):
-        raise UserError(f"{path} holds negative token ids or counts")
+        raise UserError(f"{storage.display(path)} holds negative token ids or counts")
     if np.unique(ids).size != ids.size:
-        raise UserError(f"{path} lists a token id twice")
+        raise UserError(f"{storage.display(path)} lists a token id twice")
     return from_sparse(ids, values, vocab_size)
 
 

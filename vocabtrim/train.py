@@ -797,7 +797,7 @@ def _train(config: TrainConfig) -> dict:
     vocab_info.update(init_info)
     shards = corpus.make_shards(c.corpus, c.text_column, 16 << 10, c.shard_rows, messages=c.source == "target")
     if not shards or corpus.file_rows(shards) == 0:
-        raise UserError(f"the corpus is empty: no rows in {' '.join(c.corpus)}")
+        raise UserError(f"the corpus is empty: no rows in {' '.join(map(storage.display, c.corpus))}")
     with_messages = next((s for s in shards if s.messages), None)
     if with_messages is not None:
         check_message_lists("auto", tokenizer, c.target, f"{storage.display(with_messages.path)} holds message lists in {c.text_column!r}")
@@ -862,7 +862,7 @@ def _train(config: TrainConfig) -> dict:
                 if steps == 0:
                     raise UserError(
                         f"nothing to train on: every row of the training shards is empty or shorter than {MIN_ROW_TOKENS} tokens "
-                        f"(--corpus {' '.join(c.corpus)}, --text-column {c.text_column})"
+                        f"(--corpus {' '.join(map(storage.display, c.corpus))}, --text-column {c.text_column})"
                     )
                 done = 0
                 while True:
