@@ -408,6 +408,12 @@ def test_build_head_retrims_an_eagle3_drafter_and_greedy_output_stays_the_target
     spec = make_engine(target, after, batch_size=2, max_new_tokens=12, gamma=3, sampling=greedy).generate(prompts, [0, 1, 2, 3])
     assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
     assert 0 < sum(o.accepted for o in spec) < sum(o.proposed for o in spec)
+    # The folder is a drafter, not a trimmed head: generate says so when it is passed as --head.
+    capsys.readouterr()
+    assert cli(["generate", "--target", tiny["target_dir"], "--drafter", str(src), "--head", str(out), "--prompts", "p.parquet",
+                "--out", str(tmp_path / "gen")]) == 2
+    assert capsys.readouterr().err == (f"vocabtrim generate: error: --head {out} is a model folder (a re-trimmed EAGLE-3 drafter, say), "
+                                       "not a trimmed head: pass it as --drafter and drop --head\n")
 
 
 def test_retrim_refuses_growing_the_draft_vocabulary_and_a_folder_without_tokenizer(tiny, tmp_path, capsys):

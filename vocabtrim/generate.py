@@ -121,6 +121,9 @@ def check_config(cfg: GenerateConfig) -> None:
         if cfg.drafter is None and cfg.drafter_layers is None:
             raise UserError("no drafter: pass --drafter MODEL, --drafter-layers N (drafter = first N target layers), or --no-draft")
     if cfg.head and not storage.is_file(storage.join(cfg.head, HEAD_FILE)):
+        if storage.is_file(storage.join(cfg.head, "config.json")):  # build-head's output for an EAGLE-3 drafter
+            raise UserError(f"--head {storage.display(cfg.head)} is a model folder (a re-trimmed EAGLE-3 drafter, say), not a trimmed "
+                            "head: pass it as --drafter and drop --head")
         raise UserError(f"--head {storage.display(cfg.head)} holds no {HEAD_FILE}: pass a folder written by `vocabtrim build-head`")
     if not cfg.prompt_column:
         raise UserError("--prompt-column must not be empty")
