@@ -176,6 +176,16 @@ def test_missing_prompts_are_refused_before_the_out_folder_is_claimed(config, tm
     pq.write_table(pa.table({"prompt": [1, 2]}), numbers)
     with pytest.raises(UserError, match="--prompt-column 'prompt' holds int64 values: prompts must be strings"):
         run_sweep(replace(config, prompts=[str(numbers)], out=str(out)))
+    # Lengths that leave no room for a prompt: every cell would fail (exit 1, "rerun to retry them"), as each stage said.
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(config.target).max_position_embeddings
+    with pytest.raises(UserError, match=rf"^--max-new-tokens {context - 4} leaves no room for a prompt in the target's context of "
+                                        rf"{context} tokens \(a step also writes 4 positions past the last token\): lower --max-new-tokens$"):
+        run_sweep(replace(config, max_new_tokens=context - 4, out=str(out)))
+    with pytest.raises(UserError, match=rf"^--calib-max-new-tokens {context} leaves no room for a prompt in .*'s context of {context} "
+                                        rf"tokens \(a step also writes 1 position past the last token\): lower --calib-max-new-tokens$"):
+        run_sweep(replace(config, calib_max_new_tokens=context, out=str(out)))
     assert not out.exists()
     # An --out inside the prompts or corpus folder: its outputs would be read as inputs by a rerun.
     inputs = Path(config.prompts[0]).parent

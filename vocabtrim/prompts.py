@@ -300,19 +300,21 @@ def check_messages(messages) -> tuple[list[dict] | None, str | None]:
     return clean, None
 
 
-def max_prompt_tokens(context: int, max_new_tokens: int, gamma: int | None, max_gamma: int, whose: str = "the target's") -> int:
+def max_prompt_tokens(context: int, max_new_tokens: int, gamma: int | None, max_gamma: int, whose: str = "the target's",
+                      flag: str = "--max-new-tokens") -> int:
     """The longest prompt (in tokens) a row may have: the target's ``context`` less ``max_new_tokens`` and
     one verify pass past the last generated token (gamma + 1 positions; ``max_gamma`` + 1 under auto gamma).
     The same with and without a drafter and for either engine, so a row is an error row in all or in none.
-    ``whose``: the model named in the refusal."""
-    reserve = max_new_tokens + (max_gamma if gamma is None else gamma) + 1
-    if reserve >= context:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {whose} context of {context} tokens")
-    return context - reserve
+    ``whose``: the model named in the refusal; ``flag``: the flag that set ``max_new_tokens``."""
+    past = (max_gamma if gamma is None else gamma) + 1
+    if max_new_tokens + past >= context:
+        raise UserError(f"{flag} {max_new_tokens} leaves no room for a prompt in {whose} context of {context} tokens (a step also "
+                        f"writes {past} position{'s' if past != 1 else ''} past the last token): lower {flag}")
+    return context - max_new_tokens - past
 
 
 def check_room(model: str, max_new_tokens: int, gamma: int | None, max_gamma: int, trust_remote_code: bool = False,
-               whose: str = "the target's") -> None:
+               whose: str = "the target's", flag: str = "--max-new-tokens") -> None:
     """``max_prompt_tokens`` against ``model``'s context as its config declares it, before any model loads: a
     ``max_new_tokens`` that leaves no room for a prompt is refused in one line (the workers check again with the
     loaded engine's context). Nothing is checked when the config cannot be read here."""
@@ -320,7 +322,7 @@ def check_room(model: str, max_new_tokens: int, gamma: int | None, max_gamma: in
 
     context = getattr(declared_config(model, trust_remote_code), "max_position_embeddings", None)
     if context:
-        max_prompt_tokens(int(context), max_new_tokens, gamma, max_gamma, whose=whose)
+        max_prompt_tokens(int(context), max_new_tokens, gamma, max_gamma, whose=whose, flag=flag)
 
 
 def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] | None, str | None]:

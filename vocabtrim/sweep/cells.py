@@ -255,6 +255,13 @@ def check_config(cfg: SweepConfig) -> None:
             raise UserError(f"--out {storage.display(cfg.out)} is inside the {flag} folder {storage.display(folder)}: a rerun would read "
                             f"its {what}; use an --out outside it")
     check_inputs(cfg)
+    from vocabtrim.prompts import check_room
+
+    # Every cell's generation (and calibration, which generates without drafting) would fail on its own rows.
+    check_room(cfg.target, cfg.max_new_tokens, cfg.gamma, cfg.gamma, cfg.trust_remote_code)
+    for source in sorted(set(cfg.sources) - {"corpus"}):
+        model = cfg.drafter if source == "drafter" and cfg.drafter else cfg.target
+        check_room(model, cfg.calib_max_new_tokens, 0, 0, cfg.trust_remote_code, whose=f"{model}'s", flag="--calib-max-new-tokens")
 
 
 def check_inputs(cfg: SweepConfig) -> None:
