@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import os
 import time
 
@@ -355,3 +356,18 @@ def test_s3_globs_files_and_missing_keys(s3, files):
         corpus.make_shards([remote + "/in/nope.txt"])
     with pytest.raises(UserError, match=f"^no files match {remote}/x/\\*.txt$"):
         corpus.make_shards([remote + "/x/*.txt"])
+
+
+@pytest.mark.parametrize("file, text, what", [
+    ("dataset_dict.json", "[]", "datasets file (AttributeError"),
+    ("dataset_dict.json", "{not json", "datasets file (JSONDecodeError"),
+    ("state.json", '{"_data_files": [{"name": "x.arrow"}]}', "datasets state file (KeyError"),
+])
+def test_a_datasets_folder_with_a_damaged_record_is_refused_in_one_line(tmp_path, file, text, what):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / file).write_text(text)
+    (folder / "dataset_info.json").write_text("{}")
+    with pytest.raises(UserError, match=rf"^{folder / file} is not a readable {re.escape(what)}.*\): pass the folder datasets' "
+                                        "save_to_disk wrote, or its Arrow files$"):
+        corpus.expand_paths([str(folder)])

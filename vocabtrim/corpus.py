@@ -112,22 +112,28 @@ def _datasets_arrow_files(folder: str) -> list[str] | None:
     """The Arrow files of a ``datasets`` ``save_to_disk`` folder, or None if ``folder`` is not one."""
     dict_file = storage.join(folder, "dataset_dict.json")
     if storage.is_file(dict_file):
-        try:
-            splits = json.loads(storage.read_text(dict_file)).get("splits", [])
-        except ValueError as exc:
-            raise UserError(f"{storage.display(dict_file)} is not a readable datasets file: {exc}") from exc
+        splits = _datasets_json(dict_file, "datasets file", lambda d: [str(s) for s in d.get("splits", [])])
         files: list[str] = []
         for split in splits:
             files.extend(_datasets_arrow_files(storage.join(folder, split)) or [])
         return files
     state = storage.join(folder, "state.json")
     if storage.is_file(state) and storage.is_file(storage.join(folder, "dataset_info.json")):
-        try:
-            data_files = json.loads(storage.read_text(state))["_data_files"]
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"{storage.display(state)} is not a readable datasets state file: {exc}") from exc
-        return [storage.join(folder, f["filename"]) for f in data_files]
+        names = _datasets_json(state, "datasets state file", lambda d: [str(f["filename"]) for f in d["_data_files"]])
+        return [storage.join(folder, n) for n in names]
     return None
+
+
+def _datasets_json(path: str, what: str, read):
+    """``read(the JSON object in path)``; one line when the file is not what ``datasets`` writes (an I/O error stays
+    the machine's)."""
+    try:
+        return read(json.loads(storage.read_text(path)))
+    except OSError as exc:
+        user_error_unless_fault(exc, f"{storage.display(path)} is unreadable ({exc.strerror or first_line(exc)})")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{storage.display(path)} is not a readable {what} ({type(exc).__name__}: {first_line(exc)}): "
+                        "pass the folder datasets' save_to_disk wrote, or its Arrow files") from exc
 
 
 def _walk_key(rel: str) -> tuple:
