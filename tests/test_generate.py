@@ -670,3 +670,22 @@ def test_a_prompt_at_the_context_limit_generates_and_one_token_past_it_is_an_err
     assert past["finish_reason"] == "error" and past["completion"] is None
     assert past["error"] == (f"prompt has {limit + 1} tokens, more than the {limit} that fit the model's context beside "
                              "--max-new-tokens and one verify pass (gamma + 1 positions)")
+
+
+def test_a_setting_a_worker_refuses_keeps_its_flag(tmp_path, monkeypatch):
+    """A worker that meets a bad setting while it loads (a --drafter-layers its node's model cannot give, say) hands
+    the driver the SettingError itself, which the CLI prints with the flag's name (its text alone named the field)."""
+    import pickle
+
+    from vocabtrim.generate import GenerateWorker
+    from vocabtrim.validate import SettingError
+
+    def refuses(self):
+        raise SettingError("drafter_layers", "must be between 1 and 29, got 30")
+
+    monkeypatch.setattr(GenerateWorker, "_load", refuses)
+    worker = GenerateWorker(GenerateConfig(target="t", drafter_layers=30, prompts=[], out=str(tmp_path / "o")).__dict__, threads=1)
+    error = pickle.loads(pickle.dumps(worker.info()["error"]))  # as Ray hands it to the driver
+    assert isinstance(error, SettingError) and (error.setting, error.rule) == ("drafter_layers", "must be between 1 and 29, got 30")
+    with pytest.raises(SettingError):
+        worker.pid()

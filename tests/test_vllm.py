@@ -170,7 +170,7 @@ def test_a_cluster_driver_without_vllm_leaves_the_check_to_the_workers(tiny_pair
     check_generate_config(cfg)
     check_calibrate_engine("vllm", "target", 0)
 
-    error = GenerateWorker({**cfg.__dict__, "address": None}, threads=1).info()["error"]
+    error = str(GenerateWorker({**cfg.__dict__, "address": None}, threads=1).info()["error"])
     assert error.startswith(INSTALL_HINT) and "Ray worker node" in error and "\n" not in error, error
     with pytest.raises(UserError) as refused:
         load_for_calibrate(target, None, None, temperature=0.0, max_new_tokens=4, batch_rows=2)

@@ -477,11 +477,11 @@ class GenerateWorker:
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         hf_logging.disable_progress_bar()  # one progress bar (the driver's), not one per weight load
         self.cfg = GenerateConfig(**cfg)
-        self.error = None
+        self.error: UserError | None = None  # kept whole: a SettingError names its flag on the driver
         try:
             self._load()
         except UserError as exc:
-            self.error = str(exc)
+            self.error = exc
 
     def _load(self) -> None:
         if self.cfg.engine == "vllm":
@@ -531,7 +531,7 @@ class GenerateWorker:
     def pid(self) -> int:
         """This worker's process id, once started; the UserError it met starting, if any (``ray_utils.ActorPool``)."""
         if self.error:
-            raise UserError(self.error)
+            raise self.error
         return os.getpid()
 
     def close(self) -> None:
@@ -542,7 +542,7 @@ class GenerateWorker:
 
     def run(self, prompts: list, keys: list[str]) -> dict:
         if self.error:
-            raise UserError(self.error)
+            raise self.error
         injected_fault(self.cfg.fault_injection)
         engine = self.engine
         if (self.cfg.fault_injection or "").startswith("oom-above:"):
@@ -603,7 +603,7 @@ def start_workers(cfg: GenerateConfig):
     errors = [i["error"] for i in infos if i["error"]]
     if errors:
         pool.shutdown()
-        raise UserError(errors[0])
+        raise errors[0]
     return pool
 
 
