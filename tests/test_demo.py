@@ -118,7 +118,8 @@ def test_demo_on_a_tiny_model(tiny_pair_dirs, tmp_path, monkeypatch):
     (["--top-k", "2"], "--top-k 2 is smaller than the 3 special tokens that every trimmed head keeps"),
     (["--eval-prompts", "0"], "--eval-prompts must be >= 1, got 0"),
     (["--rounds", "9"], "--rounds must be between 1 and --eval-prompts (8), got 9"),
-    (["--eagle3", "NO-SUCH"], "no such model: NO-SUCH (pass a model folder, a .gguf file, a hub id or smollm2-135m)"),
+    (["--eagle3", "NO-SUCH"], "--eagle3 NO-SUCH: no such folder (pass an EAGLE-3 drafter's folder, smollm2-135m-eagle3, or --eagle3 none)"),
+    (["--eval-prompts", "400"], "--eval-prompts 400 is too many: the demo ships 320 prompts and calibrates on 16 of them; pass at most 304"),
     (["--eagle3", "{model}"], "--eagle3 {model} is not an EAGLE-3 drafter (a folder whose config.json names LlamaForCausalLMEagle3, "
                               "or smollm2-135m-eagle3): pass one, or --eagle3 none"),
     (["--gamma", "99"], "--gamma must be 'auto' or between 0 and 64, got 99"),

@@ -95,7 +95,8 @@ def split_prompts(out: Path, calibration: int, evaluation: int, rounds: int = 1)
     ``rounds`` consecutive files ``eval-<r>.parquet`` (sizes differ by at most one row)."""
     table = pq.read_table(PROMPTS)
     if calibration + evaluation > table.num_rows:
-        raise UserError(f"the demo ships {table.num_rows} prompts: calibration + evaluation must not exceed that")
+        raise UserError(f"--eval-prompts {evaluation} is too many: the demo ships {table.num_rows} prompts and calibrates on "
+                        f"{calibration} of them; pass at most {table.num_rows - calibration}")
     if evaluation < 1:
         raise UserError(f"--eval-prompts must be >= 1, got {evaluation}")
     if not 1 <= rounds <= evaluation:
@@ -283,10 +284,12 @@ def check(cfg: DemoConfig, sweep: SweepConfig, eagle3: SweepConfig | None) -> No
     validate.trim(cfg.top_k, None, sizes.vocab_size)
     check_k([cfg.top_k], sizes, "--top-k")
     if eagle3 is not None:
-        from vocabtrim.models import is_eagle3, resolve_model
+        from vocabtrim.models import is_eagle3
 
         if not is_eagle3(eagle3.drafter):
-            resolve_model(eagle3.drafter)  # a name that is no model says so
+            if not Path(eagle3.drafter).expanduser().exists():
+                raise UserError(f"--eagle3 {eagle3.drafter}: no such folder (pass an EAGLE-3 drafter's folder, {BUNDLED_EAGLE3}, "
+                                "or --eagle3 none)")
             raise UserError(f"--eagle3 {eagle3.drafter} is not an EAGLE-3 drafter (a folder whose config.json names "
                             "LlamaForCausalLMEagle3, or smollm2-135m-eagle3): pass one, or --eagle3 none")
         measure_sizes(eagle3)  # the pair: another tokenizer or width
