@@ -221,6 +221,13 @@ def test_a_cluster_of_other_versions_or_another_token_is_refused_in_one_line(mon
     monkeypatch.setattr(ray, "init", refusing(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="something else"):
         ray_utils.init_ray("head:6379")
+    # A local Ray that cannot start is the machine's fault, not an address of the user's ("the cluster at None").
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", refusing(ConnectionError("raylet did not start")))
+    with pytest.raises(ConnectionError, match="raylet did not start"):
+        ray_utils.init_ray(None)
+    with pytest.raises(UserError, match=r"^cannot reach the Ray cluster at head:6379: raylet did not start$"):
+        ray_utils.init_ray("head:6379")
 
 
 def test_a_grpc_server_passes_the_handshake_check():
