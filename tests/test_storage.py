@@ -309,3 +309,15 @@ def test_an_io_error_reading_a_manifest_is_the_machine_s(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "read_text", fails)
     with pytest.raises(OSError, match="Input/output error"):
         storage.read_manifest(str(tmp_path / "manifest.json"), "k", "thing", missing="none")
+
+
+def test_a_manifest_in_out_that_cannot_be_read_is_said_so(tmp_path, monkeypatch):
+    """Not "a manifest.json vocabtrim did not write": a manifest without permission to read it."""
+    (tmp_path / "manifest.json").write_text('{"kind": "vocabtrim-head"}')
+
+    def denied(where):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(storage, "read_text", denied)
+    with pytest.raises(UserError, match=rf"^--out {tmp_path} holds a manifest.json that cannot be read \(Permission denied\): use a new --out$"):
+        storage.check_out_kind(str(tmp_path), "vocabtrim-head")

@@ -487,9 +487,10 @@ def check_out_kind(folder: str, kind: str, overwrites: tuple[str, ...] = ()) -> 
     try:
         manifest = json.loads(read_text(path))
         found = manifest.get("kind")
-    except (OSError, ValueError, AttributeError) as exc:
-        if machine_fault(exc):  # an I/O error reading it says nothing of whose folder it is
-            raise
+    except OSError as exc:  # an I/O error reading it says nothing of whose folder it is
+        user_error_unless_fault(exc, f"--out {display(folder)} holds a manifest.json that cannot be read "
+                                     f"({exc.strerror or first_line(exc)}): use a new --out")
+    except (ValueError, AttributeError):
         found = None
     if found != kind:
         what = f"a {found!r} manifest.json" if isinstance(found, str) else "a manifest.json vocabtrim did not write"
