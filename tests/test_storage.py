@@ -321,3 +321,12 @@ def test_a_manifest_in_out_that_cannot_be_read_is_said_so(tmp_path, monkeypatch)
     monkeypatch.setattr(storage, "read_text", denied)
     with pytest.raises(UserError, match=rf"^--out {tmp_path} holds a manifest.json that cannot be read \(Permission denied\): use a new --out$"):
         storage.check_out_kind(str(tmp_path), "vocabtrim-head")
+
+
+def test_a_manifest_of_another_kind_names_the_command_that_writes_the_right_one(tmp_path):
+    from vocabtrim import histogram
+
+    (tmp_path / "manifest.json").write_text('{"kind": "vocabtrim-head"}')
+    with pytest.raises(UserError, match=rf"^{tmp_path}/manifest.json is not a calibration manifest: pass a folder written by "
+                                        r"`vocabtrim calibrate`$"):
+        histogram.read_manifest(str(tmp_path))

@@ -48,4 +48,5 @@ def check_message_lists(mode: str, tokenizer, model_name: str, where: str) -> No
     if mode == "never":
         raise UserError(f"{where}, which need the chat template: drop --chat-template never")
     if not has_chat_template(tokenizer):
-        raise UserError(f"{where} but {model_name}'s tokenizer has no chat template")
+        raise UserError(f"{where} but {model_name}'s tokenizer has no chat template: give it one (chat_template in its "
+                        "tokenizer_config.json), or pass plain text prompts")

@@ -187,7 +187,7 @@ def expand_paths(paths: list[str]) -> list[str]:
     def add(p: str, named: bool) -> None:
         if _suffix(p) not in SUFFIXES:
             if named:
-                raise UserError(f"{storage.display(p)}: unsupported corpus file (use .parquet, .jsonl or .txt)")
+                raise UserError(f"{storage.display(p)}: unsupported corpus file (use .parquet, .jsonl, .txt or .arrow)")
             return
         key = storage.canonical(p)
         if key not in seen:

@@ -151,6 +151,7 @@ def read_manifest(folder: str) -> dict:
     return storage.read_manifest(
         storage.join(folder, "manifest.json"), MANIFEST_KIND, "calibration manifest",
         missing=f"no calibration in {shown} (no manifest.json): run `vocabtrim calibrate --out {shown}` first",
+        writer="`vocabtrim calibrate`",
     )
 
 

@@ -307,10 +307,11 @@ def read_text(where: str) -> str:
     return read_bytes(where).decode("utf-8")
 
 
-def read_manifest(where: str, kind: str, what: str, missing: str) -> dict:
+def read_manifest(where: str, kind: str, what: str, missing: str, writer: str = "") -> dict:
     """The JSON manifest at ``where`` whose ``"kind"`` is ``kind``.
 
-    UserError, one line: ``missing`` when there is no such file, else "not valid JSON" or "not a ``what``".
+    UserError, one line: ``missing`` when there is no such file, else "not valid JSON" or "not a ``what``" (and,
+    given the command that writes such a manifest, ``writer``, to pass a folder it wrote).
     """
     try:
         manifest = json.loads(read_text(where))
@@ -321,7 +322,7 @@ def read_manifest(where: str, kind: str, what: str, missing: str) -> dict:
     except OSError as exc:  # a folder of that name, no permission (an I/O error: the machine's)
         user_error_unless_fault(exc, f"{display(where)} is unreadable ({exc.strerror or first_line(exc)}): pass a folder that holds a {what}")
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
-        raise UserError(f"{display(where)} is not a {what}")
+        raise UserError(f"{display(where)} is not a {what}" + (f": pass a folder written by {writer}" if writer else ""))
     return manifest
 
 

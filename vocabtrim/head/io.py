@@ -47,6 +47,7 @@ def read_head_manifest(head_dir: str | os.PathLike, *, eagle3: bool = False) -> 
     return storage.read_manifest(
         storage.join(head_dir, MANIFEST_FILE), kind, what,
         missing=f"{storage.display(head_dir)} holds no trimmed head (no {MANIFEST_FILE}): build one with `vocabtrim build-head`",
+        writer="`vocabtrim build-head`",
     )
 
 

@@ -49,7 +49,8 @@ def select_ids(
     if counts.shape[0] > vocab_size:
         extra = int(np.flatnonzero(counts[vocab_size:])[0] + vocab_size) if counts[vocab_size:].any() else None
         if extra is not None:
-            raise UserError(f"the histogram counts token id {extra}, outside the drafter's vocabulary of {vocab_size}")
+            raise UserError(f"the histogram counts token id {extra}, outside the drafter's vocabulary of {vocab_size}: calibrate "
+                            "with a model of this drafter's vocabulary")
         counts = counts[:vocab_size]
     counts = np.concatenate([counts, np.zeros(vocab_size - counts.shape[0], dtype=np.int64)])
     total = int(counts.sum())
