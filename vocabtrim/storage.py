@@ -31,7 +31,7 @@ import uuid
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
+from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 
 LOCK_FILE = ".vocabtrim.lock"  # ``vocabtrim.lease``'s, in each output folder a run holds
 LOCKED: set[str] = set()  # the local folders (real paths) this process holds locked (``vocabtrim.lease`` keeps it)
