@@ -228,6 +228,9 @@ def test_a_cluster_of_other_versions_or_another_token_is_refused_in_one_line(mon
         ray_utils.init_ray(None)
     with pytest.raises(UserError, match=r"^cannot reach the Ray cluster at head:6379: raylet did not start$"):
         ray_utils.init_ray("head:6379")
+    monkeypatch.setattr(ray, "init", refusing(ValueError("bad RAY_memory value")))
+    with pytest.raises(UserError, match=r"^cannot start a local Ray: bad RAY_memory value$"):
+        ray_utils.init_ray(None)
 
 
 def test_a_grpc_server_passes_the_handshake_check():

@@ -1098,8 +1098,8 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert cli([*base, "--histogram", good, "--top-k", "64", "--seed", "-1"]) == 2
     assert capsys.readouterr().err.endswith("error: --seed must be >= 0, got -1\n")
     assert cli([*base, "--init", tiny["target_dir"]]) == 2
-    assert capsys.readouterr().err.endswith(f"error: --init {tiny['target_dir']} is not an EAGLE-3 drafter (its config.json names no "
-                                            "LlamaForCausalLMEagle3): pass one (as SpecForge or train-drafter writes it), or "
+    assert capsys.readouterr().err.endswith(f"error: --init {tiny['target_dir']} is not an EAGLE-3 drafter (no config.json naming an "
+                                            "EAGLE-3 architecture): pass one (as SpecForge or train-drafter writes it), or "
                                             "smollm2-135m-eagle3\n")
     assert cli([*base, "--init", str(tmp_path / "nowhere")]) == 2
     assert f"--init {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err

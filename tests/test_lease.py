@@ -168,3 +168,40 @@ def test_an_out_nobody_may_write_in_is_refused_in_one_line(tmp_path, monkeypatch
     with pytest.raises(UserError, match=rf"^cannot write in --out {out}: Permission denied$"):
         with lease(str(out)):
             pass
+
+
+@pytest.fixture
+def nfs_like(monkeypatch):
+    """What an NFS mount does to another user's lock file: it opens read-only (not ours to write), and ``flock``
+    cannot lock a file opened read-only exclusively there (EBADF; a local disk allows it)."""
+    import errno
+    import fcntl
+
+    from vocabtrim import lease as lease_module
+
+    real_flock, real_open = fcntl.flock, lease_module._open
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(fd, op)
+
+    def open_lock(lock):
+        return os.open(lock, os.O_RDONLY) if os.path.isfile(lock) else real_open(lock)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(lease_module, "_open", open_lock)
+
+
+def test_another_user_s_lock_file_on_nfs_is_refused_while_held_and_replaced_once_free(tmp_path, holder, nfs_like):
+    out = tmp_path / "out"
+    proc = holder(out)
+    with pytest.raises(UserError, match=rf"is in use by another vocabtrim run \(pid {proc.pid} on "):
+        with lease(str(out)):
+            pass
+    assert (out / LOCK_FILE).exists()  # the running run's lock stays
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with lease(str(out)):  # the killed run's file is removed and this run locks its own
+        assert locked(str(out))
+    assert not (out / LOCK_FILE).exists()

@@ -481,7 +481,7 @@ class GenerateWorker:
         try:
             self._load()
         except UserError as exc:
-            self.error = exc
+            self.error = exc.with_traceback(None)  # not the frames of a half-loaded engine
 
     def _load(self) -> None:
         if self.cfg.engine == "vllm":

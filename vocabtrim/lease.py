@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import socket
+import time
 
 from vocabtrim import storage
 from vocabtrim.errors import UserError, first_line, user_error_unless_fault
@@ -132,15 +133,29 @@ def _acquire(path: str, shown: str) -> int | None:
         except OSError as exc:  # every command writes in its --out
             user_error_unless_fault(exc, f"cannot write in --out {shown}: {exc.strerror or first_line(exc)}")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
             raise UserError(f"--out {shown} is in use by another vocabtrim run{f' ({holder})' if holder else ''}: "
                             "wait for it to end, or use another --out") from None
         except OSError as exc:
+            read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
             os.close(fd)
             if exc.errno == errno.ESTALE:  # NFS: the file went as we locked it
+                continue
+            if read_only:  # NFS locks a file exclusively only when opened for writing: another user's lock file
+                holder = _held_by_another(lock)
+                if holder is not None:
+                    raise UserError(f"--out {shown} is in use by another vocabtrim run{f' ({holder})' if holder else ''}: "
+                                    "wait for it to end, or use another --out") from None
+                try:  # a killed run's: this run makes its own
+                    os.unlink(lock)
+                except FileNotFoundError:
+                    pass
+                except OSError as gone:
+                    log.warning("no lease on %s (%s): nothing stops another run from writing there", shown, gone.strerror or gone)
+                    return None
                 continue
             with contextlib.suppress(OSError):  # no lock manager: the file would only stay behind
                 os.unlink(lock)
@@ -156,6 +171,19 @@ def _acquire(path: str, shown: str) -> int | None:
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
             return fd
         os.close(fd)
+
+
+def _lock_exclusive(fd: int, tries: int = 5) -> None:
+    """``flock(LOCK_EX | LOCK_NB)``, tried again for a few milliseconds while busy: a run checking the folders above
+    its own holds this one's file shared for as long as a look takes (``_held_by_another``)."""
+    for left in range(tries - 1, -1, -1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not left:
+                raise
+            time.sleep(0.01)
 
 
 def _open(lock: str) -> int:

@@ -44,8 +44,10 @@ def init_ray(address: str | None = None) -> None:
                 _reload_ray_config()
             ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as exc:  # ValueError: an address Ray cannot parse
-        if not address:  # a local Ray that did not start: no address of the user's to blame (a ConnectionError is the machine's)
-            raise
+        if not address:  # a local Ray that did not start: no address of the user's to blame
+            if isinstance(exc, ConnectionError):  # the machine's
+                raise
+            raise UserError(f"cannot start a local Ray: {first_line(exc)}") from exc
         raise UserError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from exc
     except ray.exceptions.AuthenticationError as exc:
         raise UserError(f"the Ray cluster at {address} refused this machine's token ({first_line(exc)}): set RAY_AUTH_TOKEN to "

@@ -633,7 +633,7 @@ def _check_config(c: TrainConfig) -> None:
         if not Path(eagle3_folder(c.init)).expanduser().is_dir():
             raise UserError(f"--init {c.init}: no such folder (pass an EAGLE-3 drafter's folder, or {BUNDLED_EAGLE3})")
         if not is_eagle3(c.init):
-            raise UserError(f"--init {c.init} is not an EAGLE-3 drafter (its config.json names no LlamaForCausalLMEagle3): "
+            raise UserError(f"--init {c.init} is not an EAGLE-3 drafter (no config.json naming an EAGLE-3 architecture): "
                             f"pass one (as SpecForge or train-drafter writes it), or {BUNDLED_EAGLE3}")
     for name, low in (("epochs", 1), ("batch_size", 1), ("ttt_length", 1), ("max_length", 4), ("max_new_tokens", 1)):
         validate.at_least(name, getattr(c, name), low)
