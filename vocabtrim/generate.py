@@ -283,7 +283,7 @@ def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     names = [f.name for f in files]
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
                   stray=lambda name: name.endswith(".parquet") or name == "manifest.json")  # another command's output
-    for folder in {storage.parent(output_path(out, f)) for f in files}:  # outputs of files in subfolders: theirs
+    for folder in {storage.parent(output_path(out, f)) for f in files if "/" in f.name}:  # outputs in subfolders (claim did out)
         storage.remove_temporaries(folder)
 
 

@@ -96,8 +96,7 @@ def _check_outer(path: str, shown: str) -> None:
         if outer not in _held and os.path.exists(os.path.join(outer, LOCK_FILE)):
             holder = _held_by_another(os.path.join(outer, LOCK_FILE))
             if holder is not None:
-                raise UserError(f"--out {shown} is inside {outer}, which another vocabtrim run is writing{f' ({holder})' if holder else ''}: "
-                                "wait for it to end, or use another --out")
+                raise _in_use(f"--out {shown} is inside {outer}, which another vocabtrim run is writing", holder)
         if os.path.dirname(outer) == outer:
             return
         outer = os.path.dirname(outer)
@@ -137,8 +136,7 @@ def _acquire(path: str, shown: str) -> int | None:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise UserError(f"--out {shown} is in use by another vocabtrim run{f' ({holder})' if holder else ''}: "
-                            "wait for it to end, or use another --out") from None
+            raise _in_use(f"--out {shown} is in use by another vocabtrim run", holder) from None
         except OSError as exc:
             read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
             os.close(fd)
@@ -147,20 +145,17 @@ def _acquire(path: str, shown: str) -> int | None:
             if read_only:  # NFS locks a file exclusively only when opened for writing: another user's lock file
                 holder = _held_by_another(lock)
                 if holder is not None:
-                    raise UserError(f"--out {shown} is in use by another vocabtrim run{f' ({holder})' if holder else ''}: "
-                                    "wait for it to end, or use another --out") from None
+                    raise _in_use(f"--out {shown} is in use by another vocabtrim run", holder) from None
                 try:  # a killed run's: this run makes its own
                     os.unlink(lock)
                 except FileNotFoundError:
                     pass
                 except OSError as gone:
-                    log.warning("no lease on %s (%s): nothing stops another run from writing there", shown, gone.strerror or gone)
-                    return None
+                    return _no_lease(shown, gone)
                 continue
             with contextlib.suppress(OSError):  # no lock manager: the file would only stay behind
                 os.unlink(lock)
-            log.warning("no lease on %s (%s): nothing stops another run from writing there", shown, exc.strerror or exc)
-            return None
+            return _no_lease(shown, exc)
         try:  # the holder before us removed the file after we opened it: lock the one at the path now
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -171,6 +166,16 @@ def _acquire(path: str, shown: str) -> int | None:
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
             return fd
         os.close(fd)
+
+
+def _in_use(what: str, holder: str) -> UserError:
+    """The refusal: ``what``, the holder's line when there is one, and what to do."""
+    return UserError(f"{what}{f' ({holder})' if holder else ''}: wait for it to end, or use another --out")
+
+
+def _no_lease(shown: str, exc: OSError) -> None:
+    """Warn that the run goes on without a lease (the file system has no lock to take); None, as ``_acquire`` returns."""
+    log.warning("no lease on %s (%s): nothing stops another run from writing there", shown, exc.strerror or exc)
 
 
 def _lock_exclusive(fd: int, tries: int = 5) -> None:
