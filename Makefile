@@ -30,9 +30,13 @@ install-vllm: $(VENV)/.vllm-installed
 demo: $(VENV)/.installed
 	$(BIN)/vocabtrim demo
 
-# pytest exits 5 when it collected no tests: that is a failure here.
+# pytest exits 5 when it collected no tests: that is a failure here. The suite runs in TEST_WORKERS pytest
+# processes (pytest-xdist), each test file whole in one of them, the slowest files first (tests/conftest.py):
+# most of a Ray or vLLM test's time is waiting, so two processes on two cores take about 55% of one's time.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_engine.py

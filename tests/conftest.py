@@ -21,6 +21,21 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+# The slowest files, slowest first (their tests' total seconds in one serial run, 2026-12-07: 330, 180, 175,
+# 150, 110, 110, 90, 80, 70 of the suite's 1,560). ``make test`` runs the files in two processes, each file
+# whole in one (``--dist loadfile``) and in collection order (``--no-loadscope-reorder``): started first, the
+# slow ones do not end the run alone while the other process idles.
+SLOWEST_FILES = ("test_vllm.py", "test_demo.py", "test_autoscale.py", "test_eagle3.py", "test_cluster.py",
+                 "test_sweep.py", "test_generate.py", "test_faults.py", "test_readme.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The files in ``SLOWEST_FILES`` first, in its order; the others after them, as collected. A file's tests
+    keep their order and stay together (module fixtures, such as ``ray_local``, start once per file)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
 
