@@ -263,7 +263,7 @@ def test_the_host_and_port_of_a_ray_address(address, target):
 @pytest.mark.parametrize("nodes, workers, gpus, cpus, line", [
     ([{"CPU": 2}], 2, 0, 1, None),
     ([{"CPU": 2}], 5, 0, 0.4, None),  # fractional CPUs: 5 x 0.4 fill 2
-    ([{"CPU": 2}], 3, 0, 1, "--workers 3 of 1 CPUs each, but the Ray cluster holds 2 such workers at a time: use --workers 2 "
+    ([{"CPU": 2}], 3, 0, 1, "3 workers of 1 CPUs each, but the Ray cluster holds 2 such workers at a time: use --workers 2 "
                             "(or fewer CPUs or GPUs per worker)"),
     ([{"CPU": 8}], 1, 1, 1, "--gpus-per-worker 1 but the Ray cluster has no GPUs: use --gpus-per-worker 0"),
     ([{"CPU": 8, "GPU": 1}], 1, 2, 1, "--gpus-per-worker 2 but no node has more than 1 GPUs"),
@@ -271,7 +271,7 @@ def test_the_host_and_port_of_a_ray_address(address, target):
     # a CPU-only head and a GPU node with few CPUs: each request fits a node, the pair fits none
     ([{"CPU": 16}, {"CPU": 4, "GPU": 1}], 1, 1, 8, "--gpus-per-worker 1 with --cpus-per-worker 8: no node has both (the nodes "
                                                   "with 1 GPUs have at most 4 CPUs)"),
-    ([{"CPU": 16}, {"CPU": 4, "GPU": 2}], 4, 1, 2, "--workers 4 of 2 CPUs and 1 GPUs each, but the Ray cluster holds 2 such "
+    ([{"CPU": 16}, {"CPU": 4, "GPU": 2}], 4, 1, 2, "4 workers of 2 CPUs and 1 GPUs each, but the Ray cluster holds 2 such "
                                                   "workers at a time: use --workers 2 (or fewer CPUs or GPUs per worker)"),
     ([{"CPU": 16}, {"CPU": 4, "GPU": 2}], 2, 1, 2, None),
 ])

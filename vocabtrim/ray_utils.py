@@ -226,7 +226,8 @@ def placement_shortfall(nodes: list[dict], workers: int, gpus: float, cpus: floa
                 f"have at most {gpu_cpus:g} CPUs)")
     if sum(fits) < workers:
         each = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus > 0 else "")
-        return (f"--workers {workers} of {each} each, but the Ray cluster holds {sum(fits)} such workers at a time: use "
+        # the pool's size, not --workers as typed: calibrate and train-drafter start no more workers than shards
+        return (f"{workers} workers of {each} each, but the Ray cluster holds {sum(fits)} such workers at a time: use "
                 f"--workers {sum(fits)} (or fewer CPUs or GPUs per worker)")
     return None
 
