@@ -230,3 +230,31 @@ def test_a_tokenizer_that_cannot_load_is_the_user_s_unless_the_machine_failed(tm
         models.load_tokenizer(str(folder))
     if is_users:
         assert str(err.value) == f"cannot load the tokenizer of {folder}: this tokenizer.json is not valid"
+
+
+@pytest.mark.parametrize("asked", ["flex_attention", "flash_attention_2"])
+def test_a_config_asking_for_flash_or_flex_attention_loads_with_sdpa_and_generates_as_without(tmp_path, tiny_pair_dirs, asked):
+    """A config.json saved with ``attn_implementation`` (as a training run may save it) is loaded with sdpa: the
+    engine runs its own attention, and flash attention's package is not installed here (loading failed), while
+    flex attention was refused by the engine."""
+    import json
+    import shutil
+
+    from vocabtrim.engine import make_engine
+    from vocabtrim.engine.sampling import SamplingParams
+
+    target_dir, drafter_dir = tiny_pair_dirs
+    asking = tmp_path / "asking"
+    shutil.copytree(target_dir, asking)
+    config = json.loads((asking / "config.json").read_text())
+    (asking / "config.json").write_text(json.dumps({**config, "attn_implementation": asked}))
+    plain, loaded = models.load_model(target_dir), models.load_model(str(asking))
+    assert loaded.config._attn_implementation == "sdpa"
+    prompts = [[5, 9, 12, 7], [3, 4]]
+
+    def greedy(target):
+        engine = make_engine(target, models.load_model(drafter_dir), sampling=SamplingParams(temperature=0),
+                             max_new_tokens=12, batch_size=2, gamma=2)
+        return [o.token_ids for o in engine.generate(prompts, [0, 1])]
+
+    assert greedy(loaded) == greedy(plain)

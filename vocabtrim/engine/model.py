@@ -68,7 +68,8 @@ def check_supported(model, role: str) -> None:
         raise UserError(f"the {role} uses final logit softcapping, which vocabtrim's engine does not support")
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager", "vocabtrim_sdpa"):
-        raise UserError(f"the {role} uses attention implementation {impl!r}: load it with sdpa or eager")
+        raise UserError(f"the {role} uses attention implementation {impl!r}: load it with attn_implementation=\"sdpa\" "
+                        "(or \"eager\"), as vocabtrim.models.load_model does")
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and "sliding" in str(
         getattr(cfg, "layer_types", "")
     ):
