@@ -32,7 +32,7 @@ demo: $(VENV)/.installed
 
 # pytest exits 5 when it collected no tests: that is a failure here. The suite runs in TEST_WORKERS pytest
 # processes (pytest-xdist), each test file whole in one of them, the slowest files first (tests/conftest.py):
-# most of a Ray or vLLM test's time is waiting, so two processes on two cores take about 55% of one's time.
+# most of a Ray or vLLM test's time is waiting, so two processes on two cores take about half of one's time.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
