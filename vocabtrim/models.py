@@ -179,7 +179,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-            **attention_override(name, trust_remote_code),
+            **attention_override(where, trust_remote_code),
         )
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
@@ -190,17 +190,16 @@ def load_model(
     return model
 
 
-ENGINE_ATTENTION = ("sdpa", "eager")  # what the engine's attention (engine/attention.py) takes a model over from
-
-
 def attention_override(name: str, trust_remote_code: bool = False) -> dict:
     """``{"attn_implementation": "sdpa"}`` when the model's config.json asks for an attention other than sdpa or
     eager (``attn_implementation``: flash or flex attention, as a training run may save it), else nothing. The
     engine runs its own attention over its static cache, and flash attention's package may not be installed."""
+    from vocabtrim.engine.attention import TAKEN_OVER
+
     config = declared_config(name, trust_remote_code)
     asked = getattr(config, "_attn_implementation", None) if config is not None else None
     asked = set(asked.values()) if isinstance(asked, dict) else {asked}
-    if asked <= {None, *ENGINE_ATTENTION}:
+    if asked <= {None, *TAKEN_OVER}:
         return {}
     log.info("%s asks for %s attention; loaded with sdpa", name, "/".join(sorted(map(str, asked - {None}))))
     return {"attn_implementation": "sdpa"}

@@ -14,6 +14,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION = "vocabtrim_sdpa"
+TAKEN_OVER = ("sdpa", "eager")  # the attentions ``use_engine_attention`` switches a model from
 
 
 def gqa_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -37,7 +38,7 @@ AttentionInterface.register(ATTENTION, gqa_sdpa_forward)
 
 
 def use_engine_attention(model) -> None:
-    """Switch ``model`` (sdpa or eager) to ``ATTENTION``; its plain use keeps working (see above)."""
+    """Switch ``model`` (one of ``TAKEN_OVER``) to ``ATTENTION``; its plain use keeps working (see above)."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == ATTENTION:
         return

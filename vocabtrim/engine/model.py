@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from vocabtrim.engine.attention import use_engine_attention
+from vocabtrim.engine.attention import ATTENTION, TAKEN_OVER, use_engine_attention
 from vocabtrim.engine.cache import StaticKVCache, causal_mask, prefill_mask
 from vocabtrim.engine.cpu_gemm import pack_linears, unpack_linears
 from vocabtrim.engine.heads import Head
@@ -67,7 +67,7 @@ def check_supported(model, role: str) -> None:
     if getattr(cfg, "final_logit_softcapping", None):
         raise UserError(f"the {role} uses final logit softcapping, which vocabtrim's engine does not support")
     impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl not in ("sdpa", "eager", "vocabtrim_sdpa"):
+    if impl not in (*TAKEN_OVER, ATTENTION):
         raise UserError(f"the {role} uses attention implementation {impl!r}: load it with attn_implementation=\"sdpa\" "
                         "(or \"eager\"), as vocabtrim.models.load_model does")
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and "sliding" in str(
