@@ -376,6 +376,43 @@ def test_prompts_follow_the_generating_models_template_and_its_context_before_ra
         plan(replace(cfg, max_new_tokens=context))
 
 
+def test_generated_counts_are_keyed_by_the_chat_template_prompts_go_through(data, tmp_path):
+    """The hash of the generating model's chat template is in the ledger's run key (the tokenizer's fingerprint leaves
+    it out): counts made under another template are refused, not summed in. The key is absent where no template is
+    used (--chat-template never, --source corpus), and a ledger recorded by an earlier vocabtrim without it resumes."""
+    import shutil
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from vocabtrim.calibrate import plan
+
+    model = tmp_path / "model"
+    shutil.copytree(data["model"], model)
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["the dog", "a cat"]}), prompts)
+    cfg = CalibrateConfig(drafter=str(model), corpus=[str(prompts)], out=str(tmp_path / "out"), source="drafter", max_new_tokens=4,
+                          show_progress=False)
+    key = plan(cfg).run_key
+    assert len(key["chat_template_sha256"]) == 24
+    assert "chat_template_sha256" not in plan(replace(cfg, chat_template="never")).run_key
+    assert "chat_template_sha256" not in plan(replace(cfg, source="corpus")).run_key
+    ledger = Ledger(tmp_path / "shards")
+    ledger.claim(key)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "System: be brief.\n" + tok.chat_template
+    tok.save_pretrained(model)
+    changed = plan(cfg).run_key
+    assert changed["chat_template_sha256"] != key["chat_template_sha256"]
+    with pytest.raises(UserError, match=r"shards holds counts made with other settings \(chat_template_sha256 "):
+        ledger.claim(changed)
+    earlier = {k: v for k, v in key.items() if k != "chat_template_sha256"}
+    (tmp_path / "shards" / "_run.json").write_text(json.dumps(earlier))
+    ledger.claim(changed)  # an earlier vocabtrim's record: the template was not recorded, the rest still binds
+    with pytest.raises(UserError, match=r"other settings \(seed 0 now 1\)"):
+        ledger.claim({**changed, "seed": 1})
+
+
 def test_generated_source_reads_message_lists_through_the_chat_template(ray_local, data, tmp_path):
     """A column of {role, content} lists (the prompts files `generate` reads) works as the rows of a generated source:
     each conversation through the chat template with the generation prompt; rows that are no conversation are

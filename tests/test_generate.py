@@ -467,6 +467,34 @@ def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path,
     assert not (tmp_path / "refused").exists()
 
 
+def test_outputs_resume_only_under_the_chat_template_they_were_made_with(ray_local, base, tmp_path):
+    """The chat template prompts are rendered with is a setting (its hash; the tokenizer's fingerprint leaves it
+    out): after the model folder's template changes, a rerun into the same --out is refused, not mixed in. Settings
+    recorded by an earlier vocabtrim, without the key, still resume; --chat-template never records none."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    target = tmp_path / "target"
+    shutil.copytree(base.target, target)
+    pq.write_table(pa.table({"id": [0, 1], "prompt": ["What is a drafter?", "the quick brown fox"]}), tmp_path / "p.parquet")
+    out = tmp_path / "out"
+    run = replace(base, target=str(target), drafter=None, no_draft=True, temperature=0.0, prompts=[str(tmp_path / "p.parquet")],
+                  out=str(out))
+    first = run_generate(run)["settings"]["chat_template_sha256"]
+    written = (out / "p.parquet").read_bytes()
+    tok = AutoTokenizer.from_pretrained(target)
+    tok.chat_template = "System: be brief.\n" + tok.chat_template
+    tok.save_pretrained(target)
+    with pytest.raises(UserError, match=f"other settings \\(chat_template_sha256 '{first}' now '[0-9a-f]{{24}}'\\)"):
+        run_generate(run)
+    recorded = json.loads((out / "settings.json").read_text())
+    del recorded["chat_template_sha256"]
+    (out / "settings.json").write_text(json.dumps(recorded))
+    assert run_generate(run)["run"]["files_resumed"] == 1 and (out / "p.parquet").read_bytes() == written
+    assert "chat_template_sha256" not in run_generate(replace(run, chat_template="never", out=str(tmp_path / "never")))["settings"]
+
+
 @pytest.fixture(scope="module")
 def heads(ray_local, base, tmp_path_factory):
     """Heads from one calibration: ``independent`` for the independent drafter, ``layers2`` for the

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
-from vocabtrim.chat import check_message_lists, wraps_strings
+from vocabtrim.chat import check_message_lists, template_sha256, wraps_strings
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor, close_engine
 
@@ -101,6 +101,7 @@ class Ledger:
     RUN_FILE = "_run.json"
     SUFFIX = ".npz"
     HOLDS = "counts"  # what the entries are, for messages
+    LATER_KEYS = ("chat_template_sha256",)  # run keys that ledgers written by an earlier vocabtrim lack (storage.claim)
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
@@ -118,7 +119,8 @@ class Ledger:
     def claim(self, run_key: dict) -> None:
         """Bind the ledger to one set of settings (``storage.claim``); refuse to mix counts made with other
         settings, and entries with no record of theirs."""
-        storage.claim(self.folder, self.RUN_FILE, run_key, what=self.HOLDS, stray=lambda name: name.endswith(self.SUFFIX))
+        storage.claim(self.folder, self.RUN_FILE, run_key, what=self.HOLDS, stray=lambda name: name.endswith(self.SUFFIX),
+                      later=self.LATER_KEYS)
 
     def record(self, result: ShardCount) -> bool:
         """Write ``result`` under its shard id; False (nothing written) if that id is already recorded."""
@@ -596,6 +598,9 @@ def plan(config: CalibrateConfig) -> _Plan:
             run_key["device"] = "cuda"  # as ledgers written before it was recorded
         if config.chat_template != "auto":  # auto is what ledgers written before the flag did: they stay resumable
             run_key["chat_template"] = config.chat_template
+        template = template_sha256(prompter_tokenizer) if config.chat_template != "never" else None
+        if template:  # the template prompts are rendered with; none where none is used, as ledgers written before it was
+            run_key["chat_template_sha256"] = template
         if config.engine != "native":  # likewise: native is what ledgers written before --engine did
             run_key["engine"] = config.engine
     fast = getattr(tokenizer, "_tokenizer", None)

@@ -11,6 +11,9 @@ A list of ``{role, content}`` messages always goes through the chat template (re
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from vocabtrim.errors import UserError
 
 MODES = ("auto", "always", "never")
@@ -23,6 +26,16 @@ HELP = (
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def template_sha256(tokenizer) -> str | None:
+    """A hash of the tokenizer's chat template (a named set of them hashed as one), or None without one. Not in
+    ``models.tokenizer_fingerprint``: tokenizers that differ only in their templates make the same token ids."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def wraps_strings(mode: str, tokenizer, model_name: str) -> bool:

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage, validate
-from vocabtrim.chat import as_user_message, check_message_lists, wraps_strings
+from vocabtrim.chat import as_user_message, check_message_lists, template_sha256, wraps_strings
 from vocabtrim.corpus import is_messages_type
 from vocabtrim.errors import RunFailed, UserError, first_line, user_error_unless_fault
 from vocabtrim.faults import injected_fault
@@ -141,10 +141,11 @@ def _drafter_name(cfg: GenerateConfig) -> str | None:
     return cfg.drafter if cfg.drafter is not None else cfg.target
 
 
-def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, bool]:
+def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, bool, str | None]:
     """Load the tokenizers (not the models), refuse a mismatched pair, and apply ``--chat-template``
     (``vocabtrim.chat``): refuse message-list prompts when the tokenizer has no chat template or the mode is
-    ``never``. Returns the tokenizer fingerprint and whether string prompts are wrapped as user messages."""
+    ``never``. Returns the tokenizer fingerprint, whether string prompts are wrapped as user messages, and the
+    hash of the chat template prompts go through (None under ``never`` or without one)."""
     from vocabtrim.models import (check_declared_widths, check_eagle3_drafter, check_pair, check_weights, is_eagle3,
                                   load_tokenizer, tokenizer_fingerprint)
 
@@ -165,7 +166,8 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
         if is_messages_type(f.prompt_type):
             check_message_lists(cfg.chat_template, target_tok, cfg.target,
                                 f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}")
-    return tokenizer_fingerprint(target_tok), wrap
+    template = template_sha256(target_tok) if cfg.chat_template != "never" else None
+    return tokenizer_fingerprint(target_tok), wrap, template
 
 
 def check_drafter(cfg: GenerateConfig, fingerprint: str) -> str | None:
@@ -219,9 +221,10 @@ def _drafter_config(cfg: GenerateConfig) -> dict | None:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None = None) -> dict:
-    """What decides a row's completion (``head_sha256``: ``check_drafter``'s). A rerun into the same ``--out``
-    must match it exactly.
+def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None = None,
+                chat_template_sha256: str | None = None) -> dict:
+    """What decides a row's completion (``head_sha256``: ``check_drafter``'s; ``chat_template_sha256``:
+    ``check_models``'s). A rerun into the same ``--out`` must match it exactly (``LATER_SETTINGS`` where recorded).
 
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
@@ -250,6 +253,9 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         "id_column": cfg.id_column,
         "dtype": cfg.dtype,
         "tokenizer": fingerprint,
+        # The template prompts are rendered with (the tokenizer's fingerprint leaves it out); none where none is used,
+        # as settings written before it was recorded.
+        **({"chat_template_sha256": chat_template_sha256} if chat_template_sha256 else {}),
         # --no-draft: gamma still sets the room a prompt has (prompts.max_prompt_tokens: max_gamma + 1 or gamma + 1
         # positions), so which rows are error rows; recorded where it is not the defaults' (as settings written
         # before it was recorded).
@@ -275,6 +281,10 @@ def _holds_outputs(out: str, names: list[str]) -> bool:
         storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".") for p in found)
 
 
+# Settings that outputs written by an earlier vocabtrim did not record: compared only where recorded.
+LATER_SETTINGS = ("chat_template_sha256",)
+
+
 def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     """Create ``--out`` and record the settings, or check them against the recorded ones
     (``storage.claim``). Recorded settings bind the folder only once it holds a finished output: a folder
@@ -282,7 +292,8 @@ def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     partial files beside the outputs are removed (``storage.remove_temporaries``)."""
     names = [f.name for f in files]
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
-                  stray=lambda name: name.endswith(".parquet") or name == "manifest.json")  # another command's output
+                  stray=lambda name: name.endswith(".parquet") or name == "manifest.json",  # another command's output
+                  later=LATER_SETTINGS)
     for folder in {storage.parent(output_path(out, f)) for f in files if "/" in f.name}:  # outputs in subfolders (claim did out)
         storage.remove_temporaries(folder)
 
@@ -820,10 +831,10 @@ def _generate(cfg: GenerateConfig) -> dict:
     files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
     if sum(f.num_rows for f in files) == 0:
         raise UserError(f"the prompts are empty: no rows in {' '.join(storage.display(f.path) for f in files)}")
-    fingerprint, wrap_strings = check_models(cfg, files)
+    fingerprint, wrap_strings, template = check_models(cfg, files)
     head_sha256 = check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
-    settings = settings_of(cfg, fingerprint, head_sha256)
+    settings = settings_of(cfg, fingerprint, head_sha256, template)
     prepare_out(out, settings, files)
     todo = [f for f in files if not is_complete(out, f)]
 

@@ -500,7 +500,8 @@ def check_out_kind(folder: str, kind: str, overwrites: tuple[str, ...] = ()) -> 
 
 
 def claim(folder: str, record: str, settings: dict, *, key: str | None = None, what: str = "outputs",
-          binds: Callable[[], bool] | None = None, stray: Callable[[str], bool] = lambda name: True) -> dict:
+          binds: Callable[[], bool] | None = None, stray: Callable[[str], bool] = lambda name: True,
+          later: tuple[str, ...] = ()) -> dict:
     """Claim the output folder ``folder`` for a run with ``settings``, so that a rerun resumes only with the
     same settings. The settings are recorded in the JSON file ``folder/record``: the whole file, or its
     ``key`` entry.
@@ -508,20 +509,21 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
     - ``folder`` is a file: refused.
     - No record yet: refused when the folder holds a file whose name ``stray(name)`` accepts (the output of
       something else); otherwise the record ``settings`` (or ``{key: settings}``) is written.
-    - A record with the same settings (keys of both compared): the run resumes.
+    - A record with the same settings (keys of both compared): the run resumes. Keys in ``later`` are settings
+      that records written by an earlier vocabtrim lack: compared only where the record has them.
     - A record with other settings: refused, naming the first differences, unless ``binds()`` says the
       folder holds nothing made under the recorded settings; then the record is rewritten with these.
 
     Refusals are UserError, one line. Returns the record as it is in the file afterwards. Once claimed, the
     folder's partial files of killed runs are removed where this process holds its lease (``lease``).
     """
-    recorded = _claim(folder, record, settings, key=key, what=what, binds=binds, stray=stray)
+    recorded = _claim(folder, record, settings, key=key, what=what, binds=binds, stray=stray, later=later)
     remove_temporaries(folder)
     return recorded
 
 
 def _claim(folder: str, record: str, settings: dict, *, key: str | None, what: str, binds: Callable[[], bool] | None,
-           stray: Callable[[str], bool]) -> dict:
+           stray: Callable[[str], bool], later: tuple[str, ...]) -> dict:
     shown = display(folder)
     path = join(folder, record)
     fresh = {key: settings} if key else dict(settings)
@@ -548,7 +550,8 @@ def _claim(folder: str, record: str, settings: dict, *, key: str | None, what: s
     except (OSError, ValueError, AttributeError) as exc:
         user_error_unless_fault(exc, f"{display(path)} is unreadable ({first_line(exc)}): use a new --out")
     diffs = [f"{k} {_without_queries(old.get(k))!r} now {settings.get(k)!r}"
-             for k in [*settings, *(k for k in old if k not in settings)] if _without_queries(old.get(k)) != settings.get(k)]
+             for k in [*settings, *(k for k in old if k not in settings)]
+             if _without_queries(old.get(k)) != settings.get(k) and (k in old or k not in later)]
     if diffs:
         raise UserError(
             f"{shown} holds {what} made with other settings ({'; '.join(diffs[:3])}{'; …' if len(diffs) > 3 else ''}): "
