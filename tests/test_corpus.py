@@ -154,6 +154,19 @@ def test_folders_globs_and_dedup(files):
     assert names == ["a.parquet", "b.jsonl", "c.txt", "d.txt"]
 
 
+def test_hidden_entries_of_a_folder_are_no_corpus(tmp_path):
+    """Names starting with . or _ are skipped in a folder, as generate skips them: a Spark job's _SUCCESS and the
+    parts a failed or running job left in _temporary/, Delta's _delta_log/ checkpoints, .crc checksums."""
+    table = pa.table({"text": ["a"]})
+    for rel in ["part-0.parquet", "_temporary/0/task_1/part-1.parquet", "_delta_log/00010.checkpoint.parquet",
+                "sub/part-2.parquet", "sub/_part-3.parquet", ".part-0.parquet.crc"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / rel)
+    (tmp_path / "_SUCCESS").write_text("")
+    found = corpus.expand_paths([str(tmp_path)])
+    assert [os.path.relpath(p, tmp_path) for p in found] == ["part-0.parquet", "sub/part-2.parquet"]
+
+
 @pytest.mark.parametrize("kind", ["stream", "file"])
 def test_an_arrow_shard_is_read_a_record_batch_at_a_time_up_to_its_last_row(tmp_path, monkeypatch, kind):
     """An Arrow IPC stream (as ``datasets`` writes) or file of 10 record batches of 20 rows, cut in shards of 50 rows:

@@ -47,6 +47,8 @@ def test_files_folders_and_globs(tmp_path):
     assert find_prompt_files([str(tmp_path / "d")]) == [(a, "a.parquet"), (b, "sub/b.parquet")]
     assert find_prompt_files([c]) == [(c, "c.parquet")]
     assert find_prompt_files([str(tmp_path / "d" / "[ab].parquet")]) == [(a, "a.parquet")]
+    (tmp_path / "d" / "_SUCCESS").write_text("")  # a Spark job's marker beside its parts: no input, also through a glob
+    assert find_prompt_files([str(tmp_path / "d" / "*")]) == [(a, "a.parquet"), (b, "b.parquet")]  # _tmp.parquet skipped
     literal = str(write(tmp_path / "p[1].parquet", prompt=["v"]))  # a name with [ that exists is that file
     assert find_prompt_files([literal]) == [(literal, "p[1].parquet")]
     assert find_prompt_files([str(tmp_path / "d" / "**" / "b.parquet")]) == [(b, "b.parquet")]

@@ -143,13 +143,13 @@ def _walk_key(rel: str) -> tuple:
 
 
 def _folder_files(folder: str) -> list[str]:
-    """Corpus files under a folder, recursively, hidden entries skipped; a ``datasets`` folder (the
+    """Corpus files under a folder, recursively, hidden entries skipped (``storage.hidden``); a ``datasets`` folder (the
     folder itself or one inside it) gives its Arrow files instead of its contents."""
     arrow = _datasets_arrow_files(folder)
     if arrow is not None:
         return arrow
     rels = [storage.relative(f, folder) for f in storage.walk_files(folder)]
-    rels = [r for r in rels if not any(part.startswith(".") for part in r.split("/"))]
+    rels = [r for r in rels if not storage.hidden(r)]
     present = set(rels)
     dataset_roots: list[str] = []  # relative folders that hold a datasets save
     for rel in sorted(rels, key=lambda r: r.count("/")):

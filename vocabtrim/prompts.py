@@ -58,15 +58,11 @@ class PromptFile:
 # ---------------------------------------------------------------------------------------------
 
 
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
 def _folder_files(folder: str) -> list[tuple[str, str]]:
     found = []
     for path in storage.walk_files(folder):
         rel = storage.relative(path, folder)
-        if rel.endswith(".parquet") and not _hidden(rel):
+        if rel.endswith(".parquet") and not storage.hidden(rel):
             found.append((path, rel))
     return found
 
@@ -75,8 +71,8 @@ def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
     """Expand files, folders and globs into ``(location, output name)`` pairs, in a stable order.
 
     Each argument is a local path or an object-store URI (``s3://bucket/key``, ``gs://…``, ``file://…``).
-    Folders are searched recursively for ``*.parquet`` (hidden ``.``/``_`` entries skipped); a file named
-    directly may have any extension (its content is checked later). The same file named twice counts once.
+    Folders are searched recursively for ``*.parquet`` and globs match files (hidden ``.``/``_`` entries skipped,
+    ``storage.hidden``); a file named directly may have any extension (its content is checked later). The same file named twice counts once.
     """
     if not paths:
         raise UserError("no prompt files: pass --prompts with Parquet files, folders or globs")
@@ -89,8 +85,8 @@ def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
             matches = storage.glob_typed(where)
             if not matches:
                 raise UserError(f"--prompts {shown} matches no files")
-            for m, folder in matches:
-                pairs.extend(_folder_files(m) if folder else [(m, storage.name(m))])
+            for m, folder in matches:  # a file that is a hidden entry (Spark's _SUCCESS beside its parts) is no input
+                pairs.extend(_folder_files(m) if folder else [] if storage.hidden(storage.name(m)) else [(m, storage.name(m))])
         elif storage.is_dir(where):
             found = _folder_files(where)
             if not found:

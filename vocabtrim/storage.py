@@ -202,6 +202,13 @@ def relative(where: str, root: str) -> str:
     return a[len(b.rstrip("/")):].lstrip("/")
 
 
+def hidden(rel: str) -> bool:
+    """Whether a path relative to a folder that is read as input passes through a hidden entry (a name starting
+    with ``.`` or ``_``): Spark's ``_SUCCESS`` and ``_temporary/``, Delta's ``_delta_log/``, ``.crc`` checksums,
+    ``.ipynb_checkpoints``. Those are never data."""
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
 def _glob_regex(pattern: str) -> re.Pattern:
     """A glob as ``glob.glob(recursive=True)`` reads it: ``*``/``[...]`` within one component, ``**`` as a
     whole component matching zero or more components, and names starting with ``.`` matched only by a
