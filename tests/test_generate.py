@@ -467,6 +467,19 @@ def test_string_prompts_follow_the_chat_template_rule(ray_local, base, tmp_path,
     assert not (tmp_path / "refused").exists()
 
 
+def test_string_view_and_all_null_ids_are_written_back_as_they_came(ray_local, base, tmp_path):
+    """Id columns of string_view (as Polars writes strings) and of Arrow's null type (an all-None pandas column)
+    come back in the output with their type and values."""
+    views = pa.array(["a", None, "c"]).cast(pa.string_view())
+    pq.write_table(pa.table({"id": views, "prompt": ["x y", "the dog", "a cat"]}), tmp_path / "views.parquet")
+    pq.write_table(pa.table({"id": pa.array([None, None], pa.null()), "prompt": ["x y", "a cat"]}), tmp_path / "nulls.parquet")
+    run_generate(replace(base, drafter=None, no_draft=True, temperature=0.0, max_new_tokens=2, prompts=[str(tmp_path / "views.parquet"),
+                 str(tmp_path / "nulls.parquet")], out=str(tmp_path / "out")))
+    for name, ids in (("views", views), ("nulls", pa.array([None, None], pa.null()))):
+        table = pq.read_table(tmp_path / "out" / f"{name}.parquet")
+        assert table.column("id").combine_chunks().equals(ids) and table.column("error").null_count == table.num_rows
+
+
 def test_outputs_resume_only_under_the_chat_template_they_were_made_with(ray_local, base, tmp_path):
     """The chat template prompts are rendered with is a setting (its hash; the tokenizer's fingerprint leaves it
     out): after the model folder's template changes, a rerun into the same --out is refused, not mixed in. Settings

@@ -231,6 +231,20 @@ def test_id_column_is_carried_and_null_ids_get_stable_keys(tmp_path):
     assert chunk.keys == ["10", "f.parquet:1", "12"]
 
 
+def test_string_view_and_all_null_id_columns_are_ids(tmp_path):
+    """Polars writes string columns as string_view, pandas an all-None column as Arrow's null type: ids like any
+    other (a repeated view refused as a repeated string is), and null ids are stable ids."""
+    f = write(tmp_path / "f.parquet", id=pa.array(["a", None, "c"]).cast(pa.string_view()), prompt=["x", "y", "z"])
+    (chunk,) = read_chunks(check_prompt_file(str(f), "f.parquet", "prompt", "id"), "prompt", "id", rows_per_chunk=100)
+    assert chunk.keys == ["a", "f.parquet:1", "c"]
+    g = write(tmp_path / "g.parquet", id=pa.array([None, None], pa.null()), prompt=["x", "y"])
+    (chunk,) = read_chunks(check_prompt_file(str(g), "g.parquet", "prompt", "id"), "prompt", "id", rows_per_chunk=100)
+    assert chunk.keys == ["g.parquet:0", "g.parquet:1"]
+    twice = write(tmp_path / "twice.parquet", id=pa.array(["a", "a"]).cast(pa.string_view()), prompt=["x", "y"])
+    with pytest.raises(UserError, match="--id-column 'id' holds 'a' in 2 rows"):
+        check_prompt_file(str(twice), "twice.parquet", "prompt", "id")
+
+
 # ---------------------------------------------------------------------------------------------
 # Object storage (a local S3 server: the `s3` fixture in conftest)
 # ---------------------------------------------------------------------------------------------

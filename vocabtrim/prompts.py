@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
-from vocabtrim.corpus import prompt_type_problem, unwrap_dictionary
+from vocabtrim.corpus import is_text_type, prompt_type_problem, unwrap_dictionary
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
         raise UserError(f"{shown}: --prompt-column {prompt_column!r} holds {prompt_type} values: {problem}")
     if id_type is not None:
         value_type = unwrap_dictionary(id_type)
-        if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_integer(value_type)):
+        # null: a column with no id in any row (pandas writes an all-None column so), every row's id a stable one
+        if not (is_text_type(value_type) or pa.types.is_integer(value_type) or pa.types.is_null(value_type)):
             raise UserError(f"{shown}: --id-column {id_column!r} holds {id_type} values: ids must be strings or integers")
         _check_unique_ids(path, id_column)
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type,
@@ -171,6 +172,8 @@ def _check_unique_ids(path: str, id_column: str) -> None:
             ids = pq.read_table(f, columns=[id_column]).column(0)
     except (pa.ArrowException, OSError) as exc:
         _unreadable(path, exc)
+    if getattr(pa.types, "is_string_view", lambda _: False)(ids.type):  # compute has few kernels for views
+        ids = ids.cast(pa.large_string())
     counts = pc.value_counts(ids.drop_null())
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):
