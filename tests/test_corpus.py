@@ -132,6 +132,17 @@ def test_dictionary_encoded_and_all_null_text_columns_are_read(tmp_path):
     assert [t for _, _, t in read_all(shards)] == words + [None] * 3
 
 
+def test_a_value_that_is_not_utf8_reads_as_null_and_its_neighbours_are_read(tmp_path):
+    """Writers other than pyarrow may store any bytes in a string column: such a row is null (a skipped row), in
+    Parquet and in Arrow files, and the rows around it are read; before, it failed the shard on every retry."""
+    column = pa.array([b"ok", b"caf\xe9", b"fine"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": column}), tmp_path / "a.parquet")
+    with pa.ipc.new_stream(tmp_path / "b.arrow", pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": column}))
+    shards = corpus.make_shards([str(tmp_path / "a.parquet"), str(tmp_path / "b.arrow")])
+    assert [t for _, _, t in read_all(shards)] == ["ok", None, "fine"] * 2
+
+
 def test_same_corpus_same_ids_and_a_changed_file_gets_new_ones(files):
     first = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)
     again = corpus.make_shards([str(files / "a.parquet"), str(files / "c.txt")], shard_bytes=300)

@@ -208,12 +208,22 @@ def test_a_dropped_connection_while_reading_rows_is_retried_from_the_next_row(tm
     assert not isinstance(raised.value, UserError) and len(opened) == prompts.READ_ATTEMPTS
 
 
-def test_prompts_that_are_not_utf8_are_refused_in_one_line_where_they_are_read(tmp_path):
-    f = tmp_path / "f.parquet"  # writers other than pyarrow may store any bytes in a string column
-    pq.write_table(pa.table({"prompt": pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string())}), f)
-    info = check_prompt_file(str(f), "f.parquet", "prompt", None)
-    with pytest.raises(UserError, match=r"f\.parquet is not a readable Parquet file \('utf-8' codec can't decode"):
-        list(read_chunks(info, "prompt", None, 10))
+def test_a_prompt_that_is_not_utf8_is_an_error_row_and_the_others_are_read(tmp_path, tok):
+    """Writers other than pyarrow may store any bytes in a string column: such a row (a string, or a message's
+    content) gets its reason, as any bad row does, and the rows around it are read."""
+    from vocabtrim.prompts import Undecodable
+
+    f = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([b"ok", b"caf\xe9", b"fine"], pa.binary()).view(pa.string())}), f)
+    (chunk,) = read_chunks(check_prompt_file(str(f), "f.parquet", "prompt", None), "prompt", None, 10)
+    assert chunk.prompts[0] == "ok" and chunk.prompts[2] == "fine" and isinstance(chunk.prompts[1], Undecodable)
+    ids, problem = encode_prompt(chunk.prompts[1], tok, 100)
+    assert ids is None and problem.startswith("prompt is not valid UTF-8 ('utf-8' codec can't decode byte 0xe9 in position 3")
+    content = pa.array([b"hi", b"caf\xe9"], pa.binary()).view(pa.string())
+    messages = pa.ListArray.from_arrays([0, 1, 2], pa.StructArray.from_arrays([pa.array(["user", "user"]), content], ["role", "content"]))
+    pq.write_table(pa.table({"prompt": messages}), f)
+    (chunk,) = read_chunks(check_prompt_file(str(f), "f.parquet", "prompt", None), "prompt", None, 10)
+    assert chunk.prompts[0] == [{"role": "user", "content": "hi"}] and isinstance(chunk.prompts[1], Undecodable)
 
 
 def test_two_columns_of_one_name_are_refused_in_one_line(tmp_path):

@@ -227,6 +227,26 @@ def is_text_type(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
 
 
+def to_pylist_or(array, bad) -> list:
+    """``array.to_pylist()``, with ``bad(exc)`` in place of each value that cannot be decoded: a string (or a
+    message's content) that is not valid UTF-8, which writers other than pyarrow may store in a string column."""
+    try:
+        return array.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for i in range(len(array)):
+            try:
+                values.append(array[i].as_py())
+            except UnicodeDecodeError as exc:
+                values.append(bad(exc))
+        return values
+
+
+def _skipped(exc: UnicodeDecodeError) -> None:
+    """A corpus value that is not valid UTF-8 reads as null: a skipped row, as a null is."""
+    return None
+
+
 def unwrap_dictionary(t):
     """A dictionary type's value type; any other type as it is."""
     import pyarrow as pa
@@ -469,23 +489,84 @@ def make_shards(
 # ---------------------------------------------------------------------------------------------
 
 
-def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
-    import pyarrow.parquet as pq
+class _ParquetCursor:
+    """An open reader of one row group's column: the file, its ``iter_batches`` iterator, and the record batch
+    it gave last (``batch``, None before the first; ``end`` is the group row just past it)."""
 
-    with storage.open_input_file(shard.path) as source, pq.ParquetFile(source) as pf:
-        md = pf.metadata
-        group_first = sum(md.row_group(g).num_rows for g in range(shard.row_group))
-        lo, hi = shard.start - group_first, shard.stop - group_first  # rows within the row group
-        pos = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[shard.row_group], columns=[text_column]):
-            n = batch.num_rows
-            a, b = max(lo, pos), min(hi, pos + n)
+    def __init__(self, path: str, row_group: int, column: str, batch_rows: int):
+        import pyarrow.parquet as pq
+
+        self.key = (path, row_group, column, batch_rows)
+        self.batch = None
+        self.end = 0
+        self._open = contextlib.ExitStack()
+        try:
+            source = self._open.enter_context(storage.open_input_file(path))
+            pf = self._open.enter_context(pq.ParquetFile(source))
+            md = pf.metadata
+            self.group_first = sum(md.row_group(g).num_rows for g in range(row_group))  # file row of group row 0
+            self._batches = pf.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=[column])
+            self._open.callback(self._batches.close)  # the iterator stops before its file closes
+        except BaseException:
+            self._open.close()
+            raise
+
+    @property
+    def first(self) -> int:
+        """The group row of the held batch's first row: a read from here on can go on from this reader."""
+        return self.end - (self.batch.num_rows if self.batch is not None else 0)
+
+    def advance(self):
+        """The next record batch (held as ``batch``), or None at the row group's end."""
+        batch = next(self._batches, None)
+        if batch is not None:
+            self.batch, self.end = batch, self.end + batch.num_rows
+        return batch
+
+    def close(self) -> None:
+        self._open.close()
+
+
+_parquet_cursor: _ParquetCursor | None = None  # this process's last row-group reader: at most one open file
+
+
+def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
+    """Rows [start, stop) of the shard's row group, a slice of one record batch (at most ``batch_rows`` rows) at a time.
+
+    A row group cut into many shards is read by one process in increasing shards (k, k + W, ...). Reading each
+    from the group's first row would decode (and download) the group once per shard, so the reader is kept in
+    ``_parquet_cursor`` when a shard ends, and the next shard of the same file, row group, column and batch size
+    that starts at or after its held batch goes on from it; any other shard closes it and opens afresh. While a
+    shard is read the reader is out of the slot, and an error or a generator closed mid-shard closes it, so the
+    next read opens afresh rather than going on from a half-read state.
+    """
+    global _parquet_cursor
+    cur, _parquet_cursor = _parquet_cursor, None
+    try:
+        key = (shard.path, shard.row_group, text_column, batch_rows)
+        if cur is not None and (cur.key != key or shard.start - cur.group_first < cur.first):
+            cur.close()
+            cur = None
+        if cur is None:
+            cur = _ParquetCursor(*key)
+        lo, hi = shard.start - cur.group_first, shard.stop - cur.group_first  # rows within the row group
+        batch = cur.batch if cur.batch is not None and cur.end > lo else cur.advance()
+        while batch is not None:
+            pos = cur.end - batch.num_rows
+            a, b = max(lo, pos), min(hi, cur.end)
             if a < b:
-                texts = batch.column(0).slice(a - pos, b - a).to_pylist()
-                yield RowBatch(texts, list(range(group_first + a, group_first + b)))
-            pos += n
-            if pos >= hi:
+                texts = to_pylist_or(batch.column(0).slice(a - pos, b - a), _skipped)
+                yield RowBatch(texts, list(range(cur.group_first + a, cur.group_first + b)))
+            if cur.end >= hi:
                 break
+            batch = cur.advance()
+    except BaseException:  # GeneratorExit included: a shard left mid-way drops its reader
+        if cur is not None:
+            cur.close()
+        raise
+    if _parquet_cursor is not None:
+        _parquet_cursor.close()
+    _parquet_cursor = cur
 
 
 def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
@@ -498,7 +579,7 @@ def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[Row
         for batch in batches:
             lo, hi = max(first, shard.start), min(first + batch.num_rows, shard.stop)
             if lo < hi:
-                texts.extend(batch.column(text_column).slice(lo - first, hi - lo).to_pylist())
+                texts.extend(to_pylist_or(batch.column(text_column).slice(lo - first, hi - lo), _skipped))
                 while len(texts) >= batch_rows:
                     yield RowBatch(texts[:batch_rows], list(range(row, row + batch_rows)))
                     texts, row = texts[batch_rows:], row + batch_rows

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
-from vocabtrim.corpus import is_text_type, prompt_type_problem, unwrap_dictionary
+from vocabtrim.corpus import is_text_type, prompt_type_problem, to_pylist_or, unwrap_dictionary
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -202,13 +202,21 @@ class PromptChunk:
     start:   the first row's number in the file.
     ids:     Arrow array [n]: the id column's values, or stable ids (strings) when the file has none.
     keys:    [n] row keys (seeds are derived from them).
-    prompts: [n] the prompt column's values as Python objects (str, list of dicts, None, anything).
+    prompts: [n] the prompt column's values as Python objects (str, list of dicts, None, anything; ``Undecodable``
+             where a value is not valid UTF-8).
     """
 
     start: int
     ids: pa.Array
     keys: list[str]
     prompts: list
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A prompt value that cannot be decoded (not valid UTF-8): its row is an error row with ``reason``."""
+
+    reason: str
 
 
 READ_ATTEMPTS = 3  # tries of one file's reading, for faults of the machine (a dropped object-store connection)
@@ -260,7 +268,7 @@ def _unreadable(path: str, exc: BaseException) -> NoReturn:
 
 def _chunk(file: PromptFile, batch: pa.RecordBatch, start: int, prompt_column: str, id_column: str | None) -> PromptChunk:
     n = batch.num_rows
-    prompts = batch.column(prompt_column).to_pylist()
+    prompts = to_pylist_or(batch.column(prompt_column), lambda exc: Undecodable(f"prompt is not valid UTF-8 ({exc})"))
     if file.id_type is not None:
         ids = batch.column(id_column)
         keys = [stable_id(file.name, start + i) if v is None else str(v) for i, v in enumerate(ids.to_pylist())]
@@ -333,6 +341,8 @@ def encode_prompt(value, tokenizer, max_prompt_tokens: int) -> tuple[list[int] |
     """
     if value is None:
         return None, "prompt is null"
+    if isinstance(value, Undecodable):
+        return None, value.reason
     if isinstance(value, str):
         if not value.strip():
             return None, "prompt is empty"

@@ -1,0 +1,143 @@
+"""A process reading the shards of one Parquet row group in increasing order decodes the group once (the reader is
+kept between shards); any other order, an error or a shard left mid-way gives the same rows as a fresh read."""
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vocabtrim import corpus, storage
+
+ROWS = [f"row {i} " + "x" * (i % 11) for i in range(300)]
+
+
+def expected(shard):
+    """(key, text) of a shard's rows: file row numbers and the rows written."""
+    return [(k, ROWS[k]) for k in range(shard.start, shard.stop)]
+
+
+def read(shard, batch_rows=5):
+    out = []
+    for batch in corpus.iter_shard(shard, "text", batch_rows):
+        assert len(batch.texts) == len(batch.keys) <= batch_rows
+        out.extend(zip(batch.keys, batch.texts))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_cursor():
+    """Every test starts and ends with no reader held."""
+    def drop():
+        if corpus._parquet_cursor is not None:
+            corpus._parquet_cursor.close()
+        corpus._parquet_cursor = None
+
+    drop()
+    yield
+    drop()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The (row groups, batch size) of every ``ParquetFile.iter_batches`` call, and the files opened."""
+    seen = {"iter_batches": [], "files": []}
+    iter_batches, open_input_file = pq.ParquetFile.iter_batches, storage.open_input_file
+
+    def counting_iter_batches(self, *args, **kwargs):
+        seen["iter_batches"].append((tuple(kwargs.get("row_groups") or ()), kwargs.get("batch_size")))
+        return iter_batches(self, *args, **kwargs)
+
+    def recording_open(path):
+        f = open_input_file(path)
+        seen["files"].append(f)
+        return f
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting_iter_batches)
+    monkeypatch.setattr(storage, "open_input_file", recording_open)
+    return seen
+
+
+def open_files(seen):
+    return [f for f in seen["files"] if not f.closed]
+
+
+@pytest.fixture
+def one_group(tmp_path):
+    """300 rows in one row group, cut in 43 shards of at most 7 rows."""
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"text": ROWS, "n": list(range(300))}), path, row_group_size=300)
+    shards = corpus.make_shards([str(path)], "text", 1 << 30, shard_rows=7)
+    assert len(shards) == 43 and {s.row_group for s in shards} == {0}
+    return shards
+
+
+def test_shards_read_in_order_decode_the_row_group_once(one_group, calls):
+    """Old reader: one ``iter_batches`` call per shard (43 here), each from the group's first row."""
+    calls["files"].clear()  # make_shards' own reads
+    rows = [r for s in one_group for r in read(s)]
+    assert rows == list(enumerate(ROWS))
+    assert calls["iter_batches"] == [((0,), 5)]
+    assert len(calls["files"]) == 1 and open_files(calls) == calls["files"]  # held for the next shard
+    # every second shard (a process among two): still one reader, still each shard's rows
+    corpus._parquet_cursor.close()
+    corpus._parquet_cursor = None
+    for s in one_group[1::2]:
+        assert read(s) == expected(s)
+    assert len(calls["iter_batches"]) == 2
+
+
+def test_out_of_order_repeated_and_interleaved_shards_give_their_rows(tmp_path, calls):
+    pq.write_table(pa.table({"text": ROWS}), tmp_path / "a.parquet", row_group_size=100)
+    pq.write_table(pa.table({"text": ROWS}), tmp_path / "b.parquet", row_group_size=300)
+    shards = corpus.make_shards([str(tmp_path)], "text", 1 << 30, shard_rows=7)
+    a = [s for s in shards if s.name == "a.parquet"]
+    b = [s for s in shards if s.name == "b.parquet"]
+    assert {s.row_group for s in a} == {0, 1, 2} and {s.row_group for s in b} == {0}
+    order = list(reversed(a)) + a[::3] + a[::3] + [s for pair in zip(a, b) for s in pair]
+    order += [s for s in a for _ in range(2)] + random.Random(0).sample(shards, len(shards))
+    for s in order:
+        assert read(s) == expected(s), s
+    for batch_rows in (1, 4, 64):  # another batch size: another reader
+        for s in b[:5]:
+            assert read(s, batch_rows) == expected(s)
+    assert len(open_files(calls)) == 1  # one file held at a time
+
+
+def test_a_shard_left_mid_way_drops_the_reader(one_group, calls):
+    for s in one_group[:4]:
+        assert read(s) == expected(s)
+    it = corpus.iter_shard(one_group[4], "text", 5)  # goes on from the held reader (its batch of rows 25-29)...
+    first = next(it)
+    assert list(zip(first.keys, first.texts)) == expected(one_group[4])[:len(first.keys)]
+    assert len(calls["iter_batches"]) == 1
+    it.close()  # ...and is left mid-shard
+    assert corpus._parquet_cursor is None and open_files(calls) == []
+    for s in one_group[4:8]:
+        assert read(s) == expected(s)
+    it = corpus.iter_shard(one_group[9], "text", 5)
+    next(it)
+    del it  # abandoned without close
+    assert corpus._parquet_cursor is None and open_files(calls) == []
+    assert [r for s in one_group[8:] for r in read(s)] == list(enumerate(ROWS))[one_group[8].start:]
+
+
+def test_an_error_while_reading_drops_the_reader(one_group, calls, monkeypatch):
+    iter_batches = pq.ParquetFile.iter_batches  # the counting one
+    failures = []
+
+    def failing_once(self, *args, **kwargs):
+        for i, batch in enumerate(iter_batches(self, *args, **kwargs)):
+            if i == 6 and not failures:  # group rows 30-34: shard 4 (rows 28-34) on
+                failures.append(i)
+                raise OSError("AWS Error NETWORK_CONNECTION during GetObject: curlCode: 7")
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", failing_once)
+    for s in one_group[:4]:
+        assert read(s) == expected(s)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        read(one_group[4])
+    assert failures and corpus._parquet_cursor is None and open_files(calls) == []
+    assert [r for s in one_group[4:] for r in read(s)] == list(enumerate(ROWS))[one_group[4].start:]
+    assert len(calls["iter_batches"]) == 2  # the first reader, then one more after the error
