@@ -337,3 +337,87 @@ def test_a_message_that_quotes_a_newline_is_still_one_line(capsys, monkeypatch):
     monkeypatch.setattr(build_head, "main", run)
     assert main(["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8", "--out", "o"]) == 2
     assert capsys.readouterr().err == "vocabtrim build-head: error: the column 'a b' is not text\n"
+
+
+STOPPABLE = """
+import sys, time
+from vocabtrim import cli, ray_utils
+from vocabtrim.commands import build_head
+
+def run(args):
+    if sys.argv[1] == "ray":  # blocked in ray.get, as a run waiting on its workers is
+        import ray
+        ray_utils.init_ray()
+        ref = ray.remote(num_cpus=0)(lambda: time.sleep(120)).remote()
+        try:
+            print("ready", flush=True)
+            ray.get(ref)
+        finally:
+            print("finally ran", flush=True)
+    else:
+        try:
+            print("ready", flush=True)
+            time.sleep(120)
+        finally:
+            print("finally ran", flush=True)
+
+build_head.main = run
+sys.exit(cli.main(["build-head", "--histogram", "h", "--drafter", "d", "--top-k", "8", "--out", "o"]))
+"""
+
+
+@pytest.mark.parametrize("signum, phase, code, said", [
+    (15, "plain", 143, "stopped by SIGTERM"),
+    (15, "ray", 143, "stopped by SIGTERM"),  # ray.init replaces the handler: init_ray puts it back
+    (2, "plain", 130, "interrupted"),
+])
+def test_a_stopped_command_unwinds_and_says_so_in_one_line(signum, phase, code, said):
+    """SIGTERM (a pod's stop, `ray job stop`) stops a command as Ctrl-C does: its finally blocks run (workers
+    stopped, --out released), one line names the signal, and the exit status is 128 + the signal's number. Before,
+    SIGTERM killed the process outright, or (once Ray had started) ended it with status 1, a failed run's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, phase], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code and "finally ran" in out
+    assert err.strip().splitlines()[-1] == f"vocabtrim build-head: {said}; what it finished is kept: rerun the same command to resume"
+    if phase == "plain":
+        assert err.count("\n") == 1
+
+
+def test_a_stopped_run_kills_its_workers_without_waiting_on_their_close(monkeypatch):
+    """kill_actors asks actors with a close() (a vLLM engine's) to close first, but not while a stop unwinds the run:
+    a close queues behind the calls in flight (up to CLOSE_TIMEOUT_S of silence after Ctrl-C), and Ray kills a
+    killed actor's child processes."""
+    import ray
+
+    from vocabtrim.ray_utils import kill_actors
+
+    calls = []
+
+    class Actor:
+        class close:
+            @staticmethod
+            def remote():
+                calls.append("close")
+                return "ref"
+
+    monkeypatch.setattr(ray, "wait", lambda *args, **kwargs: calls.append("wait"))
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: calls.append("kill"))
+    kill_actors([Actor()])
+    assert calls == ["close", "wait", "kill"]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            kill_actors([Actor()])
+    assert calls == ["kill"]

@@ -11,10 +11,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from vocabtrim import __version__
-from vocabtrim.errors import RunFailed, UserError, first_line, machine_fault
+from vocabtrim.errors import RunFailed, UserError, first_line, machine_fault, stop_on_signal, stopped_by
 from vocabtrim.ray_utils import check_reachable, cluster_address, user_error_in
 from vocabtrim.validate import SettingError
 
@@ -90,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level, logging.WARNING), format="%(message)s")
+    # SIGTERM (a pod's or a job's stop) stops the run as Ctrl-C does: workers stopped, --out released, one line
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, stop_on_signal) if main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if main_thread and before is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, before)
+
+
+def _run(args) -> int:
     try:
         try:
             address = cluster_address(args.address) if getattr(args, "uses_ray", hasattr(args, "address")) else None
@@ -108,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vocabtrim {args.command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"vocabtrim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        signum = stopped_by(forget=True)
+        print(f"vocabtrim {args.command}: {'stopped by ' + signal.Signals(signum).name if signum else 'interrupted'}; "
+              "what it finished is kept: rerun the same command to resume", file=sys.stderr)
+        return 128 + (signum or signal.SIGINT)
     except Exception as exc:
         if not machine_fault(exc):
             raise  # a bug: its traceback

@@ -4,6 +4,7 @@ Anything raised as ``UserError`` is printed by the CLI as a single line and exit
 everything else is a bug and keeps its traceback.
 """
 
+import signal
 from typing import NoReturn
 
 
@@ -17,6 +18,26 @@ def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_stopped_by: list[int] = []  # the signal that stopped this run, once one has
+
+
+def stop_on_signal(signum: int, frame=None) -> NoReturn:
+    """The SIGTERM handler of a vocabtrim command (``cli.main``; ``ray_utils.init_ray`` puts it back after Ray's
+    start replaces it): the run stops as Ctrl-C stops it, through a KeyboardInterrupt (Ray re-raises that one from
+    a blocking ``ray.get``), so its ``finally`` blocks stop its workers and release its ``--out``. ``stopped_by()``
+    then names the signal."""
+    _stopped_by.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stopped_by(forget: bool = False) -> int | None:
+    """The signal ``stop_on_signal`` took, or None (a Ctrl-C, or nothing); ``forget``: and none since."""
+    signum = _stopped_by[-1] if _stopped_by else None
+    if forget:
+        _stopped_by.clear()
+    return signum
 
 
 class RunFailed(Exception):

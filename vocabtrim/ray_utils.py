@@ -6,10 +6,12 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
 import time
 
 from vocabtrim import validate
-from vocabtrim.errors import RunFailed, UserError, first_line
+from vocabtrim.errors import RunFailed, UserError, first_line, stop_on_signal
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ def init_ray(address: str | None = None) -> None:
     address = cluster_address(address)
     if address:
         check_reachable(address)
+    ours = signal.getsignal(signal.SIGTERM) is stop_on_signal
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -58,6 +61,9 @@ def init_ray(address: str | None = None) -> None:
         versions = " ".join(str(exc).split())  # Ray's message spans lines: the cluster's versions, then this process's
         raise UserError(f"cannot join the Ray cluster at {address}: {versions} (this machine's Ray and Python must be the "
                         "cluster's)") from exc
+    finally:
+        if ours:  # ray.init makes SIGTERM a SystemExit(1), a failed run's status: the command's handler stays
+            signal.signal(signal.SIGTERM, stop_on_signal)
 
 
 def host_and_port(address: str) -> tuple[str, int] | None:
@@ -518,9 +524,13 @@ CLOSE_TIMEOUT_S = 30.0  # how long kill_actors lets actors close what they hold 
 def kill_actors(actors, *, close: bool = True) -> None:
     """Kill these actors for good (no restart); ones already gone are skipped. With ``close``, actors with a
     ``close()`` method (those holding a vLLM engine) are asked to close first, for ``CLOSE_TIMEOUT_S`` at most:
-    ``ray.kill`` ends a process without its exit handlers."""
+    ``ray.kill`` ends a process without its exit handlers. Not while a stop (Ctrl-C, SIGTERM: a KeyboardInterrupt)
+    unwinds the run: a close queues behind the calls in flight, and a stopped run's actors are killed at once (Ray
+    kills an actor's child processes, a vLLM engine's with them)."""
     import ray
 
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        close = False
     closing = []
     for a in actors if close else ():
         try:
