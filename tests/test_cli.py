@@ -340,8 +340,10 @@ def test_a_message_that_quotes_a_newline_is_still_one_line(capsys, monkeypatch):
 
 
 STOPPABLE = """
-import sys, time
+import signal, sys, time
 from vocabtrim import cli, ray_utils
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (pytest-xdist's workers ignore SIGINT)
 from vocabtrim.commands import build_head
 
 def run(args):
