@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -528,6 +529,7 @@ class _ParquetCursor:
 
 
 _parquet_cursor: _ParquetCursor | None = None  # this process's last row-group reader: at most one open file
+_parquet_slot = threading.Lock()  # taking the reader out of the slot and putting it back: one thread at a time
 
 
 def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
@@ -541,7 +543,8 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
     next read opens afresh rather than going on from a half-read state.
     """
     global _parquet_cursor
-    cur, _parquet_cursor = _parquet_cursor, None
+    with _parquet_slot:
+        cur, _parquet_cursor = _parquet_cursor, None
     try:
         key = (shard.path, shard.row_group, text_column, batch_rows)
         if cur is not None and (cur.key != key or shard.start - cur.group_first < cur.first):
@@ -564,9 +567,10 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
         if cur is not None:
             cur.close()
         raise
-    if _parquet_cursor is not None:
-        _parquet_cursor.close()
-    _parquet_cursor = cur
+    with _parquet_slot:
+        old, _parquet_cursor = _parquet_cursor, cur
+    if old is not None:
+        old.close()
 
 
 def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
