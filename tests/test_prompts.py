@@ -367,6 +367,21 @@ def test_messages_get_the_chat_template_with_generation_prompt(tok):
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
 
 
+def test_other_fields_of_a_message_reach_the_chat_template(tok):
+    """A message's fields beside role and content (a speaker's name, a tool call's id) go to the chat template, which
+    may render them; the nulls an Arrow struct gives a message without such a field are left out."""
+    import copy
+
+    named = copy.deepcopy(tok)
+    named.chat_template = ("{% for m in messages %}{{ m['role'] }}{% if m.name is defined %}({{ m.name }}){% endif %}: "
+                           "{{ m['content'] }}\n{% endfor %}")
+    rows = pa.array([[{"role": "system", "content": "Be brief.", "name": None},
+                      {"role": "user", "content": "hi", "name": "ada"}]],
+                    pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())])))
+    ids, problem = encode_prompt(rows.to_pylist()[0], named, 200)
+    assert problem is None and named.decode(ids) == "system: Be brief.\nuser(ada): hi\n"
+
+
 def test_too_long_for_the_context(tok):
     text = "the quick brown fox " * 20
     n = len(tok(text)["input_ids"])

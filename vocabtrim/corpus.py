@@ -273,7 +273,7 @@ def prompt_type_problem(t) -> str | None:
     """What makes a prompt column of Arrow type ``t`` unable to hold a prompt in any row, or None.
 
     A prompt column holds strings, or lists of ``{role, content}`` messages (a list of structs whose
-    ``role`` and ``content`` fields hold strings; other fields are ignored). A column of nulls only is
+    ``role`` and ``content`` fields hold strings; other fields go to the chat template as they are). A column of nulls only is
     allowed: each row is then an error row, as a null in any column is.
     """
     import pyarrow as pa

@@ -288,7 +288,9 @@ def _type_name(value) -> str:
 
 
 def check_messages(messages) -> tuple[list[dict] | None, str | None]:
-    """``(messages as [{role, content}], None)``, or ``(None, what is wrong)``."""
+    """``(messages as [{role, content, ...}], None)``, or ``(None, what is wrong)``. A message's other fields that
+    hold a value (``name``, ``tool_call_id``, ``tool_calls``: a chat template may render them) are kept; the nulls
+    an Arrow struct gives a message that lacks a field are left out."""
     if len(messages) == 0:
         return None, "prompt is an empty message list"
     clean = []
@@ -301,7 +303,8 @@ def check_messages(messages) -> tuple[list[dict] | None, str | None]:
         if not isinstance(content, str):
             what = "no content" if content is None else f"a {_type_name(content)} content"
             return None, f"malformed messages: message {i} has {what}"
-        clean.append({"role": role, "content": content})
+        clean.append({"role": role, "content": content,
+                      **{k: v for k, v in m.items() if k not in ("role", "content") and v is not None}})
     if not any(m["content"].strip() for m in clean):
         return None, "prompt is empty: every message has empty content"
     return clean, None
