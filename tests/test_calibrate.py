@@ -189,6 +189,30 @@ def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, dat
     assert again["shards_counted"] == 0 and again["total_tokens"] == m["total_tokens"]
 
 
+def test_a_rerun_given_more_files_and_stopped_leaves_no_manifest_of_fewer(ray_local, data, tmp_path):
+    """The manifest is written last and describes every file its run was given: a rerun into the same --out with
+    another file, stopped half way, removes the earlier run's manifest first, so build-head finds no calibration
+    rather than the smaller corpus's; run again, it completes over both."""
+    from dataclasses import replace
+
+    class Stop(Exception):
+        pass
+
+    def stop(result, pool):
+        raise Stop
+
+    out = tmp_path / "out"
+    first = replace(config(data, out, workers=1), corpus=[str(Path(data["corpus"]) / "a.parquet")])
+    run_calibrate(first)
+    more = replace(first, corpus=[*first.corpus, str(Path(data["corpus"]) / "b.jsonl")])
+    with pytest.raises(Stop):
+        run_calibrate(more, on_recorded=stop)
+    assert (out / "histogram.parquet").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(UserError, match="no calibration in .* \\(no manifest.json\\): run `vocabtrim calibrate"):
+        histogram.read_manifest(str(out))
+    assert run_calibrate(more)["shards_resumed"] > 0 and (out / "manifest.json").exists()
+
+
 def test_a_rerun_with_other_settings_is_refused(ray_local, data, tmp_path):
     run_calibrate(config(data, tmp_path / "out"))
     with pytest.raises(UserError, match="shards holds counts made with other settings \\(source 'corpus' now 'drafter'[;)]"):

@@ -480,6 +480,24 @@ def test_string_view_and_all_null_ids_are_written_back_as_they_came(ray_local, b
         assert table.column("id").combine_chunks().equals(ids) and table.column("error").null_count == table.num_rows
 
 
+def test_a_rerun_given_more_files_and_stopped_leaves_no_summary_of_fewer(ray_local, base, tmp_path):
+    """summary.json is written last and sums every file its run was given (a sweep takes it as a cell's end): a rerun
+    into the same --out with another file, stopped by a fault, removes the earlier run's summary first."""
+    from vocabtrim.errors import RunFailed
+
+    for name in ("p", "q"):
+        pq.write_table(pa.table({"id": [0, 1], "prompt": ["x y", "a cat"]}), tmp_path / f"{name}.parquet")
+    first = replace(base, drafter=None, no_draft=True, temperature=0.0, max_new_tokens=2, prompts=[str(tmp_path / "p.parquet")],
+                    out=str(tmp_path / "out"))
+    run_generate(first)
+    assert (tmp_path / "out" / "summary.json").exists()
+    more = replace(first, prompts=[*first.prompts, str(tmp_path / "q.parquet")])
+    with pytest.raises(RunFailed, match="injected device fault"):
+        run_generate(replace(more, fault_injection="always"))
+    assert (tmp_path / "out" / "p.parquet").exists() and not (tmp_path / "out" / "summary.json").exists()
+    assert run_generate(more)["rows"] == 4 and (tmp_path / "out" / "summary.json").exists()
+
+
 def test_outputs_resume_only_under_the_chat_template_they_were_made_with(ray_local, base, tmp_path):
     """The chat template prompts are rendered with is a setting (its hash; the tokenizer's fingerprint leaves it
     out): after the model folder's template changes, a rerun into the same --out is refused, not mixed in. Settings

@@ -662,6 +662,8 @@ def _calibrate(config: CalibrateConfig, on_recorded) -> dict:
     ledger.claim(p.run_key)
     storage.remove_temporaries(out)  # killed runs' partial manifest.json or histogram (the ledger's claim did shards/)
     todo = [s for s in p.shards if not ledger.done(s.shard_id)]
+    if todo:  # the manifest describes the histogram of every shard a run was given: one stopped now leaves none,
+        storage.delete(storage.join(out, "manifest.json"))  # not an earlier run's of fewer files
     stats = CountStats()
     startup = 0.0
     cpus = config.cpus_per_worker

@@ -839,7 +839,8 @@ def _generate(cfg: GenerateConfig) -> dict:
     todo = [f for f in files if not is_complete(out, f)]
 
     written: list[dict] = []
-    if todo:
+    if todo:  # summary.json sums every file a run was given: one stopped now leaves none, not an earlier run's of fewer
+        storage.delete(storage.join(out, SUMMARY_FILE))
         init_ray(cfg.address)
         pool = start_workers(cfg)
         bar = _progress(sum(f.num_rows for f in todo), cfg.progress)
