@@ -878,7 +878,7 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert cli([*args, "--epochs", "6"]) == 1
     err = capsys.readouterr().err
     assert not marker.exists() and err.count("\n") == 1, err
-    assert "the training actor failed (" in err and "rerun the same command to resume from the last finished epoch" in err
+    assert "the training actor failed (" in err and "rerun the same command to resume from its last checkpoint" in err
     assert json.loads((out / "manifest.json").read_text())["history"] == m2["history"]
     assert int(torch.load(out / "train_state.pt", weights_only=True)["epoch"]) == 5
     monkeypatch.undo()
@@ -901,6 +901,67 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a drafter made with other settings (features 'sha256 " in err, err
     assert json.loads((out / "manifest.json").read_text())["history"] == m3["history"]
+
+
+def test_a_training_stopped_within_an_epoch_goes_on_from_its_checkpoint_as_if_never_stopped(tiny, tmp_path):
+    """Within an epoch the trainer writes its resume state every --checkpoint-minutes (the drafter's own files at epoch
+    ends only). A trainer stopped mid-epoch and started again from that state ends the epoch with the weights and the
+    epoch's figures of one never stopped; a batch trained after the last checkpoint is lost and trained again."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiny import corpus_rows
+    from vocabtrim import corpus, train
+
+    threads = torch.get_num_threads()  # the trainer sets its own
+    pq.write_table(pa.table({"text": corpus_rows(64, seed=2)}), tmp_path / "c.parquet")
+    shards = corpus.make_shards([str(tmp_path / "c.parquet")], "text", shard_rows=16)
+    layers = e3.default_feature_layers(4)
+    spec = train.ExtractorSpec(target=tiny["target_dir"], source="corpus", text_column="text", feature_layers=layers, max_length=64,
+                               max_new_tokens=5, temperature=0.0, seed=0, dtype="float32", trust_remote_code=False)
+    features = [train.FeatureExtractor(spec).extract(s) for s in shards]
+    for name in ("whole", "stopped"):
+        ledger = train.FeatureLedger(str(tmp_path / name / "features"))
+        assert all(ledger.record(f) for f in features)
+
+    def trainer(name, minutes):
+        cfg = train.TrainConfig(target=tiny["target_dir"], corpus=[str(tmp_path / "c.parquet")], histogram=None, top_k=None,
+                                out=str(tmp_path / name), batch_size=4, ttt_length=2, learning_rate=3e-3, checkpoint_minutes=minutes)
+        t = train.DrafterTrainer(dataclasses.asdict(cfg), tiny["draft_ids"], layers, [s.shard_id for s in shards], [], 1)
+        t.pid()
+        return t
+
+    try:
+        whole = trainer("whole", 0)
+        steps = whole.begin_epoch()
+        while not whole.train_steps(2)["done"]:
+            pass
+        reference = whole.end_epoch()
+        stopped = trainer("stopped", 1e-9)  # a checkpoint after every call
+        assert stopped.begin_epoch() == steps >= 8
+        assert [stopped.train_steps(2)["cursor"] for _ in range(2)] == [2, 4]
+        state = torch.load(tmp_path / "stopped" / train.STATE_FILE, weights_only=True)
+        assert json.loads(state["within_epoch"])["cursor"] == 4 and int(state["epoch"]) == 0
+        assert not (tmp_path / "stopped" / e3.WEIGHTS_FILE).exists()  # no drafter before an epoch ends
+        stopped.cfg = dataclasses.replace(stopped.cfg, checkpoint_minutes=0)
+        assert stopped.train_steps(1)["cursor"] == 5  # past the last checkpoint: lost when the trainer stops now
+        del stopped
+        again = trainer("stopped", 0)
+        assert again.begin_epoch() == steps
+        assert again.train_steps(1)["cursor"] == 5
+        while not again.train_steps(2)["done"]:
+            pass
+        record = again.end_epoch()
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("steps", "loss", "first_loss", "last_loss", "train_acceptance"):
+        assert record[key] == pytest.approx(reference[key], rel=1e-5), key
+    for (name, a), b in zip(whole.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    state = torch.load(tmp_path / "stopped" / train.STATE_FILE, weights_only=True)
+    assert "within_epoch" not in state and int(state["epoch"]) == 1 and (tmp_path / "stopped" / e3.WEIGHTS_FILE).exists()
 
 
 def test_source_target_features_read_message_lists_through_the_chat_template(tiny, tmp_path):
@@ -1097,6 +1158,8 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert err.count("\n") == 1 and "a drafter of hidden size 48 with its own embedding; train-drafter trains on the target's embedding, of 32" in err, err
     assert cli([*base, "--histogram", good, "--top-k", "64", "--seed", "-1"]) == 2
     assert capsys.readouterr().err.endswith("error: --seed must be >= 0, got -1\n")
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--checkpoint-minutes", "-1"]) == 2
+    assert capsys.readouterr().err.endswith("error: --checkpoint-minutes must be >= 0, got -1.0\n")
     assert cli([*base, "--init", tiny["target_dir"]]) == 2
     assert capsys.readouterr().err.endswith(f"error: --init {tiny['target_dir']} is not an EAGLE-3 drafter (no config.json naming an "
                                             "EAGLE-3 architecture): pass one (as SpecForge or train-drafter writes it), or "

@@ -82,6 +82,7 @@ class TrainConfig:
     max_shards: int | None = None  # only the first N shards of the corpus (a quick run); None: all
     show_progress: bool = True
     max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
+    checkpoint_minutes: float = 10.0  # within an epoch, the resume state is written at most this often (0: at epoch ends only)
     init: str | None = None  # an EAGLE-3 drafter (folder or the bundled name) to start from: fine-tuning
     init_from_target: bool = False  # a new drafter's layer starts as the target's layer that reads the highest feature layer
     fault_injection: str | None = None  # tests only: faults.injected_fault, at each training call
@@ -472,6 +473,8 @@ class DrafterTrainer(StartingActor):
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
+        self._resume = None  # where a run stopped within an epoch left it: begin_epoch goes on from there
+        self._saved_at = time.monotonic()
         state_path = storage.join(c.out, STATE_FILE)
         if storage.is_file(state_path):
             state = torch.load(io.BytesIO(storage.read_bytes(state_path)), weights_only=True)
@@ -482,6 +485,8 @@ class DrafterTrainer(StartingActor):
                 group["lr"] = c.learning_rate
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.history = json.loads(state["history"]) if isinstance(state.get("history"), str) else []
+            if isinstance(state.get("within_epoch"), str):
+                self._resume = json.loads(state["within_epoch"])
 
     def position(self) -> tuple[int, int]:
         return self.epoch, self.step
@@ -502,16 +507,21 @@ class DrafterTrainer(StartingActor):
         return [[rows[i] for i in order[k : k + bs]] for k in range(0, len(rows), bs)]
 
     def begin_epoch(self) -> int:
-        """Shuffle this epoch's batches (seeded by the epoch); returns how many steps it has."""
+        """Shuffle this epoch's batches (seeded by the epoch); returns how many steps it has. A state saved within
+        this epoch (``train_steps``' checkpoints) goes on from its batch, with the epoch's figures so far."""
         c = self.cfg
         batches = self._batches(self.train_ids, np.random.default_rng(c.seed + self.epoch))
         self._epoch = batches[: c.max_steps] if c.max_steps is not None else batches
         self._cursor, self._losses, self._correct, self._counted = 0, [], 0, 0
+        if self._resume is not None:
+            r, self._resume = self._resume, None
+            self._cursor, self._losses, self._correct, self._counted = r["cursor"], r["losses"], r["correct"], r["counted"]
         return len(self._epoch)
 
     def train_steps(self, k: int) -> dict:
         """Up to ``k`` batches of the current epoch, one optimizer step each (none for a batch with no counted
-        position): ``steps`` the batches done, their mean loss and step-0 acceptance."""
+        position): ``steps`` the batches done, their mean loss and step-0 acceptance, ``cursor`` the epoch's batches
+        done. Within the epoch the resume state is written once ``checkpoint_minutes`` have passed since the last."""
         import torch
 
         from vocabtrim.faults import injected_fault
@@ -540,8 +550,11 @@ class DrafterTrainer(StartingActor):
         self._counted += counted
         self.model.eval()
         self.model.requires_grad_(False)
+        done = self._cursor >= len(self._epoch)
+        if not done and c.checkpoint_minutes > 0 and time.monotonic() - self._saved_at >= 60 * c.checkpoint_minutes:
+            self._save(within_epoch=True)
         return {"steps": len(batches), "loss": float(np.mean(losses)) if losses else None,
-                "train_acceptance": correct / counted if counted else None, "done": self._cursor >= len(self._epoch)}
+                "train_acceptance": correct / counted if counted else None, "done": done, "cursor": self._cursor}
 
     def end_epoch(self) -> dict:
         """Evaluate on the held-out shards, write the drafter and the resume state; the epoch's record."""
@@ -594,17 +607,22 @@ class DrafterTrainer(StartingActor):
                 "held_out_chain_acceptance": chains[0] / chains[1] if chains[1] else None,
                 "held_out_tokens_per_step": (chains[0] + chains[2]) / chains[2] if chains[2] else None}
 
-    def _save(self) -> None:
+    def _save(self, within_epoch: bool = False) -> None:
+        """The resume state (weights, optimizer, epochs done, history) and, at an epoch's end, the drafter;
+        ``within_epoch``: the state alone, with the current epoch's position and figures so far."""
         import torch
 
         from vocabtrim import eagle3 as e3
 
         c = self.cfg
-        e3.save_eagle3(self.model, c.out)
+        if not within_epoch:  # the drafter's own files hold finished epochs only
+            e3.save_eagle3(self.model, c.out)
+        position = {"cursor": self._cursor, "losses": self._losses, "correct": self._correct, "counted": self._counted}
         buf = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
-                    "history": json.dumps(self.history)}, buf)
+                    "history": json.dumps(self.history), **({"within_epoch": json.dumps(position)} if within_epoch else {})}, buf)
         storage.atomic_write(storage.join(c.out, STATE_FILE), buf.getvalue())
+        self._saved_at = time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +662,7 @@ def _check_config(c: TrainConfig) -> None:
         if getattr(c, name) is not None:
             validate.at_least(name, getattr(c, name), 1)
     validate.above("learning_rate", c.learning_rate, 0)
+    validate.at_least("checkpoint_minutes", c.checkpoint_minutes, 0)
     validate.at_least("seed", c.seed, 0)
     check_runs_alone("target", c.target)
     if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
@@ -864,10 +883,9 @@ def _train(config: TrainConfig) -> dict:
                         f"nothing to train on: every row of the training shards is empty or shorter than {MIN_ROW_TOKENS} tokens "
                         f"(--corpus {' '.join(map(storage.display, c.corpus))}, --text-column {c.text_column})"
                     )
-                done = 0
                 while True:
                     part = ray.get(trainer.train_steps.remote(max(1, min(20, steps // 20 or 1))))
-                    done += part["steps"]
+                    done = part["cursor"]
                     if part["loss"] is not None:
                         bar.set_postfix(step=f"{done}/{steps}", loss=f"{part['loss']:.3f}",
                                         acceptance=f"{part['train_acceptance']:.3f}" if part["train_acceptance"] is not None else "-")
@@ -894,7 +912,7 @@ def _train(config: TrainConfig) -> dict:
         from vocabtrim.ray_utils import user_error_in
 
         raise user_error_in(exc) or RunFailed(f"the training actor failed ({first_line(exc)}): rerun the same command to resume "
-                                              "from the last finished epoch") from exc
+                                              "from its last checkpoint") from exc
     finally:
         ray.kill(trainer, no_restart=True)
     train_seconds = time.perf_counter() - t1

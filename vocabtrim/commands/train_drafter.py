@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shards", type=int, default=None, metavar="N",
                         help="extract and train on the first N shards of the corpus only (default: all); a rerun with more extracts the "
                              "rest until an epoch is done (then it is another training: a new --out)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
+                        help="within an epoch, write the resume state (weights, optimizer, the epoch's position) at most every M "
+                             "minutes, so a stopped run loses at most that much training; 0: at the end of each epoch only")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order, and the responses at --temperature > 0")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="the target's dtype while extracting features (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -52,7 +55,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         held_out=args.held_out, max_shards=args.max_shards, intermediate_size=args.intermediate_size, seed=args.seed, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, address=args.address, out=args.out,
-        init=args.init, init_from_target=args.init_from_target,
+        init=args.init, init_from_target=args.init_from_target, checkpoint_minutes=args.checkpoint_minutes,
     )
 
 
