@@ -433,6 +433,9 @@ def test_generated_counts_are_keyed_by_the_chat_template_prompts_go_through(data
     earlier = {k: v for k, v in key.items() if k != "chat_template_sha256"}
     (tmp_path / "shards" / "_run.json").write_text(json.dumps(earlier))
     ledger.claim(changed)  # an earlier vocabtrim's record: the template was not recorded, the rest still binds
+    assert json.loads((tmp_path / "shards" / "_run.json").read_text()) == changed  # and it is recorded from here on
+    with pytest.raises(UserError, match=r"other settings \(chat_template_sha256 "):
+        ledger.claim(key)
     with pytest.raises(UserError, match=r"other settings \(seed 0 now 1\)"):
         ledger.claim({**changed, "seed": 1})
 

@@ -523,6 +523,8 @@ def test_outputs_resume_only_under_the_chat_template_they_were_made_with(ray_loc
     del recorded["chat_template_sha256"]
     (out / "settings.json").write_text(json.dumps(recorded))
     assert run_generate(run)["run"]["files_resumed"] == 1 and (out / "p.parquet").read_bytes() == written
+    now = json.loads((out / "settings.json").read_text())["chat_template_sha256"]  # recorded from here on
+    assert now != first and len(now) == 24
     assert "chat_template_sha256" not in run_generate(replace(run, chat_template="never", out=str(tmp_path / "never")))["settings"]
 
 

@@ -517,7 +517,8 @@ def claim(folder: str, record: str, settings: dict, *, key: str | None = None, w
     - No record yet: refused when the folder holds a file whose name ``stray(name)`` accepts (the output of
       something else); otherwise the record ``settings`` (or ``{key: settings}``) is written.
     - A record with the same settings (keys of both compared): the run resumes. Keys in ``later`` are settings
-      that records written by an earlier vocabtrim lack: compared only where the record has them.
+      that records written by an earlier vocabtrim lack: compared only where the record has them, and written
+      into a record that lacks them (the run's own work is made under them).
     - A record with other settings: refused, naming the first differences, unless ``binds()`` says the
       folder holds nothing made under the recorded settings; then the record is rewritten with these.
 
@@ -564,6 +565,10 @@ def _claim(folder: str, record: str, settings: dict, *, key: str | None, what: s
             f"{shown} holds {what} made with other settings ({'; '.join(diffs[:3])}{'; …' if len(diffs) > 3 else ''}): "
             "rerun with the same settings to resume, or use a new --out"
         )
+    added = {k: settings[k] for k in later if k in settings and k not in old}
+    if added:  # what this run adds is made under these values: from here on they are checked too
+        old.update(added)
+        write_json(path, recorded)
     return recorded
 
 
