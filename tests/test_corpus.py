@@ -174,8 +174,9 @@ def test_hidden_entries_of_a_folder_are_no_corpus(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp_path / rel)
     (tmp_path / "_SUCCESS").write_text("")
-    found = corpus.expand_paths([str(tmp_path)])
-    assert [os.path.relpath(p, tmp_path) for p in found] == ["part-0.parquet", "sub/part-2.parquet"]
+    for where in ([str(tmp_path)], [str(tmp_path / "*")], [str(tmp_path / "**" / "*.parquet")]):  # folder and globs alike
+        found = corpus.expand_paths(where)
+        assert [os.path.relpath(p, tmp_path) for p in found] == ["part-0.parquet", "sub/part-2.parquet"], where
 
 
 @pytest.mark.parametrize("kind", ["stream", "file"])

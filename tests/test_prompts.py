@@ -48,7 +48,10 @@ def test_files_folders_and_globs(tmp_path):
     assert find_prompt_files([c]) == [(c, "c.parquet")]
     assert find_prompt_files([str(tmp_path / "d" / "[ab].parquet")]) == [(a, "a.parquet")]
     (tmp_path / "d" / "_SUCCESS").write_text("")  # a Spark job's marker beside its parts: no input, also through a glob
+    delta = str(write(tmp_path / "d" / "_delta_log" / "00010.checkpoint.parquet", add=["x"]))
     assert find_prompt_files([str(tmp_path / "d" / "*")]) == [(a, "a.parquet"), (b, "b.parquet")]  # _tmp.parquet skipped
+    assert find_prompt_files([str(tmp_path / "d" / "**" / "*.parquet")]) == [(a, "a.parquet"), (b, "b.parquet")]
+    assert find_prompt_files([str(tmp_path / "d" / "_delta_log" / "*")]) == [(delta, "00010.checkpoint.parquet")]  # named
     literal = str(write(tmp_path / "p[1].parquet", prompt=["v"]))  # a name with [ that exists is that file
     assert find_prompt_files([literal]) == [(literal, "p[1].parquet")]
     assert find_prompt_files([str(tmp_path / "d" / "**" / "b.parquet")]) == [(b, "b.parquet")]

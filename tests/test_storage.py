@@ -44,6 +44,21 @@ def test_s3_globs_match_what_glob_glob_matches_locally(s3, tmp_path, pattern):
     assert got == [m for m in local if m != "."]
 
 
+def test_globs_leave_out_hidden_entries_the_pattern_does_not_name(s3, tmp_path):
+    """As inputs are read, locally and on a store alike: a match through an entry starting with . or _ (Spark's
+    _SUCCESS and _temporary/, Delta's _delta_log/) is left out unless a pattern part starting so names it."""
+    tree = ["part-0.parquet", "_SUCCESS", "_temporary/0/part-1.parquet", "sub/part-2.parquet", "sub/_part-3.parquet"]
+    remote = s3.bucket()
+    for root in (str(tmp_path), remote):
+        for rel in tree:
+            storage.write_bytes(storage.join(root, *rel.split("/")), b"x")
+        for pattern, want in (("*", ["part-0.parquet", "sub"]), ("**/*.parquet", ["part-0.parquet", "sub/part-2.parquet"]),
+                              ("_temporary/*/*", ["_temporary/0/part-1.parquet"]), ("_t*/**/*.parquet", ["_temporary/0/part-1.parquet"]),
+                              ("sub/_*", ["sub/_part-3.parquet"])):
+            got = [storage.relative(m, root) for m, _ in storage.glob_typed(storage.join(root, *pattern.split("/")))]
+            assert got == want, (root, pattern)
+
+
 def test_a_query_string_rides_along_and_is_never_shown(s3):
     bucket = s3.bucket()
     host = s3.endpoint.removeprefix("http://")

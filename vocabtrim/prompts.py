@@ -85,8 +85,8 @@ def find_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
             matches = storage.glob_typed(where)
             if not matches:
                 raise UserError(f"--prompts {shown} matches no files")
-            for m, folder in matches:  # a file that is a hidden entry (Spark's _SUCCESS beside its parts) is no input
-                pairs.extend(_folder_files(m) if folder else [] if storage.hidden(storage.name(m)) else [(m, storage.name(m))])
+            for m, folder in matches:
+                pairs.extend(_folder_files(m) if folder else [(m, storage.name(m))])
         elif storage.is_dir(where):
             found = _folder_files(where)
             if not found:

@@ -229,8 +229,19 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
+def _unnamed_hidden(rel: str, pattern_parts: list[str]) -> bool:
+    """Whether a glob's match (``rel``, below the pattern's wildcard-free start) passes through a ``hidden`` entry
+    that the pattern does not name: one starting with ``.`` or ``_`` that no pattern part starting with that
+    character matches."""
+    return any(p[:1] in (".", "_") and p != "." and not any(c[:1] == p[:1] and fnmatch.fnmatchcase(p, c) for c in pattern_parts)
+               for p in rel.split("/"))  # ".": the start itself (``tbl/**`` matches ``tbl/``)
+
+
 def glob_typed(pattern: str) -> list[tuple[str, bool]]:
-    """``(location, is a folder)`` for every file and folder matching a glob, sorted by location.
+    """``(location, is a folder)`` for every file and folder matching a glob, sorted by location; as inputs are
+    read, a match through a ``hidden`` entry the pattern does not name is left out (``tbl/*`` takes no
+    ``tbl/_SUCCESS`` nor ``tbl/_delta_log``, ``tbl/**/*.parquet`` nothing under ``tbl/_temporary/``;
+    ``tbl/_delta_log/*`` and ``tbl/_d*/*`` name that folder).
 
     Local patterns go through ``glob.glob(recursive=True)``; a URI's matches come from one listing of
     the longest prefix without wildcards (so no request per match). In a URI ``?`` starts the query,
@@ -239,7 +250,12 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
     import glob as globlib
 
     if is_local(pattern):
-        return [(m, os.path.isdir(m)) for m in sorted(globlib.glob(local_path(pattern), recursive=True))]
+        path = local_path(pattern)
+        parts = path.split(os.sep)
+        wild = next(i for i, c in enumerate(parts) if any(ch in GLOB_CHARS for ch in c))
+        start = os.sep.join(parts[:wild]) or (os.sep if wild else os.curdir)  # [""]: the pattern starts at the root
+        return [(m, os.path.isdir(m)) for m in sorted(globlib.glob(path, recursive=True))
+                if not _unnamed_hidden(os.path.relpath(m, start).replace(os.sep, "/"), parts[wild:])]
     import pyarrow.fs as pafs
 
     base, query = _split(pattern)
@@ -252,7 +268,7 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
     prefix = f"{scheme_host}://{host}/" + "/".join(comps[:fixed]) + query
     rx = _glob_regex("/".join(comps[fixed:]))
     return [(join(prefix, *rel.split("/")), kind == pafs.FileType.Directory)
-            for rel, kind in sorted(_listing(prefix).items()) if rx.match(rel)]
+            for rel, kind in sorted(_listing(prefix).items()) if rx.match(rel) and not _unnamed_hidden(rel, comps[fixed:])]
 
 
 # ---------------------------------------------------------------------------------------------
