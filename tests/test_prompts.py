@@ -229,6 +229,15 @@ def test_a_prompt_that_is_not_utf8_is_an_error_row_and_the_others_are_read(tmp_p
     assert chunk.prompts[0] == [{"role": "user", "content": "hi"}] and isinstance(chunk.prompts[1], Undecodable)
 
 
+def test_an_id_that_is_not_utf8_is_refused_in_one_line_before_any_work(tmp_path):
+    """Ids name their output rows: one that is not valid UTF-8 refuses its file up front (a prompt that is not is an
+    error row), not when the run reaches the file."""
+    f = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"id": pa.array([b"a", b"caf\xe9"], pa.binary()).view(pa.string()), "prompt": ["x", "y"]}), f)
+    with pytest.raises(UserError, match=r"f\.parquet: --id-column 'id' holds a value that is not valid UTF-8 \(.*Invalid UTF8"):
+        check_prompt_file(str(f), "f.parquet", "prompt", "id")
+
+
 def test_two_columns_of_one_name_are_refused_in_one_line(tmp_path):
     f = tmp_path / "f.parquet"
     pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"]), f)
@@ -379,10 +388,10 @@ def test_other_fields_of_a_message_reach_the_chat_template(tok):
     named.chat_template = ("{% for m in messages %}{{ m['role'] }}{% if m.name is defined %}({{ m.name }}){% endif %}: "
                            "{{ m['content'] }}\n{% endfor %}")
     rows = pa.array([[{"role": "system", "content": "Be brief.", "name": None},
-                      {"role": "user", "content": "hi", "name": "ada"}]],
+                      {"role": "user", "content": "hi", "name": "ada"}, {"role": "user", "content": "yo", "name": ""}]],
                     pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())])))
     ids, problem = encode_prompt(rows.to_pylist()[0], named, 200)
-    assert problem is None and named.decode(ids) == "system: Be brief.\nuser(ada): hi\n"
+    assert problem is None and named.decode(ids) == "system: Be brief.\nuser(ada): hi\nuser: yo\n"
 
 
 def test_too_long_for_the_context(tok):

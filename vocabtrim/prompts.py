@@ -164,7 +164,8 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
 
 def _check_unique_ids(path: str, id_column: str) -> None:
     """Refuse, in one line, a file in which two rows hold the same id (they would share a seed and an
-    output identity). Nulls are not ids: those rows get stable ids."""
+    output identity), or an id that is not valid UTF-8 (it names its output row). Nulls are not ids: those rows
+    get stable ids."""
     import pyarrow.compute as pc
 
     try:
@@ -172,6 +173,11 @@ def _check_unique_ids(path: str, id_column: str) -> None:
             ids = pq.read_table(f, columns=[id_column]).column(0)
     except (pa.ArrowException, OSError) as exc:
         _unreadable(path, exc)
+    try:
+        ids.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise UserError(f"{storage.display(path)}: --id-column {id_column!r} holds a value that is not valid UTF-8 "
+                        f"({first_line(exc)}): ids name their output rows") from exc
     if getattr(pa.types, "is_string_view", lambda _: False)(ids.type):  # compute has few kernels for views
         ids = ids.cast(pa.large_string())
     counts = pc.value_counts(ids.drop_null())
@@ -290,7 +296,8 @@ def _type_name(value) -> str:
 def check_messages(messages) -> tuple[list[dict] | None, str | None]:
     """``(messages as [{role, content, ...}], None)``, or ``(None, what is wrong)``. A message's other fields that
     hold a value (``name``, ``tool_call_id``, ``tool_calls``: a chat template may render them) are kept; the nulls
-    an Arrow struct gives a message that lacks a field are left out."""
+    an Arrow struct gives a message that lacks a field, and empty values, are left out (a template tests a field's
+    presence: Llama 3.1's refuses a ``tool_calls`` that is there but empty)."""
     if len(messages) == 0:
         return None, "prompt is an empty message list"
     clean = []
@@ -304,7 +311,7 @@ def check_messages(messages) -> tuple[list[dict] | None, str | None]:
             what = "no content" if content is None else f"a {_type_name(content)} content"
             return None, f"malformed messages: message {i} has {what}"
         clean.append({"role": role, "content": content,
-                      **{k: v for k, v in m.items() if k not in ("role", "content") and v is not None}})
+                      **{k: v for k, v in m.items() if k not in ("role", "content") and v not in (None, "", [], {})}})
     if not any(m["content"].strip() for m in clean):
         return None, "prompt is empty: every message has empty content"
     return clean, None
