@@ -1206,6 +1206,19 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert {p.name: p.read_bytes() for p in Path(wide_dir).iterdir() if p.is_file()} == before
 
 
+def test_the_chat_template_prompts_go_through_is_a_training_setting_beside_the_features_hash():
+    """--source target renders prompts through the target's chat template: its hash is in the feature ledger's record
+    and the training's, beside the features' hash (which leaves it out, so records written before it still match)."""
+    from vocabtrim import train
+
+    c = train.TrainConfig(target="t", corpus=["c"], histogram="h", top_k=8, out="o", source="target")
+    features = {"version": 1, "source": "target", "tokenizer_fingerprint": "tok-1"}
+    before = train.training_settings(c, [1, 2], ["s-1"], [], features)
+    now = train.training_settings(c, [1, 2], ["s-1"], [], {**features, "chat_template_sha256": "abc"})
+    assert now == {**before, "chat_template_sha256": "abc"} and "chat_template_sha256" in train.Ledger.LATER_KEYS
+    assert train.training_settings(c, [1, 2], ["s-1"], [], {**features, "chat_template_sha256": "def"}) != now
+
+
 def test_the_held_out_split_holds_out_a_shard_whenever_asked_and_never_a_training_one():
     from vocabtrim.train import held_out_split
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger, batch_prompts
-from vocabtrim.chat import check_message_lists, has_chat_template
+from vocabtrim.chat import check_message_lists, has_chat_template, template_sha256
 from vocabtrim.special_tokens import eos_ids, of_model
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor
@@ -684,8 +684,12 @@ def held_out_split(shard_ids: list[str], held_out: float) -> tuple[list[str], li
 def training_settings(c: TrainConfig, draft_ids: list[int], train_ids: list[str], eval_ids: list[str],
                       features: dict | None = None) -> dict:
     """What a resumed training must keep (``--epochs``, ``--learning-rate`` and the pool may change); ``features``:
-    the feature ledger's settings (its record goes with ``features/``, this one stays with the drafter)."""
+    the feature ledger's settings (its record goes with ``features/``, this one stays with the drafter), hashed
+    without the keys records written before them lack (``Ledger.LATER_KEYS``), which stand beside the hash."""
     import hashlib
+
+    later = {k: features[k] for k in Ledger.LATER_KEYS if features and k in features}
+    features = {k: v for k, v in features.items() if k not in later} if features is not None else None
 
     def digest(values) -> str:
         return f"{len(values)}, sha256 {hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]}"
@@ -695,7 +699,7 @@ def training_settings(c: TrainConfig, draft_ids: list[int], train_ids: list[str]
             "intermediate_size": c.intermediate_size, "init": storage.settings_key(c.init) if c.init else None,
             "init_from_target": c.init_from_target,
             **({"features": "sha256 " + hashlib.sha256(json.dumps(features, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-               if features is not None else {})}
+               if features is not None else {}), **later}
 
 
 def check_target_layout(model: str, config, trust_remote_code: bool = False) -> None:
@@ -831,6 +835,9 @@ def _train(config: TrainConfig) -> dict:
                 "max_length": c.max_length, "max_new_tokens": c.max_new_tokens if c.source == "target" else None,
                 "temperature": c.temperature if c.source == "target" else None, "seed": c.seed, "feature_layers": list(feature_layers),
                 "dtype": c.dtype, **({"device": "cuda"} if c.gpus_per_worker > 0 else {})}  # no key on the CPU: older ledgers
+    template = template_sha256(tokenizer) if c.source == "target" else None  # the template prompts go through
+    if template:  # none where none is used, as ledgers written before it was recorded (a later key: Ledger.LATER_KEYS)
+        features["chat_template_sha256"] = template
     ledger_recorded = storage.is_file(storage.join(ledger.folder, ledger.RUN_FILE))
     ledger.claim(features)
     # A resumed drafter keeps training as it began: the same rows and features, the same held-out shards, batches and
@@ -839,7 +846,7 @@ def _train(config: TrainConfig) -> dict:
     if ledger_recorded and "features" not in _recorded(c.out):  # a record from before the key: the ledger checked them
         settings.pop("features")
     storage.claim(c.out, TRAINING_FILE, settings, what="a drafter",
-                  binds=lambda: storage.is_file(storage.join(c.out, STATE_FILE)), stray=lambda name: False)
+                  binds=lambda: storage.is_file(storage.join(c.out, STATE_FILE)), stray=lambda name: False, later=Ledger.LATER_KEYS)
     todo = [s for s in shards if not ledger.done(s.shard_id)]
     init_ray(c.address)
     cpus = c.cpus_per_worker or default_cpus_per_worker(c.workers)

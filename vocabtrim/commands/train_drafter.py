@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intermediate-size", type=int, default=None, help="the drafter layer's MLP width (default: the target's)")
     parser.add_argument("--max-shards", type=int, default=None, metavar="N",
                         help="extract and train on the first N shards of the corpus only (default: all); a rerun with more extracts the "
-                             "rest until an epoch is done (then it is another training: a new --out)")
+                             "rest until the training writes its first resume state (then it is another training: a new --out)")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
                         help="within an epoch, write the resume state (weights, optimizer, the epoch's position) at most every M "
                              "minutes, so a stopped run loses at most that much training; 0: at the end of each epoch only")
