@@ -390,7 +390,8 @@ def test_a_stopped_command_unwinds_and_says_so_in_one_line(signum, phase, code, 
             proc.kill()
             proc.wait()
     assert proc.returncode == code and "finally ran" in out
-    assert err.strip().splitlines()[-1] == f"vocabtrim build-head: {said}; what it finished is kept: rerun the same command to resume"
+    assert err.strip().splitlines()[-1] == (f"vocabtrim build-head: {said}; rerun the same command to go on (it resumes from what "
+                                            "its --out already holds)")
     if phase == "plain":
         assert err.count("\n") == 1
 

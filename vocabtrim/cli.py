@@ -123,7 +123,7 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         signum = stopped_by(forget=True)
         print(f"vocabtrim {args.command}: {'stopped by ' + signal.Signals(signum).name if signum else 'interrupted'}; "
-              "what it finished is kept: rerun the same command to resume", file=sys.stderr)
+              "rerun the same command to go on (it resumes from what its --out already holds)", file=sys.stderr)
         return 128 + (signum or signal.SIGINT)
     except Exception as exc:
         if not machine_fault(exc):
