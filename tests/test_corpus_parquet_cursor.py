@@ -141,3 +141,17 @@ def test_an_error_while_reading_drops_the_reader(one_group, calls, monkeypatch):
     assert failures and corpus._parquet_cursor is None and open_files(calls) == []
     assert [r for s in one_group[4:] for r in read(s)] == list(enumerate(ROWS))[one_group[4].start:]
     assert len(calls["iter_batches"]) == 2  # the first reader, then one more after the error
+
+
+def test_a_file_written_again_at_the_same_path_is_read_afresh(tmp_path):
+    """The reader is kept for the file as it was cut (its shard ids name its size and modification time): shards cut
+    from the file written again at the same path read the new rows, not the held reader's."""
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"text": ROWS}), path, row_group_size=300)
+    old = corpus.make_shards([str(path)], "text", 1 << 30, shard_rows=7)
+    assert read(old[0]) == expected(old[0])
+    new_rows = [r.upper() + "!" for r in ROWS]
+    pq.write_table(pa.table({"text": new_rows}), path, row_group_size=300)
+    new = corpus.make_shards([str(path)], "text", 1 << 30, shard_rows=7)
+    assert new[1].shard_id != old[1].shard_id
+    assert read(new[1]) == [(k, new_rows[k]) for k in range(new[1].start, new[1].stop)]

@@ -494,10 +494,10 @@ class _ParquetCursor:
     """An open reader of one row group's column: the file, its ``iter_batches`` iterator, and the record batch
     it gave last (``batch``, None before the first; ``end`` is the group row just past it)."""
 
-    def __init__(self, path: str, row_group: int, column: str, batch_rows: int):
+    def __init__(self, path: str, row_group: int, column: str, batch_rows: int, file_id: str = ""):
         import pyarrow.parquet as pq
 
-        self.key = (path, row_group, column, batch_rows)
+        self.key = (path, row_group, column, batch_rows, file_id)
         self.batch = None
         self.end = 0
         self._open = contextlib.ExitStack()
@@ -537,7 +537,7 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
 
     A row group cut into many shards is read by one process in increasing shards (k, k + W, ...). Reading each
     from the group's first row would decode (and download) the group once per shard, so the reader is kept in
-    ``_parquet_cursor`` when a shard ends, and the next shard of the same file, row group, column and batch size
+    ``_parquet_cursor`` when a shard ends, and the next shard of the same file (as cut), row group, column and batch size
     that starts at or after its held batch goes on from it; any other shard closes it and opens afresh. While a
     shard is read the reader is out of the slot, and an error or a generator closed mid-shard closes it, so the
     next read opens afresh rather than going on from a half-read state.
@@ -546,7 +546,9 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
     with _parquet_slot:
         cur, _parquet_cursor = _parquet_cursor, None
     try:
-        key = (shard.path, shard.row_group, text_column, batch_rows)
+        # The shard id's prefix names the file as it was when cut (its size and modification time): a file
+        # written again since is read afresh.
+        key = (shard.path, shard.row_group, text_column, batch_rows, shard.shard_id[: shard.shard_id.rindex("-rg")])
         if cur is not None and (cur.key != key or shard.start - cur.group_first < cur.first):
             cur.close()
             cur = None
