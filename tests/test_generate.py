@@ -498,6 +498,23 @@ def test_a_rerun_given_more_files_and_stopped_leaves_no_summary_of_fewer(ray_loc
     assert run_generate(more)["rows"] == 4 and (tmp_path / "out" / "summary.json").exists()
 
 
+def test_message_fields_beside_role_and_content_are_a_setting(ray_local, base, tmp_path):
+    """Prompt files whose messages have other fields (a speaker's name) record them: those fields go to the chat
+    template, so outputs written by a vocabtrim that left them out (no such key) are refused, not mixed in."""
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())]))
+    pq.write_table(pa.table({"id": [0], "prompt": pa.array([[{"role": "user", "content": "hi", "name": "ada"}]], msgs)}),
+                   tmp_path / "m.parquet")
+    run = replace(base, drafter=None, no_draft=True, temperature=0.0, max_new_tokens=2, prompts=[str(tmp_path / "m.parquet")],
+                  out=str(tmp_path / "out"))
+    assert run_generate(run)["settings"]["message_fields"] == ["name"]
+    recorded = json.loads((tmp_path / "out" / "settings.json").read_text())
+    del recorded["message_fields"]
+    (tmp_path / "out" / "settings.json").write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"other settings \(message_fields None now \['name'\]\)"):
+        run_generate(run)
+    assert "message_fields" not in run_generate(replace(run, prompts=[str(base.prompts[0])], out=str(tmp_path / "plain")))["settings"]
+
+
 def test_outputs_resume_only_under_the_chat_template_they_were_made_with(ray_local, base, tmp_path):
     """The chat template prompts are rendered with is a setting (its hash; the tokenizer's fingerprint leaves it
     out): after the model folder's template changes, a rerun into the same --out is refused, not mixed in. Settings

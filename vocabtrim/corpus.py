@@ -269,6 +269,16 @@ def is_messages_type(t) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
+def message_extra_fields(t) -> list[str]:
+    """The fields beside role and content of the messages a column of Arrow type ``t`` holds (they go to the chat
+    template: ``prompts.check_messages``); none for any other type."""
+    import pyarrow as pa
+
+    if not is_messages_type(t) or not pa.types.is_struct(t.value_type):
+        return []
+    return [f.name for f in t.value_type if f.name not in ("role", "content")]
+
+
 def prompt_type_problem(t) -> str | None:
     """What makes a prompt column of Arrow type ``t`` unable to hold a prompt in any row, or None.
 

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage, validate
 from vocabtrim.chat import as_user_message, check_message_lists, template_sha256, wraps_strings
-from vocabtrim.corpus import is_messages_type
+from vocabtrim.corpus import is_messages_type, message_extra_fields
 from vocabtrim.errors import RunFailed, UserError, first_line, user_error_unless_fault
 from vocabtrim.faults import injected_fault
 from vocabtrim.head.files import HEAD_FILE
@@ -222,9 +222,10 @@ def _drafter_config(cfg: GenerateConfig) -> dict | None:
 
 
 def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None = None,
-                chat_template_sha256: str | None = None) -> dict:
+                chat_template_sha256: str | None = None, message_fields: list[str] | None = None) -> dict:
     """What decides a row's completion (``head_sha256``: ``check_drafter``'s; ``chat_template_sha256``:
-    ``check_models``'s). A rerun into the same ``--out`` must match it exactly (``LATER_SETTINGS`` where recorded).
+    ``check_models``'s; ``message_fields``: the prompt files' message fields beside role and content, which go to
+    the chat template). A rerun into the same ``--out`` must match it exactly (``LATER_SETTINGS`` where recorded).
 
     ``--batch-size`` and ``--workers`` are not settings: rows do not depend on them.
     """
@@ -256,6 +257,9 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         # The template prompts are rendered with (the tokenizer's fingerprint leaves it out); none where none is used,
         # as settings written before it was recorded.
         **({"chat_template_sha256": chat_template_sha256} if chat_template_sha256 else {}),
+        # Recorded where messages have such fields: outputs written before they went to the template (none recorded)
+        # are then refused, not mixed with the new rendering.
+        **({"message_fields": sorted(message_fields)} if message_fields else {}),
         # --no-draft: gamma still sets the room a prompt has (prompts.max_prompt_tokens: max_gamma + 1 or gamma + 1
         # positions), so which rows are error rows; recorded where it is not the defaults' (as settings written
         # before it was recorded).
@@ -834,7 +838,8 @@ def _generate(cfg: GenerateConfig) -> dict:
     fingerprint, wrap_strings, template = check_models(cfg, files)
     head_sha256 = check_drafter(cfg, fingerprint)
     out = os.fspath(cfg.out)
-    settings = settings_of(cfg, fingerprint, head_sha256, template)
+    extra = {name for f in files for name in message_extra_fields(f.prompt_type)}
+    settings = settings_of(cfg, fingerprint, head_sha256, template, sorted(extra))
     prepare_out(out, settings, files)
     todo = [f for f in files if not is_complete(out, f)]
 
