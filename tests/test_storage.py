@@ -157,6 +157,25 @@ def test_an_upload_interrupted_part_way_leaves_no_partial_object(s3, monkeypatch
     assert storage.read_bytes(where) == b"new content" and storage.walk_files(root) == [where]
 
 
+def test_a_killed_runs_staged_upload_is_removed_from_a_store_once_it_is_stale(s3, monkeypatch):
+    """A run killed between a staged upload and its copy into place leaves ``.<name>.<32 hex>.tmp``; the next run that
+    claims the folder removes it once it is STAGED_STALE_S old (a live upload is copied right after it is made),
+    and nothing else: not a fresh one, not another dot file, not a folder below."""
+    import uuid
+
+    root = s3.bucket()
+    staged = storage.join(root, f".out.parquet.{uuid.uuid4().hex}.tmp")
+    kept = [storage.join(root, "out.parquet"), storage.join(root, ".notes.tmp"), storage.join(root, "sub", f".x.{uuid.uuid4().hex}.tmp")]
+    for where in [staged, *kept]:
+        storage.write_bytes(where, b"x")
+    claim = dict(record="settings.json", settings={"seed": 0}, stray=lambda name: False)  # the files are this run's
+    storage.claim(root, **claim)
+    assert storage.exists(staged)  # fresh: perhaps a live upload
+    monkeypatch.setattr(storage, "STAGED_STALE_S", 0.0)
+    storage.claim(root, **claim)
+    assert not storage.exists(staged) and all(storage.exists(w) for w in kept)
+
+
 def test_local_spellings(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     storage.write_bytes("~/x/y.txt", b"hi")

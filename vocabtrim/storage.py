@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +37,8 @@ from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 LOCK_FILE = ".vocabtrim.lock"  # ``vocabtrim.lease``'s, in each output folder a run holds
 LOCKED: set[str] = set()  # the local folders (real paths) this process holds locked (``vocabtrim.lease`` keeps it)
 PARTIAL_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ``_atomic_local``'s (mkstemp's) ``.<name>.<8 random>.tmp``
+STAGED_OBJECT = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # ``write_with``'s staged upload: ``.<name>.<uuid4 hex>.tmp``
+STAGED_STALE_S = 3600.0  # a staged upload this old is a killed run's: a live one is copied into place right after it
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
 
@@ -600,7 +603,11 @@ def remove_temporaries(where: str) -> None:
     """The partial files that killed runs left in the local folder ``where`` (not in folders below it):
     ``_atomic_local``'s ``.<name>.<8 random characters>.tmp``, never a complete output (those have their final
     names). Nothing unless this process holds the lock on ``where`` or a folder above it (``locked``), and no other
-    run's lock file is there: no run is writing them."""
+    run's lock file is there: no run is writing them. In a folder on an object store, which has no lock:
+    ``write_with``'s staged uploads (``.<name>.<32 hex>.tmp``) older than ``STAGED_STALE_S``."""
+    if not is_local(where):
+        _remove_stale_staged(where)
+        return
     if not locked(where):
         return
     folder = os.path.realpath(local_path(where))
@@ -614,6 +621,20 @@ def remove_temporaries(where: str) -> None:
         if PARTIAL_FILE.match(n):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(os.path.join(folder, n))
+
+
+def _remove_stale_staged(folder: str) -> None:
+    """``remove_temporaries`` on an object store: one listing of ``folder`` (not below it); best effort, and
+    nothing whose age the store does not tell."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(folder)
+    with contextlib.suppress(OSError):
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+        oldest = time.time_ns() - int(STAGED_STALE_S * 1e9)
+        for info in infos:
+            if info.type == pafs.FileType.File and STAGED_OBJECT.match(info.base_name) and 0 < (info.mtime_ns or 0) <= oldest:
+                fs.delete_file(info.path)
 
 
 def _without_queries(value):
