@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from vocabtrim import corpus, histogram, storage, validate
-from vocabtrim.chat import check_message_lists, template_sha256, wraps_strings
+from vocabtrim.chat import TEMPLATE_KEY, check_message_lists, template_sha256, wraps_strings
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor, close_engine
 
@@ -101,7 +101,7 @@ class Ledger:
     RUN_FILE = "_run.json"
     SUFFIX = ".npz"
     HOLDS = "counts"  # what the entries are, for messages
-    LATER_KEYS = ("chat_template_sha256",)  # run keys that ledgers written by an earlier vocabtrim lack (storage.claim)
+    LATER_KEYS = (TEMPLATE_KEY,)  # run keys that ledgers written by an earlier vocabtrim lack (storage.claim)
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
@@ -598,9 +598,9 @@ def plan(config: CalibrateConfig) -> _Plan:
             run_key["device"] = "cuda"  # as ledgers written before it was recorded
         if config.chat_template != "auto":  # auto is what ledgers written before the flag did: they stay resumable
             run_key["chat_template"] = config.chat_template
-        template = template_sha256(prompter_tokenizer) if config.chat_template != "never" else None
+        template = template_sha256(prompter_tokenizer, config.chat_template)
         if template:  # the template prompts are rendered with; none where none is used, as ledgers written before it was
-            run_key["chat_template_sha256"] = template
+            run_key[TEMPLATE_KEY] = template
         if config.engine != "native":  # likewise: native is what ledgers written before --engine did
             run_key["engine"] = config.engine
     fast = getattr(tokenizer, "_tokenizer", None)

@@ -28,11 +28,15 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def template_sha256(tokenizer) -> str | None:
-    """A hash of the tokenizer's chat template (a named set of them hashed as one), or None without one. Not in
-    ``models.tokenizer_fingerprint``: tokenizers that differ only in their templates make the same token ids."""
+TEMPLATE_KEY = "chat_template_sha256"  # the settings key of ``template_sha256`` (records written before it lack it)
+
+
+def template_sha256(tokenizer, mode: str = "auto") -> str | None:
+    """A hash of the chat template prompts go through under ``--chat-template`` ``mode`` (a named set of templates
+    hashed as one), or None: under ``never``, or without one. Not in ``models.tokenizer_fingerprint``: tokenizers
+    that differ only in their templates make the same token ids."""
     template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    if not template or mode == "never":
         return None
     text = template if isinstance(template, str) else json.dumps(template, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]

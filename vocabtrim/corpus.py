@@ -225,7 +225,14 @@ def is_text_type(t) -> bool:
     """Whether Arrow type ``t`` holds strings (string, large_string, string_view)."""
     import pyarrow as pa
 
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_string_view(t)
+
+
+def is_string_view(t) -> bool:
+    """Whether Arrow type ``t`` is string_view (pyarrow versions without that type have none)."""
+    import pyarrow as pa
+
+    return getattr(pa.types, "is_string_view", lambda _: False)(t)
 
 
 def to_pylist_or(array, bad) -> list:
@@ -269,6 +276,9 @@ def is_messages_type(t) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
+MESSAGE_KEYS = ("role", "content")  # a message's own fields; others go to the chat template beside them
+
+
 def message_extra_fields(t) -> list[str]:
     """The fields beside role and content of the messages a column of Arrow type ``t`` holds (they go to the chat
     template: ``prompts.check_messages``); none for any other type."""
@@ -276,7 +286,7 @@ def message_extra_fields(t) -> list[str]:
 
     if not is_messages_type(t) or not pa.types.is_struct(t.value_type):
         return []
-    return [f.name for f in t.value_type if f.name not in ("role", "content")]
+    return [f.name for f in t.value_type if f.name not in MESSAGE_KEYS]
 
 
 def prompt_type_problem(t) -> str | None:
@@ -296,7 +306,7 @@ def prompt_type_problem(t) -> str | None:
     message = t.value_type
     if not pa.types.is_struct(message):
         return f"{wanted} (its lists hold {message}, not {{role, content}} structs)"
-    for name in ("role", "content"):
+    for name in MESSAGE_KEYS:
         index = message.get_field_index(name)
         if index < 0:
             return f"{wanted} (its messages have no {name!r} field)"

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage, validate
-from vocabtrim.chat import as_user_message, check_message_lists, template_sha256, wraps_strings
+from vocabtrim.chat import TEMPLATE_KEY, as_user_message, check_message_lists, template_sha256, wraps_strings
 from vocabtrim.corpus import is_messages_type, message_extra_fields
 from vocabtrim.errors import RunFailed, UserError, first_line, user_error_unless_fault
 from vocabtrim.faults import injected_fault
@@ -166,8 +166,7 @@ def check_models(cfg: GenerateConfig, files: list[PromptFile]) -> tuple[str, boo
         if is_messages_type(f.prompt_type):
             check_message_lists(cfg.chat_template, target_tok, cfg.target,
                                 f"{storage.display(f.path)} holds message lists in {cfg.prompt_column!r}")
-    template = template_sha256(target_tok) if cfg.chat_template != "never" else None
-    return tokenizer_fingerprint(target_tok), wrap, template
+    return tokenizer_fingerprint(target_tok), wrap, template_sha256(target_tok, cfg.chat_template)
 
 
 def check_drafter(cfg: GenerateConfig, fingerprint: str) -> str | None:
@@ -256,7 +255,7 @@ def settings_of(cfg: GenerateConfig, fingerprint: str, head_sha256: str | None =
         "tokenizer": fingerprint,
         # The template prompts are rendered with (the tokenizer's fingerprint leaves it out); none where none is used,
         # as settings written before it was recorded.
-        **({"chat_template_sha256": chat_template_sha256} if chat_template_sha256 else {}),
+        **({TEMPLATE_KEY: chat_template_sha256} if chat_template_sha256 else {}),
         # Recorded where messages have such fields: outputs written before they went to the template (none recorded)
         # are then refused, not mixed with the new rendering.
         **({"message_fields": sorted(message_fields)} if message_fields else {}),
@@ -286,7 +285,7 @@ def _holds_outputs(out: str, names: list[str]) -> bool:
 
 
 # Settings that outputs written by an earlier vocabtrim did not record: compared only where recorded.
-LATER_SETTINGS = ("chat_template_sha256",)
+LATER_SETTINGS = (TEMPLATE_KEY,)
 
 
 def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vocabtrim import storage
-from vocabtrim.corpus import is_text_type, prompt_type_problem, to_pylist_or, unwrap_dictionary
+from vocabtrim.corpus import MESSAGE_KEYS, is_string_view, is_text_type, prompt_type_problem, to_pylist_or, unwrap_dictionary
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _check_unique_ids(path: str, id_column: str) -> None:
     except pa.ArrowInvalid as exc:
         raise UserError(f"{storage.display(path)}: --id-column {id_column!r} holds a value that is not valid UTF-8 "
                         f"({first_line(exc)}): ids name their output rows") from exc
-    if getattr(pa.types, "is_string_view", lambda _: False)(ids.type):  # compute has few kernels for views
+    if is_string_view(ids.type):  # compute has few kernels for views
         ids = ids.cast(pa.large_string())
     counts = pc.value_counts(ids.drop_null())
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
@@ -311,7 +311,7 @@ def check_messages(messages) -> tuple[list[dict] | None, str | None]:
             what = "no content" if content is None else f"a {_type_name(content)} content"
             return None, f"malformed messages: message {i} has {what}"
         clean.append({"role": role, "content": content,
-                      **{k: v for k, v in m.items() if k not in ("role", "content") and v not in (None, "", [], {})}})
+                      **{k: v for k, v in m.items() if k not in MESSAGE_KEYS and v not in (None, "", [], {})}})
     if not any(m["content"].strip() for m in clean):
         return None, "prompt is empty: every message has empty content"
     return clean, None

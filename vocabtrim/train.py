@@ -37,7 +37,7 @@ import numpy as np
 
 from vocabtrim import corpus, storage, validate
 from vocabtrim.calibrate import Ledger, batch_prompts
-from vocabtrim.chat import check_message_lists, has_chat_template, template_sha256
+from vocabtrim.chat import TEMPLATE_KEY, check_message_lists, has_chat_template, template_sha256
 from vocabtrim.special_tokens import eos_ids, of_model
 from vocabtrim.errors import UserError, first_line, machine_fault, user_error_unless_fault
 from vocabtrim.ray_utils import StartingActor
@@ -837,7 +837,7 @@ def _train(config: TrainConfig) -> dict:
                 "dtype": c.dtype, **({"device": "cuda"} if c.gpus_per_worker > 0 else {})}  # no key on the CPU: older ledgers
     template = template_sha256(tokenizer) if c.source == "target" else None  # the template prompts go through
     if template:  # none where none is used, as ledgers written before it was recorded (a later key: Ledger.LATER_KEYS)
-        features["chat_template_sha256"] = template
+        features[TEMPLATE_KEY] = template
     ledger_recorded = storage.is_file(storage.join(ledger.folder, ledger.RUN_FILE))
     ledger.claim(features)
     # A resumed drafter keeps training as it began: the same rows and features, the same held-out shards, batches and
