@@ -205,11 +205,13 @@ def relative(where: str, root: str) -> str:
     return a[len(b.rstrip("/")):].lstrip("/")
 
 
-def hidden(rel: str) -> bool:
+def hidden(rel: str, named: tuple[str, ...] | list[str] = ()) -> bool:
     """Whether a path relative to a folder that is read as input passes through a hidden entry (a name starting
     with ``.`` or ``_``): Spark's ``_SUCCESS`` and ``_temporary/``, Delta's ``_delta_log/``, ``.crc`` checksums,
-    ``.ipynb_checkpoints``. Those are never data."""
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+    ``.ipynb_checkpoints``. Those are never data, unless ``named``: a glob's parts below its wildcard-free start
+    (``rel`` is a match below it), one starting with the entry's first character matching it."""
+    return any(p[:1] in (".", "_") and p != "." and not any(c[:1] == p[:1] and fnmatch.fnmatchcase(p, c) for c in named)
+               for p in rel.split("/"))  # ".": a glob's start itself (``tbl/**`` matches ``tbl/``)
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -232,14 +234,6 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
-def _unnamed_hidden(rel: str, pattern_parts: list[str]) -> bool:
-    """Whether a glob's match (``rel``, below the pattern's wildcard-free start) passes through a ``hidden`` entry
-    that the pattern does not name: one starting with ``.`` or ``_`` that no pattern part starting with that
-    character matches."""
-    return any(p[:1] in (".", "_") and p != "." and not any(c[:1] == p[:1] and fnmatch.fnmatchcase(p, c) for c in pattern_parts)
-               for p in rel.split("/"))  # ".": the start itself (``tbl/**`` matches ``tbl/``)
-
-
 def glob_typed(pattern: str) -> list[tuple[str, bool]]:
     """``(location, is a folder)`` for every file and folder matching a glob, sorted by location; as inputs are
     read, a match through a ``hidden`` entry the pattern does not name is left out (``tbl/*`` takes no
@@ -258,7 +252,7 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
         wild = next(i for i, c in enumerate(parts) if any(ch in GLOB_CHARS for ch in c))
         start = os.sep.join(parts[:wild]) or (os.sep if wild else os.curdir)  # [""]: the pattern starts at the root
         return [(m, os.path.isdir(m)) for m in sorted(globlib.glob(path, recursive=True))
-                if not _unnamed_hidden(os.path.relpath(m, start).replace(os.sep, "/"), parts[wild:])]
+                if not hidden(os.path.relpath(m, start).replace(os.sep, "/"), parts[wild:])]
     import pyarrow.fs as pafs
 
     base, query = _split(pattern)
@@ -271,7 +265,7 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
     prefix = f"{scheme_host}://{host}/" + "/".join(comps[:fixed]) + query
     rx = _glob_regex("/".join(comps[fixed:]))
     return [(join(prefix, *rel.split("/")), kind == pafs.FileType.Directory)
-            for rel, kind in sorted(_listing(prefix).items()) if rx.match(rel) and not _unnamed_hidden(rel, comps[fixed:])]
+            for rel, kind in sorted(_listing(prefix).items()) if rx.match(rel) and not hidden(rel, comps[fixed:])]
 
 
 # ---------------------------------------------------------------------------------------------
