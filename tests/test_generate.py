@@ -203,6 +203,35 @@ def test_same_row_same_completion_for_any_batch_size_and_workers(first_run, base
         assert results(out) == expected, (batch_size, workers)
 
 
+def test_a_run_stopped_mid_file_resumes_from_its_saved_rows(first_run, base, tmp_path, monkeypatch):
+    """Ctrl-C after 8 of 17 rows (T = 1): the rows back are saved as parts; the rerun (another batch size)
+    generates only the others, and every output equals the one of a run never stopped."""
+    from vocabtrim import generate
+    from vocabtrim.progress import Progress
+
+    out = tmp_path / "out"
+    cfg = replace(base, out=str(out), part_rows=1)  # every chunk back saved at once
+
+    class Stopping(Progress):
+        def update(self, n=1, tokens=None):
+            super().update(n, tokens)
+            if self.done >= 8:
+                raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "_progress", lambda total, enabled: Stopping(total, "row", "generate", enabled=False))
+        with pytest.raises(KeyboardInterrupt):
+            run_generate(cfg)
+    saved = sorted(p.relative_to(out / ".parts").as_posix() for p in (out / ".parts").rglob("*.parquet"))
+    assert saved and not any((out / n).exists() for n in ("a.parquet", "sub/b.parquet", "c.parquet"))
+    summary = run_generate(replace(cfg, batch_size=2, rows_per_task=3))
+    assert 8 <= summary["run"]["rows_resumed_in_files_under_way"] < 17, saved
+    assert results(out) == results(base.out)
+    assert summary["rows"] == 17 and summary["generated_tokens"] == first_run[0]["generated_tokens"]
+    assert summary["tokens_per_second"] * summary["wall_seconds"] < summary["generated_tokens"]  # this run's tokens only
+    assert not (out / ".parts").exists() or not any((out / ".parts").rglob("*.parquet"))
+
+
 def test_greedy_equals_target_alone(ray_local, base, tmp_path):
     # The target's first 2 of 3 layers draft: accepted often, not always.
     greedy = replace(base, temperature=0.0, drafter=base.target, drafter_layers=2, out=str(tmp_path / "spec"))
@@ -417,7 +446,7 @@ def test_an_output_that_cannot_be_read_is_the_users_unless_the_network_dropped(t
     """is_complete on an existing output: garbage is refused in one line (delete it and rerun); an object store's
     dropped connection keeps its type, so a good output is never called unreadable."""
     from vocabtrim import storage
-    from vocabtrim.generate import is_complete
+    from vocabtrim.generate_outputs import is_complete
     from vocabtrim.prompts import inspect_prompt_files
 
     pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "p.parquet")

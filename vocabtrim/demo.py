@@ -186,7 +186,7 @@ def round_order(keys: list[str], r: int) -> list[str]:
 
 def per_round(folders: dict[str, Path], names: list[str]) -> dict[str, dict[str, list[float]]]:
     """Per setting, per round (one output file each): engine tokens/s and drafter step ms (when it drafts)."""
-    from vocabtrim.generate import read_file_stats
+    from vocabtrim.generate_outputs import read_file_stats
 
     figures = {}
     for key, folder in folders.items():

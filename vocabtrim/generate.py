@@ -5,16 +5,19 @@ How a run goes:
    tokenizer and the prompt columns, every input file (Parquet, prompt column), ``--drafter-layers`` and the
    head's manifest against the drafter's config; only then ``--out`` (its ``settings.json`` must match this
    run's settings once it holds an output).
-2. Input files whose output is already complete are skipped (resume).
+2. Input files whose output is already complete are skipped, and so are the rows of the others that an earlier
+   run saved as parts (resume).
 3. ``--workers`` actors each load the target, drafter and head once. The driver streams each remaining
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
    rows into token ids (bad rows become error rows), streams them through one ``vocabtrim.engine.Engine``
    (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once)
    and returns the results.
-4. When all of a file's chunks are back, the driver writes ``DIR/<name>`` atomically (locally a temporary
-   name, then rename; on an object store one upload of the finished file), with the file's engine
-   statistics in the Parquet footer. A killed run leaves only complete outputs behind, so a rerun
-   generates each missing file once and every row exactly once.
+4. The driver saves the rows that are back as parts of their file (``DIR/.parts/<name>/``) every
+   ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back, it
+   writes ``DIR/<name>`` atomically from them (locally a temporary name, then rename; on an object store one
+   upload of the finished file), with the file's engine statistics in the Parquet footer, and deletes the
+   parts (``vocabtrim.generate_outputs``). A killed run leaves only complete outputs and parts behind, so a
+   rerun generates every row it lacks exactly once.
 5. ``DIR/summary.json`` sums the outputs of all input files (generated now or by an earlier run).
 
 ``--prompts``, ``--out`` and ``--head`` are locations (``vocabtrim.storage``): local paths or object-store URIs.
@@ -35,26 +38,46 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vocabtrim import storage, validate
 from vocabtrim.chat import TEMPLATE_KEY, as_user_message, check_message_lists, template_sha256, wraps_strings
 from vocabtrim.corpus import is_messages_type, message_extra_fields
-from vocabtrim.errors import RunFailed, UserError, first_line, user_error_unless_fault
+from vocabtrim.errors import RunFailed, UserError, first_line
 from vocabtrim.faults import injected_fault
 from vocabtrim.head.files import HEAD_FILE
-from vocabtrim.prompts import PromptFile, check_room, encode_prompt, inspect_prompt_files, max_prompt_tokens, read_chunks
+from vocabtrim.generate_outputs import (
+    PART_ROWS,
+    PART_SECONDS,
+    RESULT_COLUMNS,
+    ChunkStats,
+    Part,
+    add_lists,
+    find_parts,
+    is_complete,
+    output_path,
+    output_schema,
+    read_file_stats,
+    remove_parts,
+    result_table,
+    save_part,
+    write_output,
+)
+from vocabtrim.prompts import (
+    PromptChunk,
+    PromptFile,
+    check_room,
+    encode_prompt,
+    inspect_prompt_files,
+    max_prompt_tokens,
+    read_chunks,
+)
 from vocabtrim.special_tokens import eos_ids, of_model
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
-STATS_KEY = b"vocabtrim.generate"
-INPUT_KEY = b"vocabtrim.generate.input"  # the input file an output was generated from (its footer_sha256)
 IN_FLIGHT = 2  # chunks queued per actor: one running, one waiting
-RESULT_COLUMNS = ["completion", "completion_tokens", "draft_proposed", "draft_accepted", "finish_reason", "error"]
-RESULT_TYPES = [pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(), pa.string()]
 
 
 @dataclass
@@ -89,6 +112,8 @@ class GenerateConfig:
     trust_remote_code: bool = False
     progress: bool = True
     rows_per_task: int | None = None  # rows sent to an actor at a time (default: 4 batches)
+    part_rows: int = PART_ROWS  # rows of a file held on the driver before they are saved as a part
+    part_seconds: float = PART_SECONDS  # at most this long between a file's parts
     fault_injection: str | None = None  # tests only: faults.injected_fault; "oom-above:<n>": the engine runs out of memory above n rows
     engine: str = "native"  # native | vllm (vocabtrim.vllm_backend)
 
@@ -277,8 +302,9 @@ def _write_json(where: str, data: dict) -> None:
 
 
 def _holds_outputs(out: str, names: list[str]) -> bool:
-    """Whether ``out`` holds a finished output: one of ``names`` (this run's output names, whatever their
-    extension), or any Parquet file under its final name."""
+    """Whether ``out`` holds rows made under its recorded settings: a finished output, one of ``names`` (this
+    run's output names, whatever their extension), or any Parquet file under its final name, which includes the
+    parts of a file under way (``DIR/.parts/<name>/<rows>.parquet``)."""
     found = {storage.relative(p, out) for p in storage.walk_files(out)}
     return any(n in found for n in names) or any(
         storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".") for p in found)
@@ -301,79 +327,9 @@ def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
         storage.remove_temporaries(folder)
 
 
-def output_path(out: str, file: PromptFile) -> str:
-    return storage.join(out, file.name)
-
-
-def is_complete(out: str, file: PromptFile) -> bool:
-    """An output exists under its final name only once fully written; it must come from this input file as it
-    is now: its row count, and the input's footer (``footer_sha256``; outputs written before it was recorded are
-    checked by their row count alone)."""
-    path = output_path(out, file)
-    shown = storage.display(path)
-    try:
-        with storage.open_input_file(path) as f:
-            meta = pq.read_metadata(f)
-    except FileNotFoundError:
-        return False
-    except (pa.ArrowInvalid, OSError) as exc:
-        user_error_unless_fault(exc, f"{shown} is not a readable output ({first_line(exc)}): delete it and rerun")
-    if meta.num_rows != file.num_rows:
-        raise UserError(
-            f"{shown} has {meta.num_rows} rows but {storage.display(file.path)} has {file.num_rows}: the input changed; "
-            "use a new --out"
-        )
-    try:
-        made_from = json.loads((meta.metadata or {}).get(INPUT_KEY, b"{}")).get("footer_sha256")
-    except (ValueError, AttributeError):
-        made_from = None
-    if made_from and file.footer_sha256 and made_from != file.footer_sha256:
-        raise UserError(f"{shown} was generated from another version of {storage.display(file.path)} (its Parquet footer "
-                        "changed since): use a new --out, or delete that output to generate it again")
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # One chunk of rows on a worker (pure apart from the engine)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChunkStats:
-    """Engine statistics summed over a chunk, a file or a run (see ``EngineStats``)."""
-
-    accepted_hist: list[int] = field(default_factory=list)  # [gamma + 1]
-    reached_hist: list[int] = field(default_factory=list)  # [gamma]: steps that reached draft i + 1 (RowOutput)
-    gamma_hist: list[int] = field(default_factory=list)  # [gamma + 1]: target passes run with each gamma
-    target_passes_rows: int = 0  # sum over rows of the target passes each took part in
-    drafter_seconds: float = 0.0
-    drafter_forwards: int = 0
-    target_seconds: float = 0.0
-    target_passes: int = 0  # batched target forward passes
-    prefill_seconds: float = 0.0
-    engine_seconds: float = 0.0
-    slot_passes: int = 0  # sum over target passes of --batch-size (occupancy = target_rows_stepped / slot_passes)
-    target_rows_stepped: int = 0  # sum over target passes of the rows in that pass
-    # --engine vllm: vLLM's own speculative counters (vllm:spec_decode_*), summed
-    spec_drafts: int = 0
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_accepted_per_position: list[int] = field(default_factory=list)  # [gamma]
-
-    def add(self, other: "ChunkStats") -> "ChunkStats":
-        lists = ("accepted_hist", "reached_hist", "gamma_hist", "spec_accepted_per_position")
-        return ChunkStats(
-            **{k: _add_lists(getattr(self, k), getattr(other, k)) for k in lists},
-            **{k: getattr(self, k) + getattr(other, k) for k in asdict(self) if k not in lists},
-        )
-
-
-def _add_lists(a: list[int], b: list[int]) -> list[int]:
-    return [x + y for x, y in zip(_pad(a, b), _pad(b, a))]
-
-
-def _pad(a: list[int], b: list[int]) -> list[int]:
-    return list(a) + [0] * max(0, len(b) - len(a))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -426,8 +382,8 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
             cols["draft_accepted"][i] = out.accepted
             cols["finish_reason"][i] = out.finish_reason
             stats.target_passes_rows += out.target_passes
-            stats.accepted_hist = _add_lists(stats.accepted_hist, out.accepted_hist)
-            stats.reached_hist = _add_lists(stats.reached_hist, out.reached_hist)
+            stats.accepted_hist = add_lists(stats.accepted_hist, out.accepted_hist)
+            stats.reached_hist = add_lists(stats.reached_hist, out.reached_hist)
     return {"columns": cols, "stats": asdict(stats)}
 
 
@@ -462,12 +418,12 @@ def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | Non
     stats.engine_seconds += s.wall_seconds
     stats.target_rows_stepped += s.rows_stepped
     stats.slot_passes += s.target_passes * (configured or s.batch_size)
-    stats.gamma_hist = _add_lists(stats.gamma_hist, s.gamma_hist)
+    stats.gamma_hist = add_lists(stats.gamma_hist, s.gamma_hist)
     if hasattr(s, "spec_drafts"):  # --engine vllm
         stats.spec_drafts += s.spec_drafts
         stats.spec_draft_tokens += s.spec_draft_tokens
         stats.spec_accepted_tokens += s.spec_accepted_tokens
-        stats.spec_accepted_per_position = _add_lists(stats.spec_accepted_per_position, s.spec_accepted_per_position)
+        stats.spec_accepted_per_position = add_lists(stats.spec_accepted_per_position, s.spec_accepted_per_position)
     return outs
 
 
@@ -622,123 +578,141 @@ def start_workers(cfg: GenerateConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Driver: schedule chunks, assemble files, write them atomically
+# Driver: schedule chunks, save parts, write each file atomically
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _FileState:
     file: PromptFile
-    ids: dict = field(default_factory=dict)  # chunk start -> Arrow id array
-    results: dict = field(default_factory=dict)  # chunk start -> columns
-    stats: ChunkStats = field(default_factory=ChunkStats)
+    parts: list[Part] = field(default_factory=list)  # rows saved, by this run or an earlier one
+    sent: dict = field(default_factory=dict)  # chunk start -> Arrow id array, for chunks out on workers
+    held: dict = field(default_factory=dict)  # chunk start -> (ids, columns, ChunkStats): back, not saved yet
+    held_rows: int = 0
+    saved_at: float = field(default_factory=time.monotonic)
     pending: int = 0
     all_sent: bool = False
 
 
-def write_output(path: str, id_column: str, id_type, ids: list[pa.Array], columns: list[dict], stats: ChunkStats,
-                 input_footer: str | None = None) -> dict:
-    """Write one output file atomically; returns its file-level statistics (also stored in its footer, with the
-    input's ``footer_sha256``)."""
-    id_arrays = [a.cast(id_type) if id_type is not None else a for a in ids]
-    id_array = pa.concat_arrays(id_arrays) if id_arrays else pa.array([], type=id_type or pa.string())
-    arrays = [id_array]
-    for name, typ in zip(RESULT_COLUMNS, RESULT_TYPES):
-        arrays.append(pa.array([v for c in columns for v in c[name]], type=typ))
-    table = pa.Table.from_arrays(arrays, names=[id_column] + RESULT_COLUMNS)
-    file_stats = _file_stats(table, stats)
-    table = table.replace_schema_metadata({STATS_KEY: json.dumps(file_stats).encode(),
-                                           **({INPUT_KEY: json.dumps({"footer_sha256": input_footer}).encode()}
-                                              if input_footer else {})})
-    storage.write_with(path, lambda tmp: pq.write_table(table, tmp))  # whole file or nothing
-    return file_stats
+def _held_runs(st: _FileState, schema: pa.Schema) -> list[tuple[int, pa.Table, ChunkStats]]:
+    """The chunks ``st`` holds as ``(start, table, stats)``, one per run of consecutive chunks, in row order."""
+    runs: list[list] = []
+    for start in sorted(st.held):
+        ids, columns, stats = st.held[start]
+        if runs and runs[-1][1] == start:
+            runs[-1][1] += len(columns["finish_reason"])
+            runs[-1][2].append(ids), runs[-1][3].append(columns)
+            runs[-1][4] = runs[-1][4].add(stats)
+        else:
+            runs.append([start, start + len(columns["finish_reason"]), [ids], [columns], stats])
+    return [(r[0], result_table(schema, r[2], r[3]), r[4]) for r in runs]
 
 
-def _file_stats(table: pa.Table, stats: ChunkStats) -> dict:
-    reasons = table.column("finish_reason").to_pylist()
-    return {
-        "rows": table.num_rows,
-        "errored_rows": sum(r == "error" for r in reasons),
-        "generated_tokens": sum(table.column("completion_tokens").to_pylist()),
-        "draft_proposed": sum(table.column("draft_proposed").to_pylist()),
-        "draft_accepted": sum(table.column("draft_accepted").to_pylist()),
-        **asdict(stats),
-    }
+def _save_held(out: str, st: _FileState, id_name: str) -> None:
+    """Save the chunks ``st`` holds as parts (one per run of consecutive chunks) and let them go."""
+    for start, table, stats in _held_runs(st, output_schema(id_name, st.file.id_type)):
+        st.parts.append(save_part(out, st.file, id_name, start, table, stats))
+    st.held, st.held_rows, st.saved_at = {}, 0, time.monotonic()
 
 
-def read_file_stats(path: str) -> dict:
-    with storage.open_input_file(path) as f:
-        meta = pq.read_schema(f).metadata or {}
-    if STATS_KEY not in meta:
-        raise UserError(f"{storage.display(path)} was not written by vocabtrim generate: use a new --out")
-    return json.loads(meta[STATS_KEY])
-
-
-def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: int, wrap_strings: bool = False):
-    """Yield ``(file index, chunk)``; ``(file index, None)`` once a file's chunks are all out.
+def _chunk_source(files: list[PromptFile], cfg: GenerateConfig, rows_per_task: int, wrap_strings: bool = False,
+                  saved: dict[str, list[Part]] | None = None):
+    """Yield ``(file index, chunk)`` for the rows of ``files`` that no part in ``saved`` (output name -> parts)
+    holds; ``(file index, None)`` once a file's chunks are all out.
 
     ``wrap_strings``: string prompts become one user message (``--chat-template``, decided on the driver)."""
     for index, file in enumerate(files):
-        for chunk in read_chunks(file, cfg.prompt_column, cfg.id_column, rows_per_task):
-            if wrap_strings:
-                chunk.prompts = [as_user_message(p) for p in chunk.prompts]
-            yield index, chunk
+        parts = (saved or {}).get(file.name, [])
+        first = 0
+        for p in parts:  # reading starts at the first row not saved
+            if p.start > first:
+                break
+            first = p.stop
+        if first < file.num_rows:
+            for chunk in read_chunks(file, cfg.prompt_column, cfg.id_column, rows_per_task, start=first):
+                for piece in _unsaved(chunk, parts):
+                    if wrap_strings:
+                        piece.prompts = [as_user_message(p) for p in piece.prompts]
+                    yield index, piece
         yield index, None
 
 
-def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written, wrap_strings: bool = False) -> None:
-    """Feed every row of ``files`` to the actor ``pool`` (``IN_FLIGHT`` chunks per actor) and write each
-    file when all its chunks are back: a file whose rows cannot all be generated is never written.
+def _unsaved(chunk: PromptChunk, parts: list[Part]):
+    """The pieces of ``chunk`` that ``parts`` (sorted, disjoint) do not hold, as chunks."""
+    start, stop = chunk.start, chunk.start + len(chunk.keys)
+    for p in parts:
+        if p.stop <= start or p.start >= stop:
+            continue
+        if p.start > start:
+            yield chunk.rows(start, p.start)
+        start = max(start, p.stop)
+    if start < stop:
+        yield chunk.rows(start, stop)
 
-    ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)`` after each write.
+
+def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, wrap_strings: bool = False,
+             saved: dict[str, list[Part]] | None = None) -> None:
+    """Feed every row of ``files`` that no part in ``saved`` holds to the actor ``pool`` (``IN_FLIGHT`` chunks per
+    actor); write each file when all its rows are back: a file whose rows cannot all be generated is never
+    written. Rows that are back are saved as parts (``generate_outputs``) every ``cfg.part_rows`` rows or
+    ``cfg.part_seconds`` seconds, and when the run stops early (Ctrl-C, SIGTERM, a chunk that failed every retry).
+
+    ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back.
     ``wrap_strings``: string prompts go to the actors as one user message each.
     """
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
-    states = {i: _FileState(file=f) for i, f in enumerate(files)}
+    states = {i: _FileState(file=f, parts=list((saved or {}).get(f.name, []))) for i, f in enumerate(files)}
     id_name = cfg.id_column
 
     def finish_if_done(index: int) -> None:
         st = states[index]
         if st.all_sent and st.pending == 0:
-            starts = sorted(st.ids)
-            file_stats = write_output(
-                output_path(out, st.file),
-                id_name,
-                st.file.id_type,
-                [st.ids[s] for s in starts],
-                [st.results[s] for s in starts],
-                st.stats,
-                st.file.footer_sha256,
-            )
+            schema = output_schema(id_name, st.file.id_type)
+            segments = sorted([*((p.start, p) for p in st.parts), *((s, (t, c)) for s, t, c in _held_runs(st, schema))],
+                              key=lambda s: s[0])
+            write_output(out, st.file, id_name, [s for _, s in segments])
+            if st.parts:
+                remove_parts(out, st.file.name)
             del states[index]
-            on_written(st.file, file_stats)
 
     def items():
         """(file index, chunk) for the pool; a file's end is marked as soon as its last chunk is out."""
-        for index, chunk in _chunk_source(files, cfg, rows_per_task, wrap_strings):
+        for index, chunk in _chunk_source(files, cfg, rows_per_task, wrap_strings, saved):
             st = states[index]
             if chunk is None:
                 st.all_sent = True
                 finish_if_done(index)  # an empty file, or one whose chunks are all back
                 continue
-            st.ids[chunk.start] = chunk.ids
+            st.sent[chunk.start] = chunk.ids
             st.pending += 1
             yield index, chunk
 
     def on_result(item, result) -> None:
         index, chunk = item
         st = states[index]
-        st.results[chunk.start] = result["columns"]
-        st.stats = st.stats.add(ChunkStats(**result["stats"]))
+        columns = result["columns"]
+        st.held[chunk.start] = (st.sent.pop(chunk.start), columns, ChunkStats(**result["stats"]))
+        st.held_rows += len(columns["finish_reason"])
         st.pending -= 1
-        on_rows(len(result["columns"]["finish_reason"]), sum(t or 0 for t in result["columns"]["completion_tokens"]))
+        on_rows(len(columns["finish_reason"]), sum(t or 0 for t in columns["completion_tokens"]))
         finish_if_done(index)
+        if index in states and (st.held_rows >= cfg.part_rows or time.monotonic() - st.saved_at >= cfg.part_seconds):
+            _save_held(out, st, id_name)
 
     def describe(item) -> str:
         index, chunk = item
         return f"rows {chunk.start}..{chunk.start + len(chunk.keys) - 1} of {storage.display(files[index].path)}"
 
-    pool.run(items(), on_result, describe)
+    try:
+        pool.run(items(), on_result, describe)
+    except BaseException:  # stopped early: keep the rows that are back
+        for st in states.values():
+            if st.held:
+                try:
+                    _save_held(out, st, id_name)
+                except Exception as exc:  # the stop's own cause is what the user sees
+                    log.warning("could not save the generated rows of %s (%s)", storage.display(st.file.path), first_line(exc))
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,7 +732,7 @@ def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
     for s in file_stats:
         for k, v in s.items():
             if isinstance(v, list):
-                total[k] = _add_lists(total.get(k, []), v)
+                total[k] = add_lists(total.get(k, []), v)
             else:
                 total[k] = total.get(k, 0) + v
     get = total.get
@@ -840,18 +814,31 @@ def _generate(cfg: GenerateConfig) -> dict:
     extra = {name for f in files for name in message_extra_fields(f.prompt_type)}
     settings = settings_of(cfg, fingerprint, head_sha256, template, sorted(extra))
     prepare_out(out, settings, files)
-    todo = [f for f in files if not is_complete(out, f)]
+    saved = find_parts(out, files)
+    todo = []
+    for f in files:
+        if not is_complete(out, f):
+            todo.append(f)
+        elif f.name in saved:  # written by a run stopped before it deleted the file's parts
+            remove_parts(out, f.name)
+    saved_rows = sum(p.stop - p.start for f in todo for p in saved.get(f.name, []))
 
-    written: list[dict] = []
+    generated_tokens = 0
     if todo:  # summary.json sums every file a run was given: one stopped now leaves none, not an earlier run's of fewer
         storage.delete(storage.join(out, SUMMARY_FILE))
         init_ray(cfg.address)
         pool = start_workers(cfg)
-        bar = _progress(sum(f.num_rows for f in todo), cfg.progress)
+        bar = _progress(sum(f.num_rows for f in todo) - saved_rows, cfg.progress)
+
+        def on_rows(rows: int, tokens: int) -> None:
+            nonlocal generated_tokens
+            generated_tokens += tokens
+            bar.update(rows, tokens)
+
         try:
-            run_pool(pool, todo, cfg, out, bar.update, lambda file, stats: written.append(stats), wrap_strings)
+            run_pool(pool, todo, cfg, out, on_rows, wrap_strings, saved)
         except RunFailed as exc:
-            raise RunFailed(f"{exc}; the files already in {storage.display(out)} are complete: rerun the same command to resume") from exc
+            raise RunFailed(f"{exc}; what is generated is saved in {storage.display(out)}: rerun the same command to resume") from exc
         finally:
             bar.close()
             pool.shutdown()
@@ -860,7 +847,8 @@ def _generate(cfg: GenerateConfig) -> dict:
         "files": len(files),
         "files_generated": len(todo),
         "files_resumed": len(files) - len(todo),
-        "generated_tokens_this_run": sum(s["generated_tokens"] for s in written),
+        "rows_resumed_in_files_under_way": saved_rows,
+        "generated_tokens_this_run": generated_tokens,
         "wall_seconds": time.perf_counter() - wall,
         "batch_size": cfg.batch_size,
         "workers": cfg.workers,

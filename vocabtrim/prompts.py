@@ -217,6 +217,11 @@ class PromptChunk:
     keys: list[str]
     prompts: list
 
+    def rows(self, start: int, stop: int) -> "PromptChunk":
+        """Rows ``start`` to ``stop - 1`` of the file (within this chunk's) as a chunk."""
+        a, b = start - self.start, stop - self.start
+        return PromptChunk(start=start, ids=self.ids.slice(a, b - a), keys=self.keys[a:b], prompts=self.prompts[a:b])
+
 
 @dataclass(frozen=True)
 class Undecodable:
@@ -228,11 +233,12 @@ class Undecodable:
 READ_ATTEMPTS = 3  # tries of one file's reading, for faults of the machine (a dropped object-store connection)
 
 
-def read_chunks(file: PromptFile, prompt_column: str, id_column: str | None, rows_per_chunk: int) -> Iterator[PromptChunk]:
-    """Stream a file as chunks of at most ``rows_per_chunk`` rows, in row order. A fault of the machine while
-    reading is retried (``READ_ATTEMPTS`` tries in all), reopening the file at the first row not yet yielded;
-    data that cannot be read is the user's file (one line)."""
-    start, failures = 0, 0
+def read_chunks(file: PromptFile, prompt_column: str, id_column: str | None, rows_per_chunk: int,
+                start: int = 0) -> Iterator[PromptChunk]:
+    """Stream a file from row ``start`` on as chunks of at most ``rows_per_chunk`` rows, in row order. A fault of
+    the machine while reading is retried (``READ_ATTEMPTS`` tries in all), reopening the file at the first row not
+    yet yielded; data that cannot be read is the user's file (one line)."""
+    failures = 0
     while True:
         try:
             for chunk in _chunks_from(file, prompt_column, id_column, rows_per_chunk, start):

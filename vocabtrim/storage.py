@@ -475,6 +475,15 @@ def delete(where: str) -> None:
         pass
 
 
+def delete_folder(where: str) -> None:
+    """Remove a folder and everything under it, if it is there (on an object store: every object under it)."""
+    fs, path = resolve(where)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # Output folders bound to settings
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""generate's driver saves a file's rows as parts while the file is under way (``generate_outputs``): what it
+holds stays bounded, a stopped run keeps the rows that are back, a rerun generates only the rest, and the output
+assembled from parts equals one written whole. The pool here is a stand-in that runs chunks on the driver (rows
+come back out of order, as from several actors); the engine's side is test_generate's."""
+
+from dataclasses import asdict, replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vocabtrim import generate, storage
+from vocabtrim.errors import UserError
+from vocabtrim.generate import GenerateConfig, run_pool
+from vocabtrim.generate_outputs import ChunkStats, find_parts, is_complete, output_path, parts_folder, read_file_stats
+from vocabtrim.prompts import inspect_prompt_files
+
+ROWS = 100
+
+
+class Pool:
+    """Takes ``window`` chunks at a time and hands their results back last first; raises KeyboardInterrupt (Ctrl-C)
+    instead of taking chunk number ``stop_at`` (0-based). ``keys``: every row key it was given."""
+
+    def __init__(self, window: int = 3, stop_at: int | None = None):
+        self.window, self.stop_at, self.keys, self.taken = window, stop_at, [], 0
+
+    def run(self, items, on_result, describe):
+        items = iter(items)
+        while True:
+            batch = []
+            for item in items:
+                if self.taken == self.stop_at:
+                    raise KeyboardInterrupt
+                self.taken += 1
+                batch.append(item)
+                if len(batch) == self.window:
+                    break
+            if not batch:
+                return
+            for item in reversed(batch):
+                on_result(item, result(item[1].keys))
+                self.keys.extend(item[1].keys)
+
+
+def result(keys: list[str]) -> dict:
+    """A chunk's result whose every value follows from its row keys."""
+    n = len(keys)
+    columns = {"completion": [f"completion of {k}" for k in keys], "completion_tokens": [len(k) for k in keys],
+               "draft_proposed": [3] * n, "draft_accepted": [k.count("1") for k in keys], "finish_reason": ["length"] * n,
+               "error": [None] * n}
+    return {"columns": columns, "stats": asdict(ChunkStats(accepted_hist=[n, 1], target_passes=n, engine_seconds=0.5))}
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A file with int64 ids and one without ids (stable ids), in a subfolder."""
+    root = tmp_path / "prompts"
+    (root / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"id": pa.array(range(1000, 1000 + ROWS), pa.int64()), "prompt": [f"p{i}" for i in range(ROWS)]}),
+                   root / "a.parquet", row_group_size=30)
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(37)]}), root / "sub" / "b.parquet")
+    return inspect_prompt_files([str(root)], "prompt", "id")
+
+
+def config(out, **kw) -> GenerateConfig:
+    return GenerateConfig(target="unused", prompts=["unused"], out=str(out), rows_per_task=7, progress=False, **kw)
+
+
+def run(pool, files, cfg, saved=None):
+    run_pool(pool, files, cfg, cfg.out, lambda rows, tokens: None, saved=saved)
+
+
+def outputs(out, files):
+    return {f.name: pq.read_table(output_path(str(out), f)) for f in files}
+
+
+@pytest.fixture
+def whole(files, tmp_path):
+    """The outputs written whole: no part saved (rows held until their file is done)."""
+    out = tmp_path / "whole"
+    run(Pool(), files, config(out, part_rows=10**9, part_seconds=1e9))
+    assert not (out / ".parts").exists()
+    return outputs(out, files)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_parts_bound_what_the_driver_holds_and_the_output_equals_one_written_whole(files, whole, tmp_path, monkeypatch,
+                                                                                   s3, where):
+    out = str(tmp_path / "out") if where == "local" else f"{s3.bucket()}/out"
+    saved, save = [], generate.save_part
+    monkeypatch.setattr(generate, "save_part", lambda *a: saved.append(save(*a)) or saved[-1])
+    run(Pool(), files, config(out, part_rows=20))
+    # a part is saved once 20 rows are held: at most 26 then (chunks of 7); a part holds consecutive rows only
+    a = [p for p in saved if "/a.parquet/" in p.path]
+    assert len(a) >= 4 and all(0 < p.stop - p.start <= 26 for p in a)
+    for f in files:
+        got = pq.read_table(storage.open_input_file(output_path(out, f)))
+        assert got.equals(whole[f.name])  # rows in order, ids as they came, same values and types
+        stats = read_file_stats(output_path(out, f))
+        assert stats["rows"] == f.num_rows and stats["target_passes"] == f.num_rows  # parts' statistics summed
+        assert stats["accepted_hist"][0] == f.num_rows
+        assert stats["generated_tokens"] == sum(whole[f.name].column("completion_tokens").to_pylist())
+        assert is_complete(out, f)
+    assert storage.walk_files(storage.join(out, ".parts")) == []  # deleted once the output is written
+
+
+def test_parts_are_also_saved_by_the_clock(files, whole, tmp_path):
+    out = tmp_path / "out"
+    pool = Pool(window=1)
+    run(pool, files[:1], config(out, part_seconds=0.0))  # every chunk back is due at once
+    assert outputs(out, files[:1])["a.parquet"].equals(whole["a.parquet"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stopped_run_keeps_its_rows_and_the_rerun_generates_only_the_rest(files, whole, tmp_path, s3, where):
+    out = str(tmp_path / "out") if where == "local" else f"{s3.bucket()}/out"
+    cfg = config(out, part_rows=20)
+    generate.prepare_out(out, {"seed": 1}, files)
+    first = Pool(stop_at=11)  # Ctrl-C with a.parquet's chunks 9 and 10 out, and rows back but not saved yet
+    with pytest.raises(KeyboardInterrupt):
+        run(first, files, cfg)
+    assert not any(is_complete(out, f) for f in files)
+    parts = find_parts(out, files)
+    kept = sorted(r for p in parts["a.parquet"] for r in range(p.start, p.stop))
+    assert kept == list(range(len(first.keys)))  # every row that was back, held ones included, and no other
+    with pytest.raises(UserError, match="holds outputs made with other settings"):  # saved rows bind the settings
+        generate.prepare_out(out, {"seed": 2}, files)
+
+    second = Pool()
+    run(second, files, replace(cfg, part_rows=15, rows_per_task=5), saved=parts)  # other chunk sizes: rows still once
+    assert sorted(first.keys + second.keys) == sorted([str(i) for i in range(1000, 1000 + ROWS)] +
+                                                      [f"sub/b.parquet:{i}" for i in range(37)])
+    for f in files:
+        assert pq.read_table(storage.open_input_file(output_path(out, f))).equals(whole[f.name])
+        assert read_file_stats(output_path(out, f))["target_passes"] == f.num_rows
+    assert storage.walk_files(storage.join(out, ".parts")) == []
+
+
+def test_a_run_stopped_while_it_writes_an_output_leaves_the_file_saved_for_the_rerun(files, whole, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = config(out, part_rows=20)
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "write_output", stopped)  # Ctrl-C as a.parquet's output is written
+        with pytest.raises(KeyboardInterrupt):
+            run(Pool(), files, cfg)
+    parts = find_parts(str(out), files)
+    assert parts["a.parquet"][-1].stop == ROWS and "sub/b.parquet" not in parts
+    second = Pool()
+    run(second, files, cfg, saved=parts)
+    assert sorted(second.keys) == sorted(f"sub/b.parquet:{i}" for i in range(37))  # a.parquet written from its parts alone
+    assert outputs(out, files) == whole
+
+
+def test_parts_of_another_version_of_the_input_or_that_overlap_are_refused(files, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(Pool(stop_at=5), files, config(out, part_rows=10))
+    changed = [replace(files[0], footer_sha256="0" * 64)]
+    with pytest.raises(UserError, match=r"\.parts/a\.parquet holds rows generated from another version of .*a\.parquet "
+                                        r"\(its Parquet footer changed since\): use a new --out, or delete that folder"):
+        find_parts(str(out), changed)
+    folder = parts_folder(str(out), "a.parquet")
+    first = sorted(p.name for p in (tmp_path / "out" / ".parts" / "a.parquet").iterdir())[0]
+    start, rest = first.split("-", 1)
+    (tmp_path / "out" / ".parts" / "a.parquet" / f"{int(start) + 1:012d}-{rest}").write_bytes(
+        (tmp_path / "out" / ".parts" / "a.parquet" / first).read_bytes())
+    with pytest.raises(UserError, match=f"overlaps another part or runs past the rows of .*: delete {folder}"):
+        find_parts(str(out), files)
