@@ -443,27 +443,27 @@ def test_an_output_of_any_extension_binds_the_settings(tmp_path):
 
 
 def test_an_output_that_cannot_be_read_is_the_users_unless_the_network_dropped(tmp_path, monkeypatch):
-    """is_complete on an existing output: garbage is refused in one line (delete it and rerun); an object store's
+    """finished on an existing output: garbage is refused in one line (delete it and rerun); an object store's
     dropped connection keeps its type, so a good output is never called unreadable."""
     from vocabtrim import storage
-    from vocabtrim.generate_outputs import is_complete
+    from vocabtrim.generate_outputs import finished
     from vocabtrim.prompts import inspect_prompt_files
 
     pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "p.parquet")
     (file,) = inspect_prompt_files([str(tmp_path / "p.parquet")], "prompt", None)
     out = tmp_path / "out"
     out.mkdir()
-    assert not is_complete(str(out), file)
+    assert finished(str(out), file) is None
     (out / "p.parquet").write_bytes(b"PAR1 garbage")
     with pytest.raises(UserError, match=r"p\.parquet is not a readable output \(.*\): delete it and rerun"):
-        is_complete(str(out), file)
+        finished(str(out), file)
 
     def dropped(where):
         raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset by peer")
 
     monkeypatch.setattr(storage, "open_input_file", dropped)
     with pytest.raises(OSError, match="connection reset") as raised:
-        is_complete(str(out), file)
+        finished(str(out), file)
     assert not isinstance(raised.value, UserError)
 
 

@@ -12,7 +12,7 @@ import pytest
 from vocabtrim import generate, storage
 from vocabtrim.errors import UserError
 from vocabtrim.generate import GenerateConfig, run_pool
-from vocabtrim.generate_outputs import ChunkStats, find_parts, is_complete, output_path, parts_folder, read_file_stats
+from vocabtrim.generate_outputs import ChunkStats, find_parts, finished, output_path, parts_folder, read_file_stats
 from vocabtrim.prompts import inspect_prompt_files
 
 ROWS = 100
@@ -101,7 +101,7 @@ def test_parts_bound_what_the_driver_holds_and_the_output_equals_one_written_who
         assert stats["rows"] == f.num_rows and stats["target_passes"] == f.num_rows  # parts' statistics summed
         assert stats["accepted_hist"][0] == f.num_rows
         assert stats["generated_tokens"] == sum(whole[f.name].column("completion_tokens").to_pylist())
-        assert is_complete(out, f)
+        assert finished(out, f)
     assert storage.walk_files(storage.join(out, ".parts")) == []  # deleted once the output is written
 
 
@@ -120,7 +120,7 @@ def test_a_stopped_run_keeps_its_rows_and_the_rerun_generates_only_the_rest(file
     first = Pool(stop_at=11)  # Ctrl-C with a.parquet's chunks 9 and 10 out, and rows back but not saved yet
     with pytest.raises(KeyboardInterrupt):
         run(first, files, cfg)
-    assert not any(is_complete(out, f) for f in files)
+    assert not any(finished(out, f) for f in files)
     parts = find_parts(out, files)
     kept = sorted(r for p in parts["a.parquet"] for r in range(p.start, p.stop))
     assert kept == list(range(len(first.keys)))  # every row that was back, held ones included, and no other

@@ -364,3 +364,30 @@ def test_a_manifest_of_another_kind_names_the_command_that_writes_the_right_one(
     with pytest.raises(UserError, match=rf"^{tmp_path}/manifest.json is not a calibration manifest: pass a folder written by "
                                         r"`vocabtrim calibrate`$"):
         histogram.read_manifest(str(tmp_path))
+
+
+def test_each_runs_reads_at_once_and_keeps_the_items_order():
+    """storage.each: calls overlap (four calls meet at a barrier that one at a time would never pass), results come
+    in the items' order, and the exception raised is the first failing item's, not the first to fail."""
+    import threading
+    import time as _time
+
+    meet = threading.Barrier(4, timeout=10)
+
+    def read(i):
+        meet.wait()
+        return i * i
+
+    assert storage.each(read, range(4), threads=4) == [0, 1, 4, 9]
+
+    def failing(i):
+        if i == 1:
+            _time.sleep(0.3)
+            raise ValueError("item 1")
+        if i == 3:
+            raise KeyError("item 3")  # fails first
+        return i
+
+    with pytest.raises(ValueError, match="item 1"):
+        storage.each(failing, range(4), threads=4)
+    assert storage.each(lambda i: -i, [5], threads=4) == [-5] and storage.each(str, [], threads=4) == []

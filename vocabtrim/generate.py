@@ -53,10 +53,9 @@ from vocabtrim.generate_outputs import (
     Part,
     add_lists,
     find_parts,
-    is_complete,
+    finished,
     output_path,
     output_schema,
-    read_file_stats,
     remove_parts,
     result_table,
     save_part,
@@ -650,14 +649,16 @@ def _unsaved(chunk: PromptChunk, parts: list[Part]):
         yield chunk.rows(start, stop)
 
 
-def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, wrap_strings: bool = False,
+def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written=lambda file, stats: None,
+             wrap_strings: bool = False,
              saved: dict[str, list[Part]] | None = None) -> None:
     """Feed every row of ``files`` that no part in ``saved`` holds to the actor ``pool`` (``IN_FLIGHT`` chunks per
     actor); write each file when all its rows are back: a file whose rows cannot all be generated is never
     written. Rows that are back are saved as parts (``generate_outputs``) every ``cfg.part_rows`` rows or
     ``cfg.part_seconds`` seconds, and when the run stops early (Ctrl-C, SIGTERM, a chunk that failed every retry).
 
-    ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back.
+    ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)``
+    after each output is written, with its statistics.
     ``wrap_strings``: string prompts go to the actors as one user message each.
     """
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
@@ -670,10 +671,11 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
             schema = output_schema(id_name, st.file.id_type)
             segments = sorted([*((p.start, p) for p in st.parts), *((s, (t, c)) for s, t, c in _held_runs(st, schema))],
                               key=lambda s: s[0])
-            write_output(out, st.file, id_name, [s for _, s in segments])
+            file_stats = write_output(out, st.file, id_name, [s for _, s in segments])
             if st.parts:
                 remove_parts(out, st.file.name)
             del states[index]
+            on_written(st.file, file_stats)
 
     def items():
         """(file index, chunk) for the pool; a file's end is marked as soon as its last chunk is out."""
@@ -815,12 +817,10 @@ def _generate(cfg: GenerateConfig) -> dict:
     settings = settings_of(cfg, fingerprint, head_sha256, template, sorted(extra))
     prepare_out(out, settings, files)
     saved = find_parts(out, files)
-    todo = []
-    for f in files:
-        if not is_complete(out, f):
-            todo.append(f)
-        elif f.name in saved:  # written by a run stopped before it deleted the file's parts
-            remove_parts(out, f.name)
+    stats = dict(zip((f.name for f in files), storage.each(lambda f: finished(out, f), files)))  # name -> stats or None
+    todo = [f for f in files if stats[f.name] is None]
+    for name in saved.keys() - {f.name for f in todo}:  # written by a run stopped before it deleted the file's parts
+        remove_parts(out, name)
     saved_rows = sum(p.stop - p.start for f in todo for p in saved.get(f.name, []))
 
     generated_tokens = 0
@@ -836,7 +836,8 @@ def _generate(cfg: GenerateConfig) -> dict:
             bar.update(rows, tokens)
 
         try:
-            run_pool(pool, todo, cfg, out, on_rows, wrap_strings, saved)
+            run_pool(pool, todo, cfg, out, on_rows, lambda file, file_stats: stats.update({file.name: file_stats}),
+                     wrap_strings, saved)
         except RunFailed as exc:
             raise RunFailed(f"{exc}; what is generated is saved in {storage.display(out)}: rerun the same command to resume") from exc
         finally:
@@ -858,7 +859,7 @@ def _generate(cfg: GenerateConfig) -> dict:
         "head": storage.display(cfg.head) if cfg.head else None,
         "engine": cfg.engine,
     }
-    summary = summarize([read_file_stats(output_path(out, f)) for f in files], settings, run)
+    summary = summarize([stats[f.name] for f in files], settings, run)
     _write_json(storage.join(out, SUMMARY_FILE), summary)
     return summary
 

@@ -117,17 +117,18 @@ def output_path(out: str, file: PromptFile) -> str:
     return storage.join(out, file.name)
 
 
-def is_complete(out: str, file: PromptFile) -> bool:
-    """An output exists under its final name only once fully written; it must come from this input file as it
-    is now: its row count, and the input's footer (``footer_sha256``; outputs written before it was recorded are
-    checked by their row count alone)."""
+def finished(out: str, file: PromptFile) -> dict | None:
+    """The statistics of ``file``'s output (``write_output``'s), or None while it has none. An output exists under
+    its final name only once fully written; it must come from this input file as it is now: its row count, and the
+    input's footer (``footer_sha256``; outputs written before it was recorded are checked by their row count
+    alone). One read of the output's footer."""
     path = output_path(out, file)
     shown = storage.display(path)
     try:
         with storage.open_input_file(path) as f:
             meta = pq.read_metadata(f)
     except FileNotFoundError:
-        return False
+        return None
     except (pa.ArrowInvalid, OSError) as exc:
         user_error_unless_fault(exc, f"{shown} is not a readable output ({first_line(exc)}): delete it and rerun")
     if meta.num_rows != file.num_rows:
@@ -142,14 +143,17 @@ def is_complete(out: str, file: PromptFile) -> bool:
     if made_from and file.footer_sha256 and made_from != file.footer_sha256:
         raise UserError(f"{shown} was generated from another version of {storage.display(file.path)} (its Parquet footer "
                         "changed since): use a new --out, or delete that output to generate it again")
-    return True
+    return _stats(path, meta.metadata)
 
 
 def read_file_stats(path: str) -> dict:
     """The statistics an output holds in its footer (``write_output``'s return value)."""
     with storage.open_input_file(path) as f:
-        meta = pq.read_metadata(f).metadata or {}
-    if STATS_KEY not in meta:
+        return _stats(path, pq.read_metadata(f).metadata)
+
+
+def _stats(path: str, meta: dict | None) -> dict:
+    if STATS_KEY not in (meta or {}):
         raise UserError(f"{storage.display(path)} was not written by vocabtrim generate: use a new --out")
     return json.loads(meta[STATS_KEY])
 

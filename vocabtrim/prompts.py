@@ -192,8 +192,9 @@ def _check_unique_ids(path: str, id_column: str) -> None:
 
 
 def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:
-    """All input files, each checked (see ``check_prompt_file``): the up-front validation of ``--prompts``."""
-    return [check_prompt_file(p, n, prompt_column, id_column) for p, n in find_prompt_files(paths)]
+    """All input files, each checked (see ``check_prompt_file``; several at once): the up-front validation of
+    ``--prompts``. The first file in order that fails is the one refused."""
+    return storage.each(lambda pair: check_prompt_file(*pair, prompt_column, id_column), find_prompt_files(paths))
 
 
 def stable_id(name: str, row: int) -> str:

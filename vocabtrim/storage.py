@@ -273,6 +273,24 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
 # ---------------------------------------------------------------------------------------------
 
 
+IO_THREADS = 16  # reads of many small objects at once (each a store round trip, mostly waiting)
+
+
+def each(fn: Callable, items: list, threads: int = IO_THREADS) -> list:
+    """``[fn(x) for x in items]`` with up to ``threads`` calls at once, for reads whose time is round trips.
+    Results come in the items' order, and so does the exception raised: the first item's that failed."""
+    items = list(items)
+    if len(items) < 2 or threads < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="vocabtrim-io")
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def open_input_file(where: str):
     """A random-access pyarrow file (for ``pq.ParquetFile``, Arrow IPC readers, ranged reads)."""
     fs, path = resolve(where)
