@@ -4,6 +4,7 @@ cell recorded without stopping the sweep, and a rerun that reuses finished cells
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -330,6 +331,13 @@ def test_a_sweep_of_an_eagle3_drafter(ray_local, config, tmp_path, capsys):
         assert got == alone, cell
     assert rows["target-k16"]["param_ratio"] < rows["full"]["param_ratio"]
     assert 0 < rows["target-k16"]["eval_coverage"] <= rows["target-k64"]["eval_coverage"] <= 1
+    from vocabtrim.models import load_tokenizer  # eval_coverage: the share of the target's completion tokens kept
+
+    tok = load_tokenizer(cfg.target)
+    ids = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] for t in alone if t])
+    for cell in ("target-k16", "target-k64"):
+        kept = e3.load_eagle3(heads / cell).token_ids.numpy()
+        assert rows[cell]["eval_coverage"] == pytest.approx(np.isin(ids, kept).mean(), abs=1e-12), cell
     # A rerun reuses every finished cell and its re-trimmed folder.
     again = {r["cell"]: r for r in run_sweep(cfg)["rows"]}
     assert all(r["status"] == "ok" for r in again.values()) and again["target-k16"]["tokens_per_second"] == rows["target-k16"]["tokens_per_second"]

@@ -317,9 +317,14 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     if not cells or not storage.is_file(storage.join(target_out, "summary.json")):
         return {}
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
-    texts = [t for f in _outputs(target_out) for t in _completions(f) if t]
-    ids = np.concatenate([np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=np.int64) for t in texts] or [np.zeros(0, np.int64)])
-    if ids.size == 0:
+    counts = np.zeros(len(tokenizer), np.int64)  # [vocabulary]: occurrences of each id, summed file by file
+    for f in _outputs(target_out):
+        for text in _completions(f):
+            if text:
+                ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+                counts += np.bincount(ids, minlength=counts.size)  # ids < len(tokenizer)
+    total = int(counts.sum())
+    if total == 0:
         return {}
     shares = {}
     for cell in cells:
@@ -328,7 +333,7 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
             kept = np.flatnonzero(load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["t2d"].numpy())
         else:
             kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"].numpy()
-        shares[cell.name] = float(np.isin(ids, kept).mean())
+        shares[cell.name] = float(counts[np.unique(kept)].sum() / total)
     return shares
 
 
@@ -342,8 +347,10 @@ def add_eval_coverage(cfg: SweepConfig, out: str, rows: list[dict]) -> None:
 
 
 def _outputs(folder: str) -> list[str]:
-    """The Parquet outputs of a generate folder (its finished files, not hidden ones), sorted."""
-    return [p for p in storage.walk_files(folder) if storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".")]
+    """The Parquet outputs of a generate folder (its finished files; not hidden ones, nor the parts of a file under
+    way in ``.parts/``), sorted."""
+    return [p for p in storage.walk_files(folder)
+            if storage.name(p).endswith(".parquet") and not storage.hidden(storage.relative(p, folder))]
 
 
 def _completions(where: str) -> list:
