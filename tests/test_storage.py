@@ -174,6 +174,11 @@ def test_a_killed_runs_staged_upload_is_removed_from_a_store_once_it_is_stale(s3
     monkeypatch.setattr(storage, "STAGED_STALE_S", 0.0)
     storage.claim(root, **claim)
     assert not storage.exists(staged) and all(storage.exists(w) for w in kept)
+    below = kept.pop()  # a folder below: removed where its folder is named (generate's outputs in subfolders)
+    storage.remove_temporaries_below(root, set())
+    assert storage.exists(below)
+    storage.remove_temporaries_below(root, {storage.join(root, "sub")})
+    assert not storage.exists(below) and all(storage.exists(w) for w in kept)
 
 
 def test_local_spellings(tmp_path, monkeypatch):

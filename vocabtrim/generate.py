@@ -322,8 +322,7 @@ def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
                   stray=lambda name: name.endswith(".parquet") or name == "manifest.json",  # another command's output
                   later=LATER_SETTINGS)
-    for folder in {storage.parent(output_path(out, f)) for f in files if "/" in f.name}:  # outputs in subfolders (claim did out)
-        storage.remove_temporaries(folder)
+    storage.remove_temporaries_below(out, {storage.parent(output_path(out, f)) for f in files if "/" in f.name})  # claim did out
 
 
 # ---------------------------------------------------------------------------------------------

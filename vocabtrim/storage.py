@@ -644,14 +644,25 @@ def remove_temporaries(where: str) -> None:
                 os.unlink(os.path.join(folder, n))
 
 
-def _remove_stale_staged(folder: str) -> None:
-    """``remove_temporaries`` on an object store: one listing of ``folder`` (not below it); best effort, and
-    nothing whose age the store does not tell."""
+def remove_temporaries_below(where: str, folders: set[str]) -> None:
+    """``remove_temporaries`` in each of ``folders``, folders below ``where``: on an object store one recursive
+    listing of ``where`` (one listing per folder would be a round trip each), removing stale staged uploads
+    anywhere below it."""
+    if is_local(where):
+        for folder in folders:
+            remove_temporaries(folder)
+    elif folders:
+        _remove_stale_staged(where, recursive=True)
+
+
+def _remove_stale_staged(folder: str, recursive: bool = False) -> None:
+    """``remove_temporaries`` on an object store: one listing of ``folder`` (below it too where ``recursive``);
+    best effort, and nothing whose age the store does not tell."""
     import pyarrow.fs as pafs
 
     fs, root = resolve(folder)
     with contextlib.suppress(OSError):
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
         oldest = time.time_ns() - int(STAGED_STALE_S * 1e9)
         for info in infos:
             if info.type == pafs.FileType.File and STAGED_OBJECT.match(info.base_name) and 0 < (info.mtime_ns or 0) <= oldest:
