@@ -903,11 +903,18 @@ def test_train_drafter_lowers_its_loss_writes_a_loadable_checkpoint_and_resumes(
     assert json.loads((out / "manifest.json").read_text())["history"] == m3["history"]
 
 
-def test_a_training_stopped_within_an_epoch_goes_on_from_its_checkpoint_as_if_never_stopped(tiny, tmp_path):
+@pytest.mark.parametrize("windowed, batch_size, stop", [(False, 4, 4), (True, 3, 6)], ids=["one-shuffle", "windows"])
+def test_a_training_stopped_within_an_epoch_goes_on_from_its_checkpoint_as_if_never_stopped(tiny, tmp_path, windowed, batch_size, stop):
     """Within an epoch the trainer writes its resume state every --checkpoint-minutes (the drafter's own files at epoch
     ends only). A trainer stopped mid-epoch and started again from that state ends the epoch with the weights and the
-    epoch's figures of one never stopped; a batch trained after the last checkpoint is lost and trained again."""
+    epoch's figures of one never stopped; a batch trained after the last checkpoint is lost and trained again.
+    ``windowed``: --shuffle-gb of about one shard, so the epoch is shuffled window by window; the checkpoint lies past
+    the first window (batches of 3 rows: not at a window's end), which the restarted trainer does not read. The restarted
+    trainer's --shuffle-gb (the other case's) applies from the next epoch: the stopped epoch goes on with the budget it began
+    with, and a state from before the budget (none recorded) with one shuffle of every row."""
     import dataclasses
+
+    import numpy as np
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -925,10 +932,21 @@ def test_a_training_stopped_within_an_epoch_goes_on_from_its_checkpoint_as_if_ne
     for name in ("whole", "stopped"):
         ledger = train.FeatureLedger(str(tmp_path / name / "features"))
         assert all(ledger.record(f) for f in features)
+    ids = [s.shard_id for s in shards]
+    layout = [ledger.layout(sid) for sid in ids]
+    budget = max(size for size, _ in layout) if windowed else int(8e9)
+    windows = train.epoch_windows(ids, [size for size, _ in layout], budget, np.random.default_rng(0))  # epoch 0's, seed 0
+    rows = dict(zip(ids, (n for _, n in layout)))
+    if windowed:  # the first window ends within a batch, wholly before the checkpoint; the second holds the checkpoint
+        first, second = (sum(rows[sid] for sid in w) for w in windows[:2])
+        assert len(windows) > 2 and first % batch_size and first < stop * batch_size < first + second
+    else:
+        assert len(windows) == 1
 
-    def trainer(name, minutes):
+    def trainer(name, minutes, budget=budget):
         cfg = train.TrainConfig(target=tiny["target_dir"], corpus=[str(tmp_path / "c.parquet")], histogram=None, top_k=None,
-                                out=str(tmp_path / name), batch_size=4, ttt_length=2, learning_rate=3e-3, checkpoint_minutes=minutes)
+                                out=str(tmp_path / name), batch_size=batch_size, ttt_length=2, learning_rate=3e-3,
+                                checkpoint_minutes=minutes, shuffle_gb=budget / 1e9)
         t = train.DrafterTrainer(dataclasses.asdict(cfg), tiny["draft_ids"], layers, [s.shard_id for s in shards], [], 1)
         t.pid()
         return t
@@ -939,29 +957,215 @@ def test_a_training_stopped_within_an_epoch_goes_on_from_its_checkpoint_as_if_ne
         while not whole.train_steps(2)["done"]:
             pass
         reference = whole.end_epoch()
+        assert steps == -(-sum(rows.values()) // batch_size)
         stopped = trainer("stopped", 1e-9)  # a checkpoint after every call
         assert stopped.begin_epoch() == steps >= 8
-        assert [stopped.train_steps(2)["cursor"] for _ in range(2)] == [2, 4]
+        assert [stopped.train_steps(2)["cursor"] for _ in range(stop // 2)] == list(range(2, stop + 1, 2))
         state = torch.load(tmp_path / "stopped" / train.STATE_FILE, weights_only=True)
-        assert json.loads(state["within_epoch"])["cursor"] == 4 and int(state["epoch"]) == 0
+        assert json.loads(state["within_epoch"])["cursor"] == stop and int(state["epoch"]) == 0
         assert not (tmp_path / "stopped" / e3.WEIGHTS_FILE).exists()  # no drafter before an epoch ends
         stopped.cfg = dataclasses.replace(stopped.cfg, checkpoint_minutes=0)
-        assert stopped.train_steps(1)["cursor"] == 5  # past the last checkpoint: lost when the trainer stops now
+        assert stopped.train_steps(1)["cursor"] == stop + 1  # past the last checkpoint: lost when the trainer stops now
         del stopped
-        again = trainer("stopped", 0)
+        if not windowed:  # as a state written before --shuffle-gb: no budget recorded
+            state = torch.load(tmp_path / "stopped" / train.STATE_FILE, weights_only=True)
+            position = json.loads(state["within_epoch"])
+            assert position.pop("shuffle_bytes") == budget
+            torch.save({**state, "within_epoch": json.dumps(position)}, tmp_path / "stopped" / train.STATE_FILE)
+        again = trainer("stopped", 0, int(8e9) if windowed else min(size for size, _ in layout))
+        read, reads = again.ledger.read, []
+        again.ledger.read = lambda sid: reads.append(sid) or read(sid)
         assert again.begin_epoch() == steps
-        assert again.train_steps(1)["cursor"] == 5
+        assert again.train_steps(1)["cursor"] == stop + 1
         while not again.train_steps(2)["done"]:
             pass
         record = again.end_epoch()
     finally:
         torch.set_num_threads(threads)
+    assert reads == ([sid for w in windows[1:] for sid in w] if windowed else ids)  # the first window's not read again
     for key in ("steps", "loss", "first_loss", "last_loss", "train_acceptance"):
         assert record[key] == pytest.approx(reference[key], rel=1e-5), key
     for (name, a), b in zip(whole.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     state = torch.load(tmp_path / "stopped" / train.STATE_FILE, weights_only=True)
     assert "within_epoch" not in state and int(state["epoch"]) == 1 and (tmp_path / "stopped" / e3.WEIGHTS_FILE).exists()
+
+
+def _synthetic_features(folder, rows_per_shard: list[int], draft_ids: list[int], hidden: int, first: int = 0) -> list[str]:
+    """A feature ledger in ``folder``, one shard per entry of ``rows_per_shard`` (ids ``s{first + i:03d}``): row r of
+    shard i is 3 to 6 tokens starting (first + i, r), its features random of width ``hidden``, its greedy tokens drawn
+    from ``draft_ids``, every token a loss token. Returns the shard ids."""
+    from vocabtrim import train
+
+    g = torch.Generator().manual_seed(first)
+    ledger = train.FeatureLedger(str(folder))
+    shard_ids = []
+    for i, n in enumerate(rows_per_shard):
+        lengths = torch.randint(3, 7, (n,), generator=g)
+        N = int(lengths.sum())
+        starts = torch.cumsum(lengths, 0) - lengths
+        input_ids = torch.randint(0, 64, (N,), generator=g)
+        input_ids[starts], input_ids[starts + 1] = first + i, torch.arange(n)
+        tensors = {"input_ids": input_ids, "row_lengths": lengths, "loss_mask": torch.ones(N, dtype=torch.uint8),
+                   "aux": torch.randn(N, 3 * hidden, generator=g).bfloat16(), "final": torch.randn(N, hidden, generator=g).bfloat16(),
+                   "target_next": torch.tensor(draft_ids)[torch.randint(0, len(draft_ids), (N,), generator=g)]}
+        shard_ids.append(f"s{first + i:03d}")
+        assert ledger.record(train.FeatureShard(shard_ids[-1], "synthetic", n, N, tensors))
+    return shard_ids
+
+
+@pytest.fixture
+def keep_threads():
+    """The trainer sets torch's thread count: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(tiny, out, train_ids, eval_ids, **kw):
+    """A ``DrafterTrainer`` of the tiny target on the features in ``out``/features (batches of 4 rows, 2 TTT steps)."""
+    import dataclasses
+
+    from vocabtrim import train
+
+    cfg = train.TrainConfig(target=tiny["target_dir"], corpus=["unused.txt"], histogram=None, top_k=None, out=str(out), batch_size=4,
+                            ttt_length=2, checkpoint_minutes=0, **kw)
+    t = train.DrafterTrainer(dataclasses.asdict(cfg), tiny["draft_ids"], e3.default_feature_layers(4), train_ids, eval_ids, 1)
+    t.pid()
+    return t
+
+
+class _Resident:
+    """A spy on a ledger's ``read``: at each read, the bytes of the tensors read so far that are still alive (the
+    new shard's included: ``bytes``) and how many shards they belong to (``shards``); ``reads``: the shard ids read."""
+
+    def __init__(self, ledger):
+        import weakref
+
+        self._finalize, self._real, self._live = weakref.finalize, ledger.read, {}
+        self.reads, self.bytes, self.shards = [], [], []
+        ledger.read = self.read
+
+    def read(self, shard_id):
+        tensors = self._real(shard_id)
+        for name, t in tensors.items():
+            key = (len(self.reads), name)
+            self._live[key] = t.nbytes
+            # A row (split_rows) is a view, which keeps its root tensor alive (safetensors' are views of their own).
+            self._finalize(t if t._base is None else t._base, self._live.pop, key, None)
+        self.reads.append(shard_id)
+        self.bytes.append(sum(self._live.values()))
+        self.shards.append(len({k[0] for k in self._live}))
+        return tensors
+
+
+def _seen_batches(monkeypatch) -> list:
+    """A spy on ``train.pad_rows``: the batches it pads, each a list of rows (the (shard, row) pair each starts with)."""
+    from vocabtrim import train
+
+    seen, pad_rows = [], train.pad_rows
+
+    def spy(rows, device=None):
+        seen.append([tuple(r["input_ids"][:2].tolist()) for r in rows])
+        return pad_rows(rows, device)
+
+    monkeypatch.setattr(train, "pad_rows", spy)
+    return seen
+
+
+def _old_batches(ledger, shard_ids, rng, batch_size):
+    """The batches as ``DrafterTrainer._batches`` made them before --shuffle-gb: every row read, one permutation."""
+    import numpy as np
+
+    from vocabtrim import train
+
+    rows = []
+    for sid in shard_ids:
+        rows.extend(train.split_rows(ledger.read(sid)))
+    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+    return [[rows[i] for i in order[k : k + batch_size]] for k in range(0, len(rows), batch_size)]
+
+
+def test_training_beyond_shuffle_gb_holds_a_window_of_shards_and_sees_every_row_once(tiny, tmp_path, monkeypatch, keep_threads):
+    """Features over --shuffle-gb: the trainer holds at most the budget's bytes of features at once (measured: the
+    tensors read and still alive at each read), trains on every row exactly once per epoch in full batches (the
+    last fewer), shards in an order that differs from epoch to epoch and rows not in their shards' order; max_steps
+    cuts the same epoch."""
+    rows_per_shard = [5, 7, 3, 6, 9, 4, 2, 9]
+    ids = _synthetic_features(tmp_path / "o" / "features", rows_per_shard, tiny["draft_ids"], tiny["target"].config.hidden_size)
+    t = _trainer(tiny, tmp_path / "o", ids, [], shuffle_gb=1.0)
+    sizes = [t.ledger.layout(sid)[0] for sid in ids]
+    assert [t.ledger.layout(sid)[1] for sid in ids] == rows_per_shard
+    budget = 2 * max(sizes)
+    assert sum(sizes) > 2 * budget
+    t.cfg.shuffle_gb = budget / 1e9
+    spy = _Resident(t.ledger)
+    seen = _seen_batches(monkeypatch)
+    every = sorted((i, r) for i, n in enumerate(rows_per_shard) for r in range(n))
+    orders = []
+    for epoch in range(2):
+        del seen[:]
+        assert t.begin_epoch() == 12  # 45 rows in batches of 4
+        while not t.train_steps(5)["done"]:
+            pass
+        t.end_epoch()
+        assert [len(b) for b in seen] == [4] * 11 + [1]
+        order = [row for b in seen for row in b]
+        assert sorted(order) == every and order != every
+        orders.append(order)
+        assert sorted(spy.reads[-len(ids):]) == ids  # each shard read once an epoch
+        assert spy.reads[-len(ids):] != ids  # in a shuffled order
+    assert orders[0] != orders[1]
+    assert max(spy.bytes) <= budget and max(spy.shards) >= 2  # windows of two shards and more, never over the budget
+    assert _synthetic_features(tmp_path / "cut" / "features", rows_per_shard, tiny["draft_ids"], tiny["target"].config.hidden_size) == ids
+    cut = _trainer(tiny, tmp_path / "cut", ids, [], shuffle_gb=budget / 1e9, max_steps=5)  # epoch 0 again, the same features
+    del seen[:]
+    assert cut.begin_epoch() == 5
+    while not cut.train_steps(2)["done"]:
+        pass
+    assert [row for b in seen for row in b] == orders[0][:20]  # the uncut epoch's first 5 batches
+
+
+def test_features_within_shuffle_gb_give_the_batches_of_one_shuffle_and_held_out_figures_stream(tiny, tmp_path, monkeypatch, keep_threads):
+    """Within the default --shuffle-gb every epoch's batches are those of one shuffle of every row (the batches made
+    before the budget, row for row and tensor for tensor); the held-out shards are read one at a time (no two shards'
+    tensors alive at once) into the batches and figures of every held-out row read at once."""
+    import numpy as np
+
+    from vocabtrim import train
+
+    hidden = tiny["target"].config.hidden_size
+    ids = _synthetic_features(tmp_path / "o" / "features", [5, 7, 3, 6], tiny["draft_ids"], hidden)
+    eval_ids = _synthetic_features(tmp_path / "o" / "features", [3, 6, 5], tiny["draft_ids"], hidden, first=10)
+    t = _trainer(tiny, tmp_path / "o", ids, eval_ids, seed=5)
+    seen = _seen_batches(monkeypatch)
+    rows = {}
+    for sid in ids + eval_ids:
+        for r in train.split_rows(t.ledger.read(sid)):
+            rows[tuple(r["input_ids"][:2].tolist())] = r
+
+    def same(batches, old):
+        assert [len(b) for b in batches] == [len(b) for b in old]
+        for b, o in zip(batches, old):
+            for key, r in zip(b, o):
+                assert all(torch.equal(rows[key][k], r[k]) for k in r)
+
+    for epoch in range(2):
+        del seen[:]
+        assert t.begin_epoch() == 6
+        while not t.train_steps(4)["done"]:
+            pass
+        same(seen, _old_batches(t.ledger, ids, np.random.default_rng(5 + epoch), 4))
+        t.end_epoch()
+    spy = _Resident(t.ledger)
+    del seen[:]
+    figures = t.evaluate()
+    assert spy.reads == eval_ids and max(spy.shards) == 1
+    assert [len(b) for b in seen] == [4, 4, 4, 2]
+    same(seen, _old_batches(t.ledger, eval_ids, None, 4))
+    # evaluate's figures with the batches made as before the budget: the same
+    monkeypatch.setattr(train, "window_batches", lambda read, windows, batch_size: _old_batches(t.ledger, [w[0] for w in windows], None, batch_size))
+    assert t.evaluate() == figures and figures["held_out_tokens"] > 0
 
 
 def test_source_target_features_read_message_lists_through_the_chat_template(tiny, tmp_path):
@@ -1160,6 +1364,8 @@ def test_train_drafter_refuses_bad_input_in_one_line_before_any_work(tiny, tmp_p
     assert capsys.readouterr().err.endswith("error: --seed must be >= 0, got -1\n")
     assert cli([*base, "--histogram", good, "--top-k", "64", "--checkpoint-minutes", "-1"]) == 2
     assert capsys.readouterr().err.endswith("error: --checkpoint-minutes must be >= 0, got -1.0\n")
+    assert cli([*base, "--histogram", good, "--top-k", "64", "--shuffle-gb", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: --shuffle-gb must be > 0, got 0.0\n")
     assert cli([*base, "--init", tiny["target_dir"]]) == 2
     assert capsys.readouterr().err.endswith(f"error: --init {tiny['target_dir']} is not an EAGLE-3 drafter (no config.json naming an "
                                             "EAGLE-3 architecture): pass one (as SpecForge or train-drafter writes it), or "

@@ -17,6 +17,8 @@ Flow (``run_train``):
    held-out acceptance (step-0 greedy agreement with the target, and per TTT step). The drafter starts
    from ``--init``'s weights when given (``initial_drafter``), else from random weights with the target's
    head rows and final norm.
+   The training features are read as they are trained on: every row shuffled at once when they fit
+   ``--shuffle-gb``, else the shards in a shuffled order, in windows that fit, each window's rows shuffled.
 4. After every epoch: the drafter in SpecForge's layout (``DIR/config.json``, ``DIR/model.safetensors``,
    the target's tokenizer files) and ``DIR/train_state.pt`` (weights, optimizer, epoch; read back with
    ``torch.load(weights_only=True)``): a rerun with more ``--epochs`` resumes from the last epoch.
@@ -25,6 +27,7 @@ Flow (``run_train``):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -83,6 +86,7 @@ class TrainConfig:
     show_progress: bool = True
     max_steps: int | None = None  # Python-only: stop an epoch after this many steps (tests, quick runs)
     checkpoint_minutes: float = 10.0  # within an epoch, the resume state is written at most this often (0: at epoch ends only)
+    shuffle_gb: float = 8.0  # feature bytes (GB of 1e9) the trainer holds at once to shuffle; more features: shuffled window by window
     init: str | None = None  # an EAGLE-3 drafter (folder or the bundled name) to start from: fine-tuning
     init_from_target: bool = False  # a new drafter's layer starts as the target's layer that reads the highest feature layer
     fault_injection: str | None = None  # tests only: faults.injected_fault, at each training call
@@ -135,6 +139,29 @@ class FeatureLedger(Ledger):
             return load(storage.read_bytes(path))
         except Exception as exc:
             user_error_unless_fault(exc, f"feature file {storage.display(path)} is unreadable ({first_line(exc)}): delete it and rerun")
+
+    def layout(self, shard_id: str) -> tuple[int, int]:
+        """(bytes of its tensors, rows) of a recorded shard, from its safetensors header alone (``feature_layout``):
+        a ranged read of the file's start, not the features."""
+        path = self.path(shard_id)
+        try:
+            with storage.open_binary(path, buffer_size=64 << 10) as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= HEADER_LIMIT:
+                    raise ValueError(f"no safetensors header (its length reads {n})")
+                return feature_layout(json.loads(f.read(n)))
+        except Exception as exc:
+            user_error_unless_fault(exc, f"feature file {storage.display(path)} is unreadable ({first_line(exc)}): delete it and rerun")
+
+
+HEADER_LIMIT = 100 << 20  # the longest header safetensors reads
+
+
+def feature_layout(header: dict) -> tuple[int, int]:
+    """A feature file's safetensors header (its JSON: {name: {dtype, shape, data_offsets}, "__metadata__": ...})
+    → (bytes of its tensors: the end of the last one's data, rows: the length of ``row_lengths``)."""
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    return max(ends, default=0), int(header["row_lengths"]["shape"][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +289,76 @@ def split_rows(tensors: dict) -> list[dict]:
         out.append({k: tensors[k][start : start + n] for k in ("input_ids", "loss_mask", "aux", "final", "target_next")})
         start += n
     return out
+
+
+def shard_windows(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices 0..len(sizes)-1 cut into runs of consecutive indices whose ``sizes`` (bytes) sum to at most ``budget``,
+    each run as long as fits (a size over the budget is a run of its own)."""
+    windows: list[list[int]] = []
+    held = 0
+    for i, size in enumerate(sizes):
+        if windows and held + size <= budget:
+            windows[-1].append(i)
+            held += size
+        else:
+            windows.append([i])
+            held = size
+    return windows
+
+
+def epoch_windows(shard_ids: list[str], sizes: list[int], budget: int | None, rng) -> list[list[str]]:
+    """The groups of training shards an epoch reads one at a time, each shuffled as one (``window_batches``).
+    ``sizes``: each shard's bytes; ``budget``: the bytes held at once (None: no bound). Shards whose sizes sum to at
+    most ``budget`` are one group, in order, and ``rng`` is not drawn from: the epoch is one shuffle of every row.
+    Else the shards in ``rng.permutation`` order, cut into consecutive groups that fit (``shard_windows``)."""
+    if budget is None or sum(sizes) <= budget:
+        return [list(shard_ids)] if shard_ids else []
+    order = rng.permutation(len(shard_ids))
+    return [[shard_ids[order[i]] for i in w] for w in shard_windows([sizes[i] for i in order], budget)]
+
+
+def _own_row(row: dict) -> dict:
+    """A row (``split_rows``) with its own copy of each tensor: it keeps no shard's tensors alive."""
+    return {k: v.clone() for k, v in row.items()}
+
+
+def window_batches(read, windows: list[list[str]], batch_size: int, rng=None, start: int = 0, rows: dict | None = None):
+    """The batches of an epoch whose rows are read one window of shards at a time, from batch ``start`` on (a generator).
+
+    read: shard id → its tensors (``FeatureLedger.read``); windows: lists of shard ids, read in order.
+    Each window's rows (its shards' rows in order, ``split_rows``), put in ``rng.permutation`` order (as they are
+    with rng None), go after the window before's: batch k is rows [k * batch_size, (k + 1) * batch_size) of that
+    sequence, the last batch fewer. With one window: the batches of one shuffle of every row.
+    A window whose rows all lie before batch ``start`` is not read: ``rows`` ({shard id: rows}) gives its length,
+    and its permutation is drawn all the same (the later windows' stay those of an epoch begun at batch 0).
+    Each batch: a list of row dicts with their own tensors; at most one window's tensors are held, and the fewer than
+    ``batch_size`` rows carried from it to the next."""
+    skip = start * batch_size  # rows before batch ``start``
+    at = 0  # rows of the sequence before the current window
+    carry: list[dict] = []
+    for window in windows:
+        if at < skip:
+            n = sum(rows[sid] for sid in window)
+            if at + n <= skip:
+                if rng is not None:
+                    rng.permutation(n)
+                at += n
+                continue
+        got = []
+        for sid in window:
+            got.extend(split_rows(read(sid)))
+        if rng is not None:
+            got = [got[i] for i in rng.permutation(len(got))]
+        drop = max(0, skip - at)  # rows of this window before batch ``start``
+        at += len(got)
+        got = carry + got[drop:]
+        full = len(got) - len(got) % batch_size
+        for k in range(0, full, batch_size):
+            yield [_own_row(r) for r in got[k : k + batch_size]]
+        carry = [_own_row(r) for r in got[full:]]
+        got = None  # the window's tensors go before the next window's are read
+    if carry:
+        yield carry
 
 
 def pad_rows(rows: list[dict], device=None):
@@ -470,6 +567,7 @@ class DrafterTrainer(StartingActor):
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.learning_rate, weight_decay=0.0)
         self.ledger = FeatureLedger(storage.join(c.out, "features"))
         self.train_ids, self.eval_ids = train_ids, eval_ids
+        self._layouts: dict[str, tuple[int, int]] = {}  # shard id → (bytes, rows): FeatureLedger.layout, read once
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
@@ -498,25 +596,32 @@ class DrafterTrainer(StartingActor):
     def save(self) -> None:
         self._save()
 
-    def _batches(self, shard_ids: list[str], rng) -> "list[list[dict]]":
-        rows = []
-        for sid in shard_ids:
-            rows.extend(split_rows(self.ledger.read(sid)))
-        order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
-        bs = self.cfg.batch_size
-        return [[rows[i] for i in order[k : k + bs]] for k in range(0, len(rows), bs)]
+    def _layout(self, shard_ids: list[str]) -> list[tuple[int, int]]:
+        """(bytes, rows) of each shard (``FeatureLedger.layout``: its header, read once by this trainer, several at once)."""
+        missing = [sid for sid in shard_ids if sid not in self._layouts]
+        self._layouts.update(zip(missing, storage.each(self.ledger.layout, missing)))
+        return [self._layouts[sid] for sid in shard_ids]
 
     def begin_epoch(self) -> int:
-        """Shuffle this epoch's batches (seeded by the epoch); returns how many steps it has. A state saved within
-        this epoch (``train_steps``' checkpoints) goes on from its batch, with the epoch's figures so far."""
+        """Shuffle this epoch's batches (seeded by the epoch) within ``shuffle_gb`` of features at once
+        (``epoch_windows``, ``window_batches``: read as they are trained on); returns how many steps it has. A state
+        saved within this epoch (``train_steps``' checkpoints) goes on from its batch, with the epoch's figures so far
+        and the budget the epoch began with (a state without one: from before the budget, every row shuffled at once)."""
         c = self.cfg
-        batches = self._batches(self.train_ids, np.random.default_rng(c.seed + self.epoch))
-        self._epoch = batches[: c.max_steps] if c.max_steps is not None else batches
         self._cursor, self._losses, self._correct, self._counted = 0, [], 0, 0
+        self._shuffle_bytes = round(c.shuffle_gb * 1e9)
         if self._resume is not None:
             r, self._resume = self._resume, None
             self._cursor, self._losses, self._correct, self._counted = r["cursor"], r["losses"], r["correct"], r["counted"]
-        return len(self._epoch)
+            self._shuffle_bytes = r.get("shuffle_bytes")
+        layout = self._layout(self.train_ids)
+        rng = np.random.default_rng(c.seed + self.epoch)
+        windows = epoch_windows(self.train_ids, [size for size, _ in layout], self._shuffle_bytes, rng)
+        batches = -(-sum(rows for _, rows in layout) // c.batch_size)
+        self._steps = min(batches, c.max_steps) if c.max_steps is not None else batches
+        self._epoch = window_batches(self.ledger.read, windows, c.batch_size, rng, start=self._cursor,
+                                     rows={sid: rows for sid, (_, rows) in zip(self.train_ids, layout)})
+        return self._steps
 
     def train_steps(self, k: int) -> dict:
         """Up to ``k`` batches of the current epoch, one optimizer step each (none for a batch with no counted
@@ -531,8 +636,9 @@ class DrafterTrainer(StartingActor):
         self.model.train()
         self.model.requires_grad_(True)
         losses, correct, counted = [], 0, 0
-        batches = self._epoch[self._cursor : self._cursor + k]
-        for rows in batches:
+        taken = 0
+        for rows in itertools.islice(self._epoch or (), max(0, min(k, self._steps - self._cursor))):
+            taken += 1
             loss, stats = ttt_loss(self.model, pad_rows(rows, self.device), self.target_head, c.ttt_length)
             if not loss.requires_grad:  # no position of the batch counts (no target token in the draft vocabulary)
                 continue
@@ -544,16 +650,18 @@ class DrafterTrainer(StartingActor):
             losses.append(float(loss.detach()))
             correct += stats[0][0]
             counted += stats[0][1]
-        self._cursor += len(batches)
+        self._cursor += taken
         self._losses += losses
         self._correct += correct
         self._counted += counted
         self.model.eval()
         self.model.requires_grad_(False)
-        done = self._cursor >= len(self._epoch)
+        done = self._cursor >= self._steps
+        if done:
+            self._epoch = None  # its window's features go (a max_steps epoch stops within one)
         if not done and c.checkpoint_minutes > 0 and time.monotonic() - self._saved_at >= 60 * c.checkpoint_minutes:
             self._save(within_epoch=True)
-        return {"steps": len(batches), "loss": float(np.mean(losses)) if losses else None,
+        return {"steps": taken, "loss": float(np.mean(losses)) if losses else None,
                 "train_acceptance": correct / counted if counted else None, "done": done, "cursor": self._cursor}
 
     def end_epoch(self) -> dict:
@@ -578,7 +686,8 @@ class DrafterTrainer(StartingActor):
         return self.end_epoch()
 
     def evaluate(self) -> dict:
-        """Held-out acceptance: greedy agreement with the target per TTT step, on the held-out shards."""
+        """Held-out acceptance: greedy agreement with the target per TTT step, on the held-out shards: their rows in
+        order, read a shard at a time (``window_batches``)."""
         import torch
 
         ids = self.eval_ids  # none: every figure None (the training rows are not held out)
@@ -586,7 +695,7 @@ class DrafterTrainer(StartingActor):
         chains = [0, 0, 0]  # accepted, proposed, steps
         losses = []
         with torch.no_grad():
-            for rows in self._batches(ids, None):
+            for rows in window_batches(self.ledger.read, [[sid] for sid in ids], self.cfg.batch_size):
                 preds: list = []
                 loss, stats = ttt_loss(self.model, pad_rows(rows, self.device), self.target_head, self.cfg.ttt_length, predictions=preds)
                 if stats[0][1]:  # a batch with no counted position has no loss (0 by convention): not averaged in
@@ -617,7 +726,8 @@ class DrafterTrainer(StartingActor):
         c = self.cfg
         if not within_epoch:  # the drafter's own files hold finished epochs only
             e3.save_eagle3(self.model, c.out)
-        position = {"cursor": self._cursor, "losses": self._losses, "correct": self._correct, "counted": self._counted}
+        position = {"cursor": self._cursor, "losses": self._losses, "correct": self._correct, "counted": self._counted,
+                    "shuffle_bytes": self._shuffle_bytes}
         buf = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
                     "history": json.dumps(self.history), **({"within_epoch": json.dumps(position)} if within_epoch else {})}, buf)
@@ -663,6 +773,7 @@ def _check_config(c: TrainConfig) -> None:
             validate.at_least(name, getattr(c, name), 1)
     validate.above("learning_rate", c.learning_rate, 0)
     validate.at_least("checkpoint_minutes", c.checkpoint_minutes, 0)
+    validate.above("shuffle_gb", c.shuffle_gb, 0)
     validate.at_least("seed", c.seed, 0)
     check_runs_alone("target", c.target)
     if not (isinstance(c.held_out, (int, float)) and 0 <= c.held_out < 1):
@@ -931,7 +1042,7 @@ def _train(config: TrainConfig) -> dict:
         "feature_layers": list(feature_layers), **vocab_info, "shards": len(shards), "shards_extracted": len(todo),
         "train_shards": len(train_ids), "held_out_shards": len(eval_ids), "epochs": max([c.epochs, *(r["epoch"] for r in all_epochs)]),
         "ttt_length": c.ttt_length,
-        "learning_rate": c.learning_rate, "batch_size": c.batch_size, "max_length": c.max_length,
+        "learning_rate": c.learning_rate, "batch_size": c.batch_size, "shuffle_gb": c.shuffle_gb, "max_length": c.max_length,
         "objective": "EAGLE-3 training-time test (soft cross-entropy to the target over the draft vocabulary, step weights 0.8^s)",
         "epochs_run": history, "history": all_epochs, "loss": last.get("loss"), "held_out_acceptance": last.get("held_out_acceptance"),
         "held_out_acceptance_per_step": last.get("held_out_acceptance_per_step"),

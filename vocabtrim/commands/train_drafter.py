@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
                         help="within an epoch, write the resume state (weights, optimizer, the epoch's position) at most every M "
                              "minutes, so a stopped run loses at most that much training; 0: at the end of each epoch only")
+    parser.add_argument("--shuffle-gb", type=float, default=8.0, metavar="G",
+                        help="feature bytes (GB) the trainer holds at once to shuffle: features that fit are shuffled row by row "
+                             "as one; more are read a window of shards at a time (shards in a shuffled order, rows shuffled within "
+                             "each window)")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order, and the responses at --temperature > 0")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="the target's dtype while extracting features (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -56,6 +60,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, address=args.address, out=args.out,
         init=args.init, init_from_target=args.init_from_target, checkpoint_minutes=args.checkpoint_minutes,
+        shuffle_gb=args.shuffle_gb,
     )
 
 
