@@ -150,6 +150,67 @@ def test_a_ledger_entry_is_the_users_to_delete_only_when_it_is_damaged(tmp_path,
         ledger.read("s-1")
 
 
+def test_recording_a_shard_asks_the_store_nothing(tmp_path, monkeypatch):
+    """The ledger knows its entries (one listing when it opens, then those it writes): recording a shard is one
+    write, with no lookup before it (a round trip per shard on an object store), and a second delivery is still
+    dropped, by this ledger and by one opened later on the same folder."""
+    def lookup(*args):
+        raise AssertionError("the store was asked")
+
+    ledger = Ledger(tmp_path)
+    monkeypatch.setattr(storage, "is_file", lookup)
+    monkeypatch.setattr(storage, "exists", lookup)
+    monkeypatch.setattr(storage, "_info", lookup)
+    assert ledger.record(ShardCount("s-1", "f", np.array([3]), np.array([2]), rows=1, skipped_rows=0, tokens=2)) is True
+    assert ledger.record(ShardCount("s-1", "f", np.array([3]), np.array([99]), 1, 0, 99)) is False
+    again = Ledger(tmp_path)
+    assert again.done("s-1") and not again.done("s-2")
+    assert again.record(ShardCount("s-1", "f", np.array([3]), np.array([99]), 1, 0, 99)) is False
+    assert again.record(ShardCount("s-2", "f", np.array([4]), np.array([5]), 1, 0, 5)) is True
+    assert again.reduce(["s-1", "s-2", "s-1"], 5)[0].tolist() == [0, 0, 0, 2, 5]
+
+
+def test_the_reducer_reads_entries_at_once_and_sums_them_in_shard_order(tmp_path, monkeypatch):
+    """Entries are read ``Ledger.READ_THREADS`` at a time (the first 8 reads wait for each other here: read one by one,
+    the first would wait alone), and summed in shard order: the histogram and the entries are those of a read one
+    by one; a damaged entry is still one line, a dropped connection still a fault."""
+    import threading
+
+    ledger = Ledger(tmp_path)
+    ids = [f"s-{i}" for i in range(50)]
+    rng = np.random.default_rng(0)
+    expected = np.zeros(300, dtype=np.int64)
+    for i, shard_id in enumerate(ids):
+        counts = rng.integers(1, 9, size=300)
+        expected += counts
+        ledger.record(ShardCount(shard_id, f"file-{i % 3}", np.arange(300), counts, rows=i, skipped_rows=0, tokens=int(counts.sum())))
+    read_bytes, together = storage.read_bytes, threading.Barrier(8, timeout=20)
+    reads = []
+
+    def read_at_once(where):
+        reads.append(where)
+        if len(reads) <= 8:
+            together.wait()
+        return read_bytes(where)
+
+    monkeypatch.setattr(storage, "read_bytes", read_at_once)
+    counts, entries = ledger.reduce(list(reversed(ids)) + ids[:5], 300)
+    assert np.array_equal(counts, expected) and len(reads) == 50
+    assert [e.shard_id for e in entries] == list(reversed(ids)) and [e.rows for e in entries] == list(reversed(range(50)))
+    (tmp_path / "s-30.npz").write_bytes(b"damaged")
+    with pytest.raises(UserError, match=r"s-30\.npz is unreadable .*: delete it and rerun"):
+        ledger.reduce(ids, 300)
+
+    def dropped(where):
+        if where.endswith("s-7.npz"):
+            raise ConnectionResetError("Connection reset by peer")
+        return read_bytes(where)
+
+    monkeypatch.setattr(storage, "read_bytes", dropped)
+    with pytest.raises(ConnectionResetError):
+        ledger.reduce(ids[:20], 300)
+
+
 def test_the_ledger_is_claimed_for_one_set_of_settings(tmp_path):
     """``Ledger.claim`` is ``storage.claim``: the same settings resume, other settings and unrecorded entries are refused."""
     ledger = Ledger(tmp_path / "shards")

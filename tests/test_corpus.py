@@ -26,6 +26,43 @@ def read_all(shards, column="text", batch_rows=7):
     return out
 
 
+class Counting(io.RawIOBase):
+    """A local file as an object store would serve it, adding the bytes it sends to ``sent``."""
+
+    def __init__(self, path, sent: list):
+        self.f, self.sent = open(path, "rb"), sent
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def readinto(self, b):
+        n = self.f.readinto(b)
+        self.sent.append(n)
+        return n
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def write_arrow(path, table, kind: str, rows_per_batch: int) -> None:
+    """``table`` as an Arrow IPC stream (what ``datasets`` writes) or IPC file of ``rows_per_batch``-row record batches."""
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = (pa.ipc.new_stream if kind == "stream" else pa.ipc.new_file)(sink, table.schema)
+        for batch in table.to_batches(max_chunksize=rows_per_batch):
+            writer.write_batch(batch)
+        writer.close()
+
+
 @pytest.fixture
 def files(tmp_path):
     pq.write_table(pa.table({"text": LINES, "n": list(range(200))}), tmp_path / "a.parquet", row_group_size=30)
@@ -184,48 +221,58 @@ def test_an_arrow_shard_is_read_a_record_batch_at_a_time_up_to_its_last_row(tmp_
     """An Arrow IPC stream (as ``datasets`` writes) or file of 10 record batches of 20 rows, cut in shards of 50 rows:
     every row read once in batches across record batches; the first shard reads no further into the file than
     the record batch holding its last row (on an object store the rest is never downloaded)."""
-    table = pa.table({"text": LINES[:200]})
     path = tmp_path / "t.arrow"
-    with pa.OSFile(str(path), "wb") as sink:
-        writer = (pa.ipc.new_stream if kind == "stream" else pa.ipc.new_file)(sink, table.schema)
-        for batch in table.to_batches(max_chunksize=20):
-            writer.write_batch(batch)
-        writer.close()
+    write_arrow(path, pa.table({"text": LINES[:200]}), kind, 20)
     shards = corpus.make_shards([str(path)], shard_rows=50)
     assert [(s.start, s.stop) for s in shards] == [(0, 50), (50, 100), (100, 150), (150, 200)]
     assert [(k, t) for _, k, t in read_all(shards, batch_rows=7)] == list(enumerate(LINES[:200]))
 
     read = []
-
-    class Counting(io.RawIOBase):  # the file as an object store would serve it, counting the bytes sent
-        def __init__(self):
-            self.f = open(path, "rb")
-
-        def readable(self):
-            return True
-
-        def seekable(self):
-            return True
-
-        def seek(self, offset, whence=0):
-            return self.f.seek(offset, whence)
-
-        def tell(self):
-            return self.f.tell()
-
-        def readinto(self, b):
-            n = self.f.readinto(b)
-            read.append(n)
-            return n
-
-        def close(self):
-            self.f.close()
-            super().close()
-
-    monkeypatch.setattr(corpus, "_arrow_source", lambda p: pa.PythonFile(Counting(), mode="r"))
+    monkeypatch.setattr(corpus, "_arrow_source", lambda p: pa.PythonFile(Counting(path, read), mode="r"))
     assert [t for b in corpus.iter_shard(shards[0], batch_rows=7) for t in b.texts] == LINES[:50]
     assert 0 < sum(read) < 0.45 * path.stat().st_size  # 3 record batches of 10 (and the footer of an IPC file)
+    read.clear()
     assert [t for b in corpus.iter_shard(shards[3], batch_rows=64) for t in b.texts] == LINES[150:200]
+    assert 0 < sum(read) < 0.45 * path.stat().st_size  # the schema, then record batches 7-9 (not 0-6)
+
+
+@pytest.mark.parametrize("kind", ["stream", "file"])
+def test_arrow_shards_read_from_their_first_record_batch_not_from_the_files_start(tmp_path, monkeypatch, kind):
+    """A shard notes where the record batch holding its first row is (its byte offset in a stream, its index in a
+    file) and reads from there (a stream's schema first): the 58 shards of a file of 40 record batches read under three
+    times its bytes together, not 29 times (each from the first batch: on an object store, the square of the file).
+    Its id is what it was before it noted that, so a ledger recorded then resumes."""
+    rows = [f"row {i} " + "x" * (i % 50) for i in range(4000)]
+    path = tmp_path / "t.arrow"
+    write_arrow(path, pa.table({"text": rows, "n": list(range(4000))}), kind, 100)
+    shards = corpus.make_shards([str(path)], shard_rows=70)  # 69-row shards: most span two record batches
+    key = corpus._file_key(str(path))
+    assert [s.shard_id for s in shards] == [f"t-{key}-r{s}-{min(s + 69, 4000)}" for s in range(0, 4000, 69)]
+    assert [s.batch_row for s in shards] == [s.start // 100 * 100 for s in shards]
+    assert all(s.batch_at > 0 for s in shards) if kind == "stream" else [s.batch_at for s in shards] == [s.start // 100 for s in shards]
+
+    sent = []
+    monkeypatch.setattr(corpus, "_arrow_source", lambda p: pa.PythonFile(Counting(path, sent), mode="r"))
+    each = []
+    for s in shards:
+        sent.clear()
+        assert [(k, t) for b in corpus.iter_shard(s, batch_rows=16) for k, t in zip(b.keys, b.texts)] == [
+            (k, rows[k]) for k in range(s.start, s.stop)]
+        each.append(sum(sent))
+    size = path.stat().st_size
+    assert max(each) < 0.07 * size and sum(each) < 3 * size  # 2 of 40 batches each at most; before: 29 files' worth
+
+
+def test_an_arrow_stream_with_dictionary_columns_is_read_from_its_start(tmp_path):
+    """A stream's dictionaries are messages of their own before the batches using them: a shard of a stream with a
+    dictionary-encoded column reads it from its first batch, as before."""
+    words = pa.array([f"w{i % 7}" for i in range(300)]).dictionary_encode()
+    write_arrow(tmp_path / "d.arrow", pa.table({"text": words, "n": list(range(300))}), "stream", 40)
+    write_arrow(tmp_path / "e.arrow", pa.table({"text": LINES[:100], "tag": pa.array(["a", "b"] * 50).dictionary_encode()}),
+                "stream", 30)
+    shards = corpus.make_shards([str(tmp_path / "d.arrow"), str(tmp_path / "e.arrow")], shard_rows=25)
+    assert len(shards) == 16 and {(s.batch_at, s.batch_row) for s in shards} == {(-1, 0)}
+    assert [t for _, _, t in read_all(shards)] == words.to_pylist() + LINES[:100]
 
 
 def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
@@ -233,7 +280,7 @@ def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
     datasets.Dataset.from_dict({"text": LINES}).save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": LINES[:50]})}).save_to_disk(str(tmp_path / "dd"))
     shards = corpus.make_shards([str(tmp_path / "ds")], shard_bytes=400)
-    assert len(shards) > 1 and all(s.kind == "arrow" for s in shards)
+    assert len(shards) > 1 and all(s.kind == "arrow" and s.batch_at > 0 for s in shards)  # a stream: read from a shard's batch
     assert [t for _, _, t in read_all(shards)] == LINES
     assert [t for _, _, t in read_all(corpus.make_shards([str(tmp_path / "dd")]))] == LINES[:50]
 
@@ -356,7 +403,7 @@ def test_an_s3_corpus_gives_the_shards_and_rows_of_its_local_copy(s3, files):
     upload(files, remote)
 
     def facts(shards):
-        return [(s.name, s.kind, s.start, s.stop, s.row_group, s.rows) for s in shards]
+        return [(s.name, s.kind, s.start, s.stop, s.row_group, s.rows, s.batch_at, s.batch_row) for s in shards]
 
     local = corpus.make_shards([str(files)], "text", 300)
     shards = corpus.make_shards([remote], "text", 300)
@@ -369,6 +416,51 @@ def test_an_s3_corpus_gives_the_shards_and_rows_of_its_local_copy(s3, files):
     again = {s.shard_id for s in corpus.make_shards([remote], "text", 300)}
     assert {s.shard_id for s in shards if s.name != "c.txt"} <= again
     assert not {s.shard_id for s in shards if s.name == "c.txt"} & again
+
+
+def test_a_small_byte_shard_on_an_object_store_fetches_about_its_own_bytes(s3, monkeypatch):
+    """A JSONL/text shard is read through a buffer of its size and 64 KiB more (at most 8 MiB): each 16 KiB shard (a
+    generated source's) of a 600 KB object fetches at most 80 KiB, where an 8 MiB buffer fetched the whole rest of
+    the object; a line running past the buffer is still its shard's, whole, and every row is read once."""
+    lines = [json.dumps({"text": f"row {i} " + "w" * (i * 7 % 300)}) for i in range(3000)]
+    lines[1500] = json.dumps({"text": "long " * 40_000})  # 200 KB: past its shard's buffer
+    data = "".join(line + "\n" for line in lines).encode()
+    remote = s3.bucket() + "/g.jsonl"
+    storage.write_bytes(remote, data)
+    shards = corpus.make_shards([remote], "text", 16 << 10)
+    assert len(shards) > 40
+    sent = []
+    open_input_file = storage.open_input_file
+
+    class Counting:  # the object store's file, counting the bytes it sends
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            sent.append(len(data))
+            return data
+
+        def seek(self, offset, whence=0):
+            return self.f.seek(offset, whence)
+
+        def tell(self):
+            return self.f.tell()
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr(storage, "open_input_file", lambda where: Counting(open_input_file(where)))
+    rows, each = [], {}
+    for s in shards:
+        sent.clear()
+        rows.extend(read_all([s]))
+        each[s] = sum(sent)
+    assert [json.loads(line)["text"] for line in lines] == [t for _, _, t in rows]
+    long_start = sum(len(line) + 1 for line in lines[:1500])
+    (owner,) = [s for s in shards if s.start <= long_start < s.stop]
+    assert max(n for s, n in each.items() if s is not owner) <= 80 << 10  # before: up to the whole 600 KB
+    assert each[owner] < 200_000 + 3 * (80 << 10)
 
 
 def test_s3_globs_files_and_missing_keys(s3, files):

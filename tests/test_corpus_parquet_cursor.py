@@ -1,6 +1,7 @@
 """A process reading the shards of one Parquet row group in increasing order decodes the group once (the reader is
 kept between shards); any other order, an error or a shard left mid-way gives the same rows as a fresh read."""
 
+import io
 import random
 
 import pyarrow as pa
@@ -155,3 +156,60 @@ def test_a_file_written_again_at_the_same_path_is_read_afresh(tmp_path):
     new = corpus.make_shards([str(path)], "text", 1 << 30, shard_rows=7)
     assert new[1].shard_id != old[1].shard_id
     assert read(new[1]) == [(k, new_rows[k]) for k in range(new[1].start, new[1].stop)]
+
+
+def test_a_few_rows_of_a_large_row_group_read_about_their_own_pages(tmp_path, monkeypatch):
+    """A row group's column chunk is read a shard's share at a time (1 to 8 MiB) as its pages are decoded, not fetched
+    and held whole up front (pyarrow's default, pre_buffer): 32 rows of a 16 MB row group read ~2 MB of the file,
+    not all of it, and the reader kept for the next shards goes on from there."""
+    import os
+
+    rows = [os.urandom(200).hex() for _ in range(40_000)]  # 16 MB that does not compress
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": rows}), path, row_group_size=len(rows), compression="none")
+    size = path.stat().st_size
+    shards = corpus.make_shards([str(path)], "text", 16 << 10, shard_rows=32)
+    assert len(shards) == 1250 and {s.row_group for s in shards} == {0}
+    sent, opened = [], []
+
+    class Counting(io.RawIOBase):  # the file as an object store would serve it, counting the bytes sent
+        def __init__(self, where):
+            self.f = open(storage.local_path(where), "rb")
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, offset, whence=0):
+            return self.f.seek(offset, whence)
+
+        def tell(self):
+            return self.f.tell()
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            sent.append(n)
+            return n
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def counting_open(where):
+        opened.append(where)
+        return pa.PythonFile(Counting(where), mode="r")
+
+    monkeypatch.setattr(storage, "open_input_file", counting_open)
+    assert read(shards[0], 16) == [(k, rows[k]) for k in range(32)]
+    assert 0 < sum(sent) < 0.2 * size  # before: 16 MB, the whole column chunk
+    for s in shards[1:40]:  # the next shards go on from the held reader
+        assert read(s, 16) == [(k, rows[k]) for k in range(s.start, s.stop)]
+    assert len(opened) == 1 and sum(sent) < 0.2 * size
+    corpus._parquet_cursor.close()
+    corpus._parquet_cursor = None
+    sent.clear()
+    (whole,) = corpus.make_shards([str(path)], "text", 1 << 30)  # the group in one shard: read 8 MiB at a time
+    assert [t for b in corpus.iter_shard(whole, "text", 1024) for t in b.texts] == rows
+    assert size <= sum(sent) < 1.1 * size and len(sent) <= 6  # the footer, then 2 or 3 reads; 1 MiB at a time: 17

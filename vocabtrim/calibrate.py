@@ -10,7 +10,8 @@ Flow (``run_calibrate``):
    (``storage.write_bytes``: a temporary file renamed into place, or one object upload; a ledger entry
    is complete or absent). ``DIR`` may be a local folder or an object-store URI (``s3://…``). An actor that dies (killed,
    crashed, its node lost) is replaced and the shards it held are counted again; a shard delivered
-   twice is recorded once (the second delivery finds its entry and is dropped).
+   twice is recorded once (the ledger knows its entries: one listing at start-up, then each it writes; the
+   second delivery is dropped without asking the store).
 4. The reducer reads exactly one ledger entry per shard id of this corpus and sums them: an id is
    summed once whatever retries or duplicate deliveries happened. A rerun skips shards already in
    the ledger. Output: ``DIR/histogram.parquet`` and ``DIR/manifest.json``.
@@ -28,6 +29,8 @@ import json
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -102,6 +105,7 @@ class Ledger:
     SUFFIX = ".npz"
     HOLDS = "counts"  # what the entries are, for messages
     LATER_KEYS = (TEMPLATE_KEY,)  # run keys that ledgers written by an earlier vocabtrim lack (storage.claim)
+    READ_THREADS = 16  # entries the reducer reads at once (round trips to an object store overlap)
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
@@ -123,10 +127,14 @@ class Ledger:
                       later=self.LATER_KEYS)
 
     def record(self, result: ShardCount) -> bool:
-        """Write ``result`` under its shard id; False (nothing written) if that id is already recorded."""
+        """Write ``result`` under its shard id; False (nothing written) if that id is already recorded.
+
+        "Recorded" is what the start-up listing found plus what this ledger wrote since, asked of no store: one
+        run writes into a folder at a time (``vocabtrim.lease``; on an object store the user's to keep), so no
+        entry appears that this ledger does not know of. The histogram's exactness does not rest on it either: an
+        entry is a whole file named by its shard id, and ``reduce`` reads one per id."""
         target = self.path(result.shard_id)
-        if result.shard_id in self._recorded or storage.is_file(target):
-            self._recorded.add(result.shard_id)
+        if result.shard_id in self._recorded:
             return False
         meta = {k: getattr(result, k) for k in ("shard_id", "path", "rows", "skipped_rows", "tokens")}
         meta["path"] = storage.display(meta["path"])  # a URI's query (endpoints, keys) is not written down
@@ -152,16 +160,31 @@ class Ledger:
     def reduce(self, shard_ids: list[str], vocab_size: int) -> tuple[np.ndarray, list[ShardCount]]:
         """Sum exactly one entry per shard id (each id once, however often it was recorded).
 
-        Returns (counts int64 [≥ vocab_size], per-shard entries without their arrays).
+        Returns (counts int64 [≥ vocab_size], per-shard entries without their arrays, in shard order).
+        Entries are read ``READ_THREADS`` at a time (on an object store each is a round trip) and summed in shard
+        order as they arrive; at most twice that many are held at once.
         """
         total = np.zeros(vocab_size, dtype=np.int64)
         entries = []
-        for shard_id in dict.fromkeys(shard_ids):  # unique, in order
-            entry = self.read(shard_id)
-            part = histogram.from_sparse(entry.ids, entry.counts, 0)
-            total = histogram.add_into(total, part)
-            entry.ids = entry.counts = None
-            entries.append(entry)
+        ids = iter(dict.fromkeys(shard_ids))  # unique, in order
+        pending: deque = deque()
+        pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="ledger-read")
+
+        def more() -> None:
+            while len(pending) < 2 * self.READ_THREADS and (shard_id := next(ids, None)) is not None:
+                pending.append(pool.submit(self.read, shard_id))
+
+        try:
+            more()
+            while pending:
+                entry = pending.popleft().result()
+                more()
+                part = histogram.from_sparse(entry.ids, entry.counts, 0)
+                total = histogram.add_into(total, part)
+                entry.ids = entry.counts = None
+                entries.append(entry)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # an error: the reads not begun are dropped
         return total, entries
 
 

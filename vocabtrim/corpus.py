@@ -15,6 +15,11 @@ JSONL/text file (it owns the lines that *start* inside the range), or a row rang
 Its id is built from the file's identity (resolved path or URI, size, modification time) and the
 range, so the same corpus always gives the same shard ids, and a changed file gives new ones.
 
+A shard reads about its own bytes, which on an object store are ranged GETs: a Parquet slice streams its
+column chunk a share at a time (1 to 8 MiB) rather than fetching the whole chunk up front; a byte range
+reads through a buffer of its size plus 64 KiB (at most 8 MiB); an Arrow shard starts at the record batch
+holding its first row (noted when the file is cut), not at the file's first batch.
+
 Every input may be a local path or an object-store URI (``s3://bucket/prefix``, ``gs://…``): files,
 folders and globs are found and read through ``vocabtrim.storage``, so actors on any node read their
 shards straight from the store.
@@ -38,6 +43,7 @@ from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt", ".arrow": "arrow"}
 FOLDER_SUFFIXES = (".parquet", ".jsonl", ".txt")  # what a plain folder is searched for
 DEFAULT_SHARD_BYTES = 16 << 20
+PARQUET_READ_BUFFER = 1 << 20, 8 << 20  # the least and most of a Parquet column chunk read at a time (``_parquet_buffer``)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +61,10 @@ class Shard:
     row_group: the Parquet row group holding the rows (-1 for the other kinds).
     rows:  the number of rows, where known before reading (parquet, arrow), else None.
     messages: the rows are lists of {role, content} messages rather than strings (``make_shards(messages=True)``).
+    batch_at, batch_row: arrow: where the record batch holding row ``start`` is (its byte offset in an IPC stream,
+                 its index in an IPC file; -1: unknown, read from the first batch) and the file row of its first
+                 row, so a shard reads from that batch on, not the batches before it. Not part of the shard's
+                 id: the same file cut the same way gives the same ids as before they were recorded.
     """
 
     shard_id: str
@@ -65,6 +75,8 @@ class Shard:
     row_group: int = -1
     rows: int | None = None
     messages: bool = False
+    batch_at: int = -1
+    batch_row: int = 0
 
     @property
     def name(self) -> str:
@@ -428,31 +440,70 @@ def _arrow_source(path: str):
     return pa.memory_map(storage.local_path(path), "r") if storage.is_local(path) else storage.open_input_file(path)
 
 
+def _holds_dictionary(t) -> bool:
+    """Whether Arrow type ``t`` is or holds a dictionary-encoded type."""
+    import pyarrow as pa
+
+    return pa.types.is_dictionary(t) or any(_holds_dictionary(t.field(i).type) for i in range(t.num_fields))
+
+
+def _stream_batches(source, schema) -> Iterator[tuple[int, object]]:
+    """``(byte offset, record batch)`` of each record batch message of an IPC stream from ``source``'s position on
+    (a stream with no dictionaries: every message after the schema is a record batch)."""
+    import pyarrow as pa
+
+    messages = pa.ipc.MessageReader.open_stream(source)
+    while True:
+        at = source.tell()  # the message reader reads exactly one message at a time: no read-ahead
+        try:
+            message = messages.read_next_message()
+        except StopIteration:  # the end-of-stream marker, or the file's end
+            return
+        yield at, pa.ipc.read_record_batch(message, schema)
+
+
 @contextlib.contextmanager
-def _arrow_batches(path: str):
-    """``(schema, record batches in row order)`` of an Arrow IPC stream (what ``datasets`` writes) or IPC file.
-    Batches are read as they are iterated: memory holds one batch, and a reader that stops early reads no
-    further (an object store sends no more of the file)."""
+def _arrow_batches(path: str, at: int = -1):
+    """``(schema, (where, record batch) in row order)`` of an Arrow IPC stream (what ``datasets`` writes) or IPC
+    file. ``where`` is the batch's byte offset in a stream, its index in a file, or -1 in a stream with
+    dictionary-encoded columns (whose dictionaries are messages of their own before the batches: such a stream is
+    read from its start). ``at``, a ``where`` given before: begin with that batch (a stream's schema, at its
+    start, is read first), not the first. Batches are read as they are iterated: memory holds one batch, and a
+    reader that stops early reads no further (an object store sends no more of the file)."""
     import pyarrow as pa
 
     with _arrow_source(path) as source:
         if source.read(6) == b"ARROW1":  # an IPC file's magic: read its footer, then the batches it lists
             reader = pa.ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        else:
+            yield reader.schema, ((i, reader.get_batch(i)) for i in range(max(at, 0), reader.num_record_batches))
+            return
+        source.seek(0)
+        schema = pa.ipc.read_schema(source)  # the stream's first message
+        if any(_holds_dictionary(t) for t in schema.types):
             source.seek(0)
             reader = pa.ipc.open_stream(source)
-            batches = iter(reader)
-        yield reader.schema, batches
+            yield reader.schema, ((-1, batch) for batch in reader)
+            return
+        if at >= 0:
+            source.seek(at)
+        yield schema, _stream_batches(source, schema)
 
 
 def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int | None, messages: bool) -> list[Shard]:
-    """The file's row ranges, cut from its row count and the text column's bytes (one pass over the file)."""
+    """The file's row ranges, cut from its row count and the text column's bytes (one pass over the file); each
+    shard notes where the record batch holding its first row is, to read from there."""
+    import bisect
+
     try:
         with _arrow_batches(path) as (schema, batches):
             holds_messages = _check_text_field(schema, path, text_column, messages)
             n = nbytes = 0
-            for batch in batches:
+            firsts: list[int] = []  # the file row of each non-empty record batch's first row
+            wheres: list[int] = []  # and where that batch is
+            for where, batch in batches:
+                if batch.num_rows:
+                    firsts.append(n)
+                    wheres.append(where)
                 n += batch.num_rows
                 nbytes += batch.column(text_column).nbytes
     except UserError:
@@ -464,10 +515,12 @@ def _arrow_shards(path: str, text_column: str, shard_bytes: int, shard_rows: int
     pieces = _pieces(n, nbytes, shard_bytes, shard_rows)
     step = math.ceil(n / pieces)
     prefix = _shard_prefix(path)
-    return [
-        Shard(f"{prefix}-r{s}-{min(s + step, n)}", path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s, holds_messages)
-        for s in range(0, n, step)
-    ]
+    shards = []
+    for s in range(0, n, step):
+        b = bisect.bisect_right(firsts, s) - 1  # the batch holding row s
+        shards.append(Shard(f"{prefix}-r{s}-{min(s + step, n)}", path, "arrow", s, min(s + step, n), -1, min(s + step, n) - s,
+                            holds_messages, wheres[b], firsts[b] if wheres[b] >= 0 else 0))
+    return shards
 
 
 def make_shards(
@@ -514,7 +567,7 @@ class _ParquetCursor:
     """An open reader of one row group's column: the file, its ``iter_batches`` iterator, and the record batch
     it gave last (``batch``, None before the first; ``end`` is the group row just past it)."""
 
-    def __init__(self, path: str, row_group: int, column: str, batch_rows: int, file_id: str = ""):
+    def __init__(self, path: str, row_group: int, column: str, batch_rows: int, file_id: str = "", rows: int = 0):
         import pyarrow.parquet as pq
 
         self.key = (path, row_group, column, batch_rows, file_id)
@@ -523,8 +576,12 @@ class _ParquetCursor:
         self._open = contextlib.ExitStack()
         try:
             source = self._open.enter_context(storage.open_input_file(path))
-            pf = self._open.enter_context(pq.ParquetFile(source))
-            md = pf.metadata
+            md = pq.read_metadata(source)
+            # Not pyarrow's default (pre_buffer: the row group's whole column chunk fetched and held up front): the
+            # chunk is read a shard's share at a time as its pages are decoded (``_parquet_buffer``), so a shard of a
+            # few rows of a large row group reads about its own pages, and a reader kept for the next shard goes on.
+            buffer = _parquet_buffer(md.row_group(row_group), column, rows)
+            pf = self._open.enter_context(pq.ParquetFile(source, metadata=md, pre_buffer=False, buffer_size=buffer))
             self.group_first = sum(md.row_group(g).num_rows for g in range(row_group))  # file row of group row 0
             self._batches = pf.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=[column])
             self._open.callback(self._batches.close)  # the iterator stops before its file closes
@@ -546,6 +603,17 @@ class _ParquetCursor:
 
     def close(self) -> None:
         self._open.close()
+
+
+def _parquet_buffer(group, column: str, rows: int) -> int:
+    """How much of a column chunk a reader of ``rows`` rows of row group ``group`` (its metadata) reads at a time (on an
+    object store, one ranged GET): those rows' share of the column's largest leaf chunk (compressed), at least 1 MiB
+    and at most 8 MiB (``PARQUET_READ_BUFFER``)."""
+    chunk = max((group.column(i).total_compressed_size for i in range(group.num_columns)
+                 if group.column(i).path_in_schema == column or group.column(i).path_in_schema.startswith(column + ".")),
+                default=0)
+    least, most = PARQUET_READ_BUFFER
+    return min(most, max(least, chunk * rows // max(group.num_rows, 1)))
 
 
 _parquet_cursor: _ParquetCursor | None = None  # this process's last row-group reader: at most one open file
@@ -573,7 +641,7 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
             cur.close()
             cur = None
         if cur is None:
-            cur = _ParquetCursor(*key)
+            cur = _ParquetCursor(*key, rows=shard.stop - shard.start)
         lo, hi = shard.start - cur.group_first, shard.stop - cur.group_first  # rows within the row group
         batch = cur.batch if cur.batch is not None and cur.end > lo else cur.advance()
         while batch is not None:
@@ -596,13 +664,14 @@ def _iter_parquet(shard: Shard, text_column: str, batch_rows: int) -> Iterator[R
 
 
 def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[RowBatch]:
-    """Rows [start, stop) in batches of ``batch_rows`` (the last one shorter); the file is read up to the record
-    batch holding row stop - 1."""
+    """Rows [start, stop) in batches of ``batch_rows`` (the last one shorter); the file is read from the record
+    batch holding row start (``Shard.batch_at``; from the first where that is unknown) up to the one holding row
+    stop - 1."""
     texts: list = []
     row = shard.start  # the key of texts[0]
-    with _arrow_batches(shard.path) as (_, batches):
-        first = 0  # the file row of this record batch's first row
-        for batch in batches:
+    with _arrow_batches(shard.path, shard.batch_at) as (_, batches):
+        first = shard.batch_row if shard.batch_at >= 0 else 0  # the file row of this record batch's first row
+        for _, batch in batches:
             lo, hi = max(first, shard.start), min(first + batch.num_rows, shard.stop)
             if lo < hi:
                 texts.extend(to_pylist_or(batch.column(text_column).slice(lo - first, hi - lo), _skipped))
@@ -617,8 +686,13 @@ def _iter_arrow(shard: Shard, text_column: str, batch_rows: int) -> Iterator[Row
 
 
 def _iter_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line) for every line that starts in [start, stop) (line break included)."""
-    with storage.open_binary(shard.path, buffer_size=8 << 20) as f:
+    """(byte offset, line) for every line that starts in [start, stop) (line break included).
+
+    On an object store each refill of the read buffer is one ranged GET: the buffer is the shard's size and a
+    little more (up to 8 MiB), so a 16 KiB shard fetches about 80 KiB, not 8 MiB; a last line running further
+    takes more refills."""
+    buffer = min(8 << 20, shard.stop - shard.start + (64 << 10))
+    with storage.open_binary(shard.path, buffer_size=buffer) as f:
         pos = shard.start
         if pos > 0:
             f.seek(pos - 1)

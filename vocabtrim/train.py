@@ -122,8 +122,7 @@ class FeatureLedger(Ledger):
         from safetensors.torch import save
 
         target = self.path(result.shard_id)
-        if result.shard_id in self._recorded or storage.is_file(target):
-            self._recorded.add(result.shard_id)
+        if result.shard_id in self._recorded:  # what the ledger knows: see Ledger.record
             return False
         meta = {"shard_id": result.shard_id, "path": storage.display(result.path),  # a URI's query is not written down
                 "rows": str(result.rows), "tokens": str(result.tokens)}
