@@ -3,6 +3,7 @@ holds stays bounded, a stopped run keeps the rows that are back, a rerun generat
 assembled from parts equals one written whole. The pool here is a stand-in that runs chunks on the driver (rows
 come back out of order, as from several actors); the engine's side is test_generate's."""
 
+import json
 from dataclasses import asdict, replace
 
 import pyarrow as pa
@@ -12,8 +13,8 @@ import pytest
 from vocabtrim import generate, storage
 from vocabtrim.errors import UserError
 from vocabtrim.generate import GenerateConfig, run_pool
-from vocabtrim.generate_outputs import ChunkStats, find_parts, finished, output_path, parts_folder, read_file_stats
-from vocabtrim.prompts import inspect_prompt_files
+from vocabtrim.generate_outputs import STATS_KEY, ChunkStats, find_parts, finished, output_path, parts_folder, read_file_stats
+from vocabtrim.prompts import inspect_prompt_files, read_chunks
 
 ROWS = 100
 
@@ -99,17 +100,34 @@ def test_parts_bound_what_the_driver_holds_and_the_output_equals_one_written_who
         assert got.equals(whole[f.name])  # rows in order, ids as they came, same values and types
         stats = read_file_stats(output_path(out, f))
         assert stats["rows"] == f.num_rows and stats["target_passes"] == f.num_rows  # parts' statistics summed
+        assert json.loads(got.schema.metadata[STATS_KEY]) == stats  # in the Arrow schema, as pq.write_table puts them
+        assert pq.ParquetFile(storage.open_input_file(output_path(out, f))).metadata.num_row_groups == 1  # parts coalesced
         assert stats["accepted_hist"][0] == f.num_rows
         assert stats["generated_tokens"] == sum(whole[f.name].column("completion_tokens").to_pylist())
         assert finished(out, f)
     assert storage.walk_files(storage.join(out, ".parts")) == []  # deleted once the output is written
 
 
-def test_parts_are_also_saved_by_the_clock(files, whole, tmp_path):
+def test_parts_are_also_saved_by_the_clock(files, whole, tmp_path, monkeypatch):
+    """part_seconds after a file's first chunk went out or its last save, its rows are saved as the next chunk comes
+    back, whatever their number (here every chunk's, at once); a file not begun starts its clock with its first chunk."""
     out = tmp_path / "out"
-    pool = Pool(window=1)
-    run(pool, files[:1], config(out, part_seconds=0.0))  # every chunk back is due at once
-    assert outputs(out, files[:1])["a.parquet"].equals(whole["a.parquet"])
+    saved, save = [], generate.save_part
+    monkeypatch.setattr(generate, "save_part", lambda *a: saved.append(save(*a)) or saved[-1])
+    clock = [0.0]
+    monkeypatch.setattr(generate.time, "monotonic", lambda: clock[0])
+
+    class Slow(Pool):  # each chunk takes 10 s of the clock
+        def run(self, items, on_result, describe):
+            super().run(items, lambda item, r: (clock.__setitem__(0, clock[0] + 10), on_result(item, r)), describe)
+
+    run(Slow(window=1), files, config(out, part_seconds=25.0))
+    a = [p for p in saved if "/a.parquet/" in p.path]
+    chunks = len(list(read_chunks(files[0], "prompt", "id", 7)))
+    assert len(a) == chunks // 3 and all(p.stop - p.start <= 3 * 7 for p in a)  # every third chunk: 30 s >= 25
+    b = [(p.start, p.stop) for p in saved if "/b.parquet/" in p.path]
+    assert b == [(0, 21), (21, 37)]  # its clock began with its first chunk (from the run's start: a part of 1 chunk)
+    assert outputs(out, files) == whole
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -171,3 +189,14 @@ def test_parts_of_another_version_of_the_input_or_that_overlap_are_refused(files
         (tmp_path / "out" / ".parts" / "a.parquet" / first).read_bytes())
     with pytest.raises(UserError, match=f"overlaps another part or runs past the rows of .*: delete {folder}"):
         find_parts(str(out), files)
+
+
+def test_a_part_folder_left_with_only_a_killed_saves_partial_file_is_deleted_with_the_file(files, whole, tmp_path):
+    out = tmp_path / "out"
+    folder = out / ".parts" / "sub" / "b.parquet"
+    folder.mkdir(parents=True)
+    (folder / ".000000000000-000000000021.none.parquet.Ab3dE6gH.tmp").write_bytes(b"half a part")
+    saved = find_parts(str(out), files)
+    assert saved == {"sub/b.parquet": []}
+    run(Pool(), files, config(out, part_rows=10**9, part_seconds=1e9), saved=saved)
+    assert not folder.exists() and outputs(out, files) == whole

@@ -112,7 +112,7 @@ class GenerateConfig:
     progress: bool = True
     rows_per_task: int | None = None  # rows sent to an actor at a time (default: 4 batches)
     part_rows: int = PART_ROWS  # rows of a file held on the driver before they are saved as a part
-    part_seconds: float = PART_SECONDS  # at most this long between a file's parts
+    part_seconds: float = PART_SECONDS  # a file's rows held this long are saved as a part as the next chunk comes back
     fault_injection: str | None = None  # tests only: faults.injected_fault; "oom-above:<n>": the engine runs out of memory above n rows
     engine: str = "native"  # native | vllm (vocabtrim.vllm_backend)
 
@@ -315,8 +315,9 @@ LATER_SETTINGS = (TEMPLATE_KEY,)
 
 def prepare_out(out: str, settings: dict, files: list[PromptFile]) -> None:
     """Create ``--out`` and record the settings, or check them against the recorded ones
-    (``storage.claim``). Recorded settings bind the folder only once it holds a finished output: a folder
-    whose earlier run was refused or stopped before any file was written takes the new settings. Killed runs'
+    (``storage.claim``). Recorded settings bind the folder only once it holds rows made under them (a finished
+    output or a part of one, ``_holds_outputs``): a folder whose earlier run was refused or stopped before any row
+    was saved takes the new settings. Killed runs'
     partial files beside the outputs are removed (``storage.remove_temporaries``)."""
     names = [f.name for f in files]
     storage.claim(out, SETTINGS_FILE, settings, what="outputs", binds=lambda: _holds_outputs(out, names),
@@ -587,7 +588,7 @@ class _FileState:
     sent: dict = field(default_factory=dict)  # chunk start -> Arrow id array, for chunks out on workers
     held: dict = field(default_factory=dict)  # chunk start -> (ids, columns, ChunkStats): back, not saved yet
     held_rows: int = 0
-    saved_at: float = field(default_factory=time.monotonic)
+    saved_at: float | None = None  # when rows were last saved, or its first chunk sent
     pending: int = 0
     all_sent: bool = False
 
@@ -609,7 +610,7 @@ def _held_runs(st: _FileState, schema: pa.Schema) -> list[tuple[int, pa.Table, C
 def _save_held(out: str, st: _FileState, id_name: str) -> None:
     """Save the chunks ``st`` holds as parts (one per run of consecutive chunks) and let them go."""
     for start, table, stats in _held_runs(st, output_schema(id_name, st.file.id_type)):
-        st.parts.append(save_part(out, st.file, id_name, start, table, stats))
+        st.parts.append(save_part(out, st.file, start, table, stats))
     st.held, st.held_rows, st.saved_at = {}, 0, time.monotonic()
 
 
@@ -649,19 +650,19 @@ def _unsaved(chunk: PromptChunk, parts: list[Part]):
 
 
 def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_rows, on_written=lambda file, stats: None,
-             wrap_strings: bool = False,
-             saved: dict[str, list[Part]] | None = None) -> None:
+             wrap_strings: bool = False, saved: dict[str, list[Part]] | None = None) -> None:
     """Feed every row of ``files`` that no part in ``saved`` holds to the actor ``pool`` (``IN_FLIGHT`` chunks per
     actor); write each file when all its rows are back: a file whose rows cannot all be generated is never
-    written. Rows that are back are saved as parts (``generate_outputs``) every ``cfg.part_rows`` rows or
-    ``cfg.part_seconds`` seconds, and when the run stops early (Ctrl-C, SIGTERM, a chunk that failed every retry).
+    written. Rows that are back are saved as parts (``generate_outputs``) once a file's reach ``cfg.part_rows``
+    rows, or ``cfg.part_seconds`` after its last save (checked as any chunk comes back), and when the run stops
+    early (Ctrl-C, SIGTERM, a chunk that failed every retry).
 
     ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)``
     after each output is written, with its statistics.
     ``wrap_strings``: string prompts go to the actors as one user message each.
     """
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
-    states = {i: _FileState(file=f, parts=list((saved or {}).get(f.name, []))) for i, f in enumerate(files)}
+    states: dict[int, _FileState] = {}  # the files begun and not yet written
     id_name = cfg.id_column
 
     def finish_if_done(index: int) -> None:
@@ -671,7 +672,7 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
             segments = sorted([*((p.start, p) for p in st.parts), *((s, (t, c)) for s, t, c in _held_runs(st, schema))],
                               key=lambda s: s[0])
             file_stats = write_output(out, st.file, id_name, [s for _, s in segments])
-            if st.parts:
+            if st.parts or st.file.name in (saved or {}):
                 remove_parts(out, st.file.name)
             del states[index]
             on_written(st.file, file_stats)
@@ -679,6 +680,8 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
     def items():
         """(file index, chunk) for the pool; a file's end is marked as soon as its last chunk is out."""
         for index, chunk in _chunk_source(files, cfg, rows_per_task, wrap_strings, saved):
+            if index not in states:
+                states[index] = _FileState(file=files[index], parts=list((saved or {}).get(files[index].name, [])))
             st = states[index]
             if chunk is None:
                 st.all_sent = True
@@ -686,6 +689,8 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
                 continue
             st.sent[chunk.start] = chunk.ids
             st.pending += 1
+            if st.saved_at is None:
+                st.saved_at = time.monotonic()
             yield index, chunk
 
     def on_result(item, result) -> None:
@@ -697,8 +702,10 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
         st.pending -= 1
         on_rows(len(columns["finish_reason"]), sum(t or 0 for t in columns["completion_tokens"]))
         finish_if_done(index)
-        if index in states and (st.held_rows >= cfg.part_rows or time.monotonic() - st.saved_at >= cfg.part_seconds):
-            _save_held(out, st, id_name)
+        now = time.monotonic()
+        for other in [s for s in states.values() if s.held]:  # this file's, and any other's whose time has come
+            if other.held_rows >= cfg.part_rows or now - other.saved_at >= cfg.part_seconds:
+                _save_held(out, other, id_name)
 
     def describe(item) -> str:
         index, chunk = item

@@ -159,31 +159,40 @@ def _stats(path: str, meta: dict | None) -> dict:
 
 
 def write_output(out: str, file: PromptFile, id_column: str, segments: list) -> dict:
-    """Write ``file``'s output from ``segments``, in row order and tiling its rows: each a ``Part`` (read when
-    its turn comes) or a ``(table, ChunkStats)`` held in memory. Returns the file's statistics, also stored in
-    the footer with the input's ``footer_sha256``."""
+    """Write ``file``'s output from ``segments``, in row order and tiling its rows: each a ``Part`` (its rows read
+    when their turn comes) or a ``(table, ChunkStats)`` held in memory. Returns the file's statistics, also stored
+    in the footer (the Arrow schema's metadata, as ``pq.write_table`` stores it) with the input's
+    ``footer_sha256``. Row groups hold ``PART_ROWS`` rows or more, however small the segments."""
     schema = output_schema(id_column, file.id_type)
-    totals = {"rows": 0, "errored_rows": 0, "generated_tokens": 0, "draft_proposed": 0, "draft_accepted": 0}
     made: dict = {}
+    for segment in segments:  # the statistics first: the writer's schema carries them
+        seg = segment.stats() if isinstance(segment, Part) else {**_row_stats(segment[0]), **asdict(segment[1])}
+        made = _add_stats(made, seg)
+    made = {**_row_stats(schema.empty_table()), **asdict(ChunkStats()), **made}
+    if made["rows"] != file.num_rows:  # segments must tile the file
+        raise RuntimeError(f"{made['rows']} rows generated of the {file.num_rows} of {storage.display(file.path)}")
+    meta = {STATS_KEY: json.dumps(made).encode(),
+            **({INPUT_KEY: json.dumps({"footer_sha256": file.footer_sha256}).encode()} if file.footer_sha256 else {})}
 
     def write(tmp: str) -> None:
-        stats = ChunkStats()
-        with pq.ParquetWriter(tmp, schema) as writer:
+        pending: list[pa.Table] = []
+        with pq.ParquetWriter(tmp, schema.with_metadata(meta)) as writer:
             for segment in segments:
-                table, segment_stats = segment.read(schema) if isinstance(segment, Part) else segment
-                writer.write_table(table)
-                rows = _row_stats(table)
-                totals.update({k: v + rows[k] for k, v in totals.items()})
-                stats = stats.add(segment_stats)
-            made.update(totals, **asdict(stats))
-            writer.add_key_value_metadata({STATS_KEY: json.dumps(made).encode(),
-                                           **({INPUT_KEY: json.dumps({"footer_sha256": file.footer_sha256}).encode()}
-                                              if file.footer_sha256 else {})})
+                pending.append(segment.read(schema) if isinstance(segment, Part) else segment[0])
+                if sum(t.num_rows for t in pending) >= PART_ROWS:
+                    writer.write_table(pa.concat_tables(pending))
+                    pending = []
+            if pending or not segments:
+                writer.write_table(pa.concat_tables(pending) if pending else schema.empty_table())
 
     storage.write_with(output_path(out, file), write)  # whole file or nothing
-    if made["rows"] != file.num_rows:  # segments must tile the file
-        raise RuntimeError(f"wrote {made['rows']} rows of {file.num_rows} for {storage.display(file.path)}")
     return made
+
+
+def _add_stats(a: dict, b: dict) -> dict:
+    """Two statistics dicts (``write_output``'s) summed key by key; lists element-wise."""
+    return {k: add_lists(a.get(k, []), b.get(k, [])) if isinstance(a.get(k, b.get(k)), list) else a.get(k, 0) + b.get(k, 0)
+            for k in {**a, **b}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,21 +202,24 @@ def write_output(out: str, file: PromptFile, id_column: str, segments: list) -> 
 
 @dataclass(frozen=True)
 class Part:
-    """Rows ``start`` to ``stop - 1`` of one input file, saved at ``path``."""
+    """Rows ``start`` to ``stop - 1`` of one input file, saved at ``path`` with their statistics (rows, errored rows,
+    tokens, drafts and the engine's ``ChunkStats``) in its footer."""
 
     start: int
     stop: int
     path: str
 
-    def read(self, schema: pa.Schema) -> tuple[pa.Table, ChunkStats]:
+    def stats(self) -> dict:
         with storage.open_input_file(self.path) as f:
-            parquet = pq.ParquetFile(f)
-            table = parquet.read()
-            meta = parquet.metadata.metadata or {}
+            return json.loads((pq.read_metadata(f).metadata or {})[STATS_KEY])
+
+    def read(self, schema: pa.Schema) -> pa.Table:
+        with storage.open_input_file(self.path) as f:
+            table = pq.read_table(f)
         if table.num_rows != self.stop - self.start:
             raise UserError(f"{storage.display(self.path)} holds {table.num_rows} rows, not {self.stop - self.start}: "
                             f"delete {storage.display(storage.parent(self.path))} to generate that file again")
-        return table.replace_schema_metadata(None).cast(schema), ChunkStats(**json.loads(meta[STATS_KEY]))
+        return table.replace_schema_metadata(None).cast(schema)
 
 
 def parts_folder(out: str, name: str) -> str:
@@ -219,17 +231,18 @@ def _input_tag(file: PromptFile) -> str:
     return file.footer_sha256[:16] if file.footer_sha256 else "none"
 
 
-def save_part(out: str, file: PromptFile, id_column: str, start: int, table: pa.Table, stats: ChunkStats) -> Part:
-    """Save ``table`` (rows ``start`` on of ``file``, ``output_schema``) and their ``stats`` as a part."""
+def save_part(out: str, file: PromptFile, start: int, table: pa.Table, stats: ChunkStats) -> Part:
+    """Save ``table`` (rows ``start`` on of ``file``, ``output_schema``) and their statistics as a part."""
     stop = start + table.num_rows
     path = storage.join(parts_folder(out, file.name), f"{start:012d}-{stop:012d}.{_input_tag(file)}.parquet")
-    table = table.replace_schema_metadata({STATS_KEY: json.dumps(asdict(stats)).encode()})
+    table = table.replace_schema_metadata({STATS_KEY: json.dumps({**_row_stats(table), **asdict(stats)}).encode()})
     storage.write_with(path, lambda tmp: pq.write_table(table, tmp))
     return Part(start, stop, path)
 
 
 def find_parts(out: str, files: list[PromptFile]) -> dict[str, list[Part]]:
-    """The saved parts of each of ``files`` (by output name; sorted by row), from one listing of ``DIR/.parts``.
+    """The saved parts of each of ``files`` that has a part folder (by output name; sorted by row; the list may
+    be empty), from one listing of ``DIR/.parts``.
     Parts generated from another version of their input file (another footer), or that overlap or run past its
     rows, are refused in one line. Killed runs' partial files in part folders are removed
     (``storage.remove_temporaries``)."""
@@ -239,9 +252,12 @@ def find_parts(out: str, files: list[PromptFile]) -> dict[str, list[Part]]:
     for path in storage.walk_files(root):
         rel = storage.relative(path, root)
         name, _, base = rel.rpartition("/")
+        if name not in by_name:
+            continue
+        found.setdefault(name, [])  # a folder with no part (a killed save's partial file only): deleted with the rest
         match = _PART.match(base)
-        if match and name in by_name:
-            found.setdefault(name, []).append(Part(int(match[1]), int(match[2]), path))
+        if match:
+            found[name].append(Part(int(match[1]), int(match[2]), path))
             file = by_name[name]
             if match[3] != _input_tag(file):
                 raise UserError(f"{storage.display(parts_folder(out, name))} holds rows generated from another version of "

@@ -194,7 +194,8 @@ def _check_unique_ids(path: str, id_column: str) -> None:
 def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:
     """All input files, each checked (see ``check_prompt_file``; several at once): the up-front validation of
     ``--prompts``. The first file in order that fails is the one refused."""
-    return storage.each(lambda pair: check_prompt_file(*pair, prompt_column, id_column), find_prompt_files(paths))
+    return storage.each(lambda pair: check_prompt_file(*pair, prompt_column, id_column), find_prompt_files(paths),
+                        threads=CHECK_THREADS)
 
 
 def stable_id(name: str, row: int) -> str:
@@ -231,6 +232,7 @@ class Undecodable:
     reason: str
 
 
+CHECK_THREADS = 4  # files checked at once: each check holds the file's id column (``_check_unique_ids``)
 READ_ATTEMPTS = 3  # tries of one file's reading, for faults of the machine (a dropped object-store connection)
 
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from vocabtrim import storage
 from vocabtrim.errors import UserError, first_line
+from vocabtrim.generate_outputs import PARTS
 from vocabtrim.sweep.cells import (
     RESULT_SCHEMA,
     Cell,
@@ -319,10 +320,10 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
     tokenizer = load_tokenizer(cfg.target, cfg.trust_remote_code)
     counts = np.zeros(len(tokenizer), np.int64)  # [vocabulary]: occurrences of each id, summed file by file
     for f in _outputs(target_out):
-        for text in _completions(f):
-            if text:
-                ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-                counts += np.bincount(ids, minlength=counts.size)  # ids < len(tokenizer)
+        texts = [t for t in _completions(f) if t]
+        if texts:
+            ids = np.concatenate([np.asarray(e, dtype=np.int64) for e in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+            counts += np.bincount(ids, minlength=counts.size)  # ids < len(tokenizer)
     total = int(counts.sum())
     if total == 0:
         return {}
@@ -333,7 +334,8 @@ def eval_coverage(cfg: SweepConfig, out: str, cells: list[Cell]) -> dict[str, fl
             kept = np.flatnonzero(load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE)))["t2d"].numpy())
         else:
             kept = load(storage.read_bytes(storage.join(folder, HEAD_FILE)))["token_ids"].numpy()
-        shares[cell.name] = float(counts[np.unique(kept)].sum() / total)
+        kept = np.unique(kept)
+        shares[cell.name] = float(counts[kept[kept < counts.size]].sum() / total)  # ids past the tokenizer's: never in text
     return shares
 
 
@@ -349,8 +351,8 @@ def add_eval_coverage(cfg: SweepConfig, out: str, rows: list[dict]) -> None:
 def _outputs(folder: str) -> list[str]:
     """The Parquet outputs of a generate folder (its finished files; not hidden ones, nor the parts of a file under
     way in ``.parts/``), sorted."""
-    return [p for p in storage.walk_files(folder)
-            if storage.name(p).endswith(".parquet") and not storage.hidden(storage.relative(p, folder))]
+    return [p for p in storage.walk_files(folder) if storage.name(p).endswith(".parquet") and not storage.name(p).startswith(".")
+            and not storage.relative(p, folder).startswith(PARTS + "/")]
 
 
 def _completions(where: str) -> list:
