@@ -274,6 +274,26 @@ def test_an_arrow_stream_with_dictionary_columns_is_read_from_its_start(tmp_path
     assert len(shards) == 16 and {(s.batch_at, s.batch_row) for s in shards} == {(-1, 0)}
     assert [t for _, _, t in read_all(shards)] == words.to_pylist() + LINES[:100]
 
+    class Tag(pa.ExtensionType):  # a registered extension type whose storage is dictionary-encoded
+        def __init__(self):
+            super().__init__(pa.dictionary(pa.int8(), pa.string()), "vocabtrim.test.tag")
+
+        def __arrow_ext_serialize__(self):
+            return b""
+
+        @classmethod
+        def __arrow_ext_deserialize__(cls, storage_type, serialized):
+            return cls()
+
+    pa.register_extension_type(Tag())
+    try:
+        tags = pa.ExtensionArray.from_storage(Tag(), pa.array(["a", "b"] * 50).dictionary_encode().cast(Tag().storage_type))
+        write_arrow(tmp_path / "f.arrow", pa.table({"text": LINES[:100], "tag": tags}), "stream", 30)
+        shards = corpus.make_shards([str(tmp_path / "f.arrow")], shard_rows=25)
+        assert {s.batch_at for s in shards} == {-1} and [t for _, _, t in read_all(shards)] == LINES[:100]
+    finally:
+        pa.unregister_extension_type("vocabtrim.test.tag")
+
 
 def test_a_saved_datasets_folder_is_read_through_its_arrow_files(tmp_path):
     import datasets  # a test dependency: its absence is a failure, not a skip

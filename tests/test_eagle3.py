@@ -989,6 +989,13 @@ def test_a_training_stopped_within_an_epoch_goes_on_from_its_checkpoint_as_if_ne
         assert torch.allclose(a, b, atol=1e-6), name
     state = torch.load(tmp_path / "stopped" / train.STATE_FILE, weights_only=True)
     assert "within_epoch" not in state and int(state["epoch"]) == 1 and (tmp_path / "stopped" / e3.WEIGHTS_FILE).exists()
+    # A rerun with no epoch left whose drafter files were deleted writes them again from the state, no epoch begun.
+    (tmp_path / "stopped" / e3.WEIGHTS_FILE).unlink()
+    try:
+        trainer("stopped", 0).save()
+    finally:
+        torch.set_num_threads(threads)
+    assert e3.load_eagle3(tmp_path / "stopped") is not None
 
 
 def _synthetic_features(folder, rows_per_shard: list[int], draft_ids: list[int], hidden: int, first: int = 0) -> list[str]:

@@ -441,9 +441,11 @@ def _arrow_source(path: str):
 
 
 def _holds_dictionary(t) -> bool:
-    """Whether Arrow type ``t`` is or holds a dictionary-encoded type."""
+    """Whether Arrow type ``t`` is or holds a dictionary-encoded type (an extension type: in its storage)."""
     import pyarrow as pa
 
+    if isinstance(t, pa.BaseExtensionType):
+        return _holds_dictionary(t.storage_type)
     return pa.types.is_dictionary(t) or any(_holds_dictionary(t.field(i).type) for i in range(t.num_fields))
 
 

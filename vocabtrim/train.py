@@ -725,11 +725,13 @@ class DrafterTrainer(StartingActor):
         c = self.cfg
         if not within_epoch:  # the drafter's own files hold finished epochs only
             e3.save_eagle3(self.model, c.out)
-        position = {"cursor": self._cursor, "losses": self._losses, "correct": self._correct, "counted": self._counted,
-                    "shuffle_bytes": self._shuffle_bytes}
+        within = {}
+        if within_epoch:  # (begin_epoch set these; a trainer with no epoch left, saving its weights, has none)
+            within = {"within_epoch": json.dumps({"cursor": self._cursor, "losses": self._losses, "correct": self._correct,
+                                                  "counted": self._counted, "shuffle_bytes": self._shuffle_bytes})}
         buf = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
-                    "history": json.dumps(self.history), **({"within_epoch": json.dumps(position)} if within_epoch else {})}, buf)
+                    "history": json.dumps(self.history), **within}, buf)
         storage.atomic_write(storage.join(c.out, STATE_FILE), buf.getvalue())
         self._saved_at = time.monotonic()
 
@@ -951,7 +953,8 @@ def _train(config: TrainConfig) -> dict:
     ledger_recorded = storage.is_file(storage.join(ledger.folder, ledger.RUN_FILE))
     ledger.claim(features)
     # A resumed drafter keeps training as it began: the same rows and features, the same held-out shards, batches and
-    # steps. The features' settings are recorded here too: removing features/ removes the ledger's own record.
+    # steps (--shuffle-gb is the machine's memory, not a setting: features over it are shuffled a window at a time,
+    # in windows that change with it from the next epoch on). The features' settings are recorded here too: removing features/ removes the ledger's own record.
     settings = training_settings(c, draft_ids, train_ids, eval_ids, features)
     if ledger_recorded and "features" not in _recorded(c.out):  # a record from before the key: the ledger checked them
         settings.pop("features")
