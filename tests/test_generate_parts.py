@@ -200,3 +200,35 @@ def test_a_part_folder_left_with_only_a_killed_saves_partial_file_is_deleted_wit
     assert saved == {"sub/b.parquet": []}
     run(Pool(), files, config(out, part_rows=10**9, part_seconds=1e9), saved=saved)
     assert not folder.exists() and outputs(out, files) == whole
+
+
+def test_outputs_are_written_beside_the_pool_and_a_failed_write_keeps_its_rows(files, whole, tmp_path, monkeypatch):
+    """Two files' writes run at once (each waits for the other at a barrier: written one after the other on the
+    driver, the first would wait forever). A write that fails stops the run with its error, and the file's rows are
+    saved as parts: the rerun writes it without generating a row of it."""
+    import threading
+
+    write = generate.write_output
+    meet = threading.Barrier(2, timeout=20)
+    with monkeypatch.context() as m:
+        m.setattr(generate, "write_output", lambda *a: (meet.wait(), write(*a))[1])
+        run(Pool(), files, config(tmp_path / "both"))
+    assert outputs(tmp_path / "both", files) == whole
+
+    out = tmp_path / "out"
+
+    def failing(out_, file, *a):
+        if file.name == "a.parquet":
+            raise OSError("injected: the store dropped the upload")
+        return write(out_, file, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "write_output", failing)
+        with pytest.raises(OSError, match="injected"):
+            run(Pool(), files, config(out, part_rows=30))
+    parts = find_parts(str(out), files)
+    assert [(p.start, p.stop) for p in parts["a.parquet"]][-1][1] == ROWS and sum(p.stop - p.start for p in parts["a.parquet"]) == ROWS
+    second = Pool()
+    run(second, files, config(out), saved=parts)
+    assert not any(k.isdigit() for k in second.keys)  # none of a.parquet's rows generated again
+    assert outputs(out, files) == whole

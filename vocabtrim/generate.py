@@ -13,8 +13,8 @@ How a run goes:
    (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once)
    and returns the results.
 4. The driver saves the rows that are back as parts of their file (``DIR/.parts/<name>/``) every
-   ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back, it
-   writes ``DIR/<name>`` atomically from them (locally a temporary name, then rename; on an object store one
+   ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back, one
+   of its ``WRITERS`` threads writes ``DIR/<name>`` atomically from them, while the pool runs on (locally a temporary name, then rename; on an object store one
    upload of the finished file), with the file's engine statistics in the Parquet footer, and deletes the
    parts (``vocabtrim.generate_outputs``). A killed run leaves only complete outputs and parts behind, so a
    rerun generates every row it lacks exactly once.
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 IN_FLIGHT = 2  # chunks queued per actor: one running, one waiting
+WRITERS = 8  # outputs the driver writes at once, beside the pool
 
 
 @dataclass
@@ -591,6 +592,16 @@ class _FileState:
     saved_at: float | None = None  # when rows were last saved, or its first chunk sent
     pending: int = 0
     all_sent: bool = False
+    writing: object = None  # the Future of its output's write, once all its rows are back
+
+
+def _write_file(out: str, st: _FileState, id_name: str, segments: list, remove: bool) -> dict:
+    """Write a file's output from ``segments`` (``write_output``), then delete its parts where ``remove``; its
+    statistics. Runs on the driver's writer threads: nothing here touches the run's shared state."""
+    file_stats = write_output(out, st.file, id_name, segments)
+    if remove:
+        remove_parts(out, st.file.name)
+    return file_stats
 
 
 def _held_runs(st: _FileState, schema: pa.Schema) -> list[tuple[int, pa.Table, ChunkStats]]:
@@ -657,23 +668,42 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
     rows, or ``cfg.part_seconds`` after its last save (checked as any chunk comes back), and when the run stops
     early (Ctrl-C, SIGTERM, a chunk that failed every retry).
 
+    Outputs are written by ``WRITERS`` threads while the pool runs on (on an object store each is an upload and a
+    copy, which would otherwise leave the workers waiting on the driver), at most ``WRITERS`` at once; a failed
+    write stops the run as it would have inline, its file's rows saved as parts.
+
     ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)``
-    after each output is written, with its statistics.
+    after each output is written, with its statistics (on the driver's thread).
     ``wrap_strings``: string prompts go to the actors as one user message each.
     """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     rows_per_task = cfg.rows_per_task or cfg.batch_size * 4
     states: dict[int, _FileState] = {}  # the files begun and not yet written
+    writes: dict = {}  # Future -> file index: outputs being written
+    writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="vocabtrim-write")
     id_name = cfg.id_column
 
     def finish_if_done(index: int) -> None:
         st = states[index]
-        if st.all_sent and st.pending == 0:
+        if st.all_sent and st.pending == 0 and st.writing is None:
             schema = output_schema(id_name, st.file.id_type)
             segments = sorted([*((p.start, p) for p in st.parts), *((s, (t, c)) for s, t, c in _held_runs(st, schema))],
                               key=lambda s: s[0])
-            file_stats = write_output(out, st.file, id_name, [s for _, s in segments])
-            if st.parts or st.file.name in (saved or {}):
-                remove_parts(out, st.file.name)
+            remove = bool(st.parts) or st.file.name in (saved or {})
+            st.writing = writer.submit(_write_file, out, st, id_name, [s for _, s in segments], remove)
+            writes[st.writing] = index
+            written(block=len(writes) >= WRITERS)
+
+    def written(block: bool = False) -> None:
+        """Take the finished writes (waiting for one where ``block``); a failed one raises its error here."""
+        done = [f for f in writes if f.done()]
+        if not done and block:
+            done = list(wait(writes, return_when=FIRST_COMPLETED).done)
+        for f in sorted(done, key=writes.get):
+            index = writes.pop(f)
+            st = states[index]
+            file_stats = f.result()  # a failure: raised with the file's rows still held
             del states[index]
             on_written(st.file, file_stats)
 
@@ -702,8 +732,9 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
         st.pending -= 1
         on_rows(len(columns["finish_reason"]), sum(t or 0 for t in columns["completion_tokens"]))
         finish_if_done(index)
+        written()
         now = time.monotonic()
-        for other in [s for s in states.values() if s.held]:  # this file's, and any other's whose time has come
+        for other in [s for s in states.values() if s.held and s.writing is None]:  # this file's, and any other's due
             if other.held_rows >= cfg.part_rows or now - other.saved_at >= cfg.part_seconds:
                 _save_held(out, other, id_name)
 
@@ -713,7 +744,13 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
 
     try:
         pool.run(items(), on_result, describe)
+        while writes:
+            written(block=True)
     except BaseException:  # stopped early: keep the rows that are back
+        wait(writes)  # the writes under way end (each is whole or nothing)
+        for f, index in writes.items():
+            if f.exception() is None:
+                states.pop(index)
         for st in states.values():
             if st.held:
                 try:
@@ -721,6 +758,8 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
                 except Exception as exc:  # the stop's own cause is what the user sees
                     log.warning("could not save the generated rows of %s (%s)", storage.display(st.file.path), first_line(exc))
         raise
+    finally:
+        writer.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------
