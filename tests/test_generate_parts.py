@@ -24,7 +24,10 @@ class Pool:
     instead of taking chunk number ``stop_at`` (0-based). ``keys``: every row key it was given."""
 
     def __init__(self, window: int = 3, stop_at: int | None = None):
-        self.window, self.stop_at, self.keys, self.taken = window, stop_at, [], 0
+        self.window, self.stop_at, self.keys, self.taken, self.shut = window, stop_at, [], 0, False
+
+    def shutdown(self):
+        self.shut = True
 
     def run(self, items, on_result, describe):
         items = iter(items)
@@ -69,7 +72,15 @@ def config(out, **kw) -> GenerateConfig:
 
 
 def run(pool, files, cfg, saved=None):
-    run_pool(pool, files, cfg, cfg.out, lambda rows, tokens: None, saved=saved)
+    """run_pool; the statistics each written output was reported with must be those in its footer."""
+    reported = {}
+    try:
+        run_pool(pool, files, cfg, cfg.out, lambda rows, tokens: None, lambda f, stats: reported.update({f.name: stats}),
+                 saved=saved)
+    finally:
+        for name, stats in reported.items():
+            assert stats == read_file_stats(output_path(cfg.out, next(f for f in files if f.name == name)))
+    return reported
 
 
 def outputs(out, files):
@@ -155,22 +166,64 @@ def test_a_stopped_run_keeps_its_rows_and_the_rerun_generates_only_the_rest(file
     assert storage.walk_files(storage.join(out, ".parts")) == []
 
 
-def test_a_run_stopped_while_it_writes_an_output_leaves_the_file_saved_for_the_rerun(files, whole, tmp_path, monkeypatch):
+def test_a_write_that_fails_leaves_the_file_saved_for_the_rerun(files, whole, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = config(out, part_rows=20)
 
-    def stopped(*args):
-        raise KeyboardInterrupt
+    def stopped(out_, file, *args):
+        if file.name == "a.parquet":
+            raise KeyboardInterrupt
+        return write(out_, file, *args)
 
+    write = generate.write_output
     with monkeypatch.context() as m:
-        m.setattr(generate, "write_output", stopped)  # Ctrl-C as a.parquet's output is written
+        m.setattr(generate, "write_output", stopped)  # a.parquet's write ends in an interrupt
         with pytest.raises(KeyboardInterrupt):
             run(Pool(), files, cfg)
     parts = find_parts(str(out), files)
-    assert parts["a.parquet"][-1].stop == ROWS and "sub/b.parquet" not in parts
+    assert sum(p.stop - p.start for p in parts["a.parquet"]) == ROWS
     second = Pool()
-    run(second, files, cfg, saved=parts)
-    assert sorted(second.keys) == sorted(f"sub/b.parquet:{i}" for i in range(37))  # a.parquet written from its parts alone
+    run(second, [f for f in files if finished(str(out), f) is None], cfg, saved=parts)
+    assert all(k.startswith("sub/b.parquet:") for k in second.keys)  # a.parquet written from its parts alone
+    assert outputs(out, files) == whole
+
+
+def test_ctrl_c_while_an_output_is_written_saves_the_rest_kills_the_workers_then_lets_the_write_end(files, whole, tmp_path,
+                                                                                                     monkeypatch):
+    """Ctrl-C on the driver while a.parquet's output is being written: b.parquet's rows that are back are saved and
+    the workers killed before the write is let end; the write ends whole; the rerun generates b.parquet's other rows."""
+    import threading
+
+    out = tmp_path / "out"
+    cfg = config(out, part_rows=10**9)
+    write, writing, go = generate.write_output, threading.Event(), threading.Event()
+    order = []
+
+    def slow(out_, file, *args):
+        if file.name == "a.parquet":
+            writing.set()
+            go.wait(20)
+            order.append("written")
+        return write(out_, file, *args)
+
+    class Stopping(Pool):
+        def shutdown(self):
+            order.append("workers killed")
+            threading.Timer(0.2, go.set).start()
+
+    chunks = len(list(read_chunks(files[0], "prompt", "id", 7)))
+    first = Stopping(window=1, stop_at=chunks + 2)  # Ctrl-C as b.parquet's third chunk would go out
+    with monkeypatch.context() as m:
+        m.setattr(generate, "write_output", slow)
+        with pytest.raises(KeyboardInterrupt):
+            run(first, files, cfg)
+    assert writing.is_set() and order == ["workers killed", "written"]
+    assert finished(str(out), files[0]) is not None and finished(str(out), files[1]) is None
+    parts = find_parts(str(out), files)
+    assert "a.parquet" not in parts and [(p.start, p.stop) for p in parts["sub/b.parquet"]] == [(0, 14)]
+    second = Pool()
+    run(second, files[1:], cfg, saved=parts)  # the files with no output, as _generate gives them
+    assert sorted(second.keys) == sorted(f"sub/b.parquet:{i}" for i in range(14, 37))
     assert outputs(out, files) == whole
 
 

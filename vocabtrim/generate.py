@@ -670,7 +670,8 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
 
     Outputs are written by ``WRITERS`` threads while the pool runs on (on an object store each is an upload and a
     copy, which would otherwise leave the workers waiting on the driver), at most ``WRITERS`` at once; a failed
-    write stops the run as it would have inline, its file's rows saved as parts.
+    write stops the run as it would have inline, its file's rows saved as parts. A stop saves the rows of the files
+    not being written first, then kills the workers and lets the writes under way end.
 
     ``on_rows(n, tokens)`` is called as each chunk of n rows (tokens generated) comes back; ``on_written(file, stats)``
     after each output is written, with its statistics (on the driver's thread).
@@ -747,16 +748,21 @@ def run_pool(pool, files: list[PromptFile], cfg: GenerateConfig, out: str, on_ro
         while writes:
             written(block=True)
     except BaseException:  # stopped early: keep the rows that are back
-        wait(writes)  # the writes under way end (each is whole or nothing)
-        for f, index in writes.items():
-            if f.exception() is None:
-                states.pop(index)
-        for st in states.values():
-            if st.held:
+        def save(held: list[_FileState]) -> None:
+            for st in held:
                 try:
                     _save_held(out, st, id_name)
                 except Exception as exc:  # the stop's own cause is what the user sees
                     log.warning("could not save the generated rows of %s (%s)", storage.display(st.file.path), first_line(exc))
+
+        save([st for st in states.values() if st.held and st.writing is None])  # first: a pod's grace period is short
+        if writes:
+            pool.shutdown()  # the workers go now, not after the writes under way
+            wait(writes)  # each ends whole or not at all
+            for f, index in writes.items():
+                if f.exception() is None:
+                    states.pop(index)
+        save([st for st in states.values() if st.held and st.writing is not None])  # the files whose write failed
         raise
     finally:
         writer.shutdown(wait=True)
