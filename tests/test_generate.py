@@ -150,8 +150,11 @@ def test_rows_one_to_one_ids_and_types(first_run, base, inputs):
     assert "acceptance rate" in printed and "17 (8 errors)" in printed
 
 
-def test_rerun_with_the_same_settings_does_nothing_again(first_run, base):
+def test_rerun_with_the_same_settings_does_nothing_again(first_run, base, monkeypatch):
+    from vocabtrim import prompts
+
     before = {p: p.stat().st_mtime_ns for p in Path(base.out).rglob("*.parquet")}
+    monkeypatch.setattr(prompts, "_check_unique_ids", lambda *a: pytest.fail("a finished file's id column was read again"))
     summary = run_generate(replace(base, batch_size=2, workers=2))  # not settings: rows do not depend on them
     assert summary["files_resumed"] == 3 and summary["files_generated"] == 0
     assert summary["rows"] == first_run[0]["rows"] and summary["generated_tokens"] == first_run[0]["generated_tokens"]
@@ -279,6 +282,16 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_pair_dirs, tmp_path):
     assert sorted(ids) == sorted(f"{i}-{j}" for i in range(len(names)) for j in range(4))  # every row exactly once
     assert summary["rows"] == 4 * len(names) and summary["errored_rows"] == 0
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_repeated_ids_are_refused_up_front_in_files_still_to_do(tiny_pair_dirs, tmp_path, capsys):
+    target, drafter = tiny_pair_dirs
+    pq.write_table(pa.table({"id": ["x", "y", "x"], "prompt": ["a", "b", "c"]}), tmp_path / "twice.parquet")
+    out = tmp_path / "out"
+    argv = ["generate", "--target", target, "--drafter", drafter, "--prompts", str(tmp_path / "twice.parquet"), "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--id-column 'id' holds 'x' in 2 rows" in err and not out.exists()
 
 
 def test_bad_files_are_refused_up_front(tiny_pair_dirs, tmp_path, capsys):

@@ -3,8 +3,8 @@
 How a run goes:
 1. Checks before any heavy work: flags, the target/drafter tokenizers, ``--chat-template`` against the
    tokenizer and the prompt columns, every input file (Parquet, prompt column), ``--drafter-layers`` and the
-   head's manifest against the drafter's config; only then ``--out`` (its ``settings.json`` must match this
-   run's settings once it holds an output).
+   head's manifest against the drafter's config, the ids of the files not yet generated; only then ``--out``
+   (its ``settings.json`` must match this run's settings once it holds an output).
 2. Input files whose output is already complete are skipped, and so are the rows of the others that an earlier
    run saved as parts (resume).
 3. ``--workers`` actors each load the target, drafter and head once. The driver streams each remaining
@@ -64,6 +64,7 @@ from vocabtrim.generate_outputs import (
 from vocabtrim.prompts import (
     PromptChunk,
     PromptFile,
+    check_ids,
     check_room,
     encode_prompt,
     inspect_prompt_files,
@@ -858,7 +859,7 @@ def _generate(cfg: GenerateConfig) -> dict:
 
     wall = time.perf_counter()
     check_config(cfg)
-    files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column)
+    files = inspect_prompt_files(list(cfg.prompts), cfg.prompt_column, cfg.id_column, ids=False)
     if sum(f.num_rows for f in files) == 0:
         raise UserError(f"the prompts are empty: no rows in {' '.join(storage.display(f.path) for f in files)}")
     fingerprint, wrap_strings, template = check_models(cfg, files)
@@ -866,10 +867,11 @@ def _generate(cfg: GenerateConfig) -> dict:
     out = os.fspath(cfg.out)
     extra = {name for f in files for name in message_extra_fields(f.prompt_type)}
     settings = settings_of(cfg, fingerprint, head_sha256, template, sorted(extra))
-    prepare_out(out, settings, files)
-    saved = find_parts(out, files)
     stats = dict(zip((f.name for f in files), storage.each(lambda f: finished(out, f), files)))  # name -> stats or None
     todo = [f for f in files if stats[f.name] is None]
+    check_ids(todo, cfg.id_column)  # a finished file's ids were checked when it was generated
+    prepare_out(out, settings, files)
+    saved = find_parts(out, files)
     for name in saved.keys() - {f.name for f in todo}:  # written by a run stopped before it deleted the file's parts
         remove_parts(out, name)
     saved_rows = sum(p.stop - p.start for f in todo for p in saved.get(f.name, []))

@@ -127,8 +127,9 @@ def footer_digest(f) -> str:
     return hashlib.sha256(f.read(length)).hexdigest()[:16]
 
 
-def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str | None) -> PromptFile:
-    """Read a file's footer and refuse it in one line if it is not Parquet or lacks the prompt column."""
+def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str | None, ids: bool = True) -> PromptFile:
+    """Read a file's footer and refuse it in one line if it is not Parquet or lacks the prompt column; with ``ids``,
+    also read its id column and refuse repeated ids (``check_ids``)."""
     path = os.fspath(path)
     shown = storage.display(path)
     try:
@@ -157,7 +158,8 @@ def check_prompt_file(path: str, name: str, prompt_column: str, id_column: str |
         # null: a column with no id in any row (pandas writes an all-None column so), every row's id a stable one
         if not (is_text_type(value_type) or pa.types.is_integer(value_type) or pa.types.is_null(value_type)):
             raise UserError(f"{shown}: --id-column {id_column!r} holds {id_type} values: ids must be strings or integers")
-        _check_unique_ids(path, id_column)
+        if ids:
+            _check_unique_ids(path, id_column)
     return PromptFile(path=path, name=name, num_rows=meta.num_rows, prompt_type=prompt_type, id_type=id_type,
                       footer_sha256=footer)
 
@@ -191,11 +193,19 @@ def _check_unique_ids(path: str, id_column: str) -> None:
         )
 
 
-def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None) -> list[PromptFile]:
+def inspect_prompt_files(paths: list[str], prompt_column: str, id_column: str | None, ids: bool = True) -> list[PromptFile]:
     """All input files, each checked (see ``check_prompt_file``; several at once): the up-front validation of
-    ``--prompts``. The first file in order that fails is the one refused."""
-    return storage.each(lambda pair: check_prompt_file(*pair, prompt_column, id_column), find_prompt_files(paths),
+    ``--prompts``. The first file in order that fails is the one refused. ``ids=False``: their id columns are
+    left for ``check_ids``."""
+    return storage.each(lambda pair: check_prompt_file(*pair, prompt_column, id_column, ids), find_prompt_files(paths),
                         threads=CHECK_THREADS)
+
+
+def check_ids(files: list[PromptFile], id_column: str | None) -> None:
+    """Refuse, in one line, the first of ``files`` whose id column repeats an id or holds one that is not UTF-8
+    (``_check_unique_ids``); several files at once."""
+    storage.each(lambda f: _check_unique_ids(f.path, id_column), [f for f in files if f.id_type is not None],
+                 threads=CHECK_THREADS)
 
 
 def stable_id(name: str, row: int) -> str:
