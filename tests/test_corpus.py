@@ -1,14 +1,14 @@
 """Corpus files → shards with stable ids; every row read exactly once; bad input refused in one line."""
 
-import io
 import json
-import re
 import os
+import re
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from counting import Counting
 
 from vocabtrim import corpus, storage
 from vocabtrim.errors import UserError
@@ -24,34 +24,6 @@ def read_all(shards, column="text", batch_rows=7):
             assert len(batch.texts) == len(batch.keys) <= batch_rows
             out.extend((s.name, k, t) for k, t in zip(batch.keys, batch.texts))
     return out
-
-
-class Counting(io.RawIOBase):
-    """A local file as an object store would serve it, adding the bytes it sends to ``sent``."""
-
-    def __init__(self, path, sent: list):
-        self.f, self.sent = open(path, "rb"), sent
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=0):
-        return self.f.seek(offset, whence)
-
-    def tell(self):
-        return self.f.tell()
-
-    def readinto(self, b):
-        n = self.f.readinto(b)
-        self.sent.append(n)
-        return n
-
-    def close(self):
-        self.f.close()
-        super().close()
 
 
 def write_arrow(path, table, kind: str, rows_per_batch: int) -> None:

@@ -1,12 +1,12 @@
 """A process reading the shards of one Parquet row group in increasing order decodes the group once (the reader is
 kept between shards); any other order, an error or a shard left mid-way gives the same rows as a fresh read."""
 
-import io
 import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from counting import Counting
 
 from vocabtrim import corpus, storage
 
@@ -172,34 +172,9 @@ def test_a_few_rows_of_a_large_row_group_read_about_their_own_pages(tmp_path, mo
     assert len(shards) == 1250 and {s.row_group for s in shards} == {0}
     sent, opened = [], []
 
-    class Counting(io.RawIOBase):  # the file as an object store would serve it, counting the bytes sent
-        def __init__(self, where):
-            self.f = open(storage.local_path(where), "rb")
-
-        def readable(self):
-            return True
-
-        def seekable(self):
-            return True
-
-        def seek(self, offset, whence=0):
-            return self.f.seek(offset, whence)
-
-        def tell(self):
-            return self.f.tell()
-
-        def readinto(self, b):
-            n = self.f.readinto(b)
-            sent.append(n)
-            return n
-
-        def close(self):
-            self.f.close()
-            super().close()
-
     def counting_open(where):
         opened.append(where)
-        return pa.PythonFile(Counting(where), mode="r")
+        return pa.PythonFile(Counting(storage.local_path(where), sent), mode="r")
 
     monkeypatch.setattr(storage, "open_input_file", counting_open)
     assert read(shards[0], 16) == [(k, rows[k]) for k in range(32)]

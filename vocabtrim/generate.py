@@ -52,6 +52,7 @@ from vocabtrim.generate_outputs import (
     ChunkStats,
     Part,
     add_lists,
+    add_stats,
     find_parts,
     finished,
     output_path,
@@ -784,11 +785,7 @@ def per_position_acceptance(hist: list[int], reached: list[int]) -> list[float |
 def summarize(file_stats: list[dict], settings: dict, run: dict) -> dict:
     total = {}
     for s in file_stats:
-        for k, v in s.items():
-            if isinstance(v, list):
-                total[k] = add_lists(total.get(k, []), v)
-            else:
-                total[k] = total.get(k, 0) + v
+        total = add_stats(total, s)
     get = total.get
     hist = get("accepted_hist", [])
     tokens = get("generated_tokens", 0)

@@ -167,7 +167,7 @@ def write_output(out: str, file: PromptFile, id_column: str, segments: list) -> 
     made: dict = {}
     for segment in segments:  # the statistics first: the writer's schema carries them
         seg = segment.stats() if isinstance(segment, Part) else {**_row_stats(segment[0]), **asdict(segment[1])}
-        made = _add_stats(made, seg)
+        made = add_stats(made, seg)
     made = {**_row_stats(schema.empty_table()), **asdict(ChunkStats()), **made}
     if made["rows"] != file.num_rows:  # segments must tile the file
         raise RuntimeError(f"{made['rows']} rows generated of the {file.num_rows} of {storage.display(file.path)}")
@@ -189,8 +189,9 @@ def write_output(out: str, file: PromptFile, id_column: str, segments: list) -> 
     return made
 
 
-def _add_stats(a: dict, b: dict) -> dict:
-    """Two statistics dicts (``write_output``'s) summed key by key; lists element-wise."""
+def add_stats(a: dict, b: dict) -> dict:
+    """Two statistics dicts (``write_output``'s, or any with numbers and lists of numbers) summed key by key; lists
+    element-wise."""
     return {k: add_lists(a.get(k, []), b.get(k, [])) if isinstance(a.get(k, b.get(k)), list) else a.get(k, 0) + b.get(k, 0)
             for k in {**a, **b}}
 
