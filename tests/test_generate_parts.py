@@ -242,6 +242,10 @@ def test_parts_of_another_version_of_the_input_or_that_overlap_are_refused(files
         (tmp_path / "out" / ".parts" / "a.parquet" / first).read_bytes())
     with pytest.raises(UserError, match=f"overlaps another part or runs past the rows of .*: delete {folder}"):
         find_parts(str(out), files)
+    (tmp_path / "out" / ".parts" / "a.parquet" / f"{int(start) + 1:012d}-{rest}").unlink()
+    (tmp_path / "out" / ".parts" / "a.parquet" / first).write_bytes(b"PAR1 not a part")  # damaged: refused in one line
+    with pytest.raises(UserError, match=f"{first} is not a readable part .*: delete {folder} to generate that file again"):
+        run(Pool(), files, config(out), saved=find_parts(str(out), files))
 
 
 def test_a_part_folder_left_with_only_a_killed_saves_partial_file_is_deleted_with_the_file(files, whole, tmp_path):

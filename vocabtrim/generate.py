@@ -13,11 +13,11 @@ How a run goes:
    (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once)
    and returns the results.
 4. The driver saves the rows that are back as parts of their file (``DIR/.parts/<name>/``) every
-   ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back, one
-   of its ``WRITERS`` threads writes ``DIR/<name>`` atomically from them, while the pool runs on (locally a temporary name, then rename; on an object store one
-   upload of the finished file), with the file's engine statistics in the Parquet footer, and deletes the
-   parts (``vocabtrim.generate_outputs``). A killed run leaves only complete outputs and parts behind, so a
-   rerun generates every row it lacks exactly once.
+   ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back,
+   one of its ``WRITERS`` threads writes ``DIR/<name>`` atomically from them while the pool runs on (locally a
+   temporary name, then rename; on an object store one upload of the finished file), with the file's engine
+   statistics in the Parquet footer, and deletes the parts (``vocabtrim.generate_outputs``). A killed run leaves
+   only complete outputs and parts behind, so a rerun generates every row it lacks exactly once.
 5. ``DIR/summary.json`` sums the outputs of all input files (generated now or by an earlier run).
 
 ``--prompts``, ``--out`` and ``--head`` are locations (``vocabtrim.storage``): local paths or object-store URIs.
@@ -613,7 +613,8 @@ def _held_runs(st: _FileState, schema: pa.Schema) -> list[tuple[int, pa.Table, C
         ids, columns, stats = st.held[start]
         if runs and runs[-1][1] == start:
             runs[-1][1] += len(columns["finish_reason"])
-            runs[-1][2].append(ids), runs[-1][3].append(columns)
+            runs[-1][2].append(ids)
+            runs[-1][3].append(columns)
             runs[-1][4] = runs[-1][4].add(stats)
         else:
             runs.append([start, start + len(columns["finish_reason"]), [ids], [columns], stats])

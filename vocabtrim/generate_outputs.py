@@ -211,16 +211,26 @@ class Part:
     path: str
 
     def stats(self) -> dict:
-        with storage.open_input_file(self.path) as f:
-            return json.loads((pq.read_metadata(f).metadata or {})[STATS_KEY])
+        try:
+            with storage.open_input_file(self.path) as f:
+                return json.loads((pq.read_metadata(f).metadata or {})[STATS_KEY])
+        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
+            self._damaged(exc)
 
     def read(self, schema: pa.Schema) -> pa.Table:
-        with storage.open_input_file(self.path) as f:
-            table = pq.read_table(f)
-        if table.num_rows != self.stop - self.start:
-            raise UserError(f"{storage.display(self.path)} holds {table.num_rows} rows, not {self.stop - self.start}: "
-                            f"delete {storage.display(storage.parent(self.path))} to generate that file again")
-        return table.replace_schema_metadata(None).cast(schema)
+        try:
+            with storage.open_input_file(self.path) as f:
+                table = pq.read_table(f)
+            if table.num_rows != self.stop - self.start:
+                raise ValueError(f"{table.num_rows} rows, not {self.stop - self.start}")
+            return table.replace_schema_metadata(None).cast(schema)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            self._damaged(exc)
+
+    def _damaged(self, exc: BaseException):
+        """A part that cannot be read is refused in one line, unless the machine is at fault (``user_error_unless_fault``)."""
+        user_error_unless_fault(exc, f"{storage.display(self.path)} is not a readable part ({first_line(exc)}): delete "
+                                     f"{storage.display(storage.parent(self.path))} to generate that file again")
 
 
 def parts_folder(out: str, name: str) -> str:
