@@ -29,8 +29,6 @@ import json
 import logging
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -162,29 +160,15 @@ class Ledger:
 
         Returns (counts int64 [≥ vocab_size], per-shard entries without their arrays, in shard order).
         Entries are read ``READ_THREADS`` at a time (on an object store each is a round trip) and summed in shard
-        order as they arrive; at most twice that many are held at once.
+        order (``storage.each_in_order``: at most twice that many held at once).
         """
         total = np.zeros(vocab_size, dtype=np.int64)
         entries = []
-        ids = iter(dict.fromkeys(shard_ids))  # unique, in order
-        pending: deque = deque()
-        pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="ledger-read")
-
-        def more() -> None:
-            while len(pending) < 2 * self.READ_THREADS and (shard_id := next(ids, None)) is not None:
-                pending.append(pool.submit(self.read, shard_id))
-
-        try:
-            more()
-            while pending:
-                entry = pending.popleft().result()
-                more()
-                part = histogram.from_sparse(entry.ids, entry.counts, 0)
-                total = histogram.add_into(total, part)
-                entry.ids = entry.counts = None
-                entries.append(entry)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # an error: the reads not begun are dropped
+        for entry in storage.each_in_order(self.read, dict.fromkeys(shard_ids), self.READ_THREADS):  # ids unique, in order
+            part = histogram.from_sparse(entry.ids, entry.counts, 0)
+            total = histogram.add_into(total, part)
+            entry.ids = entry.counts = None
+            entries.append(entry)
         return total, entries
 
 

@@ -276,19 +276,36 @@ def glob_typed(pattern: str) -> list[tuple[str, bool]]:
 IO_THREADS = 16  # reads of many small objects at once (each a store round trip, mostly waiting)
 
 
-def each(fn: Callable, items: list, threads: int = IO_THREADS) -> list:
-    """``[fn(x) for x in items]`` with up to ``threads`` calls at once, for reads whose time is round trips.
-    Results come in the items' order, and so does the exception raised: the first item's that failed."""
-    items = list(items)
-    if len(items) < 2 or threads < 2:
-        return [fn(x) for x in items]
+def each(fn: Callable, items, threads: int = IO_THREADS) -> list:
+    """``[fn(x) for x in items]`` with up to ``threads`` calls at once (``each_in_order``)."""
+    return list(each_in_order(fn, items, threads))
+
+
+def each_in_order(fn: Callable, items, threads: int = IO_THREADS):
+    """``fn(x)`` for each of ``items`` (a generator), up to ``threads`` calls at once, for reads whose time is round
+    trips. Results come in the items' order, and so does the exception raised: the first item's that failed. At most
+    ``2 * threads`` calls are begun ahead of the result taken, so at most that many results are held."""
+    items = iter(items)
+    if threads < 2:
+        yield from map(fn, items)
+        return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="vocabtrim-io")
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vocabtrim-io")
     try:
-        return list(pool.map(fn, items))
+        while True:
+            while len(pending) < 2 * threads and (x := next(items, _END)) is not _END:
+                pending.append(pool.submit(fn, x))
+            if not pending:
+                return
+            yield pending.popleft().result()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)  # an error or a reader that stops: the calls not begun are dropped
+
+
+_END = object()
 
 
 def open_input_file(where: str):
