@@ -342,6 +342,38 @@ def test_a_network_fault_while_cutting_shards_is_not_a_user_error(tmp_path, monk
     assert not isinstance(raised.value, UserError)
 
 
+def test_files_are_cut_at_once_and_the_shards_and_the_error_are_those_of_the_files_in_order(tmp_path, monkeypatch):
+    """On an object store each file's footer is round trips: ``make_shards`` cuts ``PLAN_THREADS`` files at
+    once. The shards come in the files' order whichever finishes first, and of two bad files the first is named."""
+    import threading
+    import time
+
+    for i in range(12):
+        pq.write_table(pa.table({"text": [f"row {i} {j}" for j in range(i + 1)]}), tmp_path / f"f{i:02d}.parquet")
+    serial = corpus.make_shards([str(tmp_path)])
+    under_way, most = [], []
+    lock = threading.Lock()
+    real = corpus._parquet_shards
+
+    def slow(path, *args):
+        with lock:
+            under_way.append(path)
+            most.append(len(under_way))
+        time.sleep(0.1 if path.endswith(("f00.parquet", "f03.parquet")) else 0.01)  # these finish after the others
+        with lock:
+            under_way.remove(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(corpus, "_parquet_shards", slow)
+    assert corpus.make_shards([str(tmp_path)]) == serial
+    assert [s.path for s in serial] == sorted(str(p) for p in tmp_path.iterdir())  # one shard each, in order
+    assert max(most) > 1
+    (tmp_path / "f03.parquet").write_bytes(b"PAR1 garbage")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "f09.parquet")  # refused before f03 is
+    with pytest.raises(UserError, match="f03.parquet"):
+        corpus.make_shards([str(tmp_path)])
+
+
 def test_missing_paths_and_empty_globs_are_refused(tmp_path):
     with pytest.raises(UserError, match="no such corpus file or folder"):
         corpus.expand_paths([str(tmp_path / "nope.parquet")])

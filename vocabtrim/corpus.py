@@ -43,6 +43,7 @@ from vocabtrim.errors import UserError, first_line, user_error_unless_fault
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt", ".arrow": "arrow"}
 FOLDER_SUFFIXES = (".parquet", ".jsonl", ".txt")  # what a plain folder is searched for
 DEFAULT_SHARD_BYTES = 16 << 20
+PLAN_THREADS = 16  # files ``make_shards`` checks and cuts at once
 PARQUET_READ_BUFFER = 1 << 20, 8 << 20  # the least and most of a Parquet column chunk read at a time (``_parquet_buffer``)
 
 
@@ -540,24 +541,26 @@ def make_shards(
     """
     if shard_bytes < 1:
         raise ValueError("shard_bytes must be positive")
-    shards: list[Shard] = []
-    for path in expand_paths(paths):
+
+    def cut(path: str) -> list[Shard]:
         kind = SUFFIXES[_suffix(path)]
         if storage.is_local(path) and not os.access(storage.local_path(path), os.R_OK):
             raise UserError(f"cannot read {storage.display(path)}: permission denied")
         try:
             if kind == "parquet":
-                shards.extend(_parquet_shards(path, text_column, shard_bytes, shard_rows, messages))
-            elif kind == "arrow":
-                shards.extend(_arrow_shards(path, text_column, shard_bytes, shard_rows, messages))
-            elif kind == "jsonl":
-                shards.extend(_byte_shards(path, kind, shard_bytes, _check_jsonl(path, text_column, messages)))
-            else:
-                _check_text(path)
-                shards.extend(_byte_shards(path, kind, shard_bytes))
+                return _parquet_shards(path, text_column, shard_bytes, shard_rows, messages)
+            if kind == "arrow":
+                return _arrow_shards(path, text_column, shard_bytes, shard_rows, messages)
+            if kind == "jsonl":
+                return _byte_shards(path, kind, shard_bytes, _check_jsonl(path, text_column, messages))
+            _check_text(path)
+            return _byte_shards(path, kind, shard_bytes)
         except OSError as exc:
             user_error_unless_fault(exc, f"cannot read {storage.display(path)}: {exc.strerror or first_line(exc)}")
-    return shards
+
+    # Files are checked PLAN_THREADS at a time (on an object store a footer read is round trips); the shards and
+    # the error raised, if any, are those of the files in order.
+    return [shard for shards in storage.each_in_order(cut, expand_paths(paths), PLAN_THREADS) for shard in shards]
 
 
 # ---------------------------------------------------------------------------------------------
