@@ -13,6 +13,7 @@ import pytest
 from tiny import TRAINING_TEXT, corpus_rows, count_tokens, make_model, make_tokenizer, save_model
 from vocabtrim import corpus, histogram, storage
 from vocabtrim.calibrate import (
+    LEDGER_WRITERS,
     CalibrateConfig,
     CounterPool,
     CounterSpec,
@@ -118,6 +119,56 @@ def test_a_shard_delivered_twice_is_summed_once(ray_local, data, tmp_path):
     counts, entries = ledger.reduce([s.shard_id for s in shards + shards[:5]], 300)
     assert len(entries) == len(shards)
     assert np.array_equal(counts, single_process_count(data))
+
+
+def test_ledger_entries_are_written_beside_the_pool_and_a_failed_write_ends_the_run(ray_local, data, tmp_path):
+    """On an object store an entry is an upload and a copy: ``count_shards`` writes up to ``LEDGER_WRITERS`` at once.
+    A shard counts once its entry is written; a write that fails ends the run with its error, and the writes under
+    way end whole (the rerun skips them)."""
+    import threading
+    import time
+
+    shards = corpus.make_shards([data["corpus"]], "text", SHARD_BYTES)
+    spec = CounterSpec(source="corpus", tokenizer=data["model"], tokenizer_json=data["tok"]._tokenizer.to_str())
+    lock = threading.Lock()
+    under_way: list[str] = []
+    most = [0]
+
+    class SlowLedger(Ledger):
+        fail: str | None = None
+
+        def record(self, result):
+            with lock:
+                under_way.append(result.shard_id)
+                most[0] = max(most[0], len(under_way))
+            try:
+                time.sleep(0.2)
+                if result.shard_id == self.fail:
+                    raise OSError("AWS Error SLOW_DOWN during PutObject")
+                return super().record(result)
+            finally:
+                with lock:
+                    under_way.remove(result.shard_id)
+
+    ledger = SlowLedger(tmp_path / "a")
+    seen = []
+    with CounterPool(spec, 2, cpus_per_worker=0.4) as pool:
+        stats = count_shards(pool, shards, ledger, on_recorded=lambda result, pool: seen.append(
+            (tmp_path / "a" / f"{result.shard_id}.npz").exists()))
+    assert most[0] > 1 and stats.shards == len(shards) == len(seen) and all(seen)
+    counts, _ = ledger.reduce([s.shard_id for s in shards], 300)
+    assert np.array_equal(counts, single_process_count(data))
+
+    failing = SlowLedger(tmp_path / "b")
+    failing.fail = shards[3].shard_id
+    with CounterPool(spec, 2, cpus_per_worker=0.4) as pool:
+        with pytest.raises(OSError, match="SLOW_DOWN"):
+            count_shards(pool, shards, failing)
+    assert not under_way  # no write left running
+    names = sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix == ".npz")
+    assert f"{shards[3].shard_id}.npz" not in names and len(names) < len(shards)
+    for name in names:  # each whole
+        failing.read(name[: -len(".npz")])
 
 
 def test_the_ledger_keeps_one_entry_per_shard_id(tmp_path):
@@ -236,13 +287,13 @@ def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, dat
         run_calibrate(config(data, tmp_path / "out"), on_recorded=stop_after_five)
     assert not (tmp_path / "out" / "histogram.parquet").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
-    assert len(before) == 5
+    assert 5 <= len(before) < 5 + LEDGER_WRITERS  # the writes under way at the stop end whole
     partial = [tmp_path / "out" / ".histogram.parquet.k3j2x9ab.tmp", tmp_path / "out" / "shards" / ".f-00001.npz.0123abcd.tmp"]
     for p in partial:  # what a run killed while it wrote leaves
         p.write_bytes(b"x")
     m = run_calibrate(config(data, tmp_path / "out", workers=2))
     assert not any(p.exists() for p in partial)
-    assert m["shards_resumed"] == 5 and m["shards_counted"] == m["shards"] - 5
+    assert m["shards_resumed"] == len(before) and m["shards_counted"] == m["shards"] - len(before)
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
     assert all(after[name] == t for name, t in before.items())  # finished shards were not rewritten
     assert np.array_equal(written(tmp_path / "out"), single_process_count(data))

@@ -45,6 +45,7 @@ SOURCES = ("corpus", "drafter", "target")
 GENERATED_SHARD_BYTES = 16 << 10
 GENERATED_SHARD_ROWS = 32
 DEFAULT_BATCH = {"corpus": 1024, "drafter": 16, "target": 16}
+LEDGER_WRITERS = 8  # ledger entries the driver writes at once, beside the pool (``count_shards``)
 
 
 @dataclass
@@ -480,28 +481,59 @@ def count_shards(
     UserError. The ledger keeps a shard counted twice once. ``method``: the actor method called per shard (``count``; the
     feature extractors of ``train-drafter`` use ``extract``), whose result has ``shard_id``, ``rows``,
     ``tokens`` and ``cpu_seconds`` and is what ``ledger.record`` takes.
+
+    Entries are written by ``LEDGER_WRITERS`` threads beside the pool (on an object store each is an upload and a
+    copy: one at a time, the driver's writes would bound the cluster's rate), at most that many at once. A shard
+    counts (``stats``, ``progress``, ``on_recorded``, on the driver's thread) once its entry is written; a failed
+    write ends the run with its error, and a run that ends early lets the writes under way end (each whole or not
+    at all).
     """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from vocabtrim.ray_utils import ActorPool
 
     stats = CountStats()
     start = time.perf_counter()
     runner = ActorPool(pool._start, lambda actor, shard: getattr(actor, method).remote(shard), 0, depth=depth,
                        max_attempts=max_attempts, describe=lambda shard: f"shard {shard.shard_id}", actors=pool.actors)
+    writes: dict = {}  # Future -> the result it writes
+    writing: set[str] = set()  # their shard ids
+    writer = ThreadPoolExecutor(LEDGER_WRITERS, thread_name_prefix="vocabtrim-ledger")
+
+    def recorded(block: bool = False) -> None:
+        """Take the finished writes (waiting for one where ``block``); a failed one raises its error here."""
+        done = [f for f in writes if f.done()]
+        if not done and block:
+            done = list(wait(writes, return_when=FIRST_COMPLETED).done)
+        for f in done:
+            result = writes.pop(f)
+            writing.discard(result.shard_id)
+            if not f.result():  # a failure raises here; False: recorded by another write
+                stats.duplicate_deliveries += 1
+                continue
+            stats.shards += 1
+            stats.rows += result.rows
+            stats.tokens += result.tokens
+            stats.cpu_seconds += result.cpu_seconds
+            if progress is not None:
+                progress.update(1, tokens=result.tokens)
+            if on_recorded is not None:
+                on_recorded(result, pool)
 
     def on_result(shard, result: ShardCount) -> None:
-        if not ledger.record(result):
+        if ledger.done(result.shard_id) or result.shard_id in writing:
             stats.duplicate_deliveries += 1
-            return
-        stats.shards += 1
-        stats.rows += result.rows
-        stats.tokens += result.tokens
-        stats.cpu_seconds += result.cpu_seconds
-        if progress is not None:
-            progress.update(1, tokens=result.tokens)
-        if on_recorded is not None:
-            on_recorded(result, pool)
+        else:
+            writing.add(result.shard_id)
+            writes[writer.submit(ledger.record, result)] = result
+        recorded(block=len(writes) >= LEDGER_WRITERS)
 
-    runner.run(shards, on_result)
+    try:
+        runner.run(shards, on_result)
+        while writes:
+            recorded(block=True)
+    finally:
+        writer.shutdown(wait=True)
     stats.actor_replacements = runner.replacements
     stats.seconds = time.perf_counter() - start
     return stats
