@@ -318,6 +318,43 @@ def test_continuous_batching_rows_finish_in_any_order_and_equal_their_solo_runs(
     assert engine.last_stats.occupancy > 0.8
 
 
+@pytest.mark.parametrize("sampler", ["gumbel", "rejection"])
+def test_rows_added_to_an_open_run_while_it_runs_equal_one_generate_call(pair64, trimmed, sampler):
+    """``Engine.open``: rows added in several groups while earlier ones are in flight (a generate worker's chunks)
+    give each row the completion and figures one ``generate`` call gives it; a row longer than the caches hold
+    waits until none is in flight, then the caches grow, and the slots freed by finished rows take later rows."""
+    target, drafter = pair64
+    head = head_from_ids(drafter, trimmed.token_ids.tolist())
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, V, (k,), generator=g).tolist() for k in (3, 5, 2, 7, 1, 4, 300, 6, 2, 9, 3, 520)]
+    seeds = [row_seed(7, f"row-{i}") for i in range(len(prompts))]
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+
+    def engine():
+        return make_engine(target, drafter, head, gamma=3, sampling=params, sampler=sampler, max_new_tokens=12,
+                           batch_size=4)
+
+    reference = engine().generate(prompts, seeds)
+    run = engine().open()
+    assert not run.busy
+    outs, capacities, most = {}, set(), 0
+    groups = [range(0, 3), range(3, 7), range(7, 10), range(10, 12)]
+    for k, group in enumerate(groups):
+        run.add([prompts[i] for i in group], [seeds[i] for i in group])
+        for _ in range(3 if k < len(groups) - 1 else 10_000):  # a few steps, then the next group joins
+            if not run.busy:
+                break
+            outs.update(run.advance())
+            capacities.add(run.capacity)
+            most = max(most, run.n)
+    assert not run.busy and sorted(outs) == list(range(len(prompts)))
+    assert [outs[i] for i in range(len(prompts))] == reference  # tokens and every figure
+    assert len(capacities) == 3 and max(capacities) >= 520 + 12 + 3 + 1  # grown twice, for rows 6 and 11
+    assert most == 4 and run.stats.target_passes == sum(run.stats.gamma_hist) > 0
+    with pytest.raises(UserError, match="empty prompt"):
+        run.add([[]], [0])
+
+
 def test_caches_after_rejections_and_admissions_match_a_fresh_forward(target, drafter):
     """Step a run with rejections and a late admission; the target's cache then gives the logits of a
     fresh full forward over each row's committed tokens."""

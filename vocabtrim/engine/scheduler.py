@@ -207,23 +207,33 @@ class Engine:
         yield from run.loop()
         stats.wall_seconds = time.perf_counter() - wall
 
+    def open(self, max_new_tokens: int | None = None, batch_size: int | None = None) -> "_Run":
+        """A run that takes rows while it runs (``add``), stepped by its caller (``advance``): continuous batching
+        across calls, so rows added later fill the slots that earlier rows free instead of waiting for them all
+        to end. Its statistics are its ``stats`` (not ``last_stats``)."""
+        batch_size = batch_size or self.config.batch_size
+        stats = EngineStats(batch_size=batch_size, gamma_hist=[0] * (self.top_gamma + 1))
+        return _Run(self, [], [], max_new_tokens or self.config.max_new_tokens, stats, batch_size, slots=batch_size)
+
 
 class _Run:
-    """The state of one ``Engine.stream`` call: slots, their rows, the controller."""
+    """The state of one ``Engine.stream`` call or ``Engine.open`` run: slots, their rows, the controller.
 
-    def __init__(self, engine: Engine, prompts, seeds, limit: int, stats: EngineStats, batch_size: int):
-        self.e, self.prompts, self.limit, self.stats = engine, prompts, limit, stats
-        cfg = engine.config
-        dev = engine.device
-        self.slots = min(batch_size, len(prompts))
-        self.capacity = max(len(p) for p in prompts) + limit + engine.top_gamma + 1
-        engine.target.allocate(self.slots, self.capacity)
-        if engine.drafter is not None:
-            engine.drafter.allocate(self.slots, self.capacity)
-        self.history = torch.zeros((self.slots, self.capacity), dtype=torch.long, device=dev)
-        self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        self.words = torch.zeros((self.slots, 2), dtype=torch.int32, device=dev)
-        self.seeds = torch.tensor([int(s) for s in seeds], dtype=torch.long)
+    ``prompts``/``seeds`` are every row added so far (a row's index is its place there). The caches hold
+    ``capacity`` positions a slot: the longest prompt so far, the token limit and a step's drafts. A row that
+    needs more waits at the head of the queue until no row is in flight, then the caches grow
+    (``CAPACITY_STEP`` positions at a time)."""
+
+    CAPACITY_STEP = 256
+
+    def __init__(self, engine: Engine, prompts, seeds, limit: int, stats: EngineStats, batch_size: int,
+                 slots: int | None = None):
+        self.e, self.prompts, self.limit, self.stats = engine, list(prompts), limit, stats
+        self.seeds = [int(s) for s in seeds]
+        self.slots = slots or min(batch_size, len(prompts))
+        self.capacity = 0
+        if self.prompts:
+            self._allocate(max(self._needs(r) for r in range(len(self.prompts))))
         s = self.slots
         self.pos_np = np.zeros(s, dtype=np.int64)
         self.start_np = np.zeros(s, dtype=np.int64)  # prompt length
@@ -233,15 +243,80 @@ class _Run:
         self.passes = np.zeros(s, dtype=np.int64)
         self.hist = np.zeros((s, engine.top_gamma + 1), dtype=np.int64)
         self.reached = np.zeros((s, engine.top_gamma), dtype=np.int64)
-        self.waiting = deque(range(len(prompts)))
+        self.waiting = deque(range(len(self.prompts)))
         self.n = 0
-        self.controller = GammaController(engine.top_gamma, None if engine.drafter is None else cfg.gamma)
+        self.controller = GammaController(engine.top_gamma, None if engine.drafter is None else engine.config.gamma)
         engine.last_controller = self.controller
+
+    def _needs(self, row: int) -> int:
+        """The cache positions row ``row`` needs: its prompt, its token limit and a step's drafts."""
+        return len(self.prompts[row]) + self.limit + self.e.top_gamma + 1
+
+    def _allocate(self, capacity: int) -> None:
+        """Caches of ``capacity`` positions a slot (only while no row is in flight: their contents go)."""
+        e, dev = self.e, self.e.device
+        self.capacity = capacity
+        e.target.allocate(self.slots, capacity)
+        if e.drafter is not None:
+            e.drafter.allocate(self.slots, capacity)
+        self.history = torch.zeros((self.slots, capacity), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)
+        self.words = torch.zeros((self.slots, 2), dtype=torch.int32, device=dev)
+
+    # -- a run that takes rows while it runs (``Engine.open``) ---------------------------------
+
+    def add(self, prompts: list[list[int]], seeds: list[int]) -> list[int]:
+        """Queue rows (token ids; ``seeds[i]`` keys row i's randomness); returns their row indices."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: every row needs at least one token")
+        first = len(self.prompts)
+        self.prompts.extend(prompts)
+        self.seeds.extend(int(s) for s in seeds)
+        self.waiting.extend(range(first, len(self.prompts)))
+        return list(range(first, len(self.prompts)))
+
+    @property
+    def busy(self) -> bool:
+        """Rows are in flight or waiting."""
+        return bool(self.n or self.waiting)
+
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[int, "RowOutput"]]:
+        """Admit waiting rows into free slots, then run one step; ``(row index, RowOutput)`` of the rows it finished."""
+        wall = time.perf_counter()
+        self._fill()
+        done = []
+        if self.n:
+            finished = self._step(min(self.controller.choose(), self._draft_room()))
+            if finished:
+                done = self._finish(finished)
+        self.stats.wall_seconds += time.perf_counter() - wall
+        return done
+
+    def _fill(self) -> None:
+        """Admit waiting rows into the free slots (the caches grown first when the next one needs it and none
+        is in flight)."""
+        if self.waiting and not self.n and self._needs(self.waiting[0]) > self.capacity:
+            step = self.CAPACITY_STEP
+            self._allocate(-(-self._needs(self.waiting[0]) // step) * step)
+        free = [s for s in range(self.slots) if self.row[s] < 0]
+        take = self._admissible(free)
+        if take:
+            self._admit(take)
+
+    def _admissible(self, free: list[int]) -> list[int]:
+        """The first of ``free`` slots, one for each waiting row in order that fits the caches."""
+        k = 0
+        while k < min(len(free), len(self.waiting)) and self._needs(self.waiting[k]) <= self.capacity:
+            k += 1
+        return free[:k]
 
     # -- the loop -----------------------------------------------------------------------------
 
     def loop(self):
-        self._admit(list(range(min(self.slots, len(self.waiting)))))
+        self._fill()
         while self.n:
             finished = self._step(min(self.controller.choose(), self._draft_room()))
             if finished:
@@ -273,8 +348,7 @@ class _Run:
         self.stats.generated_tokens += sum(len(o.token_ids) for _, o in done)
         if self.e.drafter is not None:
             self.e.drafter.release(slots)
-        free = sorted(slots)
-        take = free[: len(self.waiting)]
+        take = self._admissible(sorted(slots))
         if take:
             self._admit(take)
         self._compact()
@@ -314,7 +388,7 @@ class _Run:
         index = torch.tensor(slots, device=dev)
         self.history[:, :width].index_copy_(0, index, block.to(dev))
         self.pos.index_copy_(0, index, torch.tensor(lengths, device=dev) - 1)
-        self.words.index_copy_(0, index, seed_words(self.seeds[rows]).to(dev))
+        self.words.index_copy_(0, index, seed_words(torch.tensor([self.seeds[r] for r in rows], dtype=torch.long)).to(dev))
         self.pos_np[slots] = np.asarray(lengths) - 1
         self.start_np[slots] = lengths
         self.gen_np[slots] = 0
