@@ -10,7 +10,8 @@ How a run goes:
 3. ``--workers`` actors each load the target, drafter and head once. The driver streams each remaining
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
    rows into token ids (bad rows become error rows), streams them through one ``vocabtrim.engine.Engine``
-   (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once)
+   (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once; the
+   native engine's worker runs the rows of the chunks it holds in one run, ``vocabtrim.chunk_stream``)
    and returns the results.
 4. The driver saves the rows that are back as parts of their file (``DIR/.parts/<name>/``) every
    ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back,
@@ -34,7 +35,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -341,7 +344,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: int, max_prompt_tokens: int,
-                   batch_size: int | None = None) -> dict:
+                   batch_size: int | None = None, stream=None, encode_lock=None) -> dict:
     """Generate for one chunk of rows; returns the result columns (``RESULT_COLUMNS``) and ``stats``.
 
     Rows are encoded (what is wrong with a row itself makes it an error row: ``encode_prompt``), sorted
@@ -349,7 +352,9 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
     batching, ``batch_size`` rows in flight) and returned in input order. An engine failure is not a
     row's fault and is raised: out of memory first retries the chunk with half the rows in flight
     (completions do not depend on the batch), anything else goes to the pool, which retries the chunk on
-    a fresh worker.
+    a fresh worker. With ``stream`` (a ``chunk_stream.ChunkStream`` over ``engine``) the rows join the run the
+    worker's other chunks are in, which does the same on its own. ``encode_lock``: held while the tokenizer
+    encodes and decodes (chunks generated from several threads share it).
     """
     from vocabtrim.engine.sampling import row_seed
 
@@ -357,28 +362,26 @@ def generate_chunk(engine, tokenizer, prompts: list, keys: list[str], *, seed: i
     cols = {c: [None] * n for c in RESULT_COLUMNS}
     stats = ChunkStats(accepted_hist=[0] * (engine.gamma + 1), reached_hist=[0] * engine.gamma, gamma_hist=[0] * (engine.gamma + 1))
     encoded = {}
-    for i, value in enumerate(prompts):
-        ids, problem = encode_prompt(value, tokenizer, max_prompt_tokens)
-        if problem:
-            _set_error(cols, i, problem)
-        else:
-            encoded[i] = ids
+    with encode_lock or nullcontext():
+        for i, value in enumerate(prompts):
+            ids, problem = encode_prompt(value, tokenizer, max_prompt_tokens)
+            if problem:
+                _set_error(cols, i, problem)
+            else:
+                encoded[i] = ids
     rows = sorted(encoded, key=lambda i: (len(encoded[i]), i))
-    batch = configured = batch_size or getattr(getattr(engine, "config", None), "batch_size", None) or max(1, len(rows))
-    while True:
-        try:
-            outs = _run_engine(engine, [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows], stats, batch,
-                               configured)
-            break
-        except Exception as exc:
-            if not _is_out_of_memory(exc) or batch == 1:
-                raise
-            log.warning("out of memory with %d rows in flight; retrying the chunk with %d", batch, batch // 2)
-            batch //= 2
-            _release_memory()
+    ids, seeds = [encoded[i] for i in rows], [row_seed(seed, keys[i]) for i in rows]
+    if stream is not None:
+        outs, spent = stream.generate(ids, seeds)
+        if spent is not None:
+            _add_engine_stats(stats, spent, stream.batch_size)
+    else:
+        outs = _run_halving(engine, ids, seeds, stats, batch_size)
+    with encode_lock or nullcontext():
+        completions = [tokenizer.decode(out.token_ids, skip_special_tokens=True) for out in outs]
     if rows:
-        for i, out in zip(rows, outs):
-            cols["completion"][i] = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        for i, out, completion in zip(rows, outs, completions):
+            cols["completion"][i] = completion
             cols["completion_tokens"][i] = len(out.token_ids)
             cols["draft_proposed"][i] = out.proposed
             cols["draft_accepted"][i] = out.accepted
@@ -407,11 +410,31 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _run_halving(engine, prompts, seeds, stats: ChunkStats, batch_size: int | None = None):
+    """``_run_engine``, again with half the rows in flight each time the engine runs out of memory."""
+    batch = configured = batch_size or getattr(getattr(engine, "config", None), "batch_size", None) or max(1, len(prompts))
+    while True:
+        try:
+            return _run_engine(engine, prompts, seeds, stats, batch, configured)
+        except Exception as exc:
+            if not _is_out_of_memory(exc) or batch == 1:
+                raise
+            log.warning("out of memory with %d rows in flight; retrying the chunk with %d", batch, batch // 2)
+            batch //= 2
+            _release_memory()
+
+
 def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | None = None, configured: int | None = None):
     """Run the engine on one chunk and add its statistics to ``stats``; occupancy counts against the
     ``configured`` rows in flight (--batch-size), also when out of memory made the engine run fewer."""
     outs = engine.generate(prompts, seeds, batch_size=batch_size)
-    s = engine.last_stats
+    _add_engine_stats(stats, engine.last_stats, configured)
+    return outs
+
+
+def _add_engine_stats(stats: ChunkStats, s, configured: int | None = None) -> None:
+    """Add an engine's statistics (``EngineStats``, or the vLLM engine's) to ``stats``; occupancy counts
+    against the ``configured`` rows in flight."""
     stats.drafter_seconds += s.drafter_seconds
     stats.drafter_forwards += s.drafter_forwards
     stats.target_seconds += s.target_seconds
@@ -426,7 +449,6 @@ def _run_engine(engine, prompts, seeds, stats: ChunkStats, batch_size: int | Non
         stats.spec_draft_tokens += s.spec_draft_tokens
         stats.spec_accepted_tokens += s.spec_accepted_tokens
         stats.spec_accepted_per_position = add_lists(stats.spec_accepted_per_position, s.spec_accepted_per_position)
-    return outs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,9 +468,12 @@ class GenerateWorker:
 
         from transformers.utils import logging as hf_logging
 
-        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        self.threads = max(1, min(threads, os.cpu_count() or 1))
+        torch.set_num_threads(self.threads)
         hf_logging.disable_progress_bar()  # one progress bar (the driver's), not one per weight load
         self.cfg = GenerateConfig(**cfg)
+        self.stream = None  # the native engine's ChunkStream
+        self.encode_lock = threading.Lock()  # a tokenizer used from one thread at a time
         self.error: UserError | None = None  # kept whole: a SettingError names its flag on the driver
         try:
             self._load()
@@ -496,6 +521,12 @@ class GenerateWorker:
         self.tokenizer = tok
         self.max_prompt_tokens = max_prompt_tokens(self.engine.context_length or (1 << 62), c.max_new_tokens,
                                                    validate.gamma(c.gamma), c.max_gamma)
+        from vocabtrim.chunk_stream import ChunkStream
+
+        engine = self.engine
+        if (c.fault_injection or "").startswith("oom-above:"):
+            engine = _OutOfMemoryAbove(engine, int(c.fault_injection.split(":")[1]))
+        self.stream = ChunkStream(engine, c.batch_size, self.threads, _is_out_of_memory, _release_memory)
 
     def info(self) -> dict:
         return {"error": self.error}
@@ -510,9 +541,13 @@ class GenerateWorker:
         """Close the engine before the pool kills this actor (``ray_utils.close_engine``)."""
         from vocabtrim.ray_utils import close_engine
 
+        if self.stream is not None:
+            self.stream.close()
         close_engine(getattr(self, "engine", None))
 
     def run(self, prompts: list, keys: list[str]) -> dict:
+        """One chunk's results. The native engine's worker runs ``IN_FLIGHT`` of these at once (a threaded actor),
+        their rows in one engine run (``chunk_stream``); the vLLM engine's, one at a time."""
         if self.error:
             raise self.error
         injected_fault(self.cfg.fault_injection)
@@ -526,6 +561,8 @@ class GenerateWorker:
             keys,
             seed=self.cfg.seed,
             max_prompt_tokens=self.max_prompt_tokens,
+            stream=self.stream,
+            encode_lock=self.encode_lock,
         )
 
 
@@ -538,12 +575,32 @@ class _OutOfMemoryAbove:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
+    def open(self, max_new_tokens=None, batch_size=None):
+        return _OutOfMemoryAboveRun(self.engine.open(max_new_tokens, batch_size), self.limit)
+
     def generate(self, prompts, seeds, max_new_tokens=None, batch_size=None):
         import torch
 
         if min(len(prompts), batch_size or self.engine.config.batch_size) > self.limit:
             raise torch.OutOfMemoryError("injected: out of memory")
         return self.engine.generate(prompts, seeds, max_new_tokens, batch_size)
+
+
+class _OutOfMemoryAboveRun:
+    """Tests only: an open run (``Engine.open``) of ``_OutOfMemoryAbove``."""
+
+    def __init__(self, run, limit: int):
+        self.run, self.limit = run, limit
+
+    def __getattr__(self, name):
+        return getattr(self.run, name)
+
+    def advance(self):
+        import torch
+
+        if min(self.run.slots, self.run.n + len(self.run.waiting)) > self.limit:
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return self.run.advance()
 
 
 def start_workers(cfg: GenerateConfig):
@@ -558,7 +615,10 @@ def start_workers(cfg: GenerateConfig):
     # (measured: 2 threads on a busy 2-core machine decode 20x slower than 1). --cpus-per-worker 2 gives 2.
     threads = max(1, int(cpus))
     # Restarts are the pool's (a fresh actor, the failed chunk submitted again), not Ray's.
-    actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=cfg.gpus_per_worker, max_restarts=0)
+    # The native engine's worker takes its IN_FLIGHT chunks at once, and answers pid/close beside them.
+    concurrency = IN_FLIGHT + 2 if cfg.engine == "native" else 1
+    actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=cfg.gpus_per_worker, max_restarts=0,
+                                                   max_concurrency=concurrency)
     spec = {k: v for k, v in asdict(cfg).items()}
     pool = ActorPool(
         lambda: actor_cls.remote(spec, threads),
