@@ -219,21 +219,23 @@ class Engine:
 class _Run:
     """The state of one ``Engine.stream`` call or ``Engine.open`` run: slots, their rows, the controller.
 
-    ``prompts``/``seeds`` are every row added so far (a row's index is its place there). The caches hold
-    ``capacity`` positions a slot: the longest prompt so far, the token limit and a step's drafts. A row that
-    needs more waits at the head of the queue until no row is in flight, then the caches grow
-    (``CAPACITY_STEP`` positions at a time)."""
+    Rows are numbered in the order they are added; ``prompts``/``seeds`` hold the waiting rows' (a row's go once it
+    is admitted: a worker's run lives as long as the worker). The caches hold ``capacity`` positions a slot: a
+    prompt, the token limit and a step's drafts. A row that needs more waits at the head of the queue until no
+    row is in flight; then the caches grow to fit every waiting row (in steps of ``CAPACITY_STEP`` positions)."""
 
     CAPACITY_STEP = 256
 
     def __init__(self, engine: Engine, prompts, seeds, limit: int, stats: EngineStats, batch_size: int,
                  slots: int | None = None):
-        self.e, self.prompts, self.limit, self.stats = engine, list(prompts), limit, stats
-        self.seeds = [int(s) for s in seeds]
+        self.e, self.limit, self.stats = engine, limit, stats
+        self.prompts = dict(enumerate(prompts))
+        self.seeds = {r: int(s) for r, s in enumerate(seeds)}
+        self.added = len(self.prompts)
         self.slots = slots or min(batch_size, len(prompts))
         self.capacity = 0
         if self.prompts:
-            self._allocate(max(self._needs(r) for r in range(len(self.prompts))))
+            self._allocate(max(map(self._needs, self.prompts)))
         s = self.slots
         self.pos_np = np.zeros(s, dtype=np.int64)
         self.start_np = np.zeros(s, dtype=np.int64)  # prompt length
@@ -243,7 +245,7 @@ class _Run:
         self.passes = np.zeros(s, dtype=np.int64)
         self.hist = np.zeros((s, engine.top_gamma + 1), dtype=np.int64)
         self.reached = np.zeros((s, engine.top_gamma), dtype=np.int64)
-        self.waiting = deque(range(len(self.prompts)))
+        self.waiting = deque(range(self.added))
         self.n = 0
         self.controller = GammaController(engine.top_gamma, None if engine.drafter is None else engine.config.gamma)
         engine.last_controller = self.controller
@@ -271,11 +273,12 @@ class _Run:
             raise ValueError("one seed per prompt")
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: every row needs at least one token")
-        first = len(self.prompts)
-        self.prompts.extend(prompts)
-        self.seeds.extend(int(s) for s in seeds)
-        self.waiting.extend(range(first, len(self.prompts)))
-        return list(range(first, len(self.prompts)))
+        rows = list(range(self.added, self.added + len(prompts)))
+        self.prompts.update(zip(rows, prompts))
+        self.seeds.update((r, int(s)) for r, s in zip(rows, seeds))
+        self.added += len(rows)
+        self.waiting.extend(rows)
+        return rows
 
     @property
     def busy(self) -> bool:
@@ -295,12 +298,16 @@ class _Run:
         self.stats.wall_seconds += time.perf_counter() - wall
         return done
 
+    def drop(self) -> None:
+        """Give the run up (its rows not finished are the caller's to add to another): nothing to free, the caches
+        are the engine's and the next run's."""
+
     def _fill(self) -> None:
         """Admit waiting rows into the free slots (the caches grown first when the next one needs it and none
         is in flight)."""
         if self.waiting and not self.n and self._needs(self.waiting[0]) > self.capacity:
             step = self.CAPACITY_STEP
-            self._allocate(-(-self._needs(self.waiting[0]) // step) * step)
+            self._allocate(-(-max(map(self._needs, self.waiting)) // step) * step)
         free = [s for s in range(self.slots) if self.row[s] < 0]
         take = self._admissible(free)
         if take:
@@ -380,15 +387,16 @@ class _Run:
         """Prefill the next waiting rows into ``slots`` together (each prompt but its last token)."""
         e, dev = self.e, self.e.device
         rows = [self.waiting.popleft() for _ in slots]
-        lengths = [len(self.prompts[r]) for r in rows]
+        prompts, seeds = [self.prompts.pop(r) for r in rows], [self.seeds.pop(r) for r in rows]
+        lengths = [len(p) for p in prompts]
         width = max(lengths)
         block = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            block[i, : lengths[i]] = torch.tensor(self.prompts[r], dtype=torch.long)
+        for i, p in enumerate(prompts):
+            block[i, : lengths[i]] = torch.tensor(p, dtype=torch.long)
         index = torch.tensor(slots, device=dev)
         self.history[:, :width].index_copy_(0, index, block.to(dev))
         self.pos.index_copy_(0, index, torch.tensor(lengths, device=dev) - 1)
-        self.words.index_copy_(0, index, seed_words(torch.tensor([self.seeds[r] for r in rows], dtype=torch.long)).to(dev))
+        self.words.index_copy_(0, index, seed_words(torch.tensor(seeds, dtype=torch.long)).to(dev))
         self.pos_np[slots] = np.asarray(lengths) - 1
         self.start_np[slots] = lengths
         self.gen_np[slots] = 0
