@@ -13,7 +13,6 @@ import pytest
 from tiny import TRAINING_TEXT, corpus_rows, count_tokens, make_model, make_tokenizer, save_model
 from vocabtrim import corpus, histogram, storage
 from vocabtrim.calibrate import (
-    LEDGER_WRITERS,
     CalibrateConfig,
     CounterPool,
     CounterSpec,
@@ -122,7 +121,7 @@ def test_a_shard_delivered_twice_is_summed_once(ray_local, data, tmp_path):
 
 
 def test_ledger_entries_are_written_beside_the_pool_and_a_failed_write_ends_the_run(ray_local, data, tmp_path):
-    """On an object store an entry is an upload and a copy: ``count_shards`` writes up to ``LEDGER_WRITERS`` at once.
+    """On an object store an entry is an upload and a copy: ``count_shards`` writes up to ``Ledger.WRITERS`` at once.
     A shard counts once its entry is written; a write that fails ends the run with its error, and the writes under
     way end whole (the rerun skips them)."""
     import threading
@@ -287,7 +286,7 @@ def test_a_stopped_run_resumes_without_recounting_finished_shards(ray_local, dat
         run_calibrate(config(data, tmp_path / "out"), on_recorded=stop_after_five)
     assert not (tmp_path / "out" / "histogram.parquet").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").glob("*.npz")}
-    assert 5 <= len(before) < 5 + LEDGER_WRITERS  # the writes under way at the stop end whole
+    assert 5 <= len(before) < 5 + Ledger.WRITERS  # the writes under way at the stop end whole
     partial = [tmp_path / "out" / ".histogram.parquet.k3j2x9ab.tmp", tmp_path / "out" / "shards" / ".f-00001.npz.0123abcd.tmp"]
     for p in partial:  # what a run killed while it wrote leaves
         p.write_bytes(b"x")

@@ -45,7 +45,6 @@ SOURCES = ("corpus", "drafter", "target")
 GENERATED_SHARD_BYTES = 16 << 10
 GENERATED_SHARD_ROWS = 32
 DEFAULT_BATCH = {"corpus": 1024, "drafter": 16, "target": 16}
-LEDGER_WRITERS = 8  # ledger entries the driver writes at once, beside the pool (``count_shards``)
 
 
 @dataclass
@@ -105,6 +104,7 @@ class Ledger:
     HOLDS = "counts"  # what the entries are, for messages
     LATER_KEYS = (TEMPLATE_KEY,)  # run keys that ledgers written by an earlier vocabtrim lack (storage.claim)
     READ_THREADS = 16  # entries the reducer reads at once (round trips to an object store overlap)
+    WRITERS = 8  # entries the driver writes at once, beside the pool (``count_shards``): each held until written
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = os.fspath(folder)
@@ -482,7 +482,7 @@ def count_shards(
     feature extractors of ``train-drafter`` use ``extract``), whose result has ``shard_id``, ``rows``,
     ``tokens`` and ``cpu_seconds`` and is what ``ledger.record`` takes.
 
-    Entries are written by ``LEDGER_WRITERS`` threads beside the pool (on an object store each is an upload and a
+    Entries are written by ``ledger.WRITERS`` threads beside the pool (on an object store each is an upload and a
     copy: one at a time, the driver's writes would bound the cluster's rate), at most that many at once. A shard
     counts (``stats``, ``progress``, ``on_recorded``, on the driver's thread) once its entry is written; a failed
     write ends the run with its error, and a run that ends early lets the writes under way end (each whole or not
@@ -498,7 +498,7 @@ def count_shards(
                        max_attempts=max_attempts, describe=lambda shard: f"shard {shard.shard_id}", actors=pool.actors)
     writes: dict = {}  # Future -> the result it writes
     writing: set[str] = set()  # their shard ids
-    writer = ThreadPoolExecutor(LEDGER_WRITERS, thread_name_prefix="vocabtrim-ledger")
+    writer = ThreadPoolExecutor(ledger.WRITERS, thread_name_prefix="vocabtrim-ledger")
 
     def recorded(block: bool = False) -> None:
         """Take the finished writes (waiting for one where ``block``); a failed one raises its error here."""
@@ -526,7 +526,7 @@ def count_shards(
         else:
             writing.add(result.shard_id)
             writes[writer.submit(ledger.record, result)] = result
-        recorded(block=len(writes) >= LEDGER_WRITERS)
+        recorded(block=len(writes) >= ledger.WRITERS)
 
     try:
         runner.run(shards, on_result)

@@ -117,6 +117,7 @@ class FeatureLedger(Ledger):
 
     SUFFIX = ".safetensors"
     HOLDS = "features"
+    WRITERS = 2  # an entry holds a shard's hidden states (hundreds of MB for a large target): few held at once
 
     def record(self, result: FeatureShard) -> bool:
         from safetensors.torch import save
