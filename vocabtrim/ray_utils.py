@@ -483,10 +483,14 @@ class ActorPool:
                 n = attempts[id(item)] = attempts.get(id(item), 0) + 1
                 cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
                 what = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(exc)
-                if n >= self.max_attempts:
-                    raise RunFailed(f"{describe(item)} failed {n} times, the last time with {what}") from exc
-                log.info("%s failed (%s); retrying on a fresh worker", describe(item), what)
                 held = [r for r, (a, _) in inflight.items() if a is actor]
+                if n >= self.max_attempts:
+                    # A worker may run the items it holds together (generate's chunks share one engine run): a
+                    # failure then fails them all, and the one that failed first is not always the one at fault.
+                    beside = "; ".join(describe(inflight[r][1]) for r in held)
+                    beside = f" (its worker also held {beside})" if beside else ""
+                    raise RunFailed(f"{describe(item)} failed {n} times{beside}, the last time with {what}") from exc
+                log.info("%s failed (%s); retrying on a fresh worker", describe(item), what)
                 retry.append(item)
                 for r in held:  # the items the broken actor still held go again too
                     retry.append(inflight.pop(r)[1])
