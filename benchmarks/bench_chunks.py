@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -53,8 +54,11 @@ def run_setting(spec: dict) -> dict:
     step = spec["rows_per_task"]
     pieces = [(prompts[i : i + step], keys[i : i + step]) for i in range(0, len(prompts), step)]
 
+    lock = threading.Lock()  # the tokenizer, used from one thread at a time (as the worker's)
+
     def one(piece):
-        return generate_chunk(engine, tok, piece[0], piece[1], seed=0, max_prompt_tokens=4096, stream=stream)
+        return generate_chunk(engine, tok, piece[0], piece[1], seed=0, max_prompt_tokens=4096, stream=stream,
+                              encode_lock=lock)
 
     start = time.perf_counter()
     if stream is None:

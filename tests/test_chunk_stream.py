@@ -101,8 +101,10 @@ def test_out_of_memory_starts_the_run_again_with_fewer_rows_and_the_same_rows(en
     stream = ChunkStream(_OutOfMemoryAbove(engine, 2), 4, 1, _is_out_of_memory, lambda: None)
     results = from_threads(stream, work)
     assert [[o.token_ids for o in r[0]] for r in results] == alone
-    assert "starting the run again with 2" in caplog.text
+    assert caplog.text.count("starting the run again with 2") == 1
     assert all(s.rows_stepped <= 2 * s.target_passes for _, s in results)  # at most 2 rows in flight
+    outs, _ = stream.generate(*work[0])  # idle since: the full batch is tried again (and runs out again here)
+    assert [o.token_ids for o in outs] == alone[0] and caplog.text.count("starting the run again with 2") == 2
     stream.close()
 
 
@@ -133,3 +135,10 @@ def test_a_failing_run_fails_every_chunk_it_holds_and_the_next(engine):
     never = ChunkStream(_OutOfMemoryAbove(engine, 0), 4, 1, _is_out_of_memory, lambda: None)
     with pytest.raises(torch.OutOfMemoryError):  # out of memory even at one row in flight
         never.generate(*chunks(1, 2)[0])
+
+    def release():  # freeing memory fails too: outside the step, the chunks still fail rather than wait forever
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    worse = ChunkStream(_OutOfMemoryAbove(engine, 2), 4, 1, _is_out_of_memory, release)
+    results = from_threads(worse, chunks(2, 3, seed=3))
+    assert all(isinstance(r, RuntimeError) and "launch failure" in str(r) for r in results)

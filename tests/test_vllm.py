@@ -506,6 +506,39 @@ def test_trimmed_head_drafter_in_vllm_greedy_equals_native_target_alone(small_en
     assert sum(o.proposed for o in got) > 0  # the trimmed-head drafter drafted
 
 
+@needs_vllm
+def test_rows_added_to_an_open_vllm_run_while_it_runs_equal_one_generate_call(small_engine):
+    """``VllmEngine.open`` (a generate worker's chunks in one run, ``chunk_stream``): rows added in groups while
+    earlier ones are in vLLM's engine give what one ``generate`` call gives, and the speculative counters of the
+    run are those of the call."""
+    _, engine = small_engine
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, SMALL_V, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (12,), generator=g)]
+    seeds = list(range(100, 112))
+    engine.temperature = 0.0
+    try:
+        expected = engine.generate(prompts, seeds, max_new_tokens=8)
+        call = engine.last_stats
+        run = engine.open(max_new_tokens=8)
+        outs, steps = {}, 0
+        for group in (range(0, 4), range(4, 9), range(9, 12)):
+            run.add([prompts[i] for i in group], [seeds[i] for i in group])
+            for _ in range(2):
+                outs.update(run.advance())
+                steps += 1
+        while run.busy:
+            outs.update(run.advance())
+            steps += 1
+    finally:
+        engine.temperature = 1.0
+    assert [outs[i].token_ids for i in range(12)] == [o.token_ids for o in expected]
+    assert sum(o.proposed for o in outs.values()) > 0 and steps > 6
+    st = run.stats
+    assert st.generated_tokens == call.generated_tokens and st.target_passes == sum(o.target_passes for o in outs.values())
+    assert st.spec_draft_tokens >= sum(o.proposed for o in outs.values()) > 0
+    assert run.advance() == [] and not run.busy
+
+
 # ------------------------------------------------------------------------------------------------
 # generate --engine vllm through Ray: rows, errors, resume, summary
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One engine run shared by the chunks a generate worker holds (``Engine.open``).
+"""One engine run shared by the chunks a generate worker holds (``Engine.open``, ``VllmEngine.open``).
 
 A worker holds up to ``generate.IN_FLIGHT`` chunks. Run one at a time, each chunk's last rows would leave the
 batch's slots empty until its longest row ends; here every chunk's rows join one run as the chunk arrives, so the
@@ -10,8 +10,9 @@ them. The run's statistics (passes, seconds) are counted to chunks as they finis
 spent since the chunk before it finished, so a run's figures sum exactly and a chunk's are its share in time.
 
 Out of memory starts the run again with half the rows in flight, and the rows not finished with it (from the
-start: a row's completion does not depend on where it restarts); any other failure of the run fails every chunk
-it holds (the pool retries them on a fresh worker).
+start: a row's completion does not depend on where it restarts), until the run has none left (then the full batch
+again); any other failure of the run fails every chunk it holds and every chunk given later (the pool retries them
+on a fresh worker).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 from dataclasses import dataclass, field, fields
 
 log = logging.getLogger(__name__)
+CLOSE_WAIT_S = 10.0  # how long ``close`` waits for the step under way
 
 
 @dataclass
@@ -69,30 +71,49 @@ class ChunkStream:
         return chunk.outs, chunk.spent
 
     def close(self) -> None:
-        """Stop the stepping thread once the step under way ends (the chunks it holds fail)."""
+        """Stop the stepping thread once the step under way ends (the chunks it holds fail), and wait for it
+        (``CLOSE_WAIT_S`` at most): the engine is then the caller's to close."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_WAIT_S)
 
     # -- the stepping thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        holding: list[_Chunk] = []
+        try:
+            self._steps(holding)
+        except BaseException as exc:  # the run failed: every chunk it holds, and any given later, fail with it
+            with self._cond:
+                self._broken = exc
+                self._fail(holding + self._queued, exc)
+                self._queued = []
+
+    def _steps(self, holding: list) -> None:
         import torch
 
         torch.set_num_threads(self.threads)  # a thread's own setting: the actor's is its main thread's
         batch = self.batch_size
         run, owner = self.engine.open(batch_size=batch), {}  # run row -> (chunk, its place in the chunk)
         taken = _zero(run.stats)  # the run's statistics counted to chunks so far
-        carried = _zero(run.stats)  # a run given up (out of memory): what it spent that no chunk took
-        holding: list[_Chunk] = []
+        carried = _zero(run.stats)  # runs given up: what they spent that no chunk took
         while True:
             with self._cond:
                 while not self._queued and not run.busy and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     self._fail(holding + self._queued, RuntimeError("the engine was closed"))
+                    self._queued = []
                     return
                 new, self._queued = self._queued, []
+            if not run.busy and batch < self.batch_size:  # idle after running out of memory: the full batch again
+                batch = self.batch_size
+                carried = _plus(carried, _minus(run.stats, taken))
+                run = self.engine.open(batch_size=batch)
+                taken = _zero(run.stats)
             for chunk in new:
                 holding.append(chunk)
                 for j, r in enumerate(run.add(chunk.prompts, chunk.seeds)):
@@ -101,13 +122,12 @@ class ChunkStream:
                 finished = run.advance()
             except Exception as exc:
                 if not self._out_of_memory(exc) or batch == 1:
-                    with self._cond:
-                        self._broken = exc
-                        self._fail(holding + self._queued, exc)
-                    return
-                log.warning("out of memory with %d rows in flight; starting the run again with %d", batch, batch // 2)
+                    raise
+                log.warning("out of memory with %d rows in flight; starting the run again with %d (the full batch "
+                            "again once its rows are done)", batch, batch // 2)
                 batch //= 2
                 carried = _plus(carried, _minus(run.stats, taken))
+                run.drop()
                 self._release_memory()
                 run = self.engine.open(batch_size=batch)
                 taken = _zero(run.stats)

@@ -11,7 +11,8 @@ How a run goes:
    file in chunks of rows and keeps at most ``IN_FLIGHT`` chunks queued per actor. An actor turns
    rows into token ids (bad rows become error rows), streams them through one ``vocabtrim.engine.Engine``
    (continuous batching: up to ``--batch-size`` rows in flight, a finished row's slot refilled at once; the
-   native engine's worker runs the rows of the chunks it holds in one run, ``vocabtrim.chunk_stream``)
+   worker runs the rows of the chunks it holds in one run, ``vocabtrim.chunk_stream``; vLLM's the same, its
+   rows added to vLLM's engine as they come)
    and returns the results.
 4. The driver saves the rows that are back as parts of their file (``DIR/.parts/<name>/``) every
    ``PART_ROWS`` rows or ``PART_SECONDS`` seconds and when the run stops. When all of a file's rows are back,
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
-IN_FLIGHT = 2  # chunks queued per actor: one running, one waiting
+IN_FLIGHT = 2  # chunks out on each actor at once (their rows share its engine run: ``chunk_stream``)
 WRITERS = 8  # outputs the driver writes at once, beside the pool
 
 
@@ -485,6 +486,7 @@ class GenerateWorker:
             from vocabtrim.vllm_backend import load_for_generate
 
             self.engine, self.tokenizer, self.max_prompt_tokens = load_for_generate(self.cfg)
+            self._stream(self.engine)
             return
         from vocabtrim.engine import make_engine
         from vocabtrim.engine.sampling import SamplingParams
@@ -521,9 +523,13 @@ class GenerateWorker:
         self.tokenizer = tok
         self.max_prompt_tokens = max_prompt_tokens(self.engine.context_length or (1 << 62), c.max_new_tokens,
                                                    validate.gamma(c.gamma), c.max_gamma)
+        self._stream(self.engine)
+
+    def _stream(self, engine) -> None:
+        """The run this worker's chunks share (``chunk_stream``)."""
         from vocabtrim.chunk_stream import ChunkStream
 
-        engine = self.engine
+        c = self.cfg
         if (c.fault_injection or "").startswith("oom-above:"):
             engine = _OutOfMemoryAbove(engine, int(c.fault_injection.split(":")[1]))
         self.stream = ChunkStream(engine, c.batch_size, self.threads, _is_out_of_memory, _release_memory)
@@ -546,16 +552,13 @@ class GenerateWorker:
         close_engine(getattr(self, "engine", None))
 
     def run(self, prompts: list, keys: list[str]) -> dict:
-        """One chunk's results. The native engine's worker runs ``IN_FLIGHT`` of these at once (a threaded actor),
-        their rows in one engine run (``chunk_stream``); the vLLM engine's, one at a time."""
+        """One chunk's results. A worker runs ``IN_FLIGHT`` of these at once (a threaded actor), their rows in one
+        engine run (``chunk_stream``)."""
         if self.error:
             raise self.error
         injected_fault(self.cfg.fault_injection)
-        engine = self.engine
-        if (self.cfg.fault_injection or "").startswith("oom-above:"):
-            engine = _OutOfMemoryAbove(engine, int(self.cfg.fault_injection.split(":")[1]))
         return generate_chunk(
-            engine,
+            self.engine,
             self.tokenizer,
             prompts,
             keys,
@@ -615,10 +618,9 @@ def start_workers(cfg: GenerateConfig):
     # (measured: 2 threads on a busy 2-core machine decode 20x slower than 1). --cpus-per-worker 2 gives 2.
     threads = max(1, int(cpus))
     # Restarts are the pool's (a fresh actor, the failed chunk submitted again), not Ray's.
-    # The native engine's worker takes its IN_FLIGHT chunks at once, and answers pid/close beside them.
-    concurrency = IN_FLIGHT + 2 if cfg.engine == "native" else 1
+    # A worker takes its IN_FLIGHT chunks at once (their rows share its engine run), and answers pid/close beside them.
     actor_cls = ray.remote(GenerateWorker).options(num_cpus=cpus, num_gpus=cfg.gpus_per_worker, max_restarts=0,
-                                                   max_concurrency=concurrency)
+                                                   max_concurrency=IN_FLIGHT + 2)
     spec = {k: v for k, v in asdict(cfg).items()}
     pool = ActorPool(
         lambda: actor_cls.remote(spec, threads),

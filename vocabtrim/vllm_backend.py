@@ -376,6 +376,7 @@ class VllmEngine:
                 self._release()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
         self.last_stats = VllmStats()
+        self.requests = 0  # request ids given to vLLM by ``open`` runs
 
     def _params(self, seed: int, max_tokens: int):
         from vllm import SamplingParams
@@ -396,8 +397,6 @@ class VllmEngine:
         """Generate for every prompt (token ids); ``seeds[i]`` seeds row i. Returns ``RowOutput`` per row."""
         from vllm.inputs import TokensPrompt
 
-        from vocabtrim.engine.scheduler import RowOutput
-
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         if any(len(p) == 0 for p in prompts):
@@ -415,42 +414,56 @@ class VllmEngine:
             use_tqdm=False,
         )
         stats.wall_seconds = time.perf_counter() - wall
-        outs = []
-        for r in results:
-            c = r.outputs[0]
-            ids = list(c.token_ids)
-            hist = [0] * (self.gamma + 1)
-            proposed = 0
-            m = c.spec_decode_metrics
-            if m is not None:
-                hist = list(m.histogram) + [0] * max(0, self.gamma + 1 - len(m.histogram))
-                proposed = int(m.num_draft_tokens)
-            accepted = sum(j * n for j, n in enumerate(hist))
-            steps = list(zip(m.per_step_drafted, m.per_step_accepted)) if m is not None and m.per_step_drafted else None
-            outs.append(RowOutput(
-                token_ids=ids,
-                finish_reason="stop" if c.finish_reason == "stop" else "length",
-                proposed=proposed,
-                accepted=accepted,
-                # One pass gives the first token (prefill), and each pass after it one token more than it accepted; vLLM
-                # counts only the steps that drafted in ``hist``, so steps without drafts come from the token count.
-                target_passes=max(1 + sum(hist), len(ids) - accepted) if self.gamma else len(ids),
-                accepted_hist=hist,
-                # draft i + 1 reached: drafted, every draft before it accepted (without per-step counts, every step in
-                # ``hist`` is taken to have drafted gamma tokens)
-                reached_hist=[sum(d > i and a >= i for d, a in steps) if steps is not None else sum(hist[i:])
-                              for i in range(self.gamma)],
-            ))
+        outs = [self._row_output(r.outputs[0]) for r in results]
         stats.generated_tokens = sum(len(o.token_ids) for o in outs)
         stats.target_passes = sum(o.target_passes for o in outs)
-        if before is not None:
-            after = _spec_counters(self.llm)
-            stats.spec_drafts = after["drafts"] - before["drafts"]
-            stats.spec_draft_tokens = after["draft_tokens"] - before["draft_tokens"]
-            stats.spec_accepted_tokens = after["accepted"] - before["accepted"]
-            per_before = before["per_position"] + [0] * self.gamma
-            stats.spec_accepted_per_position = [a - b for a, b in zip(after["per_position"], per_before)][: self.gamma]
+        self._count_spec(stats, before)
         return outs
+
+    def open(self, max_new_tokens: int | None = None, batch_size: int | None = None) -> "_VllmRun":
+        """A run that takes rows while it runs, stepped by its caller (the native ``Engine.open``'s interface):
+        rows go to vLLM's engine as they are added (``LLMEngine.add_request``), which batches them with the rows
+        in flight. ``batch_size`` is vLLM's ``max_num_seqs``, fixed when the engine started."""
+        return _VllmRun(self, max_new_tokens or self.max_new_tokens)
+
+    def _row_output(self, c):
+        """A vLLM ``CompletionOutput`` as a ``RowOutput``."""
+        from vocabtrim.engine.scheduler import RowOutput
+
+        ids = list(c.token_ids)
+        hist = [0] * (self.gamma + 1)
+        proposed = 0
+        m = c.spec_decode_metrics
+        if m is not None:
+            hist = list(m.histogram) + [0] * max(0, self.gamma + 1 - len(m.histogram))
+            proposed = int(m.num_draft_tokens)
+        accepted = sum(j * n for j, n in enumerate(hist))
+        steps = list(zip(m.per_step_drafted, m.per_step_accepted)) if m is not None and m.per_step_drafted else None
+        return RowOutput(
+            token_ids=ids,
+            finish_reason="stop" if c.finish_reason == "stop" else "length",
+            proposed=proposed,
+            accepted=accepted,
+            # One pass gives the first token (prefill), and each pass after it one token more than it accepted; vLLM
+            # counts only the steps that drafted in ``hist``, so steps without drafts come from the token count.
+            target_passes=max(1 + sum(hist), len(ids) - accepted) if self.gamma else len(ids),
+            accepted_hist=hist,
+            # draft i + 1 reached: drafted, every draft before it accepted (without per-step counts, every step in
+            # ``hist`` is taken to have drafted gamma tokens)
+            reached_hist=[sum(d > i and a >= i for d, a in steps) if steps is not None else sum(hist[i:])
+                          for i in range(self.gamma)],
+        )
+
+    def _count_spec(self, stats: VllmStats, before: dict | None) -> None:
+        """Set ``stats.spec_*`` to the growth of vLLM's speculative counters since ``before`` (None: no drafter)."""
+        if before is None:
+            return
+        after = _spec_counters(self.llm)
+        stats.spec_drafts = after["drafts"] - before["drafts"]
+        stats.spec_draft_tokens = after["draft_tokens"] - before["draft_tokens"]
+        stats.spec_accepted_tokens = after["accepted"] - before["accepted"]
+        per_before = before["per_position"] + [0] * self.gamma
+        stats.spec_accepted_per_position = [a - b for a, b in zip(after["per_position"], per_before)][: self.gamma]
 
     def close(self) -> None:
         """Stop vLLM's engine process now (it would otherwise stop when this object is collected)."""
@@ -466,6 +479,65 @@ class VllmEngine:
         if getattr(self, "_claimed", False):
             self._claimed = False
             vllm_sockets.release(self.socket_files)
+
+
+class _VllmRun:
+    """``VllmEngine.open``: rows added to vLLM's engine while it runs (``add``), stepped by ``advance``. Its ``stats``
+    are since it opened; vLLM's speculative counters are read when rows finish (a read is a metrics collection)."""
+
+    def __init__(self, engine: VllmEngine, limit: int):
+        self.e, self.limit = engine, limit
+        self.stats = VllmStats(spec_accepted_per_position=[0] * engine.gamma)
+        self._before = _spec_counters(engine.llm) if engine.gamma else None
+        self._rows: dict[str, int] = {}  # request id (as given to vLLM) -> row index
+        self._added = 0
+
+    def add(self, prompts: list[list[int]], seeds: list[int]) -> list[int]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: every row needs at least one token")
+        rows = []
+        for p, seed in zip(prompts, seeds):
+            params = self.e._params(seed, self.limit)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            self.e.requests += 1
+            rid = f"vocabtrim-{self.e.requests}"  # outputs carry it (vLLM's own id adds a random suffix)
+            self.e.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=list(map(int, p))), params)
+            self._rows[rid] = self._added
+            rows.append(self._added)
+            self._added += 1
+        return rows
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows)
+
+    def advance(self) -> list:
+        """One step of vLLM's engine; ``(row index, RowOutput)`` of the rows it finished."""
+        if not self._rows:
+            return []
+        wall = time.perf_counter()
+        done = []
+        for r in self.e.llm.llm_engine.step():
+            if r.finished and r.request_id in self._rows:
+                done.append((self._rows.pop(r.request_id), self.e._row_output(r.outputs[0])))
+        st = self.stats
+        st.wall_seconds += time.perf_counter() - wall
+        st.generated_tokens += sum(len(o.token_ids) for _, o in done)
+        st.target_passes += sum(o.target_passes for _, o in done)
+        if done:
+            self.e._count_spec(st, self._before)
+        return done
+
+    def drop(self) -> None:
+        """Abort the rows not finished (a run given up)."""
+        if self._rows:
+            self.e.llm.llm_engine.abort_request(list(self._rows))
+            self._rows = {}
 
 
 # ---------------------------------------------------------------------------------------------
