@@ -523,6 +523,8 @@ def test_rows_added_to_an_open_vllm_run_while_it_runs_equal_one_generate_call(sm
         outs, steps = {}, 0
         for group in (range(0, 4), range(4, 9), range(9, 12)):
             run.add([prompts[i] for i in group], [seeds[i] for i in group])
+            with pytest.raises(RuntimeError, match="open run has rows"):  # it would step the run's rows away
+                engine.generate(prompts[:1], seeds[:1], max_new_tokens=8)
             for _ in range(2):
                 outs.update(run.advance())
                 steps += 1

@@ -10,8 +10,8 @@ them. The run's statistics (passes, seconds) are counted to chunks as they finis
 spent since the chunk before it finished, so a run's figures sum exactly and a chunk's are its share in time.
 
 Out of memory starts the run again with half the rows in flight, and the rows not finished with it (from the
-start: a row's completion does not depend on where it restarts), until the run has none left (then the full batch
-again); any other failure of the run fails every chunk it holds and every chunk given later (the pool retries them
+start: a row's completion does not depend on where it restarts), until the run holds no row (then the full batch
+again: with two chunks out at a time, that may be the job's end); any other failure of the run fails every chunk it holds and every chunk given later (the pool retries them
 on a fresh worker).
 """
 
@@ -109,13 +109,13 @@ class ChunkStream:
                     self._queued = []
                     return
                 new, self._queued = self._queued, []
-            if not run.busy and batch < self.batch_size:  # idle after running out of memory: the full batch again
+                holding.extend(new)  # from here their fault is the run's: they fail with it
+            if not run.busy and batch < self.batch_size:  # empty after running out of memory: the full batch again
                 batch = self.batch_size
                 carried = _plus(carried, _minus(run.stats, taken))
                 run = self.engine.open(batch_size=batch)
                 taken = _zero(run.stats)
             for chunk in new:
-                holding.append(chunk)
                 for j, r in enumerate(run.add(chunk.prompts, chunk.seeds)):
                     owner[r] = (chunk, j)
             try:
@@ -124,7 +124,7 @@ class ChunkStream:
                 if not self._out_of_memory(exc) or batch == 1:
                     raise
                 log.warning("out of memory with %d rows in flight; starting the run again with %d (the full batch "
-                            "again once its rows are done)", batch, batch // 2)
+                            "again once the run holds no row)", batch, batch // 2)
                 batch //= 2
                 carried = _plus(carried, _minus(run.stats, taken))
                 run.drop()

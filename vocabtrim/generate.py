@@ -473,7 +473,7 @@ class GenerateWorker:
         torch.set_num_threads(self.threads)
         hf_logging.disable_progress_bar()  # one progress bar (the driver's), not one per weight load
         self.cfg = GenerateConfig(**cfg)
-        self.stream = None  # the native engine's ChunkStream
+        self.stream = None  # the ChunkStream its chunks share
         self.encode_lock = threading.Lock()  # a tokenizer used from one thread at a time
         self.error: UserError | None = None  # kept whole: a SettingError names its flag on the driver
         try:

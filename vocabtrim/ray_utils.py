@@ -529,8 +529,8 @@ def kill_actors(actors, *, close: bool = True) -> None:
     """Kill these actors for good (no restart); ones already gone are skipped. With ``close``, actors with a
     ``close()`` method (those holding a vLLM engine) are asked to close first, for ``CLOSE_TIMEOUT_S`` at most:
     ``ray.kill`` ends a process without its exit handlers. Not while a stop (Ctrl-C, SIGTERM: a KeyboardInterrupt)
-    unwinds the run: a close queues behind the calls in flight, and a stopped run's actors are killed at once (Ray
-    kills an actor's child processes, a vLLM engine's with them)."""
+    unwinds the run: a stopped run's actors are killed at once (Ray kills an actor's child processes, a vLLM
+    engine's with them)."""
     import ray
 
     if isinstance(sys.exc_info()[1], KeyboardInterrupt):

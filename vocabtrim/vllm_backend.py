@@ -275,10 +275,11 @@ def _drafter_sources(source: Path, head: str | None) -> list[Path]:
 
 @dataclass
 class VllmStats(EngineStats):
-    """What the last ``generate`` call did: the native ``EngineStats`` fields, plus vLLM's speculative counters.
+    """What the last ``generate`` call (or an open run) did: the native ``EngineStats`` fields, plus vLLM's
+    speculative counters.
 
     vLLM does not time its drafter and target apart, nor report its batches: those fields stay 0. ``spec_*``
-    are the deltas of vLLM's own counters (``vllm:spec_decode_*``) over the call.
+    are the deltas of vLLM's own counters (``vllm:spec_decode_*``) over the call (the run).
     """
 
     spec_drafts: int = 0
@@ -377,6 +378,7 @@ class VllmEngine:
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
         self.last_stats = VllmStats()
         self.requests = 0  # request ids given to vLLM by ``open`` runs
+        self.open_rows = 0  # rows of ``open`` runs in vLLM's engine, not finished
 
     def _params(self, seed: int, max_tokens: int):
         from vllm import SamplingParams
@@ -401,6 +403,8 @@ class VllmEngine:
             raise ValueError("one seed per prompt")
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: every row needs at least one token")
+        if self.open_rows:  # LLM.generate steps the engine until it is empty: it would take those rows' outputs
+            raise RuntimeError("generate() while an open run has rows in vLLM's engine")
         limit = max_new_tokens or self.max_new_tokens
         stats = VllmStats(spec_accepted_per_position=[0] * self.gamma)
         self.last_stats = stats
@@ -483,17 +487,26 @@ class VllmEngine:
 
 class _VllmRun:
     """``VllmEngine.open``: rows added to vLLM's engine while it runs (``add``), stepped by ``advance``. Its ``stats``
-    are since it opened; vLLM's speculative counters are read when rows finish (a read is a metrics collection)."""
+    are since it opened; vLLM's speculative counters in them are read when ``stats`` is (a read is a metrics
+    collection: once a chunk, not once a step)."""
 
     def __init__(self, engine: VllmEngine, limit: int):
         self.e, self.limit = engine, limit
-        self.stats = VllmStats(spec_accepted_per_position=[0] * engine.gamma)
+        self._stats = VllmStats(spec_accepted_per_position=[0] * engine.gamma)
         self._before = _spec_counters(engine.llm) if engine.gamma else None
+        self._stale = False  # steps ran since the counters were read
         self._rows: dict[str, int] = {}  # request id (as given to vLLM) -> row index
         self._added = 0
 
+    @property
+    def stats(self) -> VllmStats:
+        if self._stale:
+            self.e._count_spec(self._stats, self._before)
+            self._stale = False
+        return self._stats
+
     def add(self, prompts: list[list[int]], seeds: list[int]) -> list[int]:
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
         if len(prompts) != len(seeds):
@@ -506,8 +519,9 @@ class _VllmRun:
             params.output_kind = RequestOutputKind.FINAL_ONLY
             self.e.requests += 1
             rid = f"vocabtrim-{self.e.requests}"  # outputs carry it (vLLM's own id adds a random suffix)
-            self.e.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=list(map(int, p))), params)
+            self.e.llm.llm_engine.add_request(rid, tokens_input(list(map(int, p))), params)  # as LLM.generate renders it
             self._rows[rid] = self._added
+            self.e.open_rows += 1
             rows.append(self._added)
             self._added += 1
         return rows
@@ -525,18 +539,19 @@ class _VllmRun:
         for r in self.e.llm.llm_engine.step():
             if r.finished and r.request_id in self._rows:
                 done.append((self._rows.pop(r.request_id), self.e._row_output(r.outputs[0])))
-        st = self.stats
+        self.e.open_rows -= len(done)
+        st = self._stats
         st.wall_seconds += time.perf_counter() - wall
         st.generated_tokens += sum(len(o.token_ids) for _, o in done)
         st.target_passes += sum(o.target_passes for _, o in done)
-        if done:
-            self.e._count_spec(st, self._before)
+        self._stale = self._before is not None
         return done
 
     def drop(self) -> None:
         """Abort the rows not finished (a run given up)."""
         if self._rows:
             self.e.llm.llm_engine.abort_request(list(self._rows))
+            self.e.open_rows -= len(self._rows)
             self._rows = {}
 
 
